@@ -1,0 +1,100 @@
+"""Regenerate the files derived from code: the trainer argument catalog and the config reference.
+
+    python -m finetune_engine.config.generate          # write them
+    python -m finetune_engine.config.generate --check  # exit 1 when they are stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+CATALOG = Path(__file__).with_name("trainer_fields.json")
+REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "config-reference.md"
+
+
+def _kind(tp: object) -> str:
+    if tp in (int, float, bool, str):
+        return tp.__name__  # type: ignore[union-attr]
+    if isinstance(tp, str):
+        return tp
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1 and non_none[0] in (int, float, bool, str):
+            return f"{non_none[0].__name__} | None"
+    return "any"
+
+
+def _default(f: dataclasses.Field) -> object:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return None
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+def build_catalog() -> dict:
+    import transformers
+    import trl
+    from transformers import TrainingArguments
+    from trl import DPOConfig, KTOConfig, SFTConfig
+
+    classes = {
+        "sft": TrainingArguments,
+        "trl_sft": SFTConfig,
+        "dpo": DPOConfig,
+        "kto": KTOConfig,
+    }
+    fields = {}
+    for method, cls in classes.items():
+        fields[method] = {
+            f.name: {
+                "type": _kind(f.type),
+                "default": _default(f),
+                "help": " ".join(str(f.metadata.get("help", "")).split())[:300],
+            }
+            for f in dataclasses.fields(cls)
+            if f.init and not f.name.startswith("_")
+        }
+    return {
+        "generated_from": {"transformers": transformers.__version__, "trl": trl.__version__},
+        "fields": fields,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune_engine.config.reference import render_reference
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="Only check; exit 1 when stale.")
+    args = parser.parse_args(argv)
+    outputs = {
+        CATALOG: json.dumps(build_catalog(), indent=1, sort_keys=True) + "\n",
+        REFERENCE: render_reference(),
+    }
+    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"stale: {p.name}; run: python -m finetune_engine.config.generate", file=sys.stderr)
+        return 1 if stale else 0
+    for p, text in outputs.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

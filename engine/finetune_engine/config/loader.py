@@ -1,0 +1,184 @@
+"""Load an experiment YAML, apply ``--set key.path=value`` overrides, validate strictly."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune_engine.config import schema
+from finetune_engine.config.errors import ConfigError
+from finetune_engine.config.training_args import check_training_args
+
+_DISCRIMINATOR_TAGS = {
+    "CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX", "AUTO_SPLIT", "NONE", "NO_PEFT",
+    "PRETRAINED_PEFT", "no-quantization", "bits-and-bytes", *schema.PEFT_TYPES,
+}
+
+
+def _all_field_names() -> list[str]:
+    names: set[str] = set()
+    for obj in vars(schema).values():
+        if isinstance(obj, type) and issubclass(obj, BaseModel):
+            names.update(obj.model_fields)
+    return sorted(names)
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map key paths to 1-based line numbers of a YAML document."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (key.value,)
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _fmt_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _problems(err: ValidationError, lines: dict[tuple, int], source: str) -> list[str]:
+    vocab = _all_field_names()
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in _DISCRIMINATOR_TAGS and not str(p).startswith("function-"))
+        where = _fmt_path(loc) or "(top level)"
+        line = lines.get(loc)
+        at = f" ({source}:{line})" if line else ""
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), vocab, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{where}{at}: unknown key{hint}")
+        elif e["type"] == "missing":
+            problems.append(f"{where}{at}: required key is missing")
+        elif e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            problems.append(
+                f"{where}{at}: {ctx.get('discriminator', 'type')} {ctx.get('tag')!r} is not one of "
+                f"{ctx.get('expected_tags')}"
+            )
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}{at}: {msg}")
+    return problems
+
+
+_INDEX = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def _split_key(key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for raw in key.split("."):
+        if not raw:
+            raise ConfigError("--set", [f"{key!r}: empty path component"])
+        m = _INDEX.match(raw)
+        if m:
+            if m.group(1):
+                parts.append(m.group(1))
+            parts.append(int(m.group(2)))
+        elif raw.isdigit():
+            parts.append(int(raw))
+        else:
+            parts.append(raw)
+    return parts
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b[0].c=value`` applied (value parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", [f"{item!r}: expected key.path=value"])
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        parts = _split_key(key.strip())
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError("--set", [f"{key}: index {part} out of range"])
+            elif not isinstance(node, dict):
+                raise ConfigError("--set", [f"{key}: {_fmt_path(parts[:i])} is not a section"])
+            elif part not in node or node[part] is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last > len(node):
+                raise ConfigError("--set", [f"{key}: index {last} out of range"])
+            if last == len(node):
+                node.append(value)
+            else:
+                node[last] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError("--set", [f"{key}: {_fmt_path(parts[:-1])} is not a section"])
+    return data
+
+
+def parse_config(
+    data: Any, source: str = "<config>", overrides: Iterable[str] = (), method: str = "sft", text: str | None = None
+) -> schema.ExperimentConfig:
+    """Validate a config mapping; raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"expected a mapping of sections, got {type(data).__name__}"])
+    data = apply_overrides(data, overrides)
+    lines = _yaml_lines(text) if text else {}
+    try:
+        cfg = schema.ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, _problems(err, lines, source)) from None
+    if method != "sft":
+        try:
+            check_training_args(cfg.training_args, method=method)
+        except ValueError as err:
+            raise ConfigError(source, [f"training_args: {err}"]) from None
+    return cfg
+
+
+def load_config(
+    path: str | Path, overrides: Iterable[str] = (), method: str = "sft"
+) -> schema.ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(path), [f"not UTF-8 text: {err}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(str(path), [f"{where}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
+    return parse_config(data, source=str(path), overrides=overrides, method=method, text=text)

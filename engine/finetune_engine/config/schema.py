@@ -1,0 +1,419 @@
+"""The experiment schema: one YAML file per fine-tuning experiment.
+
+The sections and keys follow the Silogen engine's interface. Everything is strict: an unknown
+key is an error naming its place. Help text lives once, in each field's description; the
+reference doc (docs/config-reference.md) is generated from it.
+
+This module imports no torch and no transformers, so Airflow can validate a config before any
+pod starts.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from finetune_engine.config.training_args import (
+    DERIVED_TRAINING_ARGS,
+    check_training_args,
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_enum_values=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data_conf
+# ---------------------------------------------------------------------------------------------
+
+
+class DatasetRef(_Strict):
+    path: str = Field(
+        description="JSONL file: a local path, a bucket URI (s3://bucket/key) or bucket/key.",
+    )
+    sampling_weight: float | None = Field(
+        default=None,
+        gt=0,
+        description="PRECOMPUTE_WEIGHTED_MIX only: how many times the dataset is drawn, relative "
+        "to its size (1.0 = once, 0.5 = half, 2.5 = two and a half times).",
+    )
+
+
+class ConcatenationData(_Strict):
+    type: Literal["CONCATENATION"] = Field(
+        description="Use every example of every dataset once."
+    )
+    datasets: list[DatasetRef] = Field(min_length=1, description="Datasets to concatenate.")
+
+
+class WeightedMixData(_Strict):
+    type: Literal["PRECOMPUTE_WEIGHTED_MIX"] = Field(
+        description="Sample each dataset by its sampling_weight, precomputed once, shuffled."
+    )
+    datasets: list[DatasetRef] = Field(
+        min_length=1, description="Datasets with a sampling_weight each."
+    )
+    seed: int = Field(default=19851243, description="Seed of the sampling and shuffling.")
+
+    @model_validator(mode="after")
+    def _weights_present(self) -> "WeightedMixData":
+        for i, ds in enumerate(self.datasets):
+            if ds.sampling_weight is None:
+                raise ValueError(
+                    f"datasets[{i}] ({ds.path}) has no sampling_weight; "
+                    "PRECOMPUTE_WEIGHTED_MIX needs one per dataset"
+                )
+        return self
+
+
+TrainingData = Annotated[Union[ConcatenationData, WeightedMixData], Field(discriminator="type")]
+
+
+class AutoSplitValidation(_Strict):
+    type: Literal["AUTO_SPLIT"] = Field(description="Hold out a random part of the training data.")
+    ratio: float = Field(
+        default=0.2, gt=0, lt=1, description="Fraction of training examples held out."
+    )
+    seed: int = Field(default=1289, description="Seed of the split.")
+
+
+class ConcatenationValidation(_Strict):
+    type: Literal["CONCATENATION"] = Field(description="Separate validation datasets.")
+    datasets: list[DatasetRef] = Field(min_length=1, description="Validation datasets.")
+
+
+class NoValidation(_Strict):
+    type: Literal["NONE"] = Field(description="No validation; no eval loss is reported.")
+
+
+ValidationData = Annotated[
+    Union[AutoSplitValidation, ConcatenationValidation, NoValidation],
+    Field(discriminator="type"),
+]
+
+
+class ChatTemplateName(str, enum.Enum):
+    keep_original = "keep-original"
+    chat_ml = "chat-ml"
+    mistral_with_system = "mistral-with-system"
+    llama_3 = "llama-3"
+
+
+class PadTokenStrategy(str, enum.Enum):
+    bos_repurpose = "bos-repurpose"
+    eos_repurpose = "eos-repurpose"
+    unk_repurpose = "unk-repurpose"
+    unk_convert_to_eos = "unk-convert-to-eos"
+
+
+class DataConf(_Strict):
+    training_data: TrainingData = Field(description="Training datasets and how they combine.")
+    validation_data: ValidationData = Field(
+        default_factory=lambda: AutoSplitValidation(type="AUTO_SPLIT"),
+        description="Where the validation examples come from.",
+    )
+    chat_template_name: ChatTemplateName = Field(
+        default=ChatTemplateName.keep_original,
+        description="keep-original uses the tokenizer's template; chat-ml adds <|im_start|> and "
+        "<|im_end|> as new tokens; mistral-with-system and llama-3 are the named formats.",
+    )
+    padding_side: Literal["left", "right"] = Field(
+        default="right", description="Padding side in training batches."
+    )
+    missing_pad_token_strategy: PadTokenStrategy = Field(
+        default=PadTokenStrategy.bos_repurpose,
+        description="What becomes the pad token when the tokenizer has none. A pad token equal to "
+        "the trained end-of-turn token is never masked out of the loss.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# batchsize_conf
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchsizeConf(_Strict):
+    total_train_batch_size: int = Field(
+        gt=0,
+        description="Effective batch size: processes x per-device batch x accumulation steps.",
+    )
+    max_per_device_train_batch_size: int = Field(
+        default=1,
+        gt=0,
+        description="Largest batch one device holds; per-device batch is set as high as allowed.",
+    )
+    per_device_eval_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Eval batch per device; defaults to max_per_device_train_batch_size.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# peft_conf
+# ---------------------------------------------------------------------------------------------
+
+
+class NoPeft(_Strict):
+    peft_type: Literal["NO_PEFT"] = Field(description="Full-parameter training.")
+
+
+class PretrainedPeft(_Strict):
+    peft_type: Literal["PRETRAINED_PEFT"] = Field(
+        description="Continue training an existing adapter."
+    )
+    name_or_path: str = Field(description="Path (or bucket URI) of the adapter to continue.")
+
+
+# The PEFT types of the peft library, by name. Kept as names so validation needs no peft import.
+PEFT_TYPES = (
+    "LORA",
+    "LOHA",
+    "LOKR",
+    "ADALORA",
+    "IA3",
+    "OFT",
+    "BOFT",
+    "VERA",
+    "FOURIERFT",
+    "HRA",
+    "BONE",
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "P_TUNING",
+)
+
+
+class AdapterPeft(_Strict):
+    peft_type: Literal[PEFT_TYPES] = Field(  # type: ignore[valid-type]
+        description="A peft library adapter type (LORA for LoRA, DoRA and rsLoRA)."
+    )
+    task_type: Literal["CAUSAL_LM"] = Field(default="CAUSAL_LM", description="PEFT task type.")
+    peft_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the peft config class, e.g. r, lora_alpha, "
+        "lora_dropout, target_modules (a list or 'all-linear'), use_dora, use_rslora.",
+    )
+
+    @field_validator("peft_kwargs")
+    @classmethod
+    def _check_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "task_type" in v or "peft_type" in v:
+            raise ValueError("set task_type/peft_type beside peft_kwargs, not inside it")
+        tm = v.get("target_modules")
+        if isinstance(tm, str) and tm != "all-linear" and " " in tm.strip():
+            # The seeds shipped 'q_proj vproj' once and silently trained one module.
+            raise ValueError(
+                f"target_modules {tm!r} looks like several names in one string; "
+                "write a YAML list, e.g. [q_proj, v_proj], or 'all-linear'"
+            )
+        r = v.get("r")
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        return v
+
+
+PeftConf = Annotated[Union[NoPeft, PretrainedPeft, AdapterPeft], Field(discriminator="peft_type")]
+
+
+# ---------------------------------------------------------------------------------------------
+# quant_conf
+# ---------------------------------------------------------------------------------------------
+
+
+class NoQuantization(_Strict):
+    quantization_type: Literal["no-quantization"] = Field(description="Load weights as they are.")
+
+
+class BitsAndBytesQuantization(_Strict):
+    quantization_type: Literal["bits-and-bytes"] = Field(
+        description="Quantize the base model with bitsandbytes (QLoRA when combined with LoRA)."
+    )
+    load_in_4bit: bool = Field(default=False, description="4-bit weights.")
+    load_in_8bit: bool = Field(default=False, description="8-bit weights.")
+    bnb_4bit_compute_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="bfloat16", description="Compute dtype of 4-bit layers."
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit type.")
+    bnb_4bit_use_double_quant: bool = Field(default=False, description="Quantize the constants.")
+    bnb_4bit_quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
+        default="uint8", description="Storage dtype (bfloat16 for FSDP-sharded QLoRA)."
+    )
+    llm_int8_threshold: float = Field(default=6.0, description="8-bit outlier threshold.")
+    llm_int8_skip_modules: list[str] | None = Field(
+        default=None, description="Modules kept unquantized."
+    )
+
+    @model_validator(mode="after")
+    def _one_width(self) -> "BitsAndBytesQuantization":
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both true; choose one")
+        if not (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError("bits-and-bytes needs load_in_4bit: true or load_in_8bit: true")
+        return self
+
+
+QuantConf = Annotated[
+    Union[NoQuantization, BitsAndBytesQuantization], Field(discriminator="quantization_type")
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# run_conf
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelArgs(_Strict):
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Weights dtype when loading the model."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = (
+        Field(default=None, description="Attention kernel; default is the library's choice.")
+    )
+    use_cache: bool = Field(default=False, description="KV cache (off in training).")
+    device_map: str | dict[str, Any] | None = Field(
+        default=None, description="Device map for loading (leave unset for multi-GPU training)."
+    )
+    revision: str | None = Field(default=None, description="Model revision (Hub models).")
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run code shipped with the model. Needs a pinned revision (a commit sha).",
+    )
+    low_cpu_mem_usage: bool = Field(default=True, description="Load weights shard by shard.")
+    use_safetensors: bool | None = Field(
+        default=True,
+        description="Load only safetensors weights. Set false to allow pickle (.bin) weights, "
+        "which can run code when loaded.",
+    )
+
+    @model_validator(mode="after")
+    def _remote_code_pinned(self) -> "ModelArgs":
+        if self.trust_remote_code and not (
+            self.revision and len(self.revision) == 40 and all(c in "0123456789abcdef" for c in self.revision)
+        ):
+            raise ValueError(
+                "trust_remote_code: true runs code from the model repository; pin "
+                "run_conf.model_args.revision to a 40-character commit sha"
+            )
+        return self
+
+
+class RunConf(_Strict):
+    model: str = Field(description="Base model: a local directory, a bucket URI, or a Hub id.")
+    model_args: ModelArgs = Field(default_factory=ModelArgs, description="Model loading options.")
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer path or id; defaults to the model's."
+    )
+    use_fast_tokenizer: bool = Field(default=True, description="Use the fast (Rust) tokenizer.")
+    resume_from_checkpoint: bool | Literal["auto"] | str = Field(
+        default="auto",
+        description="false: start fresh (refuses if checkpoints exist); true: resume from the "
+        "newest complete checkpoint, error if none; auto: resume if a complete checkpoint exists; "
+        "a path: resume from that checkpoint.",
+    )
+    final_checkpoint_name: str = Field(
+        default="checkpoint-final",
+        description="Directory name of the final output under training_args.output_dir.",
+    )
+    determinism: Literal["no", "half", "full"] = Field(
+        default="no",
+        description="no: fastest; half: seeded; full: seeded + deterministic kernels.",
+    )
+    merge_adapter: bool = Field(
+        default=True,
+        description="With an adapter: also write the merged full model to final_checkpoint_name.",
+    )
+
+    @field_validator("final_checkpoint_name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError(f"must be a plain directory name, got {v!r}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# sft_args, tracking, overrides
+# ---------------------------------------------------------------------------------------------
+
+
+class SftArgs(_Strict):
+    max_seq_length: int = Field(default=2048, gt=8, description="Longest training sequence.")
+    length_handling: Literal["filter", "truncate"] = Field(
+        default="filter",
+        description="Longer examples are dropped (filter) or cut (truncate); counts are logged.",
+    )
+    train_on_completions_only: bool = Field(
+        default=False, description="Loss only on assistant turns (and their end marker)."
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into one row of max_seq_length, isolated from each "
+        "other (block-diagonal attention, reset positions), to avoid padding.",
+    )
+
+
+class Tracking(_Strict):
+    mlflow_server_uri: str | None = Field(
+        default=None, description="MLflow tracking URI (http(s)://, file://, sqlite://)."
+    )
+    experiment_name: str | None = Field(default=None, description="MLflow experiment name.")
+    hf_mlflow_log_artifacts: bool = Field(
+        default=False, description="Copy each saved checkpoint to MLflow artifacts."
+    )
+    run_name: str | None = Field(default=None, description="MLflow run name.")
+
+
+class Overrides(_Strict):
+    lr_multiplier: float = Field(default=1.0, gt=0, description="Multiplies learning_rate.")
+    lr_batch_size_scaling: Literal["none", "sqrt", "linear"] = Field(
+        default="none",
+        description="Scale learning_rate by (total batch / reference_batch_size) (linear) or "
+        "its square root (sqrt).",
+    )
+    reference_batch_size: int = Field(
+        default=1, gt=0, description="The batch size learning_rate was chosen for."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole experiment
+# ---------------------------------------------------------------------------------------------
+
+
+class ExperimentConfig(_Strict):
+    data_conf: DataConf = Field(description="Data: datasets, validation, chat template.")
+    training_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="transformers TrainingArguments (DPOConfig for dpo), passed through. "
+        f"{', '.join(DERIVED_TRAINING_ARGS)} are derived from batchsize_conf and may not be set.",
+    )
+    batchsize_conf: BatchsizeConf = Field(description="Batch size targets.")
+    peft_conf: PeftConf = Field(
+        default_factory=lambda: NoPeft(peft_type="NO_PEFT"), description="Adapters."
+    )
+    quant_conf: QuantConf = Field(
+        default_factory=lambda: NoQuantization(quantization_type="no-quantization"),
+        description="Base model quantization.",
+    )
+    run_conf: RunConf = Field(description="Model, tokenizer, resume and output naming.")
+    sft_args: SftArgs = Field(default_factory=SftArgs, description="SFT data handling.")
+    tracking: Tracking = Field(default_factory=Tracking, description="MLflow tracking.")
+    overrides: Overrides = Field(default_factory=Overrides, description="Learning-rate scaling.")
+
+    @field_validator("training_args")
+    @classmethod
+    def _check_training_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_training_args(v)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        if isinstance(self.quant_conf, BitsAndBytesQuantization) and isinstance(self.peft_conf, NoPeft):
+            raise ValueError(
+                "quant_conf: a quantized base cannot be trained without an adapter; "
+                "set peft_conf (e.g. peft_type: LORA) or quantization_type: no-quantization"
+            )
+        return self
