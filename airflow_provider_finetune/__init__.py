@@ -1,0 +1,3 @@
+"""Airflow provider for LLM fine-tuning on Kubernetes."""
+
+__version__ = "0.1.0"
