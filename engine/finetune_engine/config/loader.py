@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
-from finetune_engine.config.training_args import check_training_args
+from finetune_engine.config.training_args import TrainingArgsError, check_training_args
 
 _DISCRIMINATOR_TAGS = {
     "CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX", "AUTO_SPLIT", "NONE", "NO_PEFT",
@@ -83,6 +83,11 @@ def _problems(err: ValidationError, lines: dict[tuple, int], source: str) -> lis
                 f"{where}{at}: {ctx.get('discriminator', 'type')} {ctx.get('tag')!r} is not one of "
                 f"{ctx.get('expected_tags')}"
             )
+        elif isinstance(e.get("ctx", {}).get("error"), TrainingArgsError):
+            for key, msg in e["ctx"]["error"].problems:
+                sub = loc + (key,)
+                line = lines.get(sub)
+                problems.append(f"{_fmt_path(sub)}{f' ({source}:{line})' if line else ''}: {msg}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             problems.append(f"{where}{at}: {msg}")
@@ -159,8 +164,8 @@ def parse_config(
     if method != "sft":
         try:
             check_training_args(cfg.training_args, method=method)
-        except ValueError as err:
-            raise ConfigError(source, [f"training_args: {err}"]) from None
+        except TrainingArgsError as err:
+            raise ConfigError(source, [f"training_args.{k}: {m}" for k, m in err.problems]) from None
     return cfg
 
 

@@ -34,28 +34,33 @@ def trainer_fields() -> dict[str, dict[str, dict[str, Any]]]:
     return json.loads(text)["fields"]
 
 
+class TrainingArgsError(ValueError):
+    """Bad training_args keys; ``problems`` holds (key, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{k}: {m}" for k, m in problems))
+
+
 def check_training_args(args: dict[str, Any], method: str = "sft") -> dict[str, Any]:
     """Raise ValueError naming every bad key of ``training_args``; return args unchanged."""
     known = trainer_fields().get(method) or trainer_fields()["sft"]
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     for key, value in args.items():
         if key in DERIVED_TRAINING_ARGS:
-            problems.append(
-                f"{key}: derived from batchsize_conf (total_train_batch_size, "
-                "max_per_device_train_batch_size); remove it"
-            )
+            problems.append((key, "derived from batchsize_conf (total_train_batch_size, max_per_device_train_batch_size); remove it"))
         elif key in MANAGED_TRAINING_ARGS:
-            problems.append(f"{key}: {MANAGED_TRAINING_ARGS[key]}")
+            problems.append((key, MANAGED_TRAINING_ARGS[key]))
         elif key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{key}: not a {method} trainer argument{hint}")
+            problems.append((key, f"not a {method} trainer argument{hint}"))
         else:
             kind = known[key]["type"]
             accepted = _SCALARS.get(kind)
             bad_bool = kind in ("int", "float") and isinstance(value, bool)
             if accepted and (bad_bool or not isinstance(value, accepted)):
-                problems.append(f"{key}: expected {kind}, got {type(value).__name__} {value!r}")
+                problems.append((key, f"expected {kind}, got {type(value).__name__} {value!r}"))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise TrainingArgsError(problems)
     return args

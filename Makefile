@@ -1,0 +1,21 @@
+# The two commands: `make demo` (set up + fine-tune end to end) and `make test` (set up + whole suite).
+.PHONY: setup demo test lint bench docs clean
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	./scripts/demo.sh
+
+test: setup
+	./scripts/test.sh
+
+lint: setup
+	.venv/bin/ruff check airflow_provider_finetune engine dags tests scripts
+	.venv/bin/lint-imports
+
+docs: setup
+	.venv/bin/python -m finetune_engine.config.generate
+
+clean:
+	rm -rf .work .venv

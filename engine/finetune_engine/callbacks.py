@@ -1,0 +1,171 @@
+"""Trainer callbacks: checkpoint manifests, progress/memory log lines, fault-tolerant MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+from finetune_engine.manifest import write_manifest
+from finetune_engine.tracking import TrackingSettings
+
+log = logging.getLogger(__name__)
+
+
+def memory_summary() -> str:
+    import psutil
+    import torch
+
+    parts = [f"rss {psutil.Process().memory_info().rss / 2**30:.2f} GiB"]
+    if torch.cuda.is_available():
+        parts.append(
+            f"gpu {torch.cuda.memory_allocated() / 2**30:.2f} GiB alloc / "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak"
+        )
+    return ", ".join(parts)
+
+
+class ManifestCallback(TrainerCallback):
+    """After the Trainer saved a checkpoint, write its manifest last; then run ``after_save`` hooks
+    (e.g. the bucket upload) with the complete directory."""
+
+    def __init__(self, after_save: list[Callable[[Path, int], None]] | None = None):
+        self.after_save = after_save or []
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            return
+        write_manifest(ckpt, extra={"global_step": state.global_step})
+        log.info("checkpoint %s complete (manifest written)", ckpt.name)
+        for hook in self.after_save:
+            hook(ckpt, state.global_step)
+
+
+class ProgressCallback(TrainerCallback):
+    """One log line per logging step: step/total, loss, lr, tokens/s, ETA and memory."""
+
+    def __init__(self, memory_every: int = 10):
+        self.memory_every = memory_every
+        self._t0 = None
+        self._step0 = 0
+        self._logs = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.monotonic()
+        self._step0 = state.global_step
+        log.info("training: step %d of %d; memory at start: %s", state.global_step, state.max_steps, memory_summary())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or self._t0 is None:
+            return
+        self._logs += 1
+        done = state.global_step - self._step0
+        elapsed = time.monotonic() - self._t0
+        eta = (state.max_steps - state.global_step) * elapsed / done if done else float("nan")
+        shown = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        line = f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / max(state.max_steps, 1):.0f}%) {text} eta {eta:.0f}s"
+        if self._logs % self.memory_every == 1 or self.memory_every == 1:
+            line += f" | {memory_summary()}"
+        log.info(line)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = str(data)[:500]
+    return out
+
+
+class MLflowCallback(TrainerCallback):
+    """Logs params, per-step metrics and checkpoints to MLflow. MLflow failures never stop
+    training: they are logged once as warnings and tracking continues when the server is back.
+
+    The run id is kept in ``output_dir/mlflow_run.json`` so a resumed job continues the same run.
+    """
+
+    def __init__(self, settings: TrackingSettings, params: dict[str, Any], tags: dict[str, str] | None = None):
+        self.settings = settings
+        self.params = params
+        self.tags = tags or {}
+        self.run_id: str | None = None
+        self._warned = False
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as err:  # tracking must never crash a training run
+            if not self._warned:
+                log.warning("MLflow %s failed (%s: %s); training continues, tracking will retry", what, type(err).__name__, str(err)[:200])
+                self._warned = True
+            return None
+
+    def start(self, output_dir: str) -> str | None:
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        state_file = Path(output_dir) / "mlflow_run.json"
+        previous = None
+        if state_file.exists():
+            previous = json.loads(state_file.read_text()).get("run_id")
+
+        def _start():
+            mlflow.set_tracking_uri(self.settings.uri)
+            mlflow.set_experiment(self.settings.experiment)
+            run = mlflow.start_run(run_id=previous, run_name=None if previous else self.settings.run_name)
+            return run.info.run_id
+
+        self.run_id = self._call("start_run", _start)
+        if self.run_id:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            state_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.settings.uri}))
+            if previous is None:
+                flat = list(_flatten(self.params).items())
+                for i in range(0, len(flat), 100):
+                    self._call("log_params", lambda chunk=dict(flat[i : i + 100]): mlflow.log_params(chunk))
+            self._call("set_tags", lambda: mlflow.set_tags(self.tags))
+            log.info("MLflow run %s at %s", self.run_id, self.settings.uri)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.run_id:
+            return
+        import mlflow
+
+        clean = {k.replace("/", "_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._call("log_metrics", lambda: mlflow.log_metrics(clean, step=step, run_id=self.run_id))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.log_metrics(logs, step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not (state.is_world_process_zero and self.run_id and self.settings.log_artifacts):
+            return
+        import mlflow
+
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._call("log_artifacts", lambda: mlflow.log_artifacts(str(ckpt), f"checkpoints/{ckpt.name}", run_id=self.run_id))
+
+    def finish(self, metrics: dict[str, float], status: str = "FINISHED") -> None:
+        if not self.run_id:
+            return
+        import mlflow
+
+        self.log_metrics(metrics)
+        self._call("end_run", lambda: mlflow.end_run(status=status))

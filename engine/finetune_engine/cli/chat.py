@@ -1,0 +1,33 @@
+"""Ask a saved model one question with its chat template: ``python -m finetune_engine.cli.chat MODEL Q``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def chat(model_dir: str, question: str, max_new_tokens: int = 32) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("question")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    print(f"user: {args.question}\nassistant: {chat(args.model_dir, args.question, args.max_new_tokens)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

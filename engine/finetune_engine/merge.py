@@ -1,0 +1,63 @@
+"""Merge a PEFT adapter into its base model, safely.
+
+A QLoRA adapter is merged into a base loaded unquantized (never into 4-bit weights). When the run
+added tokens, the base is grown to the adapter's tokenizer before the adapter loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+META_NAME = "finetune_meta.json"
+
+
+def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / META_NAME
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def merge_adapter(
+    base: str,
+    adapter: str,
+    out: str | Path,
+    tokenizer: str | None = None,
+    device_map: str | dict | None = "cpu",
+    dtype: str = "auto",
+) -> Path:
+    """Load ``base`` unquantized, apply ``adapter``, merge, save model + tokenizer to ``out``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer or adapter)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, device_map=device_map)
+    if model.get_input_embeddings().weight.shape[0] != len(tok):
+        log.info("growing base vocabulary %d -> %d to match the adapter's tokenizer", model.get_input_embeddings().weight.shape[0], len(tok))
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model = PeftModel.from_pretrained(model, adapter)
+    merged = model.merge_and_unload()
+    save_model(merged, tok, out)
+    return Path(out)
+
+
+def save_model(model, tokenizer, out: str | Path, end_marker: str | None = None) -> None:
+    """Save weights (safetensors) and tokenizer; EOS ids for generation include the end marker."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = end_marker or tokenizer.eos_token
+    marker_id = tokenizer.convert_tokens_to_ids(marker) if marker else None
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and marker_id is not None:
+        eos = gen.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if marker_id not in ids:
+            ids.insert(0, marker_id)
+        gen.eos_token_id = ids if len(ids) > 1 else ids[0]
+        gen.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

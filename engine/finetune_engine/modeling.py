@@ -1,0 +1,174 @@
+"""Load the tokenizer and model an experiment asks for: template, pad token, quantization, PEFT."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_engine.config import schema
+from finetune_engine.data.templates import NAMED_TEMPLATES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerSetup:
+    tokenizer: Any
+    template_name: str
+    end_marker: str | None  # the assistant end marker, trained and used as EOS at inference
+    added_tokens: list[str] = field(default_factory=list)
+
+
+def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSetup:
+    from transformers import AutoTokenizer
+
+    run = cfg.run_conf
+    tokenizer = AutoTokenizer.from_pretrained(
+        run.tokenizer or model_path,
+        use_fast=run.use_fast_tokenizer,
+        revision=run.model_args.revision,
+        trust_remote_code=run.model_args.trust_remote_code,
+    )
+    name = cfg.data_conf.chat_template_name
+    added: list[str] = []
+    if name == "keep-original":
+        if not tokenizer.chat_template:
+            raise ValueError(
+                f"data_conf.chat_template_name is keep-original but the tokenizer of {model_path} "
+                "has no chat template; choose one, e.g. chat-ml"
+            )
+        end_marker = tokenizer.eos_token
+    else:
+        template = NAMED_TEMPLATES[name]
+        vocab = tokenizer.get_vocab()
+        added = [t for t in template.new_special_tokens if t not in vocab]
+        if added:
+            tokenizer.add_special_tokens({"additional_special_tokens": added})
+            log.info("added %d special tokens for %s: %s", len(added), name, added)
+        tokenizer.chat_template = template.jinja
+        end_marker = template.end_marker(tokenizer.eos_token)
+    if tokenizer.pad_token is None:
+        strategy = cfg.data_conf.missing_pad_token_strategy
+        source = {"bos-repurpose": "bos", "eos-repurpose": "eos"}.get(strategy, "unk")
+        token = getattr(tokenizer, f"{source}_token")
+        if token is None:
+            raise ValueError(
+                f"data_conf.missing_pad_token_strategy {strategy}: the tokenizer has no {source} "
+                "token; choose another strategy"
+            )
+        tokenizer.pad_token = token
+        log.info("pad token set to %r (%s); pads are masked by position, never by id", token, strategy)
+    tokenizer.padding_side = cfg.data_conf.padding_side
+    return TokenizerSetup(tokenizer, name, end_marker, added)
+
+
+def quantization_config(cfg: schema.ExperimentConfig):
+    q = cfg.quant_conf
+    if not isinstance(q, schema.BitsAndBytesQuantization):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=q.load_in_4bit,
+        load_in_8bit=q.load_in_8bit,
+        bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_storage=getattr(torch, q.bnb_4bit_quant_storage),
+        llm_int8_threshold=q.llm_int8_threshold,
+        llm_int8_skip_modules=q.llm_int8_skip_modules,
+    )
+
+
+def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup):
+    """The base model, grown for new tokens (mean-resized), wrapped in PEFT when configured."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    args = cfg.run_conf.model_args
+    kwargs: dict[str, Any] = {
+        "dtype": "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype),
+        "revision": args.revision,
+        "trust_remote_code": args.trust_remote_code,
+        "low_cpu_mem_usage": args.low_cpu_mem_usage,
+        "use_safetensors": args.use_safetensors,
+    }
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if args.device_map is not None:
+        kwargs["device_map"] = args.device_map
+    quant = quantization_config(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    _refuse_pickle_only(model_path, args.use_safetensors)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model.config.use_cache = args.use_cache
+    if len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0] or tok.added_tokens:
+        model.resize_token_embeddings(len(tok.tokenizer), mean_resizing=True)
+        log.info("embeddings resized to %d (mean-initialised new rows)", len(tok.tokenizer))
+    model.config.pad_token_id = tok.tokenizer.pad_token_id
+    return wrap_peft(cfg, model, trains_embeddings=bool(tok.added_tokens))
+
+
+def _embedding_module_names(model) -> list[str]:
+    names = []
+    by_module = {id(m): n for n, m in model.named_modules()}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and id(module) in by_module:
+            names.append(by_module[id(module)].rsplit(".", 1)[-1])
+    return names
+
+
+def wrap_peft(cfg: schema.ExperimentConfig, model, trains_embeddings: bool):
+    peft_conf = cfg.peft_conf
+    if isinstance(peft_conf, schema.NoPeft):
+        return model
+    from peft import PeftModel, get_peft_config, get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(cfg.training_args.get("gradient_checkpointing"))
+        )
+    if isinstance(peft_conf, schema.PretrainedPeft):
+        return PeftModel.from_pretrained(model, peft_conf.name_or_path, is_trainable=True)
+    kwargs = dict(peft_conf.peft_kwargs)
+    if trains_embeddings:
+        # New tokens need trained embeddings: the adapter then carries full embed/lm_head copies.
+        extra = [n for n in _embedding_module_names(model) if n not in (kwargs.get("modules_to_save") or [])]
+        kwargs["modules_to_save"] = list(kwargs.get("modules_to_save") or []) + extra
+        log.info("new tokens: training %s fully alongside the adapter", extra)
+    config = get_peft_config({"peft_type": peft_conf.peft_type, "task_type": peft_conf.task_type, **kwargs})
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("adapter %s: %d trainable of %d parameters (%.2f%%)", peft_conf.peft_type, trainable, total, 100 * trainable / total)
+    return model
+
+
+def _refuse_pickle_only(model_path: str, use_safetensors: bool | None) -> None:
+    path = Path(model_path)
+    if not path.is_dir() or use_safetensors is False:
+        return
+    names = {p.name for p in path.iterdir()}
+    has_safe = any(n.endswith(".safetensors") for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names)
+    if has_pickle and not has_safe:
+        raise ValueError(
+            f"{model_path} has only pickle weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors, or set run_conf.model_args.use_safetensors: false if you "
+            "trust the source"
+        )
+
+
+def prepare_tokenizer_for_inference(tokenizer, end_marker: str | None) -> None:
+    """The seed's inference settings: BOS added, EOS not added, EOS = the assistant end marker."""
+    for attr, value in (("add_bos_token", True), ("add_eos_token", False)):
+        try:
+            setattr(tokenizer, attr, value)
+        except (AttributeError, ValueError):
+            tokenizer.init_kwargs[attr] = value
+    if end_marker and end_marker != tokenizer.eos_token:
+        tokenizer.eos_token = end_marker
+    tokenizer.padding_side = "left"
