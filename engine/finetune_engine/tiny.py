@@ -26,10 +26,10 @@ COUNTRIES = {
 
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
-    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ 'System:\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User:\n' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant:\n' + message['content'] + eos_token + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
 )
 
 

@@ -1,0 +1,61 @@
+"""Engine fixtures: the tiny model (built once per session) and small chat datasets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from finetune_engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir, tmp_path) -> Path:
+    """A private copy, for tests that may modify the model directory."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    from finetune_engine.tiny import write_chat_dataset
+
+    return write_chat_dataset(tmp_path_factory.mktemp("data") / "chat.jsonl", examples=120, seed=1)
+
+
+def make_config(tmp_path: Path, model: Path, data: Path, **sections) -> Path:
+    """Write a small SFT config; ``sections`` replace/extend top-level sections."""
+    cfg = {
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(data)}]},
+            "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.1, "seed": 1},
+            "chat_template_name": "chat-ml",
+        },
+        "training_args": {
+            "output_dir": str(tmp_path / "out"),
+            "learning_rate": 0.003,
+            "max_steps": 6,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "lr_scheduler_type": "constant",
+        },
+        "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 4},
+        "run_conf": {"model": str(model), "determinism": "half"},
+        "sft_args": {"max_seq_length": 128},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
