@@ -79,10 +79,11 @@ def _problems(err: ValidationError, lines: dict[tuple, int], source: str) -> lis
             problems.append(f"{where}{at}: required key is missing")
         elif e["type"] == "union_tag_invalid":
             ctx = e.get("ctx", {})
-            problems.append(
-                f"{where}{at}: {ctx.get('discriminator', 'type')} {ctx.get('tag')!r} is not one of "
-                f"{ctx.get('expected_tags')}"
-            )
+            disc = str(ctx.get("discriminator", "type")).strip("'")
+            tags = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
+            close = difflib.get_close_matches(str(ctx.get("tag")), tags, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{where}{at}: {disc} {ctx.get('tag')!r} is not one of {', '.join(tags)}{hint}")
         elif isinstance(e.get("ctx", {}).get("error"), TrainingArgsError):
             for key, msg in e["ctx"]["error"].problems:
                 sub = loc + (key,)

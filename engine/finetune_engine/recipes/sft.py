@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -186,6 +187,7 @@ def run_sft(
     args_dict.setdefault("save_strategy", "steps")
     args_dict.setdefault("save_steps", 50)
     args_dict.setdefault("use_cpu", not torch.cuda.is_available())
+    args_dict.setdefault("disable_tqdm", not sys.stderr.isatty())  # pod logs get plain progress lines
     if eval_examples:
         args_dict.setdefault("eval_strategy", "no")
     training_args = TrainingArguments(**args_dict)

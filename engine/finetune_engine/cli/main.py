@@ -1,0 +1,44 @@
+"""``finetune-engine COMMAND``: the jobs that pods run and the checks Airflow runs before them.
+
+Each command is a module with a ``main(argv)``; the module is imported only when its command runs,
+so ``--help`` and validation stay free of torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate-config": ("finetune_engine.cli.validate_config", "Check an experiment config (and --set overrides)."),
+    "validate-data": ("finetune_engine.data.validate", "Check JSONL data files; every problem with file:line."),
+    "finetuning": ("finetune_engine.cli.finetuning", "Run SFT/DPO from a config (same as the `finetuning` command)."),
+    "tiny": ("finetune_engine.tiny", "Build the tiny local model or a synthetic chat dataset."),
+    "chat": ("finetune_engine.cli.chat", "Ask a saved model one question with its chat template."),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: finetune-engine COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `finetune-engine COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"finetune-engine: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
