@@ -184,9 +184,10 @@ def test_tracking_disabled_cleanly_when_not_configured(tiny_model, chat_data, tm
     assert result["mlflow_run_id"] is None and not (tmp_path / "o" / "mlflow_run.json").exists()
 
 
-def test_filtering_everything_names_max_seq_length(tiny_model, chat_data, tmp_path, capsys):
+def test_filtering_everything_names_max_seq_length(tiny_model, chat_data, tmp_path, caplog):
     config = make_config(tmp_path, tiny_model, chat_data, sft_args={"max_seq_length": 12})
     assert finetuning(["sft", str(config)]) == 2
+    assert "raise sft_args.max_seq_length (now 12)" in caplog.text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -199,3 +200,59 @@ def test_progress_and_memory_lines_logged(tiny_model, chat_data, tmp_path, caplo
     assert "memory at start: rss" in text
     assert "step 6/6 (100%)" in text and "eta" in text
     assert "batch: 1 process(es) x 4 per device x 2 accumulation = 8" in text
+
+
+def test_real_mlflow_server_gets_run_and_checkpoint_artifacts(tiny_model, chat_data, tmp_path, monkeypatch, mlflow_server):
+    monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION", raising=False)
+    config = make_config(tmp_path, tiny_model, chat_data)
+    result = _run(config, "--mlflow-server-uri", mlflow_server, "--experiment-name", "server-test", "--hf-mlflow-log-artifacts", "true")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+    assert result["mlflow_tracking_uri"] == mlflow_server
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"checkpoints/checkpoint-3", "checkpoints/checkpoint-6"} <= names
+
+
+def test_mlflow_unreachable_never_stops_training(tiny_model, chat_data, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from tests.conftest import free_port
+
+    monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    caplog.set_level(logging.WARNING)
+    result = _run(make_config(tmp_path, tiny_model, chat_data), "--mlflow-server-uri", f"http://127.0.0.1:{free_port()}")
+    assert result["status"] == "completed" and result["global_step"] == 6
+    assert result["mlflow_run_id"] is None
+    assert "training continues" in caplog.text
+
+
+def test_tracking_precedence_cli_over_config_over_env():
+    from finetune_engine.config.schema import Tracking
+    from finetune_engine.tracking import resolve_tracking
+
+    env = {"MLFLOW_TRACKING_URI": "file:///env", "MLFLOW_EXPERIMENT_NAME": "env-exp", "HF_MLFLOW_LOG_ARTIFACTS": "TRUE"}
+    assert resolve_tracking(Tracking(), env=env).uri == "file:///env"
+    cfg = Tracking(mlflow_server_uri="http://config", experiment_name="cfg-exp")
+    s = resolve_tracking(cfg, env=env)
+    assert (s.uri, s.experiment, s.log_artifacts) == ("http://config", "cfg-exp", True)
+    s = resolve_tracking(cfg, cli_uri="http://cli", cli_experiment="cli-exp", cli_log_artifacts="False", env=env)
+    assert (s.uri, s.experiment, s.log_artifacts) == ("http://cli", "cli-exp", False)
+    assert not resolve_tracking(cfg, env={"DISABLE_MLFLOW_INTEGRATION": "TRUE"}).enabled
+    assert not resolve_tracking(Tracking(), env={}).enabled
+
+
+def test_learning_rate_scaling():
+    from finetune_engine.config import parse_config
+    from finetune_engine.recipes.sft import scaled_learning_rate
+    from tests.engine.test_config import BASE, _with
+
+    assert scaled_learning_rate(parse_config(BASE), 1e-4, 64) == 1e-4
+    lin = parse_config(_with("overrides.lr_batch_size_scaling=linear", "overrides.reference_batch_size=16", "overrides.lr_multiplier=0.5"))
+    assert abs(scaled_learning_rate(lin, 1e-4, 64) - 1e-4 * 0.5 * 4) < 1e-12
+    sq = parse_config(_with("overrides.lr_batch_size_scaling=sqrt", "overrides.reference_batch_size=16"))
+    assert abs(scaled_learning_rate(sq, 1e-4, 64) - 2e-4) < 1e-12
