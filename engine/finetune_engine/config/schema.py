@@ -11,7 +11,7 @@ pod starts.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -59,7 +59,7 @@ class WeightedMixData(_Strict):
     seed: int = Field(default=19851243, description="Seed of the sampling and shuffling.")
 
     @model_validator(mode="after")
-    def _weights_present(self) -> "WeightedMixData":
+    def _weights_present(self) -> WeightedMixData:
         for i, ds in enumerate(self.datasets):
             if ds.sampling_weight is None:
                 raise ValueError(
@@ -69,7 +69,7 @@ class WeightedMixData(_Strict):
         return self
 
 
-TrainingData = Annotated[Union[ConcatenationData, WeightedMixData], Field(discriminator="type")]
+TrainingData = Annotated[ConcatenationData | WeightedMixData, Field(discriminator="type")]
 
 
 class AutoSplitValidation(_Strict):
@@ -90,19 +90,19 @@ class NoValidation(_Strict):
 
 
 ValidationData = Annotated[
-    Union[AutoSplitValidation, ConcatenationValidation, NoValidation],
+    AutoSplitValidation | ConcatenationValidation | NoValidation,
     Field(discriminator="type"),
 ]
 
 
-class ChatTemplateName(str, enum.Enum):
+class ChatTemplateName(enum.StrEnum):
     keep_original = "keep-original"
     chat_ml = "chat-ml"
     mistral_with_system = "mistral-with-system"
     llama_3 = "llama-3"
 
 
-class PadTokenStrategy(str, enum.Enum):
+class PadTokenStrategy(enum.StrEnum):
     bos_repurpose = "bos-repurpose"
     eos_repurpose = "eos-repurpose"
     unk_repurpose = "unk-repurpose"
@@ -216,7 +216,7 @@ class AdapterPeft(_Strict):
         return v
 
 
-PeftConf = Annotated[Union[NoPeft, PretrainedPeft, AdapterPeft], Field(discriminator="peft_type")]
+PeftConf = Annotated[NoPeft | PretrainedPeft | AdapterPeft, Field(discriminator="peft_type")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class BitsAndBytesQuantization(_Strict):
     )
 
     @model_validator(mode="after")
-    def _one_width(self) -> "BitsAndBytesQuantization":
+    def _one_width(self) -> BitsAndBytesQuantization:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both true; choose one")
         if not (self.load_in_4bit or self.load_in_8bit):
@@ -257,7 +257,7 @@ class BitsAndBytesQuantization(_Strict):
 
 
 QuantConf = Annotated[
-    Union[NoQuantization, BitsAndBytesQuantization], Field(discriminator="quantization_type")
+    NoQuantization | BitsAndBytesQuantization, Field(discriminator="quantization_type")
 ]
 
 
@@ -290,7 +290,7 @@ class ModelArgs(_Strict):
     )
 
     @model_validator(mode="after")
-    def _remote_code_pinned(self) -> "ModelArgs":
+    def _remote_code_pinned(self) -> ModelArgs:
         if self.trust_remote_code and not (
             self.revision and len(self.revision) == 40 and all(c in "0123456789abcdef" for c in self.revision)
         ):
@@ -410,7 +410,7 @@ class ExperimentConfig(_Strict):
         return check_training_args(v)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "ExperimentConfig":
+    def _cross_checks(self) -> ExperimentConfig:
         if isinstance(self.quant_conf, BitsAndBytesQuantization) and isinstance(self.peft_conf, NoPeft):
             raise ValueError(
                 "quant_conf: a quantized base cannot be trained without an adapter; "

@@ -12,8 +12,9 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finetune_engine.config import schema
 from finetune_engine.config.batchsize import derive_batch_plan
@@ -113,7 +114,7 @@ def run_sft(
 
     import torch
     import transformers
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
     from finetune_engine.callbacks import ManifestCallback, MLflowCallback, ProgressCallback
