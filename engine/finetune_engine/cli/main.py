@@ -13,6 +13,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate-config": ("finetune_engine.cli.validate_config", "Check an experiment config (and --set overrides)."),
     "validate-data": ("finetune_engine.data.validate", "Check JSONL data files; every problem with file:line."),
+    "train-job": ("finetune_engine.jobs.train", "Pod job: fetch inputs from the bucket, train/resume, upload checkpoints."),
+    "deliver-model": ("finetune_engine.jobs.deliver_model", "Pod job: Hub model / directory / prefix -> bucket."),
+    "deliver-data": ("finetune_engine.jobs.deliver_data", "Pod job: data script or URLs -> validated JSONL in the bucket."),
+    "pull": ("finetune_engine.jobs.pull", "Download a complete bucket prefix (waits for its marker)."),
     "finetuning": ("finetune_engine.cli.finetuning", "Run SFT/DPO from a config (same as the `finetuning` command)."),
     "tiny": ("finetune_engine.tiny", "Build the tiny local model or a synthetic chat dataset."),
     "chat": ("finetune_engine.cli.chat", "Ask a saved model one question with its chat template."),

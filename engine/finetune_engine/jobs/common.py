@@ -1,0 +1,66 @@
+"""Pieces the bucket-aware jobs share: config input, result output, log capture."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_engine.config import ConfigError, parse_config
+from finetune_engine.config.schema import ExperimentConfig
+
+log = logging.getLogger(__name__)
+CONFIG_ENV = "FINETUNE_CONFIG"
+RESULT_ENV = "FINETUNE_RESULT_FILE"
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"Experiment YAML file; '-' reads stdin; default: the YAML text in ${CONFIG_ENV} (how pods pass it).",
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="Override a config value (YAML-parsed). Repeatable.")
+
+
+def read_config(args: argparse.Namespace, method: str = "sft") -> ExperimentConfig:
+    if args.config in (None, ""):
+        text, source = os.environ.get(CONFIG_ENV), f"${CONFIG_ENV}"
+        if not text:
+            raise ConfigError("(none)", [f"no config: pass --config FILE or set {CONFIG_ENV} to the YAML text"])
+    elif args.config == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        source = args.config
+        try:
+            text = Path(args.config).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(source, [f"cannot read: {err.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(source, [f"not valid YAML: {err}"]) from None
+    return parse_config(data, source=source, overrides=args.overrides, method=method, text=text)
+
+
+def write_result(result: dict[str, Any], path: str | None) -> None:
+    target = path or os.environ.get(RESULT_ENV)
+    if not target:
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).write_text(json.dumps(result, indent=1, sort_keys=True))
+
+
+def capture_logs(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler

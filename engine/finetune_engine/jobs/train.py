@@ -1,0 +1,241 @@
+"""``finetune-engine train-job``: what a fine-tuning pod runs.
+
+Downloads the model and datasets named in the config from the bucket, syncs down the newest
+complete checkpoint of the run, trains (resuming), uploads each checkpoint as it is saved (manifest
+last), uploads the final outputs and logs, and writes the result JSON. A run whose final output is
+complete in the bucket is not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from finetune_engine.checkpoints import CHECKPOINT_RE
+from finetune_engine.config import ConfigError, schema
+from finetune_engine.jobs.common import add_config_args, capture_logs, read_config, write_result
+
+log = logging.getLogger(__name__)
+
+
+def is_uri(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+class CheckpointUploader:
+    """Uploads checkpoints in the background, one at a time.
+
+    A save waits only for the previous checkpoint's upload. Files are hard-linked into a staging
+    directory first, so the Trainer's rotation can delete the original while it uploads. After a
+    checkpoint is complete remotely, remote checkpoints beyond ``keep`` are deleted (oldest first,
+    manifest before data, so a reader never sees a half-deleted complete checkpoint).
+    """
+
+    def __init__(self, prefix_uri: str, staging: Path, keep: int | None):
+        self.prefix_uri = prefix_uri.rstrip("/")
+        self.staging = staging
+        self.keep = keep
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
+        self._pending: Future | None = None
+        self._lock = threading.Lock()
+        self.uploaded: list[str] = []
+        self.failures: list[str] = []
+
+    def __call__(self, ckpt_dir: Path, step: int) -> None:
+        self.wait(raise_errors=False)
+        stage = self.staging / ckpt_dir.name
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.copytree(ckpt_dir, stage, copy_function=os.link)
+        self._pending = self._pool.submit(self._upload, stage)
+
+    def _upload(self, stage: Path) -> None:
+        from finetune_engine.storage import delete_prefix, join, list_complete_children, upload_dir
+
+        uri = join(self.prefix_uri, stage.name)
+        try:
+            upload_dir(stage, uri, progress=False)
+            self.uploaded.append(stage.name)
+            log.info("uploaded %s", uri)
+            if self.keep:
+                steps = sorted(
+                    (int(m.group(1)), name)
+                    for name in list_complete_children(self.prefix_uri)
+                    if (m := CHECKPOINT_RE.match(name))
+                )
+                for _, name in steps[: -self.keep]:
+                    delete_prefix(join(self.prefix_uri, name))
+                    log.info("deleted old remote checkpoint %s", name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def wait(self, raise_errors: bool = True) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception as err:  # the next save retries with a newer checkpoint
+            self.failures.append(str(err))
+            log.warning("checkpoint upload failed (%s); training continues, the next save uploads again", err)
+            if raise_errors:
+                raise
+
+    def close(self) -> None:
+        self.wait(raise_errors=False)
+        self._pool.shutdown(wait=True)
+
+
+def _fetch_inputs(cfg: schema.ExperimentConfig, workdir: Path) -> schema.ExperimentConfig:
+    """Download bucket inputs; return the config rewritten to the local copies."""
+    from finetune_engine.storage import download_dir, download_file
+
+    data = cfg.model_dump(mode="json")
+    run = data["run_conf"]
+    if is_uri(run["model"]):
+        local = workdir / "model"
+        log.info("downloading model %s", run["model"])
+        download_dir(run["model"], local)
+        run["model"] = str(local)
+    if run.get("tokenizer") and is_uri(run["tokenizer"]):
+        local = workdir / "tokenizer"
+        download_dir(run["tokenizer"], local)
+        run["tokenizer"] = str(local)
+    peft = data["peft_conf"]
+    if peft.get("peft_type") == "PRETRAINED_PEFT" and is_uri(peft["name_or_path"]):
+        local = workdir / "adapter-in"
+        download_dir(peft["name_or_path"], local)
+        peft["name_or_path"] = str(local)
+    seen = 0
+    for section in ("training_data", "validation_data"):
+        for ds in data["data_conf"][section].get("datasets") or []:
+            if is_uri(ds["path"]):
+                local = workdir / "data" / f"{seen}-{ds['path'].rsplit('/', 1)[-1]}"
+                download_file(ds["path"], local)
+                ds["path"] = str(local)
+                seen += 1
+    return schema.ExperimentConfig.model_validate(data)
+
+
+def _sync_down_newest(prefix_uri: str, output_dir: Path) -> str | None:
+    """Download the newest complete remote checkpoint unless a local complete copy exists."""
+    from finetune_engine.storage import download_dir, join, list_complete_children
+
+    steps = sorted(
+        (int(m.group(1)), name) for name in list_complete_children(prefix_uri) if (m := CHECKPOINT_RE.match(name))
+    )
+    if not steps:
+        log.info("no complete checkpoint under %s", prefix_uri)
+        return None
+    _, name = steps[-1]
+    log.info("resuming: downloading newest complete checkpoint %s", name)
+    download_dir(join(prefix_uri, name), output_dir / name)
+    return name
+
+
+def run_train_job(
+    cfg: schema.ExperimentConfig,
+    checkpoint_uri: str,
+    workdir: Path,
+    method: str = "sft",
+    result_file: str | None = None,
+    num_preprocess_workers: int = 1,
+    tracking_args: tuple[str | None, str | None, str | None] = (None, None, None),
+) -> dict[str, Any]:
+    from finetune_engine.storage import download_file, is_complete, join, upload_dir, upload_file
+
+    checkpoint_uri = checkpoint_uri.rstrip("/")
+    final_name = cfg.run_conf.final_checkpoint_name
+    adapter_name = f"{final_name}-adapter"
+    merged = isinstance(cfg.peft_conf, schema.NoPeft) or cfg.run_conf.merge_adapter
+    done_uri = join(checkpoint_uri, final_name if merged else adapter_name)
+    if is_complete(done_uri):
+        log.info("%s is complete: this run already finished, nothing to train", done_uri)
+        stored = workdir / "stored-result.json"
+        download_file(join(checkpoint_uri, "result.json"), stored)
+        result = {**json.loads(stored.read_text()), "status": "skipped"}
+        write_result(result, result_file)
+        return result
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    output_dir = workdir / "output"
+    handler = capture_logs(workdir / "logs" / "train.log")
+    try:
+        cfg = _fetch_inputs(cfg, workdir)
+        data = cfg.model_dump(mode="json")
+        data["training_args"]["output_dir"] = str(output_dir)
+        cfg = schema.ExperimentConfig.model_validate(data)
+        _sync_down_newest(checkpoint_uri, output_dir)
+
+        from finetune_engine.recipes.sft import run_sft
+        from finetune_engine.tracking import resolve_tracking
+
+        tracking = resolve_tracking(cfg.tracking, *tracking_args)
+        uploader = CheckpointUploader(checkpoint_uri, workdir / "upload-staging", cfg.training_args.get("save_total_limit"))
+        try:
+            if method != "sft":
+                raise ConfigError("--method", [f"{method}: only sft is available in this version"])
+            result = run_sft(cfg, tracking, num_preprocess_workers, None, after_save=[uploader])
+        finally:
+            uploader.close()
+
+        # Final outputs: adapter, then result and logs, then the final model whose manifest,
+        # uploaded last, marks the whole run as finished.
+        if result.get("final_adapter"):
+            upload_dir(Path(result["final_adapter"]), join(checkpoint_uri, adapter_name))
+            result["final_adapter_uri"] = join(checkpoint_uri, adapter_name)
+        if result.get("final_checkpoint"):
+            result["final_checkpoint_uri"] = join(checkpoint_uri, final_name)
+        result.update(checkpoint_uri=checkpoint_uri, checkpoint_upload_failures=len(uploader.failures))
+        local_result = workdir / "result.json"
+        local_result.write_text(json.dumps(result, indent=1, sort_keys=True))
+        upload_file(local_result, join(checkpoint_uri, "result.json"))
+        handler.flush()
+        upload_file(workdir / "logs" / "train.log", join(checkpoint_uri, "logs", "train.log"))
+        if result.get("final_checkpoint"):
+            upload_dir(Path(result["final_checkpoint"]), join(checkpoint_uri, final_name))
+        write_result(result, result_file)
+        return result
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune_engine.cli.finetuning import setup_logging
+
+    parser = argparse.ArgumentParser(prog="finetune-engine train-job", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--method", default="sft", choices=["sft", "dpo"])
+    parser.add_argument("--checkpoint-uri", required=True, help="s3://bucket/experiments/<experiment>/<run key>")
+    parser.add_argument("--workdir", default=os.environ.get("FINETUNE_WORKDIR", "workdir"), help="Local scratch directory.")
+    parser.add_argument("--result-file", default=None, help="Result JSON path (default $FINETUNE_RESULT_FILE).")
+    parser.add_argument("--num-preprocess-workers", type=int, default=1)
+    parser.add_argument("--mlflow-server-uri", default=None)
+    parser.add_argument("--experiment-name", default=None)
+    parser.add_argument("--hf-mlflow-log-artifacts", default=None)
+    parser.add_argument("--logging-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.logging_level)
+    try:
+        cfg = read_config(args, args.method)
+        result = run_train_job(
+            cfg, args.checkpoint_uri, Path(args.workdir), args.method, args.result_file, args.num_preprocess_workers,
+            (args.mlflow_server_uri, args.experiment_name, args.hf_mlflow_log_artifacts),
+        )
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("train job %s: step %s, eval loss %s", result["status"], result.get("global_step"), result.get("final_eval_loss"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
