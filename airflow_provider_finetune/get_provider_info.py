@@ -3,10 +3,61 @@
 from __future__ import annotations
 
 
+def _opt(description: str, default: str | None, example: str | None = None, type_: str = "string") -> dict:
+    return {"description": description, "version_added": None, "type": type_, "example": example, "default": default}
+
+
 def get_provider_info() -> dict:
     return {
         "package-name": "airflow-provider-finetune",
         "name": "Fine-tune",
-        "description": "LLM fine-tuning as Airflow DAGs on Kubernetes.",
+        "description": "LLM fine-tuning as Airflow DAGs on Kubernetes: deliver, sweep, merge, serve.",
         "versions": ["0.1.0"],
+        "integrations": [
+            {
+                "integration-name": "Fine-tune",
+                "external-doc-url": "https://github.com/airflow-provider-finetune/airflow-provider-finetune",
+                "tags": ["software"],
+            }
+        ],
+        "config": {
+            "finetune": {
+                "description": "Defaults of the fine-tuning operators; each can be overridden per operator.",
+                "options": {
+                    "runner": _opt(
+                        "Where engine pods run: kubernetes (the cluster) or local (a subprocess on the worker, "
+                        "same command and env).", "kubernetes", "local"),
+                    "engine_image": _opt("Engine image of the fine-tuning pods.",
+                                         "ghcr.io/airflow-provider-finetune/engine-cuda:0.1.0"),
+                    "namespace": _opt("Kubernetes namespace of the pods.", "default"),
+                    "kubernetes_conn_id": _opt("Kubernetes connection.", "kubernetes_default"),
+                    "bucket_conn_id": _opt(
+                        "Airflow aws connection of the bucket (login = access key, password = secret key, "
+                        "extra endpoint_url for MinIO/SeaweedFS). The local runner reads credentials from it.",
+                        "aws_default"),
+                    "bucket": _opt("Bucket of models, datasets and experiments.", "finetune"),
+                    "bucket_endpoint_url": _opt(
+                        "S3 endpoint the pods use (in-cluster MinIO service, for example); empty for AWS.", "",
+                        "http://minio.minio.svc:9000"),
+                    "bucket_secret_name": _opt(
+                        "Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the pods.",
+                        "finetune-bucket"),
+                    "hf_token_secret_name": _opt("Kubernetes Secret with HF_TOKEN (gated Hub models).", "hf-token"),
+                    "hf_conn_id": _opt("Airflow connection whose password is the Hub token (local runner).",
+                                       "huggingface_default"),
+                    "gpu_vendor": _opt("GPU resource vendor: nvidia or amd.", "nvidia", "amd"),
+                    "service_account_name": _opt("Service account of the pods (empty: namespace default).", ""),
+                    "local_workdir": _opt("Work directory of the local runner.", "", "/tmp/finetune"),
+                    "mlflow_tracking_uri": _opt("MLflow tracking URI given to the engine (empty: off).", ""),
+                    "mlflow_ui_url": _opt("Base URL of the MLflow UI for the extra link (default: the tracking URI).",
+                                          ""),
+                    "vllm_python": _opt(
+                        "Python of the vLLM venv used by DeployVLLM on the local runner.", "", ".venv-vllm/bin/python"),
+                },
+            }
+        },
+        "extra-links": [
+            "airflow_provider_finetune.links.MLflowRunLink",
+            "airflow_provider_finetune.links.ServedEndpointLink",
+        ],
     }

@@ -1,0 +1,70 @@
+"""Connections: the bucket (an Airflow ``aws`` connection) and the Hub token.
+
+The pods get credentials only as Kubernetes Secret references; the local runner resolves those
+same references from Airflow connections here. Nothing here logs a secret value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUCKET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclass(frozen=True)
+class SecretNames:
+    bucket: str
+    hf_token: str
+
+
+def bucket_settings(conn_id: str) -> dict[str, str]:
+    """Endpoint, region and keys of the bucket connection (values are secrets: don't log them)."""
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    extra = conn.extra_dejson
+    out = {
+        "AWS_ACCESS_KEY_ID": conn.login or extra.get("aws_access_key_id") or "",
+        "AWS_SECRET_ACCESS_KEY": conn.password or extra.get("aws_secret_access_key") or "",
+        "AWS_DEFAULT_REGION": extra.get("region_name") or "us-east-1",
+    }
+    endpoint = extra.get("endpoint_url") or (extra.get("service_config", {}).get("s3", {}) or {}).get("endpoint_url")
+    if endpoint:
+        out["AWS_ENDPOINT_URL"] = endpoint
+    return out
+
+
+def hf_token(conn_id: str) -> str | None:
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+    return conn.password or None
+
+
+class ConnectionSecretResolver:
+    """Resolves a pod's secretKeyRef (Secret name, key) from Airflow connections."""
+
+    def __init__(self, names: SecretNames, bucket_conn_id: str, hf_conn_id: str):
+        self.names = names
+        self.bucket_conn_id = bucket_conn_id
+        self.hf_conn_id = hf_conn_id
+        self._bucket: dict[str, str] | None = None
+
+    def __call__(self, secret: str, key: str) -> str:
+        if secret == self.names.bucket and key in BUCKET_KEYS:
+            if self._bucket is None:
+                self._bucket = bucket_settings(self.bucket_conn_id)
+            value = self._bucket.get(key)
+            if not value:
+                raise KeyError(f"connection {self.bucket_conn_id!r} has no {'login' if key.endswith('KEY_ID') else 'password'}")
+            return value
+        if secret == self.names.hf_token and key == "HF_TOKEN":
+            token = hf_token(self.hf_conn_id)
+            if token is None:
+                raise KeyError(f"connection {self.hf_conn_id!r} is missing or has no password")
+            return token
+        raise KeyError(f"no Airflow connection is mapped to Secret {secret!r}")
