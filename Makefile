@@ -4,10 +4,10 @@
 setup:
 	./scripts/setup.sh
 
-demo: setup
+demo:
 	./scripts/demo.sh
 
-test: setup
+test:
 	./scripts/test.sh
 
 lint: setup

@@ -2,6 +2,7 @@
 # The whole suite, CPU only. Tests start their own servers (S3, MLflow) on loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m finetune_engine.config.generate --check
 .venv/bin/ruff check airflow_provider_finetune engine dags tests scripts
