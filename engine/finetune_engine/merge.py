@@ -33,6 +33,10 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    grown = read_meta(adapter).get("grown_base")
+    if grown and (Path(adapter).parent / grown / "config.json").exists():
+        base = str(Path(adapter).parent / grown)  # the run added tokens: its grown-vocabulary base
+        log.info("using the grown-vocabulary base %s", base)
     tok = AutoTokenizer.from_pretrained(tokenizer or adapter)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, device_map=device_map)

@@ -83,8 +83,10 @@ def quantization_config(cfg: schema.ExperimentConfig):
     )
 
 
-def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup):
-    """The base model, grown for new tokens (mean-resized), wrapped in PEFT when configured."""
+def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup, before_peft=None):
+    """The base model, grown for new tokens (mean-resized), wrapped in PEFT when configured.
+
+    ``before_peft(model)`` sees the grown base before the adapter wraps it (to save it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -110,6 +112,8 @@ def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetu
         model.resize_token_embeddings(len(tok.tokenizer), mean_resizing=True)
         log.info("embeddings resized to %d (mean-initialised new rows)", len(tok.tokenizer))
     model.config.pad_token_id = tok.tokenizer.pad_token_id
+    if before_peft is not None:
+        before_peft(model)
     return wrap_peft(cfg, model, trains_embeddings=bool(tok.added_tokens))
 
 

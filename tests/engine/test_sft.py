@@ -83,6 +83,9 @@ def test_sft_trains_and_saves(tiny_model, chat_data, tmp_path, peft, packing, co
         meta = json.loads((adapter / "finetune_meta.json").read_text())
         assert meta["trained_embeddings"] and meta["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
         assert not any(k.startswith("base_model") for k in after), "merged model must be plain weights"
+        grown = _weights(Path(result["grown_base"]))
+        assert grown[emb].shape == after[emb].shape  # the base the adapter belongs to
+        assert torch.equal(grown[emb][: before[emb].shape[0]], before[emb])  # old rows untouched before training
     else:
         assert result["final_adapter"] is None
     _assert_inference_tokenizer(final, "<|im_end|>")

@@ -188,6 +188,9 @@ def run_train_job(
 
         # Final outputs: adapter, then result and logs, then the final model whose manifest,
         # uploaded last, marks the whole run as finished.
+        if result.get("grown_base"):
+            upload_dir(Path(result["grown_base"]), join(checkpoint_uri, Path(result["grown_base"]).name))
+            result["grown_base_uri"] = join(checkpoint_uri, Path(result["grown_base"]).name)
         if result.get("final_adapter"):
             upload_dir(Path(result["final_adapter"]), join(checkpoint_uri, adapter_name))
             result["final_adapter_uri"] = join(checkpoint_uri, adapter_name)

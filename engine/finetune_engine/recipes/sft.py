@@ -157,7 +157,17 @@ def run_sft(
     plan = derive_batch_plan(cfg.batchsize_conf.total_train_batch_size, cfg.batchsize_conf.max_per_device_train_batch_size, world)
     log.info("batch: %d process(es) x %d per device x %d accumulation = %d", plan.world_size, plan.per_device, plan.accumulation, plan.total)
 
-    model = load_model(cfg, model_path, tok)
+    base_dir = out_dir / f"{cfg.run_conf.final_checkpoint_name}-base"
+    needs_base = bool(tok.added_tokens) and not isinstance(cfg.peft_conf, schema.NoPeft)
+
+    def save_grown_base(base_model) -> None:
+        # New tokens + adapter: the adapter needs this grown-vocabulary base to load or merge.
+        if needs_base and not verify_directory(base_dir)[0] and not isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization):
+            save_model(base_model, tok.tokenizer, base_dir)
+            write_manifest(base_dir)
+            log.info("grown-vocabulary base saved to %s", base_dir)
+
+    model = load_model(cfg, model_path, tok, before_peft=save_grown_base)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = tok.tokenizer.pad_token_id
     if sft.packing:
@@ -226,6 +236,7 @@ def run_sft(
         "peft_type": cfg.peft_conf.peft_type,
         "quantized": not isinstance(cfg.quant_conf, schema.NoQuantization),
         "end_marker": tok.end_marker,
+        "grown_base": base_dir.name if verify_directory(base_dir)[0] else None,
     }
     if is_adapter:
         save_model(trainer.model, tok.tokenizer, adapter_dir, tok.end_marker)
@@ -259,6 +270,7 @@ def run_sft(
         "output_dir": str(out_dir),
         "final_checkpoint": str(final_dir) if final_dir.exists() else None,
         "final_adapter": str(adapter_dir) if is_adapter else None,
+        "grown_base": str(base_dir) if verify_directory(base_dir)[0] else None,
         "mlflow_run_id": mlflow_cb.run_id if mlflow_cb else None,
         "mlflow_tracking_uri": tracking.uri if mlflow_cb and mlflow_cb.run_id else None,
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
