@@ -10,6 +10,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,3 +74,25 @@ def mlflow_server(tmp_path_factory):
     finally:
         stop_group(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from finetune_engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir, tmp_path) -> Path:
+    """A private copy, for tests that may modify the model directory."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    from finetune_engine.tiny import write_chat_dataset
+
+    return write_chat_dataset(tmp_path_factory.mktemp("data") / "chat.jsonl", examples=120, seed=1)

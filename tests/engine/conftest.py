@@ -2,33 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import pytest
 import yaml
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from finetune_engine.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture()
-def tiny_model(tiny_model_dir, tmp_path) -> Path:
-    """A private copy, for tests that may modify the model directory."""
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, dst)
-    return dst
-
-
-@pytest.fixture(scope="session")
-def chat_data(tmp_path_factory) -> Path:
-    from finetune_engine.tiny import write_chat_dataset
-
-    return write_chat_dataset(tmp_path_factory.mktemp("data") / "chat.jsonl", examples=120, seed=1)
 
 
 def make_config(tmp_path: Path, model: Path, data: Path, **sections) -> Path:

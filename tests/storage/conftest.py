@@ -21,7 +21,9 @@ def s3_server(request, tmp_path_factory):
 @pytest.fixture()
 def s3_env(s3_server, monkeypatch, request):
     """Environment pointing the engine at the server, with a fresh bucket per test."""
-    bucket = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    import hashlib
+
+    bucket = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
     s3_server.client().create_bucket(Bucket=bucket)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)

@@ -8,6 +8,7 @@ Idempotent: a complete copy from the same source and revision is not uploaded ag
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
 import shutil
@@ -32,13 +33,20 @@ def default_destination(bucket: str, source: str, revision: str | None) -> str:
     return f"s3://{bucket}/models/{'/'.join(name)}{suffix}"
 
 
-def _materialize(src: Path, dst: Path, allow_pickle: bool) -> None:
-    """Copy ``src`` into ``dst`` resolving the hub cache's symlinks (hard links when possible)."""
+def _materialize(src: Path, dst: Path, allow_pickle: bool, allow: list[str] | None = None,
+                 exclude: list[str] | None = None) -> None:
+    """Copy ``src`` into ``dst`` resolving the hub cache's symlinks (hard links when possible),
+    keeping only files that match ``allow`` (if given) and none of ``exclude``."""
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if path.is_dir() or rel.parts[0] in (".cache", ".git") or rel.name == MANIFEST_NAME:
             continue
-        if not allow_pickle and any(rel.match(p) for p in PICKLE_PATTERNS):
+        posix = rel.as_posix()
+        if allow and not any(fnmatch.fnmatch(posix, p) for p in allow):
+            continue
+        if any(fnmatch.fnmatch(posix, p) for p in (exclude or [])):
+            continue
+        if not allow_pickle and any(fnmatch.fnmatch(rel.name, p) for p in PICKLE_PATTERNS):
             continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +65,8 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
 
 
 def fetch_from_hub(repo_id: str, revision: str | None, allow: list[str] | None, exclude: list[str] | None,
-                   cache_dir: Path, allow_pickle: bool) -> tuple[Path, str]:
-    """snapshot_download into a hub cache; returns (snapshot dir, resolved commit)."""
+                   allow_pickle: bool) -> tuple[Path, str]:
+    """snapshot_download into the hub cache (HF_HOME / HF_HUB_CACHE); returns (snapshot dir, commit)."""
     from huggingface_hub import snapshot_download
 
     ignore = list(exclude or [])
@@ -69,8 +77,8 @@ def fetch_from_hub(repo_id: str, revision: str | None, allow: list[str] | None, 
         revision=revision,
         allow_patterns=allow or None,
         ignore_patterns=ignore or None,
-        cache_dir=str(cache_dir),
         token=os.environ.get("HF_TOKEN") or None,
+        cache_dir=os.environ.get("HF_HUB_CACHE") or None,  # read now, not at import
     )
     return Path(path), Path(path).name
 
@@ -96,15 +104,15 @@ def deliver_model(source: str, destination: str, revision: str | None = None, al
         staged.mkdir()
         if source.startswith("s3://"):
             download_dir(source, tmp_path / "from-bucket")
-            _materialize(tmp_path / "from-bucket", staged, allow_pickle)
+            _materialize(tmp_path / "from-bucket", staged, allow_pickle, allow, exclude)
         elif Path(source).is_dir():
-            _materialize(Path(source), staged, allow_pickle)
+            _materialize(Path(source), staged, allow_pickle, allow, exclude)
         elif "://" in source or source.startswith(("/", ".")):
             raise DeliveryError(f"source {source!r}: not a directory, an s3:// prefix or a Hub repo id (org/name)")
         else:
-            snapshot, commit = fetch_from_hub(source, revision, allow, exclude, tmp_path / "hub-cache", allow_pickle)
+            snapshot, commit = fetch_from_hub(source, revision, allow, exclude, allow_pickle)
             origin["commit"] = commit
-            _materialize(snapshot, staged, allow_pickle)
+            _materialize(snapshot, staged, allow_pickle, allow, exclude)
         _check_weights(staged, allow_pickle)
         if overwrite and is_complete(destination):
             delete_prefix(destination)

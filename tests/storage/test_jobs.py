@@ -1,0 +1,285 @@
+"""The pod jobs against real S3 servers: deliver model and data, train with resume, kill trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_engine.jobs.deliver_data import deliver_data
+from finetune_engine.jobs.deliver_model import DeliveryError, deliver_model
+from finetune_engine.jobs.train import main as train_job
+from finetune_engine.manifest import MANIFEST_NAME
+from finetune_engine.storage import (
+    download_dir,
+    is_complete,
+    join,
+    list_complete_children,
+    list_objects,
+    read_manifest,
+)
+
+pytestmark = pytest.mark.s3
+
+
+# -- deliver-model ----------------------------------------------------------------------------------
+
+
+def test_deliver_model_from_directory_is_idempotent(s3_env, tiny_model_dir, tmp_path):
+    dest = join(s3_env["uri"], "models", "local", "tiny")
+    first = deliver_model(str(tiny_model_dir), dest)
+    assert first["status"] == "delivered" and is_complete(dest)
+    stamp = read_manifest(dest)["created"]
+    assert deliver_model(str(tiny_model_dir), dest)["status"] == "skipped"
+    assert read_manifest(dest)["created"] == stamp  # nothing re-uploaded
+    with pytest.raises(DeliveryError, match="--overwrite"):
+        deliver_model(str(tiny_model_dir), dest, revision="other")
+    assert deliver_model(str(tiny_model_dir), dest, revision="other", overwrite=True)["status"] == "delivered"
+
+
+def _fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes]) -> str:
+    """The huggingface_hub cache layout (blobs, snapshots/<commit>, refs/main), offline."""
+    commit = "1" * 40
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for rel, data in files.items():
+        import hashlib
+
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return commit
+
+
+def test_deliver_model_from_hub_cache_offline(s3_env, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    files = {
+        "config.json": b'{"model_type": "llama"}',
+        "model.safetensors": b"weights" * 100,
+        "pytorch_model.bin": b"pickle" * 100,
+        "original/consolidated.pth": b"raw" * 100,
+    }
+    commit = _fake_hub_cache(cache, "org/tiny-chat", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dest = join(s3_env["uri"], "models", "org", "tiny-chat")
+    result = deliver_model("org/tiny-chat", dest, exclude=["original/*"])
+    assert result["commit"] == commit
+    names = sorted(list_objects(dest))
+    assert names == sorted([MANIFEST_NAME, "config.json", "model.safetensors"])  # no pickle, no original/
+    assert read_manifest(dest)["extra"]["source"] == "org/tiny-chat"
+
+
+def test_deliver_model_refuses_pickle_only(s3_env, tmp_path):
+    src = tmp_path / "pickle-model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"x" * 10)
+    with pytest.raises(DeliveryError, match="--allow-pickle"):
+        deliver_model(str(src), join(s3_env["uri"], "models", "p"))
+    assert list_objects(join(s3_env["uri"], "models", "p")) == {}
+    deliver_model(str(src), join(s3_env["uri"], "models", "p"), allow_pickle=True)
+    assert "pytorch_model.bin" in list_objects(join(s3_env["uri"], "models", "p"))
+
+
+# -- deliver-data -----------------------------------------------------------------------------------
+
+GOOD_SCRIPT = """
+import json, os
+out = os.environ["FINETUNE_DATA_DIR"]
+with open(os.path.join(out, "chat.jsonl"), "w") as f:
+    for i in range(5):
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) + "\\n")
+"""
+
+
+def test_deliver_data_script_uploads_validated_files(s3_env):
+    dest = join(s3_env["uri"], "datasets")
+    result = deliver_data(dest, script=GOOD_SCRIPT)
+    assert result["files"] == [join(dest, "chat.jsonl")] and result["examples"] == {"chat.jsonl": 5}
+    assert list(list_objects(dest)) == ["chat.jsonl"]
+
+
+def test_data_script_sees_no_credentials(s3_env, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_canary_token_123")
+    script = GOOD_SCRIPT + """
+env = dict(os.environ)
+with open(os.path.join(out, "env.jsonl"), "w") as f:
+    f.write(json.dumps({"text": json.dumps(env)}) + "\\n")
+"""
+    dest = join(s3_env["uri"], "datasets")
+    deliver_data(dest, script=script)
+    import boto3  # noqa: F401 - the server client below
+
+    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="datasets/env.jsonl")["Body"].read().decode()
+    seen = json.loads(json.loads(body)["text"])
+    for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "AWS_ENDPOINT_URL"):
+        assert secret not in seen
+    assert s3_env["server"].secret not in body and "hf_canary_token_123" not in body
+
+
+@pytest.mark.parametrize(
+    "script,match",
+    [
+        (GOOD_SCRIPT + "\nopen(os.path.join(out, 'bad.jsonl'), 'w').write('{oops\\n')\n", "bad JSON"),
+        ("import sys; sys.exit(3)\n", "exited with 3"),
+        ("pass\n", "no files were produced"),
+        (GOOD_SCRIPT + "\nopen(os.path.join(out, 'notes.txt'), 'w').write('x')\n", "only .jsonl"),
+        ("import time; time.sleep(30)\n", "did not finish within 2s"),
+    ],
+)
+def test_failing_or_invalid_data_uploads_nothing(s3_env, script, match):
+    from finetune_engine.data.validate import DataValidationError
+
+    dest = join(s3_env["uri"], "datasets")
+    with pytest.raises((DataValidationError, DeliveryError, ValueError), match=match):
+        deliver_data(dest, script=script, timeout=2)
+    assert list_objects(dest) == {}
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.jsonl", "http://169.254.169.254/latest/meta-data", "http://10.1.2.3/d.jsonl",
+                                 "http://localhost/d.jsonl", "file:///etc/passwd", "ftp://example.com/x.jsonl"])
+def test_urls_to_private_addresses_refused(s3_env, url):
+    from finetune_engine.jobs.deliver_data import DeliveryError as DataDeliveryError
+
+    with pytest.raises(DataDeliveryError):
+        deliver_data(join(s3_env["uri"], "datasets"), urls=[url])
+
+
+# -- train-job --------------------------------------------------------------------------------------
+
+
+def _train_config(tmp_path: Path, model_uri: str, data_uri: str, **training_args) -> Path:
+    cfg = {
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": data_uri}]},
+            "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.1},
+            "chat_template_name": "chat-ml",
+        },
+        "training_args": {"learning_rate": 0.003, "max_steps": 6, "save_steps": 2, "logging_steps": 1, **training_args},
+        "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
+        "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
+        "run_conf": {"model": model_uri, "determinism": "half"},
+        "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture()
+def delivered(s3_env, tiny_model_dir, chat_data):
+    model_uri = join(s3_env["uri"], "models", "tiny")
+    deliver_model(str(tiny_model_dir), model_uri)
+    data_uri = join(s3_env["uri"], "datasets", "chat.jsonl")
+    from finetune_engine.storage import upload_file
+
+    upload_file(chat_data, data_uri)
+    return model_uri, data_uri
+
+
+def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path):
+    model_uri, data_uri = delivered
+    config = _train_config(tmp_path, model_uri, data_uri)
+    ckpt = join(s3_env["uri"], "experiments", "e2e", "run-1")
+    result_file = tmp_path / "result.json"
+    argv = ["--config", str(config), "--checkpoint-uri", ckpt, "--result-file", str(result_file)]
+    assert train_job([*argv, "--workdir", str(tmp_path / "w1")]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "completed" and result["global_step"] == 6
+    for name in ("checkpoint-final", "checkpoint-final-adapter", "checkpoint-final-base"):
+        assert is_complete(join(ckpt, name)), name
+    assert result["final_checkpoint_uri"] == join(ckpt, "checkpoint-final")
+    assert "logs/train.log" in list_objects(ckpt) and "result.json" in list_objects(ckpt)
+    assert sorted(list_complete_children(ckpt)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-final",
+                                                    "checkpoint-final-adapter", "checkpoint-final-base"]
+    # A second launch (fresh pod, empty workdir) does not retrain.
+    assert train_job([*argv, "--workdir", str(tmp_path / "w2")]) == 0
+    again = json.loads(result_file.read_text())
+    assert again["status"] == "skipped" and again["global_step"] == 6
+    assert not (tmp_path / "w2" / "output").exists()
+    # The merged model from the bucket loads and generates.
+    download_dir(join(ckpt, "checkpoint-final"), tmp_path / "final")
+    from finetune_engine.cli.chat import chat
+
+    assert isinstance(chat(str(tmp_path / "final"), "What is 1 plus 1?", 4), str)
+
+
+def test_train_job_bad_config_key_fails_before_download(s3_env, delivered, tmp_path, capsys):
+    model_uri, data_uri = delivered
+    config = _train_config(tmp_path, model_uri, data_uri)
+    rc = train_job(["--config", str(config), "--set", "training_args.learnin_rate=1", "--checkpoint-uri",
+                    join(s3_env["uri"], "experiments", "bad"), "--workdir", str(tmp_path / "w")])
+    assert rc == 2 and "training_args.learnin_rate" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert list_objects(join(s3_env["uri"], "experiments")) == {}
+
+
+def _env_for(s3_env) -> dict[str, str]:
+    server = s3_env["server"]
+    return {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": server.key,
+            "AWS_SECRET_ACCESS_KEY": server.secret, "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigkill_during_uploads_always_resumes_from_a_complete_checkpoint(s3_env, delivered, tmp_path):
+    """Kill the job at random points (mid-step, mid-save, mid-upload); each relaunch resumes from a
+    complete checkpoint only, and the run ends at the planned step."""
+    model_uri, data_uri = delivered
+    config = _train_config(tmp_path, model_uri, data_uri, max_steps=24, save_steps=3)
+    ckpt = join(s3_env["uri"], "experiments", "kills", "run")
+    rng = random.Random(int(os.environ.get("FINETUNE_TEST_SEED", "7")))
+    trials = 0
+    resumed_from = []
+    killed = 0
+    while trials < 5:
+        workdir = tmp_path / f"w{trials}"
+        log = open(tmp_path / f"job{trials}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_engine.cli.main", "train-job", "--config", str(config), "--checkpoint-uri", ckpt,
+             "--workdir", str(workdir)], env=_env_for(s3_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # wait until the job is training, then kill it at a random moment
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not (workdir / "output").exists():
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 2.5))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait()
+        log.close()
+        trials += 1
+        text = (tmp_path / f"job{trials - 1}.log").read_text()
+        if "resuming: downloading newest complete checkpoint" in text:
+            resumed_from.append(text.split("resuming: downloading newest complete checkpoint ")[1].split()[0])
+        # every remote checkpoint that reads as complete must download and verify
+        for name in list_complete_children(ckpt):
+            if name.startswith("checkpoint-") and name[11:].isdigit():
+                download_dir(join(ckpt, name), tmp_path / "verify" / name)
+        shutil.rmtree(workdir, ignore_errors=True)
+    # finish the run
+    result_file = tmp_path / "final.json"
+    proc = subprocess.run([sys.executable, "-m", "finetune_engine.cli.main", "train-job", "--config", str(config), "--checkpoint-uri",
+                           ckpt, "--workdir", str(tmp_path / "wfinal"), "--result-file", str(result_file)],
+                          env=_env_for(s3_env), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(result_file.read_text())
+    assert result["global_step"] == 24 and result["status"] in ("completed", "skipped")
+    assert is_complete(join(ckpt, "checkpoint-final"))
+    assert killed >= 4, "the kills must interrupt running jobs"
+    assert resumed_from, "at least one relaunch must resume from an uploaded checkpoint"
+    steps = [int(name.split("-")[1]) for name in resumed_from]
+    assert steps == sorted(steps), f"resume points went backwards: {resumed_from}"
+    assert result["status"] == "skipped" or result["resumed_from"] is not None
