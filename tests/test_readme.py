@@ -21,6 +21,9 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
 def test_demo_script_fine_tunes_and_chats(tmp_path):
     proc = subprocess.run([str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "FINETUNE_DEMO_DIR": str(tmp_path / "demo")})
+    subprocess.run([str(ROOT / ".venv" / "bin" / "finetune-engine"), "local-s3", "stop", "--dir", str(tmp_path / "demo" / "s3")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "assistant: The capital of France is Paris." in proc.stdout
-    assert (tmp_path / "demo" / "experiments" / "tiny-sft-lora" / "checkpoint-final" / "_finetune_manifest.json").exists()
+    bucket = tmp_path / "demo" / "s3" / "data" / "finetune"
+    assert (bucket / "experiments" / "demo" / "tiny-sft-lora" / "checkpoint-final" / "_finetune_manifest.json").exists()
+    assert (bucket / "datasets" / "tiny-chat.jsonl").exists() and (bucket / "models" / "local" / "tiny-model").is_dir()

@@ -283,3 +283,23 @@ def test_sigkill_during_uploads_always_resumes_from_a_complete_checkpoint(s3_env
     steps = [int(name.split("-")[1]) for name in resumed_from]
     assert steps == sorted(steps), f"resume points went backwards: {resumed_from}"
     assert result["status"] == "skipped" or result["resumed_from"] is not None
+
+
+def test_merge_job_matches_the_training_merge(s3_env, delivered, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune_engine.jobs.merge import run_merge_job
+
+    model_uri, data_uri = delivered
+    config = _train_config(tmp_path, model_uri, data_uri, max_steps=2)
+    ckpt = join(s3_env["uri"], "experiments", "merge", "run")
+    assert train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
+    out = join(s3_env["uri"], "merged", "m")
+    assert run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw")["status"] == "merged"
+    assert run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw2")["status"] == "skipped"
+    download_dir(out, tmp_path / "a")
+    download_dir(join(ckpt, "checkpoint-final"), tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

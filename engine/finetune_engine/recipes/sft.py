@@ -217,6 +217,10 @@ def run_sft(
         processing_class=tok.tokenizer,
         callbacks=[ManifestCallback(after_save), ProgressCallback()] + ([mlflow_cb] if mlflow_cb else []),
     )
+    if training_args.disable_tqdm:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # ProgressCallback logs the same, with ETA and memory
     t_train = time.monotonic()
     train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.monotonic() - t_train

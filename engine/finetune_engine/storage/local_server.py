@@ -118,10 +118,16 @@ def stop(directory: str | Path) -> bool:
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
-        for _ in range(50):
+        for _ in range(100):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child: reap it
+                    break
+            except ChildProcessError:
+                pass
             os.kill(pid, 0)
-            time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        else:
+            os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     (directory / "server.pid").unlink(missing_ok=True)
