@@ -1,0 +1,1 @@
+"""Pure builders: engine job spec -> Pod / Deployment / Service / TrainJob / PyTorchJob manifests."""
