@@ -6,8 +6,6 @@ TrainJob pod template override; returns readable violations (empty = compliant).
 
 from __future__ import annotations
 
-from typing import Any
-
 ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
 ALLOWED_CAPS = {"NET_BIND_SERVICE"}
 SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",

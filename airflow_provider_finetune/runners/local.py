@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 XCOM_PATH = "/airflow/xcom/return.json"
+HOST_PATHS = ("/tmp", "/dev/shm")
 SecretResolver = Callable[[str, str], str]
 
 
@@ -50,6 +51,8 @@ def _mounts(pod: Any, workdir: Path) -> dict[str, Path]:
     """Container mount path -> local directory (one per volume, shared across mounts)."""
     out: dict[str, Path] = {}
     for m in _container(pod).volume_mounts or []:
+        if m.mount_path in HOST_PATHS:
+            continue  # the worker's own /tmp and /dev/shm serve
         local = workdir / "volumes" / m.name
         if m.sub_path:
             local = local / m.sub_path

@@ -1,0 +1,10 @@
+"""The provider's operators. Import from here:
+
+    from airflow_provider_finetune.operators import FinetuneKubernetesOperator
+"""
+
+from airflow_provider_finetune.operators.deliver import DataScriptToBucketOperator, HFModelToBucketOperator
+from airflow_provider_finetune.operators.finetune import FinetuneKubernetesOperator
+from airflow_provider_finetune.operators.merge import MergeAdapterOperator
+
+__all__ = ["DataScriptToBucketOperator", "FinetuneKubernetesOperator", "HFModelToBucketOperator", "MergeAdapterOperator"]

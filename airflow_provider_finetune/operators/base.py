@@ -1,0 +1,236 @@
+"""The base of every engine operator: a KubernetesPodOperator whose pod is built from an engine
+job spec, run on the cluster (the parent's machinery: create, wait or defer, logs, XCom, cleanup,
+reattach) or locally (the same command and env as a subprocess).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+from airflow_provider_finetune import settings
+from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError
+from airflow_provider_finetune.hooks import ConnectionSecretResolver, SecretNames
+from airflow_provider_finetune.pods.spec import EngineJobSpec, Scratch, SecretEnv
+
+RESULT_PATH = "/airflow/xcom/return.json"
+WORKDIR = "/workdir"
+
+
+class EngineJobOperator(KubernetesPodOperator):
+    """Runs one ``finetune-engine`` job in a pod.
+
+    :param runner: ``kubernetes`` or ``local``; default ``[finetune] runner``.
+    :param engine_image: engine image; default ``[finetune] engine_image``.
+    :param gpus: GPUs of the pod (0 = CPU only).
+    :param gpu_vendor: ``nvidia`` or ``amd``; default ``[finetune] gpu_vendor``.
+    :param cpu_per_gpu: CPU request per GPU (or for the pod when gpus=0).
+    :param memory_per_gpu: memory request per GPU (or for the pod when gpus=0).
+    :param shm_size: size of the in-memory ``/dev/shm`` volume.
+    :param scratch_size: size of the scratch volume at /workdir.
+    :param scratch_storage_class: when set, scratch is a generic ephemeral PVC of this class.
+    :param bucket: bucket name; default ``[finetune] bucket``.
+    """
+
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "bucket", "gpus", "engine_image")
+    ui_color = "#e8d8f8"
+
+    def __init__(
+        self,
+        *,
+        runner: str | None = None,
+        engine_image: str | None = None,
+        gpus: int = 0,
+        gpu_vendor: str | None = None,
+        cpu_per_gpu: str = "4",
+        memory_per_gpu: str = "32Gi",
+        shm_size: str | None = None,
+        scratch_size: str = "100Gi",
+        scratch_storage_class: str | None = None,
+        bucket: str | None = None,
+        bucket_conn_id: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("name", None)
+        kwargs.setdefault("image", engine_image or settings.get("engine_image"))
+        kwargs.setdefault("namespace", settings.get("namespace") or None)
+        kwargs.setdefault("kubernetes_conn_id", settings.get("kubernetes_conn_id"))
+        kwargs.setdefault("do_xcom_push", True)
+        kwargs.setdefault("get_logs", True)
+        kwargs.setdefault("log_events_on_failure", True)
+        kwargs.setdefault("on_finish_action", "delete_succeeded_pod")
+        # GPU nodes often come from an autoscaler: give scheduling time before failing.
+        kwargs.setdefault("schedule_timeout_seconds", 1800 if gpus else 600)
+        kwargs.setdefault("startup_timeout_seconds", 1800 if gpus else 600)
+        kwargs.setdefault("service_account_name", settings.get("service_account_name") or None)
+        super().__init__(**kwargs)
+        self.runner = runner
+        self.engine_image = engine_image or kwargs["image"]
+        self.gpus = gpus
+        self.gpu_vendor = gpu_vendor
+        self.cpu_per_gpu = cpu_per_gpu
+        self.memory_per_gpu = memory_per_gpu
+        self.shm_size = shm_size
+        self.scratch_size = scratch_size
+        self.scratch_storage_class = scratch_storage_class
+        self.bucket = bucket
+        self.bucket_conn_id = bucket_conn_id
+        self.extra_env = extra_env or {}
+        self._local_runner = None
+
+    # -- what subclasses define ---------------------------------------------------------------
+
+    def engine_command(self, context: Any) -> list[str]:
+        raise NotImplementedError
+
+    def engine_env(self, context: Any) -> dict[str, str]:
+        return {}
+
+    def validate(self, context: Any) -> None:
+        """Checks that must pass before any pod is created (config, URIs)."""
+
+    def handle_result(self, context: Any, result: Any) -> Any:
+        return result
+
+    # -- resolved settings --------------------------------------------------------------------
+
+    @property
+    def resolved_runner(self) -> str:
+        runner = (self.runner or settings.get("runner") or "kubernetes").lower()
+        if runner not in ("kubernetes", "local"):
+            raise FinetuneConfigError(f"runner {runner!r}: use 'kubernetes' or 'local' ([finetune] runner)")
+        return runner
+
+    @property
+    def resolved_bucket(self) -> str:
+        return self.bucket or settings.get("bucket")
+
+    def bucket_uri(self, *parts: str) -> str:
+        key = "/".join(p.strip("/") for p in parts if p)
+        return f"s3://{self.resolved_bucket}/{key}"
+
+    def run_key(self, context: Any) -> str:
+        """Deterministic per DAG run and map index, so a relaunch resumes and a finished run is skipped."""
+        ti = context["ti"]
+        run_id = context["run_id"]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")[:60]
+        digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+        index = getattr(ti, "map_index", -1)
+        return f"{slug}-{digest}" + (f"/map-{index}" if index is not None and index >= 0 else "")
+
+    # -- the pod --------------------------------------------------------------------------------
+
+    def build_spec(self, context: Any) -> EngineJobSpec:
+        env = {
+            "FINETUNE_RESULT_FILE": RESULT_PATH,
+            "FINETUNE_WORKDIR": WORKDIR,
+            "FINETUNE_BUCKET": self.resolved_bucket,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            **({"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")} if settings.get("bucket_endpoint_url") else {}),
+            **({"MLFLOW_TRACKING_URI": settings.get("mlflow_tracking_uri")} if settings.get("mlflow_tracking_uri") else {}),
+            **self.engine_env(context),
+            **self.extra_env,
+        }
+        bucket_secret = settings.get("bucket_secret_name")
+        return EngineJobSpec(
+            name=self.task_id,
+            command=self.engine_command(context),
+            env=env,
+            secret_env=[
+                SecretEnv("AWS_ACCESS_KEY_ID", bucket_secret, "AWS_ACCESS_KEY_ID"),
+                SecretEnv("AWS_SECRET_ACCESS_KEY", bucket_secret, "AWS_SECRET_ACCESS_KEY"),
+                *self.extra_secret_env(),
+            ],
+            image=self.engine_image,
+            gpus=int(self.gpus or 0),
+            gpu_vendor=self.gpu_vendor or settings.get("gpu_vendor"),
+            cpu_per_gpu=self.cpu_per_gpu,
+            memory_per_gpu=self.memory_per_gpu,
+            shm_size=self.shm_size,
+            scratch=Scratch(
+                kind="ephemeral" if self.scratch_storage_class else "emptyDir",
+                size=self.scratch_size,
+                storage_class=self.scratch_storage_class,
+                mount_path=WORKDIR,
+            ),
+            node_selector=self.node_selector or {},
+            tolerations=[t.to_dict() if hasattr(t, "to_dict") else t for t in (self.tolerations or [])],
+            priority_class_name=self.priority_class_name,
+            active_deadline_seconds=self.active_deadline_seconds,
+            service_account_name=self.service_account_name,
+            namespace=self.namespace,
+        )
+
+    def extra_secret_env(self) -> list[SecretEnv]:
+        return []
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False):
+        from airflow_provider_finetune.pods.pod import build_pod
+
+        if context is not None:
+            self.full_pod_spec = build_pod(self.build_spec(context))
+        return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def execute(self, context: Any) -> Any:
+        self.validate(context)
+        if self.resolved_runner == "local":
+            return self.handle_result(context, self.execute_local(context))
+        return self.handle_result(context, super().execute(context))
+
+    def execute_complete(self, context: Any, event: dict, **kwargs: Any) -> Any:
+        return self.handle_result(context, super().execute_complete(context, event, **kwargs))
+
+    def execute_local(self, context: Any) -> Any:
+        from airflow_provider_finetune.runners.local import LocalRunError, LocalRunner
+
+        push, self.do_xcom_push = self.do_xcom_push, False  # no sidecar locally; the file is read back
+        try:
+            pod = self.build_pod_request_obj(context, dry_run=True)
+        finally:
+            self.do_xcom_push = push
+        workdir = self.local_workdir(context)
+        resolver = ConnectionSecretResolver(
+            SecretNames(settings.get("bucket_secret_name"), settings.get("hf_token_secret_name")),
+            self.bucket_conn_id or settings.get("bucket_conn_id"),
+            settings.get("hf_conn_id"),
+        )
+        local_env = {}
+        if not settings.get("bucket_endpoint_url"):
+            from airflow_provider_finetune.hooks import bucket_settings
+
+            endpoint = bucket_settings(self.bucket_conn_id or settings.get("bucket_conn_id")).get("AWS_ENDPOINT_URL")
+            if endpoint:
+                local_env["AWS_ENDPOINT_URL"] = endpoint
+        self._local_runner = LocalRunner(workdir, resolver, log=self.log.info, extra_env=local_env)
+        try:
+            result = self._local_runner.run(pod, timeout=self.active_deadline_seconds)
+        except LocalRunError as err:
+            raise EngineJobFailed.from_local(err) from None
+        return result.xcom
+
+    def local_workdir(self, context: Any) -> Path:
+        import tempfile
+
+        root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
+        ti = context["ti"]
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{ti.dag_id}/{context['run_id']}/{ti.task_id}/{getattr(ti, 'map_index', -1)}")
+        return root / safe
+
+    def on_kill(self) -> None:
+        if self._local_runner is not None:
+            self._local_runner.kill()
+            return
+        super().on_kill()
+
+
+def dump_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True)

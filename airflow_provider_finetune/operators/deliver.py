@@ -1,0 +1,132 @@
+"""Delivery operators: a Hugging Face model, or data from a script or URLs, into the bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_finetune import settings
+from airflow_provider_finetune.exceptions import FinetuneConfigError
+from airflow_provider_finetune.operators.base import EngineJobOperator
+from airflow_provider_finetune.pods.spec import SecretEnv
+
+
+class HFModelToBucketOperator(EngineJobOperator):
+    """``finetune-engine deliver-model``: Hub model (or a directory / bucket prefix) -> bucket.
+
+    :param model_id: Hub repo id (org/name), a directory on the worker (local runner), or s3:// prefix.
+    :param revision: branch, tag or commit.
+    :param exclude_patterns: globs of files to skip, e.g. ``["original/*"]``.
+    :param destination: bucket prefix; default ``s3://<bucket>/models/<org>/<name>[@rev]``.
+    :param allow_pickle: also deliver pickle (.bin/.pt) weights.
+    :param overwrite: replace an existing complete copy from another source/revision.
+    """
+
+    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "model_id", "revision", "destination")
+
+    def __init__(self, *, model_id: str, revision: str | None = None, exclude_patterns: list[str] | None = None,
+                 allow_patterns: list[str] | None = None, destination: str | None = None, allow_pickle: bool = False,
+                 overwrite: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("gpus", 0)
+        kwargs.setdefault("cpu_per_gpu", "2")
+        kwargs.setdefault("memory_per_gpu", "8Gi")
+        super().__init__(**kwargs)
+        self.model_id = model_id
+        self.revision = revision
+        self.exclude_patterns = exclude_patterns or []
+        self.allow_patterns = allow_patterns or []
+        self.destination = destination
+        self.allow_pickle = allow_pickle
+        self.overwrite = overwrite
+
+    def resolved_destination(self) -> str:
+        if self.destination:
+            return self.destination.rstrip("/")
+        name = "/".join(self.model_id.rstrip("/").split("/")[-2:])
+        suffix = f"@{self.revision}" if self.revision and self.revision != "main" else ""
+        return self.bucket_uri("models", name + suffix)
+
+    def validate(self, context: Any) -> None:
+        if not self.resolved_destination().startswith("s3://"):
+            raise FinetuneConfigError(f"destination {self.destination!r} must be an s3:// URI")
+
+    def engine_command(self, context: Any) -> list[str]:
+        cmd = ["finetune-engine", "deliver-model", self.model_id, self.resolved_destination()]
+        if self.revision:
+            cmd += ["--revision", self.revision]
+        for p in self.allow_patterns:
+            cmd += ["--allow-pattern", p]
+        for p in self.exclude_patterns:
+            cmd += ["--exclude-pattern", p]
+        if self.allow_pickle:
+            cmd.append("--allow-pickle")
+        if self.overwrite:
+            cmd.append("--overwrite")
+        return cmd
+
+    def extra_secret_env(self) -> list[SecretEnv]:
+        # optional: public models need no token
+        return [SecretEnv("HF_TOKEN", settings.get("hf_token_secret_name"), "HF_TOKEN", optional=True)]
+
+
+class DataScriptToBucketOperator(EngineJobOperator):
+    """``finetune-engine deliver-data``: run a data script (or fetch URLs), validate, upload.
+
+    :param script: Python source of the data script (writes JSONL into ``$FINETUNE_DATA_DIR``).
+    :param script_file: path of the script on the worker (read at run time) instead of ``script``.
+    :param urls: http(s) URLs of JSONL files instead of a script.
+    :param destination: bucket prefix; default ``s3://<bucket>/datasets``.
+    :param method: validate the files for ``sft``, ``dpo`` or ``kto``.
+    """
+
+    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "script", "urls", "destination")
+    template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "script": "py"}
+
+    def __init__(self, *, script: str | None = None, script_file: str | None = None, urls: list[str] | None = None,
+                 destination: str | None = None, method: str = "sft", timeout_seconds: int = 3600,
+                 allow_private_urls: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("gpus", 0)
+        kwargs.setdefault("cpu_per_gpu", "2")
+        kwargs.setdefault("memory_per_gpu", "8Gi")
+        super().__init__(**kwargs)
+        self.script = script
+        self.script_file = script_file
+        self.urls = urls or []
+        self.destination = destination
+        self.method = method
+        self.timeout_seconds = timeout_seconds
+        self.allow_private_urls = allow_private_urls
+
+    def source_script(self) -> str | None:
+        if self.script_file:
+            path = Path(self.script_file)
+            if not path.is_file():
+                raise FinetuneConfigError(f"script_file {self.script_file} not found")
+            return path.read_text(encoding="utf-8")
+        return self.script
+
+    def validate(self, context: Any) -> None:
+        if bool(self.source_script()) == bool(self.urls):
+            raise FinetuneConfigError("give exactly one of script / script_file / urls")
+        if self.method not in ("sft", "dpo", "kto"):
+            raise FinetuneConfigError(f"method {self.method!r}: use sft, dpo or kto")
+        dest = self.resolved_destination()
+        if not dest.startswith("s3://"):
+            raise FinetuneConfigError(f"destination {dest!r} must be an s3:// URI")
+
+    def resolved_destination(self) -> str:
+        return (self.destination or self.bucket_uri("datasets")).rstrip("/")
+
+    def engine_command(self, context: Any) -> list[str]:
+        cmd = ["finetune-engine", "deliver-data", self.resolved_destination(), "--method", self.method,
+               "--timeout", str(self.timeout_seconds)]
+        for url in self.urls:
+            cmd += ["--url", url]
+        if self.allow_private_urls:
+            cmd.append("--allow-private-urls")
+        return cmd
+
+    def engine_env(self, context: Any) -> dict[str, str]:
+        script = self.source_script()
+        return {"FINETUNE_DATA_SCRIPT": script} if script else {}

@@ -1,0 +1,167 @@
+"""FinetuneKubernetesOperator: one fine-tuning run (SFT/DPO, full or LoRA) in a GPU pod.
+
+Mappable: ``.partial(config=...).expand(lora_rank=[4, 8, 16])`` or ``.expand(overrides=[...])``.
+The experiment config is validated (with every override applied) before any pod is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from airflow_provider_finetune import settings
+from airflow_provider_finetune.exceptions import FinetuneConfigError
+from airflow_provider_finetune.links import MLflowRunLink, mlflow_run_url
+from airflow_provider_finetune.operators.base import EngineJobOperator
+
+
+def overrides_list(overrides: Any) -> list[str]:
+    """Accept ``["a.b=1"]`` or ``{"a.b": 1}``; values of a dict are YAML-dumped."""
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in overrides.items()]
+    if isinstance(overrides, str):
+        return [overrides]
+    return [str(o) for o in overrides]
+
+
+class FinetuneKubernetesOperator(EngineJobOperator):
+    """Fine-tune in a pod: ``finetune-engine train-job`` with the rendered config.
+
+    :param config: the experiment config as a dict, YAML text, or a path to a YAML file.
+    :param method: ``sft`` or ``dpo``.
+    :param overrides: ``--set`` style overrides (list of ``key.path=value`` or a dict).
+    :param lora_rank: shortcut for ``peft_conf.peft_kwargs.r`` (and lora_alpha = 2 x r unless set).
+    :param base_model: bucket URI of the base model (sets ``run_conf.model``).
+    :param datasets: bucket URIs of training datasets (sets ``data_conf.training_data.datasets``).
+    :param experiment: experiment name (bucket prefix and MLflow experiment); default the DAG id.
+    :param checkpoint_uri: where checkpoints and outputs go; default
+        ``s3://<bucket>/experiments/<experiment>/<run key>`` (deterministic: a relaunch resumes).
+    :param merge_adapter: also write the merged model as ``checkpoint-final`` (LoRA runs).
+    """
+
+    template_fields: Sequence[str] = (
+        *EngineJobOperator.template_fields,
+        "config", "overrides", "lora_rank", "base_model", "datasets", "experiment", "checkpoint_uri", "method",
+    )
+    template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "config": "yaml"}
+    operator_extra_links = (MLflowRunLink(),)
+
+    def __init__(
+        self,
+        *,
+        config: dict | str,
+        method: str = "sft",
+        overrides: list[str] | dict | None = None,
+        lora_rank: int | None = None,
+        base_model: str | None = None,
+        datasets: list[str] | None = None,
+        experiment: str | None = None,
+        checkpoint_uri: str | None = None,
+        merge_adapter: bool = True,
+        gpus: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        if lora_rank is not None or "lora_rank" in str(kwargs.get("expand_input", "")):
+            kwargs.setdefault("map_index_template", "r={{ task.lora_rank }}")
+        super().__init__(gpus=gpus, **kwargs)
+        self.config = config
+        self.method = method
+        self.overrides = overrides
+        self.lora_rank = lora_rank
+        self.base_model = base_model
+        self.datasets = datasets
+        self.experiment = experiment
+        self.checkpoint_uri = checkpoint_uri
+        self.merge_adapter = merge_adapter
+        self._rendered: str | None = None
+
+    def _experiment_dict(self) -> dict:
+        cfg = self.config
+        if isinstance(cfg, dict):
+            return dict(cfg)
+        if isinstance(cfg, str) and "\n" not in cfg and cfg.endswith((".yaml", ".yml")):
+            path = Path(cfg)
+            if not path.exists():
+                raise FinetuneConfigError(f"config file {cfg} not found")
+            cfg = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(cfg)
+        except yaml.YAMLError as err:
+            raise FinetuneConfigError(f"config is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise FinetuneConfigError("config must be a mapping of sections (data_conf, training_args, ...)")
+        return data
+
+    def all_overrides(self) -> list[str]:
+        out = []
+        if self.base_model:
+            out.append(f"run_conf.model={self.base_model}")
+        if self.datasets:
+            out.append("data_conf.training_data.type=CONCATENATION")
+            out.append("data_conf.training_data.datasets=" + yaml.safe_dump([{"path": d} for d in self.datasets], default_flow_style=True).strip())
+        if self.lora_rank is not None:
+            rank = int(self.lora_rank)
+            out += ["peft_conf.peft_type=LORA", f"peft_conf.peft_kwargs.r={rank}"]
+            if "lora_alpha" not in str(self.overrides or ""):
+                out.append(f"peft_conf.peft_kwargs.lora_alpha={2 * rank}")
+        out.append(f"run_conf.merge_adapter={'true' if self.merge_adapter else 'false'}")
+        if self.experiment:
+            out.append(f"tracking.experiment_name={self.experiment}")
+        return out + overrides_list(self.overrides)
+
+    def rendered_config(self) -> str:
+        """The final config YAML (overrides applied), validated; raises FinetuneConfigError naming keys."""
+        if self._rendered is None:
+            from finetune_engine.config import ConfigError, parse_config
+
+            try:
+                cfg = parse_config(self._experiment_dict(), source=f"task {self.task_id} config",
+                                   overrides=self.all_overrides(), method=self.method)
+            except ConfigError as err:
+                raise FinetuneConfigError(str(err)) from None
+            data = cfg.model_dump(mode="json", exclude_defaults=False)
+            data["training_args"] = {k: v for k, v in data["training_args"].items() if k != "output_dir"}
+            self._rendered = yaml.safe_dump(data, sort_keys=True)
+        return self._rendered
+
+    def validate(self, context: Any) -> None:
+        if self.method not in ("sft", "dpo"):
+            raise FinetuneConfigError(f"method {self.method!r}: use sft or dpo")
+        self.rendered_config()
+        uri = self.resolved_checkpoint_uri(context)
+        if not uri.startswith("s3://"):
+            raise FinetuneConfigError(f"checkpoint_uri {uri!r} must be an s3:// URI")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.rendered_config().encode()).hexdigest()[:10]
+
+    def resolved_checkpoint_uri(self, context: Any) -> str:
+        if self.checkpoint_uri:
+            return self.checkpoint_uri.rstrip("/")
+        experiment = self.experiment or context["ti"].dag_id
+        label = f"r{int(self.lora_rank)}-" if self.lora_rank is not None else ""
+        return self.bucket_uri("experiments", experiment, self.run_key(context).split("/map-")[0], f"{label}{self.config_hash()}")
+
+    def engine_command(self, context: Any) -> list[str]:
+        job = ["train-job", "--method", self.method, "--checkpoint-uri", self.resolved_checkpoint_uri(context)]
+        if int(self.gpus or 0) > 1:
+            # One process per GPU; batch size and accumulation are derived from the world size.
+            return ["torchrun", "--standalone", f"--nproc-per-node={int(self.gpus)}", "-m", "finetune_engine.cli.main", *job]
+        return ["finetune-engine", *job]
+
+    def engine_env(self, context: Any) -> dict[str, str]:
+        return {"FINETUNE_CONFIG": self.rendered_config()}
+
+    def handle_result(self, context: Any, result: Any) -> Any:
+        if isinstance(result, dict):
+            ui = settings.get("mlflow_ui_url") or result.get("mlflow_tracking_uri") or ""
+            MLflowRunLink.persist(context, mlflow_run_url(ui, result.get("mlflow_run_id")))
+            if self.lora_rank is not None:
+                result.setdefault("lora_rank", int(self.lora_rank))
+        return result

@@ -1,0 +1,45 @@
+"""MergeAdapterOperator: merge a LoRA/QLoRA adapter into its base in a pod (dequantized base)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow_provider_finetune.exceptions import FinetuneConfigError
+from airflow_provider_finetune.operators.base import EngineJobOperator
+
+
+class MergeAdapterOperator(EngineJobOperator):
+    """``finetune-engine merge-job``.
+
+    :param base: base model prefix (the grown-vocabulary base of the run is used automatically).
+    :param adapter: adapter prefix, e.g. ``.../checkpoint-final-adapter``.
+    :param output_uri: merged model prefix; default ``<adapter parent>/checkpoint-final-merged``.
+    :param dtype: dtype of the dequantized base for the merge.
+    """
+
+    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "base", "adapter", "output_uri")
+
+    def __init__(self, *, base: str, adapter: str, output_uri: str | None = None, dtype: str = "auto", **kwargs: Any) -> None:
+        kwargs.setdefault("gpus", 0)
+        kwargs.setdefault("cpu_per_gpu", "4")
+        kwargs.setdefault("memory_per_gpu", "64Gi")
+        super().__init__(**kwargs)
+        self.base = base
+        self.adapter = adapter
+        self.output_uri = output_uri
+        self.dtype = dtype
+
+    def resolved_output(self) -> str:
+        return (self.output_uri or self.adapter.rstrip("/").rsplit("/", 1)[0] + "/checkpoint-final-merged").rstrip("/")
+
+    def validate(self, context: Any) -> None:
+        for name in ("base", "adapter"):
+            if not str(getattr(self, name)).startswith("s3://"):
+                raise FinetuneConfigError(f"{name} {getattr(self, name)!r} must be an s3:// URI")
+        if not self.resolved_output().startswith("s3://"):
+            raise FinetuneConfigError(f"output_uri {self.output_uri!r} must be an s3:// URI")
+
+    def engine_command(self, context: Any) -> list[str]:
+        return ["finetune-engine", "merge-job", "--base", self.base, "--adapter", self.adapter,
+                "--output", self.resolved_output(), "--dtype", self.dtype, "--result-file", "/airflow/xcom/return.json"]
