@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from finetune_engine.data.validate import DataValidationError, detect_kind, validate_file, validate_files
+from finetune_engine.data.validate import (
+    KINDS,
+    DataProblem,
+    DataValidationError,
+    detect_kind,
+    iter_records,
+    validate_file,
+    validate_files,
+)
 
 
 def chat(user="What is 2 plus 2?", answer="4.", **extra):
@@ -37,7 +45,8 @@ CORPUS = {
     "unknown_top_key": (json.dumps(chat(mesage="x")).encode(), 1, "unknown key 'mesage'"),
     "late_system": (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}]}).encode(), 1, "system message after the first turn"),
     "nan_constant": (b'{"text": NaN}\n', 1, "NaN is not valid JSON"),
-    "deep_nesting": (json.dumps({"text": "x", "dataset": "d", "id": 1} | {"messages": None}).encode()[:0] + (b'{"text": "a", "dataset": ' + b"[" * 30 + b"]" * 30 + b"}"), 1, "nested deeper than 20"),
+    "deep_nesting": (b'{"text": "a", "dataset": ' + b"[" * 30 + b"]" * 30 + b"}", 1, "nested deeper than 20"),
+    "deep_nesting_past_the_parser_recursion_limit": (f"{GOOD}\n".encode() + b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", 2, "nested deeper than 20"),
     "huge_line": (b'{"text": "' + b"a" * (11 * 2**20) + b'"}\n', 1, "over the 10 MiB limit"),
     "mixed_kinds": (f"{GOOD}\n{json.dumps({'text': 'plain', 'extra': 1})}\n".encode(), 2, "one format per file"),
     "duplicate_id": ((json.dumps(chat(id="a")) + "\n" + json.dumps(chat(id="a"))).encode(), 2, "duplicate id 'a' (first on line 1)"),
@@ -46,6 +55,18 @@ CORPUS = {
     "prompt_without_completion": (json.dumps({"prompt": "q"}).encode(), 1, "missing 'completion'"),
     "empty_completion": (json.dumps({"prompt": "q", "completion": ""}).encode(), 1, "completion is empty"),
     "text_not_string": (json.dumps({"text": 5}).encode(), 1, "text must be a string"),
+    "bad_json_names_the_column": (b'{"text": "a",, "id": 1}\n', 1, "column 14"),
+    "infinity_constant": (b'{"text": "a", "id": -Infinity}\n', 1, "-Infinity is not valid JSON"),
+    "json_array_after_blank_lines": (b"\n\n[\n" + GOOD.encode() + b"\n]\n", 3, "jq -c '.[]'"),
+    "pretty_printed_object": (b'{\n  "text": "a"\n}\n', 1, "pretty-printed JSON"),
+    "utf16_file": ('{"text": "a"}\n'.encode("utf-16"), 1, "UTF-16"),
+    "lone_surrogate_escape": (f"{GOOD}\n".encode() + b'{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}\n', 2, "unpaired surrogate"),
+    "message_not_an_object": (json.dumps({"messages": ["hi", {"role": "assistant", "content": "b"}]}).encode(), 1, "messages[0] must be an object"),
+    "role_not_a_string": (json.dumps({"messages": [{"role": ["user"], "content": "a"}, {"role": "assistant", "content": "b"}]}).encode(), 1, "is not one of system, user, assistant"),
+    "missing_content": (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}).encode(), 1, "messages[0] has no content"),
+    "dataset_not_string": (json.dumps(chat(dataset=3)).encode(), 1, "dataset must be a string"),
+    "bool_id": (json.dumps(chat(id=True)).encode(), 1, "id must be a string or an integer"),
+    "crlf_file_with_bad_third_line": ((GOOD + "\r\n") * 2 + '{"text": "x"}\r\n', 3, "one format per file"),
     "error_after_good_lines": ((GOOD + "\n") * 5 + '{"messages": [{"role": "user", "content": "x"}]}\n', 6, "no assistant turn"),
 }
 
@@ -68,6 +89,11 @@ DPO_CORPUS = {
     "dpo_chosen_user_role": ({"prompt_messages": [{"role": "user", "content": "q"}], "chosen_messages": [{"role": "user", "content": "a"}], "rejected_messages": [{"role": "assistant", "content": "b"}]}, "role must be assistant"),
     "dpo_trl_missing_chosen": ({"prompt": "q", "rejected": "b"}, "missing 'chosen'"),
     "kto_label_string": ({"prompt": "q", "completion": "a", "label": "yes"}, "label must be true or false"),
+    "kto_missing_prompt": ({"completion": "a", "label": True}, "missing 'prompt' for kto data"),
+    "kto_completion_user_turn": ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}], "label": True}, "completion[0] role must be assistant"),
+    "dpo_trl_mixed_strings_and_lists": ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "all strings or all message lists"),
+    "dpo_trl_prompt_list_ends_with_assistant": ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}, "prompt must end with a user turn"),
+    "dpo_empty_chosen": ({"prompt_messages": [{"role": "user", "content": "q"}], "chosen_messages": [], "rejected_messages": [{"role": "assistant", "content": "b"}]}, "chosen_messages is empty"),
 }
 
 
@@ -117,9 +143,84 @@ def test_method_restricts_formats(tmp_path):
     assert validate_files([path], method="dpo")[0].examples == 1
 
 
-def test_missing_file(tmp_path):
+def test_missing_file_and_directory(tmp_path):
     report = validate_file(tmp_path / "nope.jsonl")
-    assert [p.reason for p in report.problems] == ["file not found"]
+    assert [(p.line, p.reason.split(";")[0]) for p in report.problems] == [(0, "file not found")]
+    assert [p.line for p in validate_file(tmp_path).problems] == [0]
+    assert "not a regular file" in validate_file(tmp_path).problems[0].reason
+
+
+def test_problem_text_and_error_attribute(tmp_path):
+    assert str(DataProblem("a.jsonl", 7, "bad")) == "a.jsonl:7: bad"
+    path = tmp_path / "two.jsonl"
+    path.write_text("{bad\n" + GOOD + "\n[1]\n")
+    with pytest.raises(DataValidationError) as err:
+        validate_files([path])
+    assert [p.line for p in err.value.problems] == [1, 3]
+    assert isinstance(err.value, ValueError) and "... and" not in str(err.value)
+
+
+def test_problem_cap(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("{bad\n" * 50)
+    report = validate_file(path, max_problems=10)
+    assert len(report.problems) == 11
+    assert report.problems[-1].line == 0 and "40 more line(s)" in report.problems[-1].reason
+
+
+def test_line_limit_is_a_parameter(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(GOOD + "\n" + json.dumps({"messages": chat(answer="x" * 5000)["messages"]}) + "\n" + GOOD + "\n")
+    report = validate_file(path, max_line_bytes=1000)
+    assert [(p.line, "over the" in p.reason) for p in report.problems] == [(2, True)]
+    assert report.examples == 2
+
+
+def test_forced_kind(tmp_path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    assert validate_file(path, kind="prompt_completion").examples == 1
+    report = validate_file(path, kind="kto")
+    assert [p.reason for p in report.problems] == ["missing 'label' for kto data"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kind": "mesages"}, "did you mean 'messages'"),
+        ({"method": "ppo"}, "unknown method 'ppo'"),
+        ({"kind": "dpo_trl", "method": "sft"}, "not usable here"),
+    ],
+)
+def test_bad_arguments_are_value_errors_not_data_problems(tmp_path, kwargs, match):
+    path = tmp_path / "ok.jsonl"
+    path.write_text(GOOD + "\n")
+    with pytest.raises(ValueError, match=match) as err:
+        validate_files([path], **kwargs)
+    assert not isinstance(err.value, DataValidationError)
+
+
+def test_mixed_kinds_rejected_in_both_directions(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" + GOOD + "\n")
+    report = validate_file(path)
+    assert report.kind == "dpo_trl" and report.examples == 1
+    assert [(p.line, "looks like messages data" in p.reason) for p in report.problems] == [(2, True)]
+
+
+def test_iter_records_splits_lines_like_the_validator(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    # BOM, a blank line, CRLF endings and a bare CR used as JSON whitespace inside a line.
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n\n" + b'{"messages": [{"role": "user", "content": "a"},\r{"role": "assistant", "content": "b"}], "id": 9}\n')
+    report = validate_file(path)
+    assert report.problems == [] and report.examples == 2
+    records = list(iter_records(path))
+    assert [n for n, _ in records] == [1, 3]
+    assert records[1][1]["id"] == 9
+
+
+def test_kinds_constant():
+    assert KINDS == ("messages", "prompt_completion", "text", "dpo_messages", "dpo_trl", "kto")
 
 
 def test_cli_exit_codes(tmp_path):
@@ -129,15 +230,30 @@ def test_cli_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "finetune_engine.data.validate", str(good)], capture_output=True, text=True)
     assert ok.returncode == 0 and "1 valid messages example(s)" in ok.stdout
     ko = subprocess.run([sys.executable, "-m", "finetune_engine.data.validate", str(good), str(bad)], capture_output=True, text=True)
-    assert ko.returncode == 1 and f"{bad}:2: bad JSON" in ko.stdout
+    assert ko.returncode == 1 and f"{bad}:2: bad JSON" in ko.stdout and "total: 1 problem(s) in 2 file(s)" in ko.stdout
+    wrong_method = subprocess.run([sys.executable, "-m", "finetune_engine.data.validate", str(good), "--method", "dpo"],
+                                  capture_output=True, text=True)
+    assert wrong_method.returncode == 1 and "messages data is not usable here" in wrong_method.stdout
+    missing = subprocess.run([sys.executable, "-m", "finetune_engine.data.validate", str(tmp_path / "nope.jsonl")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "nope.jsonl:0: file not found" in missing.stdout
+    forced = subprocess.run([sys.executable, "-m", "finetune_engine.data.validate", str(good), "--kind", "messages", "--method", "sft"],
+                            capture_output=True, text=True)
+    assert forced.returncode == 0
 
 
-def test_training_refuses_invalid_data_before_loading_the_model(tmp_path, tiny_model_dir):
-    from finetune_engine.cli.finetuning import main as finetuning
+def test_training_refuses_invalid_data_before_loading_the_model(tmp_path):
+    """The training CLI stops on bad data with exit 2 before torch is even imported (no model is needed)."""
     from tests.engine.conftest import make_config
 
     data = tmp_path / "bad.jsonl"
     data.write_text(GOOD + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
-    config = make_config(tmp_path, tiny_model_dir, data)
-    assert finetuning(["sft", str(config)]) == 2
+    (tmp_path / "model").mkdir()
+    config = make_config(tmp_path, tmp_path / "model", data)
+    code = ("import sys; from finetune_engine.cli.finetuning import main; rc = main(sys.argv[1:]); "
+            "print('torch imported:', 'torch' in sys.modules); raise SystemExit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, "sft", str(config)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert f"{data}:2: messages has no assistant turn" in run.stderr
+    assert "torch imported: False" in run.stdout
     assert not (tmp_path / "out").exists()

@@ -68,11 +68,11 @@ def detect_kind(record: dict) -> str | None:
         return "messages"
     if {"prompt_messages", "chosen_messages", "rejected_messages"} & keys:
         return "dpo_messages"
-    if "label" in keys and "prompt" in keys:
+    if "label" in keys:
         return "kto"
     if {"chosen", "rejected"} & keys:
         return "dpo_trl"
-    if "completion" in keys or ("prompt" in keys and "label" not in keys):
+    if "completion" in keys or "prompt" in keys:
         return "prompt_completion"
     if "text" in keys:
         return "text"
@@ -92,6 +92,14 @@ def _depth(value: Any, limit: int) -> int:
         elif isinstance(item, list):
             stack.extend((v, d + 1) for v in item)
     return deepest
+
+
+def _has_lone_surrogate(record: dict) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _reject_constant(name: str) -> float:
@@ -145,11 +153,27 @@ def _check_messages(messages: Any, where: str, need_assistant: bool = True, only
     return out
 
 
-def _check_prompt_like(value: Any, where: str) -> list[str]:
+def _ends_with_user(messages: Any, where: str) -> list[str]:
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") != "user":
+        return [f"{where} must end with a user turn"]
+    return []
+
+
+def _check_prompt_like(value: Any, where: str, answer: bool = False) -> list[str]:
+    """A string, or a message list: a prompt ends with a user turn, an answer has only assistant turns."""
     if isinstance(value, list):
-        return _check_messages(value, where, need_assistant=False)
+        if answer:
+            return _check_messages(value, where, only_assistant=True)
+        return _check_messages(value, where, need_assistant=False) + _ends_with_user(value, where)
     problem = _check_text(value, where)
     return [problem] if problem else []
+
+
+def _same_shape(record: dict, keys: tuple[str, ...]) -> list[str]:
+    shapes = {isinstance(record[k], list) for k in keys if isinstance(record[k], (str, list))}
+    if len(shapes) > 1:
+        return [f"{', '.join(keys)} must be all strings or all message lists, not a mix"]
+    return []
 
 
 def check_record(record: dict, kind: str) -> list[str]:
@@ -174,15 +198,16 @@ def check_record(record: dict, kind: str) -> list[str]:
     elif kind == "dpo_messages":
         prompt = record["prompt_messages"]
         out += _check_messages(prompt, "prompt_messages", need_assistant=False)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") != "user":
-            out.append("prompt_messages must end with a user turn")
+        out += _ends_with_user(prompt, "prompt_messages")
         out += _check_messages(record["chosen_messages"], "chosen_messages", only_assistant=True)
         out += _check_messages(record["rejected_messages"], "rejected_messages", only_assistant=True)
     elif kind == "dpo_trl":
         for key in ("prompt", "chosen", "rejected"):
-            out += _check_prompt_like(record[key], key)
+            out += _check_prompt_like(record[key], key, answer=key != "prompt")
+        out += _same_shape(record, ("prompt", "chosen", "rejected"))
     elif kind == "kto":
-        out += _check_prompt_like(record["prompt"], "prompt") + _check_prompt_like(record["completion"], "completion")
+        out += _check_prompt_like(record["prompt"], "prompt") + _check_prompt_like(record["completion"], "completion", answer=True)
+        out += _same_shape(record, ("prompt", "completion"))
         if not isinstance(record["label"], bool):
             out.append(f"label must be true or false, got {record['label']!r}")
     return out
@@ -203,77 +228,130 @@ def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes, int]]:
             yield number, raw, length
 
 
+def _check_kind_args(kind: str | None, allowed: tuple[str, ...]) -> None:
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}{_suggest(kind, KINDS)}; expected one of {', '.join(KINDS)}")
+    if kind is not None and kind not in allowed:
+        raise ValueError(f"data kind {kind!r} is not usable here (expected {' or '.join(allowed)})")
+
+
+def _allowed_for(method: str | None) -> tuple[str, ...] | None:
+    if method is None:
+        return None
+    if method not in METHOD_KINDS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHOD_KINDS)}")
+    return METHOD_KINDS[method]
+
+
 def validate_file(path: str | Path, kind: str | None = None, max_problems: int = 1000,
                   max_line_bytes: int = MAX_LINE_BYTES, allowed_kinds: Iterable[str] | None = None) -> DataReport:
+    """Check one JSON Lines file; every problem goes into the report (nothing is raised for bad data).
+
+    ``kind`` forces the format (otherwise the first record's keys decide); ``allowed_kinds`` restricts it.
+    Raises ValueError only for a bad ``kind`` argument.
+    """
     name = str(path)
+    allowed = tuple(allowed_kinds or KINDS)
+    _check_kind_args(kind, allowed)
     report = DataReport(name, kind)
     problems = report.problems
-    allowed = tuple(allowed_kinds or KINDS)
 
     def add(line: int, reason: str) -> None:
         problems.append(DataProblem(name, line, reason))
 
     p = Path(path)
+    if not p.exists():
+        add(0, "file not found; check the path")
+        return report
     if not p.is_file():
-        add(0, "file not found" if not p.exists() else "not a regular file")
+        add(0, "not a regular file; give the path of a .jsonl file")
         return report
     ids: dict[Any, int] = {}
     skipped = 0
-    for number, raw, length in _lines(p, max_line_bytes):
-        if len(problems) >= max_problems:
-            skipped += 1
-            continue
-        if length > max_line_bytes:
-            add(number, f"line is {length / 2**20:.1f} MiB, over the {max_line_bytes / 2**20:.0f} MiB limit")
-            continue
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            add(number, f"not UTF-8 (byte {err.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
-            continue
-        if not text.strip():
-            continue
-        if number == 1 and text.lstrip().startswith("["):
-            add(number, "this is a JSON array, not JSON Lines: write one object per line, e.g. with `jq -c '.[]'`")
-            return report
-        try:
-            record = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as err:
-            add(number, f"bad JSON: {err}")
-            continue
-        if not isinstance(record, dict):
-            add(number, f"expected a JSON object, got {type(record).__name__}")
-            continue
-        if _depth(record, MAX_DEPTH) > MAX_DEPTH:
-            add(number, f"nested deeper than {MAX_DEPTH} levels")
-            continue
-        if report.kind is None:
-            detected = detect_kind(record)
-            if detected is None:
-                add(number, f"cannot tell the data format from keys {sorted(record)}; expected one of: "
-                    + "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_KEYS.items() if k in allowed))
+    first_content = True
+    try:
+        for number, raw, length in _lines(p, max_line_bytes):
+            if len(problems) >= max_problems:
+                skipped += 1
                 continue
-            if detected not in allowed:
-                add(number, f"{detected} data is not usable here (expected {' or '.join(allowed)})")
-                return report
-            report.kind = detected
-        else:
-            detected = detect_kind(record)
-            if detected is not None and detected != report.kind and set(record) - set(KIND_KEYS[report.kind]) - set(OPTIONAL_KEYS):
-                add(number, f"looks like {detected} data, but the file is {report.kind} (from its first record); one format per file")
+            if length > max_line_bytes:
+                add(number, f"line is {length / 2**20:.1f} MiB, over the {max_line_bytes / 2**20:.0f} MiB limit; "
+                    "split the example or raise the limit")
+                first_content = False
                 continue
-        errors = check_record(record, report.kind)
-        if "id" in record and isinstance(record["id"], (str, int)):
-            if record["id"] in ids:
-                errors.append(f"duplicate id {record['id']!r} (first on line {ids[record['id']]})")
-            else:
-                ids[record["id"]] = number
-        for reason in errors:
-            add(number, reason)
-        if not errors:
-            report.examples += 1
+            if number == 1:
+                if raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    add(number, "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8")
+                    return report
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                add(number, f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+                first_content = False
+                continue
+            stripped = text.strip()
+            if not stripped:
+                continue
+            if first_content:
+                first_content = False
+                if stripped.startswith("["):
+                    add(number, "this is a JSON array, not JSON Lines: write one object per line, e.g. with `jq -c '.[]'`")
+                    return report
+                if stripped == "{":
+                    add(number, "this looks like pretty-printed JSON, not JSON Lines: write one object per line, "
+                        "e.g. with `jq -c .`")
+                    return report
+            try:
+                record = json.loads(text, parse_constant=_reject_constant)
+            except RecursionError:
+                add(number, f"nested deeper than {MAX_DEPTH} levels")
+                continue
+            except ValueError as err:
+                add(number, f"bad JSON: {err}")
+                continue
+            if not isinstance(record, dict):
+                add(number, f"expected a JSON object, got {type(record).__name__}; write one object per line")
+                continue
+            # Depth can only exceed the limit if the line has that many brackets: skip the walk otherwise.
+            if text.count("[") + text.count("{") > MAX_DEPTH and _depth(record, MAX_DEPTH) > MAX_DEPTH:
+                add(number, f"nested deeper than {MAX_DEPTH} levels")
+                continue
+            if "\\u" in text and _has_lone_surrogate(record):
+                add(number, "a string holds an unpaired surrogate escape (e.g. \\ud800); "
+                    "fix the text encoding: it cannot be turned into UTF-8")
+                continue
+            detected = detect_kind(record)
+            if report.kind is None:
+                if detected is None:
+                    add(number, f"cannot tell the data format from keys {sorted(record)}; expected one of: "
+                        + "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_KEYS.items() if k in allowed))
+                    continue
+                if detected not in allowed:
+                    add(number, f"{detected} data is not usable here (expected {' or '.join(allowed)})")
+                    return report
+                report.kind = detected
+            elif (detected is not None and detected != report.kind
+                  and set(record) - set(KIND_KEYS[report.kind]) - set(OPTIONAL_KEYS)):
+                add(number, f"looks like {detected} data, but the file is {report.kind} "
+                    f"({'forced' if kind else 'from its first record'}); one format per file")
+                continue
+            errors = check_record(record, report.kind)
+            rid = record.get("id")
+            if isinstance(rid, (str, int)) and not isinstance(rid, bool):
+                if rid in ids:
+                    errors.append(f"duplicate id {rid!r} (first on line {ids[rid]}); ids must be unique in a file")
+                else:
+                    ids[rid] = number
+            for reason in errors:
+                add(number, reason)
+            if not errors:
+                report.examples += 1
+    except OSError as err:
+        add(0, f"cannot read the file: {err.strerror or err}")
+        return report
     if skipped:
         add(0, f"stopped after {max_problems} problems; {skipped} more line(s) not checked")
     if report.examples == 0 and not problems:
@@ -282,8 +360,13 @@ def validate_file(path: str | Path, kind: str | None = None, max_problems: int =
 
 
 def validate_files(paths: Iterable[str | Path], kind: str | None = None, method: str | None = None) -> list[DataReport]:
-    """Validate every file; raise DataValidationError listing every problem of every file."""
-    allowed = METHOD_KINDS.get(method) if method else None
+    """Validate every file; raise DataValidationError listing every problem of every file.
+
+    ``method`` ("sft", "dpo", "kto") allows only that method's formats. A bad ``kind`` or ``method`` argument
+    (unknown, or a kind the method cannot use) is a ValueError, not a data problem.
+    """
+    allowed = _allowed_for(method)
+    _check_kind_args(kind, allowed or KINDS)
     reports = [validate_file(p, kind=kind, allowed_kinds=allowed) for p in paths]
     problems = [pr for r in reports for pr in r.problems]
     if problems:
@@ -292,11 +375,13 @@ def validate_files(paths: Iterable[str | Path], kind: str | None = None, method:
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a file that passed validation."""
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, json.loads(line)
+    """(line number, record) of a file that passed validation; lines split exactly as the validator splits them."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if raw.strip():
+                yield number, json.loads(raw.decode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=KINDS, default=None, help="Force the data format.")
     parser.add_argument("--method", choices=sorted(METHOD_KINDS), default=None, help="Allow only this method's formats.")
     args = parser.parse_args(argv)
-    allowed = METHOD_KINDS.get(args.method) if args.method else None
+    allowed = _allowed_for(args.method)
+    if args.kind and allowed and args.kind not in allowed:
+        parser.error(f"--kind {args.kind} is not usable with --method {args.method} (expected {' or '.join(allowed)})")
     bad = 0
     for path in args.files:
         report = validate_file(path, kind=args.kind, allowed_kinds=allowed)
@@ -313,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             print(problem)
         bad += len(report.problems)
         print(f"{path}: {report.examples} valid {report.kind or 'unknown'} example(s), {len(report.problems)} problem(s)")
+    if len(args.files) > 1:
+        print(f"total: {bad} problem(s) in {len(args.files)} file(s)")
     return 1 if bad else 0
 
 
