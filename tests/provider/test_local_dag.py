@@ -36,6 +36,12 @@ def test_every_operator_runs_locally_through_airflow(airflow, tiny_model_dir, mo
     for r in ranks:
         assert is_complete(f"s3://finetune/experiments/smoke/{run_dirs[0]}/{r}/checkpoint-final")
     assert is_complete("s3://finetune/experiments/smoke/merged")
+    # the 2-process task: same total batch (4), per-device batch and accumulation derived for 2 ranks
+    assert "batch: 2 process(es) x 2 per device x 1 accumulation = 4" in out
+    assert "rank 1: training done; rank 0 writes the outputs" in out
+    [ddp_run] = list_children("s3://finetune/experiments/smoke-ddp")
+    [ddp_key] = list_children(f"s3://finetune/experiments/smoke-ddp/{ddp_run}")
+    assert is_complete(f"s3://finetune/experiments/smoke-ddp/{ddp_run}/{ddp_key}/checkpoint-final")
     # Secrets canary: the bucket secret key never shows in the task logs.
     assert airflow.s3["AWS_SECRET_ACCESS_KEY"] not in out
     logs = "".join(p.read_text(errors="replace") for p in Path(airflow.env["AIRFLOW_HOME"]).rglob("*.log"))

@@ -94,7 +94,19 @@ class CheckpointUploader:
 
 
 def _fetch_inputs(cfg: schema.ExperimentConfig, workdir: Path) -> schema.ExperimentConfig:
-    """Download bucket inputs; return the config rewritten to the local copies."""
+    """Download bucket inputs; return the config rewritten to the local copies.
+
+    Processes of one pod share the workdir: a file lock serializes them, and the later ones find
+    verified files in place and download nothing."""
+    import fcntl
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_inputs_locked(cfg, workdir)
+
+
+def _fetch_inputs_locked(cfg: schema.ExperimentConfig, workdir: Path) -> schema.ExperimentConfig:
     from finetune_engine.storage import download_dir, download_file
 
     data = cfg.model_dump(mode="json")
@@ -118,7 +130,8 @@ def _fetch_inputs(cfg: schema.ExperimentConfig, workdir: Path) -> schema.Experim
         for ds in data["data_conf"][section].get("datasets") or []:
             if is_uri(ds["path"]):
                 local = workdir / "data" / f"{seen}-{ds['path'].rsplit('/', 1)[-1]}"
-                download_file(ds["path"], local)
+                if not local.exists():
+                    download_file(ds["path"], local)
                 ds["path"] = str(local)
                 seen += 1
     return schema.ExperimentConfig.model_validate(data)
@@ -172,7 +185,12 @@ def run_train_job(
         data = cfg.model_dump(mode="json")
         data["training_args"]["output_dir"] = str(output_dir)
         cfg = schema.ExperimentConfig.model_validate(data)
-        _sync_down_newest(checkpoint_uri, output_dir)
+        main_process = int(os.environ.get("RANK", "0")) == 0
+        import fcntl
+
+        with open(workdir / ".fetch.lock", "w") as lock:  # ranks of one pod share the output dir
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _sync_down_newest(checkpoint_uri, output_dir)
 
         from finetune_engine.recipes.sft import run_sft
         from finetune_engine.tracking import resolve_tracking
@@ -182,9 +200,11 @@ def run_train_job(
         try:
             if method != "sft":
                 raise ConfigError("--method", [f"{method}: only sft is available in this version"])
-            result = run_sft(cfg, tracking, num_preprocess_workers, None, after_save=[uploader])
+            result = run_sft(cfg, tracking, num_preprocess_workers, None, after_save=[uploader] if main_process else [])
         finally:
             uploader.close()
+        if not main_process:
+            return result
 
         # Final outputs: adapter, then result and logs, then the final model whose manifest,
         # uploaded last, marks the whole run as finished.
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    log.info("train job %s: step %s, eval loss %s", result["status"], result.get("global_step"), result.get("final_eval_loss"))
+    log.info("train job %s: step %s, eval loss %s", result.get("status"), result.get("global_step"), result.get("final_eval_loss"))
     return 0
 
 

@@ -28,6 +28,11 @@ class DataError(ValueError):
     """The data cannot train (e.g. nothing left after filtering)."""
 
 
+def is_main_process() -> bool:
+    """Global rank 0 writes outputs, results and tracking; other ranks only train."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def scaled_learning_rate(cfg: schema.ExperimentConfig, base_lr: float, total_batch: int) -> float:
     o = cfg.overrides
     ratio = total_batch / o.reference_batch_size
@@ -162,7 +167,7 @@ def run_sft(
 
     def save_grown_base(base_model) -> None:
         # New tokens + adapter: the adapter needs this grown-vocabulary base to load or merge.
-        if needs_base and not verify_directory(base_dir)[0] and not isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization):
+        if is_main_process() and needs_base and not verify_directory(base_dir)[0] and not isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization):
             save_model(base_model, tok.tokenizer, base_dir)
             write_manifest(base_dir)
             log.info("grown-vocabulary base saved to %s", base_dir)
@@ -198,13 +203,15 @@ def run_sft(
     args_dict.setdefault("save_strategy", "steps")
     args_dict.setdefault("save_steps", 50)
     args_dict.setdefault("use_cpu", not torch.cuda.is_available())
-    args_dict.setdefault("disable_tqdm", not sys.stderr.isatty())  # pod logs get plain progress lines
+    args_dict.setdefault("disable_tqdm", not sys.stderr.isatty())
+    args_dict.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used each step  # pod logs get plain progress lines
     if eval_examples:
         args_dict.setdefault("eval_strategy", "no")
     training_args = TrainingArguments(**args_dict)
 
-    resume = resolve_resume(cfg.run_conf.resume_from_checkpoint, out_dir)
-    mlflow_cb = MLflowCallback(tracking, cfg.model_dump(mode="json"), tags={"finetune.method": "sft"}) if tracking.enabled else None
+    resume = resolve_resume(cfg.run_conf.resume_from_checkpoint, out_dir,
+                            clean_incomplete=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    mlflow_cb = MLflowCallback(tracking, cfg.model_dump(mode="json"), tags={"finetune.method": "sft"}) if tracking.enabled and is_main_process() else None
     if mlflow_cb is not None:
         mlflow_cb.start(str(out_dir))
 
@@ -228,6 +235,10 @@ def run_sft(
     if eval_examples:
         metrics.update(trainer.evaluate())
     state = trainer.state
+
+    if not is_main_process():
+        log.info("rank %s: training done; rank 0 writes the outputs", os.environ.get("RANK"))
+        return {"status": "completed", "global_step": state.global_step, "rank": int(os.environ.get("RANK", "0"))}
 
     # Final outputs, each completed by its manifest (written last).
     prepare_tokenizer_for_inference(tok.tokenizer, tok.end_marker)

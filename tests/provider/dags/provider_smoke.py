@@ -52,4 +52,16 @@ with DAG("provider_smoke", schedule=None, catchup=False, tags=["test"]):
     adapter = best(sweep.output)
     merge = MergeAdapterOperator(task_id="merge", base="s3://finetune/models/smoke/tiny", adapter=adapter,
                                  output_uri="s3://finetune/experiments/smoke/merged")
+    # Two processes on the CPU (gloo): torchrun with one process per "GPU", accumulation derived.
+    two_procs = FinetuneKubernetesOperator(
+        task_id="finetune_2proc",
+        config=CONFIG,
+        overrides={"peft_conf": {"peft_type": "NO_PEFT"}, "training_args.max_steps": 2},
+        base_model="s3://finetune/models/smoke/tiny",
+        datasets=["s3://finetune/datasets/smoke/chat.jsonl"],
+        experiment="smoke-ddp",
+        gpus=2,
+        extra_env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     [model, data] >> sweep
+    [model, data] >> two_procs
