@@ -70,6 +70,11 @@ class EngineJobOperator(KubernetesPodOperator):
         kwargs.setdefault("schedule_timeout_seconds", 1800 if gpus else 600)
         kwargs.setdefault("startup_timeout_seconds", 1800 if gpus else 600)
         kwargs.setdefault("service_account_name", settings.get("service_account_name") or None)
+        # the XCom sidecar must pass the restricted Pod Security Standard too
+        kwargs.setdefault("xcom_sidecar_container_security_context", {
+            "allowPrivilegeEscalation": False, "runAsNonRoot": True, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        })
         super().__init__(**kwargs)
         self.runner = runner
         self.engine_image = engine_image or kwargs["image"]

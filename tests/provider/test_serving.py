@@ -8,7 +8,13 @@ import kubernetes_validate
 import pytest
 
 from airflow_provider_finetune.pods.security import restricted_violations
-from airflow_provider_finetune.pods.serving import ServeSpec, build_ingress, build_vllm_deployment, build_vllm_service, check_lora_ranks
+from airflow_provider_finetune.pods.serving import (
+    ServeSpec,
+    build_ingress,
+    build_vllm_deployment,
+    build_vllm_service,
+    check_lora_ranks,
+)
 from tests.provider.conftest import K8S_VERSIONS
 
 SPEC = ServeSpec(

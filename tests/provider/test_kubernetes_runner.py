@@ -1,0 +1,74 @@
+"""The kubernetes runner through the parent operator's machinery, against a fake core API:
+exact create/delete calls for a mapped sweep, and reattach instead of duplicate pods."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+
+from airflow_provider_finetune.pods.security import restricted_violations
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("k8s-airflow")
+    env = _env(home)
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
+    return home
+
+
+def _env(home: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_"))}
+    return {**base, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "k8s_dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__FINETUNE__ENGINE_IMAGE": "registry.example/engine:1",
+            "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}})}
+
+
+def _run(home: Path, mode: str) -> dict:
+    proc = subprocess.run([sys.executable, str(HERE / "fake_k8s_run.py"), str(HERE / "k8s_dags"), "k8s_mapped", mode],
+                          env=_env(home), capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FAKE_K8S_CALLS=")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line.split("=", 1)[1])
+
+
+def test_mapped_sweep_creates_one_restricted_pod_per_rank_and_cleans_up(airflow_home):
+    out = _run(airflow_home, "fresh")
+    assert out["state"] == "success"
+    ops = [c["op"] for c in out["calls"]]
+    assert ops.count("create") == 2 and ops.count("delete") == 2 and ops.index("list") < ops.index("create")
+    creates = sorted((c for c in out["calls"] if c["op"] == "create"), key=lambda c: c["body"]["metadata"]["labels"]["map_index"])
+    for index, (call, rank) in enumerate(zip(creates, (4, 8), strict=True)):
+        pod = call["body"]
+        labels = pod["metadata"]["labels"]
+        assert labels["dag_id"] == "k8s_mapped" and labels["task_id"] == "sweep" and labels["map_index"] == str(index)
+        base = next(c for c in pod["spec"]["containers"] if c["name"] == "base")
+        assert base["image"] == "registry.example/engine:1"
+        assert base["command"][:2] == ["finetune-engine", "train-job"]
+        uri = base["command"][base["command"].index("--checkpoint-uri") + 1]
+        assert uri.startswith("s3://finetune/experiments/k8s_mapped/") and f"/r{rank}-" in uri
+        env = {e["name"]: e for e in base["env"]}
+        assert f"r: {rank}" in env["FINETUNE_CONFIG"]["value"]
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "finetune-bucket", "key": "AWS_SECRET_ACCESS_KEY"}
+        assert env["FINETUNE_RESULT_FILE"]["value"] == "/airflow/xcom/return.json"
+        assert any(c["name"] == "airflow-xcom-sidecar" for c in pod["spec"]["containers"])
+        assert restricted_violations(pod) == []
+        kubernetes_validate.validate(pod, "1.33", strict=True)
+    deleted = {c["name"] for c in out["calls"] if c["op"] == "delete"}
+    assert deleted == {c["name"] for c in creates}
+
+
+def test_retry_reattaches_to_running_pods_instead_of_creating(airflow_home):
+    out = _run(airflow_home, "reattach")
+    assert out["state"] == "success"
+    ops = [c["op"] for c in out["calls"]]
+    assert "create" not in ops, "a running pod of the task instance must be reused, not duplicated"
+    assert sorted(c["name"] for c in out["calls"] if c["op"] == "delete") == ["existing-0", "existing-1"]
