@@ -1,8 +1,11 @@
 # The two commands: `make demo` (set up + fine-tune end to end) and `make test` (set up + whole suite).
-.PHONY: setup demo test lint bench docs clean
+.PHONY: setup vllm demo test lint bench docs clean
 
 setup:
 	./scripts/setup.sh
+
+vllm:
+	./scripts/setup-vllm.sh
 
 demo:
 	./scripts/demo.sh
@@ -18,4 +21,4 @@ docs: setup
 	.venv/bin/python -m finetune_engine.config.generate
 
 clean:
-	rm -rf .work .venv
+	rm -rf .work .venv .venv-vllm

@@ -65,6 +65,10 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         checkpoint_uri: str | None = None,
         merge_adapter: bool = True,
         gpus: int = 1,
+        num_nodes: int = 1,
+        distributed: str = "trainjob",
+        elastic_policy: dict | None = None,
+        poll_interval: float = 30,
         **kwargs: Any,
     ) -> None:
         if lora_rank is not None or "lora_rank" in str(kwargs.get("expand_input", "")):
@@ -79,6 +83,10 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.experiment = experiment
         self.checkpoint_uri = checkpoint_uri
         self.merge_adapter = merge_adapter
+        self.num_nodes = num_nodes
+        self.distributed = distributed
+        self.elastic_policy = elastic_policy
+        self.poll_interval = poll_interval
         self._rendered: str | None = None
 
     def _experiment_dict(self) -> dict:
@@ -131,6 +139,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         return self._rendered
 
     def validate(self, context: Any) -> None:
+        if self.num_nodes > 1 and self.distributed not in ("trainjob", "pytorchjob"):
+            raise FinetuneConfigError(f"distributed {self.distributed!r}: use trainjob (Kubeflow Trainer) or pytorchjob")
         if self.method not in ("sft", "dpo"):
             raise FinetuneConfigError(f"method {self.method!r}: use sft or dpo")
         self.rendered_config()
@@ -150,10 +160,79 @@ class FinetuneKubernetesOperator(EngineJobOperator):
 
     def engine_command(self, context: Any) -> list[str]:
         job = ["train-job", "--method", self.method, "--checkpoint-uri", self.resolved_checkpoint_uri(context)]
+        if self.num_nodes > 1:
+            from airflow_provider_finetune.pods.distributed import torchrun_command
+
+            return torchrun_command(job)
         if int(self.gpus or 0) > 1:
             # One process per GPU; batch size and accumulation are derived from the world size.
             return ["torchrun", "--standalone", f"--nproc-per-node={int(self.gpus)}", "-m", "finetune_engine.cli.main", *job]
         return ["finetune-engine", *job]
+
+    def execute(self, context: Any) -> Any:
+        if self.num_nodes > 1 and self.resolved_runner == "kubernetes":
+            self.validate(context)
+            return self.handle_result(context, self.execute_multinode(context))
+        return super().execute(context)
+
+    def multinode_manifest(self, context: Any) -> dict:
+        from airflow_provider_finetune.pods.distributed import build_pytorchjob, build_trainjob
+        from airflow_provider_finetune.pods.spec import labels_for
+
+        base = self.build_spec(context)
+        ti = context["ti"]
+        spec = base.__class__(**{**base.__dict__, "labels": labels_for(ti.dag_id, ti.task_id, context["run_id"], getattr(ti, "map_index", -1)),
+                                 "name": f"{ti.dag_id}-{ti.task_id}-{self.config_hash()}"})
+        procs = max(int(self.gpus or 1), 1)
+        if self.distributed == "pytorchjob":
+            return build_pytorchjob(spec, self.num_nodes, procs, self.elastic_policy)
+        return build_trainjob(spec, self.num_nodes, procs)
+
+    def execute_multinode(self, context: Any) -> dict:
+        """Create (or reattach to) a TrainJob/PyTorchJob and wait for it; the result JSON comes from the bucket."""
+        import time
+
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        doc = self.multinode_manifest(context)
+        group, version = doc["apiVersion"].split("/")
+        plural = "trainjobs" if doc["kind"] == "TrainJob" else "pytorchjobs"
+        ns = doc["metadata"].get("namespace") or self.namespace or "default"
+        name = doc["metadata"]["name"]
+        api = client.CustomObjectsApi(KubernetesHook(conn_id=self.kubernetes_conn_id).api_client)
+        try:
+            api.create_namespaced_custom_object(group, version, ns, plural, doc)
+            self.log.info("created %s %s/%s (%d nodes)", doc["kind"], ns, name, self.num_nodes)
+        except ApiException as err:
+            if err.status != 409:
+                raise RuntimeError(f"Failed to create {doc['kind']} {ns}/{name}: {err.reason}") from err
+            self.log.info("%s %s/%s exists: reattaching", doc["kind"], ns, name)
+        while True:
+            obj = api.get_namespaced_custom_object(group, version, ns, plural, name)
+            conditions = {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+            if "Failed" in conditions:
+                raise RuntimeError(f"{doc['kind']} {ns}/{name} failed: {conditions['Failed'].get('message', '')}")
+            if conditions.keys() & {"Complete", "Succeeded"}:
+                break
+            time.sleep(self.poll_interval)
+        return self.read_remote_result(self.resolved_checkpoint_uri(context))
+
+    def read_remote_result(self, checkpoint_uri: str) -> dict:
+        import json
+        import os
+        import tempfile
+
+        from airflow_provider_finetune.hooks import bucket_settings
+
+        os.environ.update(bucket_settings(self.bucket_conn_id or settings.get("bucket_conn_id")))
+        from finetune_engine.storage import download_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            download_file(f"{checkpoint_uri}/result.json", f"{tmp}/result.json")
+            with open(f"{tmp}/result.json") as f:
+                return json.load(f)
 
     def engine_env(self, context: Any) -> dict[str, str]:
         return {"FINETUNE_CONFIG": self.rendered_config()}

