@@ -254,6 +254,10 @@ def test_sigkill_during_uploads_always_resumes_from_a_complete_checkpoint(s3_env
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and not (workdir / "output").exists():
             time.sleep(0.05)
+        if trials == 0:  # let the first run upload something, so later ones have a checkpoint to resume from
+            while time.monotonic() < deadline and proc.poll() is None and not any(
+                    n.startswith("checkpoint-") and n[11:].isdigit() for n in list_complete_children(ckpt)):
+                time.sleep(0.1)
         time.sleep(rng.uniform(0.2, 2.5))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
