@@ -191,8 +191,9 @@ class EngineJobOperator(KubernetesPodOperator):
             return self.handle_result(context, self.execute_local(context))
         return self.handle_result(context, super().execute(context))
 
-    def execute_complete(self, context: Any, event: dict, **kwargs: Any) -> Any:
-        return self.handle_result(context, super().execute_complete(context, event, **kwargs))
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        """Deferrable mode: the parent's re-entry after its trigger fired, then our result handling."""
+        return self.handle_result(context, super().trigger_reentry(context, event))
 
     def execute_local(self, context: Any) -> Any:
         from airflow_provider_finetune.runners.local import LocalRunError, LocalRunner

@@ -1,15 +1,25 @@
 """Multi-node training manifests with the same engine image and pod settings as a single pod.
 
+The engine runs under ``torchrun`` (``torchrun_command``) with no rendezvous flags: torchrun
+reads every option from a ``PET_<OPTION>`` variable, and both operators inject them.
+
 - Kubeflow Trainer v2 ``TrainJob`` (trainer.kubeflow.org/v1alpha1) on the ``torch-distributed``
-  runtime: the trainer injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
-  PET_MASTER_PORT, which ``torchrun`` reads as its defaults.
-- Kubeflow Training Operator ``PyTorchJob`` (kubeflow.org/v1): Master + Workers, ``nprocPerNode``,
-  optional ``elasticPolicy`` (c10d rendezvous), as in the Intel chart; the operator injects the
-  same PET_* variables (and MASTER_ADDR/MASTER_PORT).
+  ClusterTrainingRuntime: the torch plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+  PET_MASTER_ADDR and PET_MASTER_PORT in the ``node`` container. Image, command, env and
+  resources go into ``spec.trainer``; the pod settings the trainer has no field for (security
+  context, volumes, mounts, tolerations, node selector, labels) go into a ``runtimePatches`` entry,
+  the only pod-level patch the CRD accepts.
+- Kubeflow Training Operator ``PyTorchJob`` (kubeflow.org/v1): Master + Workers built like the
+  single pod (container ``pytorch``), ``nprocPerNode``; the operator injects MASTER_ADDR,
+  MASTER_PORT, WORLD_SIZE, RANK and PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+  PET_MASTER_ADDR, PET_MASTER_PORT. With ``elasticPolicy`` (c10d rendezvous, as in the Intel
+  chart) it sets PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID, PET_NNODES=min:max and
+  PET_MAX_RESTARTS instead of the static master address.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from airflow_provider_finetune.pods.pod import (
@@ -21,19 +31,42 @@ from airflow_provider_finetune.pods.pod import (
 )
 from airflow_provider_finetune.pods.spec import MANAGED_BY, EngineJobSpec, dns_name
 
+TRAINER_CONTAINER = "node"  # the torch-distributed runtime's replicated job and container
+PYTORCHJOB_CONTAINER = "pytorch"  # the Training Operator finds the main container by this name
+
 
 def torchrun_command(engine_args: list[str]) -> list[str]:
     """``torchrun`` taking nodes, ranks and rendezvous from the injected PET_* variables."""
     return ["torchrun", "-m", "finetune_engine.cli.main", *engine_args]
 
 
-def build_trainjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int, runtime: str = "torch-distributed") -> dict[str, Any]:
+def _check(spec: EngineJobSpec, num_nodes: int, procs_per_node: int) -> None:
     if num_nodes < 1 or procs_per_node < 1:
-        raise ValueError(f"num_nodes ({num_nodes}) and procs_per_node ({procs_per_node}) must be >= 1")
-    container = to_dict(build_container(spec, "node"))
-    pod = to_dict(build_pod_spec(spec, "node"))
-    resources = container["resources"]
-    patch_container = {"name": "node", "securityContext": container["securityContext"], "volumeMounts": container["volumeMounts"]}
+        raise ValueError(f"{spec.name}: num_nodes ({num_nodes}) and procs_per_node ({procs_per_node}) must be >= 1")
+    if spec.gpus and procs_per_node > spec.gpus:
+        raise ValueError(f"{spec.name}: procs_per_node {procs_per_node} exceeds the {spec.gpus} GPUs of a node")
+    if spec.command[0] != "torchrun":
+        raise ValueError(f"{spec.name}: a multi-node command must start with torchrun (use torchrun_command), "
+                         f"got {spec.command[:2]}")
+
+
+def _metadata(spec: EngineJobSpec) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": dns_name(spec.name), "labels": {**MANAGED_BY, **spec.labels}}
+    if spec.namespace:
+        meta["namespace"] = spec.namespace
+    if spec.annotations:
+        meta["annotations"] = dict(spec.annotations)
+    return meta
+
+
+def build_trainjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int,
+                   runtime: str = "torch-distributed") -> dict[str, Any]:
+    """A TrainJob on a ClusterTrainingRuntime, its pods patched to the single pod's settings."""
+    _check(spec, num_nodes, procs_per_node)
+    container = to_dict(build_container(spec, TRAINER_CONTAINER))
+    pod = to_dict(build_pod_spec(spec, TRAINER_CONTAINER))
+    patch_container = {"name": TRAINER_CONTAINER, "securityContext": container["securityContext"],
+                       "volumeMounts": container["volumeMounts"]}
     pod_patch = {k: v for k, v in {
         "securityContext": pod["securityContext"],
         "volumes": pod["volumes"],
@@ -42,51 +75,62 @@ def build_trainjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int, run
         "serviceAccountName": pod.get("serviceAccountName"),
         "containers": [patch_container],
     }.items() if v}
-    return {
-        "apiVersion": "trainer.kubeflow.org/v1alpha1",
-        "kind": "TrainJob",
-        "metadata": {"name": dns_name(spec.name), "namespace": spec.namespace, "labels": {**MANAGED_BY, **spec.labels}},
-        "spec": {
-            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": runtime},
-            "trainer": {
-                "image": spec.image,
-                "command": list(spec.command),
-                "env": container["env"],
-                "numNodes": num_nodes,
-                "numProcPerNode": procs_per_node,
-                "resourcesPerNode": resources,
-            },
-            **({"activeDeadlineSeconds": spec.active_deadline_seconds} if spec.active_deadline_seconds else {}),
-            "runtimePatches": [{
-                "manager": "airflow-provider-finetune",
-                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
-                    {"name": "node", "template": {"spec": {"template": {"spec": pod_patch}}}}
-                ]}}},
-            }],
+    job_spec: dict[str, Any] = {
+        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": runtime},
+        "trainer": {
+            "image": spec.image,
+            "command": list(spec.command),
+            "env": container["env"],
+            "numNodes": num_nodes,
+            "numProcPerNode": procs_per_node,
+            "resourcesPerNode": container["resources"],
         },
+        "runtimePatches": [{
+            "manager": "airflow-provider-finetune",
+            "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+                "name": TRAINER_CONTAINER,
+                "template": {"spec": {"template": {"metadata": {"labels": {**MANAGED_BY, **spec.labels}},
+                                                   "spec": pod_patch}}},
+            }]}}},
+        }],
     }
-
-
-def build_pytorchjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int, elastic: dict[str, Any] | None = None) -> dict[str, Any]:
-    if num_nodes < 1 or procs_per_node < 1:
-        raise ValueError(f"num_nodes ({num_nodes}) and procs_per_node ({procs_per_node}) must be >= 1")
-    pod = to_dict(build_pod_spec(spec, "pytorch", restart_policy="OnFailure"))
-    pod.pop("restartPolicy", None)
-    pod.pop("activeDeadlineSeconds", None)
-    labels = {**MANAGED_BY, **spec.labels}
-    template = {"metadata": {"labels": labels}, "spec": pod}
-    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
-    if num_nodes > 1:
-        replicas["Worker"] = {"replicas": num_nodes - 1, "restartPolicy": "OnFailure", "template": template}
-    job_spec: dict[str, Any] = {"pytorchReplicaSpecs": replicas, "nprocPerNode": str(procs_per_node),
-                                "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3}}
     if spec.active_deadline_seconds:
-        job_spec["runPolicy"]["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if elastic:
-        job_spec["elasticPolicy"] = {"rdzvBackend": "c10d", "minReplicas": num_nodes, "maxReplicas": num_nodes,
-                                     "maxRestarts": 3, **elastic}
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": {"name": dns_name(spec.name), "namespace": spec.namespace, "labels": labels}, "spec": job_spec}
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _metadata(spec), "spec": job_spec}
+
+
+def build_pytorchjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int,
+                     elastic: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A PyTorchJob whose pods are built like ``build_pod`` (container ``pytorch``).
+
+    Static (``elastic=None``): one Master and ``num_nodes - 1`` Workers. Elastic: ``num_nodes``
+    Workers and an elasticPolicy (defaults c10d, minReplicas = maxReplicas = num_nodes,
+    maxRestarts 3; ``elastic`` overrides them).
+    """
+    _check(spec, num_nodes, procs_per_node)
+    pod = to_dict(build_pod_spec(spec, PYTORCHJOB_CONTAINER))
+    pod.pop("restartPolicy", None)  # set per replica type below
+    pod.pop("activeDeadlineSeconds", None)  # on runPolicy instead: a pod deadline would fail the gang
+    template = {"metadata": {"labels": {**MANAGED_BY, **spec.labels}}, "spec": pod}
+    # OnFailure: a restarted rank resumes from the newest complete checkpoint in the bucket.
+    if elastic is not None:
+        # Elastic jobs are Worker-only (as in the Intel chart): c10d rendezvous on worker-0.
+        replicas: dict[str, Any] = {"Worker": {"replicas": num_nodes, "restartPolicy": "OnFailure",
+                                               "template": copy.deepcopy(template)}}
+    else:
+        replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+        if num_nodes > 1:
+            replicas["Worker"] = {"replicas": num_nodes - 1, "restartPolicy": "OnFailure", "template": copy.deepcopy(template)}
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": 3}
+    if spec.active_deadline_seconds:
+        run_policy["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    job_spec: dict[str, Any] = {"pytorchReplicaSpecs": replicas, "nprocPerNode": str(procs_per_node), "runPolicy": run_policy}
+    if elastic is not None:
+        policy = {"rdzvBackend": "c10d", "minReplicas": num_nodes, "maxReplicas": num_nodes, "maxRestarts": 3, **elastic}
+        if not 1 <= policy["minReplicas"] <= policy["maxReplicas"]:
+            raise ValueError(f"{spec.name}: elasticPolicy needs 1 <= minReplicas <= maxReplicas, got {policy}")
+        job_spec["elasticPolicy"] = policy
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": _metadata(spec), "spec": job_spec}
 
 
 __all__ = ["build_pytorchjob", "build_trainjob", "torchrun_command", "tolerations_for", "volumes_for"]

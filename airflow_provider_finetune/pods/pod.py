@@ -7,25 +7,33 @@ from typing import Any
 
 from kubernetes.client import models as k8s
 
-from airflow_provider_finetune.pods.spec import GPU_RESOURCES, MANAGED_BY, EngineJobSpec, dns_name
+from airflow_provider_finetune.pods.spec import (
+    GPU_RESOURCES,
+    MANAGED_BY,
+    XCOM_RESULT_FILE,
+    EngineJobSpec,
+    dns_name,
+)
 
 BASE_CONTAINER = "base"  # KubernetesPodOperator's name for the main container
 RUN_AS = 1000
-_QTY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_QTY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_UNITS = {None: 1, "m": 10**-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
 
 def parse_quantity(q: str) -> float:
     m = _QTY.match(str(q))
     if not m:
-        raise ValueError(f"quantity {q!r}: expected e.g. 4, 500m is not allowed here, 32Gi, 100G")
+        raise ValueError(f"quantity {q!r}: expected e.g. 4, 500m, 32Gi, 100G")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def scale_quantity(q: str, factor: int) -> str:
+    """``q`` times ``factor`` in the same unit (``4`` x 8 = ``32``, ``32Gi`` x 8 = ``256Gi``)."""
     m = _QTY.match(str(q))
     if not m:
-        raise ValueError(f"quantity {q!r}: expected e.g. 4, 32Gi, 100G")
+        raise ValueError(f"quantity {q!r}: expected e.g. 4, 500m, 32Gi, 100G")
     value = float(m.group(1)) * factor
     text = str(int(value)) if value.is_integer() else f"{value:g}"
     return text + (m.group(2) or "")
@@ -37,9 +45,10 @@ def default_shm(memory: str) -> str:
     return f"{max(int(gib), 1)}Gi"
 
 
-def restricted_pod_security() -> k8s.V1PodSecurityContext:
+def restricted_pod_security(supplemental_groups: list[int] | None = None) -> k8s.V1PodSecurityContext:
     return k8s.V1PodSecurityContext(
         run_as_non_root=True, run_as_user=RUN_AS, run_as_group=RUN_AS, fs_group=RUN_AS,
+        supplemental_groups=list(supplemental_groups) if supplemental_groups else None,
         seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
     )
 
@@ -53,6 +62,10 @@ def restricted_container_security() -> k8s.V1SecurityContext:
 
 
 def resources_for(spec: EngineJobSpec) -> k8s.V1ResourceRequirements:
+    """CPU/memory scaled by the GPU count; GPUs and memory have limit = request.
+
+    No CPU limit on purpose: CFS throttling slows data loading and NCCL without protecting anyone.
+    """
     factor = max(spec.gpus, 1)
     cpu = scale_quantity(spec.cpu_per_gpu, factor)
     memory = scale_quantity(spec.memory_per_gpu, factor)
@@ -66,8 +79,10 @@ def resources_for(spec: EngineJobSpec) -> k8s.V1ResourceRequirements:
 
 def env_for(spec: EngineJobSpec) -> list[k8s.V1EnvVar]:
     scratch = spec.scratch.mount_path
+    # The root filesystem is read-only: every cache and home directory points into a volume.
     plain = {"HOME": f"{scratch}/home", "TMPDIR": "/tmp", "HF_HOME": f"{scratch}/hf", "XDG_CACHE_HOME": f"{scratch}/cache",
-             "TRITON_CACHE_DIR": f"{scratch}/cache/triton", **spec.env}
+             "TRITON_CACHE_DIR": f"{scratch}/cache/triton", **({"FINETUNE_RESULT_FILE": XCOM_RESULT_FILE} if spec.xcom else {}),
+             **spec.env}
     env = [k8s.V1EnvVar(name=k, value=str(v)) for k, v in plain.items()]
     env += [
         k8s.V1EnvVar(name=s.env_name, value_from=k8s.V1EnvVarSource(
@@ -79,8 +94,12 @@ def env_for(spec: EngineJobSpec) -> list[k8s.V1EnvVar]:
 
 def volumes_for(spec: EngineJobSpec) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
     memory = scale_quantity(spec.memory_per_gpu, max(spec.gpus, 1))
+    shm = spec.shm_size or default_shm(memory)
+    if parse_quantity(shm) > parse_quantity(memory):
+        # a memory-backed emptyDir is charged to the pod's memory limit
+        raise ValueError(f"EngineJobSpec {spec.name!r}: shm_size {shm} exceeds the pod memory {memory}")
     volumes = [
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size or default_shm(memory))),
+        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm)),
         k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="4Gi")),
     ]
     if spec.scratch.kind == "ephemeral":
@@ -98,8 +117,19 @@ def volumes_for(spec: EngineJobSpec) -> tuple[list[k8s.V1Volume], list[k8s.V1Vol
     return volumes, mounts
 
 
+def _toleration(t: Any) -> k8s.V1Toleration:
+    if not isinstance(t, dict):
+        return t
+    snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in t.items()}
+    unknown = set(snake) - set(k8s.V1Toleration.attribute_map)
+    if unknown:
+        raise ValueError(f"toleration {t!r}: unknown keys {sorted(unknown)}")
+    return k8s.V1Toleration(**snake)
+
+
 def tolerations_for(spec: EngineJobSpec) -> list[k8s.V1Toleration]:
-    tolerations = [k8s.V1Toleration(**t) if isinstance(t, dict) else t for t in spec.tolerations]
+    """The spec's tolerations plus the GPU taint toleration of its vendor (when it asks for GPUs)."""
+    tolerations = [_toleration(t) for t in spec.tolerations]
     if spec.gpus and not any(t.key == GPU_RESOURCES[spec.gpu_vendor] for t in tolerations):
         tolerations.append(k8s.V1Toleration(key=GPU_RESOURCES[spec.gpu_vendor], operator="Exists", effect="NoSchedule"))
     return tolerations
@@ -120,7 +150,7 @@ def build_pod_spec(spec: EngineJobSpec, container_name: str = BASE_CONTAINER, re
         containers=[build_container(spec, container_name)],
         volumes=volumes,
         restart_policy=restart_policy,
-        security_context=restricted_pod_security(),
+        security_context=restricted_pod_security(spec.supplemental_groups),
         automount_service_account_token=False,
         service_account_name=spec.service_account_name,
         node_selector=spec.node_selector or None,
@@ -132,6 +162,7 @@ def build_pod_spec(spec: EngineJobSpec, container_name: str = BASE_CONTAINER, re
 
 
 def build_pod(spec: EngineJobSpec) -> k8s.V1Pod:
+    """The engine pod: main container ``base``, restricted PSS, restartPolicy Never."""
     return k8s.V1Pod(
         api_version="v1", kind="Pod",
         metadata=k8s.V1ObjectMeta(name=dns_name(spec.name), namespace=spec.namespace,
@@ -140,7 +171,11 @@ def build_pod(spec: EngineJobSpec) -> k8s.V1Pod:
     )
 
 
-def to_dict(obj: Any) -> dict:
+def pod_to_dict(obj: Any) -> dict:
+    """A Kubernetes model object as its manifest dict (camelCase keys, no None values)."""
     from kubernetes.client import ApiClient
 
     return ApiClient().sanitize_for_serialization(obj)
+
+
+to_dict = pod_to_dict

@@ -1,10 +1,15 @@
-"""The Kubernetes *restricted* Pod Security Standard, checked on a manifest (dict).
+"""The Kubernetes *restricted* Pod Security Standard, checked on a manifest (dict or model object).
 
-Works on a Pod, a Deployment/Job (spec.template), a PyTorchJob (every replica's template) and a
-TrainJob pod template override; returns readable violations (empty = compliant).
+Follows https://kubernetes.io/docs/concepts/security/pod-security-standards/ (baseline + restricted
+controls) for containers, initContainers and ephemeralContainers. Works on a Pod, a bare PodSpec,
+anything with ``spec.template`` (Deployment, Job, ReplicaSet, StatefulSet, DaemonSet), a CronJob,
+a PyTorchJob (every replica) and a TrainJob (runtimePatches / podTemplateOverrides pod patches).
+Returns readable violations; an empty list means compliant.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
 ALLOWED_CAPS = {"NET_BIND_SERVICE"}
@@ -12,34 +17,66 @@ SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.i
                 "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
                 "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
                 "net.ipv4.tcp_keepalive_probes"}
+SECCOMP_OK = ("RuntimeDefault", "Localhost")
+APPARMOR_OK = (None, "RuntimeDefault", "Localhost")
+SELINUX_TYPES = ("", "container_t", "container_init_t", "container_kvm_t", "container_engine_t")
+CONTAINER_GROUPS = ("initContainers", "containers", "ephemeralContainers")
+_APPARMOR_ANNOTATION = "container.apparmor.security.beta.kubernetes.io/"
 
 
-def pod_specs(doc: dict) -> list[tuple[str, dict]]:
-    """(where, pod spec) pairs inside any supported manifest."""
+class PodSecurityViolation(ValueError):
+    """A manifest that the restricted Pod Security Standard would reject."""
+
+
+def _as_dict(obj: Any) -> dict:
+    if isinstance(obj, dict):
+        return obj
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+def pod_specs(doc: dict) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, pod metadata) for every pod template inside a supported manifest."""
     kind = doc.get("kind")
     spec = doc.get("spec") or {}
+    if kind is None and ("containers" in doc or "initContainers" in doc):
+        return [("podSpec", doc, {})]
     if kind == "Pod":
-        return [("spec", spec)]
+        return [("spec", spec, doc.get("metadata") or {})]
     if kind == "PyTorchJob":
-        return [(f"spec.pytorchReplicaSpecs.{name}.template.spec", r.get("template", {}).get("spec", {}))
+        return [(f"spec.pytorchReplicaSpecs.{name}.template.spec", (r.get("template") or {}).get("spec") or {},
+                 (r.get("template") or {}).get("metadata") or {})
                 for name, r in (spec.get("pytorchReplicaSpecs") or {}).items()]
     if kind == "TrainJob":
         out = []
-        for i, o in enumerate(spec.get("podTemplateOverrides") or []):
+        for i, patch in enumerate(spec.get("runtimePatches") or []):
+            jobs = (((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}).get("replicatedJobs") or []
+            for job in jobs:
+                pod = (((job.get("template") or {}).get("spec") or {}).get("template") or {})
+                if pod.get("spec"):
+                    out.append((f"spec.runtimePatches[{i}].replicatedJobs.{job.get('name')}.template.spec.template.spec",
+                                pod["spec"], pod.get("metadata") or {}))
+        for i, o in enumerate(spec.get("podTemplateOverrides") or []):  # older v1alpha1 CRDs
             if o.get("spec"):
-                out.append((f"spec.podTemplateOverrides[{i}].spec", o["spec"]))
+                out.append((f"spec.podTemplateOverrides[{i}].spec", o["spec"], o.get("metadata") or {}))
         return out
+    if kind == "CronJob":
+        template = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template") or {}
+        return [("spec.jobTemplate.spec.template.spec", template.get("spec") or {}, template.get("metadata") or {})]
     if "template" in spec:
-        return [("spec.template.spec", spec["template"].get("spec") or {})]
+        return [("spec.template.spec", spec["template"].get("spec") or {}, spec["template"].get("metadata") or {})]
     return []
 
 
-def _container_issues(where: str, c: dict, pod_sc: dict) -> list[str]:
+def _container_issues(where: str, c: dict, pod_sc: dict, annotations: dict) -> list[str]:
     out = []
     sc = c.get("securityContext") or {}
     name = f"{where} container {c.get('name')!r}"
     if sc.get("privileged"):
         out.append(f"{name}: privileged")
+    if (sc.get("windowsOptions") or {}).get("hostProcess"):
+        out.append(f"{name}: windowsOptions.hostProcess")
     if sc.get("allowPrivilegeEscalation") is not False:
         out.append(f"{name}: allowPrivilegeEscalation must be false")
     caps = sc.get("capabilities") or {}
@@ -47,34 +84,50 @@ def _container_issues(where: str, c: dict, pod_sc: dict) -> list[str]:
         out.append(f"{name}: capabilities must drop ALL")
     extra = set(caps.get("add") or []) - ALLOWED_CAPS
     if extra:
-        out.append(f"{name}: adds capabilities {sorted(extra)}")
-    if not (sc.get("runAsNonRoot") is True or (pod_sc.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)):
-        out.append(f"{name}: runAsNonRoot must be true")
-    if sc.get("runAsUser") == 0 or (sc.get("runAsUser") is None and pod_sc.get("runAsUser") == 0):
+        out.append(f"{name}: adds capabilities {sorted(extra)} (only NET_BIND_SERVICE is allowed)")
+    if sc.get("runAsNonRoot") is False or not (sc.get("runAsNonRoot") is True or pod_sc.get("runAsNonRoot") is True):
+        out.append(f"{name}: runAsNonRoot must be true (container or pod)")
+    if sc.get("runAsUser") == 0:
         out.append(f"{name}: runAsUser 0 (root)")
-    seccomp = (sc.get("seccompProfile") or {}).get("type") or (pod_sc.get("seccompProfile") or {}).get("type")
-    if seccomp not in ("RuntimeDefault", "Localhost"):
-        out.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+    seccomp = (sc.get("seccompProfile") or {}).get("type")
+    if seccomp is not None and seccomp not in SECCOMP_OK:
+        out.append(f"{name}: seccompProfile {seccomp} (use RuntimeDefault or Localhost)")
+    if seccomp is None and (pod_sc.get("seccompProfile") or {}).get("type") is None:
+        out.append(f"{name}: no seccompProfile (set RuntimeDefault on the pod or the container)")
     if sc.get("procMount") not in (None, "Default"):
         out.append(f"{name}: procMount {sc.get('procMount')}")
     for p in c.get("ports") or []:
         if p.get("hostPort"):
             out.append(f"{name}: hostPort {p['hostPort']}")
-    if (sc.get("appArmorProfile") or {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
-        out.append(f"{name}: AppArmor profile {sc['appArmorProfile']['type']}")
-    selinux = sc.get("seLinuxOptions") or {}
-    if selinux.get("user") or selinux.get("role") or selinux.get("type") not in (None, "", "container_t", "container_init_t", "container_kvm_t"):
-        out.append(f"{name}: custom SELinux options")
+    apparmor = (sc.get("appArmorProfile") or {}).get("type")
+    if apparmor not in APPARMOR_OK:
+        out.append(f"{name}: AppArmor profile {apparmor}")
+    legacy = annotations.get(_APPARMOR_ANNOTATION + str(c.get("name")))
+    if legacy is not None and legacy != "runtime/default" and not legacy.startswith("localhost/"):
+        out.append(f"{name}: AppArmor annotation {legacy}")
+    out += _selinux_issues(name, sc.get("seLinuxOptions") or {})
     return out
 
 
-def restricted_violations(doc: dict) -> list[str]:
+def _selinux_issues(name: str, selinux: dict) -> list[str]:
+    out = []
+    if selinux.get("user") or selinux.get("role"):
+        out.append(f"{name}: SELinux user/role must not be set")
+    if selinux.get("type", "") not in SELINUX_TYPES:
+        out.append(f"{name}: SELinux type {selinux.get('type')}")
+    return out
+
+
+def restricted_violations(doc: Any) -> list[str]:
+    """Every way ``doc`` breaks the restricted Pod Security Standard (empty list: compliant)."""
+    doc = _as_dict(doc)
     specs = pod_specs(doc)
     if not specs:
         return [f"{doc.get('kind')}: no pod spec found to check"]
     out: list[str] = []
-    for where, spec in specs:
+    for where, spec, metadata in specs:
         sc = spec.get("securityContext") or {}
+        annotations = metadata.get("annotations") or {}
         for flag in ("hostNetwork", "hostPID", "hostIPC"):
             if spec.get(flag):
                 out.append(f"{where}: {flag}")
@@ -87,9 +140,26 @@ def restricted_violations(doc: dict) -> list[str]:
                 out.append(f"{where}: unsafe sysctl {s.get('name')}")
         if sc.get("runAsUser") == 0:
             out.append(f"{where}: pod runAsUser 0 (root)")
-        if (sc.get("appArmorProfile") or {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
-            out.append(f"{where}: AppArmor profile {sc['appArmorProfile']['type']}")
-        for group in ("initContainers", "containers", "ephemeralContainers"):
+        if sc.get("runAsNonRoot") is False:
+            out.append(f"{where}: pod runAsNonRoot false")
+        if (sc.get("seccompProfile") or {}).get("type") not in (None, *SECCOMP_OK):
+            out.append(f"{where}: pod seccompProfile {sc['seccompProfile']['type']}")
+        if (sc.get("appArmorProfile") or {}).get("type") not in APPARMOR_OK:
+            out.append(f"{where}: pod AppArmor profile {sc['appArmorProfile']['type']}")
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            out.append(f"{where}: pod windowsOptions.hostProcess")
+        out += _selinux_issues(f"{where} pod", sc.get("seLinuxOptions") or {})
+        for group in CONTAINER_GROUPS:
             for c in spec.get(group) or []:
-                out += _container_issues(where, c, sc)
+                out += _container_issues(where, c, sc, annotations)
     return out
+
+
+def check_restricted(doc: Any) -> None:
+    """Raise PodSecurityViolation (a ValueError) naming the object and every violation."""
+    problems = restricted_violations(doc)
+    if problems:
+        d = _as_dict(doc)
+        meta = d.get("metadata") or {}
+        what = f"{d.get('kind', 'PodSpec')} {meta.get('namespace') or '-'}/{meta.get('name') or '-'}"
+        raise PodSecurityViolation(f"{what} violates the restricted Pod Security Standard:\n  " + "\n  ".join(problems))

@@ -1,15 +1,31 @@
-"""Provider test helpers: the official schemas (kubernetes-validate, Kubeflow CRDs)."""
+"""Provider test helpers: golden files, the official schemas (kubernetes-validate, Kubeflow CRDs)."""
 
 from __future__ import annotations
 
-import functools
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+GOLDEN = Path(__file__).parent / "golden"
+# shared/ beside the checkout (…/shared/crds next to …/main); read there, never copied in.
 CRDS = Path(__file__).resolve().parents[3] / "shared" / "crds"
 K8S_VERSIONS = [f"1.{m}" for m in range(29, 38)]
+CANARY = "sk-canary-3f9a7c1e5b2d"
+
+
+def assert_golden(name: str, doc: Any) -> None:
+    """Compare ``doc`` rendered as YAML with golden/<name>.yaml; UPDATE_GOLDEN=1 rewrites it."""
+    path = GOLDEN / f"{name}.yaml"
+    text = yaml.safe_dump(doc, sort_keys=True)
+    assert "&id0" not in text, f"{name}: objects share a mutable dict (YAML anchors); build fresh ones"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path.name} missing; create it with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{path.name} changed; review the diff and rerun with UPDATE_GOLDEN=1 if intended"
 
 
 def strict(schema: dict) -> dict:
@@ -25,19 +41,21 @@ def strict(schema: dict) -> dict:
 
 
 def crd_schema(filename: str) -> dict:
+    """The storage version's openAPIV3Schema of a Kubeflow CRD, strict; skips when shared/ is absent."""
     path = CRDS / filename
     if not path.exists():
-        pytest.skip(f"Kubeflow CRD schemas not found at {CRDS} (the shared/ directory beside the checkout); "
-                    "they are read from there, never copied into the repository")
-    return _load_crd_schema(filename)
-
-
-@functools.cache
-def _load_crd_schema(filename: str) -> dict:
-    path = CRDS / filename
-    if not path.exists():
-        pytest.skip(f"Kubeflow CRD schemas not found at {CRDS} (the shared/ directory beside the checkout); "
-                    "they are read from there, never copied into the repository")
+        pytest.skip(f"Kubeflow CRD schemas not found at {CRDS}: {filename} is read from the shared/ directory "
+                    "beside the checkout, never copied into the repository")
     crd = yaml.safe_load(path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     return strict(version["schema"]["openAPIV3Schema"])
+
+
+def containers(doc: dict) -> list[dict]:
+    """Every container (init, main, ephemeral) of every pod template in ``doc``."""
+    from airflow_provider_finetune.pods.security import CONTAINER_GROUPS, pod_specs
+
+    out = [c for _, spec, _ in pod_specs(doc) for group in CONTAINER_GROUPS for c in spec.get(group) or []]
+    if doc.get("kind") == "TrainJob":
+        out.append({"name": "trainer", "env": doc["spec"]["trainer"].get("env", [])})
+    return out

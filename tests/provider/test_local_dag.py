@@ -46,3 +46,7 @@ def test_every_operator_runs_locally_through_airflow(airflow, tiny_model_dir, mo
     assert airflow.s3["AWS_SECRET_ACCESS_KEY"] not in out
     logs = "".join(p.read_text(errors="replace") for p in Path(airflow.env["AIRFLOW_HOME"]).rglob("*.log"))
     assert airflow.s3["AWS_SECRET_ACCESS_KEY"] not in logs
+    # ... nor in XCom or rendered template fields, which live in the metadata database
+    db = (Path(airflow.env["AIRFLOW_HOME"]) / "airflow.db").read_bytes()
+    assert b'"final_eval_loss"' in db or b"final_eval_loss" in db  # the XComs are there
+    assert airflow.s3["AWS_SECRET_ACCESS_KEY"].encode() not in db

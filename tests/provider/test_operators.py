@@ -208,3 +208,19 @@ def test_local_vllm_missing_names_the_install_command(monkeypatch, tmp_path):
     op = DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", runner="local")
     with pytest.raises(FinetuneConfigError, match="make vllm"):
         op.execute(ctx())
+
+
+def test_deferrable_mode_goes_through_the_parent_and_back():
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8, deferrable=True, runner="kubernetes")
+    context = ctx(0)
+    with mock.patch.object(KubernetesPodOperator, "execute_async") as execute_async:
+        op.execute(context)
+    execute_async.assert_called_once()  # the parent's deferral path, after our validation
+    result = {"status": "completed", "mlflow_run_id": "abc", "mlflow_tracking_uri": "http://mlflow:5000"}
+    with mock.patch.object(KubernetesPodOperator, "trigger_reentry", return_value=dict(result)) as complete:
+        out = op.trigger_reentry(context, event={"status": "success"})
+    complete.assert_called_once()
+    assert out["lora_rank"] == 8
+    context["ti"].xcom_push.assert_called_with(key="_link_MLflowRunLink", value="http://mlflow:5000/#/runs/abc")
