@@ -9,12 +9,13 @@ reads every option from a ``PET_<OPTION>`` variable, and both operators inject t
   resources go into ``spec.trainer``; the pod settings the trainer has no field for (security
   context, volumes, mounts, tolerations, node selector, labels) go into a ``runtimePatches`` entry,
   the only pod-level patch the CRD accepts.
-- Kubeflow Training Operator ``PyTorchJob`` (kubeflow.org/v1): Master + Workers built like the
-  single pod (container ``pytorch``), ``nprocPerNode``; the operator injects MASTER_ADDR,
+- Kubeflow Training Operator ``PyTorchJob`` (kubeflow.org/v1): pods built like the single pod
+  (container ``pytorch``), ``nprocPerNode``; static jobs have a Master and Workers, elastic jobs
+  Workers only (as in the Intel chart). For static jobs the operator injects MASTER_ADDR,
   MASTER_PORT, WORLD_SIZE, RANK and PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
-  PET_MASTER_ADDR, PET_MASTER_PORT. With ``elasticPolicy`` (c10d rendezvous, as in the Intel
-  chart) it sets PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID, PET_NNODES=min:max and
-  PET_MAX_RESTARTS instead of the static master address.
+  PET_MASTER_ADDR, PET_MASTER_PORT. With ``elasticPolicy`` (c10d rendezvous) it sets
+  PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID, PET_NNODES=min:max and PET_MAX_RESTARTS
+  instead of the static master address.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ def crd_schema(filename: str) -> dict:
     if not path.exists():
         pytest.skip(f"Kubeflow CRD schemas not found at {CRDS}: {filename} is read from the shared/ directory "
                     "beside the checkout, never copied into the repository")
+    return _load_crd_schema(path)
+
+
+@functools.cache
+def _load_crd_schema(path: Path) -> dict:
     crd = yaml.safe_load(path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     return strict(version["schema"]["openAPIV3Schema"])
