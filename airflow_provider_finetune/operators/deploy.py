@@ -189,32 +189,15 @@ class DeployVLLMOperator(BaseOperator):
         from finetune_engine.storage import download_dir
 
         download_dir(self.model_uri, workdir / "model")
-        adapter_args: list[str] = []
-        if self.adapters:
-            rank = check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank)
-            for name, uri in sorted(self.adapters.items()):
-                download_dir(uri, workdir / "adapters" / name)
-            adapter_args = ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules",
-                            *[f"{n}={workdir / 'adapters' / n}" for n in sorted(self.adapters)]]
-        port = self.local_port or _free_port()
-        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(workdir / "model"),
-               "--served-model-name", self.served_model_name, "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", str(self.max_model_len or 256), *adapter_args]
-        for key, value in sorted(self.engine_args.items()):
-            cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-        for sub in ("cache", "inductor", "tmp"):
-            (workdir / sub).mkdir(parents=True, exist_ok=True)
-        venv_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW", "HF_TOKEN"))}
-        venv_env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(workdir / "cache"), "HF_HUB_OFFLINE": "1",
-                         "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"), "TMPDIR": str(workdir / "tmp"),
-                         "VLLM_NO_USAGE_STATS": "1", "VLLM_TARGET_DEVICE": "cpu"})
-        log = open(workdir / "vllm.log", "ab")
-        self.log.info("starting vLLM: %s", " ".join(cmd))
-        self._proc = subprocess.Popen(cmd, env=venv_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        (workdir / "server.pid").write_text(str(self._proc.pid))
-        base = f"http://127.0.0.1:{port}"
+        adapter_dirs = {}
+        for name, uri in sorted(self.adapters.items()):
+            download_dir(uri, workdir / "adapters" / name)
+            adapter_dirs[name] = workdir / "adapters" / name
+        rank = check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank) if self.adapters else None
+        self._proc, base = start_vllm(python, workdir / "model", self.served_model_name, workdir, adapter_dirs, rank,
+                                      self.max_model_len or 256, self.engine_args, self.local_port, self.ready_timeout,
+                                      log=self.log.info)
         try:
-            _wait_health(base, self._proc, self.ready_timeout, workdir / "vllm.log")
             reply = chat_once(base, self.served_model_name, self.smoke_question) if self.smoke_question else None
             replies = {}
             for name in sorted(self.adapters):
@@ -270,6 +253,43 @@ class UndeployVLLMOperator(BaseOperator):
                 if err.status != 404:
                     raise
         return removed
+
+
+def start_vllm(python: Path, model_dir: Path, served_name: str, workdir: Path, adapters: dict[str, Path] | None = None,
+               max_lora_rank: int | None = None, max_model_len: int = 256, engine_args: dict[str, Any] | None = None,
+               port: int | None = None, ready_timeout: float = 600, log=print) -> tuple[subprocess.Popen, str]:
+    """Start vLLM's OpenAI server (CPU build, own venv) on 127.0.0.1 and wait for /health.
+
+    Returns (process, base URL). The process group is recorded in workdir/server.pid for stop_local.
+    """
+    port = port or _free_port()
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len)]
+    if adapters:
+        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank or 16), "--max-loras", str(len(adapters)), "--lora-modules",
+                *[f"{n}={d}" for n, d in sorted(adapters.items())]]
+    for key, value in sorted((engine_args or {}).items()):
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    for sub in ("cache", "inductor"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    short_tmp = tempfile.mkdtemp(prefix="vllm-", dir="/tmp")  # its IPC socket paths must stay under 108 bytes
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW", "HF_TOKEN"))}
+    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(workdir / "cache"), "HF_HUB_OFFLINE": "1",
+                "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"), "TMPDIR": short_tmp,
+                "VLLM_NO_USAGE_STATS": "1"})
+    log(f"starting vLLM: {' '.join(cmd)}")
+    with open(workdir / "vllm.log", "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    (workdir / "server.pid").write_text(str(proc.pid))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(base, proc, ready_timeout, workdir / "vllm.log")
+    except Exception:
+        stop_local(workdir)
+        raise
+    return proc, base
 
 
 def stop_local(workdir: Path) -> bool:

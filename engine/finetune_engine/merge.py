@@ -65,3 +65,32 @@ def save_model(model, tokenizer, out: str | Path, end_marker: str | None = None)
         gen.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="merge_adapter", description="Merges adapters into a base model and saves the output as a single model")
+    parser.add_argument("basemodel", help="Name (e.g. HuggingFace Hub id) or Path of Base Model")
+    parser.add_argument("peftmodel", help="Name or Path of Peft adapter")
+    parser.add_argument("outpath", help="Where to save the merged model")
+    parser.add_argument("--tokenizer", default=None, help="Name or Path to tokenizer to save with the model. If not specified, will use the adapter model tokenizer.")
+    parser.add_argument("--device_map", default="cpu", help="Device map for loading the model. Can be 'auto', 'cpu', 'cuda' or a JSON string.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    device_map = json.loads(args.device_map) if args.device_map.startswith("{") else args.device_map
+    try:
+        out = merge_adapter(args.basemodel, args.peftmodel, args.outpath, tokenizer=args.tokenizer, device_map=device_map)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from finetune_engine.manifest import write_manifest
+
+    write_manifest(out)
+    print(f"merged model saved to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-job": ("finetune_engine.jobs.merge", "Pod job: merge an adapter from the bucket into its base, upload it."),
     "pull": ("finetune_engine.jobs.pull", "Download a complete bucket prefix (waits for its marker)."),
     "finetuning": ("finetune_engine.cli.finetuning", "Run SFT/DPO from a config (same as the `finetuning` command)."),
+    "merge-adapter": ("finetune_engine.merge", "Merge an adapter into its base (the seed's merge_adapter)."),
+    "vllm-adapter": ("finetune_engine.adapters", "Make an adapter vLLM-ready and preflight it (create_vllm_compatible_adapter)."),
+    "generate": ("finetune_engine.generate", "HF generation over prompts or an eval file, YAML output."),
     "tiny": ("finetune_engine.tiny", "Build the tiny local model or a synthetic chat dataset."),
     "chat": ("finetune_engine.cli.chat", "Ask a saved model one question with its chat template."),
 }
