@@ -157,9 +157,10 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
                                  ready_timeout=300)
         try:
             client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
-            ask = lambda model: client.chat.completions.create(  # noqa: E731
-                model=model, messages=PROMPT, max_tokens=12, temperature=0).choices[0].message.content
-            served[name] = {"base": ask("tiny"), **({"tuned": ask("tuned")} if name == "base+adapter" else {})}
+            models = ["tiny", "tuned"] if name == "base+adapter" else ["tiny"]
+            replies = [client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
+                       for m in models]
+            served[name] = dict(zip(["base", "tuned"], [r.choices[0].message.content for r in replies], strict=False))
         finally:
             stop_local(work)
     assert all(isinstance(v, str) for replies in served.values() for v in replies.values())
