@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+./scripts/setup-vllm.sh   # real vLLM (CPU) for the serving tests
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m finetune_engine.config.generate --check
 .venv/bin/ruff check airflow_provider_finetune engine dags tests scripts
