@@ -80,7 +80,7 @@ class DataScriptToBucketOperator(EngineJobOperator):
     :param method: validate the files for ``sft``, ``dpo`` or ``kto``.
     """
 
-    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "script", "urls", "destination")
+    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "script", "script_file", "urls", "destination")
     template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "script": "py"}
 
     def __init__(self, *, script: str | None = None, script_file: str | None = None, urls: list[str] | None = None,

@@ -53,7 +53,7 @@ class DeployVLLMOperator(BaseOperator):
         UndeployVLLMOperator) or stop it at the end of the task.
     """
 
-    template_fields: Sequence[str] = ("model_uri", "served_model_name", "adapters", "adapter_ranks", "smoke_question")
+    template_fields: Sequence[str] = ("model_uri", "served_model_name", "adapters", "adapter_ranks", "smoke_question", "gpus")
     operator_extra_links = (ServedEndpointLink(),)
     ui_color = "#d8f0e8"
 
@@ -89,7 +89,7 @@ class DeployVLLMOperator(BaseOperator):
     def serve_spec(self) -> ServeSpec:
         return ServeSpec(
             name=f"vllm-{self.served_model_name}", model_uri=self.model_uri, served_model_name=self.served_model_name,
-            engine_image=settings.get("engine_image"), gpus=self.gpus, gpu_vendor=self.gpu_vendor or settings.get("gpu_vendor"),
+            engine_image=settings.get("engine_image"), gpus=int(self.gpus), gpu_vendor=self.gpu_vendor or settings.get("gpu_vendor"),
             adapters=dict(self.adapters), adapter_ranks={k: int(v) for k, v in self.adapter_ranks.items()},
             max_lora_rank=self.max_lora_rank, engine_args=self.engine_args, max_model_len=self.max_model_len,
             namespace=self.namespace or settings.get("namespace") or "default", bucket_secret=settings.get("bucket_secret_name"),
@@ -179,7 +179,7 @@ class DeployVLLMOperator(BaseOperator):
     def execute_local(self, context: Any) -> dict[str, Any]:
         from airflow_provider_finetune.hooks import bucket_settings
 
-        python = Path(settings.get("vllm_python") or ".venv-vllm/bin/python").expanduser().resolve()
+        python = Path(settings.get("vllm_python") or ".venv-vllm/bin/python").expanduser().absolute()  # a venv python is a symlink: keep it
         if not python.exists():
             raise FinetuneConfigError(f"vLLM is not installed at {python} ([finetune] vllm_python); install it with: {VLLM_INSTALL}")
         workdir = self.local_dir()

@@ -26,8 +26,8 @@ def overrides_list(overrides: Any) -> list[str]:
     if isinstance(overrides, dict):
         return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in overrides.items()]
     if isinstance(overrides, str):
-        return [overrides]
-    return [str(o) for o in overrides]
+        return [overrides] if overrides.strip() else []
+    return [str(o) for o in overrides if str(o).strip()]  # templates may render an override away
 
 
 class FinetuneKubernetesOperator(EngineJobOperator):
@@ -42,12 +42,14 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     :param experiment: experiment name (bucket prefix and MLflow experiment); default the DAG id.
     :param checkpoint_uri: where checkpoints and outputs go; default
         ``s3://<bucket>/experiments/<experiment>/<run key>`` (deterministic: a relaunch resumes).
+    :param run_name: names the run's prefix instead of the DAG run id: launching again with the same
+        name resumes unfinished runs and skips finished ones (the seed tutorial's ``run_id``).
     :param merge_adapter: also write the merged model as ``checkpoint-final`` (LoRA runs).
     """
 
     template_fields: Sequence[str] = (
         *EngineJobOperator.template_fields,
-        "config", "overrides", "lora_rank", "base_model", "datasets", "experiment", "checkpoint_uri", "method",
+        "config", "overrides", "lora_rank", "base_model", "datasets", "experiment", "checkpoint_uri", "method", "run_name",
     )
     template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "config": "yaml"}
     operator_extra_links = (MLflowRunLink(),)
@@ -63,6 +65,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         datasets: list[str] | None = None,
         experiment: str | None = None,
         checkpoint_uri: str | None = None,
+        run_name: str | None = None,
         merge_adapter: bool = True,
         gpus: int = 1,
         num_nodes: int = 1,
@@ -82,6 +85,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.datasets = datasets
         self.experiment = experiment
         self.checkpoint_uri = checkpoint_uri
+        self.run_name = run_name
         self.merge_adapter = merge_adapter
         self.num_nodes = num_nodes
         self.distributed = distributed
@@ -156,7 +160,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             return self.checkpoint_uri.rstrip("/")
         experiment = self.experiment or context["ti"].dag_id
         label = f"r{int(self.lora_rank)}-" if self.lora_rank is not None else ""
-        return self.bucket_uri("experiments", experiment, self.run_key(context).split("/map-")[0], f"{label}{self.config_hash()}")
+        run = self.run_key(context).split("/map-")[0] if not self.run_name else self.run_name
+        return self.bucket_uri("experiments", experiment, run, f"{label}{self.config_hash()}")
 
     def engine_command(self, context: Any) -> list[str]:
         job = ["train-job", "--method", self.method, "--checkpoint-uri", self.resolved_checkpoint_uri(context)]

@@ -1,0 +1,146 @@
+"""The Silogen tutorial as one DAG: deliver a model and data, sweep LoRA ranks (one pod per rank),
+pick the best by eval loss, optionally run a full-parameter job on N GPUs, merge the winner, serve
+it with vLLM and chat with it.
+
+Relaunching a DAG run resumes unfinished ranks from their newest complete checkpoint and skips
+finished ones (checkpoint prefixes are derived from the run id, the rank and the config).
+
+Locally (`make demo`): runner=local, the embedded S3 server, the tiny model built on the machine.
+On a cluster: the defaults below deliver TinyLlama and the seed's LoRA config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from airflow.sdk import DAG, Asset, Param, task
+
+from airflow_provider_finetune.operators import (
+    DataScriptToBucketOperator,
+    FinetuneKubernetesOperator,
+    HFModelToBucketOperator,
+    MergeAdapterOperator,
+)
+from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")
+DATA_PREFIX = f"s3://{BUCKET}/datasets/tutorial"
+TUTORIAL_DATA = Asset(name="tutorial_dataset", uri=DATA_PREFIX)
+MODEL_URI = f"s3://{BUCKET}/models/tutorial/base"
+
+with DAG(
+    dag_id="finetune_tutorial",
+    schedule=None,
+    catchup=False,
+    tags=["finetune", "tutorial"],
+    doc_md=__doc__,
+    params={
+        "model_id": Param(os.environ.get("FINETUNE_TUTORIAL_MODEL", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"), type="string",
+                          description="Hub repo id (org/name), or a model directory on the worker (local runner)."),
+        "data_script": Param(str(ROOT / os.environ.get("FINETUNE_TUTORIAL_DATA_SCRIPT", "examples/argilla_data_script.py")),
+                             type="string", description="Data script that writes JSONL into $FINETUNE_DATA_DIR."),
+        "dataset_file": Param(os.environ.get("FINETUNE_TUTORIAL_DATASET_FILE", "argilla.jsonl"), type="string",
+                              description="The file the data script writes, trained on."),
+        "config": Param(str(ROOT / os.environ.get("FINETUNE_TUTORIAL_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")),
+                        type="string", description="Experiment config (YAML) of the sweep."),
+        "ranks": Param([4, 6, 8, 10, 12, 16, 20, 24, 32, 64], type="array", items={"type": "integer", "minimum": 1, "maximum": 512},
+                       minItems=1, description="LoRA ranks to sweep: one GPU pod each."),
+        "max_steps": Param(-1, type="integer", minimum=-1, description="Cap the training steps (-1: the config's epochs)."),
+        "gpus": Param(1, type="integer", minimum=0, maximum=8, description="GPUs per sweep pod."),
+        "full_param_gpus": Param(0, type="integer", minimum=0, maximum=64,
+                                 description="Also run a full-parameter fine-tune on this many GPUs (0: skip)."),
+        "deploy": Param(True, type="boolean", description="Serve the best model with vLLM and chat with it."),
+        "run_name": Param("", type="string",
+                          description="Names the sweep's checkpoint prefixes; the same name again resumes and skips "
+                          "finished ranks (empty: the DAG run id)."),
+        "question": Param("What is the capital of France?", type="string", description="Asked after deployment."),
+    },
+    max_active_tasks=4,
+) as dag:
+    model = HFModelToBucketOperator(task_id="deliver_model", model_id="{{ params.model_id }}", destination=MODEL_URI,
+                                    exclude_patterns=["original/*"])
+    data = DataScriptToBucketOperator(task_id="deliver_data", script_file="{{ params.data_script }}",
+                                      destination=DATA_PREFIX, outlets=[TUTORIAL_DATA])
+
+    @task
+    def ranks(params: dict) -> list[int]:
+        return sorted(set(int(r) for r in params["ranks"]))
+
+    swept = ranks()
+    # -1 keeps the config's own schedule
+    overrides = ["{{ 'training_args.max_steps=' ~ params.max_steps if params.max_steps >= 0 else '' }}"]
+    datasets = [DATA_PREFIX + "/{{ params.dataset_file }}"]
+    sweep = FinetuneKubernetesOperator.partial(
+        task_id="sweep",
+        config="{{ params.config }}",
+        overrides=overrides,
+        base_model=MODEL_URI,
+        datasets=datasets,
+        experiment="tutorial",
+        run_name="{{ params.run_name or run_id }}",
+        gpus="{{ params.gpus }}",
+        max_active_tis_per_dagrun=int(os.environ.get("FINETUNE_TUTORIAL_PARALLEL_RANKS", "8")),
+    ).expand(lora_rank=swept)
+
+    @task(trigger_rule="all_done")
+    def pick_best(results: list[dict | None], swept: list[int]) -> dict:
+        """Lowest eval loss wins; ties go to the smaller rank; failed ranks are reported and skipped."""
+        done = [r for r in results if r and r.get("final_eval_loss") is not None]
+        failed = sorted(set(swept) - {r.get("lora_rank") for r in done})
+        if not done:
+            raise RuntimeError(f"no rank finished (failed: {failed}); see the sweep task logs")
+        best = min(done, key=lambda r: (r["final_eval_loss"], r.get("lora_rank", 0)))
+        table = ", ".join(f"r={r.get('lora_rank')}: {r['final_eval_loss']:.4f}" for r in sorted(done, key=lambda r: r.get("lora_rank", 0)))
+        print(f"eval loss by rank: {table}; failed ranks: {failed or 'none'}; best: r={best.get('lora_rank')}")
+        return best
+
+    best = pick_best(sweep.output, swept)
+
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def want_full_param(params: dict) -> bool:
+        return int(params["full_param_gpus"]) > 0
+
+    full_param = FinetuneKubernetesOperator(
+        task_id="full_param",
+        config="{{ params.config }}",
+        overrides=overrides + ["peft_conf.peft_type=NO_PEFT"],
+        base_model=MODEL_URI,
+        datasets=datasets,
+        experiment="tutorial-full",
+        run_name="{{ params.run_name or run_id }}",
+        gpus="{{ params.full_param_gpus }}",
+    )
+    [model, data] >> want_full_param() >> full_param
+
+    merged = MergeAdapterOperator(
+        task_id="merge_best",
+        base=MODEL_URI,
+        adapter="{{ ti.xcom_pull(task_ids='pick_best')['final_adapter_uri'] }}",
+        output_uri="{{ ti.xcom_pull(task_ids='pick_best')['checkpoint_uri'] }}/checkpoint-final-merged",
+    )
+
+    @task.short_circuit
+    def want_deploy(params: dict) -> bool:
+        return bool(params["deploy"])
+
+    deploy = DeployVLLMOperator(
+        task_id="deploy",
+        model_uri="{{ ti.xcom_pull(task_ids='pick_best')['checkpoint_uri'] }}/checkpoint-final-merged",
+        served_model_name="tutorial",
+        gpus="{{ params.gpus }}",
+        keep_running=os.environ.get("FINETUNE_TUTORIAL_KEEP_SERVING", "true") == "true",
+        smoke_question="{{ params.question }}",
+    )
+
+    @task
+    def chat(served: dict, params: dict) -> str:
+        reply = served.get("smoke_reply")
+        print(f"user: {params['question']}\nassistant: {reply}")
+        print(f"endpoint: {served['endpoint']} (model {served['model']})")
+        return reply
+
+    [model, data] >> sweep
+    best >> merged >> want_deploy() >> deploy
+    chat(deploy.output)
