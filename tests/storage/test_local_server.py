@@ -1,56 +1,115 @@
-"""The embedded local S3 server used by the demo and the local runner."""
+"""The embedded local S3 server (rclone serve s3) used by the demo and the local runner."""
 
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from finetune_engine.storage import is_complete, upload_dir
-from finetune_engine.storage.local_server import ensure_running, read_env, stop
+from finetune_engine.storage import StorageError, is_complete, list_objects, make_client, upload_dir
+from finetune_engine.storage.local_server import ensure_running, read_env, server_pid, stop
 
 pytestmark = pytest.mark.s3
 
 
-def test_start_is_idempotent_keys_are_private_and_stop_works(tmp_path, monkeypatch):
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune_engine.storage.local_server", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie left to a parent that does not reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.fixture()
+def server_dir(tmp_path):
     d = tmp_path / "s3"
-    env = ensure_running(d)
-    pid = (d / "server.pid").read_text()
-    assert ensure_running(d) == env and (d / "server.pid").read_text() == pid
+    yield d
+    stop(d)
+
+
+def test_start_idempotent_env_file_private_and_stop(server_dir, tmp_path, monkeypatch):
+    d = server_dir
+    started = cli("start", "--dir", str(d))
+    assert started.returncode == 0 and "running (pid" in started.stdout, started.stderr
+    env = read_env(d)
+    assert env["AWS_SECRET_ACCESS_KEY"] not in started.stdout + started.stderr
+    lines = (d / "s3.env").read_text().splitlines()
+    assert [line.split("=", 1)[0] for line in lines] == [
+        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FINETUNE_BUCKET"]
+    assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:") and env["FINETUNE_BUCKET"] == "finetune"
+    assert env["AWS_DEFAULT_REGION"] == "us-east-1" and len(env["AWS_SECRET_ACCESS_KEY"]) >= 32
     assert stat.S_IMODE(os.stat(d / "s3.env").st_mode) == 0o600
-    assert read_env(d) == env and env["FINETUNE_BUCKET"] == "finetune"
+    pid = int((d / "server.pid").read_text())
+    # Idempotent: a second start (CLI and API) keeps the same process and settings.
+    again = cli("start", "--dir", str(d))
+    assert again.returncode == 0 and f"running (pid {pid})" in again.stdout
+    assert ensure_running(d) == env and server_pid(d) == pid
+    masked = cli("env", "--dir", str(d))
+    assert env["AWS_SECRET_ACCESS_KEY"] not in masked.stdout and "AWS_SECRET_ACCESS_KEY=***" in masked.stdout
+    assert f"AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}" in cli("env", "--dir", str(d), "--reveal").stdout
+    # The default bucket exists and objects are plain files on disk.
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    assert "finetune" in [b["Name"] for b in make_client().list_buckets()["Buckets"]]
     src = tmp_path / "m"
     src.mkdir()
     (src / "a.txt").write_text("x")
     upload_dir(src, "s3://finetune/models/m")
     assert is_complete("s3://finetune/models/m")
-    assert (d / "data" / "finetune" / "models" / "m" / "a.txt").read_text() == "x"  # plain files on disk
-    assert stop(d) is True and stop(d) is False
-    status = subprocess.run([sys.executable, "-m", "finetune_engine.storage.local_server", "status", "--dir", str(d)],
-                            capture_output=True, text=True)
-    assert status.returncode == 1 and "stopped" in status.stdout
-    # restart keeps the keys and the data
-    env2 = ensure_running(d)
-    assert env2["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]
+    assert (d / "data" / "finetune" / "models" / "m" / "a.txt").read_text() == "x"
+    # stop kills the process group; a second stop is a no-op.
+    assert cli("stop", "--dir", str(d)).stdout.strip() == "stopped"
+    assert not alive(pid) and not (d / "server.pid").exists()
+    assert cli("stop", "--dir", str(d)).stdout.strip() == "not running"
+    status = cli("status", "--dir", str(d))
+    assert status.returncode == 1 and status.stdout.startswith("stopped")
+    # A restart keeps keys, port and data.
+    assert ensure_running(d) == env
     assert is_complete("s3://finetune/models/m")
-    stop(d)
 
 
-def test_wrong_key_is_refused_by_the_server(tmp_path, monkeypatch):
-    d = tmp_path / "s3"
+def test_given_port_stale_pid_and_concurrent_starts(server_dir, tmp_path):
+    from tests.conftest import free_port
+
+    d = server_dir
+    port = free_port()
+    d.mkdir()
+    (d / "server.pid").write_text(str(os.getpid()))  # a live process that is not our server
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_running(d, port=port))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 3 and all(r == results[0] for r in results)
+    assert results[0]["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
+    pid = server_pid(d)
+    assert pid and pid != os.getpid()
+    with pytest.raises(RuntimeError, match=f"already runs on port {port}"):
+        ensure_running(d, port=port + 1)
+    # A server killed behind our back is restarted on the next call.
+    os.killpg(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
     env = ensure_running(d)
-    try:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
-        from finetune_engine.storage import StorageError, list_objects
+    assert server_pid(d) not in (None, pid) and env == results[0]
 
-        with pytest.raises(StorageError, match="denied|access"):
-            list_objects("s3://finetune/models")
-    finally:
-        stop(d)
+
+def test_wrong_key_is_refused_by_the_server(server_dir, monkeypatch):
+    env = ensure_running(server_dir)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
+    with pytest.raises(StorageError, match="access denied") as err:
+        list_objects("s3://finetune/models")
+    assert "not-the-key" not in str(err.value) and env["AWS_SECRET_ACCESS_KEY"] not in str(err.value)

@@ -1,57 +1,45 @@
-"""Directory transfers with verification: parallel over files (and parts, via boto3's managed
-transfers), manifest uploaded last, hashes checked on download, keys confined to the target."""
+"""Verified directory transfers: parallel over files (and over parts, via boto3 managed transfers),
+manifest object uploaded last, sizes and sha256 checked on download, keys confined to the target."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from finetune_engine.manifest import (
-    MANIFEST_NAME,
-    build_manifest,
-    read_manifest,
-    sha256_file,
-    verify_directory,
-)
+from finetune_engine.manifest import MANIFEST_NAME, build_manifest, list_files, read_manifest, sha256_file
 from finetune_engine.storage import s3
-from finetune_engine.storage.uri import UnsafeKeyError, join, parse_uri, safe_local_path
+from finetune_engine.storage.uri import UnsafeKeyError, check_relative_key, join, parse_uri, safe_local_path
 
 log = logging.getLogger(__name__)
 PROGRESS_MIN_BYTES = 64 * 2**20
 
 
 class Progress:
-    """Bytes transferred: a tqdm bar on a terminal, a log line every ~10% otherwise."""
+    """Byte counter for boto3 callbacks: a tqdm bar (bytes, MB/s) on a terminal for big transfers."""
 
-    def __init__(self, total: int, desc: str, enabled: bool | None):
-        self.total = total
-        self.desc = desc
-        self.done = 0
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.done = total, desc, 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._next_log = 0.1
-        show = total >= PROGRESS_MIN_BYTES if enabled is None else enabled
         self.bar = None
-        self.log_lines = show and not sys.stderr.isatty()
-        if show and sys.stderr.isatty():
+        if enabled and total >= PROGRESS_MIN_BYTES and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
     def __call__(self, n: int) -> None:
         with self._lock:
             self.done += n
             if self.bar is not None:
                 self.bar.update(n)
-            elif self.log_lines and self.total and self.done / self.total >= self._next_log:
-                self._next_log += 0.1
-                log.info("%s: %.0f%% of %.1f MiB (%.1f MiB/s)", self.desc, 100 * self.done / self.total,
-                         self.total / 2**20, self.rate / 2**20)
 
     @property
     def rate(self) -> float:
@@ -62,115 +50,208 @@ class Progress:
             self.bar.close()
 
 
-def _check_symlinks(root: Path) -> None:
+def retrying(fn, *args, **kwargs):
+    """``fn(*args)``, retried with backoff (1, 2, 4, ... 30 s) on TransientStorageError.
+
+    botocore already retries each request; this outer loop rides out longer outages (a server restart)
+    that exhaust botocore's attempts or its shared retry quota.
+    """
+    attempts = int(os.environ.get("FINETUNE_S3_FILE_ATTEMPTS", "6"))
+    delay = 1.0
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except s3.TransientStorageError as err:
+            if attempt == attempts:
+                raise
+            log.warning("%s; retrying in %.0f s (%d of %d)", err, delay, attempt, attempts - 1)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def _run_parallel(fn, items: list, workers: int) -> None:
+    """Run ``fn(*item)`` on a thread pool; on the first failure cancel the rest and raise it."""
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))), thread_name_prefix="s3-transfer")
+    try:
+        futures = [pool.submit(fn, *item) for item in items]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in done:
+            if fut.exception() is not None:
+                raise fut.exception()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_symlinks(root: Path) -> None:
+    """UnsafeKeyError when a symlink under ``root`` points outside it (or dangles)."""
     root_resolved = root.resolve()
-    for path in root.rglob("*"):
-        if path.is_symlink():
-            target = path.resolve()
-            if root_resolved not in target.parents:
-                raise UnsafeKeyError(f"refusing to upload {path}: symlink points outside {root} (to {target})")
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                target = path.resolve()
+                if root_resolved not in target.parents:
+                    raise UnsafeKeyError(f"refusing to upload {path}: symlink points outside {root} (to {target}); "
+                                         "copy the file into the directory instead")
 
 
-def _local_manifest(local_dir: Path) -> dict:
-    """A valid manifest of the directory: the existing one if it still matches, else a new one."""
-    ok, _ = verify_directory(local_dir)
-    manifest = read_manifest(local_dir) if ok else None
+def local_manifest(local_dir: Path) -> dict:
+    """The directory's manifest: the existing local one if it still lists exactly these files with these
+    sizes and no file is newer than it, else a freshly hashed one (not written to the source dir)."""
+    manifest = read_manifest(local_dir)
     if manifest is not None:
-        from finetune_engine.manifest import list_files
-
-        if sorted(f["path"] for f in manifest["files"]) == list_files(local_dir):
+        stamp = (local_dir / MANIFEST_NAME).stat().st_mtime_ns
+        listed = {f["path"]: f["size"] for f in manifest["files"]}
+        files = sorted(list_files(local_dir))
+        if sorted(listed) == files and all(
+            (st := (local_dir / rel).stat()).st_size == listed[rel] and st.st_mtime_ns <= stamp for rel in files
+        ):
             return manifest
-    from finetune_engine.manifest import write_manifest
-
-    return write_manifest(local_dir)
+    return build_manifest(local_dir)
 
 
-def upload_dir(local_dir: str | Path, uri: str, workers: int = 8, progress: bool | None = None) -> dict:
-    """Upload a directory to prefix ``uri``; the manifest object is written last.
+def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: bool = True) -> dict:
+    """Upload a directory to prefix ``uri`` in parallel; the manifest object is written last.
 
-    The remote manifest is removed first, so during the upload the prefix reads as incomplete.
+    The remote manifest is deleted first, so while files upload the prefix reads as incomplete.
+    Returns the manifest.
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
-        raise FileNotFoundError(f"{local_dir} is not a directory")
+        raise FileNotFoundError(f"cannot upload {local_dir} to {uri}: not a directory")
     parse_uri(uri)
-    _check_symlinks(local_dir)
-    manifest = _local_manifest(local_dir)
-    bucket, prefix = parse_uri(uri)
-    client = s3.make_client()
-    s3._call(uri, "delete manifest of", client.delete_object, Bucket=bucket, Key=f"{prefix}/{MANIFEST_NAME}".lstrip("/"))
+    check_symlinks(local_dir)
+    manifest = local_manifest(local_dir)
+    for entry in manifest["files"]:
+        check_relative_key(entry["path"])
+    bucket, manifest_key = parse_uri(join(uri, MANIFEST_NAME))
+    retrying(s3._call, uri, "delete the manifest of", s3.make_client().delete_object, Bucket=bucket, Key=manifest_key)
     bar = Progress(sum(f["size"] for f in manifest["files"]), f"upload {uri}", progress)
+
+    def put(entry: dict) -> None:
+        path = local_dir / entry["path"]
+        if path.stat().st_size != entry["size"]:
+            raise s3.StorageError(f"{path} changed size while uploading to {uri}; retry when it is stable")
+        retrying(s3.upload_file, path, join(uri, entry["path"]), bar, 8)
+
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(s3.upload_file, local_dir / f["path"], join(uri, f["path"]), bar) for f in manifest["files"]]
-            for fut in futures:
-                fut.result()
-        s3.upload_file(local_dir / MANIFEST_NAME, join(uri, MANIFEST_NAME))
+        _run_parallel(put, [(e,) for e in manifest["files"]], workers)
+        missing = s3.missing_objects(manifest, retrying(s3.list_objects, uri))
+        if missing:  # the server lost or truncated something: no manifest, the prefix stays incomplete
+            raise s3.StorageError(f"{uri}: {len(missing)} uploaded object(s) missing or truncated on the server "
+                                  f"(e.g. {missing[0]!r}); retry the upload")
+        retrying(s3.put_bytes, join(uri, MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), "application/json")
     finally:
         bar.close()
-    log.info("uploaded %d files (%.1f MiB) to %s at %.1f MiB/s", len(manifest["files"]), bar.total / 2**20, uri, bar.rate / 2**20)
+    log.info("uploaded %d files (%.1f MiB) to %s at %.1f MiB/s", len(manifest["files"]), bar.total / 2**20, uri,
+             bar.rate / 2**20)
     return manifest
 
 
-def download_dir(uri: str, local_dir: str | Path, workers: int = 8, progress: bool | None = None,
-                 require_complete: bool = True, verify_hashes: bool = True) -> dict | None:
-    """Download prefix ``uri`` into ``local_dir`` and verify it against the manifest.
+def _entries(uri: str, require_complete: bool) -> tuple[dict | None, list[tuple[str, int, str | None]]]:
+    manifest = s3.read_manifest(uri)
+    objects = s3.list_objects(uri)
+    if manifest is None:
+        if require_complete:
+            raise s3.IncompleteError(
+                f"{uri} is not complete: no valid {MANIFEST_NAME} (still uploading, interrupted, or not written by "
+                "upload_dir); re-run the upload, or pass require_complete=False to fetch whatever is there")
+        # Without a manifest: every object except directory markers and a malformed manifest.
+        return None, [(k, size, None) for k, size in sorted(objects.items())
+                      if k != MANIFEST_NAME and not (k.endswith("/") and size == 0)]
+    missing = s3.missing_objects(manifest, objects)
+    if missing:
+        raise s3.IncompleteError(
+            f"{uri} is not complete: {len(missing)} object(s) named by its manifest are missing or differ in size "
+            f"(e.g. {missing[0]!r}); re-run the upload")
+    return manifest, [(f["path"], f["size"], f["sha256"]) for f in manifest["files"]]
 
-    Refuses a prefix without a valid manifest (IncompleteError). Files already present with the
-    right size and hash are kept (an interrupted download resumes); others are replaced; the local
-    manifest is written last, so a half-finished local copy never reads as complete.
+
+def _matches(path: Path, size: int, digest: str | None) -> bool:
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == size and (
+        digest is None or sha256_file(path) == digest)
+
+
+_PART = re.compile(r"^\..+\.part-\d+-\d+$")
+
+
+def _remove_stale(root: Path, wanted: set[str], owned: set[str] | None) -> None:
+    """Remove files not in ``wanted``: all of them in our staging dir (``owned`` None), else only leftover
+    temporaries and files an older local manifest listed (never unrelated files of an existing dir)."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() or path.is_symlink():
+            if rel not in wanted and (owned is None or rel in owned or _PART.match(path.name)):
+                path.unlink()
+        elif owned is None and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def download_dir(uri: str, local_dir: str | Path, *, workers: int = 8, progress: bool = True,
+                 require_complete: bool = True, verify_hashes: bool = True) -> dict | None:
+    """Download prefix ``uri`` into ``local_dir``, verified against its manifest; returns the manifest.
+
+    Refuses a prefix without a valid manifest (IncompleteError) unless ``require_complete=False``, and any
+    key that could land outside ``local_dir`` (UnsafeKeyError, before anything is written). A new
+    ``local_dir`` is assembled in a hidden sibling and renamed into place; an existing one is repaired in
+    place with its local manifest removed until the end. Files present with the right size and sha256
+    are kept, so an interrupted download resumes.
     """
     local_dir = Path(local_dir)
-    manifest = s3.read_manifest(uri)
-    if manifest is None and require_complete:
-        raise s3.IncompleteError(f"{uri} is not complete (no valid {MANIFEST_NAME}); it may still be uploading")
-    if manifest is not None:
-        entries = [(f["path"], f["size"], f.get("sha256")) for f in manifest["files"]]
-        objects = s3.list_objects(uri)
-        missing = [rel for rel, size, _ in entries if objects.get(rel) != size]
-        if missing:
-            raise s3.IncompleteError(f"{uri} is not complete: {len(missing)} object(s) named by its manifest are missing or differ in size (e.g. {missing[0]!r})")
-    else:
-        entries = [(k, size, None) for k, size in s3.list_objects(uri).items()]
-    targets = {rel: safe_local_path(local_dir, rel) for rel, _, _ in entries}  # all keys checked before any write
-    local_dir.mkdir(parents=True, exist_ok=True)
-    (local_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    todo = []
-    for rel, size, digest in entries:
-        path = targets[rel]
-        if path.is_file() and path.stat().st_size == size and (digest is None or sha256_file(path) == digest):
-            continue
-        todo.append((rel, size, digest))
+    manifest, entries = retrying(_entries, uri, require_complete)
+    for rel, _, _ in entries:
+        check_relative_key(rel)  # every key, before any write
+    if local_dir.exists() and not local_dir.is_dir():
+        raise FileExistsError(f"cannot download {uri} into {local_dir}: it exists and is not a directory")
+    in_place = local_dir.is_dir()
+    work = local_dir if in_place else local_dir.parent / f".{local_dir.name}.partial"
+    if not in_place and work.is_symlink():
+        work.unlink()
+    targets = {rel: safe_local_path(work, rel) for rel, _, _ in entries}  # resolves symlinks in ``work``
+    previous = read_manifest(work) if in_place else None
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until the end
+    todo = [(rel, size, digest) for rel, size, digest in entries
+            if not _matches(targets[rel], size, digest if verify_hashes else None)]
     bar = Progress(sum(size for _, size, _ in todo), f"download {uri}", progress)
 
     def fetch(rel: str, size: int, digest: str | None) -> None:
-        path = targets[rel]
-        s3.download_file(join(uri, rel), path, bar)
+        path, source = targets[rel], join(uri, rel)
+        if path.is_symlink() or path.is_dir():
+            raise UnsafeKeyError(f"refusing to overwrite {path} (a symlink or directory) with {source}")
+        retrying(s3.download_file, source, path, bar, 4)
         if path.stat().st_size != size:
-            raise s3.StorageError(f"{join(uri, rel)}: size {path.stat().st_size} != manifest {size}")
+            path.unlink()
+            raise s3.StorageError(f"{source}: downloaded {path.stat().st_size} bytes, the manifest says {size}; "
+                                  "the object changed during the download, retry")
         if verify_hashes and digest and sha256_file(path) != digest:
             path.unlink()
-            raise s3.StorageError(f"{join(uri, rel)}: sha256 does not match the manifest; the object changed or is corrupt")
+            raise s3.StorageError(f"{source}: sha256 does not match the manifest; the object is corrupt or was "
+                                  "replaced without a new manifest - re-upload the directory")
 
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for fut in [pool.submit(fetch, *e) for e in todo]:
-                fut.result()
+        _run_parallel(fetch, todo, workers)
     finally:
         bar.close()
     if manifest is not None:
-        wanted = {rel for rel, _, _ in entries}
-        for path in sorted(local_dir.rglob("*"), reverse=True):
-            rel = path.relative_to(local_dir).as_posix()
-            if path.is_file() and rel not in wanted and rel != MANIFEST_NAME:
-                path.unlink()  # stale files from an older version of this prefix
-        tmp = local_dir / (MANIFEST_NAME + ".tmp")
-        import json
-
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, local_dir / MANIFEST_NAME)
-    log.info("downloaded %d of %d files (%.1f MiB) from %s at %.1f MiB/s", len(todo), len(entries), bar.total / 2**20, uri, bar.rate / 2**20)
+        owned = None if not in_place else {f["path"] for f in (previous or {}).get("files", [])}
+        _remove_stale(work.resolve(), {rel for rel, _, _ in entries}, owned)
+        tmp = work / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        os.replace(tmp, work / MANIFEST_NAME)  # local completion marker, last
+    if not in_place:
+        try:
+            os.rename(work, local_dir)
+        except OSError:
+            if not local_dir.is_dir():
+                raise
+            shutil.rmtree(work, ignore_errors=True)  # a concurrent download finished first
+            log.info("%s appeared while downloading %s; kept the existing copy", local_dir, uri)
+    log.info("downloaded %d of %d files (%.1f MiB) from %s at %.1f MiB/s", len(todo), len(entries),
+             bar.total / 2**20, uri, bar.rate / 2**20)
     return manifest
 
 
-__all__ = ["upload_dir", "download_dir", "build_manifest"]
+__all__ = ["Progress", "check_symlinks", "download_dir", "local_manifest", "upload_dir"]

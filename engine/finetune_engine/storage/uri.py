@@ -1,35 +1,52 @@
-"""Bucket URIs: ``s3://bucket/prefix`` (or bare ``bucket/prefix``) and safe local key mapping."""
+"""Bucket URIs (``s3://bucket/prefix`` or bare ``bucket/prefix``) and safe mapping of keys to local paths."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+# S3 bucket naming rules: 3-63 chars, lowercase letters, digits, dots and hyphens, no IP address form.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 class StorageURIError(ValueError):
-    pass
+    """A malformed bucket URI or a scheme other than s3://."""
 
 
 class UnsafeKeyError(ValueError):
-    """A bucket key that would land outside the target directory."""
+    """An object key (or a symlink) that would read or write outside the directory it belongs to."""
+
+
+def validate_bucket(name: str, uri: str | None = None) -> str:
+    where = f"{uri}: " if uri else ""
+    if not _BUCKET.match(name) or ".." in name or ".-" in name or "-." in name or _IP.match(name):
+        raise StorageURIError(
+            f"{where}{name!r} is not a valid bucket name (3-63 characters of a-z, 0-9, '.', '-', "
+            "starting and ending with a letter or digit)"
+        )
+    return name
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
-    """(bucket, key prefix) of ``s3://bucket/prefix`` or ``bucket/prefix``."""
+    """(bucket, key prefix without slashes at the ends) of ``s3://bucket/prefix`` or ``bucket/prefix``."""
     if not isinstance(uri, str) or not uri.strip():
-        raise StorageURIError(f"empty bucket URI {uri!r}")
+        raise StorageURIError(f"empty bucket URI {uri!r}; expected s3://bucket/prefix")
     rest = uri
     if "://" in uri:
         scheme, _, rest = uri.partition("://")
-        if scheme != "s3":
-            raise StorageURIError(f"{uri}: only s3:// URIs are supported (S3, MinIO, SeaweedFS, Ceph), not {scheme}://")
+        if scheme.lower() != "s3":
+            raise StorageURIError(
+                f"{uri}: only s3:// URIs are supported (AWS S3, MinIO, SeaweedFS, Ceph, rclone), not {scheme}://; "
+                "point AWS_ENDPOINT_URL at an S3-compatible server instead"
+            )
+    elif ":" in uri.split("/", 1)[0]:
+        raise StorageURIError(f"{uri}: not a bucket URI; expected s3://bucket/prefix")
     bucket, _, key = rest.partition("/")
-    if not _BUCKET.match(bucket) or ".." in bucket:
-        raise StorageURIError(f"{uri}: {bucket!r} is not a valid bucket name (3-63 of a-z 0-9 . -)")
+    validate_bucket(bucket, uri)
     if "\\" in key or "\x00" in key:
-        raise StorageURIError(f"{uri}: backslashes and NUL are not allowed in keys")
+        raise StorageURIError(f"{uri}: backslashes and NUL characters are not allowed in bucket paths")
     parts = [p for p in key.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise StorageURIError(f"{uri}: '.' and '..' are not allowed in bucket paths")
@@ -37,30 +54,43 @@ def parse_uri(uri: str) -> tuple[str, str]:
 
 
 def join(uri: str, *parts: str) -> str:
+    """``join("s3://b/exp", "checkpoint-1", "x.json") == "s3://b/exp/checkpoint-1/x.json"``."""
     bucket, key = parse_uri(uri)
+    pieces = [key] if key else []
     for part in parts:
         for piece in part.split("/"):
-            if piece in (".", ".."):
-                raise StorageURIError(f"cannot join {part!r}: '.' and '..' are not allowed")
-    tail = "/".join(p.strip("/") for p in (key, *parts) if p and p.strip("/"))
-    return f"s3://{bucket}/{tail}" if tail else f"s3://{bucket}"
+            if piece in (".", "..") or "\\" in piece or "\x00" in piece:
+                raise StorageURIError(f"cannot join {part!r} to {uri}: '.', '..', backslash and NUL are not allowed")
+            if piece:
+                pieces.append(piece)
+    return f"s3://{bucket}/{'/'.join(pieces)}" if pieces else f"s3://{bucket}"
+
+
+def check_relative_key(key: str) -> str:
+    """Raise UnsafeKeyError unless ``key`` is a plain relative POSIX path (no '..', '.', '//', '\\', drive, NUL)."""
+    parts = key.split("/") if isinstance(key, str) else []
+    bad = (
+        not isinstance(key, str)
+        or not key
+        or key.startswith(("/", "\\"))
+        or "\\" in key
+        or "\x00" in key
+        or _DRIVE.match(key) is not None
+        or any(p in ("", ".", "..") for p in parts)
+    )
+    if bad:
+        raise UnsafeKeyError(
+            f"refusing unsafe object key {key!r}: absolute, drive/UNC/backslash form, or '.'/'..'/empty components "
+            "could resolve outside the target directory; remove or rename the object"
+        )
+    return key
 
 
 def safe_local_path(root: Path, relative_key: str) -> Path:
-    """The local path of ``relative_key`` under ``root``; UnsafeKeyError if it could escape it."""
-    bad = (
-        not relative_key
-        or relative_key.startswith(("/", "\\"))
-        or "\\" in relative_key
-        or "\x00" in relative_key
-        or re.match(r"^[A-Za-z]:", relative_key) is not None
-        or any(p in ("..", ".") for p in relative_key.split("/"))
-        or any(p == "" for p in relative_key.split("/")[:-1])
-    )
-    if bad:
-        raise UnsafeKeyError(f"refusing unsafe object key {relative_key!r}: it could resolve outside {root}")
-    root = root.resolve()
+    """The local path of ``relative_key`` under ``root``; UnsafeKeyError if it could escape it (symlinks too)."""
+    check_relative_key(relative_key)
+    root = Path(root).resolve()
     target = (root / relative_key).resolve()
-    if target != root and root not in target.parents:
-        raise UnsafeKeyError(f"refusing object key {relative_key!r}: resolves outside {root}")
+    if target == root or root not in target.parents:
+        raise UnsafeKeyError(f"refusing object key {relative_key!r}: it resolves to {target}, outside {root}")
     return target
