@@ -1,30 +1,46 @@
 #!/usr/bin/env bash
-# The main job on one machine: start the embedded S3 server, build the tiny model, deliver model and
-# data into the bucket, fine-tune with LoRA through the same train job a pod runs (checkpoints
-# uploaded as they are saved), pull the merged model and chat with it. State: $FINETUNE_DEMO_DIR.
+# The main job on one machine: the tutorial DAG end to end with `airflow dags test` on the local
+# runner — embedded S3 server, tiny model built here, deliver -> 3-rank LoRA sweep -> pick best ->
+# merge -> serve with vLLM (CPU) -> chat. State lives in $FINETUNE_DEMO_DIR (default .work/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+t0=$(date +%s)
+./scripts/setup.sh &
+setup_pid=$!
+./scripts/setup-vllm.sh          # in parallel with the main venv: the two installs are independent
+wait $setup_pid
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false DISABLE_MLFLOW_INTEGRATION=${DISABLE_MLFLOW_INTEGRATION:-TRUE}
-DEMO=${FINETUNE_DEMO_DIR:-.work}
-PY=.venv/bin/python
+DEMO=$(mkdir -p "${FINETUNE_DEMO_DIR:-.work}" && cd "${FINETUNE_DEMO_DIR:-.work}" && pwd)
 ENGINE=.venv/bin/finetune-engine
-mkdir -p "$DEMO"
 $ENGINE local-s3 start --dir "$DEMO/s3"
 set -a; . "$DEMO/s3/s3.env"; set +a
-B="s3://$FINETUNE_BUCKET"
-[[ -f $DEMO/tiny-model/config.json ]] || $PY -m finetune_engine.tiny model "$DEMO/tiny-model" >/dev/null
-$ENGINE deliver-model "$DEMO/tiny-model" "$B/models/local/tiny-model"
-FINETUNE_DATA_SCRIPT=$(cat examples/tiny_data_script.py) $ENGINE deliver-data "$B/datasets/"
-$ENGINE train-job --config engine/configs/tiny-sft-lora.yaml \
-  --set "run_conf.model=$B/models/local/tiny-model" \
-  --set "data_conf.training_data.datasets[0].path=$B/datasets/tiny-chat.jsonl" \
-  --checkpoint-uri "$B/experiments/demo/tiny-sft-lora" \
-  --workdir "$DEMO/workdir" --result-file "$DEMO/result.json"
-$ENGINE pull "$B/experiments/demo/tiny-sft-lora/checkpoint-final" "$DEMO/final-model"
-$PY -m finetune_engine.cli.chat "$DEMO/final-model" "What is the capital of France?" 2>/dev/null
+[[ -f $DEMO/tiny-model/config.json ]] || .venv/bin/python -m finetune_engine.tiny model "$DEMO/tiny-model" >/dev/null
+
+export AIRFLOW_HOME="$DEMO/airflow" AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__FINETUNE__RUNNER=local AIRFLOW__FINETUNE__LOCAL_WORKDIR="$DEMO/work" AIRFLOW__FINETUNE__BUCKET="$FINETUNE_BUCKET"
+export AIRFLOW__FINETUNE__VLLM_PYTHON="$PWD/.venv-vllm/bin/python"
+export AIRFLOW_CONN_AWS_DEFAULT="{\"conn_type\": \"aws\", \"login\": \"$AWS_ACCESS_KEY_ID\", \"password\": \"$AWS_SECRET_ACCESS_KEY\", \"extra\": {\"endpoint_url\": \"$AWS_ENDPOINT_URL\"}}"
+export FINETUNE_TUTORIAL_MODEL="$DEMO/tiny-model" FINETUNE_TUTORIAL_DATA_SCRIPT=examples/tiny_data_script.py \
+       FINETUNE_TUTORIAL_DATASET_FILE=tiny-chat.jsonl FINETUNE_TUTORIAL_CONFIG=engine/configs/tiny-sft-lora.yaml \
+       FINETUNE_TUTORIAL_KEEP_SERVING=${FINETUNE_TUTORIAL_KEEP_SERVING:-true}
+ENDPOINT_S3=$AWS_ENDPOINT_URL
+unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL   # the tasks get them from the connection
+.venv/bin/airflow db migrate >/dev/null
+conf='{"ranks": [4, 8, 16], "max_steps": 40, "gpus": 0, "run_name": "demo", "question": "What is the capital of France?"}'
+.venv/bin/airflow dags test finetune_tutorial -c "$conf" > "$DEMO/tutorial-run.log" 2>&1 || {
+  echo "the tutorial DAG failed; see $DEMO/tutorial-run.log"; tail -40 "$DEMO/tutorial-run.log"; exit 1; }
+grep -q "state=success" "$DEMO/tutorial-run.log" || { echo "the tutorial DAG did not succeed; see $DEMO/tutorial-run.log"; exit 1; }
 echo
-echo "result:        $DEMO/result.json"
-echo "bucket:        $B/experiments/demo/tiny-sft-lora/ (files under $DEMO/s3/data/)"
-echo "merged model:  $DEMO/final-model"
-echo "S3 server:     $AWS_ENDPOINT_URL (keys in $DEMO/s3/s3.env; stop: $ENGINE local-s3 stop --dir $DEMO/s3)"
+grep -E "eval loss by rank" "$DEMO/tutorial-run.log" | sed 's/^.*eval loss/eval loss/' | head -1
+grep -A1 -E "^user: " "$DEMO/tutorial-run.log" | head -2
+endpoint=$(grep -oE "endpoint: http://127.0.0.1:[0-9]+/v1" "$DEMO/tutorial-run.log" | head -1 | cut -d' ' -f2)
+echo
+echo "time to first chat: $(( $(date +%s) - t0 ))s (installs included)"
+echo "DAG run log:   $DEMO/tutorial-run.log (Airflow home $DEMO/airflow)"
+echo "bucket:        s3://$FINETUNE_BUCKET/experiments/tutorial/demo/ (files under $DEMO/s3/data/)"
+echo "S3 server:     $ENDPOINT_S3 (keys in $DEMO/s3/s3.env; stop: $ENGINE local-s3 stop --dir $DEMO/s3)"
+if [[ $FINETUNE_TUTORIAL_KEEP_SERVING == true && -n $endpoint ]]; then
+  echo "vLLM serving:  $endpoint — chat with it:"
+  echo "  curl $endpoint/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"tutorial\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 3 plus 4?\"}]}'"
+  echo "  stop it:     kill \$(cat $DEMO/work/serving/*/server.pid)"
+fi
