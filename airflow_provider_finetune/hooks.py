@@ -6,6 +6,9 @@ same references from Airflow connections here. Nothing here logs a secret value.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 BUCKET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -32,6 +35,24 @@ def bucket_settings(conn_id: str) -> dict[str, str]:
     if endpoint:
         out["AWS_ENDPOINT_URL"] = endpoint
     return out
+
+
+@contextlib.contextmanager
+def bucket_env(conn_id: str) -> Iterator[dict[str, str]]:
+    """The bucket connection as the standard AWS variables (what the engine's storage layer reads)
+    for the duration of the block; the previous environment is restored afterwards."""
+    values = bucket_settings(conn_id)
+    saved = {k: os.environ.get(k) for k in (*values, "AWS_ENDPOINT_URL")}
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    os.environ.update({k: v for k, v in values.items() if v})
+    try:
+        yield values
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def hf_token(conn_id: str) -> str | None:

@@ -87,13 +87,10 @@ with DAG(
     @task(trigger_rule="all_done")
     def pick_best(results: list[dict | None], swept: list[int]) -> dict:
         """Lowest eval loss wins; ties go to the smaller rank; failed ranks are reported and skipped."""
-        done = [r for r in results if r and r.get("final_eval_loss") is not None]
-        failed = sorted(set(swept) - {r.get("lora_rank") for r in done})
-        if not done:
-            raise RuntimeError(f"no rank finished (failed: {failed}); see the sweep task logs")
-        best = min(done, key=lambda r: (r["final_eval_loss"], r.get("lora_rank", 0)))
-        table = ", ".join(f"r={r.get('lora_rank')}: {r['final_eval_loss']:.4f}" for r in sorted(done, key=lambda r: r.get("lora_rank", 0)))
-        print(f"eval loss by rank: {table}; failed ranks: {failed or 'none'}; best: r={best.get('lora_rank')}")
+        from airflow_provider_finetune.selection import pick_best
+
+        best, summary = pick_best(results, swept)
+        print(summary)
         return best
 
     best = pick_best(sweep.output, swept)

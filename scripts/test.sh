@@ -2,8 +2,13 @@
 # The whole suite, CPU only. Tests start their own servers (S3, MLflow) on loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup-browser.sh &   # Chromium for the UI tests, in parallel with the venvs
+browser_pid=$!
+./scripts/setup-vllm.sh &      # real vLLM (CPU) for the serving tests; its own venv, independent
+vllm_pid=$!
 ./scripts/setup.sh
-./scripts/setup-vllm.sh   # real vLLM (CPU) for the serving tests
+wait $vllm_pid
+wait $browser_pid
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m finetune_engine.config.generate --check
 .venv/bin/ruff check airflow_provider_finetune engine dags tests scripts

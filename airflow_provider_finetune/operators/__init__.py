@@ -4,7 +4,8 @@
 """
 
 from airflow_provider_finetune.operators.deliver import DataScriptToBucketOperator, HFModelToBucketOperator
+from airflow_provider_finetune.operators.evaluate import EvaluateModelsOperator
 from airflow_provider_finetune.operators.finetune import FinetuneKubernetesOperator
 from airflow_provider_finetune.operators.merge import MergeAdapterOperator
 
-__all__ = ["DataScriptToBucketOperator", "FinetuneKubernetesOperator", "HFModelToBucketOperator", "MergeAdapterOperator"]
+__all__ = ["DataScriptToBucketOperator", "EvaluateModelsOperator", "FinetuneKubernetesOperator", "HFModelToBucketOperator", "MergeAdapterOperator"]

@@ -226,15 +226,12 @@ class FinetuneKubernetesOperator(EngineJobOperator):
 
     def read_remote_result(self, checkpoint_uri: str) -> dict:
         import json
-        import os
         import tempfile
 
-        from airflow_provider_finetune.hooks import bucket_settings
-
-        os.environ.update(bucket_settings(self.bucket_conn_id or settings.get("bucket_conn_id")))
+        from airflow_provider_finetune.hooks import bucket_env
         from finetune_engine.storage import download_file
 
-        with tempfile.TemporaryDirectory() as tmp:
+        with bucket_env(self.bucket_conn_id or settings.get("bucket_conn_id")), tempfile.TemporaryDirectory() as tmp:
             download_file(f"{checkpoint_uri}/result.json", f"{tmp}/result.json")
             with open(f"{tmp}/result.json") as f:
                 return json.load(f)

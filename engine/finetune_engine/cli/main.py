@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deliver-data": ("finetune_engine.jobs.deliver_data", "Pod job: data script or URLs -> validated JSONL in the bucket."),
     "local-s3": ("finetune_engine.storage.local_server", "Start/stop the embedded local S3 server (rclone serve s3)."),
     "merge-job": ("finetune_engine.jobs.merge", "Pod job: merge an adapter from the bucket into its base, upload it."),
+    "eval-job": ("finetune_engine.jobs.evaluate", "Pod job: score models on the same held-out data (assistant-token loss)."),
     "pull": ("finetune_engine.jobs.pull", "Download a complete bucket prefix (waits for its marker)."),
     "finetuning": ("finetune_engine.cli.finetuning", "Run SFT/DPO from a config (same as the `finetuning` command)."),
     "merge-adapter": ("finetune_engine.merge", "Merge an adapter into its base (the seed's merge_adapter)."),

@@ -1,0 +1,129 @@
+"""Champion/challenger bookkeeping for retraining DAGs.
+
+The current champion of a model line is one JSON object in the bucket,
+``s3://<bucket>/champions/<line>/champion.json``: its model URI, the experiment config it was
+trained with (the next challenger starts from it), its held-out loss and where it came from.
+Every decision, promoted or not, is kept beside it under ``decisions/<run id>.json``, so the history
+of a line can be read back from the bucket alone. Reads and writes go through the amazon
+provider's ``S3Hook`` on the bucket connection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow_provider_finetune.exceptions import FinetuneConfigError
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    reason: str
+    challenger_uri: str
+    challenger_loss: float
+    champion_uri: str | None = None
+    champion_loss: float | None = None
+    improvement: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(scores: list[dict[str, Any]], challenger_uri: str, champion_uri: str | None,
+           min_improvement: float = 0.0) -> Decision:
+    """Promote the challenger only when its held-out loss beats the champion's by more than
+    ``min_improvement`` (absolute). With no champion yet, the challenger is promoted. Both losses
+    must come from the same evaluation (same held-out data, same code)."""
+    by_uri = {s["model_uri"]: s for s in scores}
+    if challenger_uri not in by_uri:
+        raise ValueError(f"the evaluation has no score for the challenger {challenger_uri}")
+    challenger = float(by_uri[challenger_uri]["eval_loss"])
+    if challenger != challenger:  # NaN
+        return Decision(False, "the challenger's held-out loss is NaN", challenger_uri, challenger,
+                        champion_uri, by_uri.get(champion_uri or "", {}).get("eval_loss"))
+    if not champion_uri:
+        return Decision(True, "no champion yet: the first challenger becomes the champion", challenger_uri, challenger)
+    if champion_uri not in by_uri:
+        raise ValueError(f"the evaluation has no score for the champion {champion_uri}")
+    champion = float(by_uri[champion_uri]["eval_loss"])
+    gain = champion - challenger
+    if gain > min_improvement:
+        reason = f"challenger loss {challenger:.4f} beats champion {champion:.4f} by {gain:.4f} (> {min_improvement})"
+        return Decision(True, reason, challenger_uri, challenger, champion_uri, champion, gain)
+    reason = f"challenger loss {challenger:.4f} does not beat champion {champion:.4f} by more than {min_improvement}"
+    return Decision(False, reason, challenger_uri, challenger, champion_uri, champion, gain)
+
+
+class ChampionStore:
+    """The champion record of one model line in the bucket."""
+
+    def __init__(self, bucket: str, line: str, conn_id: str):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", line or ""):
+            raise FinetuneConfigError(f"model line {line!r}: use letters, digits, '.', '_' and '-' (it names a bucket prefix)")
+        self.bucket = bucket
+        self.line = line
+        self.conn_id = conn_id
+        self.prefix = f"champions/{line}"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}/champion.json"
+
+    def _hook(self):
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        return S3Hook(aws_conn_id=self.conn_id)
+
+    def read(self) -> dict[str, Any] | None:
+        hook = self._hook()
+        key = f"{self.prefix}/champion.json"
+        if not hook.check_for_key(key, bucket_name=self.bucket):
+            return None
+        text = hook.read_key(key, bucket_name=self.bucket)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise FinetuneConfigError(f"{self.uri} is not valid JSON ({err}); fix or delete it to start the line over") from None
+        for name in ("model_uri", "config"):
+            if not record.get(name):
+                raise FinetuneConfigError(f"{self.uri} has no {name!r}; fix or delete it to start the line over")
+        return record
+
+    def record(self, run_id: str, decision: Decision, record: dict[str, Any] | None) -> str:
+        """Keep the decision; when promoted, replace the champion record (decision first, so the
+        champion never points at an unrecorded promotion)."""
+        hook = self._hook()
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        safe_run = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")
+        key = f"{self.prefix}/decisions/{safe_run}.json"
+        hook.load_string(json.dumps({**decision.as_dict(), "run_id": run_id, "decided_at": stamp}, indent=1, sort_keys=True),
+                         key=key, bucket_name=self.bucket, replace=True)
+        if decision.promoted and record is not None:
+            body = {**record, "promoted_at": stamp, "run_id": run_id, "eval_loss": decision.challenger_loss}
+            hook.load_string(json.dumps(body, indent=1, sort_keys=True), key=f"{self.prefix}/champion.json",
+                             bucket_name=self.bucket, replace=True)
+        return f"s3://{self.bucket}/{key}"
+
+
+def tag_mlflow_run(tracking_uri: str | None, run_id: str | None, tags: dict[str, str], timeout: float = 10) -> bool:
+    """Set tags on an MLflow run through the tracking server's REST API. Returns False (never
+    raises) when tracking is off or the server cannot be reached: the decision itself is already
+    recorded in the bucket."""
+    if not tracking_uri or not run_id or not tracking_uri.startswith(("http://", "https://")):
+        return False
+    import requests
+
+    for key, value in tags.items():
+        try:
+            r = requests.post(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/runs/set-tag",
+                              json={"run_id": run_id, "key": key, "value": str(value)}, timeout=timeout)
+        except requests.RequestException:
+            return False
+        if r.status_code != 200:
+            return False
+    return True
