@@ -9,16 +9,17 @@ allowed). Every file is validated before anything is uploaded; one bad file uplo
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
 import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,43 +53,119 @@ def run_script(script: str, out_dir: Path, timeout: float, python: str = sys.exe
         raise DeliveryError(f"data script exited with {rc}; nothing was uploaded")
 
 
-def check_url(url: str, allow_private: bool = False) -> None:
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+
+
+def resolve_url(url: str, allow_private: bool = False, allow_networks: list[str] | None = None) -> tuple[str, str]:
+    """Check one URL (or redirect target) and resolve its host once: returns ``(url, address)``.
+
+    The caller connects to ``address`` itself, so a second DNS answer (rebinding) cannot swap in a
+    private address after the check. Every resolved address must pass: loopback, private, link-local
+    (cloud metadata 169.254.169.254), multicast, reserved and unspecified ones are refused unless
+    ``allow_private`` or the address lies in one of ``allow_networks`` (CIDRs, e.g. ``10.0.5.0/24``).
+    """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise DeliveryError(f"{url}: only http(s) URLs can be fetched")
-    if allow_private:
-        return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise DeliveryError(f"{url}: bad port") from None
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise DeliveryError(f"{url}: cannot resolve {parts.hostname} ({err})") from None
+    networks = [ipaddress.ip_network(n, strict=False) for n in allow_networks or []]
+    addresses = []
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not allow_private and _forbidden(ip) and not any(ip in net for net in networks):
             raise DeliveryError(
                 f"{url}: {parts.hostname} resolves to {ip}, a loopback/private/link-local/metadata address; "
-                "pass --allow-private-urls if this is intended"
+                "pass --allow-private-urls (or --allow-network CIDR) if this is intended"
             )
+        addresses.append(str(ip))
+    if not addresses:
+        raise DeliveryError(f"{url}: {parts.hostname} has no address")
+    return url, addresses[0]
 
 
-def fetch_urls(urls: list[str], out_dir: Path, allow_private: bool, timeout: float) -> None:
+def check_url(url: str, allow_private: bool = False, allow_networks: list[str] | None = None) -> None:
+    resolve_url(url, allow_private, allow_networks)
+
+
+def _open_pinned(url: str, address: str, timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url`` over a connection to the already checked ``address`` (TLS still verifies the
+    URL's host name). Environment proxies are not used: they would resolve the name again."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
+    conn._create_connection = lambda _addr, tmo=timeout, src=None: socket.create_connection((address, port), tmo, src)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request("GET", target, headers={"User-Agent": "finetune-engine deliver-data", "Accept-Encoding": "identity"})
+        return conn, conn.getresponse()
+    except (OSError, http.client.HTTPException) as err:
+        conn.close()
+        raise DeliveryError(f"{url}: request failed ({type(err).__name__}: {err})") from None
+
+
+def fetch_urls(urls: list[str], out_dir: Path, allow_private: bool, timeout: float,
+               allow_networks: list[str] | None = None, max_redirects: int = MAX_REDIRECTS) -> None:
+    """Download each URL into ``out_dir`` under the file name of the URL as given.
+
+    Redirects are followed by hand, at most ``max_redirects`` hops, and every hop's target is checked
+    and resolved like the first URL, so an allowed server cannot redirect the job to a loopback,
+    private or metadata address.
+    """
     for url in urls:
-        check_url(url, allow_private)
         name = Path(urllib.parse.urlsplit(url).path).name
         if not name:
             raise DeliveryError(f"{url}: the URL names no file")
-        log.info("fetching %s", url)
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(out_dir / name, "wb") as f:  # noqa: S310 - scheme checked
-            total = 0
-            while chunk := resp.read(1 << 20):
-                total += len(chunk)
-                if total > MAX_URL_BYTES:
-                    raise DeliveryError(f"{url}: larger than {MAX_URL_BYTES >> 30} GiB")
-                f.write(chunk)
+        current = url
+        for hop in range(max_redirects + 1):
+            current, address = resolve_url(current, allow_private, allow_networks)
+            log.info("fetching %s (%s)", current, address)
+            conn, resp = _open_pinned(current, address, timeout)
+            try:
+                if resp.status in _REDIRECTS:
+                    location = resp.getheader("Location")
+                    if not location:
+                        raise DeliveryError(f"{current}: HTTP {resp.status} without a Location header")
+                    if hop == max_redirects:
+                        raise DeliveryError(f"{url}: more than {max_redirects} redirects")
+                    current = urllib.parse.urljoin(current, location)
+                    log.info("redirected to %s", current)
+                    continue
+                if resp.status != 200:
+                    raise DeliveryError(f"{current}: HTTP {resp.status} {resp.reason}")
+                total = 0
+                with open(out_dir / name, "wb") as f:
+                    while chunk := resp.read(1 << 20):
+                        total += len(chunk)
+                        if total > MAX_URL_BYTES:
+                            raise DeliveryError(f"{url}: larger than {MAX_URL_BYTES >> 30} GiB")
+                        f.write(chunk)
+                log.info("fetched %s: %d bytes", name, total)
+                break
+            finally:
+                conn.close()
 
 
 def deliver_data(destination: str, script: str | None = None, urls: list[str] | None = None, method: str = "sft",
-                 timeout: float = 3600, allow_private_urls: bool = False, workdir: Path | None = None) -> dict:
+                 timeout: float = 3600, allow_private_urls: bool = False, workdir: Path | None = None,
+                 allow_networks: list[str] | None = None) -> dict:
     from finetune_engine.data.validate import validate_files
     from finetune_engine.storage import join, upload_file
 
@@ -100,7 +177,7 @@ def deliver_data(destination: str, script: str | None = None, urls: list[str] | 
         if script:
             run_script(script, out_dir, timeout)
         else:
-            fetch_urls(urls or [], out_dir, allow_private_urls, timeout)
+            fetch_urls(urls or [], out_dir, allow_private_urls, timeout, allow_networks)
         files = sorted(p for p in out_dir.rglob("*") if p.is_file())
         if not files:
             raise DeliveryError(f"no files were produced in ${DATA_DIR_ENV}; nothing was uploaded")
@@ -129,14 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--url", action="append", default=[], help="http(s) URL of a JSONL file (repeatable).")
     parser.add_argument("--method", default="sft", choices=["sft", "dpo", "kto"], help="Validate for this method.")
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds the script or downloads may take.")
-    parser.add_argument("--allow-private-urls", action="store_true")
+    parser.add_argument("--allow-private-urls", action="store_true", help="Allow any private/loopback address.")
+    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                        help="Allow private addresses in this network only (repeatable), e.g. 10.0.5.0/24.")
     parser.add_argument("--result-file", default=None)
     parser.add_argument("--logging-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.logging_level)
     script = Path(args.script).read_text(encoding="utf-8") if args.script else (None if args.url else os.environ.get(SCRIPT_ENV))
     try:
-        result = deliver_data(args.destination, script, args.url, args.method, args.timeout, args.allow_private_urls)
+        result = deliver_data(args.destination, script, args.url, args.method, args.timeout, args.allow_private_urls,
+                              allow_networks=args.allow_network)
     except (DeliveryError, DataValidationError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
