@@ -56,6 +56,13 @@ def get_provider_info() -> dict:
                 },
             }
         },
+        "triggers": [
+            {"integration-name": "Fine-tune", "python-modules": ["airflow_provider_finetune.triggers.deployment"]},
+        ],
+        # No "connection-types": the bucket is the amazon provider's `aws` connection (login/password =
+        # keys, extra endpoint_url), the cluster the cncf provider's `kubernetes` one, and the Hub token
+        # the password of any connection ([finetune] hf_conn_id; `generic` works). Those types already
+        # have their UI fields; declaring our own would need a hook per type and shadow theirs.
         "extra-links": [
             "airflow_provider_finetune.links.MLflowRunLink",
             "airflow_provider_finetune.links.ServedEndpointLink",

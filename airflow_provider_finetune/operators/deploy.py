@@ -3,6 +3,7 @@ OpenAI server — a Deployment + Service on the cluster, or a local vLLM process
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.links import ServedEndpointLink
 from airflow_provider_finetune.pods.serving import (
     ServeSpec,
+    build_httproute,
+    build_ingress,
     build_vllm_deployment,
     build_vllm_service,
     check_lora_ranks,
@@ -39,6 +43,39 @@ def chat_once(base_url: str, model: str, question: str, timeout: float = 120, ma
         return json.loads(resp.read())["choices"][0]["message"]["content"]
 
 
+def proxy_post_json(api_client: Any, namespace: str, service: str, path: str, body: dict, timeout: float = 120) -> dict:
+    """POST ``body`` as JSON to ``path`` of a Service through the Kubernetes API server's proxy.
+
+    ``CoreV1Api.connect_post_namespaced_service_proxy_with_path`` takes no body, so the request is
+    made with the client's ``call_api`` (same auth, TLS and host as every other call). ``service``
+    may name the port (``name:http``); ``path`` stays literal (the generated method would encode
+    its slashes).
+    """
+    resp = api_client.call_api(
+        f"/api/v1/namespaces/{{namespace}}/services/{{name}}/proxy/{path.lstrip('/')}", "POST",
+        path_params={"namespace": namespace, "name": service},
+        header_params={"Accept": "application/json", "Content-Type": "application/json"},
+        body=body, auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+        _request_timeout=timeout,
+    )
+    return json.loads(resp.data)
+
+
+INGRESS_KEYS = ("host", "ingress_class", "tls_secret")
+HTTPROUTE_KEYS = ("gateway", "hostnames", "gateway_namespace", "section_name")
+
+
+def _route_kwargs(option: str, value: Any, allowed: tuple[str, ...], required: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FinetuneConfigError(f"{option} must be a mapping with keys {list(allowed)}, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise FinetuneConfigError(f"{option}: unknown keys {unknown}; use {list(allowed)}")
+    if not value.get(required):
+        raise FinetuneConfigError(f"{option}.{required} is required")
+    return dict(value)
+
+
 class DeployVLLMOperator(BaseOperator):
     """Serve ``model_uri`` (a complete bucket prefix) with vLLM, optionally with LoRA adapters.
 
@@ -51,9 +88,19 @@ class DeployVLLMOperator(BaseOperator):
     :param smoke_question: asked once through ``/v1/chat/completions`` after the server is ready.
     :param keep_running: local runner: leave the server running after the task (stop it with
         UndeployVLLMOperator) or stop it at the end of the task.
+    :param deferrable: cluster: wait for readiness in the triggerer (DeploymentReadyTrigger) instead
+        of on a worker; default ``[operators] default_deferrable``.
+    :param poll_interval: seconds between readiness checks.
+    :param ingress: cluster, off by default: also create an Ingress to the Service,
+        ``{"host": ..., "ingress_class": ..., "tls_secret": ...}`` (host required).
+    :param http_route: cluster, off by default: also create a Gateway API HTTPRoute,
+        ``{"gateway": ..., "hostnames": [...], "gateway_namespace": ..., "section_name": ...}``.
+        Both need RBAC for ``ingresses`` / ``httproutes`` (create, patch/update, delete) beyond
+        deploy/rbac.yaml.
     """
 
-    template_fields: Sequence[str] = ("model_uri", "served_model_name", "adapters", "adapter_ranks", "smoke_question", "gpus")
+    template_fields: Sequence[str] = ("model_uri", "served_model_name", "adapters", "adapter_ranks", "smoke_question", "gpus",
+                                      "ingress", "http_route")
     operator_extra_links = (ServedEndpointLink(),)
     ui_color = "#d8f0e8"
 
@@ -63,8 +110,17 @@ class DeployVLLMOperator(BaseOperator):
                  runner: str | None = None, namespace: str | None = None, kubernetes_conn_id: str | None = None,
                  smoke_question: str | None = "Hello! Who are you?", keep_running: bool = True,
                  ready_timeout: float = 3600, local_port: int | None = None, bucket_conn_id: str | None = None,
-                 **kwargs: Any) -> None:
+                 deferrable: bool | None = None, poll_interval: float = 15, ingress: dict[str, Any] | None = None,
+                 http_route: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if deferrable is None:
+            from airflow.sdk import conf
+
+            deferrable = conf.getboolean("operators", "default_deferrable", fallback=False)
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.ingress = ingress
+        self.http_route = http_route
         self.model_uri = model_uri
         self.served_model_name = served_model_name
         self.adapters = adapters or {}
@@ -107,6 +163,10 @@ class DeployVLLMOperator(BaseOperator):
             check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank)
         except ValueError as err:
             raise FinetuneConfigError(str(err)) from None
+        if self.ingress:
+            _route_kwargs("ingress", self.ingress, INGRESS_KEYS, "host")
+        if self.http_route:
+            _route_kwargs("http_route", self.http_route, HTTPROUTE_KEYS, "gateway")
 
     def execute(self, context: Any) -> dict[str, Any]:
         self.validate()
@@ -126,47 +186,100 @@ class DeployVLLMOperator(BaseOperator):
         api = hook.api_client
         return client.AppsV1Api(api), client.CoreV1Api(api)
 
+    def route_manifests(self, spec: ServeSpec) -> list[dict[str, Any]]:
+        """The optional Ingress / HTTPRoute (none unless ``ingress`` / ``http_route`` is given)."""
+        docs = []
+        if self.ingress:
+            docs.append(build_ingress(spec, **_route_kwargs("ingress", self.ingress, INGRESS_KEYS, "host")))
+        if self.http_route:
+            docs.append(build_httproute(spec, **_route_kwargs("http_route", self.http_route, HTTPROUTE_KEYS, "gateway")))
+        return docs
+
     def execute_cluster(self, context: Any) -> dict[str, Any]:
+        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         spec = self.serve_spec()
         deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
+        routes = self.route_manifests(spec)
         apps, core = self._clients()
         ns, name = spec.namespace, deployment["metadata"]["name"]
-        # Created or replaced idempotently: a retry or a new run updates the same objects.
-        for kind, create, replace, body in (
+        custom, networking = client.CustomObjectsApi(core.api_client), client.NetworkingV1Api(core.api_client)
+        steps = [
             ("Deployment", apps.create_namespaced_deployment, apps.replace_namespaced_deployment, deployment),
             ("Service", core.create_namespaced_service, core.patch_namespaced_service, service),
-        ):
+        ]
+        for doc in routes:
+            if doc["kind"] == "Ingress":
+                steps.append(("Ingress", networking.create_namespaced_ingress, networking.replace_namespaced_ingress, doc))
+            else:  # a custom resource: an update without resourceVersion is refused, so merge-patch it
+                group, version = doc["apiVersion"].split("/")
+                steps.append((doc["kind"], functools.partial(custom.create_namespaced_custom_object, group, version, plural="httproutes"),
+                              functools.partial(custom.patch_namespaced_custom_object, group, version, plural="httproutes"), doc))
+        # Created or updated idempotently: a retry or a new run updates the same objects.
+        for kind, create, update, body in steps:
             try:
                 create(namespace=ns, body=body)
                 self.log.info("created %s %s/%s", kind, ns, name)
             except ApiException as err:
                 if err.status != 409:
-                    raise RuntimeError(f"Failed to create {kind} {ns}/{name}: {err.reason}") from err
-                replace(name=name, namespace=ns, body=body)
+                    raise RuntimeError(f"Failed to create {kind} {ns}/{name}: {err.status} {err.reason}") from err
+                update(name=name, namespace=ns, body=body)
                 self.log.info("updated %s %s/%s", kind, ns, name)
+        if self.deferrable:
+            from airflow_provider_finetune.triggers.deployment import DeploymentReadyTrigger
+
+            self.defer(
+                trigger=DeploymentReadyTrigger(name=name, namespace=ns, replicas=spec.replicas,
+                                               kubernetes_conn_id=self.kubernetes_conn_id or settings.get("kubernetes_conn_id"),
+                                               poll_interval=self.poll_interval, deadline=time.time() + self.ready_timeout),
+                method_name="execute_complete",
+                timeout=timedelta(seconds=self.ready_timeout + 300),
+            )
+        self.wait_ready(apps, name, ns, spec.replicas)
+        return self.smoke_and_result(core, name, ns)
+
+    def wait_ready(self, apps: Any, name: str, ns: str, replicas: int) -> None:
+        from airflow_provider_finetune.triggers.deployment import deployment_readiness
+
         deadline = time.monotonic() + self.ready_timeout
         while True:
-            status = apps.read_namespaced_deployment_status(name=name, namespace=ns).status
-            if (status.available_replicas or 0) >= spec.replicas and (status.updated_replicas or 0) >= spec.replicas:
-                break
+            doc = apps.api_client.sanitize_for_serialization(apps.read_namespaced_deployment_status(name=name, namespace=ns))
+            state, message = deployment_readiness(doc, replicas)
+            if state == "ready":
+                return
+            if state == "failed":
+                raise RuntimeError(f"Deployment {ns}/{name}: {message}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Deployment {ns}/{name} not ready within {self.ready_timeout:.0f}s")
-            self.log.info("waiting for %s/%s: %s of %s replicas available", ns, name, status.available_replicas or 0, spec.replicas)
-            time.sleep(15)
+                raise TimeoutError(f"Deployment {ns}/{name} not ready within {self.ready_timeout:.0f}s: {message}")
+            self.log.info("waiting for %s/%s: %s", ns, name, message)
+            time.sleep(self.poll_interval)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """Deferrable mode: the trigger saw the Deployment ready (or not); then the smoke test."""
+        where = f"{event.get('namespace')}/{event.get('name')}"
+        if event.get("status") != "ready":
+            raise RuntimeError(f"Deployment {where} {event.get('status')}: {event.get('message')}")
+        self.log.info("Deployment %s ready: %s", where, event.get("message"))
+        _, core = self._clients()
+        result = self.smoke_and_result(core, event["name"], event["namespace"])
+        ServedEndpointLink.persist(context, result.get("endpoint"))
+        return result
+
+    def smoke_and_result(self, core: Any, name: str, ns: str) -> dict[str, Any]:
         reply = None
         if self.smoke_question:
             body = {"model": self.served_model_name, "messages": [{"role": "user", "content": self.smoke_question}],
                     "max_tokens": 32, "temperature": 0}
-            raw = core.connect_post_namespaced_service_proxy_with_path(
-                name=f"{name}:http", namespace=ns, path="v1/chat/completions", body=body)
-            data = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+            data = proxy_post_json(core.api_client, ns, f"{name}:http", "v1/chat/completions", body)
             reply = data["choices"][0]["message"]["content"]
             self.log.info("smoke test: %r -> %r", self.smoke_question, reply)
-        endpoint = f"http://{name}.{ns}.svc.cluster.local/v1"
-        return {"endpoint": endpoint, "model": self.served_model_name, "deployment": f"{ns}/{name}", "smoke_reply": reply,
-                "adapters": sorted(self.adapters)}
+        result = {"endpoint": f"http://{name}.{ns}.svc.cluster.local/v1", "model": self.served_model_name,
+                  "deployment": f"{ns}/{name}", "smoke_reply": reply, "adapters": sorted(self.adapters)}
+        if self.ingress:
+            scheme = "https" if self.ingress.get("tls_secret") else "http"
+            result["ingress_endpoint"] = f"{scheme}://{self.ingress['host']}/v1"
+        return result
 
     # -- local ------------------------------------------------------------------------------------
 
@@ -238,19 +351,33 @@ class UndeployVLLMOperator(BaseOperator):
                                     namespace=self.namespace, kubernetes_conn_id=self.kubernetes_conn_id)
         if (self.runner or settings.get("runner") or "kubernetes").lower() == "local":
             return stop_local(deploy.local_dir())
+        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         apps, core = deploy._clients()
         spec = deploy.serve_spec()
-        name = dns_name(spec.name)
+        name, ns = dns_name(spec.name), spec.namespace
+        custom, networking = client.CustomObjectsApi(core.api_client), client.NetworkingV1Api(core.api_client)
         removed = False
-        for delete in (apps.delete_namespaced_deployment, core.delete_namespaced_service):
+        for kind, delete, optional in (
+            ("Deployment", apps.delete_namespaced_deployment, False),
+            ("Service", core.delete_namespaced_service, False),
+            # optional objects DeployVLLM creates only when asked: absent (404) or not allowed (403,
+            # RBAC without route rules) means there is nothing of ours to remove
+            ("Ingress", networking.delete_namespaced_ingress, True),
+            ("HTTPRoute", functools.partial(custom.delete_namespaced_custom_object, "gateway.networking.k8s.io", "v1",
+                                            plural="httproutes"), True),
+        ):
             try:
-                delete(name=name, namespace=spec.namespace)
+                delete(name=name, namespace=ns)
+                self.log.info("deleted %s %s/%s", kind, ns, name)
                 removed = True
             except ApiException as err:
-                if err.status != 404:
-                    raise
+                if err.status == 404 or optional and err.status == 403:
+                    if err.status == 403:
+                        self.log.warning("not allowed to delete %s %s/%s (RBAC); skipped", kind, ns, name)
+                    continue
+                raise
         return removed
 
 

@@ -1,5 +1,5 @@
-"""Operator logic without a cluster: validation before any pod, rendering, multi-node jobs and
-DeployVLLM's cluster path against fake API clients, the secrets canary."""
+"""Operator logic without a cluster: validation before any pod, rendering, multi-node jobs against
+fake API clients, the secrets canary."""
 
 from __future__ import annotations
 
@@ -165,32 +165,7 @@ def test_multinode_reattaches_when_the_job_exists():
     assert fake.created == [] and fake.polls == 2
 
 
-def test_deploy_vllm_cluster_path_is_idempotent_and_smoke_tests():
-    apps, core = mock.Mock(), mock.Mock()
-    apps.read_namespaced_deployment_status.side_effect = [
-        SimpleNamespace(status=SimpleNamespace(available_replicas=0, updated_replicas=1)),
-        SimpleNamespace(status=SimpleNamespace(available_replicas=1, updated_replicas=1)),
-    ]
-    core.connect_post_namespaced_service_proxy_with_path.return_value = json.dumps({"choices": [{"message": {"content": "hi!"}}]})
-    op = DeployVLLMOperator(task_id="d", model_uri="s3://finetune/e/r/checkpoint-final", served_model_name="tiny",
-                            adapters={"r8": "s3://finetune/e/r8/checkpoint-final-adapter"}, adapter_ranks={"r8": 8},
-                            namespace="finetune", runner="kubernetes")
-    context = ctx()
-    with mock.patch.object(DeployVLLMOperator, "_clients", return_value=(apps, core)), mock.patch("time.sleep"):
-        result = op.execute(context)
-    assert result["endpoint"] == "http://vllm-tiny-" + result["deployment"].split("/vllm-tiny-")[1] + ".finetune.svc.cluster.local/v1"
-    assert result["smoke_reply"] == "hi!"
-    dep = apps.create_namespaced_deployment.call_args.kwargs["body"]
-    assert restricted_violations(dep) == [] and "--max-lora-rank" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    context["ti"].xcom_push.assert_called_with(key="_link_ServedEndpointLink", value=result["endpoint"])
-    # a second deploy updates the objects instead of failing
-    apps.create_namespaced_deployment.side_effect = ApiException(status=409)
-    core.create_namespaced_service.side_effect = ApiException(status=409)
-    apps.read_namespaced_deployment_status.side_effect = None
-    apps.read_namespaced_deployment_status.return_value = SimpleNamespace(status=SimpleNamespace(available_replicas=1, updated_replicas=1))
-    with mock.patch.object(DeployVLLMOperator, "_clients", return_value=(apps, core)):
-        op.execute(ctx())
-    assert apps.replace_namespaced_deployment.called and core.patch_namespaced_service.called
+# DeployVLLM's cluster path (over the wire against a fake API server): test_deploy_cluster.py
 
 
 def test_deploy_vllm_refuses_bad_ranks_and_uris():

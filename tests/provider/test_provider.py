@@ -29,6 +29,13 @@ def test_airflow_lists_the_provider_and_reads_its_config(tmp_path):
     assert override.stdout.strip() == "local"
     bucket = _airflow(tmp_path, "config", "get-value", "finetune", "bucket_secret_name")
     assert bucket.stdout.strip() == "finetune-bucket"
+    import json
+
+    triggers = _airflow(tmp_path, "providers", "triggers", "-o", "json")
+    assert triggers.returncode == 0, triggers.stderr[-2000:]
+    ours = [t for t in json.loads(triggers.stdout) if t["package_name"] == "airflow-provider-finetune"]
+    assert ours == [{"package_name": "airflow-provider-finetune", "class": "airflow_provider_finetune.triggers.deployment",
+                     "integration_name": "Fine-tune"}]
 
 
 DAG_DIRS = [ROOT / "dags", ROOT / "tests" / "provider" / "dags"]
@@ -87,3 +94,29 @@ def test_image_pins_match_the_tested_versions():
                   if "==" in line and not line.startswith("#"))
     for name, version in pins.items():
         assert tested.get(name) == version, f"{name}: image pins {version}, tests run {tested.get(name)}"
+
+
+def test_provider_info_is_valid_for_this_airflow():
+    """get_provider_info against the schema the installed Airflow validates providers with."""
+    import importlib
+    import json
+
+    import airflow
+    import jsonschema
+
+    from airflow_provider_finetune.get_provider_info import get_provider_info
+
+    info = get_provider_info()
+    schema = json.loads((Path(airflow.__file__).parent / "provider_info.schema.json").read_text())
+    jsonschema.validate(info, schema)
+    integrations = {i["integration-name"] for i in info["integrations"]}
+    for entry in info["triggers"]:
+        assert entry["integration-name"] in integrations
+        for module in entry["python-modules"]:
+            importlib.import_module(module)
+    assert "airflow_provider_finetune.triggers.deployment" in [m for t in info["triggers"] for m in t["python-modules"]]
+    for link in info["extra-links"]:
+        module, _, name = link.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), link
+    # the bucket and cluster reuse the amazon (aws) and cncf (kubernetes) connection types: none of our own
+    assert "connection-types" not in info
