@@ -7,6 +7,7 @@ The experiment config is validated (with every override applied) before any pod 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,33 @@ def overrides_list(overrides: Any) -> list[str]:
     return [str(o) for o in overrides if str(o).strip()]  # templates may render an override away
 
 
+# HF TrainingArguments per strategy (transformers 5: ``fsdp=True`` + ``fsdp_config``, FSDP2 by default;
+# DeepSpeed: a config dict with "auto" values the HF integration fills from the training arguments).
+_DS_AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "ddp": {},
+    "fsdp": {"fsdp": True, "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                           "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}},
+    "deepspeed-zero1": {"deepspeed": {**_DS_AUTO, "zero_optimization": {"stage": 1}}},
+    "deepspeed-zero3": {"deepspeed": {**_DS_AUTO, "zero_optimization": {
+        "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+        "stage3_gather_16bit_weights_on_model_save": True}}},
+}
+
+
+def strategy_training_args(strategy: str | None) -> dict[str, Any]:
+    """The training_args a distributed strategy sets (a fresh copy); raises naming the choices."""
+    import copy
+
+    if strategy is None:
+        return {}
+    if strategy not in STRATEGIES:
+        raise FinetuneConfigError(f"distributed_strategy {strategy!r}: use one of {sorted(STRATEGIES)}")
+    return copy.deepcopy(STRATEGIES[strategy])
+
+
 class FinetuneKubernetesOperator(EngineJobOperator):
     """Fine-tune in a pod: ``finetune-engine train-job`` with the rendered config.
 
@@ -45,11 +73,18 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     :param run_name: names the run's prefix instead of the DAG run id: launching again with the same
         name resumes unfinished runs and skips finished ones (the seed tutorial's ``run_id``).
     :param merge_adapter: also write the merged model as ``checkpoint-final`` (LoRA runs).
+    :param distributed_strategy: ``ddp``, ``fsdp`` (FSDP2, transformer-layer wrapping, full state
+        dict saved), ``deepspeed-zero1`` or ``deepspeed-zero3``; sets ``training_args.fsdp`` /
+        ``fsdp_config`` or ``training_args.deepspeed`` (overrides may refine them). Default: what the
+        config says (DDP across processes unless its training_args set fsdp/deepspeed). FSDP and
+        DeepSpeed launch with torchrun even on one GPU; DeepSpeed needs ``gpus >= 1`` and an engine
+        image with ``deepspeed`` installed (not in the default lock, see images/README.md).
     """
 
     template_fields: Sequence[str] = (
         *EngineJobOperator.template_fields,
         "config", "overrides", "lora_rank", "base_model", "datasets", "experiment", "checkpoint_uri", "method", "run_name",
+        "distributed_strategy",
     )
     template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "config": "yaml"}
     operator_extra_links = (MLflowRunLink(),)
@@ -72,6 +107,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         distributed: str = "trainjob",
         elastic_policy: dict | None = None,
         poll_interval: float = 30,
+        distributed_strategy: str | None = None,
         **kwargs: Any,
     ) -> None:
         if lora_rank is not None or "lora_rank" in str(kwargs.get("expand_input", "")):
@@ -91,6 +127,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.distributed = distributed
         self.elastic_policy = elastic_policy
         self.poll_interval = poll_interval
+        self.distributed_strategy = distributed_strategy
         self._rendered: str | None = None
 
     def _experiment_dict(self) -> dict:
@@ -122,6 +159,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             out += ["peft_conf.peft_type=LORA", f"peft_conf.peft_kwargs.r={rank}"]
             if "lora_alpha" not in str(self.overrides or ""):
                 out.append(f"peft_conf.peft_kwargs.lora_alpha={2 * rank}")
+        for key, value in strategy_training_args(self.distributed_strategy).items():
+            out.append(f"training_args.{key}={json.dumps(value)}")  # JSON is YAML: the override parser reads it
         out.append(f"run_conf.merge_adapter={'true' if self.merge_adapter else 'false'}")
         if self.experiment:
             out.append(f"tracking.experiment_name={self.experiment}")
@@ -142,7 +181,26 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             self._rendered = yaml.safe_dump(data, sort_keys=True)
         return self._rendered
 
+    def check_strategy(self) -> None:
+        """The strategy against the resources and the config, before any pod."""
+        strategy = self.distributed_strategy
+        if strategy is None:
+            return
+        strategy_training_args(strategy)  # names the choices when unknown
+        gpus, nodes = int(self.gpus or 0), int(self.num_nodes or 1)
+        if strategy.startswith("deepspeed") and gpus < 1:
+            raise FinetuneConfigError(f"distributed_strategy {strategy!r} needs gpus >= 1 (DeepSpeed runs on GPUs), got gpus={gpus}")
+        if strategy == "fsdp" and max(gpus, 1) * nodes < 2:
+            raise FinetuneConfigError(f"distributed_strategy 'fsdp' shards over several processes: give gpus >= 2 or num_nodes >= 2 "
+                                      f"(got gpus={gpus}, num_nodes={nodes})")
+        own = self._experiment_dict().get("training_args") or {}
+        clash = sorted(k for k in ("fsdp", "fsdp_config", "deepspeed") if own.get(k) not in (None, "", False, {}))
+        if clash:
+            raise FinetuneConfigError(f"distributed_strategy {strategy!r} sets the parallelism, but the config's training_args "
+                                      f"already set {clash}: remove them from the config or drop distributed_strategy")
+
     def validate(self, context: Any) -> None:
+        self.check_strategy()
         if self.num_nodes > 1 and self.distributed not in ("trainjob", "pytorchjob"):
             raise FinetuneConfigError(f"distributed {self.distributed!r}: use trainjob (Kubeflow Trainer) or pytorchjob")
         if self.method not in ("sft", "dpo"):
@@ -169,7 +227,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             from airflow_provider_finetune.pods.distributed import torchrun_command
 
             return torchrun_command(job)
-        if int(self.gpus or 0) > 1:
+        if int(self.gpus or 0) > 1 or (self.distributed_strategy or "ddp") != "ddp" and int(self.gpus or 0) >= 1:
             # One process per GPU; batch size and accumulation are derived from the world size.
             return ["torchrun", "--standalone", f"--nproc-per-node={int(self.gpus)}", "-m", "finetune_engine.cli.main", *job]
         return ["finetune-engine", *job]

@@ -231,6 +231,13 @@ def run_sft(
     t_train = time.monotonic()
     train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.monotonic() - t_train
+    # which parallelism really ran (DDP, FSDP, DeepSpeed): the model class shows FSDP2's wrapping
+    log.info("distributed: %s, %d process(es), model %s", trainer.accelerator.distributed_type.value,
+             trainer.accelerator.num_processes, type(trainer.model_wrapped).__name__)
+    asked = "FSDP" if training_args.fsdp else "DEEPSPEED" if training_args.deepspeed else None
+    if asked and trainer.accelerator.distributed_type.value != asked:
+        log.warning("training_args asked for %s but accelerate ran %s (FSDP and DeepSpeed need GPUs/accelerators)",
+                    asked, trainer.accelerator.distributed_type.value)
     metrics: dict[str, float] = {"train_loss": train_out.training_loss}
     if eval_examples:
         metrics.update(trainer.evaluate())
