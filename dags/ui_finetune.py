@@ -51,7 +51,7 @@ with DAG(
                         description="What the engine runs.", section=TRAINING),
         "lora_ranks": Param([8, 16], type="array", items={"type": "integer", "minimum": 1, "maximum": 512}, minItems=1,
                             maxItems=64, uniqueItems=True, title="LoRA ranks",
-                            description="One pod per rank (one per line); the best by eval loss wins.", section=TRAINING),
+                            description="A JSON list, e.g. [8, 16]: one pod per rank; the best by eval loss wins.", section=TRAINING),
         "learning_rate": Param(2e-4, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate",
                                description="Peak learning rate of the cosine schedule.", section=TRAINING),
         "epochs": Param(1, type="integer", minimum=1, maximum=100, title="Epochs", section=TRAINING),

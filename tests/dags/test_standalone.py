@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def test_bad_inputs_fail_in_preflight_before_any_training(airflow, bucket):
 def test_trigger_form_in_a_real_browser(airflow, bucket):
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (scripts/setup-browser.sh installs Debian's package as root)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     before = {r["dag_run_id"] for r in airflow.api("GET", "dags/finetune_ui/dagRuns", params={"limit": 100}).json()["dag_runs"]}
@@ -150,22 +151,46 @@ def test_trigger_form_in_a_real_browser(airflow, bucket):
             "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(f"{airflow.url}/", wait_until="networkidle")
-        page.get_by_label("Username").fill("admin")
-        page.get_by_label("Password").fill(airflow.password)
+        page.locator("input[name=username]").fill("admin")
+        page.locator("input[name=password]").fill(airflow.password)
         page.get_by_role("button", name="Sign in").click()
         page.wait_for_url(lambda u: "/login" not in u, timeout=30_000)
         page.goto(f"{airflow.url}/dags/finetune_ui", wait_until="networkidle")
-        page.get_by_role("button", name="Trigger").first.click()
+        page.get_by_role("button", name="Trigger Dag").first.click()
         dialog = page.get_by_role("dialog")
-        dialog.get_by_text("Model and data").first.wait_for()
-        for section in ("Training", "Resources and serving"):
-            assert dialog.get_by_text(section).first.is_visible()
-        dialog.get_by_label("Max steps").fill("5")
-        dialog.get_by_label("Epochs").fill("2")
-        ranks = dialog.get_by_label("LoRA ranks")
-        ranks.fill("4")
+        def open_section(name: str) -> None:  # the form's sections are an accordion, one open at a time
+            header = dialog.get_by_role("button", name=name, exact=True)
+            if header.get_attribute("aria-expanded") != "true":
+                header.click()
+
+        open_section("Model and data")
+        model = dialog.locator("#element_model_uri")
+        model.wait_for()
+        assert model.input_value() == MODEL  # the Param default, from the DAG file
+        assert dialog.get_by_text(re.compile(r"^Dataset")).first.is_visible()
+        open_section("Resources and serving")
+        dialog.locator("[name=element_gpus]").wait_for()
+        assert dialog.locator("[name=element_gpus]").input_value() == "0"
+        open_section("Training")
+        dialog.locator("[name=element_max_steps]").wait_for()
+        for label in ("Method", "LoRA ranks", "Learning rate", "Epochs"):
+            assert dialog.get_by_text(re.compile(f"^{label}")).first.is_visible(), label
+        dialog.locator("[name=element_max_steps]").fill("5")
+        dialog.locator("[name=element_epochs]").fill("2")
+        editor = dialog.locator(".monaco-editor:visible").first  # LoRA ranks: a JSON editor
+        editor.click()
+        page.keyboard.press("Control+A")
+        page.keyboard.type("4")  # replaces the selection (a bracket would wrap it)
+        page.keyboard.press("Home")
+        page.keyboard.type("[")  # "[4": not JSON
+        trigger_button = dialog.get_by_role("button", name="Trigger").last
+        expect(trigger_button).to_be_disabled()  # the form refuses it before anything is sent
+        page.keyboard.press("End")
+        page.keyboard.type("]")  # "[4]"
+        dialog.get_by_text(re.compile("^Learning rate")).first.click()  # blur: the form stores the values
         page.screenshot(path=str(ARTIFACTS / "finetune_ui-trigger-form.png"), full_page=True)
-        dialog.get_by_role("button", name="Trigger").last.click()
+        expect(trigger_button).to_be_enabled()
+        trigger_button.click()
         deadline = time.monotonic() + 60
         new = set()
         while time.monotonic() < deadline and not new:
