@@ -42,5 +42,5 @@ echo "S3 server:     $ENDPOINT_S3 (keys in $DEMO/s3/s3.env; stop: $ENGINE local-
 if [[ $FINETUNE_TUTORIAL_KEEP_SERVING == true && -n $endpoint ]]; then
   echo "vLLM serving:  $endpoint — chat with it:"
   echo "  curl $endpoint/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"tutorial\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 3 plus 4?\"}]}'"
-  echo "  stop it:     kill \$(cat $DEMO/work/serving/*/server.pid)"
+  echo "  stop it:     kill -- -\$(cat $DEMO/work/serving/*/server.pid)"
 fi
