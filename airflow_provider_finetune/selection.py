@@ -22,7 +22,7 @@ def pick_best(results: list[dict[str, Any] | None], swept: list[Any], key: str =
         value = (r or {}).get(metric)
         if isinstance(value, int | float) and math.isfinite(value):
             done.append(r)
-    failed = sorted(set(swept) - {r.get(key) for r in done}, key=str)
+    failed = sorted(set(swept) - {r.get(key) for r in done}, key=lambda v: (not isinstance(v, int | float), v if isinstance(v, int | float) else str(v)))
     if not done:
         raise NoRunFinished(f"no run of the sweep finished with a {metric} (failed {key}s: {failed}); see the sweep task logs")
     best = min(done, key=lambda r: (r[metric], r.get(key) if r.get(key) is not None else 0))
