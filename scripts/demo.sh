@@ -26,7 +26,7 @@ export FINETUNE_TUTORIAL_MODEL="$DEMO/tiny-model" FINETUNE_TUTORIAL_DATA_SCRIPT=
 ENDPOINT_S3=$AWS_ENDPOINT_URL
 unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL   # the tasks get them from the connection
 .venv/bin/airflow db migrate >/dev/null
-conf='{"ranks": [4, 8, 16], "max_steps": 40, "gpus": 0, "run_name": "demo", "question": "What is the capital of France?"}'
+conf='{"ranks": [4, 8, 16], "max_steps": 120, "gpus": 0, "run_name": "demo", "question": "What is the capital of France?"}'
 .venv/bin/airflow dags test finetune_tutorial -c "$conf" > "$DEMO/tutorial-run.log" 2>&1 || {
   echo "the tutorial DAG failed; see $DEMO/tutorial-run.log"; tail -40 "$DEMO/tutorial-run.log"; exit 1; }
 grep -q "state=success" "$DEMO/tutorial-run.log" || { echo "the tutorial DAG did not succeed; see $DEMO/tutorial-run.log"; exit 1; }
@@ -41,6 +41,6 @@ echo "bucket:        s3://$FINETUNE_BUCKET/experiments/tutorial/demo/ (files und
 echo "S3 server:     $ENDPOINT_S3 (keys in $DEMO/s3/s3.env; stop: $ENGINE local-s3 stop --dir $DEMO/s3)"
 if [[ $FINETUNE_TUTORIAL_KEEP_SERVING == true && -n $endpoint ]]; then
   echo "vLLM serving:  $endpoint — chat with it:"
-  echo "  curl $endpoint/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"tutorial\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 3 plus 4?\"}]}'"
+  echo "  curl $endpoint/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"tutorial\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'"
   echo "  stop it:     kill -- -\$(cat $DEMO/work/serving/*/server.pid)"
 fi

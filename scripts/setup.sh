@@ -17,7 +17,8 @@ t0=$(date +%s)
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, the CPU build: otherwise a dependency pulls a multi-GB CUDA build.
 torch_pin=$(grep -E '^torch==' constraints.txt)
-"${PIP[@]}" install "$torch_pin"
-"${PIP[@]}" install -c constraints.txt -e "./engine[train,storage]" -e ".[dev]"
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }  # pip's noise about absent local indexes
+quiet "${PIP[@]}" install "$torch_pin"
+quiet "${PIP[@]}" install -c constraints.txt -e "./engine[train,storage]" -e ".[dev]"
 echo "$want" > $VENV/.setup-stamp
 echo "setup: $VENV ready in $(( $(date +%s) - t0 ))s"

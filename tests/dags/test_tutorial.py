@@ -14,7 +14,7 @@ from tests.airflow_env import AirflowEnv
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-CONF = json.dumps({"ranks": [4, 8, 16], "max_steps": 20, "gpus": 0, "run_name": "alpha",
+CONF = json.dumps({"ranks": [4, 8, 16], "max_steps": 20, "gpus": 0, "full_param_gpus": 1, "run_name": "alpha",
                    "question": "What is the capital of France?"})
 
 
@@ -45,6 +45,10 @@ def test_tutorial_end_to_end_then_relaunch_trains_nothing(airflow, monkeypatch, 
         monkeypatch.setenv(key, value)
 
     # three rank prefixes, each finished (final marker present)
+    # the optional full-parameter run (one "GPU": the local runner runs the same command on the CPU)
+    [full] = list_children("s3://finetune/experiments/tutorial-full/alpha")
+    assert is_complete(f"s3://finetune/experiments/tutorial-full/alpha/{full}/checkpoint-final")
+    assert not is_complete(f"s3://finetune/experiments/tutorial-full/alpha/{full}/checkpoint-final-adapter")  # no LoRA
     [prefix] = [f"s3://finetune/experiments/tutorial/{r}" for r in list_children("s3://finetune/experiments/tutorial")]
     assert prefix.endswith("/alpha")
     ranks = list_children(prefix)
@@ -70,5 +74,5 @@ def test_tutorial_end_to_end_then_relaunch_trains_nothing(airflow, monkeypatch, 
     second = airflow.run("dags", "test", "finetune_tutorial", "-c", CONF, timeout=1200)
     out2 = second.stdout + second.stderr
     assert "state=success" in out2
-    assert out2.count("this run already finished, nothing to train") == 3
+    assert out2.count("this run already finished, nothing to train") == 4  # three ranks and the full-parameter run
     assert "training: step" not in out2
