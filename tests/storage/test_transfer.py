@@ -50,7 +50,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != MANIFEST_NAME}
 
 
-def test_round_trip_nested_dir_with_multipart_file(s3_env, tmp_path):
+def test_round_trip_nested_dir_with_multipart_file(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_S3_MULTIPART_MIB", "64")  # multipart above 64 MiB (default 512)
     src = make_tree(tmp_path / "src", big_mib=70)
     uri = join(s3_env["uri"], "models", "org", "m")
     calls: dict[str, int] = {}
@@ -78,6 +79,30 @@ def test_round_trip_nested_dir_with_multipart_file(s3_env, tmp_path):
     stamp = (dst / "model.safetensors").stat().st_mtime_ns
     download_dir(uri, dst)
     assert (dst / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_single_put_is_signed_with_the_manifest_sha256(s3_env, tmp_path):
+    """Files below the multipart threshold go in one PUT whose signed payload digest is the manifest's
+    sha256 (botocore does not read and hash the body a second time)."""
+    src = make_tree(tmp_path / "src", big_mib=3)
+    uri = join(s3_env["uri"], "signed")
+    sent: dict[str, str] = {}
+    events = make_client().meta.events
+
+    def capture(request, **_):
+        if request.method == "PUT" and "/signed/" in request.url:
+            sent[request.url.split("/signed/", 1)[1]] = request.headers["X-Amz-Content-SHA256"].decode() \
+                if isinstance(request.headers["X-Amz-Content-SHA256"], bytes) else request.headers["X-Amz-Content-SHA256"]
+
+    events.register("before-send.s3.PutObject", capture)
+    try:
+        manifest = upload_dir(src, uri)
+    finally:
+        events.unregister("before-send.s3.PutObject", capture)
+    expected = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert {k: v for k, v in sent.items() if k in expected} == expected
+    assert download_dir(uri, tmp_path / "dst")["files"] == manifest["files"]
+    assert tree_bytes(tmp_path / "dst") == tree_bytes(src)
 
 
 def test_existing_local_manifest_is_reused_with_its_extra(s3_env, tmp_path):
@@ -251,3 +276,30 @@ def test_outage_longer_than_botocore_retries_is_ridden_out_per_file(s3_env, tmp_
         restarter.join()
     assert "retrying in" in caplog.text and "cannot reach the S3 endpoint" in caplog.text
     assert is_complete(uri)
+
+
+@pytest.mark.parametrize("mode", ["bar", "log"])
+def test_progress_shows_throughput(s3_env, tmp_path, monkeypatch, capsys, caplog, mode):
+    """Big transfers show bytes and MB/s: a tqdm bar on a terminal (forced here), log lines in pods."""
+    import logging
+    import re
+
+    from finetune_engine.storage import transfer
+
+    monkeypatch.setattr(transfer, "PROGRESS_MIN_BYTES", 1)
+    monkeypatch.setenv("FINETUNE_PROGRESS", mode)
+    monkeypatch.setenv("FINETUNE_PROGRESS_INTERVAL", "0")
+    caplog.set_level(logging.INFO, logger="finetune_engine.storage.transfer")
+    src = make_tree(tmp_path / "src", big_mib=4)
+    uri = join(s3_env["uri"], "progress")
+    upload_dir(src, uri)
+    download_dir(uri, tmp_path / "dst")
+    if mode == "bar":
+        err = capsys.readouterr().err
+        assert re.search(r"upload s3://\S+progress.*\d+(\.\d+)?[kMG]?B/s", err), err[-500:]
+        assert re.search(r"download s3://\S+progress.*\d+(\.\d+)?[kMG]?B/s", err), err[-500:]
+    else:
+        lines = [r.getMessage() for r in caplog.records if " MiB/s, eta " in r.getMessage()]
+        assert any(line.startswith("upload s3://") for line in lines), caplog.text[-800:]
+        assert any(line.startswith("download s3://") and "(100%)" in line for line in lines), caplog.text[-800:]
+        assert all(re.search(r"at \d+\.\d MiB/s", line) for line in lines)

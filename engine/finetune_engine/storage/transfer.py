@@ -22,24 +22,47 @@ log = logging.getLogger(__name__)
 PROGRESS_MIN_BYTES = 64 * 2**20
 
 
+PROGRESS_ENV = "FINETUNE_PROGRESS"  # auto (default): a bar on a terminal, log lines otherwise; bar; log; off
+PROGRESS_INTERVAL_ENV = "FINETUNE_PROGRESS_INTERVAL"  # seconds between progress log lines (default 30)
+
+
 class Progress:
-    """Byte counter for boto3 callbacks: a tqdm bar (bytes, MB/s) on a terminal for big transfers."""
+    """Byte counter for transfer callbacks, shown for big transfers (>= 64 MiB) with throughput: a tqdm
+    bar (bytes, rate) on a terminal, else a log line every ``$FINETUNE_PROGRESS_INTERVAL`` s (pod logs
+    are not terminals). ``$FINETUNE_PROGRESS`` = bar | log | off forces a mode."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
         self.total, self.desc, self.done = total, desc, 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self.bar = None
-        if enabled and total >= PROGRESS_MIN_BYTES and sys.stderr.isatty():
+        self.log_every: float | None = None
+        self._logged_at = self.started
+        mode = os.environ.get(PROGRESS_ENV, "auto").strip().lower()
+        if not enabled or mode == "off" or total < PROGRESS_MIN_BYTES:
+            return
+        if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=True,
+                            file=sys.stderr, mininterval=0.2)
+        else:
+            self.log_every = float(os.environ.get(PROGRESS_INTERVAL_ENV, "30"))
 
     def __call__(self, n: int) -> None:
         with self._lock:
             self.done += n
             if self.bar is not None:
                 self.bar.update(n)
+            elif self.log_every is not None and (now := time.monotonic()) - self._logged_at >= self.log_every:
+                self._logged_at = now
+                log.info("%s", self.line())
+
+    def line(self) -> str:
+        rate = self.rate
+        eta = (self.total - self.done) / rate if rate else float("nan")
+        return (f"{self.desc}: {self.done / 2**20:.0f} of {self.total / 2**20:.0f} MiB "
+                f"({100 * self.done / max(self.total, 1):.0f}%) at {rate / 2**20:.1f} MiB/s, eta {eta:.0f} s")
 
     @property
     def rate(self) -> float:
@@ -134,7 +157,7 @@ def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: b
         path = local_dir / entry["path"]
         if path.stat().st_size != entry["size"]:
             raise s3.StorageError(f"{path} changed size while uploading to {uri}; retry when it is stable")
-        retrying(s3.upload_file, path, join(uri, entry["path"]), bar, 8)
+        retrying(s3.upload_file, path, join(uri, entry["path"]), bar, 8, entry["sha256"])
 
     try:
         _run_parallel(put, [(e,) for e in manifest["files"]], workers)
@@ -221,12 +244,12 @@ def download_dir(uri: str, local_dir: str | Path, *, workers: int = 8, progress:
         path, source = targets[rel], join(uri, rel)
         if path.is_symlink() or path.is_dir():
             raise UnsafeKeyError(f"refusing to overwrite {path} (a symlink or directory) with {source}")
-        retrying(s3.download_file, source, path, bar, 4)
+        got = retrying(s3.download_file, source, path, bar, 4, size)  # sha256 while streaming, if one GET
         if path.stat().st_size != size:
             path.unlink()
             raise s3.StorageError(f"{source}: downloaded {path.stat().st_size} bytes, the manifest says {size}; "
                                   "the object changed during the download, retry")
-        if verify_hashes and digest and sha256_file(path) != digest:
+        if verify_hashes and digest and (got or sha256_file(path)) != digest:
             path.unlink()
             raise s3.StorageError(f"{source}: sha256 does not match the manifest; the object is corrupt or was "
                                   "replaced without a new manifest - re-upload the directory")
