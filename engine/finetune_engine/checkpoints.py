@@ -34,7 +34,10 @@ def scan_checkpoints(output_dir: str | Path) -> CheckpointScan:
         return scan
     for child in sorted(root.iterdir()):
         m = CHECKPOINT_RE.match(child.name)
-        if not (m and child.is_dir()):
+        if not child.is_dir():
+            continue
+        if not m:
+            log.info("skipping %s: not a checkpoint directory (checkpoint-<step>); left as it is", child)
             continue
         ok, reason = verify_directory(child)
         if ok:

@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,11 @@ from finetune_engine.config import ConfigError, schema
 from finetune_engine.jobs.common import add_config_args, capture_logs, read_config, write_result
 
 log = logging.getLogger(__name__)
+# Test hooks, inert unless set (the kill trials and the background-upload test use them):
+# "K:M" = SIGKILL this job's process group once M objects of this process's K-th checkpoint upload are stored.
+TEST_KILL_ENV = "FINETUNE_TEST_KILL_AT"
+# Seconds to sleep after each object of a checkpoint upload (a slow bucket).
+TEST_DELAY_ENV = "FINETUNE_TEST_UPLOAD_DELAY"
 
 
 def is_uri(path: str) -> bool:
@@ -48,6 +55,10 @@ class CheckpointUploader:
         self._lock = threading.Lock()
         self.uploaded: list[str] = []
         self.failures: list[str] = []
+        self.started = 0  # checkpoint uploads begun by this process
+        kill = os.environ.get(TEST_KILL_ENV, "")
+        self._kill_at = tuple(int(x) for x in kill.split(":", 1)) if kill else None
+        self._delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
 
     def __call__(self, ckpt_dir: Path, step: int) -> None:
         self.wait(raise_errors=False)
@@ -60,8 +71,10 @@ class CheckpointUploader:
         from finetune_engine.storage import delete_prefix, join, list_complete_children, upload_dir
 
         uri = join(self.prefix_uri, stage.name)
+        self.started += 1
+        log.info("uploading %s in the background", stage.name)
         try:
-            upload_dir(stage, uri, progress=False)
+            upload_dir(stage, uri, progress=False, after_file=self._test_hook(self.started, stage.name))
             self.uploaded.append(stage.name)
             log.info("uploaded %s", uri)
             if self.keep:
@@ -75,6 +88,27 @@ class CheckpointUploader:
                     log.info("deleted old remote checkpoint %s", name)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+    def _test_hook(self, ordinal: int, name: str):
+        if self._kill_at is None and not self._delay:
+            return None
+        stored = []
+        lock = threading.Lock()
+
+        def after_file(rel: str) -> None:
+            with lock:
+                stored.append(rel)
+                count = len(stored)
+            if self._kill_at == (ordinal, count):
+                log.warning("%s=%d:%d: %d objects of %s stored; SIGKILL to the job's process group now",
+                            TEST_KILL_ENV, ordinal, count, count, name)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            if self._delay:
+                time.sleep(self._delay)
+
+        return after_file
 
     def wait(self, raise_errors: bool = True) -> None:
         pending, self._pending = self._pending, None

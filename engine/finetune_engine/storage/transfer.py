@@ -135,11 +135,12 @@ def local_manifest(local_dir: Path) -> dict:
     return build_manifest(local_dir)
 
 
-def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: bool = True) -> dict:
+def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: bool = True,
+               after_file=None) -> dict:
     """Upload a directory to prefix ``uri`` in parallel; the manifest object is written last.
 
     The remote manifest is deleted first, so while files upload the prefix reads as incomplete.
-    Returns the manifest.
+    ``after_file(rel_path)`` runs (in the worker thread) after each file is stored. Returns the manifest.
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -158,6 +159,8 @@ def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: b
         if path.stat().st_size != entry["size"]:
             raise s3.StorageError(f"{path} changed size while uploading to {uri}; retry when it is stable")
         retrying(s3.upload_file, path, join(uri, entry["path"]), bar, 8, entry["sha256"])
+        if after_file is not None:
+            after_file(entry["path"])
 
     try:
         _run_parallel(put, [(e,) for e in manifest["files"]], workers)
