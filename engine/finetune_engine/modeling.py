@@ -83,8 +83,9 @@ def quantization_config(cfg: schema.ExperimentConfig):
     )
 
 
-def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup, before_peft=None):
-    """The base model, grown for new tokens (mean-resized), wrapped in PEFT when configured.
+def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup, before_peft=None, wrap: bool = True):
+    """The base model, grown for new tokens (mean-resized), wrapped in PEFT when configured
+    (``wrap=False``: the bare base, for trainers that apply the adapter themselves).
 
     ``before_peft(model)`` sees the grown base before the adapter wraps it (to save it)."""
     import torch
@@ -114,6 +115,8 @@ def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetu
     model.config.pad_token_id = tok.tokenizer.pad_token_id
     if before_peft is not None:
         before_peft(model)
+    if not wrap:
+        return model
     return wrap_peft(cfg, model, trains_embeddings=bool(tok.added_tokens))
 
 
@@ -130,25 +133,41 @@ def wrap_peft(cfg: schema.ExperimentConfig, model, trains_embeddings: bool):
     peft_conf = cfg.peft_conf
     if isinstance(peft_conf, schema.NoPeft):
         return model
-    from peft import PeftModel, get_peft_config, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model
 
-    if isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(cfg.training_args.get("gradient_checkpointing"))
-        )
+    model = prepare_quantized(cfg, model)
     if isinstance(peft_conf, schema.PretrainedPeft):
         return PeftModel.from_pretrained(model, peft_conf.name_or_path, is_trainable=True)
+    config = peft_config(cfg, model, trains_embeddings)
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("adapter %s: %d trainable of %d parameters (%.2f%%)", peft_conf.peft_type, trainable, total, 100 * trainable / total)
+    return model
+
+
+def prepare_quantized(cfg: schema.ExperimentConfig, model):
+    """A quantized base made trainable for an adapter (casts norms, enables input grads)."""
+    if not isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=bool(cfg.training_args.get("gradient_checkpointing"))
+    )
+
+
+def peft_config(cfg: schema.ExperimentConfig, model, trains_embeddings: bool = False):
+    """The peft config of a new adapter (AdapterPeft), not yet applied."""
+    from peft import get_peft_config
+
+    peft_conf = cfg.peft_conf
     kwargs = dict(peft_conf.peft_kwargs)
     if trains_embeddings:
         # New tokens need trained embeddings: the adapter then carries full embed/lm_head copies.
         extra = [n for n in _embedding_module_names(model) if n not in (kwargs.get("modules_to_save") or [])]
         kwargs["modules_to_save"] = list(kwargs.get("modules_to_save") or []) + extra
         log.info("new tokens: training %s fully alongside the adapter", extra)
-    config = get_peft_config({"peft_type": peft_conf.peft_type, "task_type": peft_conf.task_type, **kwargs})
-    model = get_peft_model(model, config)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("adapter %s: %d trainable of %d parameters (%.2f%%)", peft_conf.peft_type, trainable, total, 100 * trainable / total)
-    return model
+    return get_peft_config({"peft_type": peft_conf.peft_type, "task_type": peft_conf.task_type, **kwargs})
 
 
 def _refuse_pickle_only(model_path: str, use_safetensors: bool | None) -> None:

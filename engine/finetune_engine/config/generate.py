@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import types
 import typing
@@ -45,29 +46,48 @@ def _default(f: dataclasses.Field) -> object:
         return str(value)
 
 
+def _choices(f: dataclasses.Field) -> list[str] | None:
+    """Allowed values: the field's declared choices, or for DPO's loss_type (a list field without
+    declared choices) the values its help names."""
+    if f.metadata.get("choices"):
+        return list(f.metadata["choices"])
+    help_text = str(f.metadata.get("help", ""))
+    if f.name == "loss_type" and "Possible values are" in help_text:
+        part = help_text.split("Possible values are", 1)[1].split(". ", 1)[0]
+        return re.findall(r"`'([a-z0-9_]+)'`", part) or None
+    return None
+
+
 def build_catalog() -> dict:
     import transformers
     import trl
     from transformers import TrainingArguments
     from trl import DPOConfig, KTOConfig, SFTConfig
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig
 
     classes = {
         "sft": TrainingArguments,
         "trl_sft": SFTConfig,
         "dpo": DPOConfig,
         "kto": KTOConfig,
+        "orpo": ORPOConfig,
+        "cpo": CPOConfig,
     }
     fields = {}
     for method, cls in classes.items():
-        fields[method] = {
-            f.name: {
+        fields[method] = {}
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            entry = {
                 "type": _kind(f.type),
                 "default": _default(f),
                 "help": " ".join(str(f.metadata.get("help", "")).split())[:300],
             }
-            for f in dataclasses.fields(cls)
-            if f.init and not f.name.startswith("_")
-        }
+            if method != "sft" and (choices := _choices(f)):
+                entry["choices"] = choices
+            fields[method][f.name] = entry
     return {
         "generated_from": {"transformers": transformers.__version__, "trl": trl.__version__},
         "fields": fields,

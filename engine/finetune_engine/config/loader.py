@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
-from finetune_engine.config.training_args import TrainingArgsError, check_training_args
+from finetune_engine.config.training_args import METHODS, TrainingArgsError
 
 _DISCRIMINATOR_TAGS = {
     "CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX", "AUTO_SPLIT", "NONE", "NO_PEFT",
@@ -154,20 +154,18 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 def parse_config(
     data: Any, source: str = "<config>", overrides: Iterable[str] = (), method: str = "sft", text: str | None = None
 ) -> schema.ExperimentConfig:
-    """Validate a config mapping; raise ConfigError listing every problem."""
+    """Validate a config mapping for ``method`` (sft, dpo, kto, orpo, cpo); raise ConfigError
+    listing every problem."""
+    if method not in METHODS:
+        raise ConfigError(source, [f"unknown method {method!r}; expected one of {', '.join(METHODS)}"])
     if not isinstance(data, dict):
         raise ConfigError(source, [f"expected a mapping of sections, got {type(data).__name__}"])
     data = apply_overrides(data, overrides)
     lines = _yaml_lines(text) if text else {}
     try:
-        cfg = schema.ExperimentConfig.model_validate(data)
+        cfg = schema.ExperimentConfig.model_validate(data, context={"method": method})
     except ValidationError as err:
         raise ConfigError(source, _problems(err, lines, source)) from None
-    if method != "sft":
-        try:
-            check_training_args(cfg.training_args, method=method)
-        except TrainingArgsError as err:
-            raise ConfigError(source, [f"training_args.{k}: {m}" for k, m in err.problems]) from None
     return cfg
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from finetune_engine.config.training_args import (
     DERIVED_TRAINING_ARGS,
@@ -388,7 +388,8 @@ class ExperimentConfig(_Strict):
     data_conf: DataConf = Field(description="Data: datasets, validation, chat template.")
     training_args: dict[str, Any] = Field(
         default_factory=dict,
-        description="transformers TrainingArguments (DPOConfig for dpo), passed through. "
+        description="transformers TrainingArguments (sft) or TRL's DPOConfig, KTOConfig, "
+        "ORPOConfig, CPOConfig (dpo, kto, orpo, cpo), passed through. "
         f"{', '.join(DERIVED_TRAINING_ARGS)} are derived from batchsize_conf and may not be set.",
     )
     batchsize_conf: BatchsizeConf = Field(description="Batch size targets.")
@@ -406,8 +407,11 @@ class ExperimentConfig(_Strict):
 
     @field_validator("training_args")
     @classmethod
-    def _check_training_args(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return check_training_args(v)
+    def _check_training_args(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # The loader passes the method (sft, dpo, ...) as validation context; without it, keys of
+        # any method pass here (a config already checked, re-validated after rewriting paths).
+        method = (info.context or {}).get("method")
+        return check_training_args(v, method=method)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,6 +27,16 @@ from finetune_engine.recipes.common import (  # noqa: F401  (re-exported: older 
 from finetune_engine.tracking import TrackingSettings
 
 log = logging.getLogger(__name__)
+
+# What forked tokenization workers read (set just before the fork, so nothing is pickled but
+# the records and the token ids).
+_POOL_STATE: dict[str, Any] = {}
+
+
+def _encode_chunk(chunk: list[dict]) -> list:
+    from finetune_engine.data.tokenize import encode_batch
+
+    return encode_batch(chunk, _POOL_STATE["tokenizer"], _POOL_STATE["settings"])
 
 
 def encode_all(records: list[dict], tokenizer, settings, workers: int) -> tuple[list[dict], Counter]:
@@ -70,7 +79,7 @@ def run_sft(
     result_file: str | None = None,
     after_save: list[Callable[[Path, int], None]] | None = None,
 ) -> dict[str, Any]:
-    out_dir, final_dir, adapter_dir = output_paths(cfg)
+    out_dir, _, _ = output_paths(cfg)
 
     # 0. A finished run is not retrained.
     done = common.skip_if_finished(cfg, result_file)
@@ -186,7 +195,6 @@ def run_sft(
         "grown_base": base_dir.name if verify_directory(base_dir)[0] else None,
         "method": "sft",
     }
-    is_adapter = not isinstance(cfg.peft_conf, schema.NoPeft)
     saved = common.save_final(cfg, trainer.model, tok, meta)
     result = {
         "status": "completed",

@@ -1,0 +1,220 @@
+"""What every recipe (sft, dpo, kto, orpo, cpo) shares: inputs, training args, callbacks, final outputs.
+
+Each recipe stays a linear script; the pieces here are the ones that must behave the same for all
+methods (resume, manifests, the result JSON, the inference tokenizer, merge of the adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finetune_engine.config import schema
+from finetune_engine.manifest import verify_directory, write_manifest
+from finetune_engine.tracking import TrackingSettings
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data cannot train (e.g. nothing left after filtering)."""
+
+
+def is_main_process() -> bool:
+    """Global rank 0 writes outputs, results and tracking; other ranks only train."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def scaled_learning_rate(cfg: schema.ExperimentConfig, base_lr: float, total_batch: int) -> float:
+    o = cfg.overrides
+    ratio = total_batch / o.reference_batch_size
+    factor = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[o.lr_batch_size_scaling]
+    return base_lr * o.lr_multiplier * factor
+
+
+def output_paths(cfg: schema.ExperimentConfig) -> tuple[Path, Path, Path]:
+    out = Path(cfg.training_args.get("output_dir") or "output")
+    final = out / cfg.run_conf.final_checkpoint_name
+    return out, final, out / f"{cfg.run_conf.final_checkpoint_name}-adapter"
+
+
+def finished_result(cfg: schema.ExperimentConfig) -> dict[str, Any] | None:
+    """The stored result of a run whose final output is complete, else None."""
+    out, final, adapter = output_paths(cfg)
+    done = final if isinstance(cfg.peft_conf, schema.NoPeft) or cfg.run_conf.merge_adapter else adapter
+    ok, _ = verify_directory(done)
+    stored = out / "result.json"
+    if ok and stored.exists():
+        return json.loads(stored.read_text())
+    return None
+
+
+def skip_if_finished(cfg: schema.ExperimentConfig, result_file: str | None) -> dict[str, Any] | None:
+    """Step 0 of a recipe: a finished run is not retrained; its stored result is reported again."""
+    done = finished_result(cfg)
+    if done is None:
+        return None
+    out_dir, final_dir, _ = output_paths(cfg)
+    log.info("%s is complete: training already finished, nothing to do", final_dir)
+    done = {**done, "status": "skipped"}
+    write_result(done, out_dir, result_file, store=False)
+    return done
+
+
+def validate_inputs(cfg: schema.ExperimentConfig, method: str) -> None:
+    """Check every dataset file for ``method``'s formats before anything heavy is loaded."""
+    from finetune_engine.data.validate import validate_files
+
+    paths = [ds.path for ds in cfg.data_conf.training_data.datasets]
+    if isinstance(cfg.data_conf.validation_data, schema.ConcatenationValidation):
+        paths += [ds.path for ds in cfg.data_conf.validation_data.datasets]
+    for p in paths:
+        if "://" in p:
+            raise DataError(f"{p}: bucket URIs are fetched by the train job (finetune-engine train-job); finetuning reads local files")
+    validate_files(paths, method=method)
+
+
+def seed_everything(cfg: schema.ExperimentConfig) -> int:
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    seed = int(cfg.training_args.get("seed", 42))
+    if cfg.run_conf.determinism == "full":
+        enable_full_determinism(seed)
+    elif cfg.run_conf.determinism == "half":
+        set_seed(seed)
+    return seed
+
+
+def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: int, has_eval: bool) -> dict[str, Any]:
+    """training_args with the engine's derived and default values; the caller builds its config class."""
+    import torch
+
+    args = dict(cfg.training_args)
+    base_lr = float(args.pop("learning_rate", 5e-5))
+    args.update(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=plan.per_device,
+        gradient_accumulation_steps=plan.accumulation,
+        per_device_eval_batch_size=cfg.batchsize_conf.per_device_eval_batch_size or cfg.batchsize_conf.max_per_device_train_batch_size,
+        learning_rate=scaled_learning_rate(cfg, base_lr, plan.total),
+        report_to=[],
+        seed=seed,
+    )
+    args.setdefault("logging_steps", 1)
+    args.setdefault("save_strategy", "steps")
+    args.setdefault("save_steps", 50)
+    args.setdefault("use_cpu", not torch.cuda.is_available())
+    args.setdefault("disable_tqdm", not sys.stderr.isatty())  # pod logs get plain progress lines
+    args.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used each step
+    if has_eval:
+        args.setdefault("eval_strategy", "no")
+    return args
+
+
+def start_tracking(cfg: schema.ExperimentConfig, tracking: TrackingSettings, method: str, out_dir: Path):
+    from finetune_engine.callbacks import MLflowCallback
+
+    if not (tracking.enabled and is_main_process()):
+        return None
+    cb = MLflowCallback(tracking, cfg.model_dump(mode="json"), tags={"finetune.method": method})
+    cb.start(str(out_dir))
+    return cb
+
+
+def callbacks(after_save: list[Callable[[Path, int], None]] | None, mlflow_cb) -> list:
+    from finetune_engine.callbacks import ManifestCallback, ProgressCallback
+
+    return [ManifestCallback(after_save), ProgressCallback()] + ([mlflow_cb] if mlflow_cb else [])
+
+
+def quiet_printer(trainer) -> None:
+    if trainer.args.disable_tqdm:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # ProgressCallback logs the same, with ETA and memory
+
+
+def log_parallelism(trainer) -> None:
+    """Which parallelism really ran (DDP, FSDP, DeepSpeed): the model class shows FSDP2's wrapping."""
+    acc = trainer.accelerator
+    log.info("distributed: %s, %d process(es), model %s", acc.distributed_type.value, acc.num_processes, type(trainer.model_wrapped).__name__)
+    asked = "FSDP" if trainer.args.fsdp else "DEEPSPEED" if trainer.args.deepspeed else None
+    if asked and acc.distributed_type.value != asked:
+        log.warning("training_args asked for %s but accelerate ran %s (FSDP and DeepSpeed need GPUs/accelerators)", asked, acc.distributed_type.value)
+
+
+def save_final(cfg: schema.ExperimentConfig, model, tok, meta: dict[str, Any]) -> dict[str, str | None]:
+    """Write the adapter (when one was trained) and the final model (merged when LoRA), each with
+    its finetune_meta.json and, for the adapter, its manifest. The final model's manifest is
+    written by ``finish`` last, after the result. Returns the paths written."""
+    from finetune_engine.merge import META_NAME, merge_adapter, save_model
+    from finetune_engine.modeling import prepare_tokenizer_for_inference
+
+    _, final_dir, adapter_dir = output_paths(cfg)
+    prepare_tokenizer_for_inference(tok.tokenizer, tok.end_marker)
+    is_adapter = not isinstance(cfg.peft_conf, schema.NoPeft)
+    if is_adapter:
+        save_model(model, tok.tokenizer, adapter_dir, tok.end_marker)
+        (adapter_dir / META_NAME).write_text(json.dumps(meta, indent=1))
+        write_manifest(adapter_dir)
+        log.info("adapter saved to %s", adapter_dir)
+        if cfg.run_conf.merge_adapter:
+            if meta.get("quantized"):
+                merge_adapter(cfg.run_conf.model, str(adapter_dir), final_dir)  # dequantized base, never 4-bit weights
+            else:
+                save_model(model.merge_and_unload(), tok.tokenizer, final_dir, tok.end_marker)
+    else:
+        save_model(model, tok.tokenizer, final_dir, tok.end_marker)
+    if final_dir.exists():
+        (final_dir / META_NAME).write_text(json.dumps({**meta, "merged": is_adapter}, indent=1))
+    return {
+        "final_checkpoint": str(final_dir) if final_dir.exists() else None,
+        "final_adapter": str(adapter_dir) if is_adapter else None,
+    }
+
+
+def finish(cfg: schema.ExperimentConfig, result: dict[str, Any], metrics: dict[str, Any], mlflow_cb, result_file: str | None) -> None:
+    """Close tracking, store the result, then the final model's manifest: the run counts as
+    finished only from here."""
+    out_dir, final_dir, adapter_dir = output_paths(cfg)
+    if mlflow_cb is not None:
+        mlflow_cb.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    write_result(result, out_dir, result_file)
+    if final_dir.exists():
+        write_manifest(final_dir)
+    log.info("final model: %s", final_dir if final_dir.exists() else adapter_dir)
+
+
+def last_logged(state, key: str) -> float | None:
+    for entry in reversed(state.log_history):
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
+def write_result(result: dict, out_dir: Path, result_file: str | None, store: bool = True) -> None:
+    text = json.dumps(result, indent=1, sort_keys=True)
+    if store:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "result.json").write_text(text)
+    target = result_file or os.environ.get("FINETUNE_RESULT_FILE")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+
+
+class ListDataset:
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
