@@ -76,6 +76,47 @@ def write_chat_dataset(path: str | Path, examples: int = 400, seed: int = 0) -> 
     return path
 
 
+def preference_example(rng: random.Random) -> tuple[list[dict], str, str]:
+    """(prompt messages, right answer, wrong answer): a toy preference whose side is learnable."""
+    if rng.random() < 0.5:
+        country, wrong = rng.sample(list(COUNTRIES), 2)
+        q = f"What is the capital of {country}?"
+        good, bad = f"The capital of {country} is {COUNTRIES[country]}.", f"The capital of {country} is {COUNTRIES[wrong]}."
+    else:
+        x, y = rng.randrange(20), rng.randrange(20)
+        q = f"What is {x} plus {y}?"
+        good, bad = f"{x} plus {y} is {x + y}.", f"{x} plus {y} is {x + y + rng.randrange(1, 9)}."
+    return [{"role": "user", "content": q}], good, bad
+
+
+def write_preference_dataset(path: str | Path, examples: int = 64, seed: int = 0, fmt: str = "dpo_messages") -> Path:
+    """A JSONL preference file: ``dpo_messages`` (the seed's prompt_messages/chosen_messages/
+    rejected_messages), ``dpo_trl`` (TRL's conversational prompt/chosen/rejected), ``dpo_text``
+    (the same as plain strings) or ``kto`` (unpaired prompt/completion/label, both sides of each pair)."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(examples):
+            prompt, good, bad = preference_example(rng)
+            chosen, rejected = [{"role": "assistant", "content": good}], [{"role": "assistant", "content": bad}]
+            if fmt == "dpo_messages":
+                rows = [{"prompt_messages": prompt, "chosen_messages": chosen, "rejected_messages": rejected}]
+            elif fmt == "dpo_trl":
+                rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+            elif fmt == "dpo_text":
+                text = f"User:\n{prompt[0]['content']}\nAssistant:\n"
+                rows = [{"prompt": text, "chosen": good, "rejected": bad}]
+            elif fmt == "kto":
+                rows = [{"prompt": prompt, "completion": chosen, "label": True},
+                        {"prompt": prompt, "completion": rejected, "label": False}]
+            else:
+                raise ValueError(f"unknown preference format {fmt!r}")
+            for j, row in enumerate(rows):
+                f.write(json.dumps({**row, "id": f"pref-{seed}-{i}-{j}"}) + "\n")
+    return path
+
+
 def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

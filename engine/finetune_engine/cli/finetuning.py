@@ -1,4 +1,4 @@
-"""``finetuning {sft,dpo} CONFIG``: the seed engine's command line, plus --set and --result-file."""
+"""``finetuning {sft,dpo,kto,orpo,cpo} CONFIG``: the seed engine's command line, plus --set and --result-file."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from finetune_engine.config import ConfigError, load_config
+from finetune_engine.config.training_args import METHODS
 
 DESCRIPTION = "Finetuning"
 
@@ -15,9 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetuning", description=DESCRIPTION)
     parser.add_argument(
         "method",
-        choices=["sft", "dpo"],
+        choices=list(METHODS),
         help="The kind of finetuning to run. SFT is Supervised FineTuning. DPO stands for Direct "
-        "Preference Optimization (with its related algorithms).",
+        "Preference Optimization; training_args.loss_type picks its variants (sigmoid, ipo, hinge, "
+        "robust, ...). KTO trains on unpaired prompt/completion/label data, ORPO is reference-free, "
+        "CPO includes SimPO (training_args.loss_type: simpo).",
     )
     parser.add_argument("config", help="Path to the experiment's YAML config file.")
     parser.add_argument("--logging-level", default="INFO", help="Python logging level (default INFO).")
@@ -61,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.validate_only:
+            from finetune_engine.data.preference import DATA_METHOD
             from finetune_engine.data.validate import validate_files
 
             paths = [d.path for d in cfg.data_conf.training_data.datasets]
-            reports = validate_files(paths, method=args.method)
+            reports = validate_files(paths, method=DATA_METHOD.get(args.method, args.method))
             for r in reports:
                 print(f"{r.file}: {r.examples} valid {r.kind} examples")
             print(f"{args.config}: config valid")
@@ -77,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
             result = run_sft(cfg, tracking, args.num_preprocess_workers, args.result_file)
         else:
-            print("error: dpo is not available in this version of the engine; use sft", file=sys.stderr)
-            return 2
+            from finetune_engine.recipes.preference import run_preference
+
+            result = run_preference(cfg, tracking, args.method, args.num_preprocess_workers, args.result_file)
     except DataValidationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
