@@ -38,6 +38,10 @@ ENGINE_TRAINING_ARGS = {
     },
 }
 
+# Fields whose dataclass annotation is narrower than what TrainingArguments accepts (transformers 5
+# declares ``fsdp: str | None`` and converts ``True`` / a list of FSDP options in __post_init__).
+LOOSER_THAN_DECLARED = {"fsdp": "any"}
+
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
@@ -105,7 +109,7 @@ def check_training_args(args: dict[str, Any], method: str | None = "sft") -> dic
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append((key, f"not a {method_name} argument{hint}" if method is None else f"not a {method} trainer argument{hint}"))
         else:
-            kind = known[key]["type"]
+            kind = LOOSER_THAN_DECLARED.get(key, known[key]["type"])
             accepted = _SCALARS.get(kind.removesuffix(" | None"))
             bad_bool = kind.startswith(("int", "float")) and isinstance(value, bool)
             if value is None and kind.endswith("| None"):
