@@ -143,7 +143,7 @@ class EngineJobOperator(KubernetesPodOperator):
             **self.engine_env(context),
             **self.extra_env,
         }
-        bucket_secret = settings.get("bucket_secret_name")
+        bucket_secret = self.secret_names().bucket
         return EngineJobSpec(
             name=self.task_id,
             command=self.engine_command(context),
@@ -176,6 +176,19 @@ class EngineJobOperator(KubernetesPodOperator):
     def extra_secret_env(self) -> list[SecretEnv]:
         return []
 
+    def secret_names(self) -> SecretNames:
+        """The Kubernetes Secrets the pod references (the local runner maps each to a connection)."""
+        return SecretNames(settings.get("bucket_secret_name"), settings.get("hf_token_secret_name"))
+
+    def local_hf_conn_id(self) -> str:
+        """The Airflow connection standing in for the HF token Secret on the local runner."""
+        return settings.get("hf_conn_id")
+
+    def local_secret_resolver(self) -> ConnectionSecretResolver:
+        """Resolves the pod's secretKeyRefs from Airflow connections (local runner)."""
+        return ConnectionSecretResolver(self.secret_names(), self.bucket_conn_id or settings.get("bucket_conn_id"),
+                                        self.local_hf_conn_id())
+
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False):
         from airflow_provider_finetune.pods.pod import build_pod
 
@@ -204,11 +217,7 @@ class EngineJobOperator(KubernetesPodOperator):
         finally:
             self.do_xcom_push = push
         workdir = self.local_workdir(context)
-        resolver = ConnectionSecretResolver(
-            SecretNames(settings.get("bucket_secret_name"), settings.get("hf_token_secret_name")),
-            self.bucket_conn_id or settings.get("bucket_conn_id"),
-            settings.get("hf_conn_id"),
-        )
+        resolver = self.local_secret_resolver()
         local_env = {}
         if not settings.get("bucket_endpoint_url"):
             from airflow_provider_finetune.hooks import bucket_settings

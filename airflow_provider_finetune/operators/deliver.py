@@ -8,8 +8,9 @@ from typing import Any
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
+from airflow_provider_finetune.hooks import SecretNames
 from airflow_provider_finetune.operators.base import EngineJobOperator
-from airflow_provider_finetune.pods.spec import SecretEnv
+from airflow_provider_finetune.pods.spec import DNS_SUBDOMAIN, SecretEnv
 
 
 class HFModelToBucketOperator(EngineJobOperator):
@@ -20,14 +21,20 @@ class HFModelToBucketOperator(EngineJobOperator):
     :param exclude_patterns: globs of files to skip, e.g. ``["original/*"]``.
     :param destination: bucket prefix; default ``s3://<bucket>/models/<org>/<name>[@rev]``.
     :param allow_pickle: also deliver pickle (.bin/.pt) weights.
-    :param overwrite: replace an existing complete copy from another source/revision.
+    :param allow_overwrite: replace an existing complete copy from another source/revision.
+    :param hf_token_secret: Kubernetes Secret whose ``HF_TOKEN`` key the pod gets (gated models);
+        default ``[finetune] hf_token_secret_name``. Optional in the pod: public models need none.
+    :param hf_conn_id: the Airflow connection (password = token) that stands in for that Secret on
+        the local runner; default ``[finetune] hf_conn_id``.
     """
 
-    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "model_id", "revision", "destination")
+    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "model_id", "revision", "destination",
+                                      "hf_token_secret")
 
     def __init__(self, *, model_id: str, revision: str | None = None, exclude_patterns: list[str] | None = None,
                  allow_patterns: list[str] | None = None, destination: str | None = None, allow_pickle: bool = False,
-                 overwrite: bool = False, **kwargs: Any) -> None:
+                 allow_overwrite: bool = False, hf_token_secret: str | None = None, hf_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("gpus", 0)
         kwargs.setdefault("cpu_per_gpu", "2")
         kwargs.setdefault("memory_per_gpu", "8Gi")
@@ -38,7 +45,9 @@ class HFModelToBucketOperator(EngineJobOperator):
         self.allow_patterns = allow_patterns or []
         self.destination = destination
         self.allow_pickle = allow_pickle
-        self.overwrite = overwrite
+        self.allow_overwrite = allow_overwrite
+        self.hf_token_secret = hf_token_secret
+        self.hf_conn_id = hf_conn_id
 
     def resolved_destination(self) -> str:
         if self.destination:
@@ -50,6 +59,16 @@ class HFModelToBucketOperator(EngineJobOperator):
     def validate(self, context: Any) -> None:
         if not self.resolved_destination().startswith("s3://"):
             raise FinetuneConfigError(f"destination {self.destination!r} must be an s3:// URI")
+        name = self.secret_names().hf_token
+        if not DNS_SUBDOMAIN.match(name or ""):
+            raise FinetuneConfigError(f"hf_token_secret {name!r} is not a valid Kubernetes Secret name (lowercase letters, "
+                                      "digits, '-' and '.'); set hf_token_secret= or [finetune] hf_token_secret_name")
+
+    def secret_names(self) -> SecretNames:
+        return SecretNames(super().secret_names().bucket, self.hf_token_secret or settings.get("hf_token_secret_name"))
+
+    def local_hf_conn_id(self) -> str:
+        return self.hf_conn_id or super().local_hf_conn_id()
 
     def engine_command(self, context: Any) -> list[str]:
         cmd = ["finetune-engine", "deliver-model", self.model_id, self.resolved_destination()]
@@ -61,13 +80,13 @@ class HFModelToBucketOperator(EngineJobOperator):
             cmd += ["--exclude-pattern", p]
         if self.allow_pickle:
             cmd.append("--allow-pickle")
-        if self.overwrite:
+        if self.allow_overwrite:
             cmd.append("--overwrite")
         return cmd
 
     def extra_secret_env(self) -> list[SecretEnv]:
         # optional: public models need no token
-        return [SecretEnv("HF_TOKEN", settings.get("hf_token_secret_name"), "HF_TOKEN", optional=True)]
+        return [SecretEnv("HF_TOKEN", self.secret_names().hf_token, "HF_TOKEN", optional=True)]
 
 
 class DataScriptToBucketOperator(EngineJobOperator):

@@ -20,7 +20,7 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 _NAME_BAD = re.compile(r"[^a-z0-9-]+")
 _LABEL_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 # Names that hold credentials by convention, and value shapes of common tokens/keys.
 _SECRET_WORDS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "APIKEY", "CREDENTIAL", "CREDENTIALS"}
 _SECRET_VALUE = re.compile(r"(^|[\s=:\"'])(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
@@ -40,7 +40,7 @@ class SecretEnv:
     def __post_init__(self) -> None:
         if not _ENV_NAME.match(self.env_name):
             raise ValueError(f"SecretEnv {self.env_name!r}: not a valid environment variable name")
-        if not _DNS_SUBDOMAIN.match(self.secret_name or ""):
+        if not DNS_SUBDOMAIN.match(self.secret_name or ""):
             raise ValueError(f"SecretEnv {self.env_name}: secret_name {self.secret_name!r} is not a valid Secret name")
         if not self.secret_key or not re.match(r"^[-._a-zA-Z0-9]+$", self.secret_key):
             raise ValueError(f"SecretEnv {self.env_name}: secret_key {self.secret_key!r} is not a valid Secret key")

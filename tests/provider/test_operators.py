@@ -98,6 +98,39 @@ def test_hf_model_destination_and_command():
     assert hf.optional and hf.secret_name == "hf-token"
 
 
+def test_hf_model_token_secret_and_overwrite_reach_the_pod(monkeypatch):
+    op = HFModelToBucketOperator(task_id="t", model_id="meta-llama/Llama-3.2-1B", hf_token_secret="team-hf-token",
+                                 allow_overwrite=True)
+    op.validate(ctx())
+    pod = to_dict(_build(op))
+    base = pod["spec"]["containers"][0]
+    env = {e["name"]: e for e in base["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "team-hf-token", "key": "HF_TOKEN", "optional": True}
+    assert base["command"][-1] == "--overwrite"
+    default = HFModelToBucketOperator(task_id="t", model_id="org/m")
+    assert "--overwrite" not in default.engine_command(ctx())
+    monkeypatch.setenv("AIRFLOW__FINETUNE__HF_TOKEN_SECRET_NAME", "cluster-hf")
+    [hf] = [s for s in default.build_spec(ctx()).secret_env if s.env_name == "HF_TOKEN"]
+    assert hf.secret_name == "cluster-hf"  # the [finetune] default when the operator names none
+    with pytest.raises(FinetuneConfigError, match="hf_token_secret 'Team_HF' is not a valid Kubernetes Secret name"):
+        HFModelToBucketOperator(task_id="t", model_id="org/m", hf_token_secret="Team_HF").validate(ctx())
+
+
+def test_local_runner_resolves_the_operators_token_secret_from_its_connection(monkeypatch):
+    from airflow_provider_finetune.runners.local import build_env
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDLOCAL", "password": CANARY}))
+    monkeypatch.setenv("AIRFLOW_CONN_TEAM_HF", json.dumps({"conn_type": "generic", "password": "hf-team-token-value"}))
+    op = HFModelToBucketOperator(task_id="t", model_id="org/m", hf_token_secret="team-hf-token", hf_conn_id="team_hf")
+    env, secret_vars = build_env(_build(op), {}, op.local_secret_resolver())
+    assert env["HF_TOKEN"] == "hf-team-token-value" and env["AWS_SECRET_ACCESS_KEY"] == CANARY
+    assert sorted(secret_vars) == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"]
+    # the token is optional (public models): a missing connection leaves HF_TOKEN unset, nothing else
+    public = HFModelToBucketOperator(task_id="t", model_id="org/m", hf_token_secret="team-hf-token", hf_conn_id="absent_conn")
+    env, _ = build_env(_build(public), {}, public.local_secret_resolver())
+    assert "HF_TOKEN" not in env and env["AWS_ACCESS_KEY_ID"] == "AKIDLOCAL"
+
+
 def test_data_operator_needs_exactly_one_source():
     with pytest.raises(FinetuneConfigError, match="exactly one"):
         DataScriptToBucketOperator(task_id="t").validate(ctx())
