@@ -19,6 +19,13 @@ class TokenizerSetup:
     template_name: str
     end_marker: str | None  # the assistant end marker, trained and used as EOS at inference
     added_tokens: list[str] = field(default_factory=list)
+    # unk-convert-to-eos: batches pad their inputs with EOS while the tokenizer's pad stays UNK.
+    input_pad_token_id: int | None = None
+
+    @property
+    def collate_pad_id(self) -> int:
+        """The id written into padded input positions (their labels are always ignored)."""
+        return self.tokenizer.pad_token_id if self.input_pad_token_id is None else self.input_pad_token_id
 
 
 def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSetup:
@@ -49,6 +56,7 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
             log.info("added %d special tokens for %s: %s", len(added), name, added)
         tokenizer.chat_template = template.jinja
         end_marker = template.end_marker(tokenizer.eos_token)
+    input_pad = None
     if tokenizer.pad_token is None:
         strategy = cfg.data_conf.missing_pad_token_strategy
         source = {"bos-repurpose": "bos", "eos-repurpose": "eos"}.get(strategy, "unk")
@@ -60,8 +68,18 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
             )
         tokenizer.pad_token = token
         log.info("pad token set to %r (%s); pads are masked by position, never by id", token, strategy)
+        if strategy == "unk-convert-to-eos":
+            if tokenizer.eos_token_id is None:
+                raise ValueError(
+                    "data_conf.missing_pad_token_strategy unk-convert-to-eos: the tokenizer has no "
+                    "eos token; choose unk-repurpose"
+                )
+            # As in the Silogen engine: UNK is the pad token, but padded input positions hold EOS, so
+            # padding looks like EOS to the model; their labels are ignored as for any pad.
+            input_pad = tokenizer.eos_token_id
+            log.info("input-side padding written as EOS %r; the tokenizer's pad token stays %r", tokenizer.eos_token, token)
     tokenizer.padding_side = cfg.data_conf.padding_side
-    return TokenizerSetup(tokenizer, name, end_marker, added)
+    return TokenizerSetup(tokenizer, name, end_marker, added, input_pad)
 
 
 def quantization_config(cfg: schema.ExperimentConfig):

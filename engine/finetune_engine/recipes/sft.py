@@ -139,7 +139,7 @@ def run_sft(
 
     model = load_model(cfg, model_path, tok, before_peft=save_grown_base)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    pad_id = tok.tokenizer.pad_token_id
+    pad_id = tok.collate_pad_id
     if sft.packing:
         bins = pack_lengths([len(e["input_ids"]) for e in train_examples], sft.max_seq_length, seed=seed)
         train_rows: list[dict] = [{"segments": [train_examples[i] for i in b]} for b in bins]
