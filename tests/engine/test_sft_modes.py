@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from finetune_engine.cli.finetuning import main as finetuning
 from finetune_engine.config import parse_config
@@ -120,3 +122,65 @@ def test_unk_convert_to_eos_pads_training_batches_with_eos(tiny_model, chat_data
         assert (b["labels"][pads] == IGNORE_INDEX).all()
         real_eos = (b["input_ids"] == base.eos_token_id) & ~pads
         assert (b["labels"][real_eos] == base.eos_token_id).all() and real_eos.any()
+
+
+# --- record formats: prompt/completion and text ------------------------------------------------
+
+
+def _qa_records(n: int) -> list[dict]:
+    from finetune_engine.tiny import COUNTRIES
+
+    names = list(COUNTRIES)
+    return [{"prompt": f"What is the capital of {names[i % len(names)]}?",
+             "completion": f"The capital of {names[i % len(names)]} is {COUNTRIES[names[i % len(names)]]}."} for i in range(n)]
+
+
+def _text_records(n: int) -> list[dict]:
+    return [{"text": f"{i % 20} plus {(3 * i) % 20} is {i % 20 + (3 * i) % 20}."} for i in range(n)]
+
+
+@pytest.mark.parametrize("template,end", [("chat-ml", "<|im_end|>"), ("keep-original", "</s>")])
+def test_prompt_completion_mask_trains_only_the_completion(tiny_model_dir, template, end):
+    tok = load_tokenizer(_cfg(tiny_model_dir, template), str(tiny_model_dir))
+    t = tok.tokenizer
+    record = {"prompt": "What is the capital of Peru?", "completion": "The capital of Peru is Lima."}
+    [item] = encode_batch([record], t, EncodeSettings(512, completions_only=True, end_marker=tok.end_marker))
+    ids, labels = item["input_ids"], item["labels"]
+    trained = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    assert t.decode(trained) == "The capital of Peru is Lima." + end
+    # the trained tokens are one contiguous run: the completion and its end marker, nothing else
+    first = next(k for k, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    assert labels[first:first + len(trained)] == ids[first:first + len(trained)] == trained
+    assert "What is the capital of Peru?" in t.decode(ids[:first])
+    # without completions-only, every token but the first is trained
+    [full] = encode_batch([record], t, EncodeSettings(512, end_marker=tok.end_marker))
+    assert full["input_ids"] == ids and full["labels"] == [IGNORE_INDEX] + ids[1:]
+
+
+@pytest.mark.parametrize("completions_only", [True, False])
+def test_text_records_train_every_token(tiny_model_dir, completions_only):
+    tok = load_tokenizer(_cfg(tiny_model_dir, "chat-ml"), str(tiny_model_dir))
+    t = tok.tokenizer
+    [item] = encode_batch([{"text": "The capital of Peru is Lima."}], t,
+                          EncodeSettings(512, completions_only=completions_only, end_marker=tok.end_marker))
+    ids = item["input_ids"]
+    assert ids[0] == t.bos_token_id and ids[-1] == t.eos_token_id  # plain text: BOS + text + EOS, no template
+    assert t.decode(ids[1:-1]) == "The capital of Peru is Lima."
+    assert item["labels"] == [IGNORE_INDEX] + ids[1:]
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "text"])
+def test_training_on_prompt_completion_and_text_files(tiny_model, tmp_path, kind):
+    records = _qa_records(48) if kind == "prompt_completion" else _text_records(48)
+    data = _write_jsonl(tmp_path / f"{kind}.jsonl", records)
+    config = make_config(tmp_path, tiny_model, data,
+                         data_conf={"validation_data": {"type": "AUTO_SPLIT", "ratio": 0.25, "seed": 2}},
+                         sft_args={"max_seq_length": 64, "train_on_completions_only": kind == "prompt_completion"},
+                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003})
+    before = load_file(str(tiny_model / "model.safetensors"))
+    result = _run(config)
+    assert result["global_step"] == 3 and result["num_train_examples"] == 36 and result["num_eval_examples"] == 12
+    assert all(0 < result[k] < 20 for k in ("final_train_loss", "final_eval_loss"))
+    after = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(before[key], after[key])
