@@ -4,6 +4,7 @@ explicit resume paths, added tokens, length counts, the result file and refused 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,118 @@ def test_training_on_prompt_completion_and_text_files(tiny_model, tmp_path, kind
     after = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
     key = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(before[key], after[key])
+
+
+# --- PRETRAINED_PEFT, 8-bit bitsandbytes, resume from an explicit path ---------------------------
+
+LORA = {"peft_type": "LORA", "peft_kwargs": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+
+
+def _sub(tmp_path: Path, name: str) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    return d
+
+
+def test_pretrained_peft_continues_the_saved_adapter(tiny_model, chat_data, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from finetune_engine.config import load_config
+    from finetune_engine.modeling import load_model
+
+    first_dir, second_dir = _sub(tmp_path, "first"), _sub(tmp_path, "second")
+    first = _run(make_config(first_dir, tiny_model, chat_data, peft_conf=LORA, data_conf={"validation_data": NO_VALIDATION},
+                             training_args={"output_dir": str(first_dir / "out"), "max_steps": 3, "learning_rate": 0.003}))
+    adapter = Path(first["final_adapter"])
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # the first run trained it
+
+    config = make_config(second_dir, tiny_model, chat_data,
+                         peft_conf={"peft_type": "PRETRAINED_PEFT", "name_or_path": str(adapter)},
+                         data_conf={"validation_data": NO_VALIDATION},
+                         training_args={"output_dir": str(second_dir / "out"), "max_steps": 3, "learning_rate": 0.003})
+    # What training starts from: exactly the saved adapter (LoRA and the embedding copies), trainable.
+    cfg = load_config(config, method="sft")
+    tok = load_tokenizer(cfg, str(tiny_model))
+    model = load_model(cfg, str(tiny_model), tok)
+    start = get_peft_model_state_dict(model)
+    assert set(start) == set(saved)
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    del model
+
+    second = _run(config)
+    assert second["global_step"] == 3
+    continued = load_file(str(Path(second["final_adapter"]) / "adapter_model.safetensors"))
+    assert set(continued) == set(saved)
+    moved = [k for k in saved if "lora_" in k and not torch.equal(saved[k], continued[k])]
+    assert moved and all(("lora_A" in k or "lora_B" in k) for k in moved)
+    assert json.loads((Path(second["final_adapter"]) / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_8bit_bitsandbytes_lora_trains_on_cpu(tiny_model, chat_data, tmp_path):
+    """bitsandbytes 0.50 has CPU int8 kernels: the base really loads as Linear8bitLt and trains."""
+    import bitsandbytes as bnb
+
+    from finetune_engine.config import load_config
+    from finetune_engine.modeling import load_model
+
+    config = make_config(
+        tmp_path, tiny_model, chat_data, peft_conf=LORA,
+        quant_conf={"quantization_type": "bits-and-bytes", "load_in_8bit": True},
+        data_conf={"validation_data": NO_VALIDATION},
+        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003},
+    )
+    cfg = load_config(config, method="sft")
+    model = load_model(cfg, str(tiny_model), load_tokenizer(cfg, str(tiny_model)))
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear8bitLt) and q_proj.base_layer.weight.dtype == torch.int8
+    del model
+
+    result = _run(config)
+    assert result["global_step"] == 3 and 0 < result["final_train_loss"] < 20
+    adapter = load_file(str(Path(result["final_adapter"]) / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "LoRA B starts at zero and must have moved"
+    merged = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
+    assert all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in merged.values())
+    assert not any("SCB" in k or "weight_format" in k for k in merged)  # no int8 state in the merged model
+    assert json.loads((Path(result["final_adapter"]) / "finetune_meta.json").read_text())["quantized"] is True
+
+
+def test_resume_from_an_explicit_checkpoint_path(tiny_model, chat_data, tmp_path, caplog):
+    import shutil
+
+    first_dir, second_dir = _sub(tmp_path, "first"), _sub(tmp_path, "second")
+    args = {"max_steps": 6, "save_steps": 3, "learning_rate": 0.003, "lr_scheduler_type": "constant"}
+    first = _run(make_config(first_dir, tiny_model, chat_data, training_args={"output_dir": str(first_dir / "out"), **args}))
+    checkpoint = first_dir / "out" / "checkpoint-3"
+    assert (checkpoint / "_finetune_manifest.json").exists()
+
+    config = make_config(second_dir, tiny_model, chat_data, run_conf={"model": str(tiny_model), "determinism": "half",
+                                                                      "resume_from_checkpoint": str(checkpoint)},
+                         training_args={"output_dir": str(second_dir / "out"), **args})
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    second = _run(config)
+    assert second["resumed_from"] == "checkpoint-3" and second["global_step"] == 6
+    # only steps 4-6 ran here: training began at step 3 and no checkpoint-3 was written again
+    assert "training: step 3 of 6" in caplog.text
+    assert sorted(p.name for p in (second_dir / "out").glob("checkpoint-[0-9]*")) == ["checkpoint-6"]
+    state = json.loads((second_dir / "out" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 7))
+    # steps 1-3 come from the checkpoint, 4-6 were trained again on the same batches: same model
+    a = load_file(str(Path(first["final_checkpoint"]) / "model.safetensors"))
+    b = load_file(str(Path(second["final_checkpoint"]) / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    # an explicit path that is not a complete checkpoint is refused, naming the key
+    broken = tmp_path / "checkpoint-broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "_finetune_manifest.json").unlink()
+    bad = make_config(_sub(tmp_path, "third"), tiny_model, chat_data,
+                      run_conf={"model": str(tiny_model), "resume_from_checkpoint": str(broken)},
+                      training_args={"output_dir": str(tmp_path / "third" / "out"), **args})
+    assert finetuning(["sft", str(bad), "--num-preprocess-workers", "1"]) == 2
+    assert f"run_conf.resume_from_checkpoint {broken} is not a complete checkpoint" in caplog.text
+    assert not (tmp_path / "third" / "out" / "checkpoint-final").exists()
