@@ -58,6 +58,9 @@ def strategy_training_args(strategy: str | None) -> dict[str, Any]:
     return copy.deepcopy(STRATEGIES[strategy])
 
 
+SWEEP_LABEL = "{{ task.sweep_label() }}"
+
+
 class FinetuneKubernetesOperator(EngineJobOperator):
     """Fine-tune in a pod: ``finetune-engine train-job`` with the rendered config.
 
@@ -110,8 +113,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         distributed_strategy: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if lora_rank is not None or "lora_rank" in str(kwargs.get("expand_input", "")):
-            kwargs.setdefault("map_index_template", "r={{ task.lora_rank }}")
+        if kwargs.get("map_index_template") is None and (lora_rank is not None or overrides):
+            kwargs["map_index_template"] = SWEEP_LABEL
         super().__init__(gpus=gpus, **kwargs)
         self.config = config
         self.method = method
@@ -129,6 +132,24 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.poll_interval = poll_interval
         self.distributed_strategy = distributed_strategy
         self._rendered: str | None = None
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """``.partial(...)`` with readable sweep rows by default (the mapped task's template is read
+        from the partial arguments, before any task object exists)."""
+        if kwargs.get("map_index_template") is None:
+            kwargs["map_index_template"] = SWEEP_LABEL
+        return super().partial(**kwargs)
+
+    def sweep_label(self, width: int = 100) -> str:
+        """The row label of a mapped run: ``r=8``, ``learning_rate=0.0001, max_steps=20`` (last key
+        segment of each override), cut to ``width``; empty when nothing is swept."""
+        parts = [f"r={self.lora_rank}"] if self.lora_rank is not None else []
+        for item in overrides_list(self.overrides):
+            key, sep, value = item.partition("=")
+            parts.append(f"{key.strip().rsplit('.', 1)[-1]}{sep}{' '.join(value.split())}")
+        label = ", ".join(parts)
+        return label if len(label) <= width else label[: width - 3] + "..."
 
     def _experiment_dict(self) -> dict:
         cfg = self.config

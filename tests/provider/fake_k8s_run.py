@@ -71,6 +71,16 @@ class FakeCore:
         return k8s.CoreV1EventList(items=[])
 
 
+def _labels(run) -> dict[str, str | None]:
+    """``task_id[map_index]`` -> the rendered map index the UI shows, as stored by the run."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter_by(dag_id=run.dag_id, run_id=run.run_id).all()
+        return {f"{ti.task_id}[{ti.map_index}]": ti.rendered_map_index for ti in tis}
+
+
 def main() -> int:
     from airflow.dag_processing.dagbag import DagBag
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
@@ -86,7 +96,7 @@ def main() -> int:
         bag = DagBag(dag_folder=sys.argv[1])
         dag = bag.dags[sys.argv[2]]
         run = dag.test()
-        print("FAKE_K8S_CALLS=" + json.dumps({"state": str(run.state), "calls": calls}, default=str))
+        print("FAKE_K8S_CALLS=" + json.dumps({"state": str(run.state), "calls": calls, "labels": _labels(run)}, default=str))
     return 0
 
 

@@ -40,12 +40,23 @@ def _run(home: Path, mode: str) -> dict:
     return json.loads(line.split("=", 1)[1])
 
 
-def test_mapped_sweep_creates_one_restricted_pod_per_rank_and_cleans_up(airflow_home):
-    out = _run(airflow_home, "fresh")
+@pytest.fixture(scope="module")
+def fresh(airflow_home):
+    return _run(airflow_home, "fresh")
+
+
+def _task(call: dict) -> str:
+    return call["body"]["metadata"]["labels"]["task_id"]
+
+
+def test_mapped_sweep_creates_one_restricted_pod_per_rank_and_cleans_up(fresh):
+    out = fresh
     assert out["state"] == "success"
     ops = [c["op"] for c in out["calls"]]
-    assert ops.count("create") == 2 and ops.count("delete") == 2 and ops.index("list") < ops.index("create")
-    creates = sorted((c for c in out["calls"] if c["op"] == "create"), key=lambda c: c["body"]["metadata"]["labels"]["map_index"])
+    # two mapped tasks x two map indexes: one pod each, each deleted after success
+    assert ops.count("create") == 4 and ops.count("delete") == 4 and ops.index("list") < ops.index("create")
+    creates = sorted((c for c in out["calls"] if c["op"] == "create" and _task(c) == "sweep"),
+                     key=lambda c: c["body"]["metadata"]["labels"]["map_index"])
     for index, (call, rank) in enumerate(zip(creates, (4, 8), strict=True)):
         pod = call["body"]
         labels = pod["metadata"]["labels"]
@@ -63,7 +74,21 @@ def test_mapped_sweep_creates_one_restricted_pod_per_rank_and_cleans_up(airflow_
         assert restricted_violations(pod) == []
         kubernetes_validate.validate(pod, "1.33", strict=True)
     deleted = {c["name"] for c in out["calls"] if c["op"] == "delete"}
-    assert deleted == {c["name"] for c in creates}
+    assert deleted == {c["name"] for c in out["calls"] if c["op"] == "create"}
+    sweep = sorted((c for c in out["calls"] if c["op"] == "create" and _task(c) == "lr_sweep"),
+                   key=lambda c: c["body"]["metadata"]["labels"]["map_index"])
+    configs = [next(e["value"] for e in c["body"]["spec"]["containers"][0]["env"] if e["name"] == "FINETUNE_CONFIG") for c in sweep]
+    assert "learning_rate: 0.0001" in configs[0] and "max_steps: 20" in configs[0] and "learning_rate: 0.001" in configs[1]
+
+
+def test_mapped_rows_are_labelled_by_what_they_sweep(fresh):
+    """The rendered map index Airflow stores (and the grid shows) for rank and overrides sweeps."""
+    out = fresh
+    assert out["state"] == "success"
+    assert out["labels"] == {
+        "sweep[0]": "r=4", "sweep[1]": "r=8",
+        "lr_sweep[0]": "learning_rate=0.0001, max_steps=20", "lr_sweep[1]": "learning_rate=0.001",
+    }
 
 
 def test_retry_reattaches_to_running_pods_instead_of_creating(airflow_home):
@@ -71,4 +96,5 @@ def test_retry_reattaches_to_running_pods_instead_of_creating(airflow_home):
     assert out["state"] == "success"
     ops = [c["op"] for c in out["calls"]]
     assert "create" not in ops, "a running pod of the task instance must be reused, not duplicated"
-    assert sorted(c["name"] for c in out["calls"] if c["op"] == "delete") == ["existing-0", "existing-1"]
+    # the fake lists one running pod per task instance (by its labels): two tasks x two map indexes
+    assert sorted(c["name"] for c in out["calls"] if c["op"] == "delete") == ["existing-0", "existing-0", "existing-1", "existing-1"]

@@ -52,7 +52,7 @@ def test_config_errors_name_the_key_before_any_pod():
 def test_rank_overrides_checkpoint_keys_and_map_index_template():
     a = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8)
     b = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=16)
-    assert a.map_index_template == "r={{ task.lora_rank }}"
+    assert a.map_index_template == "{{ task.sweep_label() }}" and a.sweep_label() == "r=8"
     assert "r: 8" in a.rendered_config() and "lora_alpha: 16" in a.rendered_config()
     ua, ub = a.resolved_checkpoint_uri(ctx(0)), b.resolved_checkpoint_uri(ctx(1))
     assert ua != ub and "/r8-" in ua and "/r16-" in ub
@@ -61,6 +61,21 @@ def test_rank_overrides_checkpoint_keys_and_map_index_template():
     assert a.engine_command(ctx(0))[:2] == ["finetune-engine", "train-job"]
     two = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=4)
     assert two.engine_command(ctx())[:3] == ["torchrun", "--standalone", "--nproc-per-node=4"]
+
+
+def test_sweep_label_is_short_and_readable():
+    from airflow.sdk import DAG
+
+    label = FinetuneKubernetesOperator(task_id="t", config=CONFIG, overrides={"training_args.learning_rate": 1e-4,
+                                                                              "peft_conf": {"peft_type": "NO_PEFT"}}).sweep_label()
+    assert label == "learning_rate=0.0001, peft_conf={peft_type: NO_PEFT}"
+    long = FinetuneKubernetesOperator(task_id="t", config=CONFIG, overrides=[f"training_args.k{i}=v{i}" for i in range(40)])
+    assert len(long.sweep_label()) == 100 and long.sweep_label().endswith("...")
+    assert FinetuneKubernetesOperator(task_id="t", config=CONFIG).map_index_template is None  # nothing swept
+    with DAG("d", schedule=None):
+        mapped = FinetuneKubernetesOperator.partial(task_id="m", config=CONFIG).expand(overrides=[["a.b=1"]])
+        own = FinetuneKubernetesOperator.partial(task_id="o", config=CONFIG, map_index_template="{{ task.task_id }}").expand(lora_rank=[4])
+    assert mapped.map_index_template == "{{ task.sweep_label() }}" and own.map_index_template == "{{ task.task_id }}"
 
 
 @pytest.mark.parametrize("make", [

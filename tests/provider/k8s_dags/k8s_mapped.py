@@ -1,4 +1,5 @@
-"""A mapped fine-tune on the kubernetes runner (the API is faked by the test that runs this)."""
+"""Mapped fine-tunes on the kubernetes runner, a LoRA-rank sweep and an overrides sweep (the API is
+faked by the test that runs this)."""
 
 from airflow.sdk import DAG
 
@@ -14,3 +15,6 @@ CONFIG = {
 with DAG("k8s_mapped", schedule=None, catchup=False):
     FinetuneKubernetesOperator.partial(task_id="sweep", config=CONFIG, get_logs=False, namespace="finetune",
                                        runner="kubernetes").expand(lora_rank=[4, 8])
+    FinetuneKubernetesOperator.partial(task_id="lr_sweep", config=CONFIG, get_logs=False, namespace="finetune",
+                                       runner="kubernetes").expand(
+        overrides=[["training_args.learning_rate=0.0001", "training_args.max_steps=20"], {"training_args.learning_rate": 0.001}])
