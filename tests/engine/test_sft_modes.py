@@ -300,3 +300,55 @@ def test_resume_from_an_explicit_checkpoint_path(tiny_model, chat_data, tmp_path
     assert finetuning(["sft", str(bad), "--num-preprocess-workers", "1"]) == 2
     assert f"run_conf.resume_from_checkpoint {broken} is not a complete checkpoint" in caplog.text
     assert not (tmp_path / "third" / "out" / "checkpoint-final").exists()
+
+
+# --- added tokens: mean-resized rows, trained with LoRA, grown base saved ------------------------
+
+EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def test_added_tokens_get_mean_initialised_rows(tiny_model_dir):
+    from finetune_engine.modeling import load_model
+
+    cfg = _cfg(tiny_model_dir, "chat-ml")
+    tok = load_tokenizer(cfg, str(tiny_model_dir))
+    old = load_file(str(tiny_model_dir / "model.safetensors"))
+    n = old[EMB].shape[0]
+    model = load_model(cfg, str(tiny_model_dir), tok)
+    assert len(tok.tokenizer) == n + 2
+    for key, module in ((EMB, model.get_input_embeddings()), (HEAD, model.get_output_embeddings())):
+        weight = module.weight.detach()
+        assert weight.shape[0] == n + 2
+        assert torch.equal(weight[:n], old[key])  # old rows untouched
+        mean = old[key].mean(0)
+        for row in weight[n:]:
+            # near the mean of the old rows (default init would be ~0.02 away per entry)
+            assert torch.allclose(row, mean, atol=1e-4), (key, (row - mean).abs().max())
+        assert (weight[n:] - mean).abs().max() < 0.01 * old[key].std()
+
+
+def test_lora_with_added_tokens_trains_new_rows_and_saves_grown_base(tiny_model, chat_data, tmp_path):
+    config = make_config(tmp_path, tiny_model, chat_data, peft_conf=LORA, data_conf={"validation_data": NO_VALIDATION},
+                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003})
+    old = load_file(str(tiny_model / "model.safetensors"))
+    n = old[EMB].shape[0]
+    result = _run(config)
+    grown_dir = Path(result["grown_base"])
+    assert grown_dir.name == "checkpoint-final-base" and (grown_dir / "_finetune_manifest.json").exists()
+    grown = load_file(str(grown_dir / "model.safetensors"))
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(grown_dir)) == n + 2
+    adapter = load_file(str(Path(result["final_adapter"]) / "adapter_model.safetensors"))
+    merged = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
+    for key in (EMB, HEAD):
+        # the grown base: old rows as they were, new rows at the old rows' mean
+        assert grown[key].shape[0] == n + 2 and torch.equal(grown[key][:n], old[key])
+        assert torch.allclose(grown[key][n:], old[key].mean(0).expand(2, -1), atol=1e-4)
+        # the adapter carries a trained full copy whose new-token rows moved away from the base
+        suffix = "embed_tokens.weight" if key == EMB else "lm_head.weight"
+        [copy] = [v for k, v in adapter.items() if k.endswith(suffix)]
+        assert copy.shape == grown[key].shape
+        for row in (n, n + 1):
+            assert not torch.allclose(copy[row], grown[key][row], atol=1e-6), f"{key} row {row} did not train"
+        assert torch.equal(merged[key], copy.to(merged[key].dtype))  # merged model uses the trained rows
