@@ -352,3 +352,30 @@ def test_lora_with_added_tokens_trains_new_rows_and_saves_grown_base(tiny_model,
         for row in (n, n + 1):
             assert not torch.allclose(copy[row], grown[key][row], atol=1e-6), f"{key} row {row} did not train"
         assert torch.equal(merged[key], copy.to(merged[key].dtype))  # merged model uses the trained rows
+
+
+# --- length handling counts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handling", ["filter", "truncate"])
+def test_filtered_and_truncated_counts_logged_and_reported(tiny_model, tmp_path, caplog, handling):
+    short = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"}, {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}]}
+             for i in range(20)]
+    long = [{"messages": [{"role": "user", "content": "Describe the fox."}, {"role": "assistant", "content": "The red fox sees the owl. " * (20 + i)}]}
+            for i in range(5)]
+    data = _write_jsonl(tmp_path / "mixed.jsonl", short[:10] + long + short[10:])
+    max_len = 64
+    # independent count: the chat-ml rendering's token length, as training sees it
+    tok = load_tokenizer(_cfg(tiny_model, "chat-ml"), str(tiny_model)).tokenizer
+    lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"]) for r in short + long]
+    assert sum(n > max_len for n in lengths) == 5 and max(lengths[:20]) <= max_len
+
+    config = make_config(tmp_path, tiny_model, data, data_conf={"validation_data": NO_VALIDATION},
+                         sft_args={"max_seq_length": max_len, "length_handling": handling},
+                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 1})
+    caplog.set_level(logging.INFO)
+    result = _run(config)
+    filtered, truncated = (5, 0) if handling == "filter" else (0, 5)
+    assert result["filtered_examples"] == filtered and result["truncated_examples"] == truncated
+    assert result["num_train_examples"] == 25 - filtered
+    assert f"kept {25 - filtered} train / 0 eval; filtered as too long {filtered}, truncated {truncated}, without trained tokens 0" in caplog.text
