@@ -46,15 +46,14 @@ def test_deliver_model_from_directory_is_idempotent(s3_env, tiny_model_dir, tmp_
     assert deliver_model(str(tiny_model_dir), dest, revision="other", overwrite=True)["status"] == "delivered"
 
 
-def _fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes]) -> str:
-    """The huggingface_hub cache layout (blobs, snapshots/<commit>, refs/main), offline."""
-    commit = "1" * 40
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    for rel, data in files.items():
-        import hashlib
+def _fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes], ref: str = "main", commit: str = "1" * 40) -> str:
+    """The huggingface_hub cache layout (blobs, snapshots/<commit>, refs/<ref>), offline."""
+    import hashlib
 
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    for rel, data in files.items():
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(data)
@@ -81,6 +80,67 @@ def test_deliver_model_from_hub_cache_offline(s3_env, tmp_path, monkeypatch):
     names = sorted(list_objects(dest))
     assert names == sorted([MANIFEST_NAME, "config.json", "model.safetensors"])  # no pickle, no original/
     assert read_manifest(dest)["extra"]["source"] == "org/tiny-chat"
+
+
+def test_deliver_model_hub_revisions_and_token_offline(s3_env, tmp_path, monkeypatch, caplog):
+    """A tag and a commit resolve to their own snapshots; the same revision is skipped, another one needs
+    --overwrite; HF_TOKEN reaches snapshot_download and is written nowhere."""
+    import logging
+
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    main_commit = _fake_hub_cache(cache, "org/rev", {"config.json": b'{"v": "main"}', "model.safetensors": b"main" * 50})
+    v1_commit = _fake_hub_cache(cache, "org/rev", {"config.json": b'{"v": 1}', "model.safetensors": b"v1" * 80},
+                                ref="v1", commit="2" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_offline_canary_token")
+    seen = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(*args, **kwargs):  # records what deliver-model passes, then the real offline download
+        seen.append({"revision": kwargs.get("revision"), "token": kwargs.get("token")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    caplog.set_level(logging.DEBUG)
+    dest = join(s3_env["uri"], "models", "org", "rev")
+    result = deliver_model("org/rev", dest, revision="v1")
+    assert seen[-1] == {"revision": "v1", "token": "hf_offline_canary_token"}
+    assert result["commit"] == v1_commit and result["revision"] == "v1"
+    manifest = read_manifest(dest)
+    assert manifest["extra"] == {"source": "org/rev", "revision": "v1", "commit": v1_commit}
+    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="models/org/rev/config.json")["Body"].read()
+    assert body == b'{"v": 1}'
+    assert deliver_model("org/rev", dest, revision="v1")["status"] == "skipped"
+    with pytest.raises(DeliveryError, match="--overwrite"):
+        deliver_model("org/rev", dest)  # main is another revision
+    by_commit = join(s3_env["uri"], "models", "org", "rev-main")
+    assert deliver_model("org/rev", by_commit, revision=main_commit)["commit"] == main_commit
+    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="models/org/rev-main/config.json")["Body"].read()
+    assert body == b'{"v": "main"}'
+    with pytest.raises(Exception, match="(?i)revision|offline|not found|cannot find"):
+        deliver_model("org/rev", join(s3_env["uri"], "models", "nope"), revision="v9")
+    stored = "".join(json.dumps(read_manifest(u)) for u in (dest, by_commit))
+    assert "hf_offline_canary_token" not in stored + caplog.text + json.dumps(result)
+
+
+def test_deliver_model_from_another_bucket_prefix(s3_env, tiny_model_dir, tmp_path):
+    src = join(s3_env["uri"], "models", "staging", "tiny")
+    deliver_model(str(tiny_model_dir), src)
+    dest = join(s3_env["uri"], "models", "prod", "tiny")
+    result = deliver_model(src, dest, exclude=["tokenizer.json"])
+    assert result == {"status": "delivered", "destination": dest, "source": src, "revision": "main"}
+    src_objects, dest_objects = list_objects(src), list_objects(dest)
+    assert sorted(dest_objects) == sorted(k for k in src_objects if k != "tokenizer.json")
+    assert all(dest_objects[k] == src_objects[k] for k in dest_objects if k != MANIFEST_NAME)
+    assert read_manifest(dest)["extra"] == {"source": src, "revision": "main"}
+    download_dir(dest, tmp_path / "copy")  # verified against the new manifest
+    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert deliver_model(src, dest)["status"] == "skipped"
+    with pytest.raises(Exception, match="not complete"):
+        deliver_model(join(s3_env["uri"], "models", "absent"), join(s3_env["uri"], "models", "x"))
 
 
 def test_deliver_model_refuses_pickle_only(s3_env, tmp_path):
@@ -216,6 +276,34 @@ def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path):
     from finetune_engine.cli.chat import chat
 
     assert isinstance(chat(str(tmp_path / "final"), "What is 1 plus 1?", 4), str)
+
+
+def test_checkpoint_uploads_run_in_the_background(s3_env, delivered, tmp_path, monkeypatch):
+    """With a slow bucket (FINETUNE_TEST_UPLOAD_DELAY per object), training steps continue while a
+    checkpoint uploads: step lines are logged between an upload's start and its end."""
+    from datetime import datetime
+
+    model_uri, data_uri = delivered
+    config = _train_config(tmp_path, model_uri, data_uri, max_steps=6, save_steps=2)
+    monkeypatch.setenv("FINETUNE_TEST_UPLOAD_DELAY", "3")  # per object; objects upload in parallel
+    ckpt = join(s3_env["uri"], "experiments", "bg", "run")
+    assert train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
+    lines = (tmp_path / "w" / "logs" / "train.log").read_text().splitlines()
+
+    def at(pattern: str) -> tuple[int, datetime]:
+        for i, line in enumerate(lines):
+            if re.search(pattern, line):
+                return i, datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        raise AssertionError(f"{pattern!r} not in the log:\n" + "\n".join(lines[-40:]))
+
+    overlapped = []
+    for n in (2, 4):  # checkpoint-6 is the last save: no step follows it
+        begin, t_begin = at(rf"uploading checkpoint-{n} in the background")
+        end, t_end = at(rf"uploaded s3://\S+/checkpoint-{n}$")
+        assert (t_end - t_begin).total_seconds() >= 2.0  # the upload really was slow
+        overlapped += [line for line in lines[begin + 1:end] if re.search(r"finetune_engine.callbacks: step \d+/6 ", line)]
+    assert overlapped, "no training step was logged while a checkpoint uploaded:\n" + "\n".join(lines)
+    assert sorted(_complete_steps(ckpt)) == [2, 4, 6]
 
 
 def test_train_job_bad_config_key_fails_before_download(s3_env, delivered, tmp_path, capsys):
