@@ -379,3 +379,79 @@ def test_filtered_and_truncated_counts_logged_and_reported(tiny_model, tmp_path,
     assert result["filtered_examples"] == filtered and result["truncated_examples"] == truncated
     assert result["num_train_examples"] == 25 - filtered
     assert f"kept {25 - filtered} train / 0 eval; filtered as too long {filtered}, truncated {truncated}, without trained tokens 0" in caplog.text
+
+
+# --- the README's command and the result file (flag and env) --------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _readme_command() -> list[str]:
+    """The README's ``finetuning sft ...`` example, continuation lines joined."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"^finetuning sft (?:.*\\\n)*.*$", text, re.M)
+    assert match, "README has no `finetuning sft` example"
+    return shlex.split(match.group(0).replace("\\\n", " "))
+
+
+def _readme_workdir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A clean directory laid out as the shipped config's header prepares it (model and data in
+    .work/), with the shipped configs where the README's relative path expects them."""
+    import shutil
+
+    from finetune_engine.tiny import write_chat_dataset
+
+    work = tmp_path / "repo"
+    (work / "engine").mkdir(parents=True)
+    (work / "engine" / "configs").symlink_to(ROOT / "engine" / "configs")
+    shutil.copytree(tiny_model_dir, work / ".work" / "tiny-model")  # = python -m finetune_engine.tiny model
+    write_chat_dataset(work / ".work" / "tiny-chat.jsonl")  # = python -m finetune_engine.tiny data
+    return work
+
+
+def _run_cli(argv: list[str], cwd: Path, env: dict[str, str]):
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / argv[0]
+    assert exe.exists(), f"{argv[0]} is not installed next to {sys.executable}"
+    return subprocess.run([str(exe), *argv[1:]], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_readme_command_runs_and_writes_the_result_file_named_by_flag(tiny_model_dir, tmp_path):
+    command = _readme_command()
+    assert command[:3] == ["finetuning", "sft", "engine/configs/tiny-sft-lora.yaml"] and "--result-file" in command
+    work = _readme_workdir(tmp_path, tiny_model_dir)
+    env_target = tmp_path / "env-result.json"  # the flag beats FINETUNE_RESULT_FILE
+    proc = _run_cli([*command, "--set", "training_args.max_steps=3", "--num-preprocess-workers", "1"], work,
+                    {"FINETUNE_RESULT_FILE": str(env_target)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    target = work / command[command.index("--result-file") + 1]
+    result = json.loads(target.read_text())
+    assert result["status"] == "completed" and result["global_step"] == 3 and result["train_loss"] > 0
+    assert result["final_eval_loss"] is not None  # the config holds out 10% for eval loss
+    assert json.loads((Path(work / result["final_adapter"]) / "adapter_config.json").read_text())["r"] == 32  # --set applied
+    assert (work / result["final_checkpoint"] / "_finetune_manifest.json").exists()
+    assert result["final_checkpoint"] in proc.stderr  # where the result is, in the log
+    assert not env_target.exists()
+
+
+@pytest.mark.slow
+def test_result_file_named_by_env(tiny_model_dir, tmp_path):
+    command = _readme_command()
+    i = command.index("--result-file")
+    del command[i : i + 2]
+    work = _readme_workdir(tmp_path, tiny_model_dir)
+    target = tmp_path / "xcom" / "return.json"  # parent created on demand
+    proc = _run_cli([*command, "--set", "training_args.max_steps=2", "--num-preprocess-workers", "1"], work,
+                    {"FINETUNE_RESULT_FILE": str(target)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(target.read_text())
+    assert result["status"] == "completed" and result["global_step"] == 2
+    stored = work / ".work" / "experiments" / "tiny-sft-lora" / "result.json"
+    assert json.loads(stored.read_text()) == result
