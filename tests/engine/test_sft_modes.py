@@ -455,3 +455,46 @@ def test_result_file_named_by_env(tiny_model_dir, tmp_path):
     assert result["status"] == "completed" and result["global_step"] == 2
     stored = work / ".work" / "experiments" / "tiny-sft-lora" / "result.json"
     assert json.loads(stored.read_text()) == result
+
+
+# --- model loading safety ---------------------------------------------------------------------------
+
+
+def test_pickle_only_weights_refused_unless_allowed(tiny_model, chat_data, tmp_path, caplog, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    weights = load_file(str(tiny_model / "model.safetensors"))
+    torch.save(weights, tiny_model / "pytorch_model.bin")
+    (tiny_model / "model.safetensors").unlink()
+    config = make_config(tmp_path, tiny_model, chat_data, data_conf={"validation_data": NO_VALIDATION},
+                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 1})
+    caplog.set_level(logging.ERROR)
+    assert finetuning(["sft", str(config), "--num-preprocess-workers", "1"]) == 2
+    assert f"{tiny_model} has only pickle weights (.bin/.pt)" in caplog.text
+    assert "run_conf.model_args.use_safetensors: false" in caplog.text
+    assert not (tmp_path / "out" / "checkpoint-final").exists()
+
+    # explicitly allowed: loads the .bin (never with remote code) and trains
+    calls: list[dict] = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def recording(cls, path, *args, **kwargs):
+        calls.append(kwargs)
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(recording))
+    result = _run(config, "--set", "run_conf.model_args.use_safetensors=false")
+    assert result["global_step"] == 1
+    assert calls and calls[0]["use_safetensors"] is False and calls[0]["trust_remote_code"] is False
+    trained = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
+    assert trained["model.layers.0.self_attn.q_proj.weight"].shape == weights["model.layers.0.self_attn.q_proj.weight"].shape
+
+
+def test_trust_remote_code_defaults_to_false():
+    from finetune_engine.config import schema
+
+    assert schema.ModelArgs.model_fields["trust_remote_code"].default is False
+    cfg = parse_config({"data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]}},
+                        "batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": "m"}})
+    assert cfg.run_conf.model_args.trust_remote_code is False
+    assert cfg.run_conf.model_args.use_safetensors is True
