@@ -35,24 +35,25 @@ def to_trl(record: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
 
 
-def check_template(template_name: str, added_tokens: list[str], sft_meta: dict[str, Any], model: str) -> None:
+def check_template(template_name: str, added_tokens: list[str], sft_meta: dict[str, Any], model: str,
+                   meta_source: str | None = None) -> None:
     """The seed's rule: preference training adds no tokens, and uses the template SFT trained.
 
     New tokens would start from untrained (mean) embeddings that a preference loss cannot teach,
     and a template other than the SFT one asks the model for a format it never learned."""
+    trained = sft_meta.get("chat_template_name")
+    if trained and template_name != "keep-original" and template_name != trained:
+        raise PreferenceTemplateError(
+            f"data_conf.chat_template_name {template_name} differs from the template {meta_source or model} was "
+            f"fine-tuned with ({trained}, from its finetune_meta.json); set data_conf.chat_template_name: keep-original"
+            + (f" (or {trained})" if trained != "keep-original" else "")
+        )
     if added_tokens:
         raise PreferenceTemplateError(
             f"data_conf.chat_template_name {template_name} adds tokens {added_tokens} that {model} does not have; "
             "preference training (dpo, kto, orpo, cpo) adds no tokens. Run SFT with this template first and "
             "train its output (checkpoint-final), or set data_conf.chat_template_name: keep-original to use "
             "the template the model already has"
-        )
-    trained = sft_meta.get("chat_template_name")
-    if trained and template_name != "keep-original" and template_name != trained:
-        raise PreferenceTemplateError(
-            f"data_conf.chat_template_name {template_name} differs from the template {model} was fine-tuned "
-            f"with ({trained}, from its finetune_meta.json); set data_conf.chat_template_name: keep-original "
-            f"(or {trained})"
         )
 
 

@@ -59,22 +59,31 @@ def _trainer_classes(method: str):
 
 def _with_prompt_limit(trainer_cls, max_prompt_length: int | None, counts: dict[str, int]):
     """``trainer_cls`` whose tokenized prompts keep their last ``max_prompt_length`` tokens
-    (DPOTrainer/KTOTrainer tokenize in ``_prepare_dataset`` into ``prompt_ids``)."""
+    (DPOTrainer/KTOTrainer tokenize in ``_prepare_dataset`` into ``prompt_ids``).
+
+    TRL drops examples whose prompt alone fills ``max_length`` inside ``_prepare_dataset``; that
+    filter runs here after the cut instead, so a long prompt is shortened rather than dropped."""
     if max_prompt_length is None:
         return trainer_cls
     from finetune_engine.data.preference import keep_prompt_end
 
     class PromptLimited(trainer_cls):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            unfiltered = copy.copy(args)
+            unfiltered.max_length = None
+            dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
 
             def cut(example):
                 ids, cut_ = keep_prompt_end(example["prompt_ids"], max_prompt_length)
                 return {"prompt_ids": ids, "prompt_truncated": int(cut_)}
 
-            dataset = dataset.map(cut)
+            dataset = dataset.map(cut, desc=f"Keeping the last {max_prompt_length} prompt tokens ({dataset_name})")
             counts[dataset_name] = counts.get(dataset_name, 0) + sum(dataset["prompt_truncated"])
-            return dataset.remove_columns("prompt_truncated")
+            dataset = dataset.remove_columns("prompt_truncated")
+            # The filter TRL would have applied (DPO: only with keep_start truncation; KTO: always).
+            if args.max_length is not None and getattr(args, "truncation_mode", "keep_start") == "keep_start":
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+            return dataset
 
     PromptLimited.__name__ = trainer_cls.__name__
     return PromptLimited
@@ -116,8 +125,14 @@ def run_preference(
 
     # 2. Tokenizer, under the seed's rule: no new tokens, the template SFT trained.
     tok = load_tokenizer(cfg, model_path)
-    sft_meta = read_meta(model_path) if Path(model_path).is_dir() else {}
-    check_template(tok.template_name, tok.added_tokens, sft_meta, model_path)
+    # What SFT trained: the adapter's finetune_meta.json when continuing an adapter, else the model's.
+    sources = [cfg.peft_conf.name_or_path] if isinstance(cfg.peft_conf, schema.PretrainedPeft) else []
+    sft_meta, trained_from = {}, model_path
+    for source in [*sources, model_path]:
+        if Path(source).is_dir() and (found := read_meta(source)):
+            sft_meta, trained_from = found, source
+            break
+    check_template(tok.template_name, tok.added_tokens, sft_meta, model_path, trained_from)
     tok.tokenizer.padding_side = "left"  # TRL's preference collators pad completions themselves
 
     train_records, eval_records = load_data(cfg.data_conf)
@@ -190,7 +205,11 @@ def run_preference(
              len(trainer.train_dataset), len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
              time.monotonic() - t_prep, truncated or 0)
     if len(trainer.train_dataset) == 0:
-        raise common.DataError(f"no training examples left after tokenization; raise training_args.max_length (now {training_args.max_length})")
+        hint = " or set training_args.max_prompt_length below it" if method in _REFERENCE_METHODS and max_prompt_length is None else ""
+        raise common.DataError(
+            f"no training examples left after tokenization: every prompt fills training_args.max_length "
+            f"(now {training_args.max_length}); raise it{hint}"
+        )
     common.quiet_printer(trainer)
 
     t_train = time.monotonic()
@@ -219,6 +238,8 @@ def run_preference(
         "method": method,
         "loss_type": getattr(training_args, "loss_type", None),
     }
+    if "ref" in (getattr(trainer.model, "peft_config", None) or {}):
+        trainer.model.delete_adapter("ref")  # TRL's frozen copy of a pretrained adapter, not an output
     saved = common.save_final(cfg, trainer.model, tok, meta)
     eval_metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     result = {
