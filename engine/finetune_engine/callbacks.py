@@ -1,4 +1,4 @@
-"""Trainer callbacks: checkpoint manifests, progress/memory log lines, fault-tolerant MLflow."""
+"""Trainer callbacks: checkpoint manifests, progress/memory log lines, fault-tolerant MLflow, sample generations."""
 
 from __future__ import annotations
 
@@ -163,6 +163,17 @@ class MLflowCallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self._call("log_artifacts", lambda: mlflow.log_artifacts(str(ckpt), f"checkpoints/{ckpt.name}", run_id=self.run_id))
 
+    def log_samples(self, step: int, text: str, samples: list[dict[str, str]]) -> None:
+        """Sample generations: the step's YAML as a text artifact, its rows appended to a table."""
+        if not self.run_id:
+            return
+        import mlflow
+
+        self._call("log_text", lambda: mlflow.log_text(text, f"samples/step-{step}.yaml", run_id=self.run_id))
+        table = {"step": [step] * len(samples), "prompt": [s["prompt"] for s in samples],
+                 "completion": [s["completion"] for s in samples]}
+        self._call("log_table", lambda: mlflow.log_table(table, "samples/samples.json", run_id=self.run_id))
+
     def finish(self, metrics: dict[str, float], status: str = "FINISHED") -> None:
         if not self.run_id:
             return
@@ -170,3 +181,45 @@ class MLflowCallback(TrainerCallback):
 
         self.log_metrics(metrics)
         self._call("end_run", lambda: mlflow.end_run(status=status))
+
+
+class SampleGenerationCallback(TrainerCallback):
+    """Every ``every_n_steps`` optimizer steps, generate from fixed prompts and log the samples:
+    ``output_dir/samples/step-N.yaml`` and, with MLflow, the same file as a text artifact plus
+    rows (step, prompt, completion) appended to the ``samples/samples.json`` table.
+
+    Every process generates (a sharded model needs all of them); the main one writes."""
+
+    def __init__(self, tokenizer, items: list[dict[str, Any]], every_n_steps: int, max_new_tokens: int = 64,
+                 temperature: float = 0.0, chat: bool = True, mlflow_cb: MLflowCallback | None = None, batch_size: int = 8):
+        self.tokenizer = tokenizer
+        self.items = items
+        self.every = every_n_steps
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.chat = chat
+        self.mlflow_cb = mlflow_cb
+        self.batch_size = batch_size
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % self.every:
+            return
+        import yaml
+
+        from finetune_engine.generate import generate_answers
+
+        t0 = time.monotonic()
+        answers = generate_answers(model, self.tokenizer, self.items, self.max_new_tokens, self.temperature,
+                                   self.batch_size, chat=self.chat)
+        if not state.is_world_process_zero:
+            return
+        prompts = [it["messages"][-1]["content"] if self.chat else it["text"] for it in self.items]
+        samples = [{"prompt": p, "completion": a} for p, a in zip(prompts, answers, strict=True)]
+        text = yaml.safe_dump(samples, sort_keys=False, allow_unicode=True)
+        out = Path(args.output_dir) / "samples" / f"step-{state.global_step}.yaml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        log.info("step %d: %d sample generation(s) in %.1fs -> %s; first: %r", state.global_step, len(samples),
+                 time.monotonic() - t0, out, (answers[0] if answers else "")[:120])
+        if self.mlflow_cb is not None:
+            self.mlflow_cb.log_samples(state.global_step, text, samples)

@@ -55,12 +55,45 @@ def load_items(cfg: GenerateConfig) -> list[dict[str, Any]]:
     return items
 
 
-def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
+def generate_answers(model, tok, items: list[dict[str, Any]], max_new_tokens: int = 64, temperature: float = 0.0,
+                     batch_size: int = 8, chat: bool = True) -> list[str]:
+    """The model's continuation of each item: ``messages`` rendered with the chat template and a
+    generation prompt (``chat``), or ``text`` continued as it is (BOS first, as in training).
+
+    Left padding and the KV cache are switched on for the call and restored after; the model is
+    left in the mode it was in (generation may run in the middle of training)."""
     import torch
+
+    side, was_training = tok.padding_side, model.training
+    tok.padding_side = "left"
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    bos = tok.bos_token if tok.bos_token and tok.bos_token != tok.eos_token else ""
+    model.eval()
+    answers: list[str] = []
+    try:
+        for i in range(0, len(items), batch_size):
+            batch = items[i : i + batch_size]
+            if chat:
+                texts = [tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True) for it in batch]
+            else:
+                texts = [bos + it["text"] for it in batch]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            enc.pop("token_type_ids", None)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                     temperature=temperature or None,
+                                     pad_token_id=pad_id, use_cache=True)
+            answers += [tok.decode(row, skip_special_tokens=True) for row in gen[:, enc["input_ids"].shape[1]:]]
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.adapter or cfg.model)
-    tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
@@ -75,14 +108,9 @@ def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     out = []
     for i in range(0, len(items), cfg.batch_size):
         batch = items[i : i + cfg.batch_size]
-        texts = [tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True) for it in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-                                 temperature=cfg.temperature or None, pad_token_id=tok.pad_token_id)
-        for it, row in zip(batch, gen[:, enc["input_ids"].shape[1]:], strict=True):
-            out.append({"prompt": it["messages"][-1]["content"], "answer": tok.decode(row, skip_special_tokens=True).strip(),
-                        "correct_answers": it["correct_answers"]})
+        answers = generate_answers(model, tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+        for it, answer in zip(batch, answers, strict=True):
+            out.append({"prompt": it["messages"][-1]["content"], "answer": answer.strip(), "correct_answers": it["correct_answers"]})
         log.info("generated %d / %d", min(i + cfg.batch_size, len(items)), len(items))
     return out
 

@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate-config": ("finetune_engine.cli.validate_config", "Check an experiment config (and --set overrides)."),
     "validate-data": ("finetune_engine.data.validate", "Check JSONL data files; every problem with file:line."),
+    "presets": ("finetune_engine.config.presets", "List model presets (target modules, chat template, GPUs) or match a model."),
     "train-job": ("finetune_engine.jobs.train", "Pod job: fetch inputs from the bucket, train/resume, upload checkpoints."),
     "deliver-model": ("finetune_engine.jobs.deliver_model", "Pod job: Hub model / directory / prefix -> bucket."),
     "deliver-data": ("finetune_engine.jobs.deliver_data", "Pod job: data script or URLs -> validated JSONL in the bucket."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
+from finetune_engine.config.presets import apply_preset
 from finetune_engine.config.training_args import METHODS, TrainingArgsError
 
 _DISCRIMINATOR_TAGS = {
-    "CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX", "AUTO_SPLIT", "NONE", "NO_PEFT",
+    "CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX", "TEXT_FILES", "AUTO_SPLIT", "NONE", "NO_PEFT",
     "PRETRAINED_PEFT", "no-quantization", "bits-and-bytes", *schema.PEFT_TYPES,
 }
 
@@ -28,6 +30,22 @@ def _all_field_names() -> list[str]:
         if isinstance(obj, type) and issubclass(obj, BaseModel):
             names.update(obj.model_fields)
     return sorted(names)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _field_names_at(path: tuple) -> list[str]:
+    """Field names of the section(s) at ``path`` (all members of a union), [] when unknown."""
+    models: list[type[BaseModel]] = [schema.ExperimentConfig]
+    for part in path:
+        if isinstance(part, int):
+            continue
+        models = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+    return sorted({name for model in models for name in model.model_fields})
 
 
 def _yaml_lines(text: str) -> dict[tuple, int]:
@@ -73,7 +91,8 @@ def _problems(err: ValidationError, lines: dict[tuple, int], source: str) -> lis
         line = lines.get(loc)
         at = f" ({source}:{line})" if line else ""
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), vocab, n=1)
+            # Keys of the same section first: a near miss there is what the user meant.
+            close = difflib.get_close_matches(str(loc[-1]), _field_names_at(loc[:-1]), n=1) or difflib.get_close_matches(str(loc[-1]), vocab, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             problems.append(f"{where}{at}: unknown key{hint}")
         elif e["type"] == "missing":
@@ -161,6 +180,7 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError(source, [f"expected a mapping of sections, got {type(data).__name__}"])
     data = apply_overrides(data, overrides)
+    data, _, _ = apply_preset(data)  # fills only keys the config leaves out; logs what it set
     lines = _yaml_lines(text) if text else {}
     try:
         cfg = schema.ExperimentConfig.model_validate(data, context={"method": method})

@@ -17,6 +17,8 @@ _SECTIONS = [
     ("data_conf", schema.DataConf),
     ("data_conf.training_data (type: CONCATENATION)", schema.ConcatenationData),
     ("data_conf.training_data (type: PRECOMPUTE_WEIGHTED_MIX)", schema.WeightedMixData),
+    ("data_conf.training_data (type: TEXT_FILES)", schema.TextFilesData),
+    ("data_conf.training_data.datasets[] (TEXT_FILES)", schema.TextFileRef),
     ("data_conf.*.datasets[]", schema.DatasetRef),
     ("data_conf.validation_data (type: AUTO_SPLIT)", schema.AutoSplitValidation),
     ("data_conf.validation_data (type: CONCATENATION)", schema.ConcatenationValidation),
@@ -31,6 +33,7 @@ _SECTIONS = [
     ("run_conf.model_args", schema.ModelArgs),
     ("sft_args", schema.SftArgs),
     ("tracking", schema.Tracking),
+    ("tracking.sample_generations", schema.SampleGenerations),
     ("overrides", schema.Overrides),
 ]
 

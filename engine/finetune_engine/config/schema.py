@@ -69,7 +69,54 @@ class WeightedMixData(_Strict):
         return self
 
 
-TrainingData = Annotated[ConcatenationData | WeightedMixData, Field(discriminator="type")]
+class TextFileRef(_Strict):
+    path: str = Field(
+        description="A .txt file, or a directory whose .txt files (recursively, in sorted order) "
+        "are used. Local path or bucket URI of one file.",
+    )
+
+
+class TextFilesData(_Strict):
+    type: Literal["TEXT_FILES"] = Field(
+        description="Continued pretraining on plain text: each .txt file is one document, "
+        "tokenized into fixed context windows with the end-of-text token after every document; "
+        "every token is trained. validation_data AUTO_SPLIT holds out a ratio of the windows; "
+        "CONCATENATION takes .txt files too."
+    )
+    datasets: list[TextFileRef] = Field(min_length=1, description="Text files and directories.")
+    context_length: int | None = Field(
+        default=None,
+        gt=8,
+        description="Tokens per window; defaults to sft_args.max_seq_length (may not exceed it).",
+    )
+    boundary: Literal["document", "paragraph", "line", "none"] = Field(
+        default="paragraph",
+        description="The finest boundary a window may end at instead of a hard cut: a full window "
+        "ends at the best boundary (document > paragraph (blank line) > line) within its last "
+        "max_boundary_waste, and the rest starts the next window. none: cut every context_length "
+        "tokens.",
+    )
+    max_boundary_waste: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Largest fraction of a window left as padding to end it at a boundary.",
+    )
+    eot_token: str | None = Field(
+        default=None,
+        description="Token written after each document; defaults to the tokenizer's EOS token.",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where tokenized windows are cached, keyed by the sha256 of the files' "
+        "contents, the tokenizer and these settings (a second run skips tokenization); defaults "
+        "to $FINETUNE_CACHE_DIR or ~/.cache/finetune-engine/text-windows.",
+    )
+
+
+TrainingData = Annotated[
+    ConcatenationData | WeightedMixData | TextFilesData, Field(discriminator="type")
+]
 
 
 class AutoSplitValidation(_Strict):
@@ -140,16 +187,26 @@ class BatchsizeConf(_Strict):
         gt=0,
         description="Effective batch size: processes x per-device batch x accumulation steps.",
     )
-    max_per_device_train_batch_size: int = Field(
+    max_per_device_train_batch_size: int | Literal["auto"] = Field(
         default=1,
-        gt=0,
-        description="Largest batch one device holds; per-device batch is set as high as allowed.",
+        description="Largest batch one device holds; per-device batch is set as high as allowed. "
+        "auto (or -1, sft only): probe the largest batch of the longest training rows that fits "
+        "in memory (doubling, then binary search) and derive accumulation from it.",
     )
     per_device_eval_batch_size: int | None = Field(
         default=None,
         gt=0,
-        description="Eval batch per device; defaults to max_per_device_train_batch_size.",
+        description="Eval batch per device; defaults to max_per_device_train_batch_size (with auto: the probed per-device batch).",
     )
+
+    @field_validator("max_per_device_train_batch_size", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, v: Any) -> Any:
+        if v == -1 and not isinstance(v, bool):
+            return "auto"  # the CoreWeave finetuner's batch_size: -1
+        if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
+            raise ValueError(f"must be a positive integer, auto or -1, got {v}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,12 +377,30 @@ class RunConf(_Strict):
     )
     determinism: Literal["no", "half", "full"] = Field(
         default="no",
-        description="no: fastest; half: seeded; full: seeded + deterministic kernels.",
+        description="no: fastest (the trainer still seeds its data order); half: every random "
+        "generator seeded before the model loads (adapter init, data order); full: seeded + "
+        "deterministic kernels (torch.use_deterministic_algorithms, cuDNN/cuBLAS settings) and "
+        "TrainingArguments.full_determinism, so two runs give identical losses.",
+    )
+    preset: str = Field(
+        default="auto",
+        description="Model preset (finetune-engine presets) filling peft_conf.peft_kwargs."
+        "target_modules and data_conf.chat_template_name when the config leaves them out. auto: "
+        "match by Hub id or config.json model_type; a preset name: use it; none: no preset.",
     )
     merge_adapter: bool = Field(
         default=True,
         description="With an adapter: also write the merged full model to final_checkpoint_name.",
     )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from finetune_engine.config.presets import BY_NAME
+
+        if v not in ("auto", "none") and v not in BY_NAME:
+            raise ValueError(f"unknown preset {v!r}; expected auto, none or one of {', '.join(BY_NAME)}")
+        return v
 
     @field_validator("final_checkpoint_name")
     @classmethod
@@ -356,6 +431,29 @@ class SftArgs(_Strict):
     )
 
 
+class SampleGenerations(_Strict):
+    every_n_steps: int = Field(gt=0, description="Generate after every this many optimizer steps.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts, inline.")
+    prompts_file: str | None = Field(
+        default=None,
+        description="More prompts: a .txt file (one prompt a line) or a .jsonl file (messages "
+        "without the last assistant turn, or prompt/completion).",
+    )
+    max_new_tokens: int = Field(default=64, gt=0, description="Tokens generated per prompt.")
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy.")
+    use_chat_template: bool | None = Field(
+        default=None,
+        description="Render prompts as a user turn with the chat template; default: yes, except "
+        "for TEXT_FILES training, whose prompts are continued as plain text.",
+    )
+
+    @model_validator(mode="after")
+    def _has_prompts(self) -> SampleGenerations:
+        if not self.prompts and not self.prompts_file:
+            raise ValueError("give prompts or prompts_file")
+        return self
+
+
 class Tracking(_Strict):
     mlflow_server_uri: str | None = Field(
         default=None, description="MLflow tracking URI (http(s)://, file://, sqlite://)."
@@ -365,6 +463,11 @@ class Tracking(_Strict):
         default=False, description="Copy each saved checkpoint to MLflow artifacts."
     )
     run_name: str | None = Field(default=None, description="MLflow run name.")
+    sample_generations: SampleGenerations | None = Field(
+        default=None,
+        description="Generate from fixed prompts during training and log the samples to "
+        "output_dir/samples/step-N.yaml and, with MLflow, as text artifacts and a table.",
+    )
 
 
 class Overrides(_Strict):
@@ -414,10 +517,38 @@ class ExperimentConfig(_Strict):
         return check_training_args(v, method=method)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> ExperimentConfig:
+    def _cross_checks(self, info: ValidationInfo) -> ExperimentConfig:
+        method = (info.context or {}).get("method")
         if isinstance(self.quant_conf, BitsAndBytesQuantization) and isinstance(self.peft_conf, NoPeft):
             raise ValueError(
                 "quant_conf: a quantized base cannot be trained without an adapter; "
                 "set peft_conf (e.g. peft_type: LORA) or quantization_type: no-quantization"
             )
+        if self.batchsize_conf.max_per_device_train_batch_size == "auto" and method not in (None, "sft"):
+            raise ValueError(
+                f"batchsize_conf.max_per_device_train_batch_size: auto is supported by sft only, "
+                f"not {method}; set a number"
+            )
+        td = self.data_conf.training_data
+        if isinstance(td, TextFilesData):
+            if method not in (None, "sft"):
+                raise ValueError(f"data_conf.training_data: TEXT_FILES trains with sft, not {method}")
+            if self.sft_args.train_on_completions_only:
+                raise ValueError(
+                    "sft_args.train_on_completions_only: plain text (TEXT_FILES) has no completions; "
+                    "set it false"
+                )
+            if td.context_length is not None and td.context_length > self.sft_args.max_seq_length:
+                raise ValueError(
+                    f"data_conf.training_data.context_length {td.context_length} exceeds "
+                    f"sft_args.max_seq_length {self.sft_args.max_seq_length}; raise max_seq_length "
+                    "or leave context_length out"
+                )
+        else:
+            for i, ds in enumerate(td.datasets):
+                if ds.path.lower().endswith(".txt"):
+                    raise ValueError(
+                        f"data_conf.training_data.datasets[{i}] ({ds.path}) is a .txt file; plain "
+                        "text trains with data_conf.training_data.type: TEXT_FILES"
+                    )
         return self

@@ -367,10 +367,81 @@ def validate_files(paths: Iterable[str | Path], kind: str | None = None, method:
     """
     allowed = _allowed_for(method)
     _check_kind_args(kind, allowed or KINDS)
-    reports = [validate_file(p, kind=kind, allowed_kinds=allowed) for p in paths]
+    paths = list(paths)
+    # Plain-text sources (TEXT_FILES: .txt files, directories of them) for formats that take text.
+    text = [str(p) for p in paths if is_text_source(p)] if kind is None and "text" in (allowed or KINDS) else []
+    reports = [validate_file(p, kind=kind, allowed_kinds=allowed) for p in paths if str(p) not in text]
     problems = [pr for r in reports for pr in r.problems]
+    if text:
+        try:
+            reports += validate_text_files(text)
+        except DataValidationError as err:
+            problems += err.problems
     if problems:
         raise DataValidationError(problems)
+    return reports
+
+
+def is_text_source(path: str | Path) -> bool:
+    """A .txt file or a directory: plain text for continued pretraining, not JSON Lines."""
+    return str(path).lower().endswith(".txt") or Path(path).is_dir()
+
+
+def list_text_files(paths: list[str], where: str = "data_conf.training_data.datasets") -> list[Path]:
+    """The .txt files of ``paths`` (TEXT_FILES data) (files as given, directories recursively, sorted), each once."""
+    problems: list[DataProblem] = []
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for i, raw in enumerate(paths):
+        p = Path(raw)
+        if "://" in raw:
+            problems.append(DataProblem(raw, 0, f"{where}[{i}]: bucket URIs are fetched by the train job; finetuning reads local files"))
+            continue
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*.txt") if f.is_file())
+            if not found:
+                problems.append(DataProblem(raw, 0, f"{where}[{i}]: the directory has no .txt files"))
+        elif p.is_file():
+            found = [p]
+        else:
+            problems.append(DataProblem(raw, 0, f"{where}[{i}]: not found; give a .txt file or a directory of them"))
+            continue
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    if problems:
+        raise DataValidationError(problems)
+    return out
+
+
+def validate_text_files(paths: list[str], where: str = "data_conf.training_data.datasets") -> list[DataReport]:
+    """Every file must be UTF-8 text (a BOM is allowed); empty files are reported, not trained."""
+    problems: list[DataProblem] = []
+    reports = []
+    for f in list_text_files(paths, where):
+        report = DataReport(str(f), "text_file")
+        try:
+            raw = f.read_bytes()
+        except OSError as err:
+            problems.append(DataProblem(str(f), 0, f"cannot read the file: {err.strerror or err}"))
+            continue
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            problems.append(DataProblem(str(f), 0, "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8"))
+            continue
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            problems.append(DataProblem(str(f), line, f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file, e.g. iconv -f latin1 -t utf-8"))
+            continue
+        report.examples = 1 if text.strip() else 0
+        reports.append(report)
+    if problems:
+        raise DataValidationError(problems)
+    if not any(r.examples for r in reports):
+        raise DataValidationError([DataProblem(str(paths[0]), 0, f"{where}: every text file is empty")])
     return reports
 
 

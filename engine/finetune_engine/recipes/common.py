@@ -69,15 +69,24 @@ def skip_if_finished(cfg: schema.ExperimentConfig, result_file: str | None) -> d
 
 def validate_inputs(cfg: schema.ExperimentConfig, method: str) -> None:
     """Check every dataset file for ``method``'s formats before anything heavy is loaded."""
-    from finetune_engine.data.validate import validate_files
+    from finetune_engine.data.validate import validate_files, validate_text_files
 
     paths = [ds.path for ds in cfg.data_conf.training_data.datasets]
+    vpaths = []
     if isinstance(cfg.data_conf.validation_data, schema.ConcatenationValidation):
-        paths += [ds.path for ds in cfg.data_conf.validation_data.datasets]
-    for p in paths:
+        vpaths = [ds.path for ds in cfg.data_conf.validation_data.datasets]
+    for p in paths + vpaths:
         if "://" in p:
             raise DataError(f"{p}: bucket URIs are fetched by the train job (finetune-engine train-job); finetuning reads local files")
-    validate_files(paths, method=method)
+    if isinstance(cfg.data_conf.training_data, schema.TextFilesData):
+        validate_text_files(paths)
+        if vpaths:
+            validate_text_files(vpaths, where="data_conf.validation_data.datasets")
+        return
+    for report in validate_files(paths + vpaths, method=method):
+        if report.kind == "text_file":
+            raise DataError(f"{report.file} is plain text, not JSON Lines; plain text trains with "
+                            "data_conf.training_data.type: TEXT_FILES")
 
 
 def seed_everything(cfg: schema.ExperimentConfig) -> int:
@@ -96,12 +105,14 @@ def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: 
     import torch
 
     args = dict(cfg.training_args)
+    bs = cfg.batchsize_conf
+    eval_batch = bs.per_device_eval_batch_size or (plan.per_device if bs.max_per_device_train_batch_size == "auto" else bs.max_per_device_train_batch_size)
     base_lr = float(args.pop("learning_rate", 5e-5))
     args.update(
         output_dir=str(out_dir),
         per_device_train_batch_size=plan.per_device,
         gradient_accumulation_steps=plan.accumulation,
-        per_device_eval_batch_size=cfg.batchsize_conf.per_device_eval_batch_size or cfg.batchsize_conf.max_per_device_train_batch_size,
+        per_device_eval_batch_size=eval_batch,
         learning_rate=scaled_learning_rate(cfg, base_lr, plan.total),
         report_to=[],
         seed=seed,
@@ -112,6 +123,8 @@ def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: 
     args.setdefault("use_cpu", not torch.cuda.is_available())
     args.setdefault("disable_tqdm", not sys.stderr.isatty())  # pod logs get plain progress lines
     args.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used each step
+    if cfg.run_conf.determinism == "full":
+        args.setdefault("full_determinism", True)  # the Trainer re-applies it when training starts
     if has_eval:
         args.setdefault("eval_strategy", "no")
     return args
@@ -127,10 +140,51 @@ def start_tracking(cfg: schema.ExperimentConfig, tracking: TrackingSettings, met
     return cb
 
 
-def callbacks(after_save: list[Callable[[Path, int], None]] | None, mlflow_cb) -> list:
+def callbacks(after_save: list[Callable[[Path, int], None]] | None, mlflow_cb, extra: list | None = None) -> list:
     from finetune_engine.callbacks import ManifestCallback, ProgressCallback
 
-    return [ManifestCallback(after_save), ProgressCallback()] + ([mlflow_cb] if mlflow_cb else [])
+    return [ManifestCallback(after_save), ProgressCallback()] + ([mlflow_cb] if mlflow_cb else []) + list(extra or [])
+
+
+def sample_prompts(conf: schema.SampleGenerations, chat: bool) -> list[dict[str, Any]]:
+    """tracking.sample_generations prompts as generation items: {'messages'} (chat) or {'text'}."""
+    texts: list[Any] = list(conf.prompts)
+    if conf.prompts_file:
+        path = Path(conf.prompts_file)
+        if not path.is_file():
+            raise DataError(f"tracking.sample_generations.prompts_file {path}: not found")
+        if path.suffix == ".jsonl":
+            from finetune_engine.generate import GenerateConfig, load_items
+
+            texts += [it["messages"] for it in load_items(GenerateConfig(model="-", eval_file=str(path)))]
+        else:
+            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = []
+    for t in texts:
+        if chat:
+            items.append({"messages": t if isinstance(t, list) else [{"role": "user", "content": t}]})
+        else:
+            items.append({"text": t[-1]["content"] if isinstance(t, list) else t})
+    if not items:
+        raise DataError(f"tracking.sample_generations: no prompts in {conf.prompts_file}")
+    return items
+
+
+def sample_callback(cfg: schema.ExperimentConfig, tokenizer, mlflow_cb) -> list:
+    """The sample-generation callback when tracking.sample_generations is set (else nothing)."""
+    conf = cfg.tracking.sample_generations
+    if conf is None:
+        return []
+    from finetune_engine.callbacks import SampleGenerationCallback
+
+    chat = conf.use_chat_template
+    if chat is None:
+        chat = not isinstance(cfg.data_conf.training_data, schema.TextFilesData)
+    items = sample_prompts(conf, chat)
+    log.info("sample generations: %d prompt(s) every %d steps (%s)", len(items), conf.every_n_steps,
+             "chat template" if chat else "plain text")
+    return [SampleGenerationCallback(tokenizer, items, conf.every_n_steps, conf.max_new_tokens, conf.temperature,
+                                     chat=chat, mlflow_cb=mlflow_cb)]
 
 
 def quiet_printer(trainer) -> None:

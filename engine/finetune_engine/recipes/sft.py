@@ -28,16 +28,6 @@ from finetune_engine.tracking import TrackingSettings
 
 log = logging.getLogger(__name__)
 
-# What forked tokenization workers read (set just before the fork, so nothing is pickled but
-# the records and the token ids).
-_POOL_STATE: dict[str, Any] = {}
-
-
-def _encode_chunk(chunk: list[dict]) -> list:
-    from finetune_engine.data.tokenize import encode_batch
-
-    return encode_batch(chunk, _POOL_STATE["tokenizer"], _POOL_STATE["settings"])
-
 
 def encode_all(records: list[dict], tokenizer, settings, workers: int) -> tuple[list[dict], Counter]:
     """Tokenize with ``workers`` processes; returns kept examples and drop counts.
@@ -45,22 +35,13 @@ def encode_all(records: list[dict], tokenizer, settings, workers: int) -> tuple[
     Workers are forked with the tokenizer already in memory (nothing is pickled but the records
     and the token ids), in chunks of 1000, order preserved."""
     from finetune_engine.data.tokenize import encode_batch
+    from finetune_engine.data.workers import forked_map
 
     counts: Counter = Counter()
     if not records:
         return [], counts
     chunks = [records[i : i + 1000] for i in range(0, len(records), 1000)]
-    if workers > 1 and len(chunks) > 1:
-        import multiprocessing
-
-        _POOL_STATE.update(tokenizer=tokenizer, settings=settings)
-        try:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
-                encoded = [item for part in pool.imap(_encode_chunk, chunks) for item in part]
-        finally:
-            _POOL_STATE.clear()
-    else:
-        encoded = [item for chunk in chunks for item in encode_batch(chunk, tokenizer, settings)]
+    encoded = [item for part in forked_map(encode_batch, chunks, workers, tokenizer, settings) for item in part]
     kept = []
     for item in encoded:
         if isinstance(item, str):
@@ -103,29 +84,45 @@ def run_sft(
 
     seed = common.seed_everything(cfg)
     model_path = cfg.run_conf.model
-    train_records, eval_records = load_data(cfg.data_conf)
     tok = load_tokenizer(cfg, model_path)
     sft = cfg.sft_args
-    settings = EncodeSettings(sft.max_seq_length, sft.length_handling, sft.train_on_completions_only, tok.end_marker)
+    text_stats: dict[str, Any] | None = None
+    train_counts: Counter = Counter()
+    eval_counts: Counter = Counter()
     t0 = time.monotonic()
-    train_examples, train_counts = encode_all(train_records, tok.tokenizer, settings, num_preprocess_workers)
-    eval_examples, eval_counts = encode_all(eval_records, tok.tokenizer, settings, num_preprocess_workers)
-    log.info(
-        "tokenized %d examples in %.1fs: kept %d train / %d eval; filtered as too long %d, "
-        "truncated %d, without trained tokens %d",
-        len(train_records) + len(eval_records), time.monotonic() - t0, len(train_examples), len(eval_examples),
-        train_counts["too_long"] + eval_counts["too_long"], train_counts["truncated"] + eval_counts["truncated"],
-        train_counts["no_trained_tokens"] + eval_counts["no_trained_tokens"],
-    )
-    if not train_examples:
+    if isinstance(cfg.data_conf.training_data, schema.TextFilesData):
+        # Continued pretraining: windows of a token stream, all tokens trained (already full rows).
+        from finetune_engine.data.text_corpus import load_text_data
+
+        train_examples, eval_windows, text_stats = load_text_data(cfg.data_conf, tok.tokenizer, sft.max_seq_length, num_preprocess_workers)
+        eval_examples = eval_windows if eval_windows is not None else []
+        if sft.packing:
+            log.warning("sft_args.packing is ignored for TEXT_FILES: windows are already full rows")
+    else:
+        train_records, eval_records = load_data(cfg.data_conf)
+        settings = EncodeSettings(sft.max_seq_length, sft.length_handling, sft.train_on_completions_only, tok.end_marker)
+        train_examples, train_counts = encode_all(train_records, tok.tokenizer, settings, num_preprocess_workers)
+        eval_examples, eval_counts = encode_all(eval_records, tok.tokenizer, settings, num_preprocess_workers)
+        log.info(
+            "tokenized %d examples in %.1fs: kept %d train / %d eval; filtered as too long %d, "
+            "truncated %d, without trained tokens %d",
+            len(train_records) + len(eval_records), time.monotonic() - t0, len(train_examples), len(eval_examples),
+            train_counts["too_long"] + eval_counts["too_long"], train_counts["truncated"] + eval_counts["truncated"],
+            train_counts["no_trained_tokens"] + eval_counts["no_trained_tokens"],
+        )
+    if not len(train_examples):
+        if text_stats is not None:
+            raise DataError(f"no training windows from data_conf.training_data ({text_stats}); add text or lower validation_data.ratio")
         raise DataError(
             f"no training examples left after length handling ({dict(train_counts)}); raise "
             f"sft_args.max_seq_length (now {sft.max_seq_length}) or set sft_args.length_handling: truncate"
         )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = derive_batch_plan(cfg.batchsize_conf.total_train_batch_size, cfg.batchsize_conf.max_per_device_train_batch_size, world)
-    log.info("batch: %d process(es) x %d per device x %d accumulation = %d", plan.world_size, plan.per_device, plan.accumulation, plan.total)
+    total = cfg.batchsize_conf.total_train_batch_size
+    auto_batch = cfg.batchsize_conf.max_per_device_train_batch_size == "auto"
+    # Checked before the model loads (divisibility); with auto, derived again after probing.
+    plan = derive_batch_plan(total, 1 if auto_batch else cfg.batchsize_conf.max_per_device_train_batch_size, world)
 
     base_dir = out_dir / f"{cfg.run_conf.final_checkpoint_name}-base"
     needs_base = bool(tok.added_tokens) and not isinstance(cfg.peft_conf, schema.NoPeft)
@@ -140,7 +137,7 @@ def run_sft(
     model = load_model(cfg, model_path, tok, before_peft=save_grown_base)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = tok.collate_pad_id
-    if sft.packing:
+    if sft.packing and text_stats is None:
         bins = pack_lengths([len(e["input_ids"]) for e in train_examples], sft.max_seq_length, seed=seed)
         train_rows: list[dict] = [{"segments": [train_examples[i] for i in b]} for b in bins]
         log.info("packing: %d examples into %d rows of <= %d tokens (%s)", len(train_examples), len(train_rows), sft.max_seq_length, "varlen positions" if attn.startswith("flash") else "block-diagonal mask")
@@ -152,7 +149,19 @@ def run_sft(
     def collate(features):
         return packed(features) if "segments" in features[0] else padding(features)
 
-    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(eval_examples))
+    if auto_batch:
+        from finetune_engine.autobatch import probe_per_device_batch
+
+        if world > 1:
+            from accelerate import PartialState
+
+            PartialState()  # the process group, so every rank takes the smallest probed batch
+        fitted = probe_per_device_batch(model, train_rows, collate, cfg.training_args, upper=total // world)
+        plan = derive_batch_plan(total, fitted, world)
+    log.info("batch: %d process(es) x %d per device x %d accumulation = %d%s", plan.world_size, plan.per_device,
+             plan.accumulation, plan.total, f" (auto: {fitted} fit per device)" if auto_batch else "")
+
+    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(len(eval_examples)))
     args_dict["remove_unused_columns"] = False
     training_args = TrainingArguments(**args_dict)
 
@@ -163,11 +172,11 @@ def run_sft(
     trainer = _make_trainer_class()(
         model=model,
         args=training_args,
-        train_dataset=common.ListDataset(train_rows),
-        eval_dataset=common.ListDataset(eval_examples) if eval_examples else None,
+        train_dataset=train_rows if text_stats is not None else common.ListDataset(train_rows),
+        eval_dataset=(eval_examples if text_stats is not None else common.ListDataset(eval_examples)) if len(eval_examples) else None,
         data_collator=collate,
         processing_class=tok.tokenizer,
-        callbacks=common.callbacks(after_save, mlflow_cb),
+        callbacks=common.callbacks(after_save, mlflow_cb, common.sample_callback(cfg, tok.tokenizer, mlflow_cb)),
     )
     common.quiet_printer(trainer)
     t_train = time.monotonic()
@@ -175,7 +184,7 @@ def run_sft(
     train_seconds = time.monotonic() - t_train
     common.log_parallelism(trainer)
     metrics: dict[str, float] = {"train_loss": train_out.training_loss}
-    if eval_examples:
+    if len(eval_examples):
         metrics.update(trainer.evaluate())
     state = trainer.state
 
@@ -210,6 +219,10 @@ def run_sft(
         "num_eval_examples": len(eval_examples),
         "filtered_examples": train_counts["too_long"] + eval_counts["too_long"],
         "truncated_examples": train_counts["truncated"] + eval_counts["truncated"],
+        "per_device_train_batch_size": plan.per_device,
+        "gradient_accumulation_steps": plan.accumulation,
+        "learning_rate": training_args.learning_rate,
+        "text_data": text_stats,
         "resumed_from": resume.name if resume else None,
         "output_dir": str(out_dir),
         **saved,
