@@ -55,6 +55,21 @@ def bucket_env(conn_id: str) -> Iterator[dict[str, str]]:
                 os.environ[key] = value
 
 
+def bucket_settings_or_explain(conn_id: str) -> dict[str, str]:
+    """:func:`bucket_settings`, but a missing connection raises KeyError saying how to add it."""
+    from airflow.exceptions import AirflowNotFoundException
+
+    try:
+        return bucket_settings(conn_id)
+    except AirflowNotFoundException:
+        raise KeyError(
+            f"Airflow connection {conn_id!r} (the bucket: [finetune] bucket_conn_id or the operator's bucket_conn_id) "
+            f"is not defined; add an aws connection with login/password = access key/secret key and extra "
+            f"endpoint_url, e.g. AIRFLOW_CONN_{conn_id.upper()}='{{\"conn_type\": \"aws\", \"login\": ..., \"password\": ..., "
+            f"\"extra\": {{\"endpoint_url\": \"http://127.0.0.1:9000\"}}}}'"
+        ) from None
+
+
 def hf_token(conn_id: str) -> str | None:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.sdk import BaseHook
@@ -78,14 +93,17 @@ class ConnectionSecretResolver:
     def __call__(self, secret: str, key: str) -> str:
         if secret == self.names.bucket and key in BUCKET_KEYS:
             if self._bucket is None:
-                self._bucket = bucket_settings(self.bucket_conn_id)
+                self._bucket = bucket_settings_or_explain(self.bucket_conn_id)
             value = self._bucket.get(key)
             if not value:
-                raise KeyError(f"connection {self.bucket_conn_id!r} has no {'login' if key.endswith('KEY_ID') else 'password'}")
+                field = "login (access key id)" if key.endswith("KEY_ID") else "password (secret access key)"
+                raise KeyError(f"Airflow connection {self.bucket_conn_id!r} has no {field}; set it on the connection")
             return value
         if secret == self.names.hf_token and key == "HF_TOKEN":
             token = hf_token(self.hf_conn_id)
             if token is None:
-                raise KeyError(f"connection {self.hf_conn_id!r} is missing or has no password")
+                raise KeyError(f"Airflow connection {self.hf_conn_id!r} ([finetune] hf_conn_id or the operator's hf_conn_id) "
+                               "is missing or has no password; put the Hub token in its password")
             return token
-        raise KeyError(f"no Airflow connection is mapped to Secret {secret!r}")
+        raise KeyError(f"no Airflow connection stands in for Secret {secret!r} on the local runner (known: "
+                       f"{self.names.bucket!r} -> {self.bucket_conn_id!r}, {self.names.hf_token!r} -> {self.hf_conn_id!r})")

@@ -26,11 +26,17 @@ SecretResolver = Callable[[str, str], str]
 
 
 class LocalRunError(RuntimeError):
-    """The local process could not start or failed; ``returncode`` tells how."""
+    """The local process could not start or failed.
 
-    def __init__(self, message: str, returncode: int | None = None, tail: str = ""):
+    ``returncode`` is None when it never started (a setup problem: missing connection, command);
+    ``reason`` says why it was stopped (``Killed`` by on_kill, ``DeadlineExceeded``, ``OOMKilled``)
+    in the words Kubernetes uses for a container.
+    """
+
+    def __init__(self, message: str, returncode: int | None = None, tail: str = "", reason: str | None = None):
         self.returncode = returncode
         self.tail = tail
+        self.reason = reason
         super().__init__(message)
 
 
@@ -93,8 +99,7 @@ def build_env(pod: Any, mounts: dict[str, Path], resolve_secret: SecretResolver)
                 if ref.optional:
                     continue
                 raise LocalRunError(
-                    f"env {var.name}: no local value for Kubernetes Secret {ref.name!r} key {ref.key!r} ({err}); "
-                    "configure the matching Airflow connection"
+                    f"env {var.name}: no local value for Kubernetes Secret {ref.name!r} key {ref.key!r}: {err.args[0] if err.args else err}"
                 ) from None
             secret_names.append(var.name)
         elif var.value_from.field_ref is not None:
@@ -118,16 +123,26 @@ def resolve_command(command: list[str]) -> list[str]:
 
 
 class LocalRunner:
-    """Runs one pod's main container locally; ``kill()`` stops it and its children."""
+    """Runs one pod's main container locally; ``kill()`` stops it and its children.
+
+    The command runs under a group leader (``group_leader``) in its own session: ``kill()`` and the
+    deadline stop the whole process group, and the group also goes down when the worker process
+    dies, even by SIGKILL. A pid file in the work directory lets the next try stop a group a dead
+    worker left behind (should one survive) before it starts the engine again.
+    """
+
+    PID_FILE = "engine.pid"
 
     def __init__(self, workdir: str | Path, resolve_secret: SecretResolver, log: Callable[[str], None] = print,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, grace: float = 10.0):
         self.workdir = Path(workdir)
         self.resolve_secret = resolve_secret
         self.log = log
         self.extra_env = extra_env or {}
+        self.grace = grace
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._stop_reason: str | None = None
 
     def run(self, pod: Any, timeout: float | None = None) -> LocalRunResult:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -143,13 +158,19 @@ class LocalRunner:
         full_env = {**_inherited_env(), **self.extra_env, **env}
         self.log(f"local runner: {' '.join(argv)}")
         self.log(f"local runner: env {sorted(env)} (secrets from connections: {sorted(secret_names)}); workdir {self.workdir}")
+        self.stop_stale_group()
+        leader = [sys.executable, "-m", "airflow_provider_finetune.runners.group_leader", "--parent", str(os.getpid()),
+                  "--grace", str(self.grace), "--"]
         tail: list[str] = []
+        oom_before = cgroup_oom_kills()
         with self._lock:
+            self._stop_reason = None
             self._proc = subprocess.Popen(
-                argv, env=full_env, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                [*leader, *argv], env=full_env, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, text=True, errors="replace", bufsize=1,
             )
-        timer = threading.Timer(timeout, self.kill) if timeout else None
+            self._write_pid_file(self._proc.pid)
+        timer = threading.Timer(timeout, self.kill, kwargs={"reason": "DeadlineExceeded"}) if timeout else None
         if timer:
             timer.start()
         try:
@@ -163,23 +184,130 @@ class LocalRunner:
         finally:
             if timer:
                 timer.cancel()
+        self._remove_pid_file()
         xcom = json.loads(xcom_file.read_text()) if xcom_file.exists() else None
         if rc != 0:
-            raise LocalRunError(f"pod {pod.metadata.name}: {argv[0]} exited with {rc}", rc, "\n".join(tail))
+            reason = self._stop_reason
+            if reason is None and rc in (-signal.SIGKILL, 137) and oom_before is not None and (cgroup_oom_kills() or 0) > oom_before:
+                reason = "OOMKilled"  # the kernel's OOM killer acted in this cgroup while the engine ran
+            how = {"Killed": "stopped by on_kill", "DeadlineExceeded": f"stopped after active_deadline_seconds={timeout}"}
+            raise LocalRunError(f"pod {pod.metadata.name}: {argv[0]} exited with {rc}"
+                                + (f" ({how.get(reason, reason)})" if reason else ""), rc, "\n".join(tail), reason)
         return LocalRunResult(rc, xcom, self.workdir)
 
-    def kill(self, grace: float = 10.0) -> None:
+    def kill(self, grace: float | None = None, reason: str = "Killed") -> None:
+        """Stop the run: SIGTERM to the group leader (it stops the group), SIGKILL to the group after ``grace``."""
         with self._lock:
             proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
+            if proc is None or proc.poll() is not None:
+                return
+            self._stop_reason = self._stop_reason or reason
+        grace = self.grace if grace is None else grace
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(grace + 1)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        _killpg(proc.pid, signal.SIGKILL)  # stragglers that ignored SIGTERM after their leader exited
+
+    # -- a group a dead worker left behind -----------------------------------------------------------
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / self.PID_FILE
+
+    def _write_pid_file(self, pid: int) -> None:
+        self.pid_file.write_text(json.dumps({"pgid": pid, "start": _start_time(pid)}))
+
+    def _remove_pid_file(self) -> None:
+        self.pid_file.unlink(missing_ok=True)
+
+    def stop_stale_group(self) -> bool:
+        """Stop the process group recorded by an earlier try, if it still runs (same start time)."""
+        try:
+            old = json.loads(self.pid_file.read_text())
+            pgid, start = int(old["pgid"]), old.get("start")
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        alive = _group_alive(pgid) and (start is None or _start_time(pgid) in (start, None))
+        if alive:
+            self.log(f"local runner: an earlier try's engine (process group {pgid}) still runs; stopping it first")
+            _killpg(pgid, signal.SIGTERM)
+            for _ in range(int(self.grace * 10)):
+                if not _group_alive(pgid):
+                    break
+                threading.Event().wait(0.1)
+            _killpg(pgid, signal.SIGKILL)
+        self._remove_pid_file()
+        return alive
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs; zombies (dead, waiting for a reaper) do not count."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def _start_time(pid: int) -> str | None:
+    """The process start time (clock ticks since boot) on Linux; tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def cgroup_oom_kills() -> int | None:
+    """The kernel's OOM-kill count of this process's memory cgroup; None where it cannot be read.
+
+    cgroup v2: ``oom_kill`` in ``memory.events``; v1: ``oom_kill`` in ``memory.oom_control``.
+    """
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":
+            candidates += [root / "memory" / path.lstrip("/") / "memory.oom_control", root / "memory" / "memory.oom_control"]
+        elif controllers == "":
+            candidates += [root / path.lstrip("/") / "memory.events"]
+    for events in candidates:
+        try:
+            rows = events.read_text().splitlines()
+        except OSError:
+            continue
+        for row in rows:
+            key, _, value = row.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
 
 
 def _inherited_env() -> dict[str, str]:
