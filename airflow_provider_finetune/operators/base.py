@@ -220,9 +220,12 @@ class EngineJobOperator(KubernetesPodOperator):
         resolver = self.local_secret_resolver()
         local_env = {}
         if not settings.get("bucket_endpoint_url"):
-            from airflow_provider_finetune.hooks import bucket_settings
+            from airflow_provider_finetune.hooks import bucket_settings_or_explain
 
-            endpoint = bucket_settings(self.bucket_conn_id or settings.get("bucket_conn_id")).get("AWS_ENDPOINT_URL")
+            try:
+                endpoint = bucket_settings_or_explain(self.bucket_conn_id or settings.get("bucket_conn_id")).get("AWS_ENDPOINT_URL")
+            except KeyError as err:
+                raise FinetuneConfigError(f"task {self.task_id} (local runner): {err.args[0]}") from None
             if endpoint:
                 local_env["AWS_ENDPOINT_URL"] = endpoint
         self._local_runner = LocalRunner(workdir, resolver, log=self.log.info, extra_env=local_env)
@@ -231,6 +234,45 @@ class EngineJobOperator(KubernetesPodOperator):
         except LocalRunError as err:
             raise EngineJobFailed.from_local(err) from None
         return result.xcom
+
+    def cleanup(self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None) -> None:
+        """The parent's cleanup (events, deletion, its failure); a failed engine container is
+        classified first (OOM, deadline, eviction...), while the pod and its log still exist."""
+        failure = self.pod_failure(remote_pod) if remote_pod is not None and not getattr(self, "_killed", False) else None
+        try:
+            super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
+        except Exception as err:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            if failure is None or isinstance(err, AirflowSkipException):
+                raise
+            state, tail = failure
+            raise EngineJobFailed.from_pod(remote_pod.metadata.name, self.base_container_name, state, tail) from err
+
+    def pod_failure(self, remote_pod: Any) -> tuple[dict[str, Any], str] | None:
+        """(exit code and reasons, log tail) of the engine container when it failed, else None."""
+        status = getattr(remote_pod, "status", None)
+        if status is None:
+            return None
+        base = next((c for c in status.container_statuses or [] if c.name == self.base_container_name), None)
+        term = base.state.terminated if base is not None and base.state is not None else None
+        if not ((term is not None and term.exit_code != 0) or status.phase == "Failed"):
+            return None
+        container_reason = term.reason if term is not None else None
+        # a container's "Error" says less than the pod's "DeadlineExceeded" / "Evicted"
+        reason = container_reason if container_reason not in (None, "Error", "Completed") else (status.reason or container_reason)
+        state = {"exit_code": term.exit_code if term is not None else None, "reason": reason}
+        return state, "\n".join(filter(None, [term.message if term is not None else None, self.pod_log_tail(remote_pod)]))
+
+    def pod_log_tail(self, remote_pod: Any, lines: int = 100) -> str:
+        """The last lines of the engine container's log (an accelerator OOM shows only there)."""
+        try:
+            text = self.client.read_namespaced_pod_log(name=remote_pod.metadata.name, namespace=remote_pod.metadata.namespace,
+                                                       container=self.base_container_name, tail_lines=lines)
+        except Exception as err:  # the classification is best effort; the parent still reports the failure
+            self.log.warning("could not read the log tail of pod %s: %s", remote_pod.metadata.name, err)
+            return ""
+        return text.decode(errors="replace") if isinstance(text, bytes) else str(text or "")
 
     def local_workdir(self, context: Any) -> Path:
         import tempfile

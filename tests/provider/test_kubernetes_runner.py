@@ -32,12 +32,12 @@ def _env(home: Path) -> dict[str, str]:
             "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}})}
 
 
-def _run(home: Path, mode: str) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / "fake_k8s_run.py"), str(HERE / "k8s_dags"), "k8s_mapped", mode],
+def _run(home: Path, mode: str, dag_id: str = "k8s_mapped") -> dict:
+    proc = subprocess.run([sys.executable, str(HERE / "fake_k8s_run.py"), str(HERE / "k8s_dags"), dag_id, mode],
                           env=_env(home), capture_output=True, text=True, timeout=300)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FAKE_K8S_CALLS=")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(line.split("=", 1)[1])
+    return {**json.loads(line.split("=", 1)[1]), "output": proc.stdout + proc.stderr}
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,23 @@ def test_retry_reattaches_to_running_pods_instead_of_creating(airflow_home):
     assert "create" not in ops, "a running pod of the task instance must be reused, not duplicated"
     # the fake lists one running pod per task instance (by its labels): two tasks x two map indexes
     assert sorted(c["name"] for c in out["calls"] if c["op"] == "delete") == ["existing-0", "existing-0", "existing-1", "existing-1"]
+
+
+def test_failed_pods_are_classified_and_ooms_are_not_retried(airflow_home):
+    """The engine container's terminated reason / exit code and its log tail, read before the pod
+    is deleted: OOMs fail at once with the fix in the error; a plain SIGKILL and a deadline retry."""
+    out = _run(airflow_home, "fresh", "k8s_failures")
+    assert out["state"] == "failed"
+    # OOMs: one try (AirflowFailException); the others used their retry
+    assert out["tis"] == {"host_oom[-1]": {"state": "failed", "try_number": 1}, "gpu_oom[-1]": {"state": "failed", "try_number": 1},
+                          "sigkill[-1]": {"state": "failed", "try_number": 2}, "deadline[-1]": {"state": "failed", "try_number": 2}}
+    # the log tail is read from each failed try's pod, before the pod is deleted
+    logs = [c for c in out["calls"] if c["op"] in ("log", "delete")]
+    assert [c["op"] for c in logs].count("log") == 6 and all(c["container"] == "base" and c["tail_lines"] for c in logs if c["op"] == "log")
+    assert all(logs[i + 1] == {"op": "delete", "name": c["name"], "namespace": "finetune"}
+               for i, c in enumerate(logs) if c["op"] == "log")
+    text = out["output"]
+    assert "[host-oom] pod " in text and "container base exited with 137 (OOMKilled): out of host memory" in text
+    assert "[accelerator-oom] pod " in text and "exited with 1 (Error): out of accelerator memory" in text
+    assert "[killed] pod " in text and "killed by SIGKILL (exit 137) without an OOMKilled reason" in text
+    assert "[deadline] pod " in text and "exited with 137 (DeadlineExceeded): ran longer than active_deadline_seconds" in text

@@ -153,17 +153,31 @@ def test_data_operator_needs_exactly_one_source():
         DataScriptToBucketOperator(task_id="t", script="x", urls=["https://e/x.jsonl"]).validate(ctx())
 
 
-@pytest.mark.parametrize("returncode,tail,kind,text", [
-    (137, "", OutOfMemory, "out of host memory"),
-    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", OutOfMemory, "lower batchsize_conf.max_per_device_train_batch_size"),
-    (2, "error: invalid experiment config", FinetuneConfigError, "rejected its input"),
-    (1, "RuntimeError: something else", EngineJobFailed, "exit code 1"),
+@pytest.mark.parametrize("returncode,tail,reason,kind,text", [
+    (137, "", "OOMKilled", "host-oom", "raise memory_per_gpu"),
+    (-9, "", "OOMKilled", "host-oom", "lower batchsize_conf.max_per_device_train_batch_size"),
+    (1, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes", None, "host-oom", "quant_conf"),
+    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", None, "accelerator-oom",
+     "lower batchsize_conf.max_per_device_train_batch_size"),
+    (1, "RuntimeError: HIP out of memory. Tried to allocate", None, "accelerator-oom", "gradient_checkpointing"),
+    (-9, "", None, "killed", "without an OOMKilled reason"),  # a plain SIGKILL is not an OOM
+    (137, "", None, "killed", "without an OOMKilled reason"),
+    (137, "", "Error", "killed", "killed by SIGKILL (exit 137)"),
+    (143, "", "DeadlineExceeded", "deadline", "active_deadline_seconds"),
+    (137, "", "Evicted", "evicted", "evicted"),
+    (2, "error: invalid experiment config", None, "config", "rejected its input"),
+    (1, "RuntimeError: something else", None, "failed", "exit code 1"),
 ])
-def test_failures_are_classified(returncode, tail, kind, text):
+def test_failures_are_classified(returncode, tail, reason, kind, text):
+    from airflow.sdk.exceptions import AirflowFailException
+
     from airflow_provider_finetune.runners.local import LocalRunError
 
-    err = EngineJobFailed.from_local(LocalRunError("pod x failed", returncode, tail))
-    assert isinstance(err, kind) and text in str(err)
+    err = EngineJobFailed.from_local(LocalRunError("pod x failed", returncode, tail, reason))
+    assert err.kind == kind and str(err).startswith(f"[{kind}] pod x failed: ") and text in str(err)
+    # OOM and bad input fail without retries (the Task SDK's AirflowFailException); the rest is retried
+    assert isinstance(err, AirflowFailException) == (kind in ("host-oom", "accelerator-oom", "config"))
+    assert isinstance(err, OutOfMemory) == kind.endswith("oom")
 
 
 class FakeCustomObjects:
