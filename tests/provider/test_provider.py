@@ -74,17 +74,75 @@ def test_dockerfiles_lint_clean():
         assert "TOKEN" not in text.replace("HF_HUB_DISABLE_TELEMETRY", "")
 
 
-def test_every_engine_command_the_builders_use_exists():
-    """The commands in built pods (and the image's own checks) answer --help."""
-    from airflow_provider_finetune.pods.distributed import torchrun_command
+def _engine_operator_classes() -> set[type]:
+    import airflow_provider_finetune.operators as ops
+    from airflow_provider_finetune.operators.base import EngineJobOperator
 
-    commands = {"train-job", "deliver-model", "deliver-data", "merge-job", "pull", "validate-config", "validate-data"}
-    assert torchrun_command(["train-job"])[:3] == ["torchrun", "-m", "finetune_engine.cli.main"]
-    for cmd in sorted(commands):
+    found, todo = set(), [EngineJobOperator]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith(ops.__name__):
+                found.add(sub)
+            todo.append(sub)
+    return found
+
+
+def _built_commands() -> list[list[str]]:
+    """The container commands of every pod, job and deployment our builders make, for a sample of
+    each engine operator (single pod, torchrun, multi-node) and the vLLM deployment's init containers."""
+    from airflow_provider_finetune.operators import FinetuneKubernetesOperator
+    from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
+    from airflow_provider_finetune.pods.serving import build_vllm_deployment
+    from tests.provider.conftest import containers
+    from tests.provider.test_operator_pods import OPERATORS, context
+    from tests.provider.test_operators import CONFIG
+
+    operators = [make() for make in OPERATORS.values()]
+    missing = _engine_operator_classes() - {type(op) for op in operators}
+    assert not missing, f"no sample of {sorted(c.__name__ for c in missing)} in test_operator_pods.OPERATORS"
+    commands = [op.engine_command(context(op)) for op in operators]
+    for kind in ("trainjob", "pytorchjob"):
+        op = FinetuneKubernetesOperator(task_id="multi", config=CONFIG, gpus=8, num_nodes=2, distributed=kind)
+        commands += [c["command"] for c in containers(op.multinode_manifest(context(op))) if c.get("command")]
+    deploy = DeployVLLMOperator(task_id="serve", model_uri="s3://finetune/m", served_model_name="m",
+                                adapters={"a": "s3://finetune/a"}, adapter_ranks={"a": 8})
+    init = build_vllm_deployment(deploy.serve_spec())["spec"]["template"]["spec"]["initContainers"]
+    return commands + [c["command"] for c in init]
+
+
+def _engine_subcommand(command: list[str]) -> str | None:
+    """``finetune-engine SUB ...`` or ``torchrun ... -m finetune_engine.cli.main SUB ...`` -> SUB."""
+    if command[0] == "finetune-engine":
+        return command[1]
+    if "-m" in command and command[command.index("-m") + 1] == "finetune_engine.cli.main":
+        return command[command.index("-m") + 2]
+    return None
+
+
+def test_every_engine_command_the_builders_use_exists():
+    """Each engine command in a built pod answers --help; so do the launchers and the image's checks."""
+    commands = _built_commands()
+    subcommands = {_engine_subcommand(c) for c in commands} - {None}
+    # the sample covers every job kind the provider launches, eval-job included
+    assert {"train-job", "deliver-model", "deliver-data", "merge-job", "eval-job", "pull"} <= subcommands
+    unknown = [c for c in commands if _engine_subcommand(c) is None]
+    assert unknown == [], f"commands that are not the engine's: {unknown}"
+    helps = {}
+    for cmd in sorted(subcommands):
         proc = subprocess.run([str(BIN / "finetune-engine"), cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage" in proc.stdout, (cmd, proc.stderr[-500:])
-    for exe in ("finetuning", "torchrun"):
-        assert subprocess.run([str(BIN / exe), "--help"], capture_output=True).returncode == 0
+        helps[cmd] = proc.stdout
+    for exe in sorted({c[0] for c in commands} | {"finetuning"}):
+        proc = subprocess.run([str(BIN / exe), "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0, exe
+        helps[exe] = proc.stdout
+    # and every flag the builders pass is one the command knows (launcher flags: the launcher's)
+    for command in commands:
+        sub = _engine_subcommand(command)
+        split = command.index(sub) if command[0] != "finetune-engine" else 1
+        for part, text in ((command[:split], helps[command[0]]), (command[split:], helps[sub])):
+            for flag in {a.split("=")[0] for a in part if a.startswith("--")}:
+                assert flag in text, f"{' '.join(command[:split + 1])}: {flag} is not in its --help"
 
 
 def test_image_pins_match_the_tested_versions():
