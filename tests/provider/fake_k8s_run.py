@@ -124,7 +124,9 @@ def patched(fake: FakeCore, result_json: str):
     stack.enter_context(mock.patch.object(KubernetesHook, "is_in_cluster", new_callable=mock.PropertyMock, return_value=False))
     stack.enter_context(mock.patch.object(KubernetesHook, "core_v1_client", new_callable=mock.PropertyMock, return_value=fake))
     stack.enter_context(mock.patch.object(KubernetesPodOperator, "client", new_callable=mock.PropertyMock, return_value=fake))
-    stack.enter_context(mock.patch.object(KubernetesPodOperator, "extract_xcom", return_value=result_json))
+    # what the XCom sidecar would print; the operator parses it as it would a real one
+    stack.enter_context(mock.patch("airflow.providers.cncf.kubernetes.utils.pod_manager.PodManager.extract_xcom",
+                                   return_value=result_json))
     stack.enter_context(mock.patch("airflow.providers.cncf.kubernetes.utils.pod_manager.PodManager.await_xcom_sidecar_container_start"))
     return stack
 

@@ -14,6 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError, OutOfMemory
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
+    EvaluateModelsOperator,
     FinetuneKubernetesOperator,
     HFModelToBucketOperator,
     MergeAdapterOperator,
@@ -78,23 +79,55 @@ def test_sweep_label_is_short_and_readable():
     assert mapped.map_index_template == "{{ task.sweep_label() }}" and own.map_index_template == "{{ task.task_id }}"
 
 
-@pytest.mark.parametrize("make", [
-    lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=4, gpus=2),
-    lambda: HFModelToBucketOperator(task_id="t", model_id="org/model", revision="abc", exclude_patterns=["original/*"]),
-    lambda: DataScriptToBucketOperator(task_id="t", script="print(1)"),
-    lambda: MergeAdapterOperator(task_id="t", base="s3://finetune/models/org/tiny", adapter="s3://finetune/e/r/checkpoint-final-adapter"),
-])
-def test_every_operator_pod_is_restricted_and_carries_no_secret(make, monkeypatch):
+CANARY_OPERATORS = {
+    "finetune": lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=4, gpus=2),
+    "hf-model": lambda: HFModelToBucketOperator(task_id="t", model_id="org/model", revision="abc", exclude_patterns=["original/*"]),
+    "data-script": lambda: DataScriptToBucketOperator(task_id="t", script="print(1)"),
+    "merge": lambda: MergeAdapterOperator(task_id="t", base="s3://finetune/models/org/tiny",
+                                          adapter="s3://finetune/e/r/checkpoint-final-adapter"),
+    "evaluate": lambda: EvaluateModelsOperator(task_id="t", models=["s3://finetune/m/a", "s3://finetune/m/b"],
+                                               datasets="s3://finetune/datasets/heldout.jsonl"),
+}
+
+
+def test_the_canary_covers_every_engine_operator():
+    from tests.provider.test_provider import _engine_operator_classes
+
+    assert {type(make()) for make in CANARY_OPERATORS.values()} == _engine_operator_classes()
+
+
+@pytest.mark.parametrize("name", sorted(CANARY_OPERATORS))
+def test_every_operator_pod_is_restricted_and_carries_no_secret(name, monkeypatch):
+    """The pod KubernetesPodOperator would create (XCom sidecar included), with the canary in the
+    worker's environment and in the bucket and Hub connections: credentials appear only as
+    secretKeyRef, never as values."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
     monkeypatch.setenv("HF_TOKEN", CANARY)
-    op = make()
-    op.validate(ctx())
-    pod = to_dict(_build(op))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDCANARY", "password": CANARY}))
+    monkeypatch.setenv("AIRFLOW_CONN_HUGGINGFACE_DEFAULT", json.dumps({"conn_type": "generic", "password": CANARY}))
+    op = CANARY_OPERATORS[name]()
+    context = {**ctx(), "dag": SimpleNamespace(dag_id="tutorial")}
+    op.validate(context)
+    pod = to_dict(op.build_pod_request_obj(context, dry_run=True))
     text = json.dumps(pod)
-    assert CANARY not in text
+    assert CANARY not in text and "AKIDCANARY" not in text
     assert restricted_violations(pod) == []
+    assert any(c["name"] == "airflow-xcom-sidecar" for c in pod["spec"]["containers"])
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    assert "secretKeyRef" in env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", *(("HF_TOKEN",) if name == "hf-model" else ())):
+        assert set(env[var]) == {"name", "valueFrom"} and "secretKeyRef" in env[var]["valueFrom"], var
+
+
+def test_the_vllm_deployment_carries_no_secret(monkeypatch):
+    from airflow_provider_finetune.pods.serving import build_vllm_deployment
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDCANARY", "password": CANARY}))
+    op = DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", adapters={"a": "s3://finetune/a"},
+                            adapter_ranks={"a": 8})
+    op.validate()
+    doc = build_vllm_deployment(op.serve_spec())
+    assert CANARY not in json.dumps(doc) and restricted_violations(doc) == []
 
 
 def _build(op):
@@ -247,17 +280,35 @@ def test_local_vllm_missing_names_the_install_command(monkeypatch, tmp_path):
         op.execute(ctx())
 
 
-def test_deferrable_mode_goes_through_the_parent_and_back():
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+def test_deferrable_mode_defers_after_one_pod_and_returns_the_result_on_reentry(monkeypatch):
+    """Against the fake core API: validation, exactly one pod created, deferral to the parent's
+    KubernetesPodTrigger; re-entry with the trigger's success event reads the XCom result, adds
+    ours (rank, MLflow link) and deletes the pod."""
+    from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
+    from airflow.sdk.exceptions import TaskDeferred
 
-    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8, deferrable=True, runner="kubernetes")
-    context = ctx(0)
-    with mock.patch.object(KubernetesPodOperator, "execute_async") as execute_async:
-        op.execute(context)
-    execute_async.assert_called_once()  # the parent's deferral path, after our validation
-    result = {"status": "completed", "mlflow_run_id": "abc", "mlflow_tracking_uri": "http://mlflow:5000"}
-    with mock.patch.object(KubernetesPodOperator, "trigger_reentry", return_value=dict(result)) as complete:
-        out = op.trigger_reentry(context, event={"status": "success"})
-    complete.assert_called_once()
-    assert out["lora_rank"] == 8
-    context["ti"].xcom_push.assert_called_with(key="_link_MLflowRunLink", value="http://mlflow:5000/#/runs/abc")
+    from tests.provider.fake_k8s_run import FakeCore, patched
+
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}}))
+    op = FinetuneKubernetesOperator(task_id="sweep", config=CONFIG, lora_rank=8, deferrable=True, runner="kubernetes",
+                                    namespace="finetune", get_logs=False)
+    context = {**ctx(0), "dag": SimpleNamespace(dag_id="tutorial")}
+    fake = FakeCore(outcomes={})
+    result = {"status": "completed", "final_eval_loss": 1.25, "mlflow_run_id": "abc", "mlflow_tracking_uri": "http://mlflow:5000"}
+    with patched(fake, json.dumps(result)):
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute(context)
+        [create] = [c for c in fake.calls if c["op"] == "create"]
+        assert [c["op"] for c in fake.calls] == ["list", "create"]  # looked for a pod to reattach to, then one create
+        trigger = deferred.value.trigger
+        assert isinstance(trigger, KubernetesPodTrigger) and deferred.value.method_name == "trigger_reentry"
+        assert (trigger.pod_name, trigger.pod_namespace) == (create["name"], "finetune")
+        pod = fake.pods[create["name"]]
+        env = {e.name: e for e in pod.spec.containers[0].env}
+        assert "r: 8" in env["FINETUNE_CONFIG"].value  # the validated, rendered config went into the pod
+
+        out = op.trigger_reentry(context, event={"status": "success", "name": trigger.pod_name, "namespace": "finetune",
+                                                 "message": "Container succeeded"})
+    assert out == {**result, "lora_rank": 8}
+    assert [c["op"] for c in fake.calls] == ["list", "create", "delete"] and fake.calls[-1]["name"] == create["name"]
+    context["ti"].xcom_push.assert_any_call(key="_link_MLflowRunLink", value="http://mlflow:5000/#/runs/abc")
