@@ -64,9 +64,11 @@ def generate_answers(model, tok, items: list[dict[str, Any]], max_new_tokens: in
     left in the mode it was in (generation may run in the middle of training)."""
     import torch
 
-    side, was_training = tok.padding_side, model.training
+    side, pad, was_training = tok.padding_side, tok.pad_token, model.training
     tok.padding_side = "left"
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        tok.pad_token = tok.eos_token  # pads are masked; any id will do
+    pad_id = tok.pad_token_id
     bos = tok.bos_token if tok.bos_token and tok.bos_token != tok.eos_token else ""
     model.eval()
     answers: list[str] = []
@@ -86,6 +88,8 @@ def generate_answers(model, tok, items: list[dict[str, Any]], max_new_tokens: in
             answers += [tok.decode(row, skip_special_tokens=True) for row in gen[:, enc["input_ids"].shape[1]:]]
     finally:
         tok.padding_side = side
+        if pad is None:
+            tok.pad_token = None
         model.train(was_training)
     return answers
 
