@@ -1,4 +1,18 @@
-"""Provider test helpers: golden files, the official schemas (kubernetes-validate, Kubeflow CRDs)."""
+"""Provider test helpers: golden files, the official schemas (kubernetes-validate, Kubeflow CRDs).
+
+The Kubeflow CRD schemas (Apache License 2.0, the Kubeflow Authors) are read, never copied in,
+from ``shared/crds/`` beside the checkout, or from ``$FINETUNE_CRDS_DIR``:
+
+- ``trainer.kubeflow.org_trainjobs.yaml`` (and the training runtimes): Kubeflow Trainer v2,
+  https://github.com/kubeflow/trainer ``manifests/base/crds/`` at commit 8c0f505 (2026-08-21);
+- ``kubeflow.org_pytorchjobs.yaml``: Training Operator v1 PyTorchJob,
+  https://github.com/kubeflow/training-operator (now kubeflow/trainer) branch ``release-1.9``,
+  ``manifests/base/crds/``.
+
+Without them the schema tests skip, saying where the files are expected; with ``CI`` set
+(``CI=true``, as CI services do) a missing schema is a failure instead, so CI never passes
+without having validated the manifests.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +25,8 @@ import pytest
 import yaml
 
 GOLDEN = Path(__file__).parent / "golden"
-# shared/ beside the checkout (…/shared/crds next to …/main); read there, never copied in.
-CRDS = Path(__file__).resolve().parents[3] / "shared" / "crds"
+# shared/ beside the checkout (…/shared/crds next to …/main), or $FINETUNE_CRDS_DIR; never copied in.
+CRDS = Path(os.environ.get("FINETUNE_CRDS_DIR") or Path(__file__).resolve().parents[3] / "shared" / "crds")
 K8S_VERSIONS = [f"1.{m}" for m in range(29, 38)]
 CANARY = "sk-canary-3f9a7c1e5b2d"
 
@@ -45,9 +59,17 @@ def crd_schema(filename: str) -> dict:
     """The storage version's openAPIV3Schema of a Kubeflow CRD, strict; skips when shared/ is absent."""
     path = CRDS / filename
     if not path.exists():
-        pytest.skip(f"Kubeflow CRD schemas not found at {CRDS}: {filename} is read from the shared/ directory "
-                    "beside the checkout, never copied into the repository")
+        why = (f"Kubeflow CRD schema {filename} not found in {CRDS}: it is read from shared/crds beside the checkout "
+               "or from $FINETUNE_CRDS_DIR (sources in tests/provider/conftest.py), never copied into the repository")
+        if in_ci():
+            pytest.fail(f"{why}; CI must validate the multi-node manifests, so a missing schema fails there")
+        pytest.skip(why)
     return _load_crd_schema(path)
+
+
+def in_ci() -> bool:
+    """CI services set CI=true (GitHub Actions, GitLab, Buildkite, ...); 0/false/empty mean no."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @functools.cache

@@ -146,3 +146,20 @@ def test_bad_arguments_are_refused():
         build_trainjob(single, 2, 8)
     with pytest.raises(ValueError, match="minReplicas <= maxReplicas"):
         build_pytorchjob(SPEC, 2, 8, {"minReplicas": 4, "maxReplicas": 2})
+
+
+def test_missing_crd_schemas_skip_here_but_fail_in_ci(monkeypatch, tmp_path):
+    import tests.provider.conftest as helpers
+
+    monkeypatch.setattr(helpers, "CRDS", tmp_path)
+    for value in (None, "false", "0"):
+        if value is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.skip.Exception, match=r"kubeflow.org_pytorchjobs.yaml not found .*FINETUNE_CRDS_DIR"):
+            helpers.crd_schema("kubeflow.org_pytorchjobs.yaml")
+    for value in ("true", "1"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception, match="a missing schema fails there"):
+            helpers.crd_schema("kubeflow.org_pytorchjobs.yaml")
