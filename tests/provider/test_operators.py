@@ -312,3 +312,24 @@ def test_deferrable_mode_defers_after_one_pod_and_returns_the_result_on_reentry(
     assert out == {**result, "lora_rank": 8}
     assert [c["op"] for c in fake.calls] == ["list", "create", "delete"] and fake.calls[-1]["name"] == create["name"]
     context["ti"].xcom_push.assert_any_call(key="_link_MLflowRunLink", value="http://mlflow:5000/#/runs/abc")
+
+
+def test_deferrable_reentry_after_an_oom_fails_without_retry(monkeypatch):
+    """The trigger's failure event: the pod's OOMKilled reason is read before cleanup deletes it."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from tests.provider.fake_k8s_run import FakeCore, Outcome, patched
+
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}}))
+    op = FinetuneKubernetesOperator(task_id="sweep", config=CONFIG, deferrable=True, runner="kubernetes", namespace="finetune",
+                                    get_logs=False, on_finish_action="delete_pod")
+    context = {**ctx(), "dag": SimpleNamespace(dag_id="tutorial")}
+    fake = FakeCore(outcomes={"sweep": Outcome("Failed", 137, "OOMKilled", log="step 7/100\n")})
+    with patched(fake, "{}"):
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute(context)
+        with pytest.raises(OutOfMemory, match=r"^\[host-oom\] pod .* container base exited with 137 \(OOMKilled\)"):
+            op.trigger_reentry(context, event={"status": "failed", "name": deferred.value.trigger.pod_name,
+                                               "namespace": "finetune", "message": "Container failed"})
+    ops = [c["op"] for c in fake.calls]
+    assert ops[:3] == ["list", "create", "log"] and ops[-1] == "delete"  # the log tail before the deletion (a label patch between)
