@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")
 CONFIGS = {
     "sft": str(ROOT / os.environ.get("FINETUNE_UI_SFT_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")),
-    "dpo": str(ROOT / os.environ.get("FINETUNE_UI_DPO_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")),
+    "dpo": str(ROOT / os.environ.get("FINETUNE_UI_DPO_CONFIG", "engine/configs/tiny-dpo-lora.yaml")),
 }
 DATA = "Model and data"
 TRAINING = "Training"

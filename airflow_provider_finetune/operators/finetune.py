@@ -65,7 +65,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     """Fine-tune in a pod: ``finetune-engine train-job`` with the rendered config.
 
     :param config: the experiment config as a dict, YAML text, or a path to a YAML file.
-    :param method: ``sft`` or ``dpo``.
+    :param method: ``sft``, or a preference method: ``dpo``, ``kto``, ``orpo``, ``cpo`` (SimPO: ``cpo`` with loss_type simpo).
     :param overrides: ``--set`` style overrides (list of ``key.path=value`` or a dict).
     :param lora_rank: shortcut for ``peft_conf.peft_kwargs.r`` (and lora_alpha = 2 x r unless set).
     :param base_model: bucket URI of the base model (sets ``run_conf.model``).
@@ -221,11 +221,13 @@ class FinetuneKubernetesOperator(EngineJobOperator):
                                       f"already set {clash}: remove them from the config or drop distributed_strategy")
 
     def validate(self, context: Any) -> None:
+        from finetune_engine.config.training_args import METHODS
+
+        if self.method not in METHODS:
+            raise FinetuneConfigError(f"method {self.method!r}: use one of {', '.join(METHODS)}")
         self.check_strategy()
         if self.num_nodes > 1 and self.distributed not in ("trainjob", "pytorchjob"):
             raise FinetuneConfigError(f"distributed {self.distributed!r}: use trainjob (Kubeflow Trainer) or pytorchjob")
-        if self.method not in ("sft", "dpo"):
-            raise FinetuneConfigError(f"method {self.method!r}: use sft or dpo")
         self.rendered_config()
         uri = self.resolved_checkpoint_uri(context)
         if not uri.startswith("s3://"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ def _with(*overrides: str) -> dict:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    cfg = load_config(path)
+    # The method is the one of the `finetuning <method>` command the config's comments give (default sft).
+    command = re.search(r"finetuning (sft|dpo|kto|orpo|cpo) ", path.read_text())
+    cfg = load_config(path, method=command.group(1) if command else "sft")
     assert cfg.batchsize_conf.total_train_batch_size > 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from finetune_engine.checkpoints import CHECKPOINT_RE
 from finetune_engine.config import ConfigError, schema
+from finetune_engine.config.training_args import METHODS
 from finetune_engine.jobs.common import add_config_args, capture_logs, read_config, write_result
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,8 @@ def run_train_job(
 ) -> dict[str, Any]:
     from finetune_engine.storage import download_file, is_complete, join, upload_dir, upload_file
 
+    if method not in METHODS:  # before any download
+        raise ConfigError("--method", [f"unknown method {method!r}; expected one of {', '.join(METHODS)}"])
     checkpoint_uri = checkpoint_uri.rstrip("/")
     final_name = cfg.run_conf.final_checkpoint_name
     adapter_name = f"{final_name}-adapter"
@@ -226,15 +229,20 @@ def run_train_job(
             fcntl.flock(lock, fcntl.LOCK_EX)
             _sync_down_newest(checkpoint_uri, output_dir)
 
-        from finetune_engine.recipes.sft import run_sft
         from finetune_engine.tracking import resolve_tracking
 
         tracking = resolve_tracking(cfg.tracking, *tracking_args)
         uploader = CheckpointUploader(checkpoint_uri, workdir / "upload-staging", cfg.training_args.get("save_total_limit"))
+        after_save = [uploader] if main_process else []
         try:
-            if method != "sft":
-                raise ConfigError("--method", [f"{method}: only sft is available in this version"])
-            result = run_sft(cfg, tracking, num_preprocess_workers, None, after_save=[uploader] if main_process else [])
+            if method == "sft":
+                from finetune_engine.recipes.sft import run_sft
+
+                result = run_sft(cfg, tracking, num_preprocess_workers, None, after_save=after_save)
+            else:  # dpo, kto, orpo, cpo
+                from finetune_engine.recipes.preference import run_preference
+
+                result = run_preference(cfg, tracking, method, num_preprocess_workers, None, after_save=after_save)
         finally:
             uploader.close()
         if not main_process:
@@ -270,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="finetune-engine train-job", description=__doc__.splitlines()[0])
     add_config_args(parser)
-    parser.add_argument("--method", default="sft", choices=["sft", "dpo"])
+    parser.add_argument("--method", default="sft", choices=list(METHODS),
+                        help="sft, or a preference method: dpo, kto, orpo, cpo (SimPO: cpo with training_args.loss_type simpo).")
     parser.add_argument("--checkpoint-uri", required=True, help="s3://bucket/experiments/<experiment>/<run key>")
     parser.add_argument("--workdir", default=os.environ.get("FINETUNE_WORKDIR", "workdir"), help="Local scratch directory.")
     parser.add_argument("--result-file", default=None, help="Result JSON path (default $FINETUNE_RESULT_FILE).")
