@@ -17,6 +17,9 @@ lint: setup
 	.venv/bin/ruff check airflow_provider_finetune engine dags tests scripts
 	.venv/bin/lint-imports
 
+bench: setup
+	for f in scripts/bench_*.py; do echo "== $$f"; .venv/bin/python $$f || exit 1; done
+
 docs: setup
 	.venv/bin/python -m finetune_engine.config.generate
 
