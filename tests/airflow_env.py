@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,14 @@ from pathlib import Path
 from finetune_engine.storage.local_server import ensure_running, stop
 
 BIN = Path(sys.executable).parent
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def failure_lines(output: str, limit: int = 60) -> str:
+    """The lines of an Airflow run that say which task failed and why (errors, tracebacks' last lines)."""
+    keep = [line for line in output.splitlines()
+            if re.search(r"state=failed|Task failed|\[error|ERROR|Error:|Exception:|FinetuneError|EngineJob", line)]
+    return "\n".join(keep[-limit:]) or "(none found)"
 
 
 class AirflowEnv:
@@ -39,7 +48,12 @@ class AirflowEnv:
         proc = subprocess.run([str(BIN / "airflow"), *args], env={**self.env, **(env or {})}, capture_output=True,
                               text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"airflow {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            out = proc.stdout + proc.stderr
+            kept = ARTIFACTS / f"airflow-{args[0]}-{os.getpid()}-{len(list(ARTIFACTS.glob('airflow-*')))}.log"
+            ARTIFACTS.mkdir(exist_ok=True)
+            kept.write_text(out)
+            raise AssertionError(f"airflow {' '.join(args)} exited {proc.returncode} (whole output: {kept}).\n"
+                                 f"failed tasks and errors:\n{failure_lines(out)}\n--- tail ---\n{out[-3000:]}")
         return proc
 
     def bucket_env(self) -> dict[str, str]:
