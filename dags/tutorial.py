@@ -102,7 +102,7 @@ with DAG(
     full_param = FinetuneKubernetesOperator(
         task_id="full_param",
         config="{{ params.config }}",
-        overrides=overrides + ["peft_conf.peft_type=NO_PEFT"],
+        overrides=overrides + ["peft_conf={peft_type: NO_PEFT}"],  # the whole section: LoRA keys do not apply
         base_model=MODEL_URI,
         datasets=datasets,
         experiment="tutorial-full",
