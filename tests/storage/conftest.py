@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from finetune_engine.jobs.deliver_model import deliver_model
+from finetune_engine.storage import join, upload_file
 from tests.s3servers import rclone_server, seaweed_server
 
 SERVERS = {"rclone": rclone_server, "seaweedfs": seaweed_server}
@@ -60,3 +63,32 @@ def s3_env(s3_server, monkeypatch, request):
     monkeypatch.setenv("FINETUNE_BUCKET", bucket)
     return {"kind": s3_server.kind, "endpoint": s3_server.endpoint, "key": s3_server.key, "secret": s3_server.secret,
             "bucket": bucket, "uri": f"s3://{bucket}", "server": s3_server}
+
+
+def train_config(tmp_path: Path, model_uri: str, data_uri: str, **training_args) -> Path:
+    """The storage tests' LoRA SFT config on bucket inputs (chat-ml, packing, completions only)."""
+    cfg = {
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": data_uri}]},
+            "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.1},
+            "chat_template_name": "chat-ml",
+        },
+        "training_args": {"learning_rate": 0.003, "max_steps": 6, "save_steps": 2, "logging_steps": 1, **training_args},
+        "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
+        "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
+        "run_conf": {"model": model_uri, "determinism": "half"},
+        "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture()
+def delivered(s3_env, tiny_model_dir, chat_data):
+    """The tiny model and the chat data in the bucket: (model URI, data URI)."""
+    model_uri = join(s3_env["uri"], "models", "tiny")
+    deliver_model(str(tiny_model_dir), model_uri)
+    data_uri = join(s3_env["uri"], "datasets", "chat.jsonl")
+    upload_file(chat_data, data_uri)
+    return model_uri, data_uri

@@ -21,10 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from finetune_engine.checkpoints import scan_checkpoints
-from finetune_engine.jobs.deliver_model import deliver_model
 from finetune_engine.manifest import MANIFEST_NAME, verify_directory
 from finetune_engine.storage import (
     download_dir,
@@ -32,40 +30,13 @@ from finetune_engine.storage import (
     join,
     list_complete_children,
     list_objects,
-    upload_file,
 )
 from tests.conftest import free_port, stop_group, wait_http
+from tests.storage.conftest import train_config
 
 pytestmark = pytest.mark.s3
 CLI = str(Path(sys.executable).parent / "finetune-engine")
 FINAL_OUTPUTS = ("checkpoint-final", "checkpoint-final-adapter", "checkpoint-final-base")
-
-
-def _config(tmp_path: Path, model_uri: str, data_uri: str, name: str = "train.yaml", **training_args) -> Path:
-    cfg = {
-        "data_conf": {
-            "training_data": {"type": "CONCATENATION", "datasets": [{"path": data_uri}]},
-            "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.1},
-            "chat_template_name": "chat-ml",
-        },
-        "training_args": {"learning_rate": 0.003, "logging_steps": 1, **training_args},
-        "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
-        "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
-        "run_conf": {"model": model_uri, "determinism": "half"},
-        "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
-    }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture()
-def inputs(s3_env, tiny_model_dir, chat_data):
-    model_uri = join(s3_env["uri"], "models", "tiny")
-    deliver_model(str(tiny_model_dir), model_uri)
-    data_uri = join(s3_env["uri"], "datasets", "chat.jsonl")
-    upload_file(chat_data, data_uri)
-    return model_uri, data_uri
 
 
 def _job_env(s3_env) -> dict[str, str]:
@@ -236,7 +207,7 @@ def _state_after_kill(ckpt: str, workdir: Path, keep: bool) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("s3_server", ["rclone"], indirect=True)
-def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, inputs, tmp_path):
+def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered, tmp_path):
     """20 SIGKILLs of train jobs, each one of: mid-step (at a random moment after a random step line),
     mid-save (while a checkpoint directory exists without its manifest), mid-upload (the uploader's
     FINETUNE_TEST_KILL_AT hook, after M objects of its K-th upload). Killed jobs are relaunched, in the
@@ -247,8 +218,8 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, inputs, t
     seed = int(os.environ.get("FINETUNE_TEST_SEED") or random.SystemRandom().randrange(10**6))
     print(f"kill trials: seed {seed} (set FINETUNE_TEST_SEED={seed} to replay the same plan)")
     rng = random.Random(seed)
-    model_uri, data_uri = inputs
-    config = _config(tmp_path, model_uri, data_uri, max_steps=PLANNED, save_steps=SAVE_EVERY)
+    model_uri, data_uri = delivered
+    config = train_config(tmp_path, model_uri, data_uri, max_steps=PLANNED, save_steps=SAVE_EVERY)
     env = _job_env(s3_env)
     base = join(s3_env["uri"], "experiments", "faults")
 
@@ -370,14 +341,14 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, inputs, t
                    "checkpoint at max_steps (its epoch loop checks the stop flag only after a step); the recipes "
                    "call trainer.train() anyway instead of finishing from that checkpoint")
 @pytest.mark.parametrize("s3_server", ["rclone"], indirect=True)
-def test_resume_from_the_last_steps_checkpoint_trains_no_extra_step(s3_env, inputs, tmp_path):
+def test_resume_from_the_last_steps_checkpoint_trains_no_extra_step(s3_env, delivered, tmp_path):
     """A kill after the final step's checkpoint is complete in the bucket but before the final outputs
     are: the relaunch must finish at the planned step from that checkpoint, not train past it."""
     from finetune_engine.jobs.train import main as train_job
     from finetune_engine.storage import upload_dir
 
-    model_uri, data_uri = inputs
-    config = _config(tmp_path, model_uri, data_uri, max_steps=4, save_steps=2)
+    model_uri, data_uri = delivered
+    config = train_config(tmp_path, model_uri, data_uri, max_steps=4, save_steps=2)
     done, cut = join(s3_env["uri"], "experiments", "last", "done"), join(s3_env["uri"], "experiments", "last", "cut")
     assert train_job(["--config", str(config), "--checkpoint-uri", done, "--workdir", str(tmp_path / "w1")]) == 0
     # the bucket as a kill right after checkpoint-4's upload leaves it: no final outputs yet
@@ -439,15 +410,15 @@ def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float =
 
 @pytest.mark.slow
 @pytest.mark.parametrize("s3_server", ["rclone"], indirect=True)
-def test_mlflow_server_killed_mid_run_training_continues_and_tracking_catches_up(s3_env, inputs, tmp_path):
+def test_mlflow_server_killed_mid_run_training_continues_and_tracking_catches_up(s3_env, delivered, tmp_path):
     """The MLflow server's process group is SIGKILLed after step 3 and restarted (same port and store)
     a few steps later: the job warns, trains to the planned step, writes its result, and the metrics
     logged after the restart (and the run's end) reach the same MLflow run."""
     import requests
 
     planned = 24
-    model_uri, data_uri = inputs
-    config = _config(tmp_path, model_uri, data_uri, max_steps=planned, save_steps=7)
+    model_uri, data_uri = delivered
+    config = train_config(tmp_path, model_uri, data_uri, max_steps=planned, save_steps=7)
     server = _MlflowServer(tmp_path)
     server.start()
     log_path, result_file = tmp_path / "job.log", tmp_path / "result.json"

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from finetune_engine.jobs.deliver_data import deliver_data
 from finetune_engine.jobs.deliver_model import DeliveryError, deliver_model
@@ -27,6 +26,7 @@ from finetune_engine.storage import (
     list_objects,
     read_manifest,
 )
+from tests.storage.conftest import train_config
 
 pytestmark = pytest.mark.s3
 
@@ -222,38 +222,9 @@ def test_urls_to_private_addresses_refused(s3_env, url):
 # -- train-job --------------------------------------------------------------------------------------
 
 
-def _train_config(tmp_path: Path, model_uri: str, data_uri: str, **training_args) -> Path:
-    cfg = {
-        "data_conf": {
-            "training_data": {"type": "CONCATENATION", "datasets": [{"path": data_uri}]},
-            "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.1},
-            "chat_template_name": "chat-ml",
-        },
-        "training_args": {"learning_rate": 0.003, "max_steps": 6, "save_steps": 2, "logging_steps": 1, **training_args},
-        "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
-        "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
-        "run_conf": {"model": model_uri, "determinism": "half"},
-        "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture()
-def delivered(s3_env, tiny_model_dir, chat_data):
-    model_uri = join(s3_env["uri"], "models", "tiny")
-    deliver_model(str(tiny_model_dir), model_uri)
-    data_uri = join(s3_env["uri"], "datasets", "chat.jsonl")
-    from finetune_engine.storage import upload_file
-
-    upload_file(chat_data, data_uri)
-    return model_uri, data_uri
-
-
 def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path):
     model_uri, data_uri = delivered
-    config = _train_config(tmp_path, model_uri, data_uri)
+    config = train_config(tmp_path, model_uri, data_uri)
     ckpt = join(s3_env["uri"], "experiments", "e2e", "run-1")
     result_file = tmp_path / "result.json"
     argv = ["--config", str(config), "--checkpoint-uri", ckpt, "--result-file", str(result_file)]
@@ -284,7 +255,7 @@ def test_checkpoint_uploads_run_in_the_background(s3_env, delivered, tmp_path, m
     from datetime import datetime
 
     model_uri, data_uri = delivered
-    config = _train_config(tmp_path, model_uri, data_uri, max_steps=6, save_steps=2)
+    config = train_config(tmp_path, model_uri, data_uri, max_steps=6, save_steps=2)
     monkeypatch.setenv("FINETUNE_TEST_UPLOAD_DELAY", "3")  # per object; objects upload in parallel
     ckpt = join(s3_env["uri"], "experiments", "bg", "run")
     assert train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
@@ -308,7 +279,7 @@ def test_checkpoint_uploads_run_in_the_background(s3_env, delivered, tmp_path, m
 
 def test_train_job_bad_config_key_fails_before_download(s3_env, delivered, tmp_path, capsys):
     model_uri, data_uri = delivered
-    config = _train_config(tmp_path, model_uri, data_uri)
+    config = train_config(tmp_path, model_uri, data_uri)
     rc = train_job(["--config", str(config), "--set", "training_args.learnin_rate=1", "--checkpoint-uri",
                     join(s3_env["uri"], "experiments", "bad"), "--workdir", str(tmp_path / "w")])
     assert rc == 2 and "training_args.learnin_rate" in capsys.readouterr().err
@@ -332,7 +303,7 @@ def test_sigkill_during_uploads_always_resumes_from_a_complete_checkpoint(s3_env
     random). Each relaunch resumes from the newest complete checkpoint - its log says which, and
     training restarts at that step - never from the one cut off, and the run ends at the planned step."""
     model_uri, data_uri = delivered
-    config = _train_config(tmp_path, model_uri, data_uri, max_steps=24, save_steps=3)
+    config = train_config(tmp_path, model_uri, data_uri, max_steps=24, save_steps=3)
     ckpt = join(s3_env["uri"], "experiments", "kills", "run")
     rng = random.Random(int(os.environ.get("FINETUNE_TEST_SEED", "7")))
     resume_points = []
@@ -386,7 +357,7 @@ def test_merge_job_matches_the_training_merge(s3_env, delivered, tmp_path):
     from finetune_engine.jobs.merge import run_merge_job
 
     model_uri, data_uri = delivered
-    config = _train_config(tmp_path, model_uri, data_uri, max_steps=2)
+    config = train_config(tmp_path, model_uri, data_uri, max_steps=2)
     ckpt = join(s3_env["uri"], "experiments", "merge", "run")
     assert train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
     out = join(s3_env["uri"], "merged", "m")

@@ -21,14 +21,14 @@ from finetune_engine.storage import (
     upload_file,
 )
 from finetune_engine.tiny import write_preference_dataset
-from tests.storage.test_jobs import _train_config
+from tests.storage.conftest import train_config
 
 pytestmark = pytest.mark.s3
 
 
 def _dpo_config(tmp_path, model_uri: str, data_uri: str):
     """The storage tests' train config, turned into a DPO one: no sft_args, no new tokens."""
-    path = _train_config(tmp_path, model_uri, data_uri, max_steps=4, save_steps=2, beta=0.1, loss_type="ipo",
+    path = train_config(tmp_path, model_uri, data_uri, max_steps=4, save_steps=2, beta=0.1, loss_type="ipo",
                          max_prompt_length=64)
     cfg = yaml.safe_load(path.read_text())
     cfg.pop("sft_args")
