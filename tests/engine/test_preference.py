@@ -5,6 +5,7 @@ saved model itself (not by the trainer's own logs)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,17 @@ def test_dpo_lora_sigmoid_trains_saves_and_skips_when_finished(tiny_model, pref_
     again = _run("dpo", config)
     assert again["status"] == "skipped" and again["global_step"] == 8
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # killed after the last step's checkpoint, before the final outputs: finish from checkpoint-8, no extra step
+    adapter_weights = load_file(str(adapter / "adapter_model.safetensors"))
+    for out in (adapter, final):
+        shutil.rmtree(out)
+    (tmp_path / "out" / "result.json").unlink()
+    resumed = _run("dpo", config)
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == "checkpoint-8"
+    assert resumed["global_step"] == 8 and resumed["final_train_loss"] is not None
+    again_weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert all(torch.equal(adapter_weights[k], again_weights[k]) for k in adapter_weights)
 
 
 @pytest.mark.parametrize("loss_type,extra", [

@@ -194,6 +194,27 @@ def quiet_printer(trainer) -> None:
         trainer.remove_callback(PrinterCallback)  # ProgressCallback logs the same, with ETA and memory
 
 
+def train(trainer, resume: Path | None) -> float | None:
+    """``trainer.train``, resumed from ``resume`` when given; returns the mean training loss.
+
+    A checkpoint that already holds the planned last step (a kill after its upload, before the
+    final outputs) is finished from, not trained on: transformers' epoch loop checks its stop flag
+    only after a step, so ``train()`` would take one step past ``max_steps``. The checkpoint's
+    weights and trainer state are loaded instead and the run goes on to evaluation and saving."""
+    if resume is not None:
+        from transformers.trainer_callback import TrainerState
+
+        saved = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        planned = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+        if saved.global_step >= planned:
+            log.info("%s already holds step %d of %d planned: finishing from it without training", resume.name,
+                     saved.global_step, planned)
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state = saved
+            return last_logged(saved, "train_loss") or last_logged(saved, "loss")
+    return trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+
+
 def log_parallelism(trainer) -> None:
     """Which parallelism really ran (DDP, FSDP, DeepSpeed): the model class shows FSDP2's wrapping."""
     acc = trainer.accelerator

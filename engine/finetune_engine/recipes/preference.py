@@ -213,10 +213,10 @@ def run_preference(
     common.quiet_printer(trainer)
 
     t_train = time.monotonic()
-    train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_loss = common.train(trainer, resume)
     train_seconds = time.monotonic() - t_train
     common.log_parallelism(trainer)
-    metrics: dict[str, float] = {"train_loss": train_out.training_loss}
+    metrics: dict[str, float] = {"train_loss": train_loss}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     state = trainer.state
@@ -250,7 +250,7 @@ def run_preference(
         "reference": reference,
         "global_step": state.global_step,
         "planned_steps": state.max_steps,
-        "final_train_loss": common.last_logged(state, "loss"),
+        "final_train_loss": common.last_logged(state, "loss") or train_loss,
         "train_loss": metrics.get("train_loss"),
         "final_eval_loss": metrics.get("eval_loss"),  # the preference objective on the validation set
         "final_eval_metrics": eval_metrics,  # e.g. eval_rewards/margins, eval_rewards/accuracies
