@@ -132,6 +132,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.poll_interval = poll_interval
         self.distributed_strategy = distributed_strategy
         self._rendered: str | None = None
+        self._asked = ""
 
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
@@ -200,6 +201,11 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             data = cfg.model_dump(mode="json", exclude_defaults=False)
             data["training_args"] = {k: v for k, v in data["training_args"].items() if k != "output_dir"}
             self._rendered = yaml.safe_dump(data, sort_keys=True)
+            # what the run asked for, without the schema's defaults: a new engine key with a default
+            # leaves the hash, and so the checkpoint prefix of a run in progress, unchanged
+            asked = cfg.model_dump(mode="json", exclude_defaults=True)
+            asked.get("training_args", {}).pop("output_dir", None)
+            self._asked = yaml.safe_dump(asked, sort_keys=True)
         return self._rendered
 
     def check_strategy(self) -> None:
@@ -234,7 +240,9 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             raise FinetuneConfigError(f"checkpoint_uri {uri!r} must be an s3:// URI")
 
     def config_hash(self) -> str:
-        return hashlib.sha256(self.rendered_config().encode()).hexdigest()[:10]
+        """Hash of the config's non-default values (the checkpoint prefix's suffix)."""
+        self.rendered_config()
+        return hashlib.sha256(self._asked.encode()).hexdigest()[:10]
 
     def resolved_checkpoint_uri(self, context: Any) -> str:
         if self.checkpoint_uri:

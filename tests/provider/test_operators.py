@@ -64,6 +64,25 @@ def test_rank_overrides_checkpoint_keys_and_map_index_template():
     assert two.engine_command(ctx())[:3] == ["torchrun", "--standalone", "--nproc-per-node=4"]
 
 
+def test_the_run_prefix_hashes_what_the_config_asks_not_the_schemas_defaults():
+    from finetune_engine.config import schema
+
+    base = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8)
+    defaults = {k: f.default for k, f in schema.SftArgs.model_fields.items()}
+    # spelling out the schema's defaults is the same run (and so is an engine upgrade that adds a
+    # key with a default): the pod's config shows them, the prefix's hash does not see them
+    spelled = FinetuneKubernetesOperator(task_id="t", config={**CONFIG, "sft_args": defaults}, lora_rank=8)
+    assert "packing: false" in base.rendered_config() and "max_seq_length: 2048" in base.rendered_config()
+    assert spelled.config_hash() == base.config_hash()
+    assert spelled.resolved_checkpoint_uri(ctx(0)) == base.resolved_checkpoint_uri(ctx(0))
+    # any value that differs from the default is another run
+    for key, value in (("max_seq_length", 1024), ("packing", True)):
+        changed = FinetuneKubernetesOperator(task_id="t", config={**CONFIG, "sft_args": {**defaults, key: value}}, lora_rank=8)
+        assert changed.config_hash() != base.config_hash(), key
+    lr = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8, overrides=["training_args.learning_rate=0.001"])
+    assert lr.config_hash() != base.config_hash()
+
+
 def test_sweep_label_is_short_and_readable():
     from airflow.sdk import DAG
 
