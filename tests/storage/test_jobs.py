@@ -287,6 +287,37 @@ def test_train_job_bad_config_key_fails_before_download(s3_env, delivered, tmp_p
     assert list_objects(join(s3_env["uri"], "experiments")) == {}
 
 
+def test_train_job_fetches_text_corpus_prefixes_and_prompt_files(s3_env, delivered, tmp_path):
+    """TEXT_FILES corpora given as bucket prefixes (plain uploads, no manifest) and a sample-prompts
+    file in the bucket reach the job as local paths; a path that names nothing is an input error."""
+    from finetune_engine.config import parse_config
+    from finetune_engine.jobs.train import _fetch_inputs
+    from finetune_engine.storage import put_bytes
+
+    model_uri, _ = delivered
+    corpus = join(s3_env["uri"], "corpora", "novels")
+    put_bytes(join(corpus, "a.txt"), b"It was a dark and stormy night.\n")
+    put_bytes(join(corpus, "part2", "b.txt"), b"The rain fell in torrents.\n")
+    prompts = join(s3_env["uri"], "prompts", "probe.txt")
+    put_bytes(prompts, b"Once upon a time\n")
+    cfg = parse_config({
+        "data_conf": {"training_data": {"type": "TEXT_FILES", "datasets": [{"path": corpus + "/"}], "context_length": 32}},
+        "training_args": {"output_dir": str(tmp_path / "out"), "max_steps": 1},
+        "batchsize_conf": {"total_train_batch_size": 2},
+        "run_conf": {"model": model_uri},
+        "tracking": {"sample_generations": {"every_n_steps": 1, "prompts_file": prompts}},
+    }, source="test")
+    local = _fetch_inputs(cfg, tmp_path / "w")
+    corpus_dir = Path(local.data_conf.training_data.datasets[0].path)
+    assert (corpus_dir / "a.txt").read_text().startswith("It was") and (corpus_dir / "part2" / "b.txt").exists()
+    assert Path(local.tracking.sample_generations.prompts_file).read_text() == "Once upon a time\n"
+    assert Path(local.run_conf.model).is_dir()
+    missing = cfg.model_copy(deep=True)
+    missing.data_conf.training_data.datasets[0].path = join(s3_env["uri"], "corpora", "nope")
+    with pytest.raises(ValueError, match=r"corpora/nope: no such object or prefix in the bucket"):
+        _fetch_inputs(missing, tmp_path / "w2")
+
+
 def _env_for(s3_env) -> dict[str, str]:
     server = s3_env["server"]
     return {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": server.key,

@@ -172,8 +172,11 @@ class DataConf(_Strict):
     )
     missing_pad_token_strategy: PadTokenStrategy = Field(
         default=PadTokenStrategy.bos_repurpose,
-        description="What becomes the pad token when the tokenizer has none. A pad token equal to "
-        "the trained end-of-turn token is never masked out of the loss.",
+        description="What becomes the pad token when the tokenizer has none: bos-repurpose, "
+        "eos-repurpose or unk-repurpose use that token; unk-convert-to-eos makes the unk token the "
+        "pad token but writes EOS into padded input positions, so padding looks like EOS to the "
+        "model (labels of pads are ignored either way). A pad token equal "
+        "to the trained end-of-turn token is never masked out of the loss.",
     )
 
 

@@ -142,7 +142,7 @@ def _fetch_inputs(cfg: schema.ExperimentConfig, workdir: Path) -> schema.Experim
 
 
 def _fetch_inputs_locked(cfg: schema.ExperimentConfig, workdir: Path) -> schema.ExperimentConfig:
-    from finetune_engine.storage import download_dir, download_file
+    from finetune_engine.storage import download_dir
 
     data = cfg.model_dump(mode="json")
     run = data["run_conf"]
@@ -164,12 +164,30 @@ def _fetch_inputs_locked(cfg: schema.ExperimentConfig, workdir: Path) -> schema.
     for section in ("training_data", "validation_data"):
         for ds in data["data_conf"][section].get("datasets") or []:
             if is_uri(ds["path"]):
-                local = workdir / "data" / f"{seen}-{ds['path'].rsplit('/', 1)[-1]}"
-                if not local.exists():
-                    download_file(ds["path"], local)
-                ds["path"] = str(local)
+                ds["path"] = _fetch_data(ds["path"], workdir / "data" / f"{seen}-{ds['path'].rstrip('/').rsplit('/', 1)[-1]}")
                 seen += 1
+    samples = (data.get("tracking") or {}).get("sample_generations") or {}
+    if samples.get("prompts_file") and is_uri(samples["prompts_file"]):
+        samples["prompts_file"] = _fetch_data(samples["prompts_file"], workdir / "data" / f"prompts-{samples['prompts_file'].rsplit('/', 1)[-1]}")
     return schema.ExperimentConfig.model_validate(data)
+
+
+def _fetch_data(uri: str, local: Path) -> str:
+    """One data file, or a prefix of files (a TEXT_FILES corpus: every object under it, no manifest
+    needed) -> a local path. Kept when already fetched (the pod's other processes, a relaunch)."""
+    from finetune_engine.storage import download_dir, download_file, exists, list_objects
+
+    if local.exists():
+        return str(local)
+    if exists(uri.rstrip("/")):
+        download_file(uri.rstrip("/"), local)
+    elif list_objects(uri.rstrip("/")):
+        log.info("downloading data prefix %s", uri)
+        download_dir(uri.rstrip("/"), local, require_complete=False)
+    else:
+        raise ValueError(f"{uri}: no such object or prefix in the bucket; deliver the data first (deliver-data) "
+                                "or fix the path in data_conf")
+    return str(local)
 
 
 def _sync_down_newest(prefix_uri: str, output_dir: Path) -> str | None:
