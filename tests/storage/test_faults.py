@@ -182,7 +182,11 @@ def _expect_resume(text: str, workdir: Path, expected: dict, seed: int, where: s
         assert "starting from step 0" in text and f"training: step 0 of {PLANNED}" in text, msg
     else:
         assert f"resuming from the newest complete checkpoint {workdir / 'output' / f'checkpoint-{resume}'}\n" in text, msg
-        assert f"training: step {resume} of {PLANNED}" in text, msg
+        if resume == PLANNED:  # the last step's checkpoint: finished from, not trained on
+            assert f"checkpoint-{resume} already holds step {resume} of {PLANNED} planned: finishing from it" in text, msg
+            assert "training: step" not in text, msg
+        else:
+            assert f"training: step {resume} of {PLANNED}" in text, msg
     used = re.findall(r"resuming from the newest complete checkpoint \S*checkpoint-(\d+)", text)
     assert used == ([] if resume is None else [str(resume)]), msg
 
