@@ -40,6 +40,12 @@ def merge_adapter(
     tok = AutoTokenizer.from_pretrained(tokenizer or adapter)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, device_map=device_map)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # a base saved quantized (e.g. a bnb-4bit checkpoint): never merge into quantized weights
+        qc = model.config.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        log.info("the base %s is saved quantized (%s): dequantizing it before the merge", base, getattr(method, "value", method))
+        model = dequantized(model)
     if model.get_input_embeddings().weight.shape[0] != len(tok):
         log.info("growing base vocabulary %d -> %d to match the adapter's tokenizer", model.get_input_embeddings().weight.shape[0], len(tok))
         model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -47,6 +53,23 @@ def merge_adapter(
     merged = model.merge_and_unload()
     save_model(merged, tok, out)
     return Path(out)
+
+
+def dequantized(model):
+    """``model.dequantize()``, and forget the load-time conversion of the quantized checkpoint
+    (transformers would try to reverse it on save, which bnb's deserializer cannot)."""
+    model = model.dequantize()
+
+    def reversible(conversion) -> bool:
+        try:
+            conversion.reverse_transform()
+            return True
+        except NotImplementedError:
+            return False
+
+    if getattr(model, "_weight_conversions", None):
+        model._weight_conversions = [c for c in model._weight_conversions if reversible(c)]
+    return model
 
 
 def save_model(model, tokenizer, out: str | Path, end_marker: str | None = None) -> None:

@@ -95,6 +95,33 @@ def test_qlora_merges_into_a_dequantized_base(tiny_model, chat_data, tmp_path):
     assert torch.allclose(_merged_logits(result["final_checkpoint"]), _peft_logits(str(tiny_model), result["final_adapter"]), atol=1e-4)
 
 
+def test_a_base_saved_in_4bit_is_dequantized_before_the_merge(tiny_model, chat_data, tmp_path, caplog):
+    """A base checkpoint stored quantized (bnb 4-bit, as pre-quantized Hub repos are): the merge
+    dequantizes it first, and the result is dense and equals that dequantized base + the adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    result = _train(tmp_path / "run", tiny_model, chat_data)
+    quantized = tmp_path / "base-4bit"
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=bnb, device_map="cpu").save_pretrained(quantized)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(quantized)
+    stored = load_file(str(quantized / "model.safetensors"))
+    assert any("absmax" in k or "quant_state" in k for k in stored), "the base was not stored quantized"
+
+    caplog.set_level("INFO", logger="finetune_engine.merge")
+    out = merge_adapter(str(quantized), result["final_adapter"], tmp_path / "merged")
+    assert "is saved quantized (bitsandbytes): dequantizing it before the merge" in caplog.text
+    merged = load_file(str(out / "model.safetensors"))
+    assert all(t.is_floating_point() for t in merged.values()) and not any("absmax" in k or "quant" in k for k in merged)
+    from peft import PeftModel
+
+    dequantized = AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu").dequantize()
+    reference = _logits(PeftModel.from_pretrained(dequantized, result["final_adapter"]).eval(), result["final_adapter"])
+    assert torch.allclose(_merged_logits(out), reference, atol=1e-4)
+    # 4-bit rounding: not the full-precision base's merge
+    assert not torch.allclose(_merged_logits(out), _merged_logits(result["final_checkpoint"]), atol=1e-4)
+
+
 def test_vllm_compatible_adapter_keeps_only_lora_and_refuses_trained_embeddings(tiny_model, chat_data, tmp_path):
     result = _train(tmp_path / "pure", tiny_model, chat_data)
     adapter = Path(result["final_adapter"])
@@ -137,32 +164,58 @@ VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_data, tmp_path):
+def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_data, tmp_path, monkeypatch):
+    """Through the operators' local runner, as a DAG runs them: DeployVLLMOperator pulls the merged
+    model, or the base and the LoRA adapter, from the embedded S3 server (rclone) by the Airflow
+    connection, starts vLLM (CPU), smoke-tests chat; the `openai` client chats with what it serves;
+    UndeployVLLMOperator stops it."""
     if not VLLM_PY.exists():
         pytest.skip(f"vLLM CPU venv missing at {VLLM_PY}: run `make vllm` (scripts/test.sh installs it)")
+    import urllib.request
+
     from openai import OpenAI
 
-    from airflow_provider_finetune.operators.deploy import start_vllm, stop_local
+    from airflow_provider_finetune.operators.deploy import DeployVLLMOperator, UndeployVLLMOperator
+    from finetune_engine.storage import local_server, upload_dir
 
-    # a pure LoRA adapter (no new tokens) and the merged model of the same run
+    # a pure LoRA adapter (no new tokens) and the merged model of the same run, delivered to a bucket
     result = _train(tmp_path, tiny_model, chat_data, steps=30)
-    served = {}
-    for name, kwargs in {
-        "merged": {"model_dir": Path(result["final_checkpoint"])},
-        "base+adapter": {"model_dir": tiny_model, "adapters": {"tuned": Path(result["final_adapter"])}, "max_lora_rank": 8},
-    }.items():
-        work = tmp_path / name.replace("+", "_")
-        work.mkdir()
-        _, base_url = start_vllm(VLLM_PY, kwargs["model_dir"], "tiny", work, kwargs.get("adapters"), kwargs.get("max_lora_rank"),
-                                 ready_timeout=300)
-        try:
-            client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
-            models = ["tiny", "tuned"] if name == "base+adapter" else ["tiny"]
-            replies = [client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
-                       for m in models]
-            served[name] = dict(zip(["base", "tuned"], [r.choices[0].message.content for r in replies], strict=False))
-        finally:
-            stop_local(work)
+    s3 = local_server.ensure_running(tmp_path / "s3")
+    try:
+        root = f"s3://{s3['FINETUNE_BUCKET']}/serve"
+        with monkeypatch.context() as m:
+            for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                m.setenv(key, s3[key])
+            for name, local in (("merged", result["final_checkpoint"]), ("base", tiny_model), ("tuned", result["final_adapter"])):
+                upload_dir(local, f"{root}/{name}", progress=False)
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
+            "conn_type": "aws", "login": s3["AWS_ACCESS_KEY_ID"], "password": s3["AWS_SECRET_ACCESS_KEY"],
+            "extra": {"endpoint_url": s3["AWS_ENDPOINT_URL"]}}))
+        monkeypatch.setenv("AIRFLOW__FINETUNE__RUNNER", "local")
+        monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_WORKDIR", str(tmp_path / "work"))
+        monkeypatch.setenv("AIRFLOW__FINETUNE__VLLM_PYTHON", str(VLLM_PY))
+        served = {}
+        for name, kwargs in {
+            "merged": {"model_uri": f"{root}/merged"},
+            "base+adapter": {"model_uri": f"{root}/base", "adapters": {"tuned": f"{root}/tuned"}, "adapter_ranks": {"tuned": 8}},
+        }.items():
+            deploy = DeployVLLMOperator(task_id="serve", served_model_name="tiny", smoke_question=PROMPT[0]["content"],
+                                        ready_timeout=300, **kwargs)
+            deploy.validate()
+            out = deploy.execute_local({})
+            try:
+                assert out["smoke_reply"] and out["adapters"] == sorted(kwargs.get("adapters", {}))
+                client = OpenAI(base_url=out["endpoint"], api_key="unused")
+                models = ["tiny", "tuned"] if name == "base+adapter" else ["tiny"]
+                replies = [client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
+                           for m in models]
+                served[name] = dict(zip(["base", "tuned"], [r.choices[0].message.content for r in replies], strict=False))
+            finally:
+                assert UndeployVLLMOperator(task_id="stop", served_model_name="tiny").execute({}) is True
+            with pytest.raises(OSError):
+                urllib.request.urlopen(f"{out['endpoint'].removesuffix('/v1')}/health", timeout=5)
+    finally:
+        local_server.stop(tmp_path / "s3")
     assert all(isinstance(v, str) for replies in served.values() for v in replies.values())
     # the adapter changes the answers of the base, and base+adapter answers like the merged model
     assert served["base+adapter"]["tuned"] != served["base+adapter"]["base"]
