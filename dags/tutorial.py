@@ -22,7 +22,7 @@ from airflow_provider_finetune.operators import (
     HFModelToBucketOperator,
     MergeAdapterOperator,
 )
-from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
+from airflow_provider_finetune.operators.deploy import DeployVLLMOperator, UndeployVLLMOperator
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")
@@ -56,6 +56,9 @@ with DAG(
                           description="Names the sweep's checkpoint prefixes; the same name again resumes and skips "
                           "finished ranks (empty: the DAG run id)."),
         "question": Param("What is the capital of France?", type="string", description="Asked after deployment."),
+        "keep_serving": Param(os.environ.get("FINETUNE_TUTORIAL_KEEP_SERVING", "true") == "true", type="boolean",
+                              description="Leave the vLLM server running after the run (stop it with "
+                              "UndeployVLLMOperator); off: stop_serving removes it when the run ends."),
     },
     max_active_tasks=4,
 ) as dag:
@@ -127,17 +130,27 @@ with DAG(
         model_uri="{{ ti.xcom_pull(task_ids='pick_best')['checkpoint_uri'] }}/checkpoint-final-merged",
         served_model_name="tutorial",
         gpus="{{ params.gpus }}",
-        keep_running=os.environ.get("FINETUNE_TUTORIAL_KEEP_SERVING", "true") == "true",
+        keep_running=True,  # until chat has asked; stop_serving removes it at the end unless keep_serving
         smoke_question="{{ params.question }}",
     )
 
     @task
     def chat(served: dict, params: dict) -> str:
-        reply = served.get("smoke_reply")
+        """Ask the live server the question through its OpenAI API, as a user would."""
+        from airflow_provider_finetune.operators.deploy import chat_once
+
+        reply = chat_once(served["endpoint"].removesuffix("/v1"), served["model"], params["question"], timeout=300).strip()
         print(f"user: {params['question']}\nassistant: {reply}")
         print(f"endpoint: {served['endpoint']} (model {served['model']})")
         return reply
 
+    @task
+    def stop_serving(params: dict, **context) -> bool:
+        if params["keep_serving"]:
+            print("keep_serving: the vLLM server keeps running")
+            return False
+        return UndeployVLLMOperator(task_id="stop_serving_now", served_model_name="tutorial").execute(context)
+
     [model, data] >> sweep
     best >> merged >> want_deploy() >> deploy
-    chat(deploy.output)
+    chat(deploy.output) >> stop_serving().as_teardown(setups=deploy)

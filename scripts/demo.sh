@@ -14,7 +14,7 @@ DEMO=$(mkdir -p "${FINETUNE_DEMO_DIR:-.work}" && cd "${FINETUNE_DEMO_DIR:-.work}
 ENGINE=.venv/bin/finetune-engine
 $ENGINE local-s3 start --dir "$DEMO/s3"
 set -a; . "$DEMO/s3/s3.env"; set +a
-[[ -f $DEMO/tiny-model/config.json ]] || .venv/bin/python -m finetune_engine.tiny model "$DEMO/tiny-model" >/dev/null
+[[ -f $DEMO/tiny-model/config.json ]] || TQDM_DISABLE=1 .venv/bin/python -m finetune_engine.tiny model "$DEMO/tiny-model" >/dev/null
 
 export AIRFLOW_HOME="$DEMO/airflow" AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__FINETUNE__RUNNER=local AIRFLOW__FINETUNE__LOCAL_WORKDIR="$DEMO/work" AIRFLOW__FINETUNE__BUCKET="$FINETUNE_BUCKET"

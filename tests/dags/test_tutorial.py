@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,12 @@ def test_tutorial_end_to_end_then_relaunch_trains_nothing(airflow, monkeypatch, 
     # vLLM served it and the chat task logged a reply
     reply = re.search(r"assistant: (.+)", out)
     assert reply and reply.group(1).strip() not in ("", "None")
-    assert "endpoint: http://127.0.0.1:" in out
+    endpoint = re.search(r"endpoint: (http://127\.0\.0\.1:\d+)/v1", out).group(1)
+    # keep_serving off: the stop_serving teardown removed the server when the run ended
+    [serving] = (airflow.root / "work" / "serving").iterdir()
+    assert (serving / "vllm.log").exists() and not (serving / "server.pid").exists(), "the server was not stopped"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{endpoint}/health", timeout=5)
 
     # relaunch with the same run name: every rank is already finished, nothing retrains
     second = airflow.run("dags", "test", "finetune_tutorial", "-c", CONF, timeout=1200)
