@@ -13,4 +13,4 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m finetune_engine.config.generate --check
 .venv/bin/ruff check airflow_provider_finetune engine dags tests scripts
 .venv/bin/lint-imports --no-cache | tail -n 4
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -p no:cacheprovider --durations=20 "$@"
