@@ -1,6 +1,6 @@
 """Orchestration benchmarks, each against its baseline in the same run.
 
-    .venv/bin/python scripts/bench_orchestration.py [--sweep 64]
+    .venv/bin/python scripts/bench_orchestration.py [--sweep 64] [--repeat 3] [--pods 200]
 
 1. DAG file parse time of every file in dags/ (a fresh interpreter per file, best of 3), next to
    an empty DAG file (Airflow's own import cost) and a one-task KubernetesPodOperator DAG (what any
@@ -147,7 +147,9 @@ def sweep_overhead(n: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", type=int, default=64)
+    parser.add_argument("--sweep", type=int, default=64, help="Mapped tasks of the sweep measurement (0: skip it).")
+    parser.add_argument("--repeat", type=int, default=3, help="Parses per DAG file; the best is reported.")
+    parser.add_argument("--pods", type=int, default=200, help="Pods built per timing.")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
 
@@ -159,19 +161,22 @@ def main() -> int:
                        "from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator\n"
                        "with DAG('plain_kpo', schedule=None):\n"
                        "    KubernetesPodOperator(task_id='t', image='busybox', cmds=['true'])\n")
-        times = parse_times([empty, kpo, *sorted((ROOT / "dags").glob("*.py"))])
+        times = parse_times([empty, kpo, *sorted((ROOT / "dags").glob("*.py"))], args.repeat)
     base, kpo_base = times.pop("empty_dag.py"), times.pop("plain_kpo_dag.py")
-    print(f"\n1. DAG parse time (best of 3, fresh interpreter; an empty DAG file: {base * 1000:.0f} ms, "
+    print(f"\n1. DAG parse time (best of {args.repeat}, fresh interpreter; an empty DAG file: {base * 1000:.0f} ms, "
           f"a one-task KubernetesPodOperator DAG: {kpo_base * 1000:.0f} ms)")
     for name, seconds in times.items():
         print(f"   {name:22s} {seconds * 1000:6.0f} ms  ({seconds / kpo_base:.2f}x the plain KubernetesPodOperator DAG, "
               f"+{(seconds - kpo_base) * 1000:.0f} ms)")
 
-    build, full = pod_build_times()
+    build, full = pod_build_times(args.pods)
     print("\n2. one fine-tune pod")
     print(f"   build only:                              {build * 1000:6.2f} ms")
     print(f"   render + validate config, build, PSS, kubernetes-validate: {full * 1000:6.2f} ms ({full / build:.1f}x)")
 
+    if args.sweep < 1:
+        print("\n3. mapped sweep: skipped (--sweep 0)")
+        return 0
     python_s, engine_s = sweep_overhead(args.sweep)
     print(f"\n3. {args.sweep}-way mapped sweep through `airflow dags test` (local runner)")
     print(f"   no-op @task:        {python_s:6.1f} s  ({python_s / args.sweep * 1000:.0f} ms per task)")

@@ -15,7 +15,7 @@ from tests.airflow_env import AirflowEnv
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-CONF = json.dumps({"ranks": [4, 8, 16], "max_steps": 20, "gpus": 0, "full_param_gpus": 1, "run_name": "alpha",
+CONF = json.dumps({"ranks": [4, 8, 16], "max_steps": 10, "gpus": 0, "full_param_gpus": 1, "run_name": "alpha",
                    "question": "What is the capital of France?"})
 
 
