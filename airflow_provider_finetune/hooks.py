@@ -20,6 +20,15 @@ class SecretNames:
     hf_token: str
 
 
+def bucket_connection_json(values: dict[str, str]) -> str:
+    """An Airflow ``aws`` connection (for ``AIRFLOW_CONN_<ID>``) from the standard AWS variables,
+    e.g. the embedded S3 server's env file: the inverse of :func:`bucket_settings`."""
+    import json
+
+    return json.dumps({"conn_type": "aws", "login": values["AWS_ACCESS_KEY_ID"], "password": values["AWS_SECRET_ACCESS_KEY"],
+                       "extra": {"endpoint_url": values["AWS_ENDPOINT_URL"]}})
+
+
 def bucket_settings(conn_id: str) -> dict[str, str]:
     """Endpoint, region and keys of the bucket connection (values are secrets: don't log them)."""
     from airflow.sdk import BaseHook

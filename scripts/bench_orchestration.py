@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -116,6 +115,7 @@ def pod_build_times(n: int = 200) -> tuple[float, float]:
 
 
 def sweep_overhead(n: int) -> tuple[float, float]:
+    from airflow_provider_finetune.hooks import bucket_connection_json
     from finetune_engine.storage.local_server import ensure_running, stop
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,12 +125,10 @@ def sweep_overhead(n: int) -> tuple[float, float]:
         (dags / "bench_sweeps.py").write_text(textwrap.dedent(SWEEP_DAGS.format(n=n)))
         s3 = ensure_running(tmp / "s3")
         try:
-            conn = {"conn_type": "aws", "login": s3["AWS_ACCESS_KEY_ID"], "password": s3["AWS_SECRET_ACCESS_KEY"],
-                    "extra": {"endpoint_url": s3["AWS_ENDPOINT_URL"]}}
             env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW"))}
             env.update({"AIRFLOW_HOME": str(tmp / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
                         "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__FINETUNE__RUNNER": "local",
-                        "AIRFLOW__FINETUNE__LOCAL_WORKDIR": str(tmp / "work"), "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn),
+                        "AIRFLOW__FINETUNE__LOCAL_WORKDIR": str(tmp / "work"), "AIRFLOW_CONN_AWS_DEFAULT": bucket_connection_json(s3),
                         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
             subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
             times = []

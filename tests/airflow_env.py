@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from airflow_provider_finetune.hooks import bucket_connection_json
 from finetune_engine.storage.local_server import ensure_running, stop
 
 BIN = Path(sys.executable).parent
@@ -27,8 +28,6 @@ class AirflowEnv:
         self.root = root
         self.s3_dir = root / "s3"
         self.s3 = ensure_running(self.s3_dir)
-        conn = {"conn_type": "aws", "login": self.s3["AWS_ACCESS_KEY_ID"], "password": self.s3["AWS_SECRET_ACCESS_KEY"],
-                "extra": {"endpoint_url": self.s3["AWS_ENDPOINT_URL"]}}
         keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW", "FINETUNE_"))}
         self.env = {
             **keep,
@@ -38,7 +37,7 @@ class AirflowEnv:
             "AIRFLOW__FINETUNE__RUNNER": "local",
             "AIRFLOW__FINETUNE__LOCAL_WORKDIR": str(root / "work"),
             "AIRFLOW__FINETUNE__BUCKET": self.s3["FINETUNE_BUCKET"],
-            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn),
+            "AIRFLOW_CONN_AWS_DEFAULT": bucket_connection_json(self.s3),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }

@@ -175,6 +175,7 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
 
     from openai import OpenAI
 
+    from airflow_provider_finetune.hooks import bucket_connection_json
     from airflow_provider_finetune.operators.deploy import DeployVLLMOperator, UndeployVLLMOperator
     from finetune_engine.storage import local_server, upload_dir
 
@@ -188,9 +189,7 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
                 m.setenv(key, s3[key])
             for name, local in (("merged", result["final_checkpoint"]), ("base", tiny_model), ("tuned", result["final_adapter"])):
                 upload_dir(local, f"{root}/{name}", progress=False)
-        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
-            "conn_type": "aws", "login": s3["AWS_ACCESS_KEY_ID"], "password": s3["AWS_SECRET_ACCESS_KEY"],
-            "extra": {"endpoint_url": s3["AWS_ENDPOINT_URL"]}}))
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", bucket_connection_json(s3))
         monkeypatch.setenv("AIRFLOW__FINETUNE__RUNNER", "local")
         monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_WORKDIR", str(tmp_path / "work"))
         monkeypatch.setenv("AIRFLOW__FINETUNE__VLLM_PYTHON", str(VLLM_PY))

@@ -49,12 +49,11 @@ def test_model_line_names_are_checked():
 
 @pytest.fixture()
 def bucket_conn(tmp_path, monkeypatch):
+    from airflow_provider_finetune.hooks import bucket_connection_json
     from finetune_engine.storage.local_server import ensure_running, stop
 
     s3 = ensure_running(tmp_path / "s3")
-    conn = {"conn_type": "aws", "login": s3["AWS_ACCESS_KEY_ID"], "password": s3["AWS_SECRET_ACCESS_KEY"],
-            "extra": {"endpoint_url": s3["AWS_ENDPOINT_URL"]}}
-    monkeypatch.setenv("AIRFLOW_CONN_CHAMPION_TEST", json.dumps(conn))
+    monkeypatch.setenv("AIRFLOW_CONN_CHAMPION_TEST", bucket_connection_json(s3))
     yield s3
     stop(tmp_path / "s3")
 
