@@ -65,6 +65,8 @@ def corpus_entries(chart: Path) -> dict[str, list[str]]:
             "overrides/tutorial-01-finetune-lora.yaml",
             f"overrides/utilities/{util}.yaml",
         ]
+    # the speed test's own data: long rows with a system message and extra top-level keys
+    entries["utilities--speed-and-max-batch-test"].append("overrides/data/long-random-data.yaml")
     return entries
 
 
