@@ -40,8 +40,20 @@ ENGINE_DATA = {
 }
 
 
-def chart_configs() -> list[Path]:
-    return sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("engine-"))
+def _body(path: Path) -> str:
+    return "\n".join(line for line in path.read_text().splitlines() if not line.startswith("#"))
+
+
+def chart_configs(distinct: bool = True) -> list[Path]:
+    """The rendered chart configs; with ``distinct``, one per distinct config (many model recipes
+    render to the same config and the same Job commands; training each once keeps the corpus fast)."""
+    paths = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("engine-"))
+    if not distinct:
+        return paths
+    seen: dict[tuple[str, tuple[str, ...]], Path] = {}
+    for p in paths:
+        seen.setdefault((_body(p), tuple(header_commands(p))), p)
+    return list(seen.values())
 
 
 def engine_configs() -> list[Path]:
