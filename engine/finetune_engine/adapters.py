@@ -1,9 +1,18 @@
-"""vLLM-ready adapters: strip what vLLM cannot load, when that is correct, and check before serving.
+"""vLLM-ready adapters, as the Silogen engine's ``create_vllm_compatible_adapter`` makes them.
 
-vLLM serves LoRA adapters whose tensors are only ``lora_A``/``lora_B`` of supported linear layers,
-with a rank <= ``--max-lora-rank``. An adapter that trained embeddings or other modules fully
-(``modules_to_save``, e.g. after adding chat tokens) is not a pure LoRA: dropping those tensors
-would silently serve a different model, so it is refused — merge it instead.
+PEFT saves copies of base layers next to the LoRA matrices (e.g. ``embed_tokens.base_layer.weight``
+when ``embed_tokens`` is a LoRA target); vLLM loads only LoRA tensors. The command removes every
+tensor that is not a LoRA tensor (its name has no ``.lora_``: ``lora_A``/``lora_B`` and the
+embedding LoRA ``lora_embedding_A``/``lora_embedding_B`` are kept), after moving the original file
+aside as ``old_with_extra_layers_adapter_model.safetensors``. A second run finds that backup and
+does nothing.
+
+When the extra layers were trained (``modules_to_save``, new token embeddings, a grown vocabulary,
+a full-parameter run) removing them would serve a different model: they are kept, with the log line
+"Keeping non-LoRA layers, they are needed.", and the command exits 0 as the Silogen engine does.
+With ``--training-config`` the decision also follows the training config, as the Silogen engine's;
+without it the adapter's own files decide (``adapter_config.json``, ``finetune_meta.json`` and the
+embedding shapes against the base model's vocabulary).
 """
 
 from __future__ import annotations
@@ -11,12 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_FILE = "adapter_model.safetensors"
+BACKUP_PREFIX = "old_with_extra_layers_"
+KEEPING = "Keeping non-LoRA layers, they are needed."
+# Modules vLLM applies LoRA to (linear projections, and the input embedding via lora_embedding_A/B).
+VLLM_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                     "gate_up_proj", "embed_tokens")
 
 
 class AdapterError(ValueError):
@@ -30,56 +46,133 @@ def _tensors(path: Path) -> dict:
 
 
 def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key or key.endswith((".lora_A.weight", ".lora_B.weight"))
+    """A LoRA tensor: ``lora_A``/``lora_B`` of a linear layer, ``lora_embedding_A``/``_B`` of an
+    embedding (the Silogen engine's rule: the name contains ``.lora_``)."""
+    return ".lora_" in key
 
 
-def trained_extras(adapter_dir: Path, training_config: dict | None = None) -> list[str]:
-    """What the run trained besides LoRA matrices (from the adapter config and metadata)."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    extras = list(cfg.get("modules_to_save") or [])
+def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir}: no adapter_config.json; give the directory of a saved PEFT adapter")
+    return json.loads(path.read_text())
+
+
+def _base_vocab_size(adapter_cfg: dict[str, Any]) -> int | None:
+    base = adapter_cfg.get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return int(size) if size else None
+
+
+def adapter_reasons(adapter_dir: Path, tensors: dict | None = None) -> list[str]:
+    """Why the adapter's non-LoRA layers were trained, from its own files (empty: they were not)."""
+    cfg = _adapter_config(adapter_dir)
+    reasons = []
+    if cfg.get("modules_to_save"):
+        reasons.append(f"adapter_config.json trains modules_to_save {list(cfg['modules_to_save'])}")
     meta_path = adapter_dir / "finetune_meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("trained_embeddings"):
-        extras += [m for m in ("embed_tokens", "lm_head") if m not in extras]
-    if training_config and training_config.get("data_conf", {}).get("chat_template_name") not in (None, "keep-original"):
-        # a named template may have added tokens; the metadata above tells for sure when present
-        if not meta_path.exists():
-            extras.append("possibly new token embeddings (chat_template_name adds tokens)")
-    return extras
+        reasons.append("finetune_meta.json: the run trained new token embeddings")
+    vocab = _base_vocab_size(cfg)
+    if vocab and tensors:
+        for key, value in tensors.items():
+            if not is_lora_key(key) and key.endswith(("embed_tokens.weight", "embed_tokens.base_layer.weight",
+                                                      "lm_head.weight", "lm_head.base_layer.weight")):
+                if value.ndim == 2 and value.shape[0] != vocab:
+                    reasons.append(f"{key} has {value.shape[0]} rows, the base vocabulary {vocab}: the vocabulary grew")
+                    break
+    return reasons
 
 
-def create_vllm_compatible_adapter(adapter_dir: str | Path, training_config: str | Path | None = None) -> dict:
-    """Keep only LoRA tensors in place; idempotent. Refuses when the run trained other modules."""
+def _load_training_config(path: str | Path):
+    """The training config, as SFT or DPO (whichever validates; its top-level ``method`` first)."""
+    import yaml
+
+    from finetune_engine.config.errors import ConfigError
+    from finetune_engine.config.loader import load_config
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise AdapterError(f"--training-config {path}: cannot read it: {err}") from None
+    first = raw.get("method") if isinstance(raw, dict) and raw.get("method") in ("sft", "dpo") else "sft"
+    errors = []
+    for method in dict.fromkeys((first, "sft", "dpo")):
+        try:
+            return load_config(path, method=method)
+        except ConfigError as err:
+            errors.append(err)
+    raise AdapterError(f"--training-config: could not load it as an SFT or DPO config:\n{errors[0]}")
+
+
+def config_reasons(training_config: str | Path) -> list[str]:
+    """Why the training config says the non-LoRA layers are needed (the Silogen engine's rule:
+    a full-parameter run, ``modules_to_save``, or a chat template whose tokens grow the vocabulary)."""
+    from finetune_engine.config import schema
+
+    cfg = _load_training_config(training_config)
+    if isinstance(cfg.peft_conf, schema.NoPeft):
+        return ["the training config has peft_conf.peft_type NO_PEFT (a full-parameter run)"]
+    kwargs = getattr(cfg.peft_conf, "peft_kwargs", None) or {}
+    if kwargs.get("modules_to_save"):
+        return [f"the training config trains peft_conf.peft_kwargs.modules_to_save {kwargs['modules_to_save']}"]
+    if cfg.data_conf.chat_template_name == "keep-original":
+        return []
+    model = cfg.run_conf.model
+    try:
+        from transformers import AutoConfig
+
+        from finetune_engine.modeling import load_tokenizer
+
+        tok = load_tokenizer(cfg, model)
+        if tok.added_tokens and AutoConfig.from_pretrained(model).vocab_size < len(tok.tokenizer):
+            return [f"data_conf.chat_template_name {cfg.data_conf.chat_template_name} adds tokens "
+                    f"{tok.added_tokens}: the run grew the embeddings"]
+    except (OSError, ValueError) as err:
+        log.warning("could not check whether %s grows the vocabulary of %s (%s); deciding from the adapter's files",
+                    cfg.data_conf.chat_template_name, model, err)
+    return []
+
+
+def create_vllm_compatible_adapter(adapter_dir: str | Path, training_config: str | Path | None = None) -> dict[str, Any]:
+    """Remove the non-LoRA tensors, keeping the original as ``old_with_extra_layers_*``; or keep
+    them when they were trained. Returns what happened: ``action`` (removed, kept, already-done),
+    ``dropped`` tensor names, ``kept`` (number of tensors in the adapter file), ``reasons``."""
     adapter_dir = Path(adapter_dir)
-    cfg_data = None
-    if training_config:
-        import yaml
-
-        cfg_data = yaml.safe_load(Path(training_config).read_text())
-    extras = trained_extras(adapter_dir, cfg_data)
-    if extras:
-        raise AdapterError(
-            f"{adapter_dir}: the run trained {extras} fully besides LoRA; vLLM would serve the adapter without "
-            "them, which is a different model. Merge it instead: merge_adapter BASE ADAPTER OUT (or serve "
-            "checkpoint-final, already merged)"
-        )
+    model_path = adapter_dir / ADAPTER_FILE
+    backup = adapter_dir / f"{BACKUP_PREFIX}{ADAPTER_FILE}"
+    if not model_path.is_file():
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_FILE}; give the directory of a saved PEFT adapter")
+    reasons = config_reasons(training_config) if training_config else []
+    tensors = _tensors(adapter_dir)
+    reasons += adapter_reasons(adapter_dir, tensors)
+    if reasons:
+        log.info("%s (%s)", KEEPING, "; ".join(reasons))
+        return {"action": "kept", "dropped": [], "kept": len(tensors), "reasons": reasons}
+    if backup.exists():
+        log.info("Model already has the extra layers removed (%s exists). Exiting.", backup.name)
+        return {"action": "already-done", "dropped": [], "kept": len(tensors), "reasons": []}
     from safetensors.torch import save_file
 
-    tensors = _tensors(adapter_dir)
     keep = {k: v for k, v in tensors.items() if is_lora_key(k)}
     dropped = sorted(set(tensors) - set(keep))
-    if dropped:
-        save_file(keep, str(adapter_dir / ADAPTER_FILE), metadata={"format": "pt"})
-        log.info("removed %d non-LoRA tensors: %s", len(dropped), dropped[:5])
-    return {"kept": len(keep), "dropped": dropped}
+    log.info("Removing non-LoRA layers: %s", dropped)
+    tmp = adapter_dir / f".{ADAPTER_FILE}.tmp"
+    save_file(keep, str(tmp), metadata={"format": "pt"})  # complete before anything is moved
+    os.replace(model_path, backup)
+    os.replace(tmp, model_path)
+    return {"action": "removed", "dropped": dropped, "kept": len(keep), "reasons": []}
 
 
 def vllm_preflight(adapter_dir: str | Path, max_lora_rank: int | None = None,
-                   supported_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                          "down_proj", "qkv_proj", "gate_up_proj")) -> list[str]:
+                   supported_modules: tuple[str, ...] = VLLM_LORA_MODULES) -> list[str]:
     """Problems vLLM would have with this adapter (empty list: it will load)."""
     adapter_dir = Path(adapter_dir)
     problems = []
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg = _adapter_config(adapter_dir)
     if cfg.get("peft_type") != "LORA":
         problems.append(f"peft_type {cfg.get('peft_type')}: vLLM serves only LoRA adapters")
     rank = int(cfg.get("r", 0))
@@ -97,7 +190,8 @@ def vllm_preflight(adapter_dir: str | Path, max_lora_rank: int | None = None,
         problems.append(f"target modules {unsupported} may not be LoRA-capable in vLLM")
     extra = sorted(k for k in _tensors(adapter_dir) if not is_lora_key(k))
     if extra:
-        problems.append(f"{len(extra)} non-LoRA tensors (e.g. {extra[0]}); run create_vllm_compatible_adapter or merge")
+        problems.append(f"{len(extra)} non-LoRA tensors (e.g. {extra[0]}) that vLLM does not load; untrained copies "
+                        "of the base: run create_vllm_compatible_adapter; trained: serve the merged model (merge_adapter)")
     return problems
 
 
@@ -110,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_path", help="Path to the model folder (e.g. path to the folder containing the adapter) to be made compatible")
     parser.add_argument("--training-config", default=None, help="Path to training config to check and determine whether the layers should be removed or not.")
     parser.add_argument("--max-lora-rank", type=int, default=None, help="Also check the rank against vLLM's --max-lora-rank.")
+    parser.add_argument("--strict", action="store_true", help="Exit 1 when the vLLM preflight finds a problem (default: warn only).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -117,11 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         problems = vllm_preflight(args.model_path, args.max_lora_rank)
     except AdapterError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
-    print(f"{args.model_path}: {out['kept']} LoRA tensors kept, {len(out['dropped'])} removed")
-    return 1 if problems else 0
+    if out["action"] == "kept":
+        print(f"{args.model_path}: {KEEPING} ({'; '.join(out['reasons'])})")
+    elif out["action"] == "already-done":
+        print(f"{args.model_path}: already done ({BACKUP_PREFIX}{ADAPTER_FILE} exists), nothing changed")
+    else:
+        print(f"{args.model_path}: {out['kept']} LoRA tensors kept, {len(out['dropped'])} removed; "
+              f"the original is {BACKUP_PREFIX}{ADAPTER_FILE}")
+    return 1 if problems and args.strict else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """``generate CONFIG OUT``: Hugging Face generation over open prompts or an eval file, YAML output.
 
-Config (YAML)::
+Two config formats. The Silogen engine's (``model_conf``, ``prompt_conf``, ``hf_gen_params``,
+``quant_conf``) is run as that engine runs it and writes its output format; see
+:func:`generate_silogen`. This engine's own short format::
 
     model: path/to/model            # a full model, or base + adapter below
     adapter: null                   # optional LoRA adapter directory
@@ -11,17 +13,41 @@ Config (YAML)::
     batch_size: 8
 
 Output: a YAML list; each item has ``prompt``, ``answer`` and ``correct_answers``.
+
+Silogen format::
+
+    model_conf:
+      model: path/to/model          # plus optional adapter, tokenizer (default: adapter, else model),
+      model_args: {dtype: bfloat16} # model_args: from_pretrained keyword arguments
+    prompt_conf:
+      type: open-input              # sample num_samples continuations of `input` (default "")
+      input: "Once upon a time"
+      num_samples: 2
+    # or: prompt_conf: {type: eval-data, data: {path: eval.jsonl}}, rows with `prompt_messages`
+    # (and `response`, `dataset`, `id`), or chat rows with `messages` (last assistant turn = response)
+    hf_gen_params: {max_new_tokens: 64, do_sample: false}   # transformers.GenerationConfig
+    quant_conf: {quantization_type: bits-and-bytes, load_in_4bit: true}
+
+Output: a YAML list; each item has ``dataset``, ``id``, ``prompt`` (the full prompt text),
+``answer``, ``correct_answers``, ``test_type``, ``data_collection``, ``truncated``,
+``all_text_raw`` and ``gen_params`` (the generation parameters with their defaults, and the
+``quant_conf`` and ``model_conf`` as given).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from finetune_engine.config import schema
+from finetune_engine.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +127,7 @@ def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
-    if model.get_input_embeddings().weight.shape[0] != len(tok):
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:  # the run added tokens; never shrink a padded vocabulary
         model.resize_token_embeddings(len(tok))
     if cfg.adapter:
         from peft import PeftModel
@@ -119,26 +145,338 @@ def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The Silogen engine's generation config and output
+# ---------------------------------------------------------------------------------------------
+
+SILOGEN_KEYS = ("model_conf", "prompt_conf", "hf_gen_params", "quant_conf")
+OPEN_PROMPT_DATASET = "_open_prompt_data_"
+
+
+class _SilogenStrict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class InferenceModelConf(_SilogenStrict):
+    model: str = Field(description="Model Hub id or path.")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="from_pretrained keyword arguments.")
+    adapter: str | None = Field(default=None, description="Adapter Hub id or path, or none.")
+    tokenizer: str | None = Field(default=None, description="Tokenizer; default: the adapter's, else the model's.")
+
+
+class OpenPromptConf(_SilogenStrict):
+    type: Literal["open-input"]
+    input: str = Field(default="", description="The text to continue.")
+    num_samples: int = Field(default=1, ge=1, description="How many continuations.")
+
+
+class EvalDataset(_SilogenStrict):
+    path: str = Field(description="JSONL (or JSON array) file of prompts.")
+
+
+class EvalDataPromptConf(_SilogenStrict):
+    type: Literal["eval-data"]
+    data: EvalDataset
+
+
+class SilogenGenerationConfig(_SilogenStrict):
+    model_conf: InferenceModelConf
+    prompt_conf: Annotated[OpenPromptConf | EvalDataPromptConf, Field(discriminator="type")]
+    hf_gen_params: dict[str, Any] = Field(default_factory=dict)
+    quant_conf: schema.QuantConf = Field(default_factory=lambda: schema.NoQuantization(quantization_type="no-quantization"))
+
+
+class GenerationConfigError(ConfigError):
+    """A generation config that cannot run; one line per bad key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__(source, problems)
+        lines = "\n".join(f"  - {p}" for p in problems)
+        self.args = (f"invalid generation config {source}: {len(problems)} problem(s)\n{lines}",)
+
+
+_TAGS = {"open-input", "eval-data", "no-quantization", "bits-and-bytes"}
+
+
+def _field_names(model: type[BaseModel], seen: set | None = None) -> set[str]:
+    import typing
+
+    seen = seen if seen is not None else set()
+    names: set[str] = set()
+    if model in seen:
+        return names
+    seen.add(model)
+    for name, f in model.model_fields.items():
+        names.add(name)
+        stack = [f.annotation]
+        while stack:
+            ann = stack.pop()
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                names |= _field_names(ann, seen)
+            stack += list(typing.get_args(ann))
+    return names
+
+
+def config_problems(err: ValidationError, root: type[BaseModel], text: str, source: str) -> list[str]:
+    """One readable line per problem: key path, file:line, what is wrong and the fix."""
+    from finetune_engine.config.loader import _fmt_path, _yaml_lines
+
+    lines = _yaml_lines(text)
+    vocab = sorted(_field_names(root))
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in _TAGS and not str(p).startswith("function-"))
+        where = _fmt_path(loc) or "(top level)"
+        line = lines.get(loc) or (lines.get(loc[:-1]) if e["type"] == "missing" and loc[:-1] else None)
+        at = f" ({source}:{line})" if line else ""
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), vocab, n=1)
+            problems.append(f"{where}{at}: unknown key{f'; did you mean {close[0]!r}?' if close else '; remove it'}")
+        elif e["type"] == "missing":
+            problems.append(f"{where}{at}: required key is missing")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            ctx = e.get("ctx", {})
+            disc = str(ctx.get("discriminator", "type")).strip("'")
+            tags = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()]
+            problems.append(f"{where}{at}: {disc} {ctx.get('tag')!r} is not one of {', '.join(tags)}"
+                            if ctx.get("tag") is not None else f"{where}{at}: {disc} is missing")
+        else:
+            problems.append(f"{where}{at}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+    return problems
+
+
+def parse_generation_config(data: Any, text: str = "", source: str = "<config>") -> SilogenGenerationConfig | GenerateConfig:
+    """The Silogen engine's config when any of its sections is present, else this engine's format."""
+    if not isinstance(data, dict):
+        raise GenerationConfigError(source, [f"expected a mapping of sections, got {type(data).__name__}"])
+    silogen = any(k in data for k in SILOGEN_KEYS)
+    root: type[BaseModel] = SilogenGenerationConfig if silogen else GenerateConfig
+    try:
+        return root.model_validate(data)
+    except ValidationError as err:
+        problems = config_problems(err, root, text, source)
+        if silogen and any(k in data for k in GenerateConfig.model_fields if k not in SILOGEN_KEYS):
+            problems.append("this mixes the Silogen format (model_conf, prompt_conf, ...) with the short format "
+                            "(model, prompts, eval_file, ...); use one")
+        raise GenerationConfigError(source, problems) from None
+
+
+def _messages_ok(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def load_eval_rows(path: str) -> list[dict[str, Any]]:
+    """Eval rows: ``prompt_messages`` (+ ``response``), a preference row (its chosen reply is the
+    response) or a chat row with ``messages`` (its last assistant turn is the response)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except OSError as err:
+        raise ValueError(f"prompt_conf.data.path: cannot read {path}: {err}") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+        unit = "item"
+    else:
+        records = []
+        for number, raw in enumerate(text.splitlines(), 1):
+            if raw.strip():
+                try:
+                    records.append((number, json.loads(raw)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+        unit = "line"
+    rows, problems = [], []
+    for number, rec in records:
+        where = f"{path}:{number}" if unit == "line" else f"{path} item {number}"
+        if not isinstance(rec, dict):
+            problems.append(f"{where}: expected an object with prompt_messages or messages")
+            continue
+        if "prompt_messages" in rec:
+            prompt = rec["prompt_messages"]
+            response = rec.get("response")
+            if response is None and _messages_ok(rec.get("chosen_messages")):
+                answers = [m["content"] for m in rec["chosen_messages"] if m["role"] == "assistant"]
+                response = answers[-1] if answers else ""
+        elif "messages" in rec and _messages_ok(rec["messages"]):
+            msgs = rec["messages"]
+            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+            prompt, response = (msgs, "") if last is None else (msgs[:last], msgs[last]["content"])
+        else:
+            problems.append(f"{where}: no prompt_messages (or messages) list; eval-data rows look like "
+                            '{"prompt_messages": [{"role": "user", "content": "..."}], "response": "..."}')
+            continue
+        if not _messages_ok(prompt) or not prompt:
+            problems.append(f"{where}: prompt_messages must be a non-empty list of {{role, content}} strings")
+            continue
+        if response is not None and not isinstance(response, str):
+            problems.append(f"{where}: response must be a string")
+            continue
+        rows.append({**rec, "prompt_messages": prompt, "response": response or ""})
+    if problems:
+        raise ValueError("\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    if not rows:
+        raise ValueError(f"prompt_conf.data.path: {path} has no rows")
+    return rows
+
+
+def _model_load_kwargs(model_args: dict[str, Any]) -> dict[str, Any]:
+    """from_pretrained keyword arguments as the Silogen engine passes them: ``torch_dtype`` is the
+    old name of ``dtype``; ``device_map`` defaults to auto."""
+    import torch
+
+    kwargs = dict(model_args)
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    kwargs.setdefault("device_map", "auto")
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"model_conf.model_args.dtype {dtype!r} is not a torch dtype; use auto, bfloat16, float16 or float32")
+        kwargs["dtype"] = getattr(torch, dtype)
+    return kwargs
+
+
+def generation_defaults(hf_gen_params: dict[str, Any], tok) -> dict[str, Any]:
+    """The Silogen engine's generation defaults, filled into ``hf_gen_params`` (in place)."""
+    eos = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("</s>")) if i is not None]
+    for key, value in {"eos_token_id": eos, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                       "max_length": 2048, "max_new_tokens": 512}.items():
+        hf_gen_params.setdefault(key, value)
+    return hf_gen_params
+
+
+def generate_silogen(cfg: SilogenGenerationConfig, quant_given: bool = True) -> list[dict[str, Any]]:
+    """Generate as the Silogen engine's ``generate`` does: one prompt at a time, the prompt
+    truncated to ``max_length - max_new_tokens`` tokens, and its output records."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_engine.modeling import quantization_config
+
+    mc = cfg.model_conf
+    tok_path = mc.tokenizer or mc.adapter or mc.model
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    if getattr(tok, "add_eos_token", False):
+        try:
+            tok.add_eos_token = False
+        except (AttributeError, ValueError):
+            pass
+    gen_params = generation_defaults(cfg.hf_gen_params, tok)
+    try:
+        gen_conf = transformers.GenerationConfig(**gen_params)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"hf_gen_params: {err}") from None
+    max_prompt = gen_conf.max_length - gen_conf.max_new_tokens
+    if max_prompt <= 0:
+        raise ValueError(f"hf_gen_params: max_length {gen_conf.max_length} leaves no room for a prompt with "
+                         f"max_new_tokens {gen_conf.max_new_tokens}; raise max_length")
+
+    if isinstance(cfg.prompt_conf, OpenPromptConf):
+        examples = [{"txt_input": cfg.prompt_conf.input, "response": "", "dataset": OPEN_PROMPT_DATASET, "id": str(i)}
+                    for i in range(cfg.prompt_conf.num_samples)]
+    else:
+        if not tok.chat_template:
+            raise ValueError(f"model_conf: the tokenizer {tok_path} has no chat template; eval-data prompts are "
+                             "rendered with it (set model_conf.tokenizer to one that has)")
+        examples = []
+        for row in load_eval_rows(cfg.prompt_conf.data.path):
+            text = tok.apply_chat_template(row["prompt_messages"], tokenize=False, add_generation_prompt=True)
+            examples.append({**row, "txt_input": text})
+
+    kwargs = _model_load_kwargs(mc.model_args)
+    bnb = quantization_config(cfg)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    try:
+        model = AutoModelForCausalLM.from_pretrained(mc.model, **kwargs)
+    except ImportError as err:
+        if "flash" in str(err).lower():
+            raise ValueError(f"model_conf.model_args.attn_implementation {mc.model_args.get('attn_implementation')!r} "
+                             f"is not available here ({err}); use sdpa") from None
+        raise
+    if mc.adapter:
+        from peft import PeftModel
+
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok), mean_resizing=False)  # the adapter brings the trained rows
+        model = PeftModel.from_pretrained(model, mc.adapter, is_trainable=False)
+    model.eval()
+
+    bos = tok.bos_token
+    outputs = []
+    for i, ex in enumerate(examples):
+        text = ex["txt_input"]
+        # a template that writes the BOS itself gets no second one
+        special = not (bos and text.startswith(bos))
+        full = tok(text, add_special_tokens=special)["input_ids"]
+        ids = full[:max_prompt] if tok.truncation_side == "right" else full[-max_prompt:]
+        if not ids:  # an empty open prompt with a tokenizer that adds no BOS: start from BOS (or EOS)
+            ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        input_ids = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_conf)
+        answer = tok.batch_decode(out[:, input_ids.shape[1]:].cpu().numpy(), skip_special_tokens=True)[0]
+        raw = tok.batch_decode(out.cpu().numpy(), skip_special_tokens=False)[0]
+        outputs.append({
+            "dataset": ex.get("dataset", "unknown"),
+            "id": ex.get("id", i),
+            "prompt": text,
+            "answer": answer,
+            "correct_answers": [ex["response"]],
+            "test_type": "open-ended",
+            "data_collection": ex.get("dataset", "unknown"),
+            "truncated": len(full) > len(ids),
+            "all_text_raw": raw,
+        })
+        log.info("generated %d / %d", i + 1, len(examples))
+    # one shared record of the parameters, as the Silogen engine writes it
+    gen_params["quant_conf"] = cfg.quant_conf.model_dump(mode="json", exclude_unset=True) if quant_given else {}
+    model_conf = mc.model_dump(mode="json", exclude_unset=True)
+    if "model_args" in model_conf:
+        model_conf["model_args"] = {k: (str(v).removeprefix("torch.") if k == "dtype" else v)
+                                    for k, v in kwargs.items() if k != "quantization_config"}
+    model_conf["tokenizer"] = tok_path
+    gen_params["model_conf"] = model_conf
+    for item in outputs:
+        item["gen_params"] = gen_params
+    return outputs
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="generate", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="Generation config YAML.")
+    parser.add_argument("config", help="Generation config YAML (the Silogen engine's or the short format).")
     parser.add_argument("output", help="Where to write the YAML list of answers.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        cfg = GenerateConfig.model_validate(yaml.safe_load(Path(args.config).read_text()))
-        results = generate(cfg)
+        try:
+            text = Path(args.config).read_text(encoding="utf-8")
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{args.config}:{mark.line + 1}" if mark else args.config
+            raise GenerationConfigError(args.config, [f"{where}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
+        cfg = parse_generation_config(data, text, args.config)
+        if isinstance(cfg, SilogenGenerationConfig):
+            results = generate_silogen(cfg, quant_given="quant_conf" in data)
+            dumped = yaml.dump(results, sort_keys=False, Dumper=yaml.SafeDumper)
+        else:
+            results = generate(cfg)
+            dumped = yaml.safe_dump(results, sort_keys=False, allow_unicode=True)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    Path(args.output).write_text(yaml.safe_dump(results, sort_keys=False, allow_unicode=True))
+    Path(args.output).write_text(dumped)
     print(f"{len(results)} answers written to {args.output}")
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from finetune_engine.adapters import AdapterError, create_vllm_compatible_adapter, vllm_preflight
+from finetune_engine.adapters import create_vllm_compatible_adapter, vllm_preflight
 from finetune_engine.cli.finetuning import main as finetuning
 from finetune_engine.merge import merge_adapter
 from tests.engine.conftest import make_config
@@ -122,26 +122,33 @@ def test_a_base_saved_in_4bit_is_dequantized_before_the_merge(tiny_model, chat_d
     assert not torch.allclose(_merged_logits(out), _merged_logits(result["final_checkpoint"]), atol=1e-4)
 
 
-def test_vllm_compatible_adapter_keeps_only_lora_and_refuses_trained_embeddings(tiny_model, chat_data, tmp_path):
+def test_vllm_compatible_adapter_keeps_only_lora_and_keeps_trained_embeddings(tiny_model, chat_data, tmp_path):
     result = _train(tmp_path / "pure", tiny_model, chat_data)
     adapter = Path(result["final_adapter"])
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     tensors["base_model.model.model.norm.extra_bias"] = torch.zeros(4)
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
     first = create_vllm_compatible_adapter(adapter)
-    assert first["dropped"] == ["base_model.model.model.norm.extra_bias"]
+    assert first["action"] == "removed" and first["dropped"] == ["base_model.model.model.norm.extra_bias"]
     kept = load_file(str(adapter / "adapter_model.safetensors"))
     assert kept and all(".lora_A." in k or ".lora_B." in k for k in kept)
-    assert create_vllm_compatible_adapter(adapter)["dropped"] == []  # idempotent
+    # the original stays next to it, under the Silogen engine's backup name
+    assert "base_model.model.model.norm.extra_bias" in load_file(str(adapter / "old_with_extra_layers_adapter_model.safetensors"))
+    again = create_vllm_compatible_adapter(adapter)  # idempotent: the backup says it is done
+    assert again["action"] == "already-done" and again["dropped"] == []
     assert vllm_preflight(adapter, max_lora_rank=16) == []
     assert vllm_preflight(adapter, max_lora_rank=4)[0].startswith("rank 8 > --max-lora-rank 4")
 
+    # new chat tokens trained the embeddings fully: removing them would serve another model
     grown = _train(tmp_path / "grown", tiny_model, chat_data, template="chat-ml")
-    with pytest.raises(AdapterError, match="Merge it instead"):
-        create_vllm_compatible_adapter(grown["final_adapter"])
+    before = (Path(grown["final_adapter"]) / "adapter_model.safetensors").read_bytes()
+    out = create_vllm_compatible_adapter(grown["final_adapter"])
+    assert out["action"] == "kept" and any("modules_to_save" in r for r in out["reasons"])
     cli = subprocess.run([str(Path(sys.executable).parent / "create_vllm_compatible_adapter"), grown["final_adapter"]],
                          capture_output=True, text=True)
-    assert cli.returncode == 2 and "merge_adapter" in cli.stderr
+    assert cli.returncode == 0 and "Keeping non-LoRA layers, they are needed." in cli.stdout, cli.stderr
+    assert (Path(grown["final_adapter"]) / "adapter_model.safetensors").read_bytes() == before
+    assert not (Path(grown["final_adapter"]) / "old_with_extra_layers_adapter_model.safetensors").exists()
 
 
 def test_generate_over_prompts_and_eval_file(tiny_model_dir, chat_data, tmp_path):

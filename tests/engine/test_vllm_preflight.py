@@ -4,8 +4,6 @@ tensors that are not LoRA matrices, DoRA, non-LoRA PEFT types, ranks; and the CL
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +46,8 @@ def test_unsupported_target_modules_are_named(tmp_path):
 def test_extra_tensors_are_counted_and_one_is_named(tmp_path):
     extra = {"base_model.model.lm_head.weight": torch.zeros(4, 16), "base_model.model.model.embed_tokens.weight": torch.zeros(4, 16)}
     problems = vllm_preflight(_adapter(tmp_path / "a", extra=extra))
-    assert problems == ["2 non-LoRA tensors (e.g. base_model.model.lm_head.weight); run create_vllm_compatible_adapter or merge"]
+    assert problems == ["2 non-LoRA tensors (e.g. base_model.model.lm_head.weight) that vLLM does not load; untrained copies "
+                        "of the base: run create_vllm_compatible_adapter; trained: serve the merged model (merge_adapter)"]
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -58,7 +57,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "rank 64 > --max-lora-rank 16; raise it to 64",
         "DoRA adapters are not supported by vLLM; merge instead",
         "target modules ['wte'] may not be LoRA-capable in vLLM",
-        "1 non-LoRA tensors (e.g. base_model.model.model.norm.weight); run create_vllm_compatible_adapter or merge",
+        "1 non-LoRA tensors (e.g. base_model.model.model.norm.weight) that vLLM does not load; untrained copies "
+        "of the base: run create_vllm_compatible_adapter; trained: serve the merged model (merge_adapter)",
     ]
 
 
@@ -74,13 +74,25 @@ def test_type_and_rank(tmp_path, cfg, expected):
     assert expected in problems
 
 
-def test_cli_warns_and_exits_1_on_problems(tmp_path):
-    exe = Path(sys.executable).parent / "create_vllm_compatible_adapter"
+def test_embedding_lora_is_a_lora_target_vllm_serves(tmp_path):
+    targets = ("q_proj", "embed_tokens")
+    adapter = _adapter(tmp_path / "a", targets=("q_proj",), extra={
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 32),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(16, 8)})
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": list(targets)}))
+    assert vllm_preflight(adapter) == []
+
+
+def test_cli_warns_exits_0_like_the_silogen_engine_and_1_with_strict(tmp_path):
+    from finetune_engine.adapters import main
+
     bad = _adapter(tmp_path / "bad", targets=("q_proj", "fc_in"))
-    proc = subprocess.run([str(exe), str(bad), "--max-lora-rank", "8"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "warning: target modules ['fc_in'] may not be LoRA-capable in vLLM" in proc.stderr
+    assert main([str(bad), "--max-lora-rank", "8"]) == 0
+    assert main([str(bad), "--max-lora-rank", "8", "--strict"]) == 1
     good = _adapter(tmp_path / "good", extra={"base_model.model.model.norm.weight": torch.zeros(16)})
-    proc = subprocess.run([str(exe), str(good), "--max-lora-rank", "8"], capture_output=True, text=True)
     # the extra tensor is stripped (no modules_to_save, no trained embeddings), then the preflight is clean
-    assert proc.returncode == 0, proc.stderr
-    assert "1 removed" in proc.stdout
+    assert main([str(good), "--max-lora-rank", "8", "--strict"]) == 0
+    assert (good / "old_with_extra_layers_adapter_model.safetensors").is_file()
+    assert main([str(tmp_path / "missing")]) == 1
+

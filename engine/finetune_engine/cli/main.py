@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetuning": ("finetune_engine.cli.finetuning", "Run SFT/DPO from a config (same as the `finetuning` command)."),
     "merge-adapter": ("finetune_engine.merge", "Merge an adapter into its base (the seed's merge_adapter)."),
     "vllm-adapter": ("finetune_engine.adapters", "Make an adapter vLLM-ready and preflight it (create_vllm_compatible_adapter)."),
-    "generate": ("finetune_engine.generate", "HF generation over prompts or an eval file, YAML output."),
+    "generate": ("finetune_engine.generate", "HF generation over prompts or an eval file, YAML output (also the Silogen engine's config)."),
+    "replace-tokens": ("finetune_engine.replace_tokens", "Rename tokens in a copy of a tokenizer (the Silogen engine's replace_tokens)."),
     "tiny": ("finetune_engine.tiny", "Build the tiny local model or a synthetic chat dataset."),
     "chat": ("finetune_engine.cli.chat", "Ask a saved model one question with its chat template."),
 }
