@@ -42,8 +42,8 @@ def _data_type_field() -> Any:
     return Field(
         default=None,
         description="The Silogen engine's record type (ChatConversation for sft, DirectPreference for "
-        "dpo). Accepted for compatibility; as there, the method decides the record type and a "
-        "different value is replaced, with a warning.",
+        "dpo). Accepted for compatibility; as there, the method decides the record type: a "
+        "different value is ignored, with a warning.",
     )
 
 
@@ -185,6 +185,8 @@ class ConcatenationValidation(_Strict):
 class NoValidation(_Strict):
     type: Literal["NONE"] = Field(description="No validation; no eval loss is reported.")
     data_type: str | None = _data_type_field()
+
+    _data_type = field_validator("data_type")(_check_data_type)
 
 
 ValidationData = Annotated[
