@@ -30,13 +30,11 @@ def _data_conf(training: dict, validation: dict | None = None):
     return cfg.data_conf
 
 
-def _mix(tmp_path: Path, seed: int) -> list[dict]:
+def _mix(tmp_path: Path, seed: int, weights=(2.0, 0.5, 1.25)) -> list[dict]:
     a, b, c = _write(tmp_path / "a.jsonl", "a", 40), _write(tmp_path / "b.jsonl", "b", 30), _write(tmp_path / "c.jsonl", "c", 20)
     conf = _data_conf(
         {"type": "PRECOMPUTE_WEIGHTED_MIX", "seed": seed, "datasets": [
-            {"path": str(a), "sampling_weight": 2.0},
-            {"path": str(b), "sampling_weight": 0.5},
-            {"path": str(c), "sampling_weight": 1.25},
+            {"path": str(path), "sampling_weight": w} for path, w in zip((a, b, c), weights, strict=True)
         ]},
         {"type": "NONE"},
     )
@@ -45,30 +43,72 @@ def _mix(tmp_path: Path, seed: int) -> list[dict]:
     return train
 
 
-def test_weighted_mix_counts_follow_sampling_weight(tmp_path):
+def test_weighted_mix_oversamples_until_every_dataset_is_exhausted(tmp_path):
     train = _mix(tmp_path, seed=7)
-    by_source = Counter(r["id"].split("-")[0] for r in train)
-    # weight 2.0 of 40 -> every example twice; 0.5 of 30 -> 15 distinct; 1.25 of 20 -> 20 + 5
-    assert by_source == {"a": 80, "b": 15, "c": 25}
     ids = Counter(r["id"] for r in train)
-    assert all(ids[f"a-{i}"] == 2 for i in range(40))
-    assert all(ids[r] == 1 for r in ids if r.startswith("b-"))  # a fraction samples without repeats
-    assert sorted(ids[f"c-{i}"] for i in range(20)).count(2) == 5
-    # the mix is shuffled, not dataset after dataset
-    assert [r["id"][0] for r in train[:80]] != ["a"] * 80
+    # every example of every dataset is drawn at least once ...
+    assert set(ids) == {f"{s}-{i}" for s, n in (("a", 40), ("b", 30), ("c", 20)) for i in range(n)}
+    # ... and the mix ends right after the draw that completed the last dataset not yet seen whole
+    by_source = Counter(r["id"].split("-")[0] for r in train)
+    last = train[-1]["id"].split("-")[0]
+    assert by_source[last] == {"a": 40, "b": 30, "c": 20}[last]
+    assert [r["id"].split("-")[0] for r in train[:-1]].count(last) == by_source[last] - 1
+    # a dataset that ran out started over from its first example (wrap-around, in order)
+    a_order = [int(r["id"].split("-")[1]) for r in train if r["id"].startswith("a-")]
+    assert a_order == [i % 40 for i in range(len(a_order))] and len(a_order) > 40
+    # draws follow the relative weights: a (2.0 of 3.75) is drawn about 2/3.75 of the time
+    assert abs(by_source["a"] / len(train) - 2.0 / 3.75) < 0.1
 
 
 def test_weighted_mix_is_seeded(tmp_path):
     first, again, other = _mix(tmp_path, 7), _mix(tmp_path, 7), _mix(tmp_path, 8)
     assert [r["id"] for r in first] == [r["id"] for r in again]
     assert [r["id"] for r in first] != [r["id"] for r in other]
-    assert Counter(r["id"][0] for r in first) == Counter(r["id"][0] for r in other)  # same counts, other draw/order
 
 
-def test_weighted_mix_unit_rounding():
-    records = [{"i": i} for i in range(10)]
-    assert len(weighted_mix([records], [0.34], seed=0)) == 3  # round(3.4)
-    assert len(weighted_mix([records], [3.0], seed=0)) == 30
+def test_weighted_mix_equal_default_weights_is_an_exact_round_robin(tmp_path):
+    train = _mix(tmp_path, seed=7, weights=(None, 1.0, None))
+    # rounds of a, b, c until the longest (a, 40) is exhausted; shorter ones start over
+    assert [r["id"] for r in train] == [f"{s}-{i % n}" for i in range(40) for s, n in (("a", 40), ("b", 30), ("c", 20))]
+    assert _mix(tmp_path, seed=8, weights=(None, None, None)) == train  # no randomness involved
+
+
+def test_weighted_mix_weight_zero_leaves_the_dataset_out_unread(tmp_path):
+    train = _mix(tmp_path, seed=7, weights=(1.0, 0, 1.0))
+    assert [r["id"] for r in train] == [f"{s}-{i % n}" for i in range(40) for s, n in (("a", 40), ("c", 20))]
+    (tmp_path / "gone.jsonl").unlink(missing_ok=True)
+    conf = _data_conf({"type": "PRECOMPUTE_WEIGHTED_MIX", "datasets": [
+        {"path": str(tmp_path / "a.jsonl")}, {"path": str(tmp_path / "gone.jsonl"), "sampling_weight": 0.0}]}, {"type": "NONE"})
+    assert len(load_data(conf)[0]) == 40
+
+
+def test_weighted_mix_function_edge_cases():
+    records = [{"i": i} for i in range(3)]
+    assert weighted_mix([records], [None], seed=0) == records
+    assert weighted_mix([records, [{"j": 0}]], [5.0, 0.0], seed=0) == records  # a single kept source: itself
+    with pytest.raises(ValueError, match="every dataset has sampling_weight 0"):
+        weighted_mix([records], [0.0], seed=0)
+    with pytest.raises(ValueError, match="may not be negative"):
+        weighted_mix([records], [-1.0], seed=0)
+
+
+def test_weighted_mix_and_split_match_the_datasets_library():
+    """The Silogen engine mixes with interleave_datasets(all_exhausted) and splits with
+    train_test_split: the same examples in the same order for the same seeds."""
+    datasets = pytest.importorskip("datasets", reason="the datasets library is the reference")
+    datasets.disable_progress_bars()
+    sources = [[{"id": f"{name}-{i}"} for i in range(n)] for name, n in (("a", 7), ("b", 3), ("c", 12))]
+    for weights, seed in (([10.0, 1.0, 2.0], 19851243), ([0.2, 3.0, 1.5], 4)):
+        probabilities = [w / sum(weights) for w in weights]
+        reference = datasets.interleave_datasets([datasets.Dataset.from_list(s) for s in sources], probabilities=probabilities,
+                                                 seed=seed, stopping_strategy="all_exhausted")
+        assert [r["id"] for r in weighted_mix(sources, weights, seed)] == reference["id"]
+    records = [{"id": i} for i in range(23)]
+    for ratio, seed in ((0.2, 1289525893), (0.3, 5)):
+        reference = datasets.Dataset.from_list(records).train_test_split(test_size=ratio, seed=seed)
+        train, evaluation = split(records, ratio, seed)
+        assert [r["id"] for r in train] == reference["train"]["id"]
+        assert [r["id"] for r in evaluation] == reference["test"]["id"]
 
 
 def test_auto_split_ratio_no_overlap_and_seeded(tmp_path):
@@ -85,12 +125,20 @@ def test_auto_split_ratio_no_overlap_and_seeded(tmp_path):
     assert {r["id"] for r in load_data(other)[1]} != eval_ids
 
 
-def test_auto_split_keeps_at_least_one_on_each_side():
+def test_auto_split_holds_out_the_ceiling_and_keeps_one_to_train():
     records = [{"i": i} for i in range(3)]
     train, evaluation = split(records, 0.01, seed=0)
-    assert len(evaluation) == 1 and len(train) == 2
-    train, evaluation = split(records, 0.99, seed=0)
+    assert len(evaluation) == 1 and len(train) == 2  # ceil(0.03)
+    train, evaluation = split(records, 0.99, seed=0)  # the Silogen engine refuses: nothing left to train
     assert len(evaluation) == 2 and len(train) == 1
+    assert split([{"i": 0}], 0.2, seed=0) == ([{"i": 0}], [])
+
+
+def test_auto_split_defaults_are_the_silogen_engines():
+    conf = _data_conf({"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]}, {"type": "AUTO_SPLIT"})
+    assert (conf.validation_data.ratio, conf.validation_data.seed) == (0.2, 1289525893)
+    conf = _data_conf({"type": "PRECOMPUTE_WEIGHTED_MIX", "datasets": [{"path": "d.jsonl"}]})
+    assert conf.training_data.seed == 19851243 and conf.validation_data.seed == 1289525893
 
 
 def test_concatenation_validation_reads_separate_files(tmp_path):

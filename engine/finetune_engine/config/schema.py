@@ -11,6 +11,7 @@ pod starts.
 from __future__ import annotations
 
 import enum
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -19,6 +20,8 @@ from finetune_engine.config.training_args import (
     DERIVED_TRAINING_ARGS,
     check_training_args,
 )
+
+_log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -30,15 +33,41 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
+# The record type of each method in the Silogen engine's data_type key (kto has none there).
+DATA_TYPE_BY_METHOD = {"sft": "ChatConversation", "dpo": "DirectPreference", "orpo": "DirectPreference",
+                       "cpo": "DirectPreference"}
+
+
+def _data_type_field() -> Any:
+    return Field(
+        default=None,
+        description="The Silogen engine's record type (ChatConversation for sft, DirectPreference for "
+        "dpo). Accepted for compatibility; as there, the method decides the record type: a "
+        "different value is ignored, with a warning.",
+    )
+
+
+def _check_data_type(v: str | None, info: ValidationInfo) -> str | None:
+    method = (info.context or {}).get("method")
+    expected = DATA_TYPE_BY_METHOD.get(method) if method else None
+    if v is not None and v != expected and method:
+        _log.warning(
+            "data_conf (type %s): data_type %r does not match method %s; the record type follows "
+            "the method (%s)", info.data.get("type"), v, method, expected or "its own formats",
+        )
+    return v
+
+
 class DatasetRef(_Strict):
     path: str = Field(
-        description="JSONL file: a local path, a bucket URI (s3://bucket/key) or bucket/key.",
+        description="Data file: JSON Lines or one JSON array of rows; a local path, a bucket URI "
+        "(s3://bucket/key) or bucket/key.",
     )
     sampling_weight: float | None = Field(
         default=None,
-        gt=0,
-        description="PRECOMPUTE_WEIGHTED_MIX only: how many times the dataset is drawn, relative "
-        "to its size (1.0 = once, 0.5 = half, 2.5 = two and a half times).",
+        ge=0,
+        description="PRECOMPUTE_WEIGHTED_MIX only: the relative probability of drawing the next "
+        "example from this dataset; unset means 1.0; 0 leaves the dataset out.",
     )
 
 
@@ -47,25 +76,36 @@ class ConcatenationData(_Strict):
         description="Use every example of every dataset once."
     )
     datasets: list[DatasetRef] = Field(min_length=1, description="Datasets to concatenate.")
+    data_type: str | None = _data_type_field()
+
+    _data_type = field_validator("data_type")(_check_data_type)
 
 
 class WeightedMixData(_Strict):
     type: Literal["PRECOMPUTE_WEIGHTED_MIX"] = Field(
-        description="Sample each dataset by its sampling_weight, precomputed once, shuffled."
+        description="Interleave the datasets as the Silogen engine does (datasets' interleave_datasets, "
+        "stopping strategy all_exhausted): each next example comes from a dataset drawn with "
+        "probability sampling_weight / sum of weights, a dataset starts over when it runs out, and "
+        "the mix ends when every dataset has been seen whole, so small weights make the mix large. "
+        "When every weight is 1.0 (the default) the datasets alternate exactly (round robin) until the "
+        "longest is exhausted. The order follows seed, example for example the same as the Silogen "
+        "engine's."
     )
     datasets: list[DatasetRef] = Field(
-        min_length=1, description="Datasets with a sampling_weight each."
+        min_length=1, description="Datasets, each with an optional sampling_weight (default 1.0)."
     )
-    seed: int = Field(default=19851243, description="Seed of the sampling and shuffling.")
+    seed: int = Field(default=19851243, description="Seed of the interleaving draws.")
+    data_type: str | None = _data_type_field()
+
+    _data_type = field_validator("data_type")(_check_data_type)
 
     @model_validator(mode="after")
-    def _weights_present(self) -> WeightedMixData:
-        for i, ds in enumerate(self.datasets):
-            if ds.sampling_weight is None:
-                raise ValueError(
-                    f"datasets[{i}] ({ds.path}) has no sampling_weight; "
-                    "PRECOMPUTE_WEIGHTED_MIX needs one per dataset"
-                )
+    def _some_weight(self) -> WeightedMixData:
+        if all(ds.sampling_weight == 0 for ds in self.datasets):
+            raise ValueError(
+                "every dataset has sampling_weight 0, so nothing would be trained; give at least one "
+                "dataset a positive weight (unset means 1.0)"
+            )
         return self
 
 
@@ -120,20 +160,33 @@ TrainingData = Annotated[
 
 
 class AutoSplitValidation(_Strict):
-    type: Literal["AUTO_SPLIT"] = Field(description="Hold out a random part of the training data.")
+    type: Literal["AUTO_SPLIT"] = Field(
+        description="Hold out a random part of the training data, as the Silogen engine does "
+        "(datasets' train_test_split): ceil(ratio x examples) held out, chosen by a permutation "
+        "seeded with seed."
+    )
     ratio: float = Field(
         default=0.2, gt=0, lt=1, description="Fraction of training examples held out."
     )
-    seed: int = Field(default=1289, description="Seed of the split.")
+    seed: int = Field(default=1289525893, description="Seed of the split (the Silogen engine's default).")
+    data_type: str | None = _data_type_field()
+
+    _data_type = field_validator("data_type")(_check_data_type)
 
 
 class ConcatenationValidation(_Strict):
     type: Literal["CONCATENATION"] = Field(description="Separate validation datasets.")
     datasets: list[DatasetRef] = Field(min_length=1, description="Validation datasets.")
+    data_type: str | None = _data_type_field()
+
+    _data_type = field_validator("data_type")(_check_data_type)
 
 
 class NoValidation(_Strict):
     type: Literal["NONE"] = Field(description="No validation; no eval loss is reported.")
+    data_type: str | None = _data_type_field()
+
+    _data_type = field_validator("data_type")(_check_data_type)
 
 
 ValidationData = Annotated[

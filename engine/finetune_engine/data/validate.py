@@ -1,6 +1,12 @@
-"""Validate JSONL training data before any model loads: every problem with file, line and reason.
+"""Validate training data before any model loads: every problem with file, line and reason.
 
     python -m finetune_engine.data.validate FILE... [--kind K] [--method sft|dpo|kto]
+
+A file is JSON Lines (one object a line) or one JSON array of objects (what the Silogen engine's
+loader also reads; problems name the line each element starts on). Rows are read the way the
+Silogen engine's data model reads them: keys that are not part of the format (``data_source``,
+``extra_info``, ...) are ignored, ``dataset``/``id`` may be null, ``tags``/``labels`` may be given
+on a row and on a message, and a message may be empty (e.g. an empty system prompt).
 
 Pure Python (no torch), so Airflow and the data delivery job run it too.
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +29,8 @@ METHOD_KINDS = {
     "kto": ("kto",),
 }
 ROLES = ("system", "user", "assistant")
-OPTIONAL_KEYS = ("dataset", "id")
+# Keys every format may carry beside its own: the Silogen data model's metadata fields.
+OPTIONAL_KEYS = ("dataset", "id", "tags", "labels")
 KIND_KEYS = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -34,6 +42,7 @@ KIND_KEYS = {
 MAX_LINE_BYTES = 10 * 2**20
 MAX_DEPTH = 20
 MAX_SHOWN = 20
+FORMAT_KEYS = frozenset(k for keys in KIND_KEYS.values() for k in keys)
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,23 @@ def _check_text(value: Any, where: str) -> str | None:
     return None
 
 
-def _check_messages(messages: Any, where: str, need_assistant: bool = True, only_assistant: bool = False) -> list[str]:
+def _check_metadata(record: dict, where: str = "") -> list[str]:
+    """The Silogen data model's ``tags`` (a list of strings) and ``labels`` (an object of strings)."""
+    out = []
+    tags = record.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        out.append(f"{where}tags must be a list of strings, got {json.dumps(tags)[:60]}")
+    labels = record.get("labels")
+    if labels is not None and not (
+        isinstance(labels, dict) and all(v is None or isinstance(v, str) for v in labels.values())
+    ):
+        out.append(f"{where}labels must be an object of string values, got {json.dumps(labels)[:60]}")
+    return out
+
+
+def _check_messages(messages: Any, where: str, only_assistant: bool = False) -> list[str]:
+    """A list of {role, content} messages. Content may be empty (the Silogen engine's data has empty
+    system prompts), but not every message of the list; other message keys are ignored."""
     if not isinstance(messages, list):
         return [f"{where} must be a list of messages, got {type(messages).__name__}"]
     if not messages:
@@ -130,27 +155,39 @@ def _check_messages(messages: Any, where: str, need_assistant: bool = True, only
         if not isinstance(m, dict):
             out.append(f"{at} must be an object with role and content, got {type(m).__name__}")
             continue
-        extra = sorted(set(m) - {"role", "content"})
-        if extra:
-            out.append(f"{at} has unknown key(s) {extra}; a message has only role and content")
         role = m.get("role")
         if "role" not in m:
-            out.append(f"{at} has no role")
+            out.append(f"{at} has no role" + _near_miss("role", m))
         elif role not in ROLES:
             out.append(f"{at} role {role!r} is not one of {', '.join(ROLES)}{_suggest(str(role), ROLES)}")
         elif only_assistant and role != "assistant":
             out.append(f"{at} role must be assistant, got {role!r}")
-        elif role == "system" and i != 0:
-            out.append(f"{at} is a system message after the first turn; put it first")
         if "content" not in m:
-            out.append(f"{at} has no content")
-        else:
-            problem = _check_text(m["content"], f"{at}.content")
-            if problem:
-                out.append(problem)
-    if need_assistant and not out and not any(m.get("role") == "assistant" for m in messages):
-        out.append(f"{where} has no assistant turn: nothing to learn from")
+            out.append(f"{at} has no content" + _near_miss("content", m))
+        elif not isinstance(m["content"], str):
+            out.append(f"{at}.content must be a string, got {type(m['content']).__name__}")
+        out += _check_metadata(m, f"{at}.")
+    if not out and all(not m["content"].strip() for m in messages):
+        out.append(f"{where}: every message is empty; nothing to train on")
     return out
+
+
+def _near_miss(key: str, record: dict) -> str:
+    """' (found 'mesages': ...)' when the record has a key close to the missing ``key``."""
+    close = difflib.get_close_matches(key, [k for k in record if isinstance(k, str)], n=1)
+    return f" (found {close[0]!r}: did you mean {key!r}?)" if close else ""
+
+
+def _typos(record: dict) -> str:
+    """' (did you mean ...)' for the keys of ``record`` that are close to a format's key."""
+    out = []
+    for key in record:
+        close = difflib.get_close_matches(str(key), sorted(FORMAT_KEYS), n=1)
+        if close and key not in FORMAT_KEYS:
+            out.append(f"{key!r}: did you mean {close[0]!r}?")
+        if len(out) == 3:
+            break
+    return f" ({'; '.join(out)})" if out else ""
 
 
 def _ends_with_user(messages: Any, where: str) -> list[str]:
@@ -164,7 +201,7 @@ def _check_prompt_like(value: Any, where: str, answer: bool = False) -> list[str
     if isinstance(value, list):
         if answer:
             return _check_messages(value, where, only_assistant=True)
-        return _check_messages(value, where, need_assistant=False) + _ends_with_user(value, where)
+        return _check_messages(value, where) + _ends_with_user(value, where)
     problem = _check_text(value, where)
     return [problem] if problem else []
 
@@ -177,16 +214,19 @@ def _same_shape(record: dict, keys: tuple[str, ...]) -> list[str]:
 
 
 def check_record(record: dict, kind: str) -> list[str]:
-    """Problems of one record of ``kind`` (empty when valid)."""
-    allowed = set(KIND_KEYS[kind]) | set(OPTIONAL_KEYS)
-    out = [f"unknown key {k!r}{_suggest(k, allowed)}" for k in sorted(set(record) - allowed)]
+    """Problems of one record of ``kind`` (empty when valid). Keys outside the format are ignored,
+    as the Silogen engine's data model ignores them."""
+    out = []
     missing = [k for k in KIND_KEYS[kind] if k not in record]
     if missing:
-        out.append(f"missing {', '.join(repr(k) for k in missing)} for {kind} data")
-    if "id" in record and not isinstance(record["id"], (str, int)) or isinstance(record.get("id"), bool):
+        out.append(f"missing {', '.join(repr(k) for k in missing)} for {kind} data"
+                   + "".join(_near_miss(k, record) for k in missing))
+    rid = record.get("id")
+    if rid is not None and (not isinstance(rid, (str, int)) or isinstance(rid, bool)):
         out.append("id must be a string or an integer")
-    if "dataset" in record and not isinstance(record["dataset"], str):
+    if record.get("dataset") is not None and not isinstance(record["dataset"], str):
         out.append("dataset must be a string")
+    out += _check_metadata(record)
     if missing:
         return out
     if kind == "messages":
@@ -197,7 +237,7 @@ def check_record(record: dict, kind: str) -> list[str]:
         out += [p for p in (_check_text(record["text"], "text"),) if p]
     elif kind == "dpo_messages":
         prompt = record["prompt_messages"]
-        out += _check_messages(prompt, "prompt_messages", need_assistant=False)
+        out += _check_messages(prompt, "prompt_messages")
         out += _ends_with_user(prompt, "prompt_messages")
         out += _check_messages(record["chosen_messages"], "chosen_messages", only_assistant=True)
         out += _check_messages(record["rejected_messages"], "rejected_messages", only_assistant=True)
@@ -211,21 +251,6 @@ def check_record(record: dict, kind: str) -> list[str]:
         if not isinstance(record["label"], bool):
             out.append(f"label must be true or false, got {record['label']!r}")
     return out
-
-
-def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes, int]]:
-    """(line number, bytes, full length); a line over ``limit`` is not kept in memory whole."""
-    with open(path, "rb") as f:
-        number = 0
-        while raw := f.readline(limit + 1):
-            number += 1
-            length = len(raw)
-            if length > limit and not raw.endswith(b"\n"):
-                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    length += len(rest)
-                length += len(rest)
-                raw = b""
-            yield number, raw, length
 
 
 def _check_kind_args(kind: str | None, allowed: tuple[str, ...]) -> None:
@@ -243,9 +268,162 @@ def _allowed_for(method: str | None) -> tuple[str, ...] | None:
     return METHOD_KINDS[method]
 
 
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+# One parsed row: (line, record or None, the row's JSON text, problem or None). A row with a problem
+# carries no record; a problem with line 0 concerns the whole file.
+Row = tuple[int, Any, str, str | None]
+
+
+def _first_byte(path: Path) -> bytes:
+    """The first byte of the file that is not whitespace (after a UTF-8 BOM); b'' when there is none."""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
+        while chunk := f.read(1 << 16):
+            if stripped := chunk.lstrip():
+                return stripped[:1]
+    return b""
+
+
+def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, bytes, full length); a line over ``limit`` is not kept in memory whole."""
+    with open(path, "rb") as f:
+        number = 0
+        while raw := f.readline(limit + 1):
+            number += 1
+            length = len(raw)
+            if length > limit and not raw.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    length += len(rest)
+                length += len(rest)
+                raw = b""
+            yield number, raw, length
+
+
+def _too_long(length: int, limit: int) -> str:
+    return (f"line is {length / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit; "
+            "split the example or raise the limit")
+
+
+def _parse_json_lines(path: Path, limit: int) -> Iterator[Row]:
+    first_content = True
+    for number, raw, length in _lines(path, limit):
+        if length > limit:
+            yield number, None, "", _too_long(length, limit)
+            first_content = False
+            continue
+        if number == 1:
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                yield number, None, "", "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8"
+                return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, None, "", (f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
+                                     "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+            first_content = False
+            continue
+        stripped = text.strip()
+        if not stripped:
+            continue
+        if first_content:
+            first_content = False
+            if stripped == "{":
+                yield number, None, "", ("this looks like pretty-printed JSON, not JSON Lines: write one object per "
+                                         "line, e.g. with `jq -c .`, or one JSON array of objects")
+                return
+        try:
+            record = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            yield number, None, "", f"nested deeper than {MAX_DEPTH} levels"
+            continue
+        except ValueError as err:
+            yield number, None, "", f"bad JSON: {err}"
+            continue
+        yield number, record, text, None
+
+
+class _LineOf:
+    """Line number of a character offset, for offsets met in increasing order."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, pos: int) -> int:
+        if pos < self.pos:
+            return self.text.count("\n", 0, pos) + 1
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _parse_json_array(path: Path, limit: float) -> Iterator[Row]:
+    """The elements of a file that is one JSON array (as ``json.dump(rows, f)`` writes it), each
+    with the line it starts on. Reading stops at the first syntax error: an array has no lines to
+    resynchronize on."""
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        yield (raw[: err.start].count(b"\n") + 1, None, "",
+               f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+        return
+    line_of = _LineOf(text)
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    pos = _JSON_WS.match(text).end() + 1  # past the opening bracket
+    pos = _JSON_WS.match(text, pos).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            start = pos
+            try:
+                value, pos = decoder.raw_decode(text, pos)
+            except RecursionError:
+                yield line_of(start), None, "", f"nested deeper than {MAX_DEPTH} levels; the array is not read further"
+                return
+            except json.JSONDecodeError as err:
+                yield (err.lineno, None, "",
+                       f"bad JSON: {err.msg} (column {err.colno}); the array is not read further")
+                return
+            except ValueError as err:
+                yield line_of(start), None, "", f"bad JSON: {err}; the array is not read further"
+                return
+            if pos - start > limit:
+                yield line_of(start), None, "", _too_long(len(text[start:pos].encode()), int(limit))
+            else:
+                yield line_of(start), value, text[start:pos], None
+            pos = _JSON_WS.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _JSON_WS.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            yield line_of(pos), None, "", "expected ',' or ']' after an array element; the array is not read further"
+            return
+    rest = _JSON_WS.match(text, pos).end()
+    if rest < len(text):
+        yield (line_of(rest), None, "",
+               "text after the end of the JSON array; a file is one JSON array, or JSON Lines (one object a line)")
+
+
+def _parse(path: Path, limit: int) -> Iterator[Row]:
+    """The rows of a JSON Lines file, or of a file that is one JSON array."""
+    if _first_byte(path) == b"[":
+        return _parse_json_array(path, limit)
+    return _parse_json_lines(path, limit)
+
+
 def validate_file(path: str | Path, kind: str | None = None, max_problems: int = 1000,
                   max_line_bytes: int = MAX_LINE_BYTES, allowed_kinds: Iterable[str] | None = None) -> DataReport:
-    """Check one JSON Lines file; every problem goes into the report (nothing is raised for bad data).
+    """Check one data file (JSON Lines, or one JSON array of objects); every problem goes into the
+    report (nothing is raised for bad data).
 
     ``kind`` forces the format (otherwise the first record's keys decide); ``allowed_kinds`` restricts it.
     Raises ValueError only for a bad ``kind`` argument.
@@ -268,54 +446,18 @@ def validate_file(path: str | Path, kind: str | None = None, max_problems: int =
         return report
     ids: dict[Any, int] = {}
     skipped = 0
-    first_content = True
     try:
-        for number, raw, length in _lines(p, max_line_bytes):
+        for number, record, text, problem in _parse(p, max_line_bytes):
             if len(problems) >= max_problems:
                 skipped += 1
                 continue
-            if length > max_line_bytes:
-                add(number, f"line is {length / 2**20:.1f} MiB, over the {max_line_bytes / 2**20:.0f} MiB limit; "
-                    "split the example or raise the limit")
-                first_content = False
-                continue
-            if number == 1:
-                if raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                    add(number, "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8")
-                    return report
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                add(number, f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
-                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
-                first_content = False
-                continue
-            stripped = text.strip()
-            if not stripped:
-                continue
-            if first_content:
-                first_content = False
-                if stripped.startswith("["):
-                    add(number, "this is a JSON array, not JSON Lines: write one object per line, e.g. with `jq -c '.[]'`")
-                    return report
-                if stripped == "{":
-                    add(number, "this looks like pretty-printed JSON, not JSON Lines: write one object per line, "
-                        "e.g. with `jq -c .`")
-                    return report
-            try:
-                record = json.loads(text, parse_constant=_reject_constant)
-            except RecursionError:
-                add(number, f"nested deeper than {MAX_DEPTH} levels")
-                continue
-            except ValueError as err:
-                add(number, f"bad JSON: {err}")
+            if problem is not None:
+                add(number, problem)
                 continue
             if not isinstance(record, dict):
-                add(number, f"expected a JSON object, got {type(record).__name__}; write one object per line")
+                add(number, f"expected a JSON object, got {type(record).__name__}; each example is one object")
                 continue
-            # Depth can only exceed the limit if the line has that many brackets: skip the walk otherwise.
+            # Depth can only exceed the limit if the row has that many brackets: skip the walk otherwise.
             if text.count("[") + text.count("{") > MAX_DEPTH and _depth(record, MAX_DEPTH) > MAX_DEPTH:
                 add(number, f"nested deeper than {MAX_DEPTH} levels")
                 continue
@@ -327,14 +469,15 @@ def validate_file(path: str | Path, kind: str | None = None, max_problems: int =
             if report.kind is None:
                 if detected is None:
                     add(number, f"cannot tell the data format from keys {sorted(record)}; expected one of: "
-                        + "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_KEYS.items() if k in allowed))
+                        + "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_KEYS.items() if k in allowed)
+                        + _typos(record))
                     continue
                 if detected not in allowed:
                     add(number, f"{detected} data is not usable here (expected {' or '.join(allowed)})")
                     return report
                 report.kind = detected
             elif (detected is not None and detected != report.kind
-                  and set(record) - set(KIND_KEYS[report.kind]) - set(OPTIONAL_KEYS)):
+                  and (set(record) & FORMAT_KEYS) - set(KIND_KEYS[report.kind])):
                 add(number, f"looks like {detected} data, but the file is {report.kind} "
                     f"({'forced' if kind else 'from its first record'}); one format per file")
                 continue
@@ -446,8 +589,13 @@ def validate_text_files(paths: list[str], where: str = "data_conf.training_data.
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a file that passed validation; lines split exactly as the validator splits them."""
-    with open(path, "rb") as f:
+    """(line number, record) of a file that passed validation; rows split exactly as the validator splits them."""
+    p = Path(path)
+    if _first_byte(p) == b"[":
+        for number, record, _, _ in _parse_json_array(p, float("inf")):
+            yield number, record
+        return
+    with open(p, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]

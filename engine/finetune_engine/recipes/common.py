@@ -71,7 +71,8 @@ def validate_inputs(cfg: schema.ExperimentConfig, method: str) -> None:
     """Check every dataset file for ``method``'s formats before anything heavy is loaded."""
     from finetune_engine.data.validate import validate_files, validate_text_files
 
-    paths = [ds.path for ds in cfg.data_conf.training_data.datasets]
+    # A PRECOMPUTE_WEIGHTED_MIX dataset of sampling_weight 0 is left out, unread (as in the Silogen engine).
+    paths = [ds.path for ds in cfg.data_conf.training_data.datasets if getattr(ds, "sampling_weight", None) != 0]
     vpaths = []
     if isinstance(cfg.data_conf.validation_data, schema.ConcatenationValidation):
         vpaths = [ds.path for ds in cfg.data_conf.validation_data.datasets]
