@@ -173,6 +173,21 @@ def test_deliver_data_script_uploads_validated_files(s3_env):
     assert list(list_objects(dest)) == ["chat.jsonl"]
 
 
+def test_deliver_data_takes_json_array_files(s3_env):
+    """Silogen engine data scripts (and its end-to-end tests) may write one JSON array per file."""
+    script = """
+import json, os
+rows = [{"messages": [{"role": "system", "content": ""}, {"role": "user", "content": f"q{i}"},
+                      {"role": "assistant", "content": f"a{i}"}], "data_source": "x"} for i in range(3)]
+with open(os.path.join(os.environ["FINETUNE_DATA_DIR"], "chat.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+"""
+    dest = join(s3_env["uri"], "datasets-array")
+    result = deliver_data(dest, script=script)
+    assert result["examples"] == {"chat.json": 3}
+    assert list(list_objects(dest)) == ["chat.json"]
+
+
 def test_data_script_sees_no_credentials(s3_env, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_canary_token_123")
     script = GOOD_SCRIPT + """

@@ -181,9 +181,10 @@ def deliver_data(destination: str, script: str | None = None, urls: list[str] | 
         files = sorted(p for p in out_dir.rglob("*") if p.is_file())
         if not files:
             raise DeliveryError(f"no files were produced in ${DATA_DIR_ENV}; nothing was uploaded")
-        not_jsonl = [p.name for p in files if p.suffix != ".jsonl"]
-        if not_jsonl:
-            raise DeliveryError(f"only .jsonl files are delivered; found {not_jsonl}; nothing was uploaded")
+        not_data = [p.name for p in files if p.suffix not in (".jsonl", ".json")]
+        if not_data:
+            raise DeliveryError(f"only .jsonl (or JSON-array .json) files are delivered; found {not_data}; "
+                                "nothing was uploaded")
         reports = validate_files([str(p) for p in files], method=method)
         uploaded = []
         for path in files:
