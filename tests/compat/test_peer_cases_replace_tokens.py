@@ -5,6 +5,7 @@ the literal replacement in the tokenizer files."""
 
 from __future__ import annotations
 
+import json
 from unittest.mock import patch
 
 import pytest
@@ -44,7 +45,7 @@ def test_replace_tokens_cli_check_replacements():
 def test_escape_for_sed(tmp_path, token):
     """Restates test_replace_tokens.py::test_escape_for_sed: a token with slashes (which the peer
     escapes for sed) is replaced literally, like one without."""
-    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "%s"}' % token)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": token}))
     replace_tokens.modify_tokenizer_files(tmp_path, {token: "<|im_end|>"})
     assert (tmp_path / "tokenizer_config.json").read_text() == '{"eos_token": "<|im_end|>"}'
 
