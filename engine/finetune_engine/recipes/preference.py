@@ -143,7 +143,7 @@ def run_preference(
     plan = derive_batch_plan(cfg.batchsize_conf.total_train_batch_size, cfg.batchsize_conf.max_per_device_train_batch_size, world)
     log.info("%s batch: %d process(es) x %d per device x %d accumulation = %d", method, plan.world_size, plan.per_device, plan.accumulation, plan.total)
 
-    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(eval_rows))
+    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(eval_rows), method=method)
     max_prompt_length = args_dict.pop("max_prompt_length", None)
     if not torch.cuda.is_available():
         args_dict.setdefault("bf16", False)  # TRL defaults to bf16, which CPUs run slowly or not at all
