@@ -301,7 +301,8 @@ def check_training_args(args: dict[str, Any], method: str | None = "sft") -> dic
         elif key in MANAGED_TRAINING_ARGS:
             problems.append((key, MANAGED_TRAINING_ARGS[key]))
         elif key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
+            legacy = [k for k, (ms, _) in LEGACY_TRAINING_ARGS.items() if ms is None or method is None or method in ms]
+            close = difflib.get_close_matches(key, list(known) + legacy, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append((key, f"not a {method_name} argument{hint}" if method is None else f"not a {method} trainer argument{hint}"))
         else:

@@ -158,6 +158,10 @@ def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: 
         report_to=report_to(args.get("report_to"), logging_dir),
         seed=seed,
     )
+    if isinstance(args.get("deepspeed"), dict):
+        # As in the Silogen engine: an inline DeepSpeed config gets the derived batch sizes.
+        args["deepspeed"] = {**args["deepspeed"], "train_micro_batch_size_per_gpu": plan.per_device,
+                             "train_batch_size": plan.total}
     if method == "dpo":
         for key, value in PEER_DPO_DEFAULTS.items():
             args.setdefault(key, value)

@@ -205,7 +205,8 @@ def run_preference(
              len(trainer.train_dataset), len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
              time.monotonic() - t_prep, truncated or 0)
     if len(trainer.train_dataset) == 0:
-        hint = " or set training_args.max_prompt_length below it" if method in _REFERENCE_METHODS and max_prompt_length is None else ""
+        prompt_cap_useless = max_prompt_length is None or max_prompt_length >= (training_args.max_length or 0)
+        hint = " or set training_args.max_prompt_length below it" if method in _REFERENCE_METHODS and prompt_cap_useless else ""
         raise common.DataError(
             f"no training examples left after tokenization: every prompt fills training_args.max_length "
             f"(now {training_args.max_length}); raise it{hint}"
