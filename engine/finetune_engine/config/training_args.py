@@ -220,7 +220,8 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
             else:
                 note(key, "false: no-op")
         else:
-            note(key, f"{value!r}: {LEGACY_TRAINING_ARGS[key][1]}", warn=value not in (None, False, 0, "", -1, "auto", "amp", "O1"))
+            harmless = key == "overwrite_output_dir" or (key == "save_safetensors" and value is True) or value in (None, False, 0, "", -1, "auto", "amp", "O1")
+            note(key, f"{value!r}: {LEGACY_TRAINING_ARGS[key][1]}", warn=not harmless)
     if method in (None, "dpo"):
         lt = out.get("loss_type")
         for (k, old), new in LEGACY_VALUES.items():
