@@ -82,23 +82,89 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
     return TokenizerSetup(tokenizer, name, end_marker, added, input_pad)
 
 
+def _fsdp_active(cfg: schema.ExperimentConfig) -> bool:
+    import os
+
+    return bool(cfg.training_args.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def _training_dtype(cfg: schema.ExperimentConfig) -> str:
+    ta = cfg.training_args
+    return "bfloat16" if ta.get("bf16") else "float16" if ta.get("fp16") else "float32"
+
+
 def quantization_config(cfg: schema.ExperimentConfig):
+    """transformers' BitsAndBytesConfig of quant_conf (None without quantization): every key
+    passes through; unset dtypes keep BitsAndBytesConfig's defaults, except the storage dtype under
+    FSDP, which must be the training dtype for FSDP to shard the quantized weights."""
     q = cfg.quant_conf
     if not isinstance(q, schema.BitsAndBytesQuantization):
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
-        load_in_4bit=q.load_in_4bit,
-        load_in_8bit=q.load_in_8bit,
-        bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
-        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        bnb_4bit_quant_storage=getattr(torch, q.bnb_4bit_quant_storage),
-        llm_int8_threshold=q.llm_int8_threshold,
-        llm_int8_skip_modules=q.llm_int8_skip_modules,
-    )
+    kwargs = q.model_dump(exclude={"quantization_type"})
+    if kwargs["bnb_4bit_quant_storage"] is None and q.load_in_4bit and _fsdp_active(cfg):
+        kwargs["bnb_4bit_quant_storage"] = _training_dtype(cfg)
+        log.info("quant_conf.bnb_4bit_quant_storage: %s, the training dtype (FSDP shards the quantized weights)",
+                 kwargs["bnb_4bit_quant_storage"])
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if kwargs[key] is None:
+            del kwargs[key]  # BitsAndBytesConfig's default (float32 compute, uint8 storage)
+        else:
+            kwargs[key] = getattr(torch, kwargs[key])
+    return BitsAndBytesConfig(**kwargs)
+
+
+def _flash_available(kind: str) -> bool:
+    """Whether transformers can load ``kind`` (flash_attention_2/3) here: the package installed
+    and a GPU present (transformers' own check, without fetching a Hub kernel)."""
+    from transformers.utils import import_utils
+
+    check = {"flash_attention_2": import_utils.is_flash_attn_2_available,
+             "flash_attention_3": import_utils.is_flash_attn_3_available}[kind]
+    return bool(check())
+
+
+def attention_implementation(requested: str | None) -> str | None:
+    """The attention kernel to load with: ``requested``, or sdpa (with one warning) when it is a
+    flash-attention kernel whose package is not installed, which would otherwise fail the load
+    with an ImportError. sdpa computes the same exact attention."""
+    if requested in ("flash_attention_2", "flash_attention_3") and not _flash_available(requested):
+        log.warning(
+            "run_conf.model_args.attn_implementation: %s needs the flash-attn package (and a GPU), "
+            "which is not installed here; falling back to sdpa (the same attention, without the "
+            "flash kernel's speed and memory savings)", requested)
+        return "sdpa"
+    return requested
+
+
+def model_load_kwargs(cfg: schema.ExperimentConfig) -> dict[str, Any]:
+    """Keyword arguments of AutoModelForCausalLM.from_pretrained for run_conf.model_args and
+    quant_conf: the declared keys, then every extra key unchanged."""
+    import torch
+
+    args = cfg.run_conf.model_args
+    dtype = args.load_dtype
+    kwargs: dict[str, Any] = {
+        "dtype": "auto" if dtype == "auto" else getattr(torch, dtype),
+        "revision": args.revision,
+        "trust_remote_code": args.trust_remote_code,
+        "use_safetensors": args.use_safetensors,
+    }
+    attn = attention_implementation(args.attn_implementation)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if args.device_map is not None:
+        kwargs["device_map"] = args.device_map
+    extra = args.extra_kwargs
+    if extra:
+        log.info("run_conf.model_args: passing %s to from_pretrained", ", ".join(sorted(extra)))
+        kwargs.update(extra)
+    quant = quantization_config(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    return kwargs
 
 
 def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup, before_peft=None, wrap: bool = True):
@@ -106,26 +172,21 @@ def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetu
     (``wrap=False``: the bare base, for trainers that apply the adapter themselves).
 
     ``before_peft(model)`` sees the grown base before the adapter wraps it (to save it)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     args = cfg.run_conf.model_args
-    kwargs: dict[str, Any] = {
-        "dtype": "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype),
-        "revision": args.revision,
-        "trust_remote_code": args.trust_remote_code,
-        "low_cpu_mem_usage": args.low_cpu_mem_usage,
-        "use_safetensors": args.use_safetensors,
-    }
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
-    if args.device_map is not None:
-        kwargs["device_map"] = args.device_map
-    quant = quantization_config(cfg)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
+    kwargs = model_load_kwargs(cfg)
     _refuse_pickle_only(model_path, args.use_safetensors)
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except TypeError as err:
+        extra = sorted(args.extra_kwargs)
+        if extra and "unexpected keyword argument" in str(err):
+            raise ValueError(
+                f"run_conf.model_args: from_pretrained of {model_path} refused an argument ({err}); "
+                f"the extra keys passed were {', '.join(extra)}: remove or rename the one it names"
+            ) from err
+        raise
     model.config.use_cache = args.use_cache
     if len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0] or tok.added_tokens:
         model.resize_token_embeddings(len(tok.tokenizer), mean_resizing=True)

@@ -11,7 +11,13 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from finetune_engine.config import schema
-from finetune_engine.config.training_args import DERIVED_TRAINING_ARGS, MANAGED_TRAINING_ARGS
+from finetune_engine.config.training_args import (
+    DERIVED_TRAINING_ARGS,
+    ENGINE_TRAINING_ARGS,
+    LEGACY_TRAINING_ARGS,
+    LEGACY_VALUES,
+    MANAGED_TRAINING_ARGS,
+)
 
 _SECTIONS = [
     ("data_conf", schema.DataConf),
@@ -103,5 +109,18 @@ def render_reference() -> str:
         out.append(f"- `{key}`: derived from `batchsize_conf`.")
     for key, why in MANAGED_TRAINING_ARGS.items():
         out.append(f"- `{key}`: {why}.")
+    out += ["", "Keys the engine adds:", ""]
+    for key, spec in ENGINE_TRAINING_ARGS.items():
+        out.append(f"- `{key}` ({', '.join(spec['methods'])}): {spec['help']}")
+    out += [
+        "",
+        "Keys of the transformers (4.57) and TRL (0.13) versions the Silogen engine pins that later "
+        "releases removed or renamed are accepted, each with one log line saying what became of it:",
+        "",
+    ]
+    for key, (methods, what) in LEGACY_TRAINING_ARGS.items():
+        out.append(f"- `{key}`{f' ({chr(44).join(methods)})' if methods else ''}: {what}.")
+    for (key, old), new in LEGACY_VALUES.items():
+        out.append(f"- `{key}: {old}`: renamed to `{new}`.")
     out.append("")
     return "\n".join(out)

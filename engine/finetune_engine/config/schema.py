@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from finetune_engine.config.training_args import (
     DERIVED_TRAINING_ARGS,
+    METHODS,
     check_training_args,
 )
 
@@ -343,21 +344,34 @@ class NoQuantization(_Strict):
 
 class BitsAndBytesQuantization(_Strict):
     quantization_type: Literal["bits-and-bytes"] = Field(
-        description="Quantize the base model with bitsandbytes (QLoRA when combined with LoRA)."
+        description="Quantize the base model with bitsandbytes (QLoRA when combined with LoRA). "
+        "The keys and defaults are transformers' BitsAndBytesConfig's, as in the Silogen engine."
     )
     load_in_4bit: bool = Field(default=False, description="4-bit weights.")
     load_in_8bit: bool = Field(default=False, description="8-bit weights.")
-    bnb_4bit_compute_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        default="bfloat16", description="Compute dtype of 4-bit layers."
+    bnb_4bit_compute_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        default=None,
+        description="Compute dtype of 4-bit layers; null: BitsAndBytesConfig's default, float32. "
+        "bfloat16 is faster on GPUs that have it.",
     )
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit type.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        default="fp4", description="4-bit type (fp4 is BitsAndBytesConfig's default; QLoRA uses nf4)."
+    )
     bnb_4bit_use_double_quant: bool = Field(default=False, description="Quantize the constants.")
-    bnb_4bit_quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
-        default="uint8", description="Storage dtype (bfloat16 for FSDP-sharded QLoRA)."
+    bnb_4bit_quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] | None = Field(
+        default=None,
+        description="Storage dtype of the packed weights; null: uint8, except under FSDP, where it is "
+        "the training dtype (bfloat16 with bf16, float16 with fp16, else float32) so FSDP can shard it.",
     )
     llm_int8_threshold: float = Field(default=6.0, description="8-bit outlier threshold.")
     llm_int8_skip_modules: list[str] | None = Field(
         default=None, description="Modules kept unquantized."
+    )
+    llm_int8_enable_fp32_cpu_offload: bool = Field(
+        default=False, description="Keep modules a device_map puts on the CPU in float32 (8-bit)."
+    )
+    llm_int8_has_fp16_weight: bool = Field(
+        default=False, description="8-bit: keep fp16 main weights (for training without an adapter)."
     )
 
     @model_validator(mode="after")
@@ -379,15 +393,40 @@ QuantConf = Annotated[
 # ---------------------------------------------------------------------------------------------
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+
+# from_pretrained keyword arguments that may not pass through run_conf.model_args, each with the fix.
+_REFUSED_MODEL_ARGS = {
+    "silogen_extra_args": "reserved; write the from_pretrained arguments directly in model_args",
+    "quantization_config": "set quant_conf instead",
+    "pretrained_model_name_or_path": "set run_conf.model instead",
+}
+
+
 class ModelArgs(_Strict):
-    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="Weights dtype when loading the model."
+    """Keyword arguments of AutoModelForCausalLM.from_pretrained. As in the Silogen engine, keys
+    not declared here pass through to from_pretrained unchanged (e.g. max_memory, subfolder,
+    variant, cache_dir, local_files_only)."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True, use_enum_values=True)
+
+    dtype: Literal[DTYPES] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Weights dtype when loading the model (transformers 5's name); null: auto "
+        "(the checkpoint's dtype).",
     )
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = (
-        Field(default=None, description="Attention kernel; default is the library's choice.")
+    torch_dtype: Literal[DTYPES] | None = Field(  # type: ignore[valid-type]
+        default=None, description="The earlier name of dtype; give one of the two."
+    )
+    attn_implementation: str | None = Field(
+        default=None,
+        description="Attention kernel: eager, sdpa, flash_attention_2, flash_attention_3 or a Hub "
+        "kernel (namespace/repo[@revision][:kernel]); default is the library's choice. "
+        "flash_attention_2/3 without the flash-attn package installed falls back to sdpa with a "
+        "warning.",
     )
     use_cache: bool = Field(default=False, description="KV cache (off in training).")
-    device_map: str | dict[str, Any] | None = Field(
+    device_map: str | int | dict[str, Any] | None = Field(
         default=None, description="Device map for loading (leave unset for multi-GPU training)."
     )
     revision: str | None = Field(default=None, description="Model revision (Hub models).")
@@ -395,15 +434,30 @@ class ModelArgs(_Strict):
         default=False,
         description="Run code shipped with the model. Needs a pinned revision (a commit sha).",
     )
-    low_cpu_mem_usage: bool = Field(default=True, description="Load weights shard by shard.")
+    low_cpu_mem_usage: bool = Field(
+        default=True, description="Accepted for older configs; transformers 5 always loads shard by shard."
+    )
     use_safetensors: bool | None = Field(
         default=True,
         description="Load only safetensors weights. Set false to allow pickle (.bin) weights, "
         "which can run code when loaded.",
     )
 
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, v: str | None) -> str | None:
+        known = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+        if v is None or v in known or "/" in v:
+            return v
+        raise ValueError(f"attn_implementation {v!r} is not one of {', '.join(known)} or a Hub kernel (namespace/repo)")
+
     @model_validator(mode="after")
-    def _remote_code_pinned(self) -> ModelArgs:
+    def _checks(self) -> ModelArgs:
+        if self.dtype is not None and self.torch_dtype is not None:
+            raise ValueError(
+                f"dtype ({self.dtype}) and torch_dtype ({self.torch_dtype}) are both given; they are "
+                "the same setting (torch_dtype is its earlier name): keep dtype"
+            )
         if self.trust_remote_code and not (
             self.revision and len(self.revision) == 40 and all(c in "0123456789abcdef" for c in self.revision)
         ):
@@ -411,11 +465,37 @@ class ModelArgs(_Strict):
                 "trust_remote_code: true runs code from the model repository; pin "
                 "run_conf.model_args.revision to a 40-character commit sha"
             )
+        for key, value in (self.model_extra or {}).items():
+            if key in _REFUSED_MODEL_ARGS:
+                raise ValueError(f"{key}: {_REFUSED_MODEL_ARGS[key]}")
+            if key == "token" and isinstance(value, str):
+                raise ValueError(
+                    "token: secrets never go in a config; set HF_TOKEN in the environment (a "
+                    "Kubernetes secret) instead"
+                )
+            if key in ("from_tf", "from_flax") and value:
+                raise ValueError(f"{key}: true is not supported: transformers 5 loads PyTorch weights only")
+            if key == "output_loading_info" and value:
+                raise ValueError("output_loading_info: true is not supported in training; remove it")
         return self
+
+    @property
+    def load_dtype(self) -> str:
+        """The dtype to load with, from dtype or its earlier name torch_dtype (default auto)."""
+        return self.dtype or self.torch_dtype or "auto"
+
+    @property
+    def extra_kwargs(self) -> dict[str, Any]:
+        """The keys given beyond the declared ones: passed to from_pretrained unchanged."""
+        return dict(self.model_extra or {})
 
 
 class RunConf(_Strict):
-    model: str = Field(description="Base model: a local directory, a bucket URI, or a Hub id.")
+    model: str = Field(
+        default="/local_resources/basemodel",
+        description="Base model: a local directory, a bucket URI, or a Hub id (default: the "
+        "Silogen engine's download location).",
+    )
     model_args: ModelArgs = Field(default_factory=ModelArgs, description="Model loading options.")
     tokenizer: str | None = Field(
         default=None, description="Tokenizer path or id; defaults to the model's."
@@ -544,6 +624,11 @@ class Overrides(_Strict):
 
 
 class ExperimentConfig(_Strict):
+    method: Literal[METHODS] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="The training method; must equal the command's (`finetuning sft CONFIG` runs "
+        "sft). Unset: the command's method is filled in.",
+    )
     data_conf: DataConf = Field(description="Data: datasets, validation, chat template.")
     training_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -561,20 +646,41 @@ class ExperimentConfig(_Strict):
     )
     run_conf: RunConf = Field(description="Model, tokenizer, resume and output naming.")
     sft_args: SftArgs = Field(default_factory=SftArgs, description="SFT data handling.")
-    tracking: Tracking = Field(default_factory=Tracking, description="MLflow tracking.")
+    tracking: Tracking = Field(default_factory=Tracking, description="MLflow tracking; null: none.")
     overrides: Overrides = Field(default_factory=Overrides, description="Learning-rate scaling.")
+
+    @field_validator("method")
+    @classmethod
+    def _method_matches_command(cls, v: str | None, info: ValidationInfo) -> str | None:
+        command = (info.context or {}).get("method")
+        if v is not None and command is not None and v != command:
+            raise ValueError(
+                f"the config says method: {v} but the command runs {command}; run "
+                f"`finetuning {v} CONFIG`, or set method: {command}"
+            )
+        return v
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _null_tracking(cls, v: Any) -> Any:
+        return {} if v is None else v  # tracking: null (the Silogen engine's default) means no tracking
+
+    @field_validator("training_args", mode="before")
+    @classmethod
+    def _null_training_args(cls, v: Any) -> Any:
+        return {} if v is None else v
 
     @field_validator("training_args")
     @classmethod
     def _check_training_args(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         # The loader passes the method (sft, dpo, ...) as validation context; without it, keys of
         # any method pass here (a config already checked, re-validated after rewriting paths).
-        method = (info.context or {}).get("method")
+        method = (info.context or {}).get("method") or info.data.get("method")
         return check_training_args(v, method=method)
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> ExperimentConfig:
-        method = (info.context or {}).get("method")
+        method = (info.context or {}).get("method") or self.method
         if isinstance(self.quant_conf, BitsAndBytesQuantization) and isinstance(self.peft_conf, NoPeft):
             raise ValueError(
                 "quant_conf: a quantized base cannot be trained without an adapter; "

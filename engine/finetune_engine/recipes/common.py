@@ -101,26 +101,73 @@ def seed_everything(cfg: schema.ExperimentConfig) -> int:
     return seed
 
 
-def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: int, has_eval: bool) -> dict[str, Any]:
+# DPO defaults of the Silogen engine (its DPOConfig and the TRL version it pins) where TRL 1.x's differ.
+PEER_DPO_DEFAULTS = {
+    "max_length": 2048,
+    "max_prompt_length": 1536,
+    "f_alpha_divergence_coef": 1.0,
+    "ref_model_mixup_alpha": 0.9,
+    "ref_model_sync_steps": 64,
+}
+
+
+def report_to(value: Any, logging_dir: str | None) -> list[str]:
+    """training_args.report_to for the trainer: MLflow is left out (the engine logs to MLflow itself,
+    from the tracking section, --mlflow-server-uri or MLFLOW_TRACKING_URI), every other integration
+    is honoured; tensorboard writes its event files to ``logging_dir``."""
+    import importlib.util
+
+    names = [] if value in (None, "none") else [value] if isinstance(value, str) else list(value)
+    if "all" in names:
+        from transformers.integrations import get_available_reporting_integrations
+
+        names = [n for n in names if n != "all"] + get_available_reporting_integrations()
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    if "mlflow" in names:
+        names.remove("mlflow")
+        log.info("training_args.report_to: mlflow is the engine's own logging (tracking section, "
+                 "--mlflow-server-uri or MLFLOW_TRACKING_URI); the trainer's MLflow callback is not added")
+    if "tensorboard" in names:
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("training_args.report_to: tensorboard needs the tensorboard package, which is "
+                             "not installed; install finetune-engine[train] (or pip install tensorboard), "
+                             "or remove tensorboard from report_to")
+        directory = logging_dir or os.environ.get("LOGS_PATH") or "./logs"
+        os.environ["TENSORBOARD_LOGGING_DIR"] = directory  # read by transformers' TensorBoardCallback
+        log.info("training_args.report_to: tensorboard event files go to %s", directory)
+    return names
+
+
+def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: int, has_eval: bool,
+                       method: str | None = None) -> dict[str, Any]:
     """training_args with the engine's derived and default values; the caller builds its config class."""
     import torch
 
+    method = method or cfg.method or "sft"
     args = dict(cfg.training_args)
     bs = cfg.batchsize_conf
-    eval_batch = bs.per_device_eval_batch_size or (plan.per_device if bs.max_per_device_train_batch_size == "auto" else bs.max_per_device_train_batch_size)
+    # As in the Silogen engine: the eval batch is the derived per-device train batch unless given.
+    eval_batch = bs.per_device_eval_batch_size or plan.per_device
     base_lr = float(args.pop("learning_rate", 5e-5))
+    logging_dir = args.pop("logging_dir", None)
     args.update(
         output_dir=str(out_dir),
         per_device_train_batch_size=plan.per_device,
         gradient_accumulation_steps=plan.accumulation,
         per_device_eval_batch_size=eval_batch,
         learning_rate=scaled_learning_rate(cfg, base_lr, plan.total),
-        report_to=[],
+        report_to=report_to(args.get("report_to"), logging_dir),
         seed=seed,
     )
+    if isinstance(args.get("deepspeed"), dict):
+        # As in the Silogen engine: an inline DeepSpeed config gets the derived batch sizes.
+        args["deepspeed"] = {**args["deepspeed"], "train_micro_batch_size_per_gpu": plan.per_device,
+                             "train_batch_size": plan.total}
+    if method == "dpo":
+        for key, value in PEER_DPO_DEFAULTS.items():
+            args.setdefault(key, value)
     args.setdefault("logging_steps", 1)
     args.setdefault("save_strategy", "steps")
-    args.setdefault("save_steps", 50)
     args.setdefault("use_cpu", not torch.cuda.is_available())
     args.setdefault("disable_tqdm", not sys.stderr.isatty())  # pod logs get plain progress lines
     args.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used each step

@@ -143,7 +143,7 @@ def run_preference(
     plan = derive_batch_plan(cfg.batchsize_conf.total_train_batch_size, cfg.batchsize_conf.max_per_device_train_batch_size, world)
     log.info("%s batch: %d process(es) x %d per device x %d accumulation = %d", method, plan.world_size, plan.per_device, plan.accumulation, plan.total)
 
-    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(eval_rows))
+    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(eval_rows), method=method)
     max_prompt_length = args_dict.pop("max_prompt_length", None)
     if not torch.cuda.is_available():
         args_dict.setdefault("bf16", False)  # TRL defaults to bf16, which CPUs run slowly or not at all
@@ -205,7 +205,8 @@ def run_preference(
              len(trainer.train_dataset), len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
              time.monotonic() - t_prep, truncated or 0)
     if len(trainer.train_dataset) == 0:
-        hint = " or set training_args.max_prompt_length below it" if method in _REFERENCE_METHODS and max_prompt_length is None else ""
+        prompt_cap_useless = max_prompt_length is None or max_prompt_length >= (training_args.max_length or 0)
+        hint = " or set training_args.max_prompt_length below it" if method in _REFERENCE_METHODS and prompt_cap_useless else ""
         raise common.DataError(
             f"no training examples left after tokenization: every prompt fills training_args.max_length "
             f"(now {training_args.max_length}); raise it{hint}"
