@@ -211,3 +211,18 @@ def test_saved_tokenizer_has_the_inference_settings(tiny_model_dir, tmp_path, na
     assert ids[0] == again.bos_token_id and ids[-1] != again.eos_token_id
     assert again.eos_token == MARKERS[name][1]
     assert again.chat_template == NAMED_TEMPLATES[name].jinja
+
+
+@pytest.mark.parametrize("name", ["mistral-with-system", "chat-ml", "simplified-llama31"])
+def test_generation_prompt_is_the_prefix_training_saw(tiny_model_dir, name):
+    """Prompts for generation get the BOS that training framed the conversation with, once."""
+    from finetune_engine.data.tokenize import with_bos
+
+    cfg = _cfg(tiny_model_dir, name)
+    tok = load_tokenizer(cfg, str(tiny_model_dir))
+    t = tok.tokenizer
+    trained = _encode(tok, {"messages": CONVERSATION[1:3]}, cfg)["input_ids"]
+    prompt = with_bos(t, t.apply_chat_template(CONVERSATION[1:2], tokenize=False, add_generation_prompt=True))
+    ids = t(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[0] == t.bos_token_id and ids.count(t.bos_token_id) == 1
+    assert trained[: len(ids)] == ids

@@ -95,6 +95,12 @@ def render_with_spans(
     return text, spans
 
 
+def with_bos(tokenizer: Any, text: str) -> str:
+    """A rendered prompt as training saw it: BOS first (once), for templates that do not write it."""
+    bos = tokenizer.bos_token
+    return text if not bos or text.startswith(bos) else bos + text
+
+
 def _special_id(tokenizer: Any, name: str) -> int | None:
     value = getattr(tokenizer, f"{name}_token_id", None)
     return value if isinstance(value, int) else None
