@@ -90,6 +90,8 @@ def generate_answers(model, tok, items: list[dict[str, Any]], max_new_tokens: in
     left in the mode it was in (generation may run in the middle of training)."""
     import torch
 
+    from finetune_engine.data.tokenize import with_bos
+
     side, pad, was_training = tok.padding_side, tok.pad_token, model.training
     tok.padding_side = "left"
     if pad is None:
@@ -102,7 +104,8 @@ def generate_answers(model, tok, items: list[dict[str, Any]], max_new_tokens: in
         for i in range(0, len(items), batch_size):
             batch = items[i : i + batch_size]
             if chat:
-                texts = [tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True) for it in batch]
+                texts = [with_bos(tok, tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True))
+                         for it in batch]
             else:
                 texts = [bos + it["text"] for it in batch]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)

@@ -21,6 +21,7 @@ class TokenizerSetup:
     added_tokens: list[str] = field(default_factory=list)
     # unk-convert-to-eos: batches pad their inputs with EOS while the tokenizer's pad stays UNK.
     input_pad_token_id: int | None = None
+    start_marker: str | None = None  # the named template's assistant start (None: keep-original)
 
     @property
     def collate_pad_id(self) -> int:
@@ -40,6 +41,7 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
     )
     name = cfg.data_conf.chat_template_name
     added: list[str] = []
+    start_marker = None
     if name == "keep-original":
         if not tokenizer.chat_template:
             raise ValueError(
@@ -56,6 +58,9 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
             log.info("added %d special tokens for %s: %s", len(added), name, added)
         tokenizer.chat_template = template.jinja
         end_marker = template.end_marker(tokenizer.eos_token)
+        start_marker = template.assistant_start
+        if not added:
+            log.info("chat template %s: no new tokens, the vocabulary stays as it is", name)
     input_pad = None
     if tokenizer.pad_token is None:
         strategy = cfg.data_conf.missing_pad_token_strategy
@@ -79,7 +84,7 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
             input_pad = tokenizer.eos_token_id
             log.info("input-side padding written as EOS %r; the tokenizer's pad token stays %r", tokenizer.eos_token, token)
     tokenizer.padding_side = cfg.data_conf.padding_side
-    return TokenizerSetup(tokenizer, name, end_marker, added, input_pad)
+    return TokenizerSetup(tokenizer, name, end_marker, added, input_pad, start_marker)
 
 
 def _fsdp_active(cfg: schema.ExperimentConfig) -> bool:

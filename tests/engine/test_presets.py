@@ -62,11 +62,17 @@ def test_defaults_applied_when_left_out_and_logged(caplog):
     caplog.set_level(logging.INFO, logger="finetune_engine.config.presets")
     cfg = parse_config(_config("microsoft/Phi-3-mini-4k-instruct"))
     assert cfg.peft_conf.peft_kwargs["target_modules"] == PHI3
-    assert cfg.data_conf.chat_template_name == "keep-original"
+    # A matched preset leaves the chat template to the Silogen engine's default, and says so.
+    assert cfg.data_conf.chat_template_name == "mistral-with-system"
     assert "model preset phi-3-mini" in caplog.text and "target_modules" in caplog.text
+    assert "suggests data_conf.chat_template_name: keep-original" in caplog.text
     cfg = parse_config(_config("Qwen/Qwen2.5-7B-Instruct"))
     assert cfg.peft_conf.peft_kwargs["target_modules"] == list(ATTENTION_MLP)
-    assert cfg.data_conf.chat_template_name == "chat-ml"
+    assert cfg.data_conf.chat_template_name == "mistral-with-system"
+    # A preset named in the config fills the template too.
+    data = _config("Qwen/Qwen2.5-7B-Instruct")
+    data["run_conf"]["preset"] = "qwen2.5-7b"
+    assert parse_config(data).data_conf.chat_template_name == "chat-ml"
 
 
 def test_explicit_config_wins():
@@ -77,18 +83,19 @@ def test_explicit_config_wins():
     # --set beats the preset too (overrides are applied before it).
     cfg = parse_config(_config("meta-llama/Llama-3.1-8B-Instruct"), overrides=["peft_conf.peft_kwargs.target_modules=all-linear"])
     assert cfg.peft_conf.peft_kwargs["target_modules"] == "all-linear"
-    assert cfg.data_conf.chat_template_name == "llama-3"  # still from the preset: the config left it out
+    assert cfg.data_conf.chat_template_name == "mistral-with-system"  # the config left it out: the default
 
 
 def test_no_adapter_gets_only_the_template_and_preset_none_disables():
     data = _config("microsoft/Phi-3-mini-4k-instruct")
     data["peft_conf"] = {"peft_type": "NO_PEFT"}
+    data["run_conf"]["preset"] = "phi-3-mini"
     cfg = parse_config(data)
     assert cfg.data_conf.chat_template_name == "keep-original"
     data = _config("Qwen/Qwen2.5-7B-Instruct")
     data["run_conf"]["preset"] = "none"
     cfg = parse_config(data)
-    assert "target_modules" not in cfg.peft_conf.peft_kwargs and cfg.data_conf.chat_template_name == "keep-original"
+    assert "target_modules" not in cfg.peft_conf.peft_kwargs and cfg.data_conf.chat_template_name == "mistral-with-system"
 
 
 def test_named_preset_forced_and_unknown_name_refused():
@@ -102,14 +109,17 @@ def test_named_preset_forced_and_unknown_name_refused():
 
 def test_local_model_without_chat_template_gets_chat_ml(tiny_model, tmp_path):
     cfg = parse_config(_config(str(tiny_model)))
-    assert cfg.data_conf.chat_template_name == "keep-original"  # the tiny tokenizer has a template
+    assert cfg.data_conf.chat_template_name == "mistral-with-system"  # auto: the default, as in the Silogen engine
+    named = _config(str(tiny_model))
+    named["run_conf"]["preset"] = "llama"
+    assert parse_config(named).data_conf.chat_template_name == "keep-original"  # the tiny tokenizer has a template
     tc = tiny_model / "tokenizer_config.json"
     data = json.loads(tc.read_text())
     data.pop("chat_template", None)
     tc.write_text(json.dumps(data))
     for extra in ("chat_template.jinja", "chat_template.json"):
         (tiny_model / extra).unlink(missing_ok=True)
-    cfg = parse_config(_config(str(tiny_model)))
+    cfg = parse_config(named)
     assert cfg.data_conf.chat_template_name == "chat-ml"
     assert cfg.peft_conf.peft_kwargs["target_modules"] == list(ATTENTION_MLP)
 

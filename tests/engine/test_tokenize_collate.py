@@ -36,7 +36,7 @@ def _cfg(model, template="chat-ml", pad="bos-repurpose"):
     )
 
 
-@pytest.mark.parametrize("template", ["chat-ml", "llama-3", "mistral-with-system", "keep-original"])
+@pytest.mark.parametrize("template", ["chat-ml", "llama-3", "mistral-with-system", "poro", "simplified-llama31", "keep-original"])
 def test_completions_only_mask_is_exact(tiny_model_dir, template):
     tok = load_tokenizer(_cfg(tiny_model_dir, template), str(tiny_model_dir))
     settings = EncodeSettings(max_seq_length=512, completions_only=True, end_marker=tok.end_marker)

@@ -9,11 +9,12 @@ def chat(model_dir: str, question: str, max_new_tokens: int = 32) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune_engine.data.tokenize import with_bos
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    ids = tok(with_bos(tok, text), add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -3,9 +3,12 @@
 A preset gives LoRA target modules, a chat template, and the GPUs a LoRA run in bf16 needs
 (count and memory per GPU). It is matched by the model's Hub id (``run_conf.model``, also as the
 tail of a bucket URI or directory) and, for local directories, by ``model_type`` in config.json.
-It fills only what the config leaves out: ``peft_conf.peft_kwargs.target_modules`` and
-``data_conf.chat_template_name``; a value in the config always wins. ``run_conf.preset`` chooses:
-``auto`` (match), a preset name (force it) or ``none``.
+It fills only what the config leaves out: ``peft_conf.peft_kwargs.target_modules``, and
+``data_conf.chat_template_name`` when the preset is named in ``run_conf.preset``; a value in the
+config always wins. A matched (``auto``) preset leaves ``chat_template_name`` to its default
+(mistral-with-system, the Silogen engine's), so a config means the same here as there; the log
+names the preset's template. ``run_conf.preset`` chooses: ``auto`` (match), a preset name (force
+it) or ``none``.
 
     finetune-engine presets [--match MODEL] [--json]
 
@@ -150,8 +153,12 @@ def apply_preset(data: dict[str, Any]) -> tuple[dict[str, Any], Preset | None, l
         template = preset.chat_template
         if template == "keep-original" and local_has_chat_template(model) is False:
             template = "chat-ml"  # the seed's rule: keep the model's own template, else chat-ml
-        dc["chat_template_name"] = template
-        applied.append(f"data_conf.chat_template_name = {template}")
+        if choice == "auto":
+            log.info("model preset %s suggests data_conf.chat_template_name: %s; the config leaves it "
+                     "out, so the default (mistral-with-system) applies", preset.name, template)
+        else:
+            dc["chat_template_name"] = template
+            applied.append(f"data_conf.chat_template_name = {template}")
     if applied:
         log.info("model preset %s (%s): %s", preset.name, why, "; ".join(applied))
     return data, preset, applied

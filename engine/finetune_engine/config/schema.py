@@ -197,9 +197,11 @@ ValidationData = Annotated[
 
 
 class ChatTemplateName(enum.StrEnum):
-    keep_original = "keep-original"
-    chat_ml = "chat-ml"
     mistral_with_system = "mistral-with-system"
+    chat_ml = "chat-ml"
+    poro = "poro"
+    keep_original = "keep-original"
+    simplified_llama31 = "simplified-llama31"
     llama_3 = "llama-3"
 
 
@@ -217,9 +219,14 @@ class DataConf(_Strict):
         description="Where the validation examples come from.",
     )
     chat_template_name: ChatTemplateName = Field(
-        default=ChatTemplateName.keep_original,
-        description="keep-original uses the tokenizer's template; chat-ml adds <|im_start|> and "
-        "<|im_end|> as new tokens; mistral-with-system and llama-3 are the named formats.",
+        default=ChatTemplateName.mistral_with_system,
+        description="The chat format (the Silogen engine's names, text and default). "
+        "mistral-with-system: [INST] ... [/INST] with a <<SYS>> block, adds no tokens; chat-ml: "
+        "adds <|im_start|> and <|im_end|> when the tokenizer lacks them; poro: adds <|user|> and "
+        "<|assistant|>; simplified-llama31 and llama-3: Llama 3 headers (simplified-llama31 trims "
+        "contents), add <|start_header_id|>, <|end_header_id|>, <|eot_id|> when missing; "
+        "keep-original: the tokenizer's own template. New tokens grow the vocabulary (the "
+        "embeddings are then trained and saved).",
     )
     padding_side: Literal["left", "right"] = Field(
         default="right", description="Padding side in training batches."
@@ -558,7 +565,22 @@ class SftArgs(_Strict):
         description="Longer examples are dropped (filter) or cut (truncate); counts are logged.",
     )
     train_on_completions_only: bool = Field(
-        default=False, description="Loss only on assistant turns (and their end marker)."
+        default=False,
+        description="Loss only on assistant turns: each reply with the assistant start marker "
+        "before it and its end marker (see train_assistant_start_marker).",
+    )
+    train_assistant_start_marker: bool = Field(
+        default=True,
+        description="With train_on_completions_only: the assistant start marker before each "
+        "reply (<|im_start|>assistant\\n for chat-ml, [/INST] for mistral-with-system, the "
+        "generation prompt for keep-original) carries labels too, as in the Silogen engine. "
+        "false: only the reply and its end marker are trained.",
+    )
+    append_eos_token: bool = Field(
+        default=True,
+        description="End every rendered conversation with the tokenizer's EOS token, as the "
+        "Silogen engine's training tokenizer does (not added twice when the text already ends "
+        "with it). It is trained only in full-sequence training. false: the rendered text as is.",
     )
     packing: bool = Field(
         default=False,

@@ -100,7 +100,7 @@ def run_sft(
             log.warning("sft_args.packing is ignored for TEXT_FILES: windows are already full rows")
     else:
         train_records, eval_records = load_data(cfg.data_conf)
-        settings = EncodeSettings(sft.max_seq_length, sft.length_handling, sft.train_on_completions_only, tok.end_marker)
+        settings = EncodeSettings.for_sft(sft, tok.end_marker, tok.start_marker)
         train_examples, train_counts = encode_all(train_records, tok.tokenizer, settings, num_preprocess_workers)
         eval_examples, eval_counts = encode_all(eval_records, tok.tokenizer, settings, num_preprocess_workers)
         log.info(
