@@ -56,6 +56,60 @@ def stop_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+# -- time limits and per-test durations -----------------------------------------------------------------
+
+# pytest-timeout's default (pyproject: timeout = 600) covers a test with its fixtures' set-up; tests that
+# start Airflow, vLLM or a browser, or are marked slow, get this much unless they set their own limit.
+MARKER_TIMEOUTS = {"slow": 1800, "vllm": 1800, "browser": 1200}
+DURATIONS_FILE = Path(".work") / "test-durations.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        limits = [seconds for name, seconds in MARKER_TIMEOUTS.items() if item.get_closest_marker(name)]
+        if limits:
+            item.add_marker(pytest.mark.timeout(max(limits)))
+
+
+_durations: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report):
+    entry = _durations.setdefault(report.nodeid, {"setup": 0.0, "call": 0.0, "teardown": 0.0, "outcome": "passed"})
+    entry[report.when] += report.duration
+    if report.failed:
+        entry["outcome"] = "failed" if report.when == "call" else f"error ({report.when})"
+    elif report.skipped and entry["outcome"] == "passed":
+        entry["outcome"] = "xfailed" if hasattr(report, "wasxfail") else "skipped"
+    elif report.when == "call" and hasattr(report, "wasxfail"):
+        entry["outcome"] = "xpassed"
+
+
+def pytest_sessionfinish(session):
+    """Every test's time (set-up + call + teardown), slowest first, with its outcome, under .work/."""
+    if hasattr(session.config, "workerinput") or not _durations:  # an xdist worker: the controller writes
+        return
+    rows = sorted(_durations.items(), key=lambda kv: -(kv[1]["setup"] + kv[1]["call"] + kv[1]["teardown"]))
+    total = sum(e["setup"] + e["call"] + e["teardown"] for _, e in rows)
+    lines = [f"# {len(rows)} tests, {total:.1f} s in tests (set-up + call + teardown), slowest first",
+             f"# {'total':>9} {'setup':>9} {'call':>9} {'teardown':>9}  outcome  test"]
+    for nodeid, e in rows:
+        lines.append(f"{e['setup'] + e['call'] + e['teardown']:>11.2f} {e['setup']:>9.2f} {e['call']:>9.2f} "
+                     f"{e['teardown']:>9.2f}  {e['outcome']}  {nodeid}")
+    path = session.config.rootpath / DURATIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _durations and not hasattr(config, "workerinput"):
+        terminalreporter.write_line(f"per-test durations: {config.rootpath / DURATIONS_FILE}")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, local artifacts) on a free loopback port."""

@@ -137,7 +137,7 @@ def test_resume_after_kill_uses_last_complete_checkpoint(tiny_model, chat_data, 
     out = tmp_path / "out"
     config = make_config(
         tmp_path, tiny_model, chat_data,
-        training_args={"output_dir": str(out), "max_steps": 400, "save_steps": 5, "logging_steps": 5, "learning_rate": 0.001},
+        training_args={"output_dir": str(out), "max_steps": 60, "save_steps": 5, "logging_steps": 5, "learning_rate": 0.001},
         batchsize_conf={"total_train_batch_size": 2, "max_per_device_train_batch_size": 2},
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -158,7 +158,7 @@ def test_resume_after_kill_uses_last_complete_checkpoint(tiny_model, chat_data, 
     complete = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/_finetune_manifest.json"))
     result = _run(config)
     assert result["resumed_from"] == f"checkpoint-{complete[-1]}"
-    assert result["global_step"] == 400
+    assert result["global_step"] == 60
     assert not fake.exists()
 
 

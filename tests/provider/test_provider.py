@@ -1,4 +1,4 @@
-"""Provider registration, config, DAG parsing without torch, images and engine commands."""
+"""Provider registration, config, DAG parsing without torch and the engine commands pods run."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -38,40 +36,24 @@ def test_airflow_lists_the_provider_and_reads_its_config(tmp_path):
                      "integration_name": "Fine-tune"}]
 
 
-DAG_DIRS = [ROOT / "dags", ROOT / "tests" / "provider" / "dags"]
-
-
-@pytest.mark.parametrize("folder", DAG_DIRS, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_dag_files_parse_without_torch(folder):
-    files = sorted(folder.glob("*.py"))
-    if not files:
-        pytest.skip(f"no DAG files in {folder.relative_to(ROOT)} yet")
+def test_provider_dag_files_parse_without_torch():
+    """The provider's own test DAGs (tests/provider/dags) parse without import errors or a training
+    library; the shipped DAGs (dags/) are checked file by file, with their parse time, in
+    tests/dags/test_standalone.py."""
+    folder = ROOT / "tests" / "provider" / "dags"
+    assert sorted(folder.glob("*.py")), f"no DAG files in {folder.relative_to(ROOT)}"
     code = f"""
-import sys, time
+import sys
 from airflow.dag_processing.dagbag import DagBag
-t0 = time.perf_counter()
 bag = DagBag(dag_folder={str(folder)!r})
-elapsed = time.perf_counter() - t0
 assert not bag.import_errors, bag.import_errors
 assert bag.dags, "no DAGs found"
 heavy = [m for m in ("torch", "transformers", "trl", "peft", "accelerate") if m in sys.modules]
 assert not heavy, f"DAG parsing imported {{heavy}}"
-print(len(bag.dags), f"{{elapsed:.2f}}")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "SMOKE_MODEL_DIR": "/nonexistent"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def test_dockerfiles_lint_clean():
-    files = sorted((ROOT / "images").glob("*.Dockerfile"))
-    assert len(files) == 2
-    proc = subprocess.run([str(BIN / "hadolint"), *map(str, files)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for f in files:
-        text = f.read_text()
-        assert "USER 1000" in text and "requirements-engine.txt" in text
-        assert "TOKEN" not in text.replace("HF_HUB_DISABLE_TELEMETRY", "")
 
 
 def _engine_operator_classes() -> set[type]:
@@ -120,7 +102,8 @@ def _engine_subcommand(command: list[str]) -> str | None:
 
 
 def test_every_engine_command_the_builders_use_exists():
-    """Each engine command in a built pod answers --help; so do the launchers and the image's checks."""
+    """Each engine command in a built pod answers --help; so do the launchers, the image's checks and
+    the console scripts (finetune-engine, finetuning, and aimfttk: the Silogen chart's name for finetuning)."""
     commands = _built_commands()
     subcommands = {_engine_subcommand(c) for c in commands} - {None}
     # the sample covers every job kind the provider launches, eval-job included
@@ -132,10 +115,11 @@ def test_every_engine_command_the_builders_use_exists():
         proc = subprocess.run([str(BIN / "finetune-engine"), cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage" in proc.stdout, (cmd, proc.stderr[-500:])
         helps[cmd] = proc.stdout
-    for exe in sorted({c[0] for c in commands} | {"finetuning"}):
+    for exe in sorted({c[0] for c in commands} | {"finetune-engine", "finetuning", "aimfttk"}):
         proc = subprocess.run([str(BIN / exe), "--help"], capture_output=True, text=True)
-        assert proc.returncode == 0, exe
+        assert proc.returncode == 0 and "usage" in proc.stdout, (exe, proc.stderr[-500:])
         helps[exe] = proc.stdout
+    assert helps["aimfttk"] == helps["finetuning"]  # the chart's `aimfttk --num-preprocess-workers 4 sft CFG`
     # and every flag the builders pass is one the command knows (launcher flags: the launcher's)
     for command in commands:
         sub = _engine_subcommand(command)
@@ -143,15 +127,6 @@ def test_every_engine_command_the_builders_use_exists():
         for part, text in ((command[:split], helps[command[0]]), (command[split:], helps[sub])):
             for flag in {a.split("=")[0] for a in part if a.startswith("--")}:
                 assert flag in text, f"{' '.join(command[:split + 1])}: {flag} is not in its --help"
-
-
-def test_image_pins_match_the_tested_versions():
-    pins = dict(line.split("==") for line in (ROOT / "images" / "requirements-engine.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    tested = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                  if "==" in line and not line.startswith("#"))
-    for name, version in pins.items():
-        assert tested.get(name) == version, f"{name}: image pins {version}, tests run {tested.get(name)}"
 
 
 def test_provider_info_is_valid_for_this_airflow():

@@ -158,7 +158,8 @@ class _Forker:
 
 PLANNED, SAVE_EVERY, KILLS = 16, 2, 20
 STEP_LINE = re.compile(rf"step (\d+)/{PLANNED} \(")
-FRESH = {"finished": False, "local_finished": False, "bucket": None, "resume": None, "incomplete_local": []}
+FRESH = {"finished": False, "local_finished": False, "bucket": None, "resume": None, "incomplete_local": [], "cut": None}
+DOWNLOADED = re.compile(r"resuming: downloading newest complete checkpoint (checkpoint-\d+)")
 
 
 def _expect_resume(text: str, workdir: Path, expected: dict, seed: int, where: str) -> None:
@@ -173,8 +174,9 @@ def _expect_resume(text: str, workdir: Path, expected: dict, seed: int, where: s
     bucket = expected["bucket"]
     if bucket is None:
         assert "no complete checkpoint under" in text, msg
-    else:
-        assert f"resuming: downloading newest complete checkpoint checkpoint-{bucket}" in text, msg
+    # exactly the newest complete bucket checkpoint is downloaded; one cut off mid-upload never is
+    assert DOWNLOADED.findall(text) == ([] if bucket is None else [f"checkpoint-{bucket}"]), msg
+    assert expected["cut"] is None or expected["cut"] not in DOWNLOADED.findall(text), msg
     for name in expected["incomplete_local"]:
         assert f"ignoring incomplete checkpoint {workdir / 'output' / name} (" in text, msg
     resume = expected["resume"]
@@ -205,6 +207,7 @@ def _state_after_kill(ckpt: str, workdir: Path, keep: bool) -> dict:
         "bucket": bucket[-1] if bucket else None,
         "resume": newest,
         "incomplete_local": sorted(path.name for path, _ in scan.incomplete) if scan else [],
+        "cut": None,  # set by the caller after a mid-upload kill: the checkpoint cut off
     }
 
 
@@ -217,7 +220,9 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
     FINETUNE_TEST_KILL_AT hook, after M objects of its K-th upload). Killed jobs are relaunched, in the
     same workdir (a container restart: always after a mid-save kill) or a fresh one (a new pod), until
     they finish; then the next run starts. Every relaunch resumes from the checkpoint that was newest
-    and complete at kill time (bucket or local), never an incomplete one; every run ends at the
+    and complete at kill time (bucket or local) - its log names it, training restarts at its step and
+    the result records it - never an incomplete one nor one cut off mid-upload; after every mid-upload
+    kill each remote checkpoint that reads as complete downloads and verifies; every run ends at the
     planned step with the same final outputs as an uninterrupted run."""
     seed = int(os.environ.get("FINETUNE_TEST_SEED") or random.SystemRandom().randrange(10**6))
     print(f"kill trials: seed {seed} (set FINETUNE_TEST_SEED={seed} to replay the same plan)")
@@ -294,6 +299,9 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
                     f"seed {seed}: launch {launch} (resumed from {result.get('resumed_from')}) ended at step "
                     f"{result['global_step']}, planned {PLANNED}\n{text[-3000:]}")
                 assert result["status"] in ("completed", "skipped"), result
+                if result["status"] == "completed" and not expected["local_finished"]:
+                    resumed = None if expected["resume"] is None else f"checkpoint-{expected['resume']}"
+                    assert result["resumed_from"] == resumed, f"seed {seed}: launch {launch}: {result}, expected {expected}"
                 stored = json.loads(_read_object(join(ckpt, "result.json")))
                 assert stored["global_step"] == PLANNED and stored["planned_steps"] == PLANNED, stored
                 assert all(is_complete(join(ckpt, name)) for name in FINAL_OUTPUTS), ckpt
@@ -315,6 +323,10 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
                 assert hit, f"seed {seed}: launch {launch} was killed elsewhere\n{text[-3000:]}"
                 cut = join(ckpt, hit.group(1))
                 assert list_objects(cut) and not is_complete(cut), "the kill must land mid-upload"
+                # the uploader only ever uploads checkpoints newer than the bucket's newest complete one
+                assert int(hit.group(1).split("-")[1]) > (expected["bucket"] or 0), (hit.group(1), expected)
+                for step in _complete_steps(ckpt):  # what reads as complete now downloads and verifies (sha256)
+                    download_dir(join(ckpt, f"checkpoint-{step}"), tmp_path / "verify" / f"launch-{launch}" / f"checkpoint-{step}")
                 where = "upload"
             elif kind == "save":
                 complete, _ = verify_directory(save_dir)
@@ -327,6 +339,8 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
             if not keep:
                 workdir = tmp_path / f"w-run{run}-{launch}"
             expected = _state_after_kill(ckpt, workdir, keep)
+            if where == "upload":
+                expected["cut"] = hit.group(1)
             if where == "save":
                 assert save_dir.name in expected["incomplete_local"], expected
             print(f"launch {launch}: {ckpt.rsplit('/', 1)[-1]} killed {where} (planned {kind}); relaunch "
