@@ -93,9 +93,10 @@ def _load_training_config(path: str | Path):
 
     from finetune_engine.config.errors import ConfigError
     from finetune_engine.config.loader import load_config
+    from finetune_engine.config.yamlio import safe_load
 
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
         raise AdapterError(f"--training-config {path}: cannot read it: {err}") from None
     first = raw.get("method") if isinstance(raw, dict) and raw.get("method") in ("sft", "dpo") else "sft"

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
+from finetune_engine.config.yamlio import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             text = Path(args.config).read_text(encoding="utf-8")
-            data = yaml.safe_load(text)
+            data = safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{args.config}:{mark.line + 1}" if mark else args.config

@@ -145,3 +145,13 @@ def test_reference_doc_and_trainer_catalog_are_current():
 def test_config_package_imports_no_torch():
     code = "import sys, finetune_engine.config as c; c.load_config; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_helm_style_exponent_floats_are_numbers(tmp_path):
+    """Helm writes 0.00005 as 5e-05, which YAML 1.1 (PyYAML) reads as a string; YAML 1.2 and the engine
+    read a float. Real strings and integers keep their types."""
+    from finetune_engine.config.yamlio import safe_load
+
+    doc = safe_load("a: 5e-05\nb: 1E+3\nc: -2e4\nd: '5e-05'\ne: 3\nf: 1.5e-3\ng: e5\nh: 5e\n")
+    assert doc == {"a": 5e-05, "b": 1000.0, "c": -20000.0, "d": "5e-05", "e": 3, "f": 0.0015, "g": "e5", "h": "5e"}
+    assert yaml.safe_load("a: 5e-05") == {"a": "5e-05"}  # the plain loader this replaces

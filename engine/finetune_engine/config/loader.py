@@ -17,6 +17,7 @@ from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
 from finetune_engine.config.presets import apply_preset
 from finetune_engine.config.training_args import METHODS, TrainingArgsError
+from finetune_engine.config.yamlio import safe_load
 
 _DISCRIMINATOR_TAGS = {
     "CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX", "TEXT_FILES", "AUTO_SPLIT", "NONE", "NO_PEFT",
@@ -142,7 +143,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", [f"{item!r}: expected key.path=value"])
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load(raw) if raw.strip() else ""
         parts = _split_key(key.strip())
         node: Any = data
         for i, part in enumerate(parts[:-1]):
@@ -201,7 +202,7 @@ def load_config(
     except UnicodeDecodeError as err:
         raise ConfigError(str(path), [f"not UTF-8 text: {err}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -14,6 +14,7 @@ import yaml
 
 from finetune_engine.config import ConfigError, parse_config
 from finetune_engine.config.schema import ExperimentConfig
+from finetune_engine.config.yamlio import safe_load
 
 log = logging.getLogger(__name__)
 CONFIG_ENV = "FINETUNE_CONFIG"
@@ -44,7 +45,7 @@ def read_config(args: argparse.Namespace, method: str = "sft") -> ExperimentConf
         except OSError as err:
             raise ConfigError(source, [f"cannot read: {err.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(source, [f"not valid YAML: {err}"]) from None
     return parse_config(data, source=source, overrides=args.overrides, method=method, text=text)
