@@ -53,7 +53,8 @@ def _config(tmp_path: Path, model: Path, data: Path, peft: dict | None = LORA, t
             **training_args,
         },
         "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": per_device},
-        "run_conf": {"model": str(model), "determinism": "half"},
+        # merged outputs and auto resume, as this project's operators ask for them
+        "run_conf": {"model": str(model), "determinism": "half", "merge_adapter": True, "resume_from_checkpoint": "auto"},
     }
     if peft is not None:
         cfg["peft_conf"] = peft
