@@ -141,7 +141,7 @@ def resolve_resume(setting: bool | str, output_dir: str | Path, clean_incomplete
         if clean_incomplete:
             shutil.rmtree(path, ignore_errors=True)
     for path, reason in scan.unusable:
-        log.warning("ignoring checkpoint %s: not complete (%s); left as it is", path, reason)
+        log.warning("ignoring incomplete checkpoint %s (%s); not written by this engine or damaged: left as it is", path, reason)
     if setting is False or setting == "false":
         if scan.complete:
             log.warning(

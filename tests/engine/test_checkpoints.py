@@ -54,8 +54,8 @@ def test_auto_resumes_from_newest_complete_and_removes_only_its_own_leftovers(tm
     assert resolve_resume("auto", tmp_path) == newest
     text = caplog.text
     assert f"ignoring incomplete checkpoint {ours} (this engine started writing it and did not finish); removing it" in text
-    assert f"ignoring checkpoint {cut}: not complete (no trainer_state.json" in text and "left as it is" in text
-    assert f"ignoring checkpoint {corrupt}: not complete (its manifest does not match: size mismatch" in text
+    assert f"ignoring incomplete checkpoint {cut} (no trainer_state.json" in text and "left as it is" in text
+    assert f"ignoring incomplete checkpoint {corrupt} (its manifest does not match: size mismatch" in text
     assert f"skipping {tmp_path / 'runs'}: not a checkpoint directory" in text
     assert f"skipping {tmp_path / 'checkpoint-final'}: not a checkpoint directory" in text
     assert f"resuming from the newest complete checkpoint {newest}" in text
@@ -74,7 +74,7 @@ def test_auto_resumes_from_a_checkpoint_another_trainer_wrote(tmp_path, caplog):
     # a sharded save missing a shard is not complete; the complete one before it is used, nothing is removed
     sharded = _foreign(tmp_path, 7, shards=["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
     assert resolve_resume("auto", tmp_path) == theirs
-    assert f"ignoring checkpoint {sharded}: not complete (missing shards ['model-00002-of-00002.safetensors'])" in caplog.text
+    assert f"ignoring incomplete checkpoint {sharded} (missing shards ['model-00002-of-00002.safetensors'])" in caplog.text
     (sharded / "model-00002-of-00002.safetensors").write_bytes(b"w")
     assert resolve_resume("auto", tmp_path) == sharded
     assert ours.is_dir() and theirs.is_dir() and not (theirs / WRITING_MARKER).exists()
@@ -84,7 +84,7 @@ def test_auto_without_complete_checkpoint_starts_fresh_and_says_so(tmp_path, cap
     caplog.set_level(logging.INFO, logger="finetune_engine.checkpoints")
     cut = _checkpoint(tmp_path, 3, complete=False)
     assert resolve_resume("auto", tmp_path) is None
-    assert "ignoring checkpoint" in caplog.text and "starting from step 0" in caplog.text
+    assert "ignoring incomplete checkpoint" in caplog.text and "starting from step 0" in caplog.text
     assert cut.is_dir()
 
 
