@@ -75,7 +75,9 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         ``s3://<bucket>/experiments/<experiment>/<run key>`` (deterministic: a relaunch resumes).
     :param run_name: names the run's prefix instead of the DAG run id: launching again with the same
         name resumes unfinished runs and skips finished ones (the seed tutorial's ``run_id``).
-    :param merge_adapter: also write the merged model as ``checkpoint-final`` (LoRA runs).
+    :param merge_adapter: also write the merged model (``run_conf.merge_adapter``): with an adapter,
+        the pod writes ``checkpoint-final-adapter`` (the adapter) and ``checkpoint-final`` (merged),
+        the Silogen chart's layout; the engine's own default is not to merge.
     :param distributed_strategy: ``ddp``, ``fsdp`` (FSDP2, transformer-layer wrapping, full state
         dict saved), ``deepspeed-zero1`` or ``deepspeed-zero3``; sets ``training_args.fsdp`` /
         ``fsdp_config`` or ``training_args.deepspeed`` (overrides may refine them). Default: what the
@@ -198,6 +200,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
                                    overrides=self.all_overrides(), method=self.method)
             except ConfigError as err:
                 raise FinetuneConfigError(str(err)) from None
+            cfg = self._pod_run_conf(cfg)
             data = cfg.model_dump(mode="json", exclude_defaults=False)
             data["training_args"] = {k: v for k, v in data["training_args"].items() if k != "output_dir"}
             self._rendered = yaml.safe_dump(data, sort_keys=True)
@@ -207,6 +210,22 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             asked.get("training_args", {}).pop("output_dir", None)
             self._asked = yaml.safe_dump(asked, sort_keys=True)
         return self._rendered
+
+    @staticmethod
+    def _pod_run_conf(cfg):
+        """What a pod run asks for unless the config says otherwise: resume (a relaunch continues
+        from the bucket's newest checkpoint), and for adapter runs the Silogen chart's naming
+        (the adapter in checkpoint-final-adapter, the merged model, with merge_adapter, in
+        checkpoint-final)."""
+        from finetune_engine.config import schema
+
+        run, given = cfg.run_conf, cfg.run_conf.model_fields_set
+        update: dict[str, Any] = {}
+        if "resume_from_checkpoint" not in given:
+            update["resume_from_checkpoint"] = "auto"
+        if "final_checkpoint_name" not in given and not isinstance(cfg.peft_conf, schema.NoPeft):
+            update["final_checkpoint_name"] = "checkpoint-final-adapter"
+        return cfg.model_copy(update={"run_conf": run.model_copy(update=update)}) if update else cfg
 
     def check_strategy(self) -> None:
         """The strategy against the resources and the config, before any pod."""

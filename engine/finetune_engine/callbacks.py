@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from finetune_engine.checkpoints import clear_writing, mark_writing
 from finetune_engine.manifest import write_manifest
 from finetune_engine.tracking import TrackingSettings
 
@@ -32,11 +33,23 @@ def memory_summary() -> str:
 
 
 class ManifestCallback(TrainerCallback):
-    """After the Trainer saved a checkpoint, write its manifest last; then run ``after_save`` hooks
-    (e.g. the bucket upload) with the complete directory."""
+    """Marks a checkpoint as this engine's before the Trainer saves it; after the save, writes its
+    manifest last (dropping the mark), then runs ``after_save`` hooks (e.g. the bucket upload) with
+    the complete directory."""
 
     def __init__(self, after_save: list[Callable[[Path, int], None]] | None = None):
         self.after_save = after_save or []
+
+    def _before_save(self, args, state, control) -> None:
+        # DefaultFlowCallback (first in the list) has decided should_save; the Trainer saves next.
+        if control.should_save and state.is_world_process_zero:
+            mark_writing(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._before_save(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._before_save(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -44,6 +57,7 @@ class ManifestCallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.is_dir():
             return
+        clear_writing(ckpt)
         write_manifest(ckpt, extra={"global_step": state.global_step})
         log.info("checkpoint %s complete (manifest written)", ckpt.name)
         for hook in self.after_save:

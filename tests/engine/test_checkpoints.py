@@ -2,57 +2,101 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
-from finetune_engine.checkpoints import ResumeError, resolve_resume
-from finetune_engine.manifest import MANIFEST_NAME, write_manifest
+from finetune_engine.checkpoints import WRITING_MARKER, ResumeError, mark_writing, resolve_resume
+from finetune_engine.manifest import write_manifest
 
 
 def _checkpoint(root, step, complete=True):
+    """A checkpoint this engine wrote (manifest) or, with complete=False, one cut off mid-save by
+    someone else (no trainer_state.json, no mark of ours)."""
     d = root / f"checkpoint-{step}"
     d.mkdir(parents=True)
     (d / "adapter_model.safetensors").write_bytes(b"w" * (step + 1))
     if complete:
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         write_manifest(d, extra={"global_step": step})
     return d
 
 
-def test_auto_resumes_from_newest_complete_and_logs_what_it_ignores(tmp_path, caplog):
+def _foreign(root, step, shards=None):
+    """A checkpoint written by a plain transformers Trainer (e.g. the Silogen engine): no manifest."""
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    if shards is None:
+        (d / "model.safetensors").write_bytes(b"w")
+    else:
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {f"w{i}": s for i, s in enumerate(shards)}}))
+        (d / shards[0]).write_bytes(b"w")
+    (d / "optimizer.pt").write_bytes(b"o")
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return d
+
+
+def test_auto_resumes_from_newest_complete_and_removes_only_its_own_leftovers(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="finetune_engine.checkpoints")
     _checkpoint(tmp_path, 2)
     newest = _checkpoint(tmp_path, 4)
-    cut = _checkpoint(tmp_path, 6, complete=False)  # killed mid-save: no manifest
+    cut = _checkpoint(tmp_path, 6, complete=False)  # someone else's save, cut off: no trainer_state.json
     corrupt = _checkpoint(tmp_path, 8)
     (corrupt / "adapter_model.safetensors").write_bytes(b"short")  # size no longer matches its manifest
+    ours = tmp_path / "checkpoint-10"
+    mark_writing(ours)  # this engine began saving step 10 and was killed
+    (ours / "adapter_model.safetensors").write_bytes(b"half")
     (tmp_path / "runs").mkdir()  # e.g. tensorboard logs
     (tmp_path / "checkpoint-final").mkdir()
     (tmp_path / "mlflow_run.json").write_text("{}")
 
     assert resolve_resume("auto", tmp_path) == newest
     text = caplog.text
-    assert f"ignoring incomplete checkpoint {cut} (no valid {MANIFEST_NAME}); removing it" in text
-    assert f"ignoring incomplete checkpoint {corrupt} (size mismatch for adapter_model.safetensors); removing it" in text
+    assert f"ignoring incomplete checkpoint {ours} (this engine started writing it and did not finish); removing it" in text
+    assert f"ignoring incomplete checkpoint {cut} (no trainer_state.json" in text and "left as it is" in text
+    assert f"ignoring incomplete checkpoint {corrupt} (its manifest does not match: size mismatch" in text
     assert f"skipping {tmp_path / 'runs'}: not a checkpoint directory" in text
     assert f"skipping {tmp_path / 'checkpoint-final'}: not a checkpoint directory" in text
     assert f"resuming from the newest complete checkpoint {newest}" in text
-    assert not cut.exists() and not corrupt.exists()
-    assert (tmp_path / "runs").is_dir() and (tmp_path / "checkpoint-final").is_dir()  # others' dirs untouched
+    assert not ours.exists()
+    assert cut.is_dir() and (corrupt / "adapter_model.safetensors").read_bytes() == b"short"  # not ours to delete
+    assert (tmp_path / "runs").is_dir() and (tmp_path / "checkpoint-final").is_dir()
+
+
+def test_auto_resumes_from_a_checkpoint_another_trainer_wrote(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune_engine.checkpoints")
+    ours = _checkpoint(tmp_path, 3)
+    theirs = _foreign(tmp_path, 5)
+    assert resolve_resume("auto", tmp_path) == theirs
+    assert resolve_resume(True, tmp_path) == theirs
+    assert resolve_resume(str(theirs), tmp_path) == theirs
+    # a sharded save missing a shard is not complete; the complete one before it is used, nothing is removed
+    sharded = _foreign(tmp_path, 7, shards=["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    assert resolve_resume("auto", tmp_path) == theirs
+    assert f"ignoring incomplete checkpoint {sharded} (missing shards ['model-00002-of-00002.safetensors'])" in caplog.text
+    (sharded / "model-00002-of-00002.safetensors").write_bytes(b"w")
+    assert resolve_resume("auto", tmp_path) == sharded
+    assert ours.is_dir() and theirs.is_dir() and not (theirs / WRITING_MARKER).exists()
 
 
 def test_auto_without_complete_checkpoint_starts_fresh_and_says_so(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="finetune_engine.checkpoints")
-    _checkpoint(tmp_path, 3, complete=False)
+    cut = _checkpoint(tmp_path, 3, complete=False)
     assert resolve_resume("auto", tmp_path) is None
     assert "ignoring incomplete checkpoint" in caplog.text and "starting from step 0" in caplog.text
+    assert cut.is_dir()
 
 
-def test_true_and_false_refuse_silent_restarts(tmp_path):
+def test_false_starts_fresh_beside_existing_checkpoints_and_true_needs_one(tmp_path, caplog):
     with pytest.raises(ResumeError, match="no complete checkpoint"):
         resolve_resume(True, tmp_path)
-    _checkpoint(tmp_path, 2)
-    with pytest.raises(ResumeError, match="holds complete checkpoints"):
-        resolve_resume(False, tmp_path)
-    with pytest.raises(ResumeError, match="not a complete checkpoint"):
+    kept = _foreign(tmp_path, 2)
+    caplog.set_level(logging.WARNING, logger="finetune_engine.checkpoints")
+    assert resolve_resume(False, tmp_path) is None  # the Silogen engine's default: start from step 0
+    assert "training starts from step 0 although" in caplog.text and "left in place" in caplog.text
+    assert kept.is_dir() and (kept / "trainer_state.json").exists()
+    with pytest.raises(ResumeError, match="not a complete checkpoint .no trainer_state.json"):
         resolve_resume(str(_checkpoint(tmp_path, 5, complete=False)), tmp_path)
+    with pytest.raises(ResumeError, match="no such directory"):
+        resolve_resume(str(tmp_path / "checkpoint-99"), tmp_path)

@@ -53,7 +53,8 @@ def _config(tmp_path: Path, model: Path, data: Path, peft: dict | None = LORA, t
             **training_args,
         },
         "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": per_device},
-        "run_conf": {"model": str(model), "determinism": "half"},
+        # merged outputs and auto resume, as this project's operators ask for them
+        "run_conf": {"model": str(model), "determinism": "half", "merge_adapter": True, "resume_from_checkpoint": "auto"},
     }
     if peft is not None:
         cfg["peft_conf"] = peft
@@ -285,7 +286,7 @@ def test_dpo_continues_an_sft_adapter_with_its_template(tiny_model_dir, chat_dat
     sft_cfg = make_config(sft_dir, tiny_model_dir, chat_data, peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
                           training_args={"output_dir": str(sft_dir / "out"), "max_steps": 2, "learning_rate": 0.003})
     assert finetuning(["sft", str(sft_cfg), "--num-preprocess-workers", "1"]) == 0
-    base, sft_adapter = sft_dir / "out" / "checkpoint-final-base", sft_dir / "out" / "checkpoint-final-adapter"
+    base, sft_adapter = sft_dir / "out" / "checkpoint-new-basemodel", sft_dir / "out" / "checkpoint-final"
     assert base.is_dir() and sft_adapter.is_dir()
 
     pretrained = {"peft_type": "PRETRAINED_PEFT", "name_or_path": str(sft_adapter)}

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune_engine.checkpoints import mark_writing
 from finetune_engine.cli.finetuning import main as finetuning
 from tests.engine.conftest import make_config
 
@@ -152,14 +153,17 @@ def test_resume_after_kill_uses_last_complete_checkpoint(tiny_model, chat_data, 
     proc.stderr.close()
     assert not (out / "checkpoint-final").exists()
     # Whatever the kill interrupted, plus a planted half-written checkpoint, must not be resumed from.
-    fake = out / "checkpoint-9999"
+    fake = out / "checkpoint-9999"  # not this engine's (no mark of ours): left in place
     fake.mkdir()
     (fake / "model.safetensors").write_bytes(b"partial")
+    ours = out / "checkpoint-9998"  # one this engine started writing and never finished: removed
+    mark_writing(ours)
+    (ours / "model.safetensors").write_bytes(b"partial")
     complete = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/_finetune_manifest.json"))
     result = _run(config)
     assert result["resumed_from"] == f"checkpoint-{complete[-1]}"
     assert result["global_step"] == 60
-    assert not fake.exists()
+    assert (fake / "model.safetensors").read_bytes() == b"partial" and not ours.exists()
 
 
 def test_mlflow_run_has_params_metrics_and_loss_curve(tiny_model, chat_data, tmp_path, monkeypatch):

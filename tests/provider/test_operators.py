@@ -83,6 +83,22 @@ def test_the_run_prefix_hashes_what_the_config_asks_not_the_schemas_defaults():
     assert lr.config_hash() != base.config_hash()
 
 
+def test_pod_runs_resume_merge_and_use_the_charts_adapter_name_unless_the_config_says_otherwise():
+    import yaml
+
+    run = yaml.safe_load(FinetuneKubernetesOperator(task_id="t", config=CONFIG).rendered_config())["run_conf"]
+    assert (run["resume_from_checkpoint"], run["merge_adapter"], run["final_checkpoint_name"]) == (
+        "auto", True, "checkpoint-final-adapter")  # adapter + checkpoint-final (merged), as the Silogen chart
+    full = {**CONFIG, "peft_conf": {"peft_type": "NO_PEFT"}}
+    run = yaml.safe_load(FinetuneKubernetesOperator(task_id="t", config=full).rendered_config())["run_conf"]
+    assert (run["resume_from_checkpoint"], run["final_checkpoint_name"]) == ("auto", "checkpoint-final")
+    own = {**CONFIG, "run_conf": {**CONFIG["run_conf"], "resume_from_checkpoint": False, "final_checkpoint_name": "out"}}
+    op = FinetuneKubernetesOperator(task_id="t", config=own, merge_adapter=False)
+    run = yaml.safe_load(op.rendered_config())["run_conf"]
+    assert (run["resume_from_checkpoint"], run["merge_adapter"], run["final_checkpoint_name"]) == (False, False, "out")
+    assert op.config_hash() != FinetuneKubernetesOperator(task_id="t", config=CONFIG).config_hash()
+
+
 def test_sweep_label_is_short_and_readable():
     from airflow.sdk import DAG
 

@@ -76,7 +76,9 @@ def train_config(tmp_path: Path, model_uri: str, data_uri: str, **training_args)
         "training_args": {"learning_rate": 0.003, "max_steps": 6, "save_steps": 2, "logging_steps": 1, **training_args},
         "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
         "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
-        "run_conf": {"model": model_uri, "determinism": "half"},
+        # as FinetuneKubernetesOperator renders a LoRA config: the chart's adapter name, merged model asked
+        "run_conf": {"model": model_uri, "determinism": "half", "final_checkpoint_name": "checkpoint-final-adapter",
+                     "merge_adapter": True},
         "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
     }
     path = tmp_path / "train.yaml"

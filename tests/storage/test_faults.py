@@ -36,7 +36,7 @@ from tests.storage.conftest import train_config
 
 pytestmark = pytest.mark.s3
 CLI = str(Path(sys.executable).parent / "finetune-engine")
-FINAL_OUTPUTS = ("checkpoint-final", "checkpoint-final-adapter", "checkpoint-final-base")
+FINAL_OUTPUTS = ("checkpoint-final", "checkpoint-final-adapter", "checkpoint-new-basemodel")
 
 
 def _job_env(s3_env) -> dict[str, str]:

@@ -242,12 +242,12 @@ def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path):
     assert train_job([*argv, "--workdir", str(tmp_path / "w1")]) == 0
     result = json.loads(result_file.read_text())
     assert result["status"] == "completed" and result["global_step"] == 6
-    for name in ("checkpoint-final", "checkpoint-final-adapter", "checkpoint-final-base"):
+    for name in ("checkpoint-final", "checkpoint-final-adapter", "checkpoint-new-basemodel"):
         assert is_complete(join(ckpt, name)), name
     assert result["final_checkpoint_uri"] == join(ckpt, "checkpoint-final")
     assert "logs/train.log" in list_objects(ckpt) and "result.json" in list_objects(ckpt)
     assert sorted(list_complete_children(ckpt)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-final",
-                                                    "checkpoint-final-adapter", "checkpoint-final-base"]
+                                                    "checkpoint-final-adapter", "checkpoint-new-basemodel"]
     # A second launch (fresh pod, empty workdir) does not retrain.
     assert train_job([*argv, "--workdir", str(tmp_path / "w2")]) == 0
     again = json.loads(result_file.read_text())

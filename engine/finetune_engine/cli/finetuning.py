@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         log.error("%s", err)
         return 2
-    log.info("done: %s", {k: result.get(k) for k in ("status", "global_step", "final_eval_loss", "final_checkpoint")})
+    log.info("done: %s", {k: result.get(k) for k in ("status", "global_step", "final_eval_loss", "final_adapter", "final_checkpoint")})
     return 0
 
 

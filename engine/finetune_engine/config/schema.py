@@ -29,6 +29,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, use_enum_values=True)
 
 
+def plain_dir_name(v: str) -> str:
+    if not v or "/" in v or "\\" in v or v in (".", ".."):
+        raise ValueError(f"must be a plain directory name, got {v!r}")
+    return v
+
+
+def default_output_dir() -> str:
+    """training_args.output_dir when the config leaves it out: $CHECKPOINTS_PATH, else
+    ./checkpoints (as the Silogen engine, whose chart syncs that directory to the bucket)."""
+    import os
+
+    return os.environ.get("CHECKPOINTS_PATH") or "checkpoints"
+
+
 # ---------------------------------------------------------------------------------------------
 # data_conf
 # ---------------------------------------------------------------------------------------------
@@ -509,14 +523,20 @@ class RunConf(_Strict):
     )
     use_fast_tokenizer: bool = Field(default=True, description="Use the fast (Rust) tokenizer.")
     resume_from_checkpoint: bool | Literal["auto"] | str = Field(
-        default="auto",
-        description="false: start fresh (refuses if checkpoints exist); true: resume from the "
-        "newest complete checkpoint, error if none; auto: resume if a complete checkpoint exists; "
-        "a path: resume from that checkpoint.",
+        default=False,
+        description="false (the Silogen engine's default): start from step 0; checkpoints already in "
+        "training_args.output_dir are left in place, and the trainer saves beside them (same step: "
+        "overwritten; save_total_limit rotation counts them). true: resume from the newest complete "
+        "checkpoint, error if none; auto: resume if a complete checkpoint exists (the train job's "
+        "default); a path: resume from that checkpoint. Complete: written by this engine (manifest) "
+        "or by any transformers Trainer (trainer_state.json and weights). Checkpoints this engine did "
+        "not write are never deleted.",
     )
     final_checkpoint_name: str = Field(
         default="checkpoint-final",
-        description="Directory name of the final output under training_args.output_dir.",
+        description="Directory name of the final output under training_args.output_dir: the "
+        "adapter for adapter runs (peft_conf), the model for full fine-tuning. The Silogen chart "
+        "sets checkpoint-final-adapter for adapter runs.",
     )
     determinism: Literal["no", "half", "full"] = Field(
         default="no",
@@ -532,8 +552,12 @@ class RunConf(_Strict):
         "match by Hub id or config.json model_type; a preset name: use it; none: no preset.",
     )
     merge_adapter: bool = Field(
-        default=True,
-        description="With an adapter: also write the merged full model to final_checkpoint_name.",
+        default=False,
+        description="With an adapter: also write the merged full model beside it, to "
+        "final_checkpoint_name without its -adapter suffix (checkpoint-final-adapter -> "
+        "checkpoint-final, where the Silogen chart's merge step writes it), else to "
+        "<final_checkpoint_name>-merged. Off by default, as in the Silogen engine (merge later with "
+        "merge_adapter BASE ADAPTER OUT); this project's operators ask for it.",
     )
 
     @field_validator("preset")
@@ -548,9 +572,7 @@ class RunConf(_Strict):
     @field_validator("final_checkpoint_name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v in (".", ".."):
-            raise ValueError(f"must be a plain directory name, got {v!r}")
-        return v
+        return plain_dir_name(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,6 +581,12 @@ class RunConf(_Strict):
 
 
 class SftArgs(_Strict):
+    save_name_if_new_basemodel: str = Field(
+        default="checkpoint-new-basemodel",
+        description="When the chat template added tokens and an adapter trains, the base with the "
+        "grown vocabulary is saved under training_args.output_dir with this name (the adapter "
+        "needs it to load or merge).",
+    )
     max_seq_length: int = Field(default=2048, gt=8, description="Longest training sequence.")
     length_handling: Literal["filter", "truncate"] = Field(
         default="filter",
@@ -587,6 +615,11 @@ class SftArgs(_Strict):
         description="Pack several examples into one row of max_seq_length, isolated from each "
         "other (block-diagonal attention, reset positions), to avoid padding.",
     )
+
+    @field_validator("save_name_if_new_basemodel")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return plain_dir_name(v)
 
 
 class SampleGenerations(_Strict):
@@ -655,7 +688,8 @@ class ExperimentConfig(_Strict):
     training_args: dict[str, Any] = Field(
         default_factory=dict,
         description="transformers TrainingArguments (sft) or TRL's DPOConfig, KTOConfig, "
-        "ORPOConfig, CPOConfig (dpo, kto, orpo, cpo), passed through. "
+        "ORPOConfig, CPOConfig (dpo, kto, orpo, cpo), passed through. output_dir defaults to "
+        "$CHECKPOINTS_PATH, else ./checkpoints. "
         f"{', '.join(DERIVED_TRAINING_ARGS)} are derived from batchsize_conf and may not be set.",
     )
     batchsize_conf: BatchsizeConf = Field(description="Batch size targets.")

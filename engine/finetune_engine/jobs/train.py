@@ -219,11 +219,14 @@ def run_train_job(
 
     if method not in METHODS:  # before any download
         raise ConfigError("--method", [f"unknown method {method!r}; expected one of {', '.join(METHODS)}"])
+    from finetune_engine.recipes.common import output_layout
+
     checkpoint_uri = checkpoint_uri.rstrip("/")
-    final_name = cfg.run_conf.final_checkpoint_name
-    adapter_name = f"{final_name}-adapter"
-    merged = isinstance(cfg.peft_conf, schema.NoPeft) or cfg.run_conf.merge_adapter
-    done_uri = join(checkpoint_uri, final_name if merged else adapter_name)
+    if "resume_from_checkpoint" not in cfg.run_conf.model_fields_set:
+        # a pod job resumes: a relaunch continues from the newest checkpoint in the bucket
+        cfg = cfg.model_copy(update={"run_conf": cfg.run_conf.model_copy(update={"resume_from_checkpoint": "auto"})})
+    layout = output_layout(cfg)
+    done_uri = join(checkpoint_uri, layout.done.name)
     if is_complete(done_uri):
         log.info("%s is complete: this run already finished, nothing to train", done_uri)
         stored = workdir / "stored-result.json"
@@ -266,24 +269,26 @@ def run_train_job(
         if not main_process:
             return result
 
-        # Final outputs: adapter, then result and logs, then the final model whose manifest,
-        # uploaded last, marks the whole run as finished.
-        if result.get("grown_base"):
-            upload_dir(Path(result["grown_base"]), join(checkpoint_uri, Path(result["grown_base"]).name))
-            result["grown_base_uri"] = join(checkpoint_uri, Path(result["grown_base"]).name)
-        if result.get("final_adapter"):
-            upload_dir(Path(result["final_adapter"]), join(checkpoint_uri, adapter_name))
-            result["final_adapter_uri"] = join(checkpoint_uri, adapter_name)
-        if result.get("final_checkpoint"):
-            result["final_checkpoint_uri"] = join(checkpoint_uri, final_name)
+        # Final outputs (the Silogen layout under the run's prefix): grown base, adapter or model,
+        # then result and logs, then the run's last output (layout.done), whose manifest, uploaded
+        # last, marks the whole run as finished.
+        layout = output_layout(cfg)
+        uris = {}
+        for key, local in (("grown_base", result.get("grown_base")), ("final_adapter", result.get("final_adapter")),
+                           ("final_checkpoint", result.get("final_checkpoint"))):
+            if local:
+                uris[key] = join(checkpoint_uri, Path(local).name)
+                result[f"{key}_uri"] = uris[key]
+        for key in ("grown_base", "final_adapter", "final_checkpoint"):
+            if key in uris and Path(result[key]) != layout.done:
+                upload_dir(Path(result[key]), uris[key])
         result.update(checkpoint_uri=checkpoint_uri, checkpoint_upload_failures=len(uploader.failures))
         local_result = workdir / "result.json"
         local_result.write_text(json.dumps(result, indent=1, sort_keys=True))
         upload_file(local_result, join(checkpoint_uri, "result.json"))
         handler.flush()
         upload_file(workdir / "logs" / "train.log", join(checkpoint_uri, "logs", "train.log"))
-        if result.get("final_checkpoint"):
-            upload_dir(Path(result["final_checkpoint"]), join(checkpoint_uri, final_name))
+        upload_dir(layout.done, done_uri)
         write_result(result, result_file)
         return result
     finally:

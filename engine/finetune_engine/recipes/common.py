@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +39,75 @@ def scaled_learning_rate(cfg: schema.ExperimentConfig, base_lr: float, total_bat
     return base_lr * o.lr_multiplier * factor
 
 
-def output_paths(cfg: schema.ExperimentConfig) -> tuple[Path, Path, Path]:
-    out = Path(cfg.training_args.get("output_dir") or "output")
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a run's outputs go under training_args.output_dir (the Silogen engine's layout).
+
+    ``final``: final_checkpoint_name, the adapter of an adapter run or the model of a full run;
+    ``merged``: the merged model when run_conf.merge_adapter asks for it (beside the adapter);
+    ``grown_base``: sft_args.save_name_if_new_basemodel, the base with a grown vocabulary;
+    ``done``: the directory whose manifest, written after result.json, marks the run finished."""
+
+    out: Path
+    final: Path
+    adapter: Path | None
+    merged: Path | None
+    grown_base: Path
+
+    @property
+    def model(self) -> Path | None:
+        """The full model a run leaves (served or evaluated alone), if any."""
+        return self.merged if self.adapter is not None else self.final
+
+    @property
+    def done(self) -> Path:
+        return self.merged or self.final
+
+
+def merged_name(final_checkpoint_name: str) -> str:
+    """checkpoint-final-adapter -> checkpoint-final (the Silogen chart's merge target), else
+    <name>-merged."""
+    stem = final_checkpoint_name.removesuffix("-adapter")
+    return stem if stem and stem != final_checkpoint_name else f"{final_checkpoint_name}-merged"
+
+
+def output_layout(cfg: schema.ExperimentConfig) -> OutputLayout:
+    out = Path(cfg.training_args.get("output_dir") or schema.default_output_dir())
     final = out / cfg.run_conf.final_checkpoint_name
-    return out, final, out / f"{cfg.run_conf.final_checkpoint_name}-adapter"
+    is_adapter = not isinstance(cfg.peft_conf, schema.NoPeft)
+    merged = out / merged_name(final.name) if is_adapter and cfg.run_conf.merge_adapter else None
+    return OutputLayout(out, final, final if is_adapter else None, merged, out / cfg.sft_args.save_name_if_new_basemodel)
+
+
+def output_paths(cfg: schema.ExperimentConfig) -> tuple[Path, Path, Path | None]:
+    """(output_dir, final_checkpoint_name directory, adapter directory or None)."""
+    lay = output_layout(cfg)
+    return lay.out, lay.final, lay.adapter
 
 
 def finished_result(cfg: schema.ExperimentConfig) -> dict[str, Any] | None:
     """The stored result of a run whose final output is complete, else None."""
-    out, final, adapter = output_paths(cfg)
-    done = final if isinstance(cfg.peft_conf, schema.NoPeft) or cfg.run_conf.merge_adapter else adapter
-    ok, _ = verify_directory(done)
-    stored = out / "result.json"
+    lay = output_layout(cfg)
+    ok, _ = verify_directory(lay.done)
+    stored = lay.out / "result.json"
     if ok and stored.exists():
         return json.loads(stored.read_text())
     return None
 
 
 def skip_if_finished(cfg: schema.ExperimentConfig, result_file: str | None) -> dict[str, Any] | None:
-    """Step 0 of a recipe: a finished run is not retrained; its stored result is reported again."""
+    """Step 0 of a recipe: a finished run is not retrained when it resumes (resume_from_checkpoint
+    auto or true); its stored result is reported again. With false, it trains again from step 0,
+    as the Silogen engine does."""
+    if cfg.run_conf.resume_from_checkpoint in (False, "false"):
+        return None
     done = finished_result(cfg)
     if done is None:
         return None
-    out_dir, final_dir, _ = output_paths(cfg)
-    log.info("%s is complete: training already finished, nothing to do", final_dir)
+    lay = output_layout(cfg)
+    log.info("%s is complete: training already finished, nothing to do", lay.done)
     done = {**done, "status": "skipped"}
-    write_result(done, out_dir, result_file, store=False)
+    write_result(done, lay.out, result_file, store=False)
     return done
 
 
@@ -272,46 +316,55 @@ def log_parallelism(trainer) -> None:
         log.warning("training_args asked for %s but accelerate ran %s (FSDP and DeepSpeed need GPUs/accelerators)", asked, acc.distributed_type.value)
 
 
+def _forget_manifest(directory: Path) -> None:
+    """Before this engine writes into ``directory`` again: its earlier manifest (ours) no longer
+    describes it."""
+    from finetune_engine.manifest import MANIFEST_NAME
+
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+
+
 def save_final(cfg: schema.ExperimentConfig, model, tok, meta: dict[str, Any]) -> dict[str, str | None]:
-    """Write the adapter (when one was trained) and the final model (merged when LoRA), each with
-    its finetune_meta.json and, for the adapter, its manifest. The final model's manifest is
-    written by ``finish`` last, after the result. Returns the paths written."""
+    """Write the final output: the adapter (adapter runs) or the model (full runs) to
+    final_checkpoint_name, and the merged model beside an adapter when run_conf.merge_adapter asks;
+    each with its finetune_meta.json. The manifest of ``layout.done`` is written by ``finish``,
+    last, after the result; the others' here. Returns the paths written."""
     from finetune_engine.merge import META_NAME, merge_adapter, save_model
     from finetune_engine.modeling import prepare_tokenizer_for_inference
 
-    _, final_dir, adapter_dir = output_paths(cfg)
+    lay = output_layout(cfg)
     prepare_tokenizer_for_inference(tok.tokenizer, tok.end_marker)
-    is_adapter = not isinstance(cfg.peft_conf, schema.NoPeft)
-    if is_adapter:
-        save_model(model, tok.tokenizer, adapter_dir, tok.end_marker)
-        (adapter_dir / META_NAME).write_text(json.dumps(meta, indent=1))
-        write_manifest(adapter_dir)
-        log.info("adapter saved to %s", adapter_dir)
-        if cfg.run_conf.merge_adapter:
-            if meta.get("quantized"):
-                merge_adapter(cfg.run_conf.model, str(adapter_dir), final_dir)  # dequantized base, never 4-bit weights
-            else:
-                save_model(model.merge_and_unload(), tok.tokenizer, final_dir, tok.end_marker)
-    else:
-        save_model(model, tok.tokenizer, final_dir, tok.end_marker)
-    if final_dir.exists():
-        (final_dir / META_NAME).write_text(json.dumps({**meta, "merged": is_adapter}, indent=1))
+    for d in (lay.final, lay.merged):
+        if d is not None and d.is_dir():
+            _forget_manifest(d)
+    save_model(model, tok.tokenizer, lay.final, tok.end_marker)
+    (lay.final / META_NAME).write_text(json.dumps({**meta, "merged": False}, indent=1))
+    log.info("%s saved to %s", "adapter" if lay.adapter else "model", lay.final)
+    if lay.merged is not None:
+        if meta.get("quantized"):
+            merge_adapter(cfg.run_conf.model, str(lay.final), lay.merged)  # dequantized base, never 4-bit weights
+        else:
+            save_model(model.merge_and_unload(), tok.tokenizer, lay.merged, tok.end_marker)
+        (lay.merged / META_NAME).write_text(json.dumps({**meta, "merged": True}, indent=1))
+        write_manifest(lay.final)
+        log.info("merged model saved to %s", lay.merged)
+    model_dir = lay.model
     return {
-        "final_checkpoint": str(final_dir) if final_dir.exists() else None,
-        "final_adapter": str(adapter_dir) if is_adapter else None,
+        "final_checkpoint": str(model_dir) if model_dir is not None else None,
+        "final_adapter": str(lay.adapter) if lay.adapter is not None else None,
     }
 
 
 def finish(cfg: schema.ExperimentConfig, result: dict[str, Any], metrics: dict[str, Any], mlflow_cb, result_file: str | None) -> None:
-    """Close tracking, store the result, then the final model's manifest: the run counts as
-    finished only from here."""
-    out_dir, final_dir, adapter_dir = output_paths(cfg)
+    """Close tracking, store the result, then the manifest of the run's last output: the run
+    counts as finished only from here."""
+    lay = output_layout(cfg)
     if mlflow_cb is not None:
         mlflow_cb.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    write_result(result, out_dir, result_file)
-    if final_dir.exists():
-        write_manifest(final_dir)
-    log.info("final model: %s", final_dir if final_dir.exists() else adapter_dir)
+    write_result(result, lay.out, result_file)
+    write_manifest(lay.done)
+    log.info("final %s: %s%s", "adapter" if lay.adapter else "model", lay.final,
+             f"; merged model: {lay.merged}" if lay.merged else "")
 
 
 def last_logged(state, key: str) -> float | None:

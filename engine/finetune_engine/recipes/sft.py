@@ -124,7 +124,7 @@ def run_sft(
     # Checked before the model loads (divisibility); with auto, derived again after probing.
     plan = derive_batch_plan(total, 1 if auto_batch else cfg.batchsize_conf.max_per_device_train_batch_size, world)
 
-    base_dir = out_dir / f"{cfg.run_conf.final_checkpoint_name}-base"
+    base_dir = common.output_layout(cfg).grown_base  # sft_args.save_name_if_new_basemodel
     needs_base = bool(tok.added_tokens) and not isinstance(cfg.peft_conf, schema.NoPeft)
 
     def save_grown_base(base_model) -> None:
