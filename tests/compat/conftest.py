@@ -85,3 +85,21 @@ def read_json(path: Path) -> dict:
 def compat_base_model(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny model, as the chart's download step lays it out (never modified by a run)."""
     return tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def chat_ml_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as an SFT run with chat_template_name: chat-ml leaves it (merged): its vocabulary
+    grown by <|im_start|> and <|im_end|>. The Silogen engine's DPO docs train such a model - DPO, there
+    and here, refuses a template that would add tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("chat-ml") / "model"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
