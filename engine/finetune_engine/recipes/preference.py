@@ -118,7 +118,13 @@ def run_preference(
     from finetune_engine.checkpoints import resolve_resume
     from finetune_engine.data.load import load_data
     from finetune_engine.merge import read_meta
-    from finetune_engine.modeling import load_model, load_tokenizer, peft_config, prepare_quantized, prepare_tokenizer_for_inference
+    from finetune_engine.modeling import (
+        load_model,
+        load_tokenizer,
+        peft_config,
+        prepare_quantized,
+        prepare_tokenizer_for_inference,
+    )
 
     seed = common.seed_everything(cfg)
     model_path = cfg.run_conf.model
