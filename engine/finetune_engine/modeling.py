@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,13 +270,61 @@ def _refuse_pickle_only(model_path: str, use_safetensors: bool | None) -> None:
         )
 
 
+INFERENCE_SAVE_MARK = "_finetune_engine_inference_save"
+
+
 def prepare_tokenizer_for_inference(tokenizer, end_marker: str | None) -> None:
-    """The seed's inference settings: BOS added, EOS not added, EOS = the assistant end marker."""
-    for attr, value in (("add_bos_token", True), ("add_eos_token", False)):
-        try:
-            setattr(tokenizer, attr, value)
-        except (AttributeError, ValueError):
-            tokenizer.init_kwargs[attr] = value
-    if end_marker and end_marker != tokenizer.eos_token:
-        tokenizer.eos_token = end_marker
-    tokenizer.padding_side = "left"
+    """Make every later ``tokenizer.save_pretrained`` write the inference settings, as the Silogen
+    engine does: BOS added, EOS not added, EOS = the assistant end marker. The tokenizer in memory
+    keeps its training settings (they are set for the save only and restored after it), so
+    checkpoints, the grown-vocabulary base, the final and the merged model all carry the inference
+    tokenizer while training goes on unchanged. Preparing the same tokenizer twice is an error."""
+    if hasattr(tokenizer, INFERENCE_SAVE_MARK):
+        raise RuntimeError("the tokenizer is already prepared for saving in inference mode")
+    settings: dict[str, Any] = {"add_bos_token": True, "add_eos_token": False}
+    if end_marker:
+        settings["eos_token"] = end_marker
+    # bound to the instance (a copy of the tokenizer gets a wrapper bound to the copy)
+    setattr(tokenizer, INFERENCE_SAVE_MARK, (tokenizer.save_pretrained, settings))
+    tokenizer.save_pretrained = types.MethodType(_save_in_inference_mode, tokenizer)
+
+
+def _save_in_inference_mode(self, *args, **kwargs):
+    training_save, settings = getattr(self, INFERENCE_SAVE_MARK)
+    log.info("saving the tokenizer with its inference settings %s", settings)
+    restore = _apply_settings(self, settings)
+    try:
+        return training_save(*args, **kwargs)
+    finally:
+        restore()
+
+
+def _apply_settings(tokenizer, settings: dict[str, Any]):
+    """Set tokenizer attributes (in ``init_kwargs``, which the save writes, where the tokenizer
+    has no such attribute); returns the function that puts every one back as it was."""
+    missing = object()
+    undo: list[tuple[str, bool, Any]] = []  # (name, set as attribute, value before)
+    for attr, value in settings.items():
+        before = getattr(tokenizer, attr, missing)
+        if before is not missing:
+            if before == value:
+                continue
+            try:
+                setattr(tokenizer, attr, value)
+                undo.append((attr, True, before))
+                continue
+            except (AttributeError, ValueError):
+                pass
+        undo.append((attr, False, tokenizer.init_kwargs.get(attr, missing)))
+        tokenizer.init_kwargs[attr] = value
+
+    def restore() -> None:
+        for attr, as_attribute, before in reversed(undo):
+            if as_attribute:
+                setattr(tokenizer, attr, before)
+            elif before is missing:
+                tokenizer.init_kwargs.pop(attr, None)
+            else:
+                tokenizer.init_kwargs[attr] = before
+
+    return restore

@@ -6,7 +6,9 @@
 - completion-only labels: the peer masks in the collator, by finding the assistant start/end
   token sequences; this engine masks when it tokenizes (finetune_engine.data.tokenize.encode_batch,
   by rendering conversation prefixes). The cases use a one-token-per-character mock tokenizer whose
-  chat template writes the given start and end markers, and expect the peer's input ids and labels.
+  chat template writes the given start and end markers, encode with the settings an SFT run
+  derives from the default sft_args (EOS appended after the conversation, as the peer's training
+  tokenizer adds it; the assistant start marker trained), and expect the peer's input ids and labels.
 - in-context tokenization: the peer tokenizes a string after a prefix and drops the prefix's tokens
   by their offsets; here encode_batch labels an assistant reply by the offsets of its tokens in the
   whole rendered text.
@@ -46,6 +48,22 @@ class CharTokenizer:
         return out
 
 
+def _config(sections: dict | None = None):
+    from finetune_engine.config import parse_config
+
+    return parse_config({
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": "unused.jsonl"}]},
+            "validation_data": {"type": "NONE"},
+            "chat_template_name": "keep-original",
+            **(sections or {}).get("data_conf", {}),
+        },
+        "batchsize_conf": {"total_train_batch_size": 1},
+        "run_conf": {"model": "unused"},
+        **{k: v for k, v in (sections or {}).items() if k != "data_conf"},
+    })
+
+
 @pytest.mark.parametrize("start, end", [([2], [3]), ([2], [2]), ([2, 3], [4, 5]), ([2, 3], [2, 3])])
 def test_completion_only_collator(start, end):
     """Restates test_collator.py::test_completion_only_collator (all four marker cases): input ids
@@ -54,7 +72,9 @@ def test_completion_only_collator(start, end):
     tok = CharTokenizer("".join(CHARS[i] for i in start), "".join(CHARS[i] for i in end))
     messages = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "abc"},
                 {"role": "user", "content": "abc"}]
-    settings = EncodeSettings(max_seq_length=64, completions_only=True, end_marker=tok.end)
+    # what an SFT run encodes with: sft_args as a Silogen config leaves them, completions only on
+    sft = _config({"sft_args": {"max_seq_length": 64, "train_on_completions_only": True}}).sft_args
+    settings = EncodeSettings.for_sft(sft, end_marker=tok.end, start_marker=tok.start)
     [item] = encode_batch([{"messages": messages}], tok, settings)
     assert item["input_ids"] == [10, 11, 12] + start + [10, 11, 12] + end + [10, 11, 12] + [EOS_ID]
     x = IGNORE_INDEX
@@ -89,20 +109,10 @@ def test_in_context_tokenize():
 def test_unk_convert_to_eos_collator(tiny_model_dir):
     """Restates test_collator.py::test_unk_convert_to_eos_collator: with unk-convert-to-eos, a batch
     pads [2, 2, 3, EOS] with EOS on the input side and -100 on the labels."""
-    from finetune_engine.config import parse_config
     from finetune_engine.data.collate import PaddingCollator
     from finetune_engine.modeling import load_tokenizer
 
-    cfg = parse_config({
-        "data_conf": {
-            "training_data": {"type": "CONCATENATION", "datasets": [{"path": "unused.jsonl"}]},
-            "validation_data": {"type": "NONE"},
-            "chat_template_name": "keep-original",
-            "missing_pad_token_strategy": "unk-convert-to-eos",
-        },
-        "batchsize_conf": {"total_train_batch_size": 1},
-        "run_conf": {"model": str(tiny_model_dir)},
-    })
+    cfg = _config({"data_conf": {"missing_pad_token_strategy": "unk-convert-to-eos"}})
     tok = load_tokenizer(cfg, str(tiny_model_dir))
     eos = tok.tokenizer.eos_token_id
     assert tok.tokenizer.pad_token_id == tok.tokenizer.unk_token_id

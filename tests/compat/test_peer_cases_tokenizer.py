@@ -1,8 +1,8 @@
 """The Silogen engine's tests/test_tokenizer.py, case by case. The peer wraps the tokenizer's
 save_pretrained (wrap_for_save_in_inference_mode) so that a save writes the inference settings -
 EOS = the template's end marker, BOS added, EOS not added - while the tokenizer in memory keeps its
-training settings. Here the same is done by finetune_engine.modeling.prepare_tokenizer_for_inference
-before the save; the cases use the tiny model's real tokenizer (with <|im_end|>, EOS and BOS added
+training settings. Here finetune_engine.modeling.prepare_tokenizer_for_inference wraps it the
+same way (the training recipes call it right after loading the tokenizer); the cases use the tiny model's real tokenizer (with <|im_end|>, EOS and BOS added
 as tokens) instead of the peer's mock, and read the saved settings back by loading the saved
 tokenizer."""
 
@@ -43,11 +43,15 @@ def _adds(tok) -> tuple[bool, bool]:
 
 def test_wrap_for_save_in_inference_mode_keeps_default_params(tokenizer, tmp_path):
     """Restates test_tokenizer.py::test_wrap_for_save_in_inference_mode_keeps_default_params: after
-    preparing and saving for inference, the tokenizer in memory keeps its EOS and BOS."""
+    preparing and saving for inference, the tokenizer in memory keeps its EOS, BOS and whether it
+    adds them."""
+    tokenizer.add_eos_token = True
+    tokenizer.add_bos_token = True
     _wrap(tokenizer)
     tokenizer.save_pretrained(tmp_path / "tok")
     assert tokenizer.eos_token == "</s>"
     assert tokenizer.bos_token == "<s>"
+    assert _adds(tokenizer) == (True, True)
 
 
 def test_wrap_for_save_in_inference_mode_keeps_same_params(tokenizer, tmp_path):
@@ -56,9 +60,12 @@ def test_wrap_for_save_in_inference_mode_keeps_same_params(tokenizer, tmp_path):
     _wrap(tokenizer)
     tokenizer.eos_token = "EOS"
     tokenizer.bos_token = "BOS"
+    tokenizer.add_eos_token = False
+    tokenizer.add_bos_token = False
     tokenizer.save_pretrained(tmp_path / "tok")
     assert tokenizer.eos_token == "EOS"
     assert tokenizer.bos_token == "BOS"
+    assert _adds(tokenizer) == (False, False)
 
 
 def test_wrap_for_save_in_inference_mode_saves_inference_params(tokenizer, tmp_path):
@@ -73,13 +80,17 @@ def test_wrap_for_save_in_inference_mode_saves_inference_params(tokenizer, tmp_p
 
 def test_wrap_for_save_in_inference_mode_doesnt_change_bos(tokenizer, tmp_path):
     """Restates test_tokenizer.py::test_wrap_for_save_in_inference_mode_doesnt_change_bos: a BOS
-    changed in memory after the preparation is saved, while the saved EOS stays the end marker."""
+    changed in memory after the preparation is saved, while the saved EOS stays the end marker
+    and the saved tokenizer adds BOS and not EOS, whatever the tokenizer in memory adds."""
     _wrap(tokenizer)
     tokenizer.eos_token = "EOS"
     tokenizer.bos_token = "BOS"
+    tokenizer.add_eos_token = False
+    tokenizer.add_bos_token = False
     tokenizer.save_pretrained(tmp_path / "tok")
     saved = _saved(tmp_path / "tok")
     assert (saved.eos_token, saved.bos_token) == (END, "BOS")
+    assert _adds(saved) == (True, False)
 
 
 def test_wrap_for_save_in_inference_mode_cannot_wrap_twice(tokenizer):

@@ -87,9 +87,15 @@ def test_sft_trains_and_saves(tiny_model, chat_data, tmp_path, peft, packing, co
         grown = _weights(Path(result["grown_base"]))
         assert grown[emb].shape == after[emb].shape  # the base the adapter belongs to
         assert torch.equal(grown[emb][: before[emb].shape[0]], before[emb])  # old rows untouched before training
+        _assert_inference_tokenizer(Path(result["grown_base"]), "<|im_end|>")
     else:
         assert result["final_adapter"] is None
     _assert_inference_tokenizer(final, "<|im_end|>")
+    # as in the Silogen engine, every tokenizer save writes the inference settings: checkpoints too
+    checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"))
+    assert checkpoints, "save_steps 3 of 6 should have left checkpoints"
+    for checkpoint in checkpoints:
+        _assert_inference_tokenizer(checkpoint, "<|im_end|>")
     _assert_generates(final)
 
 

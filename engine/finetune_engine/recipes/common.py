@@ -330,10 +330,8 @@ def save_final(cfg: schema.ExperimentConfig, model, tok, meta: dict[str, Any]) -
     each with its finetune_meta.json. The manifest of ``layout.done`` is written by ``finish``,
     last, after the result; the others' here. Returns the paths written."""
     from finetune_engine.merge import META_NAME, merge_adapter, save_model
-    from finetune_engine.modeling import prepare_tokenizer_for_inference
 
     lay = output_layout(cfg)
-    prepare_tokenizer_for_inference(tok.tokenizer, tok.end_marker)
     for d in (lay.final, lay.merged):
         if d is not None and d.is_dir():
             _forget_manifest(d)

@@ -118,13 +118,21 @@ def run_preference(
     from finetune_engine.checkpoints import resolve_resume
     from finetune_engine.data.load import load_data
     from finetune_engine.merge import read_meta
-    from finetune_engine.modeling import load_model, load_tokenizer, peft_config, prepare_quantized
+    from finetune_engine.modeling import (
+        load_model,
+        load_tokenizer,
+        peft_config,
+        prepare_quantized,
+        prepare_tokenizer_for_inference,
+    )
 
     seed = common.seed_everything(cfg)
     model_path = cfg.run_conf.model
 
     # 2. Tokenizer, under the seed's rule: no new tokens, the template SFT trained.
     tok = load_tokenizer(cfg, model_path)
+    # every save (checkpoints, final, merged) writes the inference tokenizer
+    prepare_tokenizer_for_inference(tok.tokenizer, tok.end_marker)
     # What SFT trained: the adapter's finetune_meta.json when continuing an adapter, else the model's.
     sources = [cfg.peft_conf.name_or_path] if isinstance(cfg.peft_conf, schema.PretrainedPeft) else []
     sft_meta, trained_from = {}, model_path

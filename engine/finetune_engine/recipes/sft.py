@@ -80,11 +80,13 @@ def run_sft(
     from finetune_engine.data.pack import pack_lengths
     from finetune_engine.data.tokenize import EncodeSettings
     from finetune_engine.merge import save_model
-    from finetune_engine.modeling import load_model, load_tokenizer
+    from finetune_engine.modeling import load_model, load_tokenizer, prepare_tokenizer_for_inference
 
     seed = common.seed_everything(cfg)
     model_path = cfg.run_conf.model
     tok = load_tokenizer(cfg, model_path)
+    # every save (checkpoints, grown base, final, merged) writes the inference tokenizer
+    prepare_tokenizer_for_inference(tok.tokenizer, tok.end_marker)
     sft = cfg.sft_args
     text_stats: dict[str, Any] | None = None
     train_counts: Counter = Counter()
