@@ -198,6 +198,22 @@ def test_filtering_everything_names_max_seq_length(tiny_model, chat_data, tmp_pa
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_auto_split_that_leaves_nothing_to_train_stops_before_the_model_loads(tiny_model, tmp_path, caplog, monkeypatch):
+    import finetune_engine.modeling
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(finetune_engine.modeling, "load_model", no_model)
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    config = make_config(tmp_path, tiny_model, data, data_conf={"validation_data": {"type": "AUTO_SPLIT", "ratio": 0.5}})
+    assert finetuning(["sft", str(config)]) == 2
+    assert "data_conf.validation_data: AUTO_SPLIT with ratio 0.5" in caplog.text
+    assert "lower data_conf.validation_data.ratio" in caplog.text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_progress_and_memory_lines_logged(tiny_model, chat_data, tmp_path, caplog):
     import logging
 
