@@ -12,7 +12,13 @@ a full-parameter run) removing them would serve a different model: they are kept
 "Keeping non-LoRA layers, they are needed.", and the command exits 0 as the Silogen engine does.
 With ``--training-config`` the decision also follows the training config, as the Silogen engine's;
 without it the adapter's own files decide (``adapter_config.json``, ``finetune_meta.json`` and the
-embedding shapes against the base model's vocabulary).
+embedding shapes against the base model's vocabulary). Like the Silogen engine, the command needs only
+``adapter_model.safetensors``: a directory without ``adapter_config.json`` carries no evidence of
+trained layers besides the weights, so its non-LoRA tensors are removed.
+
+When the directory carries this engine's completion manifest (``_finetune_manifest.json``) and was
+complete before, the manifest is rewritten after the in-place rewrite, so the directory still
+verifies as complete.
 """
 
 from __future__ import annotations
@@ -51,11 +57,20 @@ def is_lora_key(key: str) -> bool:
     return ".lora_" in key
 
 
-def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+def _adapter_config(adapter_dir: Path, required: bool = True) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json``; ``{}`` when it is absent and not ``required``."""
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
+        if not required:
+            return {}
         raise AdapterError(f"{adapter_dir}: no adapter_config.json; give the directory of a saved PEFT adapter")
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{path}: not readable JSON ({err}); restore it from the saved adapter") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: expected a JSON object, found {type(cfg).__name__}; restore it from the saved adapter")
+    return cfg
 
 
 def _base_vocab_size(adapter_cfg: dict[str, Any]) -> int | None:
@@ -68,8 +83,10 @@ def _base_vocab_size(adapter_cfg: dict[str, Any]) -> int | None:
 
 
 def adapter_reasons(adapter_dir: Path, tensors: dict | None = None) -> list[str]:
-    """Why the adapter's non-LoRA layers were trained, from its own files (empty: they were not)."""
-    cfg = _adapter_config(adapter_dir)
+    """Why the adapter's non-LoRA layers were trained, from its own files (empty: they were not).
+    Without ``adapter_config.json`` only ``finetune_meta.json`` can tell (the Silogen engine reads
+    no config at all)."""
+    cfg = _adapter_config(adapter_dir, required=False)
     reasons = []
     if cfg.get("modules_to_save"):
         reasons.append(f"adapter_config.json trains modules_to_save {list(cfg['modules_to_save'])}")
@@ -158,6 +175,13 @@ def create_vllm_compatible_adapter(adapter_dir: str | Path, training_config: str
         return {"action": "already-done", "dropped": [], "kept": len(tensors), "reasons": []}
     from safetensors.torch import save_file
 
+    from finetune_engine.manifest import MANIFEST_NAME, read_manifest, verify_directory, write_manifest
+
+    manifest = read_manifest(adapter_dir)
+    was_complete = manifest is not None and verify_directory(adapter_dir)[0]
+    if (adapter_dir / MANIFEST_NAME).exists() and not was_complete:
+        log.warning("%s: %s does not match the directory; it is left as it is (the directory stays incomplete)",
+                    adapter_dir, MANIFEST_NAME)
     keep = {k: v for k, v in tensors.items() if is_lora_key(k)}
     dropped = sorted(set(tensors) - set(keep))
     log.info("Removing non-LoRA layers: %s", dropped)
@@ -165,6 +189,8 @@ def create_vllm_compatible_adapter(adapter_dir: str | Path, training_config: str
     save_file(keep, str(tmp), metadata={"format": "pt"})  # complete before anything is moved
     os.replace(model_path, backup)
     os.replace(tmp, model_path)
+    if was_complete:
+        write_manifest(adapter_dir, extra=manifest.get("extra"))
     return {"action": "removed", "dropped": dropped, "kept": len(keep), "reasons": []}
 
 
@@ -173,8 +199,11 @@ def vllm_preflight(adapter_dir: str | Path, max_lora_rank: int | None = None,
     """Problems vLLM would have with this adapter (empty list: it will load)."""
     adapter_dir = Path(adapter_dir)
     problems = []
-    cfg = _adapter_config(adapter_dir)
-    if cfg.get("peft_type") != "LORA":
+    cfg = _adapter_config(adapter_dir, required=False)
+    if not cfg:
+        problems.append("no adapter_config.json: vLLM needs it next to adapter_model.safetensors to load the "
+                        "adapter; copy it from the training run's adapter directory")
+    elif cfg.get("peft_type") != "LORA":
         problems.append(f"peft_type {cfg.get('peft_type')}: vLLM serves only LoRA adapters")
     rank = int(cfg.get("r", 0))
     if max_lora_rank is not None and rank > max_lora_rank:

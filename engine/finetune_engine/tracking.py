@@ -1,4 +1,18 @@
-"""MLflow settings with the seed's precedence: command line > config file > environment."""
+"""MLflow settings, chosen as the Silogen engine chooses them.
+
+One source wins as a whole, never key by key:
+
+1. ``--mlflow-server-uri`` on the command line: its URI, ``--experiment-name`` (default
+   ``default``) and ``--hf-mlflow-log-artifacts`` (default ``False``); the config's tracking
+   section is not read.
+2. Otherwise the config's tracking section, when it names ``mlflow_server_uri``: its URI,
+   experiment and ``hf_mlflow_log_artifacts``; the command line's experiment name and the
+   environment are not read.
+3. Otherwise ``MLFLOW_TRACKING_URI`` from the environment, with ``MLFLOW_EXPERIMENT_NAME`` and
+   ``HF_MLFLOW_LOG_ARTIFACTS``. A tracking section without a URI (which the Silogen engine does not
+   accept) still gives its experiment name here.
+4. Otherwise MLflow is off. ``DISABLE_MLFLOW_INTEGRATION=TRUE`` turns it off in every case.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +46,19 @@ def resolve_tracking(
     env: dict[str, str] | None = None,
 ) -> TrackingSettings:
     env = dict(os.environ if env is None else env)
-    if env.get("DISABLE_MLFLOW_INTEGRATION", "").lower() in _TRUE and not cli_uri:
+    if env.get("DISABLE_MLFLOW_INTEGRATION", "").lower() in _TRUE:
         return TrackingSettings(None, None, False, None)
-    uri = cli_uri or cfg.mlflow_server_uri or env.get("MLFLOW_TRACKING_URI") or None
-    experiment = cli_experiment or cfg.experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or None
-    if cli_log_artifacts is not None:
-        log_artifacts = str(cli_log_artifacts).lower() in _TRUE
-    elif cfg.hf_mlflow_log_artifacts:
-        log_artifacts = True
-    else:
-        log_artifacts = env.get("HF_MLFLOW_LOG_ARTIFACTS", "").lower() in _TRUE
-    return TrackingSettings(uri, experiment or ("default" if uri else None), log_artifacts, cfg.run_name)
+    if cli_uri:
+        return TrackingSettings(cli_uri, cli_experiment or "default", _true(cli_log_artifacts), cfg.run_name)
+    if cfg.mlflow_server_uri:
+        experiment = cfg.experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or "default"
+        return TrackingSettings(cfg.mlflow_server_uri, experiment, bool(cfg.hf_mlflow_log_artifacts), cfg.run_name)
+    uri = env.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        return TrackingSettings(None, None, False, None)
+    experiment = cfg.experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or "default"
+    return TrackingSettings(uri, experiment, _true(env.get("HF_MLFLOW_LOG_ARTIFACTS")), cfg.run_name)
+
+
+def _true(value: str | bool | None) -> bool:
+    return str(value).lower() in _TRUE if value is not None else False

@@ -125,13 +125,16 @@ def test_auto_split_ratio_no_overlap_and_seeded(tmp_path):
     assert {r["id"] for r in load_data(other)[1]} != eval_ids
 
 
-def test_auto_split_holds_out_the_ceiling_and_keeps_one_to_train():
+def test_auto_split_holds_out_the_ceiling_and_refuses_to_leave_nothing_to_train():
     records = [{"i": i} for i in range(3)]
     train, evaluation = split(records, 0.01, seed=0)
     assert len(evaluation) == 1 and len(train) == 2  # ceil(0.03)
-    train, evaluation = split(records, 0.99, seed=0)  # the Silogen engine refuses: nothing left to train
-    assert len(evaluation) == 2 and len(train) == 1
-    assert split([{"i": 0}], 0.2, seed=0) == ([{"i": 0}], [])
+    with pytest.raises(ValueError, match=r"data_conf.validation_data: AUTO_SPLIT with ratio 0.99 holds out "
+                                         r"ceil\(0.99 x 3\) = 3 .*lower data_conf.validation_data.ratio"):
+        split(records, 0.99, seed=0)  # as the Silogen engine (datasets' train_test_split) refuses
+    with pytest.raises(ValueError, match="leaving nothing to train on"):
+        split([{"i": 0}], 0.2, seed=0)
+    assert split([], 0.2, seed=0) == ([], [])  # nothing to split, as there
 
 
 def test_auto_split_defaults_are_the_silogen_engines():

@@ -204,6 +204,22 @@ def test_filtering_everything_names_max_seq_length(tiny_model, chat_data, tmp_pa
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_auto_split_that_leaves_nothing_to_train_stops_before_the_model_loads(tiny_model, tmp_path, caplog, monkeypatch):
+    import finetune_engine.modeling
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(finetune_engine.modeling, "load_model", no_model)
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    config = make_config(tmp_path, tiny_model, data, data_conf={"validation_data": {"type": "AUTO_SPLIT", "ratio": 0.5}})
+    assert finetuning(["sft", str(config)]) == 2
+    assert "data_conf.validation_data: AUTO_SPLIT with ratio 0.5" in caplog.text
+    assert "lower data_conf.validation_data.ratio" in caplog.text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_progress_and_memory_lines_logged(tiny_model, chat_data, tmp_path, caplog):
     import logging
 
@@ -244,18 +260,27 @@ def test_mlflow_unreachable_never_stops_training(tiny_model, chat_data, tmp_path
     assert "training continues" in caplog.text
 
 
-def test_tracking_precedence_cli_over_config_over_env():
+def test_tracking_one_source_wins_whole_cli_then_config_then_env():
+    """As the Silogen engine: --mlflow-server-uri takes all settings from the command line, else a
+    tracking section with a URI takes all from the config, else the environment; never key by key."""
     from finetune_engine.config.schema import Tracking
     from finetune_engine.tracking import resolve_tracking
 
     env = {"MLFLOW_TRACKING_URI": "file:///env", "MLFLOW_EXPERIMENT_NAME": "env-exp", "HF_MLFLOW_LOG_ARTIFACTS": "TRUE"}
-    assert resolve_tracking(Tracking(), env=env).uri == "file:///env"
+    s = resolve_tracking(Tracking(), env=env)
+    assert (s.uri, s.experiment, s.log_artifacts) == ("file:///env", "env-exp", True)
     cfg = Tracking(mlflow_server_uri="http://config", experiment_name="cfg-exp")
-    s = resolve_tracking(cfg, env=env)
-    assert (s.uri, s.experiment, s.log_artifacts) == ("http://config", "cfg-exp", True)
+    s = resolve_tracking(cfg, cli_experiment="cli-exp", cli_log_artifacts="True", env=env)
+    assert (s.uri, s.experiment, s.log_artifacts) == ("http://config", "cfg-exp", False)
     s = resolve_tracking(cfg, cli_uri="http://cli", cli_experiment="cli-exp", cli_log_artifacts="False", env=env)
     assert (s.uri, s.experiment, s.log_artifacts) == ("http://cli", "cli-exp", False)
+    s = resolve_tracking(cfg, cli_uri="http://cli", env=env)  # the Silogen CLI's defaults
+    assert (s.uri, s.experiment, s.log_artifacts) == ("http://cli", "default", False)
+    # a section without a URI (the operator's experiment override) names the experiment of the env's server
+    s = resolve_tracking(Tracking(experiment_name="dag-exp"), env=env)
+    assert (s.uri, s.experiment) == ("file:///env", "dag-exp")
     assert not resolve_tracking(cfg, env={"DISABLE_MLFLOW_INTEGRATION": "TRUE"}).enabled
+    assert not resolve_tracking(cfg, cli_uri="http://cli", env={"DISABLE_MLFLOW_INTEGRATION": "TRUE"}).enabled
     assert not resolve_tracking(Tracking(), env={}).enabled
 
 

@@ -122,3 +122,52 @@ def test_a_config_that_is_neither_sft_nor_dpo_is_a_clear_error(tiny_model_dir, t
     err = capsys.readouterr().err
     assert "could not load it as an SFT or DPO config" in err and "not_a_key" in err
     assert not (adapter / f"{BACKUP_PREFIX}adapter_model.safetensors").exists()
+
+
+def _plain_adapter(root: Path, with_config: bool = True) -> Path:
+    """A saved adapter file with one LoRA pair and one untrained base copy (no model needed)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({"m.q_proj.lora_A.weight": torch.ones(2, 4), "m.q_proj.lora_B.weight": torch.ones(4, 2),
+               "m.embed_tokens.base_layer.weight": torch.zeros(8, 4)}, str(root / "adapter_model.safetensors"))
+    if with_config:
+        (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
+    return root
+
+
+def test_the_manifest_is_rewritten_so_the_adapter_still_verifies(tmp_path):
+    from finetune_engine.manifest import read_manifest, verify_directory, write_manifest
+
+    adapter = _plain_adapter(tmp_path / "adapter")
+    write_manifest(adapter, extra={"global_step": 7})
+    assert create_vllm_compatible_adapter(adapter)["action"] == "removed"
+    assert verify_directory(adapter, check_hashes=True) == (True, "complete")
+    manifest = read_manifest(adapter)
+    assert manifest["extra"] == {"global_step": 7}
+    listed = {entry["path"] for entry in manifest["files"]}
+    assert {"adapter_model.safetensors", f"{BACKUP_PREFIX}adapter_model.safetensors"} <= listed
+
+
+def test_an_incomplete_directory_is_not_blessed_by_a_new_manifest(tmp_path, caplog):
+    from finetune_engine.manifest import MANIFEST_NAME, verify_directory, write_manifest
+
+    adapter = _plain_adapter(tmp_path / "adapter")
+    write_manifest(adapter)
+    (adapter / "adapter_config.json").write_text("{}  ")  # changed after the manifest: size mismatch
+    before = (adapter / MANIFEST_NAME).read_bytes()
+    caplog.set_level("WARNING", logger="finetune_engine.adapters")
+    assert create_vllm_compatible_adapter(adapter)["action"] == "removed"
+    assert (adapter / MANIFEST_NAME).read_bytes() == before and "does not match" in caplog.text
+    assert not verify_directory(adapter)[0]
+
+
+def test_without_adapter_config_the_weights_alone_decide(tmp_path, capsys):
+    adapter = _plain_adapter(tmp_path / "adapter", with_config=False)
+    assert main([str(adapter)]) == 0
+    assert set(load_file(str(adapter / "adapter_model.safetensors"))) == {"m.q_proj.lora_A.weight",
+                                                                          "m.q_proj.lora_B.weight"}
+    assert "no adapter_config.json" in capsys.readouterr().err  # a preflight warning, not an error
+    assert main([str(adapter), "--strict"]) == 1

@@ -70,21 +70,23 @@ def weighted_mix(datasets: list[list[dict]], weights: list[float | None], seed: 
     return [sources[s][i] for s, i in zip(draws.tolist(), row.tolist(), strict=True)]
 
 
-def split(records: list, ratio: float, seed: int) -> tuple[list, list]:
+def split(records: list, ratio: float, seed: int, unit: str = "example") -> tuple[list, list]:
     """(train, validation) as the Silogen engine's AUTO_SPLIT: ceil(ratio x n) examples held out,
     taken from the front of a permutation seeded with ``seed``; both parts in permutation order.
 
-    Where that would leave no training example (the Silogen engine refuses), one is kept for
-    training, with a warning; a single example is all training.
+    Where that would leave no training example the Silogen engine refuses, and so does this: a
+    ValueError naming data_conf.validation_data and what to change (``unit`` names what is split).
     """
     import numpy as np
 
     n = len(records)
     n_eval = math.ceil(ratio * n)
-    if n_eval >= n:
-        log.warning("AUTO_SPLIT: ratio %s of %d example(s) would leave nothing to train on; holding out %d",
-                    ratio, n, max(n - 1, 0))
-        n_eval = max(n - 1, 0)
+    if n and n_eval >= n:
+        raise ValueError(
+            f"data_conf.validation_data: AUTO_SPLIT with ratio {ratio} holds out ceil({ratio} x {n}) = {n_eval} "
+            f"of the {n} training {unit}(s), leaving nothing to train on (the Silogen engine refuses this too); "
+            "add training data, lower data_conf.validation_data.ratio, or give separate validation data "
+            "(type: CONCATENATION) or none (type: NONE)")
     order = np.random.default_rng(seed).permutation(n).tolist()
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
 

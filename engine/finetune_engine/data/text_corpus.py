@@ -288,7 +288,7 @@ def load_text_data(conf: schema.DataConf, tokenizer: Any, max_seq_length: int, w
     vd = conf.validation_data
     evaluation = None
     if isinstance(vd, schema.AutoSplitValidation):
-        train_idx, eval_idx = split(list(range(len(windows))), vd.ratio, vd.seed)
+        train_idx, eval_idx = split(list(range(len(windows))), vd.ratio, vd.seed, unit="window")
         windows, evaluation = windows.subset(train_idx), windows.subset(eval_idx)
     elif isinstance(vd, schema.ConcatenationValidation):
         evaluation, eval_stats = load_windows([d.path for d in vd.datasets], tokenizer, settings, workers, td.cache_dir,
