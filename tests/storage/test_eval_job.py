@@ -25,7 +25,9 @@ def _config(tmp_path, model_uri, data_uri, steps):
         "training_args": {"learning_rate": 0.003, "max_steps": steps, "save_steps": 100, "logging_steps": 5},
         "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 8},
         "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 8, "target_modules": "all-linear"}},
-        "run_conf": {"model": model_uri, "determinism": "half"},
+        # the merged model is what eval-job scores: asked for explicitly, as the operators do
+        "run_conf": {"model": model_uri, "determinism": "half", "merge_adapter": True,
+                     "final_checkpoint_name": "checkpoint-final-adapter"},
         "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
     }
     path = tmp_path / "cfg.yaml"
@@ -33,7 +35,8 @@ def _config(tmp_path, model_uri, data_uri, steps):
     return path
 
 
-def test_trained_model_scores_below_its_base_and_loss_matches_the_model_s_own(s3_env, tiny_model_dir, chat_data, tmp_path):
+def test_trained_model_scores_below_its_base_and_loss_matches_the_model_s_own(s3_env, tiny_model_dir, chat_data, tmp_path,
+                                                                            capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,6 +61,10 @@ def test_trained_model_scores_below_its_base_and_loss_matches_the_model_s_own(s3
     assert by_uri[trained]["eval_loss"] < by_uri[model_uri]["eval_loss"] - 0.5  # it learned the task
     assert scores["best_model_uri"] == trained
     assert all(s["examples"] == 40 and s["tokens"] > 0 for s in scores["models"])
+    # the adapter itself is not a model to score: a clear error, not transformers' size-mismatch dump
+    assert eval_job(["--model", join(ckpt, "checkpoint-final-adapter"), "--data", heldout_uri,
+                     "--workdir", str(tmp_path / "a")]) == 2
+    assert "a PEFT adapter, not a model" in capsys.readouterr().err
 
     # the reduction is the model's own mean cross-entropy over the same labelled tokens
     local = tmp_path / "trained"

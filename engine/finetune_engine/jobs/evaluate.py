@@ -46,6 +46,9 @@ def score_model(model_dir: Path, records: list[dict[str, Any]], max_seq_length: 
     from finetune_engine.data.collate import PaddingCollator
     from finetune_engine.data.tokenize import EncodeSettings, encode_batch
 
+    if (Path(model_dir) / "adapter_config.json").exists() and not (Path(model_dir) / "config.json").exists():
+        raise ValueError(f"{model_dir}: a PEFT adapter, not a model; eval-job scores full models: merge it first "
+                         "(finetune-engine merge-job, MergeAdapterOperator, or run_conf.merge_adapter: true)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.chat_template is None:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template; evaluate a model saved by the engine")
