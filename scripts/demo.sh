@@ -26,7 +26,8 @@ export FINETUNE_TUTORIAL_MODEL="$DEMO/tiny-model" FINETUNE_TUTORIAL_DATA_SCRIPT=
 ENDPOINT_S3=$AWS_ENDPOINT_URL
 unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL   # the tasks get them from the connection
 .venv/bin/airflow db migrate >/dev/null
-conf='{"ranks": [4, 8, 16], "max_steps": 120, "gpus": 0, "run_name": "demo", "question": "What is the capital of France?"}'
+# FINETUNE_DEMO_CONF: another DAG-run conf (the Params of the tutorial DAG), e.g. with "full_param_gpus": 1
+conf=${FINETUNE_DEMO_CONF:-'{"ranks": [4, 8, 16], "max_steps": 120, "gpus": 0, "run_name": "demo", "question": "What is the capital of France?"}'}
 .venv/bin/airflow dags test finetune_tutorial -c "$conf" > "$DEMO/tutorial-run.log" 2>&1 || {
   echo "the tutorial DAG failed; see $DEMO/tutorial-run.log"; tail -40 "$DEMO/tutorial-run.log"; exit 1; }
 grep -q "state=success" "$DEMO/tutorial-run.log" || { echo "the tutorial DAG did not succeed; see $DEMO/tutorial-run.log"; exit 1; }
