@@ -105,7 +105,9 @@ with DAG(
     full_param = FinetuneKubernetesOperator(
         task_id="full_param",
         config="{{ params.config }}",
-        overrides=overrides + ["peft_conf={peft_type: NO_PEFT}"],  # the whole section: LoRA keys do not apply
+        # the whole peft section (LoRA keys do not apply), and the model under checkpoint-final (the sweep's
+        # config names its adapter output checkpoint-final-adapter, as the Silogen chart does)
+        overrides=overrides + ["peft_conf={peft_type: NO_PEFT}", "run_conf.final_checkpoint_name=checkpoint-final"],
         base_model=MODEL_URI,
         datasets=datasets,
         experiment="tutorial-full",

@@ -448,6 +448,7 @@ def test_mlflow_server_killed_mid_run_training_continues_and_tracking_catches_up
     server.start()
     log_path, result_file = tmp_path / "job.log", tmp_path / "result.json"
     env = _job_env(s3_env)
+    env.pop("DISABLE_MLFLOW_INTEGRATION", None)  # the suite's default; it would win over --mlflow-server-uri
     try:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
