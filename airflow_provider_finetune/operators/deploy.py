@@ -3,7 +3,6 @@ OpenAI server — a Deployment + Service on the cluster, or a local vLLM process
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import time
@@ -26,6 +25,7 @@ from airflow_provider_finetune.pods.serving import (
     check_lora_ranks,
 )
 from airflow_provider_finetune.pods.spec import dns_name
+from airflow_provider_finetune.runners.kubernetes_apply import KubernetesApplier, Target
 from airflow_provider_finetune.runners.vllm_local import VLLM_INSTALL, chat_once, start_vllm, stop_local
 
 # the local server's helpers, importable from here too (DAGs use chat_once)
@@ -51,6 +51,15 @@ def proxy_post_json(api_client: Any, namespace: str, service: str, path: str, bo
     return json.loads(resp.data)
 
 
+# What DeployVLLMOperator may create, in the order UndeployVLLMOperator deletes it. The routes are
+# created only when asked: absent (404) or not allowed (403, RBAC without route rules) means there
+# is nothing of ours to remove.
+SERVED_OBJECTS = (
+    Target("Deployment", "apps/v1"),
+    Target("Service", "v1"),
+    Target("Ingress", "networking.k8s.io/v1", optional=True),
+    Target("HTTPRoute", "gateway.networking.k8s.io/v1", optional=True),
+)
 INGRESS_KEYS = ("host", "ingress_class", "tls_secret")
 HTTPROUTE_KEYS = ("gateway", "hostnames", "gateway_namespace", "section_name")
 
@@ -186,36 +195,11 @@ class DeployVLLMOperator(BaseOperator):
         return docs
 
     def execute_cluster(self, context: Any) -> dict[str, Any]:
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
         spec = self.serve_spec()
         deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
-        routes = self.route_manifests(spec)
         apps, core = self._clients()
         ns, name = spec.namespace, deployment["metadata"]["name"]
-        custom, networking = client.CustomObjectsApi(core.api_client), client.NetworkingV1Api(core.api_client)
-        steps = [
-            ("Deployment", apps.create_namespaced_deployment, apps.replace_namespaced_deployment, deployment),
-            ("Service", core.create_namespaced_service, core.patch_namespaced_service, service),
-        ]
-        for doc in routes:
-            if doc["kind"] == "Ingress":
-                steps.append(("Ingress", networking.create_namespaced_ingress, networking.replace_namespaced_ingress, doc))
-            else:  # a custom resource: an update without resourceVersion is refused, so merge-patch it
-                group, version = doc["apiVersion"].split("/")
-                steps.append((doc["kind"], functools.partial(custom.create_namespaced_custom_object, group, version, plural="httproutes"),
-                              functools.partial(custom.patch_namespaced_custom_object, group, version, plural="httproutes"), doc))
-        # Created or updated idempotently: a retry or a new run updates the same objects.
-        for kind, create, update, body in steps:
-            try:
-                create(namespace=ns, body=body)
-                self.log.info("created %s %s/%s", kind, ns, name)
-            except ApiException as err:
-                if err.status != 409:
-                    raise RuntimeError(f"Failed to create {kind} {ns}/{name}: {err.status} {err.reason}") from err
-                update(name=name, namespace=ns, body=body)
-                self.log.info("updated %s %s/%s", kind, ns, name)
+        KubernetesApplier(core.api_client, self.log).apply([deployment, service, *self.route_manifests(spec)], ns)
         if self.deferrable:
             from airflow_provider_finetune.triggers.deployment import DeploymentReadyTrigger
 
@@ -341,31 +325,6 @@ class UndeployVLLMOperator(BaseOperator):
                                     namespace=self.namespace, kubernetes_conn_id=self.kubernetes_conn_id)
         if (self.runner or settings.get("runner") or "kubernetes").lower() == "local":
             return stop_local(deploy.local_dir())
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
-        apps, core = deploy._clients()
+        _, core = deploy._clients()
         spec = deploy.serve_spec()
-        name, ns = dns_name(spec.name), spec.namespace
-        custom, networking = client.CustomObjectsApi(core.api_client), client.NetworkingV1Api(core.api_client)
-        removed = False
-        for kind, delete, optional in (
-            ("Deployment", apps.delete_namespaced_deployment, False),
-            ("Service", core.delete_namespaced_service, False),
-            # optional objects DeployVLLM creates only when asked: absent (404) or not allowed (403,
-            # RBAC without route rules) means there is nothing of ours to remove
-            ("Ingress", networking.delete_namespaced_ingress, True),
-            ("HTTPRoute", functools.partial(custom.delete_namespaced_custom_object, "gateway.networking.k8s.io", "v1",
-                                            plural="httproutes"), True),
-        ):
-            try:
-                delete(name=name, namespace=ns)
-                self.log.info("deleted %s %s/%s", kind, ns, name)
-                removed = True
-            except ApiException as err:
-                if err.status == 404 or optional and err.status == 403:
-                    if err.status == 403:
-                        self.log.warning("not allowed to delete %s %s/%s (RBAC); skipped", kind, ns, name)
-                    continue
-                raise
-        return removed
+        return KubernetesApplier(core.api_client, self.log).delete(SERVED_OBJECTS, dns_name(spec.name), spec.namespace)
