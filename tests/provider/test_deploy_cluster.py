@@ -28,6 +28,7 @@ from airflow_provider_finetune.operators.deploy import (
 from airflow_provider_finetune.pods.security import restricted_violations
 from airflow_provider_finetune.pods.serving import build_vllm_deployment, build_vllm_service
 from airflow_provider_finetune.runners.kubernetes_apply import KubernetesApplier
+from airflow_provider_finetune.runners.vllm_local import record_server
 from airflow_provider_finetune.triggers.deployment import DeploymentReadyTrigger, deployment_readiness
 from tests.provider.conftest import K8S_VERSIONS
 from tests.provider.fake_kube_api import FakeKubeAPI
@@ -294,9 +295,9 @@ def test_undeploy_local_stops_the_server_process(tmp_path, monkeypatch):
     # a stand-in server with a child, in its own process group like start_vllm's
     proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
                              "'import time; time.sleep(600)']); time.sleep(600)"], start_new_session=True)
-    (workdir / "server.pid").write_text(str(proc.pid))
     try:
         time.sleep(0.5)
+        record_server(workdir, proc.pid)
         assert UndeployVLLMOperator(task_id="u", served_model_name="tiny", runner="local").execute(ctx()) is True
         assert proc.wait(10) is not None
         deadline = time.monotonic() + 10
