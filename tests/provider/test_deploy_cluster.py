@@ -20,11 +20,8 @@ import pytest
 from kubernetes.client.exceptions import ApiTypeError
 
 from airflow_provider_finetune.exceptions import FinetuneConfigError
-from airflow_provider_finetune.operators.deploy import (
-    SERVED_OBJECTS,
-    DeployVLLMOperator,
-    UndeployVLLMOperator,
-)
+from airflow_provider_finetune.operators import DeployVLLMOperator, UndeployVLLMOperator
+from airflow_provider_finetune.operators.deploy import SERVED_OBJECTS
 from airflow_provider_finetune.pods.security import restricted_violations
 from airflow_provider_finetune.pods.serving import build_vllm_deployment, build_vllm_service
 from airflow_provider_finetune.runners.kubernetes_apply import KubernetesApplier
