@@ -26,10 +26,10 @@ from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, P
 
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
+    DeployVLLMOperator,
     EvaluateModelsOperator,
     FinetuneKubernetesOperator,
 )
-from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")

@@ -18,11 +18,12 @@ from airflow.sdk import DAG, Asset, Param, task
 
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
+    DeployVLLMOperator,
     FinetuneKubernetesOperator,
     HFModelToBucketOperator,
     MergeAdapterOperator,
+    UndeployVLLMOperator,
 )
-from airflow_provider_finetune.operators.deploy import DeployVLLMOperator, UndeployVLLMOperator
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")

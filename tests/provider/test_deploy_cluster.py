@@ -20,8 +20,12 @@ import pytest
 from kubernetes.client.exceptions import ApiTypeError
 
 from airflow_provider_finetune.exceptions import FinetuneConfigError
-from airflow_provider_finetune.operators.deploy import DeployVLLMOperator, UndeployVLLMOperator
+from airflow_provider_finetune.operators import DeployVLLMOperator, UndeployVLLMOperator
+from airflow_provider_finetune.operators.deploy import SERVED_OBJECTS
 from airflow_provider_finetune.pods.security import restricted_violations
+from airflow_provider_finetune.pods.serving import build_vllm_deployment, build_vllm_service
+from airflow_provider_finetune.runners.kubernetes_apply import KubernetesApplier
+from airflow_provider_finetune.runners.vllm_local import record_server
 from airflow_provider_finetune.triggers.deployment import DeploymentReadyTrigger, deployment_readiness
 from tests.provider.conftest import K8S_VERSIONS
 from tests.provider.fake_kube_api import FakeKubeAPI
@@ -163,6 +167,25 @@ def test_route_options_are_checked_before_any_call(kube, kw, match):
     assert kube.requests == []
 
 
+def test_undeploy_knows_every_kind_deploy_can_create():
+    op = deploy_op(ingress={"host": "chat.example.com"}, http_route={"gateway": "public"})
+    spec = op.serve_spec()
+    created = [build_vllm_deployment(spec), build_vllm_service(spec), *op.route_manifests(spec)]
+    assert [(d["kind"], d["apiVersion"]) for d in created] == [(t.kind, t.api_version) for t in SERVED_OBJECTS]
+
+
+def test_applier_refuses_an_unknown_kind_before_any_call(kube):
+    from kubernetes import client
+
+    config = client.Configuration()
+    config.host = kube.url
+    service = build_vllm_service(deploy_op().serve_spec())
+    with pytest.raises(ValueError, match="cannot apply kind 'ConfigMap'"):
+        KubernetesApplier(client.ApiClient(config), mock.Mock()).apply(
+            [service, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}], NS)
+    assert kube.requests == []
+
+
 # -- deferrable ----------------------------------------------------------------------------------
 
 def test_deferrable_defaults_to_the_operators_setting(monkeypatch):
@@ -209,8 +232,6 @@ def test_defers_then_trigger_fires_then_smoke_test(kube):
 
 def test_trigger_times_out_and_execute_complete_fails(kube):
     kube.ready_after = None  # never ready
-    from airflow_provider_finetune.pods.serving import build_vllm_deployment
-
     dep = build_vllm_deployment(deploy_op().serve_spec())
     kube.objects[("apis/apps/v1", NS, "deployments", dep["metadata"]["name"])] = {**dep, "metadata": {**dep["metadata"], "generation": 1}}
     trigger = DeploymentReadyTrigger(name=dep["metadata"]["name"], namespace=NS, kubernetes_conn_id="fake_kube",
@@ -271,9 +292,9 @@ def test_undeploy_local_stops_the_server_process(tmp_path, monkeypatch):
     # a stand-in server with a child, in its own process group like start_vllm's
     proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
                              "'import time; time.sleep(600)']); time.sleep(600)"], start_new_session=True)
-    (workdir / "server.pid").write_text(str(proc.pid))
     try:
         time.sleep(0.5)
+        record_server(workdir, proc.pid)
         assert UndeployVLLMOperator(task_id="u", served_model_name="tiny", runner="local").execute(ctx()) is True
         assert proc.wait(10) is not None
         deadline = time.monotonic() + 10

@@ -14,12 +14,12 @@ from kubernetes.client.exceptions import ApiException
 from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError, OutOfMemory
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
+    DeployVLLMOperator,
     EvaluateModelsOperator,
     FinetuneKubernetesOperator,
     HFModelToBucketOperator,
     MergeAdapterOperator,
 )
-from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
 from airflow_provider_finetune.pods.pod import to_dict
 from airflow_provider_finetune.pods.security import restricted_violations
 from tests.provider.conftest import crd_schema
@@ -368,3 +368,21 @@ def test_deferrable_reentry_after_an_oom_fails_without_retry(monkeypatch):
                                                "namespace": "finetune", "message": "Container failed"})
     ops = [c["op"] for c in fake.calls]
     assert ops[:3] == ["list", "create", "log"] and ops[-1] == "delete"  # the log tail before the deletion (a label patch between)
+
+
+def test_every_operator_is_importable_from_the_package():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import airflow_provider_finetune.operators as ops
+
+    defined = {}
+    for mod in pkgutil.iter_modules(ops.__path__):
+        module = importlib.import_module(f"{ops.__name__}.{mod.name}")
+        defined |= {name: cls for name, cls in inspect.getmembers(module, inspect.isclass)
+                    if name.endswith("Operator") and cls.__module__ == module.__name__}
+    defined.pop("EngineJobOperator")  # the base of the engine job operators, not a task of its own
+    assert {"DeployVLLMOperator", "UndeployVLLMOperator", "FinetuneKubernetesOperator"} <= set(defined)
+    assert sorted(defined) == sorted(ops.__all__)
+    assert all(getattr(ops, name) is cls for name, cls in defined.items())

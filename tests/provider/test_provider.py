@@ -72,8 +72,7 @@ def _engine_operator_classes() -> set[type]:
 def _built_commands() -> list[list[str]]:
     """The container commands of every pod, job and deployment our builders make, for a sample of
     each engine operator (single pod, torchrun, multi-node) and the vLLM deployment's init containers."""
-    from airflow_provider_finetune.operators import FinetuneKubernetesOperator
-    from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
+    from airflow_provider_finetune.operators import DeployVLLMOperator, FinetuneKubernetesOperator
     from airflow_provider_finetune.pods.serving import build_vllm_deployment
     from tests.provider.conftest import containers
     from tests.provider.test_operator_pods import OPERATORS, context
