@@ -82,9 +82,10 @@ def score_model(model_dir: Path, records: list[dict[str, Any]], max_seq_length: 
 def run_eval_job(models: list[str], data: list[str], workdir: Path, max_seq_length: int = 1024,
                  batch_size: int = 8) -> dict[str, Any]:
     from finetune_engine.data.validate import iter_records, validate_files
+    from finetune_engine.jobs.common import local_name
 
     workdir.mkdir(parents=True, exist_ok=True)
-    files = [_local_copy(uri, workdir / "data" / f"{i}-{uri.rstrip('/').rsplit('/', 1)[-1]}", directory=False)
+    files = [_local_copy(uri, workdir / "data" / local_name(uri, str(i)), directory=False)
              for i, uri in enumerate(data)]
     validate_files(files, method="sft")  # raises DataValidationError naming file:line
     records = [record for path in files for _, record in iter_records(path)]
