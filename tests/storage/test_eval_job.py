@@ -92,3 +92,26 @@ def test_incomplete_models_and_invalid_data_are_refused_before_loading(s3_env, t
     assert eval_job(["--model", partial, "--data", good_uri, "--workdir", str(tmp_path / "b")]) == 2
     assert "not a complete model prefix" in capsys.readouterr().err
     assert not (tmp_path / "b" / "model-0").exists()
+
+
+def test_a_bucket_outage_is_a_retried_failure_not_an_input_error(s3_env, tmp_path, monkeypatch, capsys):
+    """Exit 2 is an input error the provider does not retry ([config]); an unreachable bucket exits 1
+    ([failed], retried), whether the data or the model was being fetched."""
+    data_uri = join(s3_env["uri"], "datasets", "heldout.jsonl")
+    local_data = write_chat_dataset(tmp_path / "heldout.jsonl", examples=4)
+    upload_file(local_data, data_uri)
+    model_uri = join(s3_env["uri"], "models", "tiny")
+    monkeypatch.setenv("FINETUNE_S3_MAX_ATTEMPTS", "1")  # botocore gives up at once
+    monkeypatch.setenv("FINETUNE_S3_FILE_ATTEMPTS", "1")  # and so does the per-file retry loop
+    server = s3_env["server"]
+    server.stop()
+    try:
+        assert eval_job(["--model", model_uri, "--data", data_uri, "--workdir", str(tmp_path / "a")]) == 1
+        assert "cannot reach the S3 endpoint" in capsys.readouterr().err
+        assert eval_job(["--model", model_uri, "--data", str(local_data), "--workdir", str(tmp_path / "b")]) == 1
+        assert "cannot reach the S3 endpoint" in capsys.readouterr().err
+    finally:
+        server.start()
+    # the server back, a missing object is still an input error
+    assert eval_job(["--model", model_uri, "--data", str(local_data), "--workdir", str(tmp_path / "c")]) == 2
+    assert "not a complete model prefix" in capsys.readouterr().err

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune_engine.data.validate import DataValidationError
     from finetune_engine.jobs.common import write_result
     from finetune_engine.storage import StorageError
+    from finetune_engine.storage.s3 import TransientStorageError
 
     parser = argparse.ArgumentParser(prog="finetune-engine eval-job", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, dest="models",
@@ -121,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     try:
         result = run_eval_job(args.models, args.data, Path(args.workdir), args.max_seq_length, args.batch_size)
+    except TransientStorageError as err:
+        # the bucket was unreachable or failing after the retries: not the input's fault, so not
+        # exit 2 (an input error is not retried); the task's next try scores again
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, DataValidationError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
