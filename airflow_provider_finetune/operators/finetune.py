@@ -133,8 +133,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.elastic_policy = elastic_policy
         self.poll_interval = poll_interval
         self.distributed_strategy = distributed_strategy
-        self._rendered: str | None = None
-        self._asked = ""
+        self._pod_config: Any = None  # the parsed config, once validated (pod_config())
 
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
@@ -190,9 +189,10 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             out.append(f"tracking.experiment_name={self.experiment}")
         return out + overrides_list(self.overrides)
 
-    def rendered_config(self) -> str:
-        """The final config YAML (overrides applied), validated; raises FinetuneConfigError naming keys."""
-        if self._rendered is None:
+    def pod_config(self):
+        """The experiment config the pod runs (overrides and the pod's run_conf defaults applied),
+        parsed and validated once per task instance; raises FinetuneConfigError naming keys."""
+        if self._pod_config is None:
             from finetune_engine.config import ConfigError, parse_config
 
             try:
@@ -200,16 +200,18 @@ class FinetuneKubernetesOperator(EngineJobOperator):
                                    overrides=self.all_overrides(), method=self.method)
             except ConfigError as err:
                 raise FinetuneConfigError(str(err)) from None
-            cfg = self._pod_run_conf(cfg)
-            data = cfg.model_dump(mode="json", exclude_defaults=False)
-            data["training_args"] = {k: v for k, v in data["training_args"].items() if k != "output_dir"}
-            self._rendered = yaml.safe_dump(data, sort_keys=True)
-            # what the run asked for, without the schema's defaults: a new engine key with a default
-            # leaves the hash, and so the checkpoint prefix of a run in progress, unchanged
-            asked = cfg.model_dump(mode="json", exclude_defaults=True)
-            asked.get("training_args", {}).pop("output_dir", None)
-            self._asked = yaml.safe_dump(asked, sort_keys=True)
-        return self._rendered
+            self._pod_config = self._pod_run_conf(cfg)
+        return self._pod_config
+
+    def _config_dump(self, *, exclude_defaults: bool) -> str:
+        """The pod config as sorted YAML, without ``training_args.output_dir`` (the pod sets it)."""
+        data = self.pod_config().model_dump(mode="json", exclude_defaults=exclude_defaults)
+        data.get("training_args", {}).pop("output_dir", None)
+        return yaml.safe_dump(data, sort_keys=True)
+
+    def rendered_config(self) -> str:
+        """The final config YAML (overrides applied), validated; raises FinetuneConfigError naming keys."""
+        return self._config_dump(exclude_defaults=False)
 
     @staticmethod
     def _pod_run_conf(cfg):
@@ -259,9 +261,9 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             raise FinetuneConfigError(f"checkpoint_uri {uri!r} must be an s3:// URI")
 
     def config_hash(self) -> str:
-        """Hash of the config's non-default values (the checkpoint prefix's suffix)."""
-        self.rendered_config()
-        return hashlib.sha256(self._asked.encode()).hexdigest()[:10]
+        """Hash of the config's non-default values (the checkpoint prefix's suffix): a new engine
+        key with a default leaves it, and so the checkpoint prefix of a run in progress, unchanged."""
+        return hashlib.sha256(self._config_dump(exclude_defaults=True).encode()).hexdigest()[:10]
 
     def resolved_checkpoint_uri(self, context: Any) -> str:
         if self.checkpoint_uri:

@@ -83,6 +83,21 @@ def test_the_run_prefix_hashes_what_the_config_asks_not_the_schemas_defaults():
     assert lr.config_hash() != base.config_hash()
 
 
+def test_the_config_is_parsed_once_and_the_hash_does_not_depend_on_what_was_called_first():
+    from finetune_engine import config
+
+    with mock.patch.object(config, "parse_config", wraps=config.parse_config) as parse:
+        hashed_first = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8)
+        digest = hashed_first.config_hash()  # nothing rendered yet
+        assert "r: 8" in hashed_first.rendered_config()
+        assert hashed_first.config_hash() == digest and parse.call_count == 1
+        rendered_first = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8)
+        rendered_first.rendered_config()
+        assert rendered_first.config_hash() == digest and parse.call_count == 2
+    # the pod's config and the hash come from the same parsed config
+    assert hashed_first.pod_config().peft_conf.peft_kwargs["r"] == 8
+
+
 def test_pod_runs_resume_merge_and_use_the_charts_adapter_name_unless_the_config_says_otherwise():
     import yaml
 

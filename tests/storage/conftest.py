@@ -65,8 +65,13 @@ def s3_env(s3_server, monkeypatch, request):
             "bucket": bucket, "uri": f"s3://{bucket}", "server": s3_server}
 
 
-def train_config(tmp_path: Path, model_uri: str, data_uri: str, **training_args) -> Path:
-    """The storage tests' LoRA SFT config on bucket inputs (chat-ml, packing, completions only)."""
+def train_config(tmp_path: Path, model_uri: str, data_uri: str, sections: dict | None = None, **training_args) -> Path:
+    """The storage tests' LoRA SFT config on bucket inputs (chat-ml, packing, completions only).
+
+    ``training_args`` keywords set training arguments; ``sections`` changes other sections key by
+    key: ``{"data_conf": {"validation_data": {"type": "NONE"}}}`` replaces validation_data and keeps
+    the rest of data_conf.
+    """
     cfg = {
         "data_conf": {
             "training_data": {"type": "CONCATENATION", "datasets": [{"path": data_uri}]},
@@ -81,6 +86,8 @@ def train_config(tmp_path: Path, model_uri: str, data_uri: str, **training_args)
                      "merge_adapter": True},
         "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
     }
+    for section, keys in (sections or {}).items():
+        cfg[section] = {**cfg.get(section, {}), **keys}
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from finetune_engine.jobs.deliver_model import deliver_model
 from finetune_engine.jobs.evaluate import main as eval_job
@@ -14,25 +13,19 @@ from finetune_engine.jobs.evaluate import score_model
 from finetune_engine.jobs.train import main as train_job
 from finetune_engine.storage import download_dir, join, put_bytes, upload_file
 from finetune_engine.tiny import write_chat_dataset
+from tests.storage.conftest import train_config
 
 pytestmark = pytest.mark.parametrize("s3_server", ["rclone"], indirect=True)
 
 
 def _config(tmp_path, model_uri, data_uri, steps):
-    cfg = {
-        "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": data_uri}]},
-                      "validation_data": {"type": "NONE"}, "chat_template_name": "chat-ml"},
-        "training_args": {"learning_rate": 0.003, "max_steps": steps, "save_steps": 100, "logging_steps": 5},
+    """The shared training config with a bigger batch and rank, no validation split and no
+    intermediate checkpoints: enough learning in few steps for the scores to part clearly."""
+    return train_config(tmp_path, model_uri, data_uri, max_steps=steps, save_steps=100, logging_steps=5, sections={
+        "data_conf": {"validation_data": {"type": "NONE"}},
         "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 8},
-        "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 8, "target_modules": "all-linear"}},
-        # the merged model is what eval-job scores: asked for explicitly, as the operators do
-        "run_conf": {"model": model_uri, "determinism": "half", "merge_adapter": True,
-                     "final_checkpoint_name": "checkpoint-final-adapter"},
-        "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        "peft_conf": {"peft_kwargs": {"r": 8, "target_modules": "all-linear"}},
+    })
 
 
 def test_trained_model_scores_below_its_base_and_loss_matches_the_model_s_own(s3_env, tiny_model_dir, chat_data, tmp_path,
@@ -99,3 +92,26 @@ def test_incomplete_models_and_invalid_data_are_refused_before_loading(s3_env, t
     assert eval_job(["--model", partial, "--data", good_uri, "--workdir", str(tmp_path / "b")]) == 2
     assert "not a complete model prefix" in capsys.readouterr().err
     assert not (tmp_path / "b" / "model-0").exists()
+
+
+def test_a_bucket_outage_is_a_retried_failure_not_an_input_error(s3_env, tmp_path, monkeypatch, capsys):
+    """Exit 2 is an input error the provider does not retry ([config]); an unreachable bucket exits 1
+    ([failed], retried), whether the data or the model was being fetched."""
+    data_uri = join(s3_env["uri"], "datasets", "heldout.jsonl")
+    local_data = write_chat_dataset(tmp_path / "heldout.jsonl", examples=4)
+    upload_file(local_data, data_uri)
+    model_uri = join(s3_env["uri"], "models", "tiny")
+    monkeypatch.setenv("FINETUNE_S3_MAX_ATTEMPTS", "1")  # botocore gives up at once
+    monkeypatch.setenv("FINETUNE_S3_FILE_ATTEMPTS", "1")  # and so does the per-file retry loop
+    server = s3_env["server"]
+    server.stop()
+    try:
+        assert eval_job(["--model", model_uri, "--data", data_uri, "--workdir", str(tmp_path / "a")]) == 1
+        assert "cannot reach the S3 endpoint" in capsys.readouterr().err
+        assert eval_job(["--model", model_uri, "--data", str(local_data), "--workdir", str(tmp_path / "b")]) == 1
+        assert "cannot reach the S3 endpoint" in capsys.readouterr().err
+    finally:
+        server.start()
+    # the server back, a missing object is still an input error
+    assert eval_job(["--model", model_uri, "--data", str(local_data), "--workdir", str(tmp_path / "c")]) == 2
+    assert "not a complete model prefix" in capsys.readouterr().err

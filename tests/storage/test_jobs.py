@@ -329,6 +329,41 @@ def test_train_job_fetches_text_corpus_prefixes_and_prompt_files(s3_env, deliver
         _fetch_inputs(missing, tmp_path / "w2")
 
 
+def test_fetched_inputs_keep_their_names_with_or_without_a_trailing_slash(s3_env, tmp_path):
+    """A prompts file or a corpus prefix written with a trailing slash lands under its own name (a
+    .jsonl prompts file is read as chat records, not as lines); a prefix as prompts file is refused."""
+    from finetune_engine.config import parse_config
+    from finetune_engine.jobs.common import local_name
+    from finetune_engine.jobs.train import _fetch_inputs
+    from finetune_engine.recipes.common import sample_prompts
+    from finetune_engine.storage import put_bytes
+
+    assert {local_name(u, "0") for u in ("s3://b/d/novels", "s3://b/d/novels/", "s3://b/d/novels//")} == {"0-novels"}
+    corpus = join(s3_env["uri"], "corpora", "novels")
+    put_bytes(join(corpus, "a.txt"), b"It was a dark and stormy night.\n")
+    prompts = join(s3_env["uri"], "prompts", "probe.jsonl")
+    put_bytes(prompts, b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n')
+
+    def config(prompts_uri: str):
+        return parse_config({
+            "data_conf": {"training_data": {"type": "TEXT_FILES", "datasets": [{"path": corpus + "/"}], "context_length": 32}},
+            "training_args": {"output_dir": str(tmp_path / "out"), "max_steps": 1},
+            "batchsize_conf": {"total_train_batch_size": 2},
+            "run_conf": {"model": str(tmp_path / "model")},
+            "tracking": {"sample_generations": {"every_n_steps": 1, "prompts_file": prompts_uri}},
+        }, source="test")
+
+    local = _fetch_inputs(config(prompts + "/"), tmp_path / "w")
+    corpus_dir = Path(local.data_conf.training_data.datasets[0].path)
+    assert corpus_dir.name == "0-novels" and (corpus_dir / "a.txt").is_file()
+    prompts_file = Path(local.tracking.sample_generations.prompts_file)
+    assert prompts_file.name == "prompts-probe.jsonl"
+    assert sample_prompts(local.tracking.sample_generations, chat=True) == [{"messages": [{"role": "user", "content": "Hi"}]}]
+    with pytest.raises(ValueError, match=r"tracking.sample_generations.prompts_file s3://\S+/prompts: a prefix, not one object"):
+        _fetch_inputs(config(join(s3_env["uri"], "prompts") + "/"), tmp_path / "w2")
+    assert not (tmp_path / "w2" / "data" / "prompts-prompts").exists()
+
+
 def _complete_steps(ckpt: str) -> list[int]:
     return sorted(int(m.group(1)) for n in list_complete_children(ckpt) if (m := re.match(r"^checkpoint-(\d+)$", n)))
 

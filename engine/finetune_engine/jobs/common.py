@@ -1,4 +1,4 @@
-"""Pieces the bucket-aware jobs share: config input, result output, log capture."""
+"""Pieces the bucket-aware jobs share: config input, local names of inputs, result output, log capture."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def read_config(args: argparse.Namespace, method: str = "sft") -> ExperimentConf
     except yaml.YAMLError as err:
         raise ConfigError(source, [f"not valid YAML: {err}"]) from None
     return parse_config(data, source=source, overrides=args.overrides, method=method, text=text)
+
+
+def local_name(uri: str, tag: str) -> str:
+    """The local name of a fetched input: ``tag`` and the URI's last segment, trailing slashes
+    ignored, so a file and a prefix, with or without ``/``, keep their name and suffix:
+    ``local_name("s3://b/prompts/probe.jsonl/", "prompts")`` is ``prompts-probe.jsonl``. The tag
+    keeps inputs apart that end alike, and a name from ``.`` or ``..`` a plain file name."""
+    return f"{tag}-{uri.rstrip('/').rsplit('/', 1)[-1]}"
 
 
 def write_result(result: dict[str, Any], path: str | None) -> None:

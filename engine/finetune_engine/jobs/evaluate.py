@@ -82,9 +82,10 @@ def score_model(model_dir: Path, records: list[dict[str, Any]], max_seq_length: 
 def run_eval_job(models: list[str], data: list[str], workdir: Path, max_seq_length: int = 1024,
                  batch_size: int = 8) -> dict[str, Any]:
     from finetune_engine.data.validate import iter_records, validate_files
+    from finetune_engine.jobs.common import local_name
 
     workdir.mkdir(parents=True, exist_ok=True)
-    files = [_local_copy(uri, workdir / "data" / f"{i}-{uri.rstrip('/').rsplit('/', 1)[-1]}", directory=False)
+    files = [_local_copy(uri, workdir / "data" / local_name(uri, str(i)), directory=False)
              for i, uri in enumerate(data)]
     validate_files(files, method="sft")  # raises DataValidationError naming file:line
     records = [record for path in files for _, record in iter_records(path)]
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune_engine.data.validate import DataValidationError
     from finetune_engine.jobs.common import write_result
     from finetune_engine.storage import StorageError
+    from finetune_engine.storage.s3 import TransientStorageError
 
     parser = argparse.ArgumentParser(prog="finetune-engine eval-job", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, dest="models",
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     try:
         result = run_eval_job(args.models, args.data, Path(args.workdir), args.max_seq_length, args.batch_size)
+    except TransientStorageError as err:
+        # the bucket was unreachable or failing after the retries: not the input's fault, so not
+        # exit 2 (an input error is not retried); the task's next try scores again
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, DataValidationError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

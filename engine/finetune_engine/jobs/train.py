@@ -24,7 +24,7 @@ from typing import Any
 from finetune_engine.checkpoints import CHECKPOINT_RE
 from finetune_engine.config import ConfigError, schema
 from finetune_engine.config.training_args import METHODS
-from finetune_engine.jobs.common import add_config_args, capture_logs, read_config, write_result
+from finetune_engine.jobs.common import add_config_args, capture_logs, local_name, read_config, write_result
 
 log = logging.getLogger(__name__)
 # Test hooks, inert unless set (the kill trials and the background-upload test use them):
@@ -164,29 +164,35 @@ def _fetch_inputs_locked(cfg: schema.ExperimentConfig, workdir: Path) -> schema.
     for section in ("training_data", "validation_data"):
         for ds in data["data_conf"][section].get("datasets") or []:
             if is_uri(ds["path"]):
-                ds["path"] = _fetch_data(ds["path"], workdir / "data" / f"{seen}-{ds['path'].rstrip('/').rsplit('/', 1)[-1]}")
+                ds["path"] = _fetch_data(ds["path"], workdir / "data" / local_name(ds["path"], str(seen)))
                 seen += 1
     samples = (data.get("tracking") or {}).get("sample_generations") or {}
     if samples.get("prompts_file") and is_uri(samples["prompts_file"]):
-        samples["prompts_file"] = _fetch_data(samples["prompts_file"], workdir / "data" / f"prompts-{samples['prompts_file'].rsplit('/', 1)[-1]}")
+        uri = samples["prompts_file"]
+        samples["prompts_file"] = _fetch_data(uri, workdir / "data" / local_name(uri, "prompts"),
+                                              key="tracking.sample_generations.prompts_file", one_file=True)
     return schema.ExperimentConfig.model_validate(data)
 
 
-def _fetch_data(uri: str, local: Path) -> str:
+def _fetch_data(uri: str, local: Path, key: str = "the path in data_conf", one_file: bool = False) -> str:
     """One data file, or a prefix of files (a TEXT_FILES corpus: every object under it, no manifest
-    needed) -> a local path. Kept when already fetched (the pod's other processes, a relaunch)."""
+    needed) -> a local path. Kept when already fetched (the pod's other processes, a relaunch).
+    ``key`` names the config key in errors; ``one_file`` refuses a prefix."""
     from finetune_engine.storage import download_dir, download_file, exists, list_objects
 
     if local.exists():
         return str(local)
-    if exists(uri.rstrip("/")):
-        download_file(uri.rstrip("/"), local)
-    elif list_objects(uri.rstrip("/")):
+    uri = uri.rstrip("/")  # a file or a prefix, written with or without a trailing slash
+    if exists(uri):
+        download_file(uri, local)
+    elif list_objects(uri):
+        if one_file:
+            raise ValueError(f"{key} {uri}: a prefix, not one object; give the full URI of a .txt or .jsonl file")
         log.info("downloading data prefix %s", uri)
-        download_dir(uri.rstrip("/"), local, require_complete=False)
+        download_dir(uri, local, require_complete=False)
     else:
         raise ValueError(f"{uri}: no such object or prefix in the bucket; deliver the data first (deliver-data) "
-                                "or fix the path in data_conf")
+                         f"or fix {key}")
     return str(local)
 
 
