@@ -62,7 +62,14 @@ def _with_prompt_limit(trainer_cls, max_prompt_length: int | None, counts: dict[
     (DPOTrainer/KTOTrainer tokenize in ``_prepare_dataset`` into ``prompt_ids``).
 
     TRL drops examples whose prompt alone fills ``max_length`` inside ``_prepare_dataset``; that
-    filter runs here after the cut instead, so a long prompt is shortened rather than dropped."""
+    filter runs here after the cut instead, so a long prompt is shortened rather than dropped.
+
+    TRL 1.16 offers no public way to do this, so the (private) method is extended: DPOConfig and
+    KTOConfig have no ``max_prompt_length`` and no ``dataset_kwargs``/``skip_prepare_dataset`` (only
+    SFTConfig has), the trainers skip preparation only for vision datasets, and an already tokenized
+    dataset cannot be passed (preparation always re-tokenizes the ``prompt`` text). Cutting after
+    construction is no way out either: the filter has run by then, and reference log-probs
+    (precompute_ref_log_probs) are computed in ``__init__`` from the uncut prompts."""
     if max_prompt_length is None:
         return trainer_cls
     from finetune_engine.data.preference import keep_prompt_end
