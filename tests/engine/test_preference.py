@@ -113,6 +113,16 @@ def _assert_preference_learned(result: dict, tiny_model_dir: Path, pref_data, ba
     return after
 
 
+# Every key of a preference run's result.json (the train job and the Airflow operators read them).
+RESULT_KEYS = {
+    "status", "method", "loss_type", "beta", "reference", "global_step", "planned_steps", "final_train_loss",
+    "train_loss", "final_eval_loss", "final_eval_metrics", "final_train_reward_margin", "tokens_seen",
+    "train_seconds", "num_train_examples", "num_eval_examples", "truncated_prompts", "resumed_from",
+    "output_dir", "final_checkpoint", "final_adapter", "grown_base", "mlflow_run_id", "mlflow_tracking_uri",
+    "versions",
+}
+
+
 # -- DPO ------------------------------------------------------------------------------------------
 
 
@@ -125,6 +135,8 @@ def test_dpo_lora_sigmoid_trains_saves_and_skips_when_finished(tiny_model, pref_
 
     assert result["status"] == "completed" and result["global_step"] == result["planned_steps"] == 8
     assert result["method"] == "dpo" and result["loss_type"] == ["sigmoid"] and result["beta"] == 0.1
+    assert set(result) == RESULT_KEYS and set(result["versions"]) == {"transformers", "torch", "trl"}
+    assert result["grown_base"] is None and result["tokens_seen"] > 0 and result["truncated_prompts"] == 0
     assert result["reference"] == "the base with the adapter disabled"
     assert result["num_train_examples"] == result["num_eval_examples"] == PAIRS
     assert result["final_eval_metrics"]["eval_rewards/margins"] > 0

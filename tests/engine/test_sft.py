@@ -18,6 +18,15 @@ from finetune_engine.checkpoints import mark_writing
 from finetune_engine.cli.finetuning import main as finetuning
 from tests.engine.conftest import make_config
 
+# Every key of an SFT run's result.json (the train job and the Airflow operators read them).
+RESULT_KEYS = {
+    "status", "method", "global_step", "planned_steps", "final_train_loss", "train_loss", "final_eval_loss",
+    "tokens_seen", "train_seconds", "num_train_examples", "num_eval_examples", "filtered_examples",
+    "truncated_examples", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "text_data", "resumed_from", "output_dir", "final_checkpoint", "final_adapter", "grown_base",
+    "mlflow_run_id", "mlflow_tracking_uri", "versions",
+}
+
 
 def _run(config: Path, *extra: str) -> dict:
     result = config.parent / "result.json"
@@ -66,7 +75,8 @@ def test_sft_trains_and_saves(tiny_model, chat_data, tmp_path, peft, packing, co
     before = _weights(tiny_model)
     result = _run(config)
 
-    assert result["status"] == "completed"
+    assert result["status"] == "completed" and result["method"] == "sft"
+    assert set(result) == RESULT_KEYS and set(result["versions"]) == {"transformers", "torch"}
     assert result["global_step"] == result["planned_steps"] == 6
     assert all(x is not None and x == x and x < 20 for x in (result["final_train_loss"], result["final_eval_loss"]))
     assert result["tokens_seen"] > 0

@@ -85,3 +85,76 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_env, monkeyp
             assert uri in text and "AWS_SECRET_ACCESS_KEY" in text and "denied" in text, text
             assert CANARY not in text and s3_env["secret"] not in text
             assert CANARY not in repr(err.value.__cause__) and err.value.__suppress_context__
+
+
+def _signed_put_digests(monkeypatch, tmp_path, body: bytes, sha256: str | None) -> list[str]:
+    """The X-Amz-Content-SHA256 of each PUT that ``upload_file`` sends (answered here, never sent)."""
+    from botocore.awsrequest import AWSResponse
+
+    from finetune_engine.storage import upload_file
+
+    class Raw:
+        def stream(self, **_):
+            yield b""
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    sent: list[str] = []
+
+    def answer(request, **_):
+        value = request.headers["X-Amz-Content-SHA256"]
+        sent.append(value.decode() if isinstance(value, bytes) else value)
+        return AWSResponse(request.url, 200, {}, Raw())
+
+    events = make_client().meta.events
+    events.register("before-send.s3.PutObject", answer)
+    try:
+        path = tmp_path / "file.bin"
+        path.write_bytes(body)
+        upload_file(path, "s3://bkt/dir/file.bin", sha256=sha256)
+    finally:
+        events.unregister("before-send.s3.PutObject", answer)
+    return sent
+
+
+def test_single_put_signs_the_known_digest_without_hashing_the_body(bare_env, monkeypatch, tmp_path):
+    import hashlib
+
+    body = b"weights" * 1000
+    # A digest that is not the body's: only the known value, never a re-hash, can end up signed.
+    known = "ab" * 32
+    assert _signed_put_digests(monkeypatch, tmp_path, body, known) == [known]
+    # Without a known digest botocore hashes the body itself, as plain s3v4 does.
+    assert _signed_put_digests(monkeypatch, tmp_path, body, None) == [hashlib.sha256(body).hexdigest()]
+
+
+def test_known_digest_signer_keeps_botocore_rules_for_parts_and_unsigned_payloads():
+    """Parts of a multipart upload are hashed by botocore as usual, and a configuration that turns
+    payload signing off still gets UNSIGNED-PAYLOAD: the known digest replaces only a body hash."""
+    import hashlib
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.config import Config
+    from botocore.credentials import Credentials
+
+    from finetune_engine.storage import s3
+
+    s3._register_signer()
+    signer = botocore.auth.AUTH_TYPE_MAPS[s3.SIGNATURE_VERSION](Credentials("id", "secret"), "s3", "us-east-1")
+    known, body = "cd" * 32, b"part bytes"
+
+    def payload(url: str, method: str = "PUT", **context) -> str:
+        request = AWSRequest(method=method, url=url, data=body)
+        request.context.update(context)
+        s3._KNOWN_SHA256.value = known
+        try:
+            return signer.payload(request)
+        finally:
+            s3._KNOWN_SHA256.value = None
+
+    assert payload("http://h/bkt/key") == known
+    assert payload("http://h/bkt/key?partNumber=1&uploadId=u1") == hashlib.sha256(body).hexdigest()
+    assert payload("http://h/bkt/key", method="POST") == hashlib.sha256(body).hexdigest()
+    unsigned = Config(s3={"payload_signing_enabled": False})
+    assert payload("http://h/bkt/key", client_config=unsigned) == botocore.auth.UNSIGNED_PAYLOAD

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,6 +364,71 @@ def finish(cfg: schema.ExperimentConfig, result: dict[str, Any], metrics: dict[s
     write_manifest(lay.done)
     log.info("final %s: %s%s", "adapter" if lay.adapter else "model", lay.final,
              f"; merged model: {lay.merged}" if lay.merged else "")
+
+
+def train_and_report(
+    cfg: schema.ExperimentConfig,
+    trainer,
+    tok,
+    *,
+    method: str,
+    resume: Path | None,
+    tracking: TrackingSettings,
+    mlflow_cb,
+    result_file: str | None,
+    meta: dict[str, Any],
+    details: Callable[[Any, dict[str, Any]], dict[str, Any]],
+    versions: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The end every recipe shares: train (resumed from ``resume``), evaluate when the trainer has
+    an eval set, save the final outputs (``tok``: the recipe's loaded tokenizer) with ``meta`` as
+    their finetune_meta.json, store the result and write the manifest that marks the run finished.
+
+    ``details(trainer, metrics)`` gives the recipe's own result keys, called on rank 0 after
+    training; the common keys (steps, losses, times, output paths, tracking, versions) are added
+    here. ``versions`` names packages beyond transformers and torch. Other ranks only train and
+    return a short status."""
+    import torch
+    import transformers
+
+    t_train = time.monotonic()
+    train_loss = train(trainer, resume)
+    train_seconds = time.monotonic() - t_train
+    log_parallelism(trainer)
+    metrics: dict[str, Any] = {"train_loss": train_loss}
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    state = trainer.state
+
+    if not is_main_process():
+        log.info("rank %s: training done; rank 0 writes the outputs", os.environ.get("RANK"))
+        return {"status": "completed", "global_step": state.global_step, "rank": int(os.environ.get("RANK", "0"))}
+
+    # Final outputs, each completed by its manifest (written last, by finish).
+    own = details(trainer, metrics)
+    if "ref" in (getattr(trainer.model, "peft_config", None) or {}):
+        trainer.model.delete_adapter("ref")  # TRL's frozen copy of a pretrained adapter (dpo, kto), not an output
+    saved = save_final(cfg, trainer.model, tok, meta)
+    out_dir = output_layout(cfg).out
+    result = {
+        "status": "completed",
+        "method": method,
+        "global_step": state.global_step,
+        "planned_steps": state.max_steps,
+        "final_train_loss": last_logged(state, "loss") or train_loss,
+        "train_loss": metrics.get("train_loss"),
+        "final_eval_loss": metrics.get("eval_loss"),
+        "train_seconds": round(train_seconds, 2),
+        **own,
+        "resumed_from": resume.name if resume else None,
+        "output_dir": str(out_dir),
+        **saved,
+        "mlflow_run_id": mlflow_cb.run_id if mlflow_cb else None,
+        "mlflow_tracking_uri": tracking.uri if mlflow_cb and mlflow_cb.run_id else None,
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__, **(versions or {})},
+    }
+    finish(cfg, result, metrics, mlflow_cb, result_file)
+    return result
 
 
 def last_logged(state, key: str) -> float | None:

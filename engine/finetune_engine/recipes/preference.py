@@ -62,7 +62,14 @@ def _with_prompt_limit(trainer_cls, max_prompt_length: int | None, counts: dict[
     (DPOTrainer/KTOTrainer tokenize in ``_prepare_dataset`` into ``prompt_ids``).
 
     TRL drops examples whose prompt alone fills ``max_length`` inside ``_prepare_dataset``; that
-    filter runs here after the cut instead, so a long prompt is shortened rather than dropped."""
+    filter runs here after the cut instead, so a long prompt is shortened rather than dropped.
+
+    TRL 1.16 offers no public way to do this, so the (private) method is extended: DPOConfig and
+    KTOConfig have no ``max_prompt_length`` and no ``dataset_kwargs``/``skip_prepare_dataset`` (only
+    SFTConfig has), the trainers skip preparation only for vision datasets, and an already tokenized
+    dataset cannot be passed (preparation always re-tokenizes the ``prompt`` text). Cutting after
+    construction is no way out either: the filter has run by then, and reference log-probs
+    (precompute_ref_log_probs) are computed in ``__init__`` from the uncut prompts."""
     if max_prompt_length is None:
         return trainer_cls
     from finetune_engine.data.preference import keep_prompt_end
@@ -112,7 +119,6 @@ def run_preference(
 
     import datasets
     import torch
-    import transformers
     import trl
 
     from finetune_engine.checkpoints import resolve_resume
@@ -221,20 +227,22 @@ def run_preference(
         )
     common.quiet_printer(trainer)
 
-    t_train = time.monotonic()
-    train_loss = common.train(trainer, resume)
-    train_seconds = time.monotonic() - t_train
-    common.log_parallelism(trainer)
-    metrics: dict[str, float] = {"train_loss": train_loss}
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    state = trainer.state
+    def details(trainer, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "loss_type": getattr(training_args, "loss_type", None),
+            "beta": training_args.beta,
+            "reference": reference,
+            # final_eval_loss (common) is the preference objective on the validation set
+            "final_eval_metrics": {k: v for k, v in metrics.items()
+                                   if k.startswith("eval_") and isinstance(v, (int, float))},  # e.g. eval_rewards/margins
+            "final_train_reward_margin": common.last_logged(trainer.state, "rewards/margins"),
+            "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0) or trainer.state.num_input_tokens_seen),
+            "num_train_examples": len(trainer.train_dataset),
+            "num_eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+            "truncated_prompts": sum(truncated.values()),
+            "grown_base": None,
+        }
 
-    if not common.is_main_process():
-        log.info("rank %s: training done; rank 0 writes the outputs", os.environ.get("RANK"))
-        return {"status": "completed", "global_step": state.global_step, "rank": int(os.environ.get("RANK", "0"))}
-
-    # 4. Final outputs, each completed by its manifest (written last).
     meta = {
         "base_model": model_path,
         "chat_template_name": sft_meta.get("chat_template_name") if tok.template_name == "keep-original" and sft_meta.get("chat_template_name") else tok.template_name,
@@ -247,35 +255,6 @@ def run_preference(
         "method": method,
         "loss_type": getattr(training_args, "loss_type", None),
     }
-    if "ref" in (getattr(trainer.model, "peft_config", None) or {}):
-        trainer.model.delete_adapter("ref")  # TRL's frozen copy of a pretrained adapter, not an output
-    saved = common.save_final(cfg, trainer.model, tok, meta)
-    eval_metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-    result = {
-        "status": "completed",
-        "method": method,
-        "loss_type": getattr(training_args, "loss_type", None),
-        "beta": training_args.beta,
-        "reference": reference,
-        "global_step": state.global_step,
-        "planned_steps": state.max_steps,
-        "final_train_loss": common.last_logged(state, "loss") or train_loss,
-        "train_loss": metrics.get("train_loss"),
-        "final_eval_loss": metrics.get("eval_loss"),  # the preference objective on the validation set
-        "final_eval_metrics": eval_metrics,  # e.g. eval_rewards/margins, eval_rewards/accuracies
-        "final_train_reward_margin": common.last_logged(state, "rewards/margins"),
-        "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0) or state.num_input_tokens_seen),
-        "train_seconds": round(train_seconds, 2),
-        "num_train_examples": len(trainer.train_dataset),
-        "num_eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
-        "truncated_prompts": sum(truncated.values()),
-        "resumed_from": resume.name if resume else None,
-        "output_dir": str(out_dir),
-        **saved,
-        "grown_base": None,
-        "mlflow_run_id": mlflow_cb.run_id if mlflow_cb else None,
-        "mlflow_tracking_uri": tracking.uri if mlflow_cb and mlflow_cb.run_id else None,
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "trl": trl.__version__},
-    }
-    common.finish(cfg, result, metrics, mlflow_cb, result_file)
-    return result
+    return common.train_and_report(cfg, trainer, tok, method=method, resume=resume, tracking=tracking,
+                                   mlflow_cb=mlflow_cb, result_file=result_file, meta=meta, details=details,
+                                   versions={"trl": trl.__version__})

@@ -71,7 +71,6 @@ def run_sft(
     common.validate_inputs(cfg, "sft")
 
     import torch
-    import transformers
     from transformers import TrainingArguments
 
     from finetune_engine.checkpoints import resolve_resume
@@ -181,20 +180,21 @@ def run_sft(
         callbacks=common.callbacks(after_save, mlflow_cb, common.sample_callback(cfg, tok.tokenizer, mlflow_cb)),
     )
     common.quiet_printer(trainer)
-    t_train = time.monotonic()
-    train_loss = common.train(trainer, resume)
-    train_seconds = time.monotonic() - t_train
-    common.log_parallelism(trainer)
-    metrics: dict[str, float] = {"train_loss": train_loss}
-    if len(eval_examples):
-        metrics.update(trainer.evaluate())
-    state = trainer.state
 
-    if not is_main_process():
-        log.info("rank %s: training done; rank 0 writes the outputs", os.environ.get("RANK"))
-        return {"status": "completed", "global_step": state.global_step, "rank": int(os.environ.get("RANK", "0"))}
+    def details(trainer, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "tokens_seen": int(trainer.state.num_input_tokens_seen),
+            "num_train_examples": len(train_examples),
+            "num_eval_examples": len(eval_examples),
+            "filtered_examples": train_counts["too_long"] + eval_counts["too_long"],
+            "truncated_examples": train_counts["truncated"] + eval_counts["truncated"],
+            "per_device_train_batch_size": plan.per_device,
+            "gradient_accumulation_steps": plan.accumulation,
+            "learning_rate": training_args.learning_rate,
+            "text_data": text_stats,
+            "grown_base": str(base_dir) if verify_directory(base_dir)[0] else None,
+        }
 
-    # Final outputs, each completed by its manifest (written last).
     meta = {
         "base_model": model_path,
         "chat_template_name": tok.template_name,
@@ -206,35 +206,8 @@ def run_sft(
         "grown_base": base_dir.name if verify_directory(base_dir)[0] else None,
         "method": "sft",
     }
-    saved = common.save_final(cfg, trainer.model, tok, meta)
-    result = {
-        "status": "completed",
-        "method": "sft",
-        "global_step": state.global_step,
-        "planned_steps": state.max_steps,
-        "final_train_loss": common.last_logged(state, "loss") or train_loss,
-        "train_loss": metrics.get("train_loss"),
-        "final_eval_loss": metrics.get("eval_loss"),
-        "tokens_seen": int(state.num_input_tokens_seen),
-        "train_seconds": round(train_seconds, 2),
-        "num_train_examples": len(train_examples),
-        "num_eval_examples": len(eval_examples),
-        "filtered_examples": train_counts["too_long"] + eval_counts["too_long"],
-        "truncated_examples": train_counts["truncated"] + eval_counts["truncated"],
-        "per_device_train_batch_size": plan.per_device,
-        "gradient_accumulation_steps": plan.accumulation,
-        "learning_rate": training_args.learning_rate,
-        "text_data": text_stats,
-        "resumed_from": resume.name if resume else None,
-        "output_dir": str(out_dir),
-        **saved,
-        "grown_base": str(base_dir) if verify_directory(base_dir)[0] else None,
-        "mlflow_run_id": mlflow_cb.run_id if mlflow_cb else None,
-        "mlflow_tracking_uri": tracking.uri if mlflow_cb and mlflow_cb.run_id else None,
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
-    }
-    common.finish(cfg, result, metrics, mlflow_cb, result_file)
-    return result
+    return common.train_and_report(cfg, trainer, tok, method="sft", resume=resume, tracking=tracking,
+                                   mlflow_cb=mlflow_cb, result_file=result_file, meta=meta, details=details)
 
 
 def _make_trainer_class():

@@ -56,6 +56,10 @@ _KNOWN_SHA256 = threading.local()
 SIGNATURE_VERSION = "s3v4-finetune"
 
 
+_PROBE_BODY = b"probe"
+_PROBE_SHA256 = hashlib.sha256(_PROBE_BODY).hexdigest()
+
+
 def _register_signer() -> None:
     """SigV4 for S3 that signs a single PUT with the body's sha256 we already know from the manifest.
 
@@ -64,6 +68,15 @@ def _register_signer() -> None:
     upload of a file passes that digest (``upload_file(..., sha256=...)``) and the body is read once;
     the server still checks the signed digest against what it received. Everything else - parts,
     other requests, https where botocore does not sign payloads - behaves exactly like ``s3v4``.
+
+    botocore has no public way to do this, so a signer class it is: ``S3SigV4Auth`` recomputes the
+    X-Amz-Content-SHA256 header from ``payload()`` while signing, after every event hook (a
+    ``before-sign`` handler's header is overwritten), and ``Config`` only turns payload signing off
+    altogether (UNSIGNED-PAYLOAD: the server would no longer check the body). Signers are looked up
+    by name in ``botocore.auth.AUTH_TYPE_MAPS``, which ``Config(signature_version=...)`` then selects.
+    The class overrides only the public ``payload()`` and asks the standard one which digest it would
+    sign, on a small stand-in body, so botocore's own rules (https, checksums, streaming trailers,
+    the ``s3`` config) still decide whether the payload is signed at all.
     """
     import botocore.auth
 
@@ -73,10 +86,16 @@ def _register_signer() -> None:
     class KnownPayloadS3SigV4Auth(botocore.auth.S3SigV4Auth):
         def payload(self, request):
             known = getattr(_KNOWN_SHA256, "value", None)
-            if (known and request.method == "PUT" and "uploadId=" not in request.url
-                    and not self._is_streaming_checksum_payload(request) and self._should_sha256_sign_payload(request)):
-                return known
-            return super().payload(request)
+            if not known or request.method != "PUT" or "uploadId=" in request.url:
+                return super().payload(request)
+            data, request.data = request.data, _PROBE_BODY
+            try:
+                standard = super().payload(request)
+            finally:
+                request.data = data
+            # The stand-in's digest means botocore would hash the body: ours is that digest, already
+            # known. Anything else (UNSIGNED-PAYLOAD, a streaming trailer) stays as botocore says.
+            return known if standard == _PROBE_SHA256 else standard
 
     botocore.auth.AUTH_TYPE_MAPS[SIGNATURE_VERSION] = KnownPayloadS3SigV4Auth
 
