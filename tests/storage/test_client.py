@@ -74,7 +74,8 @@ def test_unreachable_endpoint_is_named(bare_env, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
     monkeypatch.setenv("FINETUNE_S3_MAX_ATTEMPTS", "1")
-    with pytest.raises(StorageError, match=r"s3://bkt/x: cannot reach the S3 endpoint http://127.0.0.1:9.*AWS_ENDPOINT_URL") as err:
+    with pytest.raises(StorageError, match=r"s3://bkt/x: cannot reach the S3 endpoint http://127.0.0.1:9 after retries; "
+                                           r"check AWS_ENDPOINT_URL") as err:
         list_objects("s3://bkt/x")
     assert CANARY not in str(err.value)
 
@@ -160,6 +161,6 @@ def test_an_explicit_client_does_every_operation_with_the_environment_pointing_e
     ensure_bucket(s3_env["bucket"], client=client)
     assert delete_prefix(uri, client=client) == 3 and list_objects(uri, client=client) == {}  # the manifest goes first
     # the environment's client (what a pod uses) is still the default, and here it points nowhere
-    with pytest.raises(StorageError, match="127.0.0.1:9") as err:
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9 after") as err:
         list_objects(uri)
     assert CANARY not in str(err.value)

@@ -178,8 +178,11 @@ def transfer_config(max_concurrency: int = 8):
 
 def _endpoint_of(err: Exception) -> str:
     """The endpoint a botocore connection error names (explicit clients), else the environment's."""
+    from urllib.parse import urlsplit
+
     kwargs = getattr(err, "kwargs", None)
-    return (kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None) or endpoint_url() or "AWS"
+    url = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None  # the request's URL: keep the server part
+    return (f"{urlsplit(url).scheme}://{urlsplit(url).netloc}" if url else None) or endpoint_url() or "AWS"
 
 
 def wrap_error(err: Exception, uri: str, action: str) -> StorageError:
