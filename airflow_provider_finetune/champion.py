@@ -4,8 +4,8 @@ The current champion of a model line is one JSON object in the bucket,
 ``s3://<bucket>/champions/<line>/champion.json``: its model URI, the experiment config it was
 trained with (the next challenger starts from it), its held-out loss and where it came from.
 Every decision, promoted or not, is kept beside it under ``decisions/<run id>.json``, so the history
-of a line can be read back from the bucket alone. Reads and writes go through the amazon
-provider's ``S3Hook`` on the bucket connection.
+of a line can be read back from the bucket alone. Reads and writes go through the bucket connection's
+:class:`~airflow_provider_finetune.hooks.BucketHook` and the engine's storage calls.
 """
 
 from __future__ import annotations
@@ -74,19 +74,19 @@ class ChampionStore:
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}/champion.json"
 
-    def _hook(self):
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    def _client(self):
+        from airflow_provider_finetune.hooks import BucketHook
 
-        return S3Hook(aws_conn_id=self.conn_id)
+        return BucketHook(self.conn_id).storage_client
 
     def read(self) -> dict[str, Any] | None:
-        hook = self._hook()
-        key = f"{self.prefix}/champion.json"
-        if not hook.check_for_key(key, bucket_name=self.bucket):
+        from finetune_engine.storage import read_bytes
+
+        body = read_bytes(self.uri, client=self._client())
+        if body is None:
             return None
-        text = hook.read_key(key, bucket_name=self.bucket)
         try:
-            record = json.loads(text)
+            record = json.loads(body)
         except json.JSONDecodeError as err:
             raise FinetuneConfigError(f"{self.uri} is not valid JSON ({err}); fix or delete it to start the line over") from None
         for name in ("model_uri", "config"):
@@ -97,17 +97,18 @@ class ChampionStore:
     def record(self, run_id: str, decision: Decision, record: dict[str, Any] | None) -> str:
         """Keep the decision; when promoted, replace the champion record (decision first, so the
         champion never points at an unrecorded promotion)."""
-        hook = self._hook()
+        from finetune_engine.storage import put_bytes
+
+        client = self._client()
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         safe_run = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")
-        key = f"{self.prefix}/decisions/{safe_run}.json"
-        hook.load_string(json.dumps({**decision.as_dict(), "run_id": run_id, "decided_at": stamp}, indent=1, sort_keys=True),
-                         key=key, bucket_name=self.bucket, replace=True)
+        where = f"s3://{self.bucket}/{self.prefix}/decisions/{safe_run}.json"
+        decided = {**decision.as_dict(), "run_id": run_id, "decided_at": stamp}
+        put_bytes(where, json.dumps(decided, indent=1, sort_keys=True).encode(), "application/json", client=client)
         if decision.promoted and record is not None:
             body = {**record, "promoted_at": stamp, "run_id": run_id, "eval_loss": decision.challenger_loss}
-            hook.load_string(json.dumps(body, indent=1, sort_keys=True), key=f"{self.prefix}/champion.json",
-                             bucket_name=self.bucket, replace=True)
-        return f"s3://{self.bucket}/{key}"
+            put_bytes(self.uri, json.dumps(body, indent=1, sort_keys=True).encode(), "application/json", client=client)
+        return where
 
 
 def tag_mlflow_run(tracking_uri: str | None, run_id: str | None, tags: dict[str, str], timeout: float = 10) -> bool:

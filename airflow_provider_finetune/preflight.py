@@ -21,7 +21,7 @@ MAX_PREFLIGHT_DATA_BYTES = 2 * 1024**3  # bigger datasets are validated by the t
 def check_inputs(*, model_uri: str, dataset_uri: str, method: str, config: str, overrides: list[str],
                  ranks: list[int], conn_id: str, workdir: Path) -> list[int]:
     """Returns the ranks to sweep (unique, sorted) when everything is usable."""
-    from airflow_provider_finetune.hooks import bucket_env
+    from airflow_provider_finetune.hooks import BucketHook
     from airflow_provider_finetune.operators.finetune import FinetuneKubernetesOperator
     from finetune_engine.data.validate import DataValidationError, validate_files
     from finetune_engine.storage import StorageError, download_file, is_complete, list_objects
@@ -38,21 +38,21 @@ def check_inputs(*, model_uri: str, dataset_uri: str, method: str, config: str, 
                                         lora_rank=rank, base_model=model_uri, datasets=[dataset_uri], gpus=0)
         op.rendered_config()  # raises FinetuneConfigError naming the key
     try:
-        with bucket_env(conn_id):
-            if not is_complete(model_uri):
-                raise FinetuneConfigError(
-                    f"model_uri {model_uri}: no complete model there (missing or partial upload); deliver it first "
-                    "(HFModelToBucketOperator / finetune-engine deliver-model)")
-            parent, name = dataset_uri.rsplit("/", 1)
-            size = list_objects(parent).get(name)
-            if size is None:
-                raise FinetuneConfigError(f"dataset_uri {dataset_uri}: no such object in the bucket")
-            if size == 0:
-                raise FinetuneConfigError(f"dataset_uri {dataset_uri}: the file is empty")
-            if size > MAX_PREFLIGHT_DATA_BYTES:
-                return swept
-            local = workdir / dataset_uri.rsplit("/", 1)[-1]
-            download_file(dataset_uri, local)
+        client = BucketHook(conn_id).storage_client
+        if not is_complete(model_uri, client=client):
+            raise FinetuneConfigError(
+                f"model_uri {model_uri}: no complete model there (missing or partial upload); deliver it first "
+                "(HFModelToBucketOperator / finetune-engine deliver-model)")
+        parent, name = dataset_uri.rsplit("/", 1)
+        size = list_objects(parent, client=client).get(name)
+        if size is None:
+            raise FinetuneConfigError(f"dataset_uri {dataset_uri}: no such object in the bucket")
+        if size == 0:
+            raise FinetuneConfigError(f"dataset_uri {dataset_uri}: the file is empty")
+        if size > MAX_PREFLIGHT_DATA_BYTES:
+            return swept
+        local = workdir / dataset_uri.rsplit("/", 1)[-1]
+        download_file(dataset_uri, local, size=size, client=client)
     except StorageError as err:
         raise FinetuneConfigError(f"bucket connection {conn_id!r}: {err}") from None
     try:

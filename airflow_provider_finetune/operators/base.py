@@ -220,14 +220,12 @@ class EngineJobOperator(KubernetesPodOperator):
         resolver = self.local_secret_resolver()
         local_env = {}
         if not settings.get("bucket_endpoint_url"):
-            from airflow_provider_finetune.hooks import bucket_settings_or_explain
-
             try:
-                endpoint = bucket_settings_or_explain(self.bucket_conn_id or settings.get("bucket_conn_id")).get("AWS_ENDPOINT_URL")
+                bucket = resolver.bucket()
             except KeyError as err:
                 raise FinetuneConfigError(f"task {self.task_id} (local runner): {err.args[0]}") from None
-            if endpoint:
-                local_env["AWS_ENDPOINT_URL"] = endpoint
+            # the endpoint, and the session token that goes with temporary keys (role ARN, session token)
+            local_env.update({k: bucket[k] for k in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN") if bucket.get(k)})
         self._local_runner = LocalRunner(workdir, resolver, log=self.log.info, extra_env=local_env)
         try:
             result = self._local_runner.run(pod, timeout=self.active_deadline_seconds)

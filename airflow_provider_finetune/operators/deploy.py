@@ -264,7 +264,7 @@ class DeployVLLMOperator(BaseOperator):
         return root / "serving" / dns_name(self.served_model_name)
 
     def execute_local(self, context: Any) -> dict[str, Any]:
-        from airflow_provider_finetune.hooks import bucket_env
+        from airflow_provider_finetune.hooks import BucketHook
 
         python = Path(settings.get("vllm_python") or ".venv-vllm/bin/python").expanduser().absolute()  # a venv python is a symlink: keep it
         if not python.exists():
@@ -274,11 +274,11 @@ class DeployVLLMOperator(BaseOperator):
         from finetune_engine.storage import download_dir
 
         adapter_dirs = {}
-        with bucket_env(self.bucket_conn_id or settings.get("bucket_conn_id")):  # what the storage layer reads
-            download_dir(self.model_uri, workdir / "model")
-            for name, uri in sorted(self.adapters.items()):
-                download_dir(uri, workdir / "adapters" / name)
-                adapter_dirs[name] = workdir / "adapters" / name
+        client = BucketHook(self.bucket_conn_id or settings.get("bucket_conn_id")).storage_client
+        download_dir(self.model_uri, workdir / "model", client=client)
+        for name, uri in sorted(self.adapters.items()):
+            download_dir(uri, workdir / "adapters" / name, client=client)
+            adapter_dirs[name] = workdir / "adapters" / name
         rank = check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank) if self.adapters else None
         self._proc, base = start_vllm(python, workdir / "model", self.served_model_name, workdir, adapter_dirs, rank,
                                       self.max_model_len or 256, self.engine_args, self.local_port, self.ready_timeout,

@@ -338,11 +338,12 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         import json
         import tempfile
 
-        from airflow_provider_finetune.hooks import bucket_env
+        from airflow_provider_finetune.hooks import BucketHook
         from finetune_engine.storage import download_file
 
-        with bucket_env(self.bucket_conn_id or settings.get("bucket_conn_id")), tempfile.TemporaryDirectory() as tmp:
-            download_file(f"{checkpoint_uri}/result.json", f"{tmp}/result.json")
+        client = BucketHook(self.bucket_conn_id or settings.get("bucket_conn_id")).storage_client
+        with tempfile.TemporaryDirectory() as tmp:
+            download_file(f"{checkpoint_uri}/result.json", f"{tmp}/result.json", client=client)
             with open(f"{tmp}/result.json") as f:
                 return json.load(f)
 

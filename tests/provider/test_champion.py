@@ -12,6 +12,7 @@ from airflow_provider_finetune.champion import ChampionStore, decide, tag_mlflow
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.preflight import check_conf_keys, form_overrides
 from airflow_provider_finetune.selection import NoRunFinished, pick_best
+from finetune_engine.storage import list_objects, put_bytes, read_bytes
 
 CH, CP = "s3://b/challenger", "s3://b/champion"
 
@@ -70,16 +71,15 @@ def test_champion_record_roundtrip_in_a_real_bucket(bucket_conn):
     second = decide([{"model_uri": "s3://b/c2", "eval_loss": 1.5}, {"model_uri": CH, "eval_loss": 1.2}], "s3://b/c2", CH)
     store.record("run-2", second, {"model_uri": "s3://b/c2", "config": "a: 2\n"})
     assert store.read()["model_uri"] == CH
-    hook = store._hook()
-    keys = hook.list_keys(bucket_conn["FINETUNE_BUCKET"], prefix="champions/line-1/decisions/")
-    assert len(keys) == 2
-    kept = json.loads(hook.read_key("champions/line-1/decisions/run-2.json", bucket_conn["FINETUNE_BUCKET"]))
+    client, decisions = store._client(), f"s3://{bucket_conn['FINETUNE_BUCKET']}/champions/line-1/decisions"
+    assert len(list_objects(decisions, client=client)) == 2
+    kept = json.loads(read_bytes(f"{decisions}/run-2.json", client=client))
     assert kept["promoted"] is False and kept["champion_loss"] == 1.2 and "does not beat" in kept["reason"]
 
 
 def test_a_broken_champion_record_is_named(bucket_conn):
     store = ChampionStore(bucket_conn["FINETUNE_BUCKET"], "broken", "champion_test")
-    store._hook().load_string("{not json", "champions/broken/champion.json", bucket_conn["FINETUNE_BUCKET"])
+    put_bytes(store.uri, b"{not json", client=store._client())
     with pytest.raises(FinetuneConfigError, match=r"champions/broken/champion.json is not valid JSON.*delete it"):
         store.read()
 

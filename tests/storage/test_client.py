@@ -1,17 +1,28 @@
-"""Client configuration from the standard environment; credential errors name the fix, never the secret."""
+"""Client configuration from the standard environment or an explicit session; credential errors name the
+fix, never the secret."""
 
 from __future__ import annotations
 
 import pytest
 
+from finetune_engine.manifest import MANIFEST_NAME
 from finetune_engine.storage import (
     MissingCredentialsError,
     StorageError,
+    delete_prefix,
     download_dir,
+    download_file,
+    ensure_bucket,
+    exists,
     is_complete,
     join,
+    list_children,
+    list_complete_children,
     list_objects,
     make_client,
+    put_bytes,
+    read_bytes,
+    session_client,
     upload_dir,
 )
 
@@ -63,7 +74,8 @@ def test_unreachable_endpoint_is_named(bare_env, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
     monkeypatch.setenv("FINETUNE_S3_MAX_ATTEMPTS", "1")
-    with pytest.raises(StorageError, match=r"s3://bkt/x: cannot reach the S3 endpoint http://127.0.0.1:9.*AWS_ENDPOINT_URL") as err:
+    with pytest.raises(StorageError, match=r"s3://bkt/x: cannot reach the S3 endpoint http://127.0.0.1:9 after retries; "
+                                           r"check AWS_ENDPOINT_URL") as err:
         list_objects("s3://bkt/x")
     assert CANARY not in str(err.value)
 
@@ -158,3 +170,70 @@ def test_known_digest_signer_keeps_botocore_rules_for_parts_and_unsigned_payload
     assert payload("http://h/bkt/key", method="POST") == hashlib.sha256(body).hexdigest()
     unsigned = Config(s3={"payload_signing_enabled": False})
     assert payload("http://h/bkt/key", client_config=unsigned) == botocore.auth.UNSIGNED_PAYLOAD
+
+
+def test_session_client_takes_everything_from_the_session(bare_env, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    session = boto3.session.Session(aws_access_key_id="session-id", aws_secret_access_key="session-secret",
+                                    aws_session_token="session-token", region_name="eu-central-1")
+    client = session_client(session, "http://127.0.0.1:1234")
+    assert client.meta.endpoint_url == "http://127.0.0.1:1234" and client.meta.region_name == "eu-central-1"
+    credentials = client._request_signer._credentials.get_frozen_credentials()
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == (
+        "session-id", "session-secret", "session-token")
+    config = client.meta.config  # configured like the environment's client
+    assert config.s3["addressing_style"] == "path" and config.signature_version == make_client().meta.config.signature_version
+    assert config.retries == {"total_max_attempts": 10, "mode": "standard"}
+    assert session_client(session, None, "us-west-2").meta.region_name == "us-west-2"
+
+
+def test_session_client_without_credentials_names_their_source(bare_env):
+    import boto3
+
+    with pytest.raises(MissingCredentialsError, match="no bucket credentials in Airflow connection 'x'"):
+        session_client(boto3.session.Session(), "http://127.0.0.1:9", where="Airflow connection 'x'")
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("s3_server", ["rclone"], indirect=True)
+def test_an_explicit_client_does_every_operation_with_the_environment_pointing_elsewhere(s3_env, monkeypatch, tmp_path):
+    import boto3
+
+    from finetune_engine.storage import s3
+
+    session = boto3.session.Session(aws_access_key_id=s3_env["key"], aws_secret_access_key=s3_env["secret"])
+    client = session_client(session, s3_env["endpoint"])
+    for var, value in (("AWS_ACCESS_KEY_ID", "wrong-id"), ("AWS_SECRET_ACCESS_KEY", CANARY),
+                       ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("FINETUNE_S3_MAX_ATTEMPTS", "1")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(s3, "CHUNK", 100_000)  # the 300 kB file comes in ranged GETs on worker threads
+    calls: list[str] = []
+    client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "big.bin").write_bytes(bytes(range(256)) * 1200)
+    (src / "config.json").write_text('{"a": 1}')
+    uri = join(s3_env["uri"], "m")
+
+    upload_dir(src, uri, client=client)
+    assert is_complete(uri, client=client)
+    assert sorted(list_objects(uri, client=client)) == sorted(["config.json", MANIFEST_NAME, "sub/big.bin"])
+    assert list_children(s3_env["uri"], client=client) == ["m"]
+    assert list_complete_children(s3_env["uri"], client=client) == ["m"]
+    download_dir(uri, tmp_path / "dst", client=client)
+    assert (tmp_path / "dst" / "sub" / "big.bin").read_bytes() == (src / "sub" / "big.bin").read_bytes()
+    assert calls.count("GetObject") >= 4  # 3 ranges of big.bin, config.json, the manifest
+    put_bytes(join(uri, "note.txt"), b"hi", client=client)
+    assert read_bytes(join(uri, "note.txt"), client=client) == b"hi" and exists(join(uri, "note.txt"), client=client)
+    assert read_bytes(join(uri, "absent.txt"), client=client) is None
+    assert download_file(join(uri, "note.txt"), tmp_path / "note.txt", client=client)
+    ensure_bucket(s3_env["bucket"], client=client)
+    assert delete_prefix(uri, client=client) == 3 and list_objects(uri, client=client) == {}  # the manifest goes first
+    # the environment's client (what a pod uses) is still the default, and here it points nowhere
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9 after") as err:
+        list_objects(uri)
+    assert CANARY not in str(err.value)

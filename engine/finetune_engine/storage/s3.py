@@ -1,9 +1,13 @@
-"""The S3 client and object operations, configured from the standard environment.
+"""The S3 client and object operations, configured from the standard environment by default.
 
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION`` / ``AWS_REGION``: the same code talks to AWS, MinIO, SeaweedFS, Ceph or rclone.
 Path-style addressing whenever an endpoint is set; retries with backoff ride out flaky networks and
 server restarts. Error messages name the URI and the fix, never a secret.
+
+Every operation also takes ``client=``: a client built by :func:`session_client` from an explicit
+boto3 session (role ARN, session token, profile...), for callers that must not touch the process
+environment. Without it the client comes from the environment (:func:`make_client`), as in a pod.
 """
 
 from __future__ import annotations
@@ -100,15 +104,12 @@ def _register_signer() -> None:
     botocore.auth.AUTH_TYPE_MAPS[SIGNATURE_VERSION] = KnownPayloadS3SigV4Auth
 
 
-@functools.cache
-def _client(endpoint: str | None, key_id: str | None, secret_digest: str, region_name: str, max_attempts: int,
-            retry_mode: str):
-    """Cached per endpoint and credentials (keyed by a digest: the secret itself is read from the env)."""
-    import boto3
+def _client_config(endpoint: str | None, max_attempts: int, retry_mode: str):
+    """The botocore config of every client: our signer, retries, path-style addressing on an endpoint."""
     from botocore.config import Config
 
     _register_signer()
-    config = Config(
+    return Config(
         signature_version=SIGNATURE_VERSION,
         retries={"total_max_attempts": max_attempts, "mode": retry_mode},
         s3={"addressing_style": "path" if endpoint else "auto"},
@@ -118,6 +119,19 @@ def _client(endpoint: str | None, key_id: str | None, secret_digest: str, region
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
+
+
+def _retry_settings() -> tuple[int, str]:
+    return int(os.environ.get("FINETUNE_S3_MAX_ATTEMPTS", "10")), os.environ.get("FINETUNE_S3_RETRY_MODE", "standard")
+
+
+@functools.cache
+def _client(endpoint: str | None, key_id: str | None, secret_digest: str, region_name: str, max_attempts: int,
+            retry_mode: str):
+    """Cached per endpoint and credentials (keyed by a digest: the secret itself is read from the env)."""
+    import boto3
+
+    config = _client_config(endpoint, max_attempts, retry_mode)
     session = boto3.session.Session(
         aws_access_key_id=key_id or None,
         aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
@@ -141,14 +155,26 @@ def make_client():
             f"incomplete bucket credentials: {missing} is not set (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "go together)"
         )
-    return _client(
-        endpoint_url(),
-        key_id,
-        hashlib.sha256((secret or "").encode()).hexdigest(),
-        region(),
-        int(os.environ.get("FINETUNE_S3_MAX_ATTEMPTS", "10")),
-        os.environ.get("FINETUNE_S3_RETRY_MODE", "standard"),
-    )
+    return _client(endpoint_url(), key_id, hashlib.sha256((secret or "").encode()).hexdigest(), region(),
+                   *_retry_settings())
+
+
+def session_client(session, endpoint: str | None = None, region_name: str | None = None,
+                   verify: bool | str | None = None, where: str = "the session"):
+    """A thread-safe S3 client from an explicit boto3 session, configured like :func:`make_client`
+    (signer, retries, path-style on an endpoint) but reading no AWS_* variable itself: the session
+    holds the credentials. ``where`` names their source in the error when the session has none."""
+    if session.get_credentials() is None:
+        raise MissingCredentialsError(f"no bucket credentials in {where}: give it an access key and secret "
+                                      "(or a role, profile or session token)")
+    return session.client("s3", endpoint_url=endpoint or None,
+                          region_name=region_name or session.region_name or "us-east-1", verify=verify,
+                          config=_client_config(endpoint, *_retry_settings()))
+
+
+def _use(client):
+    """The given client, else the environment's."""
+    return client if client is not None else make_client()
 
 
 def multipart_threshold() -> int:
@@ -169,6 +195,15 @@ def transfer_config(max_concurrency: int = 8):
                           max_concurrency=max_concurrency, use_threads=True)
 
 
+def _endpoint_of(err: Exception) -> str:
+    """The endpoint a botocore connection error names (explicit clients), else the environment's."""
+    from urllib.parse import urlsplit
+
+    kwargs = getattr(err, "kwargs", None)
+    url = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None  # the request's URL: keep the server part
+    return (f"{urlsplit(url).scheme}://{urlsplit(url).netloc}" if url else None) or endpoint_url() or "AWS"
+
+
 def wrap_error(err: Exception, uri: str, action: str) -> StorageError:
     """A StorageError naming the URI and the likely fix; never includes credentials."""
     from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError, NoCredentialsError
@@ -182,10 +217,10 @@ def wrap_error(err: Exception, uri: str, action: str) -> StorageError:
             "(the bucket Kubernetes Secret, or the Airflow aws connection's login/password)"
         )
     if isinstance(err, EndpointConnectionError):
-        return TransientStorageError(f"{action} {uri}: cannot reach the S3 endpoint {endpoint_url() or 'AWS'} after "
+        return TransientStorageError(f"{action} {uri}: cannot reach the S3 endpoint {_endpoint_of(err)} after "
                                      "retries; check AWS_ENDPOINT_URL and that the server runs")
     if isinstance(err, BotoConnectionError | HTTPClientError):
-        return TransientStorageError(f"{action} {uri}: connection to {endpoint_url() or 'AWS'} failed after retries "
+        return TransientStorageError(f"{action} {uri}: connection to {_endpoint_of(err)} failed after retries "
                                      f"({type(err).__name__})")
     if isinstance(err, ClientError):
         error = err.response.get("Error", {})
@@ -220,13 +255,13 @@ def _not_found(err: Exception) -> bool:
         "404", "NoSuchKey", "NotFound")
 
 
-def exists(uri: str) -> bool:
+def exists(uri: str, *, client=None) -> bool:
     """True when ``uri`` names an object."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = parse_uri(uri)
     try:
-        make_client().head_object(Bucket=bucket, Key=key)
+        _use(client).head_object(Bucket=bucket, Key=key)
         return True
     except (BotoCoreError, ClientError) as err:
         if _not_found(err):
@@ -238,20 +273,20 @@ def _prefix(key: str) -> str:
     return f"{key}/" if key else ""
 
 
-def list_objects(uri: str) -> dict[str, int]:
+def list_objects(uri: str, *, client=None) -> dict[str, int]:
     """{key relative to the prefix: size} of every object under ``uri/``."""
     bucket, key = parse_uri(uri)
     prefix = _prefix(key)
-    paginator = make_client().get_paginator("list_objects_v2")
+    paginator = _use(client).get_paginator("list_objects_v2")
     pages = _call(uri, "list", lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
     return {obj["Key"][len(prefix):]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
 
 
-def list_children(uri: str) -> list[str]:
+def list_children(uri: str, *, client=None) -> list[str]:
     """Names of the immediate 'directories' under ``uri/``."""
     bucket, key = parse_uri(uri)
     prefix = _prefix(key)
-    paginator = make_client().get_paginator("list_objects_v2")
+    paginator = _use(client).get_paginator("list_objects_v2")
     pages = _call(uri, "list", lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")))
     return sorted(p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", []))
 
@@ -277,11 +312,11 @@ def parse_manifest(body: bytes) -> dict | None:
     return data
 
 
-def read_manifest(uri: str) -> dict | None:
+def read_manifest(uri: str, *, client=None) -> dict | None:
     """The completion manifest of prefix ``uri`` (None when missing or malformed)."""
     bucket, key = parse_uri(join(uri, MANIFEST_NAME))
     try:
-        body = make_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = _use(client).get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as err:
         if _not_found(err):
             return None
@@ -294,15 +329,15 @@ def missing_objects(manifest: dict, objects: dict[str, int]) -> list[str]:
     return [f["path"] for f in manifest["files"] if objects.get(f["path"]) != f["size"]]
 
 
-def is_complete(uri: str) -> bool:
+def is_complete(uri: str, *, client=None) -> bool:
     """A prefix is complete when its manifest exists and every listed object exists with its size."""
-    manifest = read_manifest(uri)
-    return manifest is not None and not missing_objects(manifest, list_objects(uri))
+    manifest = read_manifest(uri, client=client)
+    return manifest is not None and not missing_objects(manifest, list_objects(uri, client=client))
 
 
-def list_complete_children(uri: str) -> list[str]:
+def list_complete_children(uri: str, *, client=None) -> list[str]:
     """Children of ``uri`` (e.g. ``checkpoint-N``) that are complete; one listing plus one GET per manifest."""
-    objects = list_objects(uri)
+    objects = list_objects(uri, client=client)
     by_child: dict[str, dict[str, int]] = {}
     for rel, size in objects.items():
         child, sep, rest = rel.partition("/")
@@ -311,18 +346,18 @@ def list_complete_children(uri: str) -> list[str]:
     out = []
     for child, files in sorted(by_child.items()):
         if MANIFEST_NAME in files:
-            manifest = read_manifest(join(uri, child))
+            manifest = read_manifest(join(uri, child), client=client)
             if manifest is not None and not missing_objects(manifest, files):
                 out.append(child)
     return out
 
 
-def delete_prefix(uri: str) -> int:
+def delete_prefix(uri: str, *, client=None) -> int:
     """Delete every object under ``uri/``; the manifest goes first so readers stop trusting the prefix."""
     bucket, key = parse_uri(uri)
-    client = make_client()
+    client = _use(client)
     _call(uri, "delete", client.delete_object, Bucket=bucket, Key=_prefix(key) + MANIFEST_NAME)
-    keys = [_prefix(key) + rel for rel in list_objects(uri)]
+    keys = [_prefix(key) + rel for rel in list_objects(uri, client=client)]
     for i in range(0, len(keys), 1000):
         chunk = [{"Key": k} for k in keys[i : i + 1000]]
         _call(uri, "delete", client.delete_objects, Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
@@ -353,38 +388,50 @@ class _CountingReader:
 
 
 def upload_file(path: str | Path, uri: str, callback: Any = None, max_concurrency: int = 8,
-                sha256: str | None = None) -> None:
+                sha256: str | None = None, *, client=None) -> None:
     """Upload one file: one PUT up to ``multipart_threshold()`` (signed with ``sha256`` when given, so
     the body is not hashed again), else a managed multipart transfer (parallel parts, retried)."""
     bucket, key = parse_uri(uri)
     size = os.path.getsize(path)
     if size > multipart_threshold():
-        _call(uri, "upload to", make_client().upload_file, str(path), bucket, key,
+        _call(uri, "upload to", _use(client).upload_file, str(path), bucket, key,
               Config=transfer_config(max_concurrency), Callback=callback)
         return
     _KNOWN_SHA256.value = sha256
     try:
         with open(path, "rb") as f:
-            _call(uri, "upload to", make_client().put_object, Bucket=bucket, Key=key, ContentLength=size,
+            _call(uri, "upload to", _use(client).put_object, Bucket=bucket, Key=key, ContentLength=size,
                   Body=_CountingReader(f, callback))
     finally:
         _KNOWN_SHA256.value = None
 
 
-def put_bytes(uri: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+def put_bytes(uri: str, body: bytes, content_type: str = "application/octet-stream", *, client=None) -> None:
     bucket, key = parse_uri(uri)
-    _call(uri, "write", make_client().put_object, Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+    _call(uri, "write", _use(client).put_object, Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+
+
+def read_bytes(uri: str, *, client=None) -> bytes | None:
+    """The body of object ``uri`` (a small one: it is held in memory), or None when there is no such object."""
+    bucket, key = parse_uri(uri)
+    try:
+        response = _use(client).get_object(Bucket=bucket, Key=key)
+    except Exception as err:
+        if _not_found(err):
+            return None
+        raise wrap_error(err, uri, "read") from None
+    return _call(uri, "read", response["Body"].read)
 
 
 READ_BLOCK = 1 << 20
 
 
 def _get_range(bucket: str, key: str, uri: str, fd: int, start: int, end: int | None, callback: Any,
-               digest: Any = None) -> int:
+               digest: Any = None, client=None) -> int:
     """Stream ``bytes=start-end`` (or the whole object when ``end`` is None) into ``fd`` at its offsets,
     in 1 MiB reads (no per-8-KiB Python overhead), optionally hashing on the way. Returns bytes written."""
     kwargs = {"Range": f"bytes={start}-{end}"} if end is not None else {}
-    resp = _call(uri, "download", make_client().get_object, Bucket=bucket, Key=key, **kwargs)
+    resp = _call(uri, "download", _use(client).get_object, Bucket=bucket, Key=key, **kwargs)
     body, offset = resp["Body"], start
     try:
         while True:
@@ -405,7 +452,7 @@ def _get_range(bucket: str, key: str, uri: str, fd: int, start: int, end: int | 
 
 
 def download_file(uri: str, path: str | Path, callback: Any = None, max_concurrency: int = 8,
-                  size: int | None = None) -> str | None:
+                  size: int | None = None, *, client=None) -> str | None:
     """Download one object to ``path`` via a temporary sibling name and a rename: no partial file remains.
 
     Objects up to ``CHUNK`` come in one streamed GET hashed while it is written, so the sha256 is
@@ -419,14 +466,15 @@ def download_file(uri: str, path: str | Path, callback: Any = None, max_concurre
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
+    client = _use(client)
     if size is None:
-        size = _call(uri, "download", make_client().head_object, Bucket=bucket, Key=key)["ContentLength"]
+        size = _call(uri, "download", client.head_object, Bucket=bucket, Key=key)["ContentLength"]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             if size <= CHUNK:
                 digest = hashlib.sha256()
-                got = _get_range(bucket, key, uri, fd, 0, None, callback, digest)
+                got = _get_range(bucket, key, uri, fd, 0, None, callback, digest, client)
                 sha = digest.hexdigest()
             else:
                 sha = None
@@ -434,7 +482,8 @@ def download_file(uri: str, path: str | Path, callback: Any = None, max_concurre
                 ranges = [(a, min(a + CHUNK, size) - 1) for a in range(0, size, CHUNK)]
                 with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, len(ranges))),
                                         thread_name_prefix="s3-part") as pool:
-                    parts = [pool.submit(_get_range, bucket, key, uri, fd, a, b, callback) for a, b in ranges]
+                    parts = [pool.submit(_get_range, bucket, key, uri, fd, a, b, callback, None, client)
+                             for a, b in ranges]
                     got = sum(f.result() for f in parts)
         finally:
             os.close(fd)
@@ -447,9 +496,9 @@ def download_file(uri: str, path: str | Path, callback: Any = None, max_concurre
         tmp.unlink(missing_ok=True)
 
 
-def ensure_bucket(name: str) -> None:
+def ensure_bucket(name: str, *, client=None) -> None:
     """Create bucket ``name`` unless it exists."""
-    client = make_client()
+    client = _use(client)
     try:
         client.head_bucket(Bucket=name)
     except Exception as err:

@@ -136,11 +136,12 @@ def local_manifest(local_dir: Path) -> dict:
 
 
 def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: bool = True,
-               after_file=None) -> dict:
+               after_file=None, client=None) -> dict:
     """Upload a directory to prefix ``uri`` in parallel; the manifest object is written last.
 
     The remote manifest is deleted first, so while files upload the prefix reads as incomplete.
     ``after_file(rel_path)`` runs (in the worker thread) after each file is stored. Returns the manifest.
+    ``client``: an explicit S3 client (:func:`~finetune_engine.storage.s3.session_client`), else the environment's.
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -151,24 +152,26 @@ def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: b
     for entry in manifest["files"]:
         check_relative_key(entry["path"])
     bucket, manifest_key = parse_uri(join(uri, MANIFEST_NAME))
-    retrying(s3._call, uri, "delete the manifest of", s3.make_client().delete_object, Bucket=bucket, Key=manifest_key)
+    client = s3._use(client)
+    retrying(s3._call, uri, "delete the manifest of", client.delete_object, Bucket=bucket, Key=manifest_key)
     bar = Progress(sum(f["size"] for f in manifest["files"]), f"upload {uri}", progress)
 
     def put(entry: dict) -> None:
         path = local_dir / entry["path"]
         if path.stat().st_size != entry["size"]:
             raise s3.StorageError(f"{path} changed size while uploading to {uri}; retry when it is stable")
-        retrying(s3.upload_file, path, join(uri, entry["path"]), bar, 8, entry["sha256"])
+        retrying(s3.upload_file, path, join(uri, entry["path"]), bar, 8, entry["sha256"], client=client)
         if after_file is not None:
             after_file(entry["path"])
 
     try:
         _run_parallel(put, [(e,) for e in manifest["files"]], workers)
-        missing = s3.missing_objects(manifest, retrying(s3.list_objects, uri))
+        missing = s3.missing_objects(manifest, retrying(s3.list_objects, uri, client=client))
         if missing:  # the server lost or truncated something: no manifest, the prefix stays incomplete
             raise s3.StorageError(f"{uri}: {len(missing)} uploaded object(s) missing or truncated on the server "
                                   f"(e.g. {missing[0]!r}); retry the upload")
-        retrying(s3.put_bytes, join(uri, MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), "application/json")
+        retrying(s3.put_bytes, join(uri, MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), "application/json",
+                 client=client)
     finally:
         bar.close()
     log.info("uploaded %d files (%.1f MiB) to %s at %.1f MiB/s", len(manifest["files"]), bar.total / 2**20, uri,
@@ -176,9 +179,9 @@ def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: b
     return manifest
 
 
-def _entries(uri: str, require_complete: bool) -> tuple[dict | None, list[tuple[str, int, str | None]]]:
-    manifest = s3.read_manifest(uri)
-    objects = s3.list_objects(uri)
+def _entries(uri: str, require_complete: bool, client=None) -> tuple[dict | None, list[tuple[str, int, str | None]]]:
+    manifest = s3.read_manifest(uri, client=client)
+    objects = s3.list_objects(uri, client=client)
     if manifest is None:
         if require_complete:
             raise s3.IncompleteError(
@@ -216,17 +219,18 @@ def _remove_stale(root: Path, wanted: set[str], owned: set[str] | None) -> None:
 
 
 def download_dir(uri: str, local_dir: str | Path, *, workers: int = 8, progress: bool = True,
-                 require_complete: bool = True, verify_hashes: bool = True) -> dict | None:
+                 require_complete: bool = True, verify_hashes: bool = True, client=None) -> dict | None:
     """Download prefix ``uri`` into ``local_dir``, verified against its manifest; returns the manifest.
 
     Refuses a prefix without a valid manifest (IncompleteError) unless ``require_complete=False``, and any
     key that could land outside ``local_dir`` (UnsafeKeyError, before anything is written). A new
     ``local_dir`` is assembled in a hidden sibling and renamed into place; an existing one is repaired in
     place with its local manifest removed until the end. Files present with the right size and sha256
-    are kept, so an interrupted download resumes.
+    are kept, so an interrupted download resumes. ``client``: an explicit S3 client, else the environment's.
     """
     local_dir = Path(local_dir)
-    manifest, entries = retrying(_entries, uri, require_complete)
+    client = s3._use(client)
+    manifest, entries = retrying(_entries, uri, require_complete, client)
     for rel, _, _ in entries:
         check_relative_key(rel)  # every key, before any write
     if local_dir.exists() and not local_dir.is_dir():
@@ -247,7 +251,7 @@ def download_dir(uri: str, local_dir: str | Path, *, workers: int = 8, progress:
         path, source = targets[rel], join(uri, rel)
         if path.is_symlink() or path.is_dir():
             raise UnsafeKeyError(f"refusing to overwrite {path} (a symlink or directory) with {source}")
-        got = retrying(s3.download_file, source, path, bar, 4, size)  # sha256 while streaming, if one GET
+        got = retrying(s3.download_file, source, path, bar, 4, size, client=client)  # sha256 while streaming, if one GET
         if path.stat().st_size != size:
             path.unlink()
             raise s3.StorageError(f"{source}: downloaded {path.stat().st_size} bytes, the manifest says {size}; "
