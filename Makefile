@@ -13,9 +13,8 @@ demo:
 test:
 	./scripts/test.sh
 
-lint: setup
-	.venv/bin/ruff check airflow_provider_finetune engine dags tests scripts
-	.venv/bin/lint-imports
+lint:
+	./scripts/lint.sh
 
 bench: setup
 	for f in scripts/bench_*.py; do echo "== $$f"; .venv/bin/python $$f || exit 1; done
@@ -24,4 +23,4 @@ docs: setup
 	.venv/bin/python -m finetune_engine.config.generate
 
 clean:
-	rm -rf .work .venv .venv-vllm
+	rm -rf .work .venv .venv-vllm .venv-lint

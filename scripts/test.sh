@@ -10,7 +10,5 @@ vllm_pid=$!
 wait $vllm_pid
 wait $browser_pid
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/python -m finetune_engine.config.generate --check
-.venv/bin/ruff check airflow_provider_finetune engine dags tests scripts
-.venv/bin/lint-imports --no-cache | tail -n 4
+LINT_VENV=.venv ./scripts/lint.sh   # the static checks (make lint), with the tools .venv already has
 exec .venv/bin/python -m pytest -p no:cacheprovider --durations=20 "$@"
