@@ -34,8 +34,9 @@ class Decision:
         return asdict(self)
 
 
-def decide(scores: list[dict[str, Any]], challenger_uri: str, champion_uri: str | None,
-           min_improvement: float = 0.0) -> Decision:
+def decide(
+    scores: list[dict[str, Any]], challenger_uri: str, champion_uri: str | None, min_improvement: float = 0.0
+) -> Decision:
     """Promote the challenger only when its held-out loss beats the champion's by more than
     ``min_improvement`` (absolute). With no champion yet, the challenger is promoted. Both losses
     must come from the same evaluation (same held-out data, same code)."""
@@ -44,10 +45,18 @@ def decide(scores: list[dict[str, Any]], challenger_uri: str, champion_uri: str 
         raise ValueError(f"the evaluation has no score for the challenger {challenger_uri}")
     challenger = float(by_uri[challenger_uri]["eval_loss"])
     if challenger != challenger:  # NaN
-        return Decision(False, "the challenger's held-out loss is NaN", challenger_uri, challenger,
-                        champion_uri, by_uri.get(champion_uri or "", {}).get("eval_loss"))
+        return Decision(
+            False,
+            "the challenger's held-out loss is NaN",
+            challenger_uri,
+            challenger,
+            champion_uri,
+            by_uri.get(champion_uri or "", {}).get("eval_loss"),
+        )
     if not champion_uri:
-        return Decision(True, "no champion yet: the first challenger becomes the champion", challenger_uri, challenger)
+        return Decision(
+            True, "no champion yet: the first challenger becomes the champion", challenger_uri, challenger
+        )
     if champion_uri not in by_uri:
         raise ValueError(f"the evaluation has no score for the champion {champion_uri}")
     champion = float(by_uri[champion_uri]["eval_loss"])
@@ -64,7 +73,9 @@ class ChampionStore:
 
     def __init__(self, bucket: str, line: str, conn_id: str):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", line or ""):
-            raise FinetuneConfigError(f"model line {line!r}: use letters, digits, '.', '_' and '-' (it names a bucket prefix)")
+            raise FinetuneConfigError(
+                f"model line {line!r}: use letters, digits, '.', '_' and '-' (it names a bucket prefix)"
+            )
         self.bucket = bucket
         self.line = line
         self.conn_id = conn_id
@@ -88,10 +99,14 @@ class ChampionStore:
         try:
             record = json.loads(body)
         except json.JSONDecodeError as err:
-            raise FinetuneConfigError(f"{self.uri} is not valid JSON ({err}); fix or delete it to start the line over") from None
+            raise FinetuneConfigError(
+                f"{self.uri} is not valid JSON ({err}); fix or delete it to start the line over"
+            ) from None
         for name in ("model_uri", "config"):
             if not record.get(name):
-                raise FinetuneConfigError(f"{self.uri} has no {name!r}; fix or delete it to start the line over")
+                raise FinetuneConfigError(
+                    f"{self.uri} has no {name!r}; fix or delete it to start the line over"
+                )
         return record
 
     def record(self, run_id: str, decision: Decision, record: dict[str, Any] | None) -> str:
@@ -104,14 +119,23 @@ class ChampionStore:
         safe_run = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")
         where = f"s3://{self.bucket}/{self.prefix}/decisions/{safe_run}.json"
         decided = {**decision.as_dict(), "run_id": run_id, "decided_at": stamp}
-        put_bytes(where, json.dumps(decided, indent=1, sort_keys=True).encode(), "application/json", client=client)
+        put_bytes(
+            where, json.dumps(decided, indent=1, sort_keys=True).encode(), "application/json", client=client
+        )
         if decision.promoted and record is not None:
             body = {**record, "promoted_at": stamp, "run_id": run_id, "eval_loss": decision.challenger_loss}
-            put_bytes(self.uri, json.dumps(body, indent=1, sort_keys=True).encode(), "application/json", client=client)
+            put_bytes(
+                self.uri,
+                json.dumps(body, indent=1, sort_keys=True).encode(),
+                "application/json",
+                client=client,
+            )
         return where
 
 
-def tag_mlflow_run(tracking_uri: str | None, run_id: str | None, tags: dict[str, str], timeout: float = 10) -> bool:
+def tag_mlflow_run(
+    tracking_uri: str | None, run_id: str | None, tags: dict[str, str], timeout: float = 10
+) -> bool:
     """Set tags on an MLflow run through the tracking server's REST API. Returns False (never
     raises) when tracking is off or the server cannot be reached: the decision itself is already
     recorded in the bucket."""
@@ -121,8 +145,11 @@ def tag_mlflow_run(tracking_uri: str | None, run_id: str | None, tags: dict[str,
 
     for key, value in tags.items():
         try:
-            r = requests.post(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/runs/set-tag",
-                              json={"run_id": run_id, "key": key, "value": str(value)}, timeout=timeout)
+            r = requests.post(
+                f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/runs/set-tag",
+                json={"run_id": run_id, "key": key, "value": str(value)},
+                timeout=timeout,
+            )
         except requests.RequestException:
             return False
         if r.status_code != 200:

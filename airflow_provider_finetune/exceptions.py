@@ -24,9 +24,11 @@ GPU_OOM_FIX = (
     "training_args.gradient_checkpointing, use LoRA, or add GPUs"
 )
 # torch's messages for CUDA, ROCm (HIP), Intel XPU and Apple MPS, and the allocator failures below them
-_GPU_OOM = re.compile(r"(CUDA|HIP|XPU|MPS backend) out of memory|torch(\.cuda)?\.OutOfMemoryError|"
-                      r"CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation|hipErrorOutOfMemory|"
-                      r"NCCL.*(out of memory|cudaErrorMemoryAllocation)|BatchTooLargeError")
+_GPU_OOM = re.compile(
+    r"(CUDA|HIP|XPU|MPS backend) out of memory|torch(\.cuda)?\.OutOfMemoryError|"
+    r"CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation|hipErrorOutOfMemory|"
+    r"NCCL.*(out of memory|cudaErrorMemoryAllocation)|BatchTooLargeError"
+)
 # a host allocation that failed without the kernel killing anyone (torch's CPU allocator, Python)
 _HOST_OOM = re.compile(r"DefaultCPUAllocator: can't allocate memory|^MemoryError\b", re.MULTILINE)
 SIGKILL_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
@@ -47,7 +49,9 @@ class EngineJobFailed(RuntimeError):
         super().__init__(message)
 
     @classmethod
-    def classify(cls, returncode: int | None, tail: str, reason: str | None = None) -> tuple[type[Exception], str, str]:
+    def classify(
+        cls, returncode: int | None, tail: str, reason: str | None = None
+    ) -> tuple[type[Exception], str, str]:
         """(exception type, kind, explanation) of a failed engine job.
 
         An OOM needs evidence: the reason ``OOMKilled`` (Kubernetes, or the local cgroup's OOM-kill
@@ -55,23 +59,59 @@ class EngineJobFailed(RuntimeError):
         (exit 137 / -9) is not called OOM: preemption, ``kill -9`` and eviction end the same way.
         """
         if reason == "OOMKilled":
-            return OutOfMemory, "host-oom", f"out of host memory (OOMKilled, exit {returncode}): {HOST_OOM_FIX}"
+            return (
+                OutOfMemory,
+                "host-oom",
+                f"out of host memory (OOMKilled, exit {returncode}): {HOST_OOM_FIX}",
+            )
         if _GPU_OOM.search(tail or ""):
-            return OutOfMemory, "accelerator-oom", f"out of accelerator memory (exit {returncode}): {GPU_OOM_FIX}"
+            return (
+                OutOfMemory,
+                "accelerator-oom",
+                f"out of accelerator memory (exit {returncode}): {GPU_OOM_FIX}",
+            )
         if _HOST_OOM.search(tail or ""):
-            return OutOfMemory, "host-oom", f"out of host memory (allocation failed, exit {returncode}): {HOST_OOM_FIX}"
+            return (
+                OutOfMemory,
+                "host-oom",
+                f"out of host memory (allocation failed, exit {returncode}): {HOST_OOM_FIX}",
+            )
         if reason == "DeadlineExceeded":
-            return cls, "deadline", ("ran longer than active_deadline_seconds: raise it, or let the retry resume from "
-                                     "the newest complete checkpoint")
+            return (
+                cls,
+                "deadline",
+                (
+                    "ran longer than active_deadline_seconds: raise it, or let the retry resume from "
+                    "the newest complete checkpoint"
+                ),
+            )
         if reason == "Killed":
-            return cls, "killed", "stopped from Airflow (on_kill: the task was marked failed, cleared or timed out)"
+            return (
+                cls,
+                "killed",
+                "stopped from Airflow (on_kill: the task was marked failed, cleared or timed out)",
+            )
         if reason == "Evicted":
-            return cls, "evicted", "the node evicted the pod (memory or disk pressure); the retry resumes from checkpoints"
+            return (
+                cls,
+                "evicted",
+                "the node evicted the pod (memory or disk pressure); the retry resumes from checkpoints",
+            )
         if returncode == 2:
-            return FinetuneConfigError, "config", "the engine rejected its input (exit 2); see the log above for file, line and key"
+            return (
+                FinetuneConfigError,
+                "config",
+                "the engine rejected its input (exit 2); see the log above for file, line and key",
+            )
         if returncode in SIGKILL_CODES:
-            return cls, "killed", (f"killed by SIGKILL (exit {returncode}) without an OOMKilled reason: preempted, evicted "
-                                   "or killed by hand; if the node logged an OOM kill, raise memory_per_gpu")
+            return (
+                cls,
+                "killed",
+                (
+                    f"killed by SIGKILL (exit {returncode}) without an OOMKilled reason: preempted, evicted "
+                    "or killed by hand; if the node logged an OOM kill, raise memory_per_gpu"
+                ),
+            )
         return cls, "failed", f"exit code {returncode}" + (f", reason {reason}" if reason else "")
 
     @classmethod
@@ -95,7 +135,9 @@ class EngineJobFailed(RuntimeError):
     def from_pod(cls, pod_name: str, container: str, state: dict[str, Any], tail: str = "") -> Exception:
         """From a failed pod: ``state`` holds the container's ``exit_code`` and ``reason`` and the pod's."""
         reason = state.get("reason") or state.get("pod_reason")
-        where = f"pod {pod_name} container {container} exited with {state.get('exit_code')}" + (f" ({reason})" if reason else "")
+        where = f"pod {pod_name} container {container} exited with {state.get('exit_code')}" + (
+            f" ({reason})" if reason else ""
+        )
         return cls.make(where, state.get("exit_code"), tail, reason)
 
 

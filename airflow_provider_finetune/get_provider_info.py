@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 def _opt(description: str, default: str | None, example: str | None = None, type_: str = "string") -> dict:
-    return {"description": description, "version_added": None, "type": type_, "example": example, "default": default}
+    return {
+        "description": description,
+        "version_added": None,
+        "type": type_,
+        "example": example,
+        "default": default,
+    }
 
 
 def get_provider_info() -> dict:
@@ -26,39 +32,61 @@ def get_provider_info() -> dict:
                 "options": {
                     "runner": _opt(
                         "Where engine pods run: kubernetes (the cluster) or local (a subprocess on the worker, "
-                        "same command and env).", "kubernetes", "local"),
-                    "engine_image": _opt("Engine image of the fine-tuning pods.",
-                                         "ghcr.io/airflow-provider-finetune/engine-cuda:0.1.0"),
+                        "same command and env).",
+                        "kubernetes",
+                        "local",
+                    ),
+                    "engine_image": _opt(
+                        "Engine image of the fine-tuning pods.",
+                        "ghcr.io/airflow-provider-finetune/engine-cuda:0.1.0",
+                    ),
                     "namespace": _opt("Kubernetes namespace of the pods.", "default"),
                     "kubernetes_conn_id": _opt("Kubernetes connection.", "kubernetes_default"),
                     "bucket_conn_id": _opt(
                         "Airflow aws connection of the bucket (login = access key, password = secret key, "
                         "extra endpoint_url for MinIO/SeaweedFS; role_arn, aws_session_token, profile_name and "
                         "region_name are honoured). Airflow-side reads and the local runner take credentials from it.",
-                        "aws_default"),
+                        "aws_default",
+                    ),
                     "bucket": _opt("Bucket of models, datasets and experiments.", "finetune"),
                     "bucket_endpoint_url": _opt(
-                        "S3 endpoint the pods use (in-cluster MinIO service, for example); empty for AWS.", "",
-                        "http://minio.minio.svc:9000"),
+                        "S3 endpoint the pods use (in-cluster MinIO service, for example); empty for AWS.",
+                        "",
+                        "http://minio.minio.svc:9000",
+                    ),
                     "bucket_secret_name": _opt(
                         "Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the pods.",
-                        "finetune-bucket"),
-                    "hf_token_secret_name": _opt("Kubernetes Secret with HF_TOKEN (gated Hub models).", "hf-token"),
-                    "hf_conn_id": _opt("Airflow connection whose password is the Hub token (local runner).",
-                                       "huggingface_default"),
+                        "finetune-bucket",
+                    ),
+                    "hf_token_secret_name": _opt(
+                        "Kubernetes Secret with HF_TOKEN (gated Hub models).", "hf-token"
+                    ),
+                    "hf_conn_id": _opt(
+                        "Airflow connection whose password is the Hub token (local runner).",
+                        "huggingface_default",
+                    ),
                     "gpu_vendor": _opt("GPU resource vendor: nvidia or amd.", "nvidia", "amd"),
-                    "service_account_name": _opt("Service account of the pods (empty: namespace default).", ""),
+                    "service_account_name": _opt(
+                        "Service account of the pods (empty: namespace default).", ""
+                    ),
                     "local_workdir": _opt("Work directory of the local runner.", "", "/tmp/finetune"),
                     "mlflow_tracking_uri": _opt("MLflow tracking URI given to the engine (empty: off).", ""),
-                    "mlflow_ui_url": _opt("Base URL of the MLflow UI for the extra link (default: the tracking URI).",
-                                          ""),
+                    "mlflow_ui_url": _opt(
+                        "Base URL of the MLflow UI for the extra link (default: the tracking URI).", ""
+                    ),
                     "vllm_python": _opt(
-                        "Python of the vLLM venv used by DeployVLLM on the local runner.", "", ".venv-vllm/bin/python"),
+                        "Python of the vLLM venv used by DeployVLLM on the local runner.",
+                        "",
+                        ".venv-vllm/bin/python",
+                    ),
                 },
             }
         },
         "triggers": [
-            {"integration-name": "Fine-tune", "python-modules": ["airflow_provider_finetune.triggers.deployment"]},
+            {
+                "integration-name": "Fine-tune",
+                "python-modules": ["airflow_provider_finetune.triggers.deployment"],
+            },
         ],
         # No "connection-types": the bucket is the amazon provider's `aws` connection (login/password =
         # keys, extra endpoint_url), the cluster the cncf provider's `kubernetes` one, and the Hub token

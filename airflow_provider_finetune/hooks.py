@@ -24,10 +24,12 @@ DEFAULT_REGION = "us-east-1"
 
 
 def missing_connection_message(conn_id: str) -> str:
-    return (f"Airflow connection {conn_id!r} (the bucket: [finetune] bucket_conn_id or the operator's bucket_conn_id) "
-            f"is not defined; add an aws connection with login/password = access key/secret key and extra "
-            f"endpoint_url, e.g. AIRFLOW_CONN_{conn_id.upper()}='{{\"conn_type\": \"aws\", \"login\": ..., "
-            f"\"password\": ..., \"extra\": {{\"endpoint_url\": \"http://127.0.0.1:9000\"}}}}'")
+    return (
+        f"Airflow connection {conn_id!r} (the bucket: [finetune] bucket_conn_id or the operator's bucket_conn_id) "
+        f"is not defined; add an aws connection with login/password = access key/secret key and extra "
+        f'endpoint_url, e.g. AIRFLOW_CONN_{conn_id.upper()}=\'{{"conn_type": "aws", "login": ..., '
+        f'"password": ..., "extra": {{"endpoint_url": "http://127.0.0.1:9000"}}}}\''
+    )
 
 
 class BucketConnectionError(FinetuneConfigError):
@@ -73,8 +75,13 @@ class BucketHook(AwsBaseHook):
 
         self.require_connection()
         try:
-            return session_client(self.get_session(region_name=self.region_name), self.endpoint_url,
-                                  self.region_name, self.verify, where=f"Airflow connection {self.aws_conn_id!r}")
+            return session_client(
+                self.get_session(region_name=self.region_name),
+                self.endpoint_url,
+                self.region_name,
+                self.verify,
+                where=f"Airflow connection {self.aws_conn_id!r}",
+            )
         except MissingCredentialsError as err:
             raise BucketConnectionError(str(err)) from None
 
@@ -115,8 +122,14 @@ def bucket_connection_json(values: dict[str, str]) -> str:
     e.g. the embedded S3 server's env file: the inverse of :func:`bucket_settings`."""
     import json
 
-    return json.dumps({"conn_type": "aws", "login": values["AWS_ACCESS_KEY_ID"], "password": values["AWS_SECRET_ACCESS_KEY"],
-                       "extra": {"endpoint_url": values["AWS_ENDPOINT_URL"]}})
+    return json.dumps(
+        {
+            "conn_type": "aws",
+            "login": values["AWS_ACCESS_KEY_ID"],
+            "password": values["AWS_SECRET_ACCESS_KEY"],
+            "extra": {"endpoint_url": values["AWS_ENDPOINT_URL"]},
+        }
+    )
 
 
 def bucket_settings(conn_id: str) -> dict[str, str]:
@@ -164,13 +177,19 @@ class ConnectionSecretResolver:
             value = self.bucket().get(key)
             if not value:
                 field = "login (access key id)" if key.endswith("KEY_ID") else "password (secret access key)"
-                raise KeyError(f"Airflow connection {self.bucket_conn_id!r} has no {field}; set it on the connection")
+                raise KeyError(
+                    f"Airflow connection {self.bucket_conn_id!r} has no {field}; set it on the connection"
+                )
             return value
         if secret == self.names.hf_token and key == "HF_TOKEN":
             token = hf_token(self.hf_conn_id)
             if token is None:
-                raise KeyError(f"Airflow connection {self.hf_conn_id!r} ([finetune] hf_conn_id or the operator's hf_conn_id) "
-                               "is missing or has no password; put the Hub token in its password")
+                raise KeyError(
+                    f"Airflow connection {self.hf_conn_id!r} ([finetune] hf_conn_id or the operator's hf_conn_id) "
+                    "is missing or has no password; put the Hub token in its password"
+                )
             return token
-        raise KeyError(f"no Airflow connection stands in for Secret {secret!r} on the local runner (known: "
-                       f"{self.names.bucket!r} -> {self.bucket_conn_id!r}, {self.names.hf_token!r} -> {self.hf_conn_id!r})")
+        raise KeyError(
+            f"no Airflow connection stands in for Secret {secret!r} on the local runner (known: "
+            f"{self.names.bucket!r} -> {self.bucket_conn_id!r}, {self.names.hf_token!r} -> {self.hf_conn_id!r})"
+        )

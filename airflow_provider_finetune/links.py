@@ -34,4 +34,6 @@ def mlflow_run_url(ui_base: str, run_id: str | None, experiment_id: str | None =
     if not (ui_base and run_id) or not ui_base.startswith(("http://", "https://")):
         return None
     base = ui_base.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base}/#/runs/{run_id}"
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base}/#/runs/{run_id}"
+    )

@@ -18,8 +18,17 @@ from airflow_provider_finetune.exceptions import FinetuneConfigError
 MAX_PREFLIGHT_DATA_BYTES = 2 * 1024**3  # bigger datasets are validated by the training pod itself
 
 
-def check_inputs(*, model_uri: str, dataset_uri: str, method: str, config: str, overrides: list[str],
-                 ranks: list[int], conn_id: str, workdir: Path) -> list[int]:
+def check_inputs(
+    *,
+    model_uri: str,
+    dataset_uri: str,
+    method: str,
+    config: str,
+    overrides: list[str],
+    ranks: list[int],
+    conn_id: str,
+    workdir: Path,
+) -> list[int]:
     """Returns the ranks to sweep (unique, sorted) when everything is usable."""
     from airflow_provider_finetune.hooks import BucketHook
     from airflow_provider_finetune.operators.finetune import FinetuneKubernetesOperator
@@ -34,15 +43,24 @@ def check_inputs(*, model_uri: str, dataset_uri: str, method: str, config: str, 
             raise FinetuneConfigError(f"{name} {uri!r}: must be an s3:// URI")
     # the config for every rank first: no bucket access needed, the cheapest check
     for rank in swept:
-        op = FinetuneKubernetesOperator(task_id=f"preflight_r{rank}", config=config, method=method, overrides=overrides,
-                                        lora_rank=rank, base_model=model_uri, datasets=[dataset_uri], gpus=0)
+        op = FinetuneKubernetesOperator(
+            task_id=f"preflight_r{rank}",
+            config=config,
+            method=method,
+            overrides=overrides,
+            lora_rank=rank,
+            base_model=model_uri,
+            datasets=[dataset_uri],
+            gpus=0,
+        )
         op.rendered_config()  # raises FinetuneConfigError naming the key
     try:
         client = BucketHook(conn_id).storage_client
         if not is_complete(model_uri, client=client):
             raise FinetuneConfigError(
                 f"model_uri {model_uri}: no complete model there (missing or partial upload); deliver it first "
-                "(HFModelToBucketOperator / finetune-engine deliver-model)")
+                "(HFModelToBucketOperator / finetune-engine deliver-model)"
+            )
         parent, name = dataset_uri.rsplit("/", 1)
         size = list_objects(parent, client=client).get(name)
         if size is None:
@@ -73,14 +91,18 @@ def check_conf_keys(conf: dict[str, Any] | None, params: dict[str, Any]) -> None
         for key in unknown:
             close = difflib.get_close_matches(key, list(params), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise FinetuneConfigError(f"conf has keys that are not params of this DAG: {', '.join(hints)}; "
-                                  f"the params are {', '.join(sorted(params))}")
+        raise FinetuneConfigError(
+            f"conf has keys that are not params of this DAG: {', '.join(hints)}; "
+            f"the params are {', '.join(sorted(params))}"
+        )
 
 
 def form_overrides(params: dict[str, Any]) -> list[str]:
     """The config overrides of the fine-tune form's training fields."""
-    out = [f"training_args.learning_rate={float(params['learning_rate'])}",
-           f"training_args.num_train_epochs={int(params['epochs'])}"]
+    out = [
+        f"training_args.learning_rate={float(params['learning_rate'])}",
+        f"training_args.num_train_epochs={int(params['epochs'])}",
+    ]
     if int(params.get("max_steps", -1)) >= 0:
         out.append(f"training_args.max_steps={int(params['max_steps'])}")
     return out

@@ -45,12 +45,19 @@ with DAG(
     tags=["finetune", "retraining"],
     doc_md="Deliver fresh training data and a fixed held-out set; emits `finetune_retrain_data`.",
     params={
-        "data_script": Param(str(ROOT / os.environ.get("FINETUNE_RETRAIN_DATA_SCRIPT", "examples/retrain_data_script.py")),
-                             type="string", description="Writes train.jsonl and heldout.jsonl into $FINETUNE_DATA_DIR."),
+        "data_script": Param(
+            str(ROOT / os.environ.get("FINETUNE_RETRAIN_DATA_SCRIPT", "examples/retrain_data_script.py")),
+            type="string",
+            description="Writes train.jsonl and heldout.jsonl into $FINETUNE_DATA_DIR.",
+        ),
     },
 ):
-    DataScriptToBucketOperator(task_id="deliver_data", script_file="{{ params.data_script }}", destination=DATA_PREFIX,
-                               outlets=[RETRAIN_DATA])
+    DataScriptToBucketOperator(
+        task_id="deliver_data",
+        script_file="{{ params.data_script }}",
+        destination=DATA_PREFIX,
+        outlets=[RETRAIN_DATA],
+    )
 
 
 with DAG(
@@ -61,23 +68,58 @@ with DAG(
     tags=["finetune", "retraining"],
     doc_md=__doc__,
     params={
-        "line": Param("default", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-                      description="Model line: names the champion record (champions/<line>/)."),
-        "base_model": Param(os.environ.get("FINETUNE_RETRAIN_BASE_MODEL", f"s3://{BUCKET}/models/tutorial/base"),
-                            type="string", pattern=r"^s3://", description="Base model prefix the challenger is trained from."),
-        "train_data": Param(f"{DATA_PREFIX}/train.jsonl", type="string", pattern=r"^s3://",
-                            description="Training data of the challenger."),
-        "heldout_data": Param(f"{DATA_PREFIX}/heldout.jsonl", type="string", pattern=r"^s3://",
-                              description="Held-out data both models are scored on; never trained on."),
-        "initial_config": Param(str(ROOT / os.environ.get("FINETUNE_RETRAIN_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")),
-                                type="string", description="Experiment config of the first challenger (no champion yet)."),
-        "max_steps": Param(int(os.environ.get("FINETUNE_RETRAIN_MAX_STEPS", "-1")), type="integer", minimum=-1,
-                           description="Cap the challenger's training steps (-1: the config's epochs)."),
-        "min_improvement": Param(0.0, type="number", minimum=0,
-                                 description="Promote only when the held-out loss drops by more than this."),
-        "gpus": Param(int(os.environ.get("FINETUNE_RETRAIN_GPUS", "1")), type="integer", minimum=0, maximum=8),
-        "deploy": Param(os.environ.get("FINETUNE_RETRAIN_DEPLOY", "true") == "true", type="boolean",
-                        description="Serve a promoted champion with vLLM."),
+        "line": Param(
+            "default",
+            type="string",
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+            description="Model line: names the champion record (champions/<line>/).",
+        ),
+        "base_model": Param(
+            os.environ.get("FINETUNE_RETRAIN_BASE_MODEL", f"s3://{BUCKET}/models/tutorial/base"),
+            type="string",
+            pattern=r"^s3://",
+            description="Base model prefix the challenger is trained from.",
+        ),
+        "train_data": Param(
+            f"{DATA_PREFIX}/train.jsonl",
+            type="string",
+            pattern=r"^s3://",
+            description="Training data of the challenger.",
+        ),
+        "heldout_data": Param(
+            f"{DATA_PREFIX}/heldout.jsonl",
+            type="string",
+            pattern=r"^s3://",
+            description="Held-out data both models are scored on; never trained on.",
+        ),
+        "initial_config": Param(
+            str(
+                ROOT
+                / os.environ.get("FINETUNE_RETRAIN_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")
+            ),
+            type="string",
+            description="Experiment config of the first challenger (no champion yet).",
+        ),
+        "max_steps": Param(
+            int(os.environ.get("FINETUNE_RETRAIN_MAX_STEPS", "-1")),
+            type="integer",
+            minimum=-1,
+            description="Cap the challenger's training steps (-1: the config's epochs).",
+        ),
+        "min_improvement": Param(
+            0.0,
+            type="number",
+            minimum=0,
+            description="Promote only when the held-out loss drops by more than this.",
+        ),
+        "gpus": Param(
+            int(os.environ.get("FINETUNE_RETRAIN_GPUS", "1")), type="integer", minimum=0, maximum=8
+        ),
+        "deploy": Param(
+            os.environ.get("FINETUNE_RETRAIN_DEPLOY", "true") == "true",
+            type="boolean",
+            description="Serve a promoted champion with vLLM.",
+        ),
     },
 ) as dag:
 
@@ -93,10 +135,14 @@ with DAG(
             path = Path(params["initial_config"])
             if not path.is_file():
                 raise FileNotFoundError(f"initial_config {path} not found (param initial_config)")
-            print(f"line {params['line']!r} has no champion yet ({store.uri}): the challenger starts from {path}")
+            print(
+                f"line {params['line']!r} has no champion yet ({store.uri}): the challenger starts from {path}"
+            )
             return {"model_uri": "", "config": path.read_text(encoding="utf-8"), "eval_loss": None}
-        print(f"champion of {params['line']!r}: {record['model_uri']} (held-out loss {record.get('eval_loss')}, "
-              f"promoted {record.get('promoted_at')})")
+        print(
+            f"champion of {params['line']!r}: {record['model_uri']} (held-out loss {record.get('eval_loss')}, "
+            f"promoted {record.get('promoted_at')})"
+        )
         return record
 
     current = champion()
@@ -111,32 +157,57 @@ with DAG(
     )
     evaluate = EvaluateModelsOperator(
         task_id="evaluate",
-        models=["{{ ti.xcom_pull(task_ids='challenger')['final_checkpoint_uri'] }}",
-                "{{ ti.xcom_pull(task_ids='champion')['model_uri'] }}"],
+        models=[
+            "{{ ti.xcom_pull(task_ids='challenger')['final_checkpoint_uri'] }}",
+            "{{ ti.xcom_pull(task_ids='champion')['model_uri'] }}",
+        ],
         datasets=["{{ params.heldout_data }}"],
     )
 
     @task(outlets=[CHAMPION])
-    def decide(current: dict, trained: dict, scores: dict, params: dict, run_id: str, outlet_events=None) -> dict:
+    def decide(
+        current: dict, trained: dict, scores: dict, params: dict, run_id: str, outlet_events=None
+    ) -> dict:
         from airflow_provider_finetune import settings
         from airflow_provider_finetune.champion import ChampionStore, decide, tag_mlflow_run
 
         store = ChampionStore(settings.get("bucket"), params["line"], settings.get("bucket_conn_id"))
-        verdict = decide(scores["models"], trained["final_checkpoint_uri"], current.get("model_uri") or None,
-                         float(params["min_improvement"]))
-        record = {"model_uri": trained["final_checkpoint_uri"], "config": current["config"],
-                  "mlflow_run_id": trained.get("mlflow_run_id"), "checkpoint_uri": trained.get("checkpoint_uri"),
-                  "heldout_data": params["heldout_data"], "previous_champion": current.get("model_uri") or None}
+        verdict = decide(
+            scores["models"],
+            trained["final_checkpoint_uri"],
+            current.get("model_uri") or None,
+            float(params["min_improvement"]),
+        )
+        record = {
+            "model_uri": trained["final_checkpoint_uri"],
+            "config": current["config"],
+            "mlflow_run_id": trained.get("mlflow_run_id"),
+            "checkpoint_uri": trained.get("checkpoint_uri"),
+            "heldout_data": params["heldout_data"],
+            "previous_champion": current.get("model_uri") or None,
+        }
         where = store.record(run_id, verdict, record)
-        tagged = tag_mlflow_run(trained.get("mlflow_tracking_uri") or settings.get("mlflow_tracking_uri"),
-                                trained.get("mlflow_run_id"),
-                                {"finetune.decision": "promoted" if verdict.promoted else "rejected",
-                                 "finetune.decision_reason": verdict.reason,
-                                 "finetune.champion_loss": verdict.champion_loss, "finetune.challenger_loss": verdict.challenger_loss})
-        out = {**verdict.as_dict(), "line": params["line"], "decision_uri": where, "mlflow_tagged": tagged,
-               "model_uri": trained["final_checkpoint_uri"] if verdict.promoted else current.get("model_uri")}
+        tagged = tag_mlflow_run(
+            trained.get("mlflow_tracking_uri") or settings.get("mlflow_tracking_uri"),
+            trained.get("mlflow_run_id"),
+            {
+                "finetune.decision": "promoted" if verdict.promoted else "rejected",
+                "finetune.decision_reason": verdict.reason,
+                "finetune.champion_loss": verdict.champion_loss,
+                "finetune.challenger_loss": verdict.challenger_loss,
+            },
+        )
+        out = {
+            **verdict.as_dict(),
+            "line": params["line"],
+            "decision_uri": where,
+            "mlflow_tagged": tagged,
+            "model_uri": trained["final_checkpoint_uri"] if verdict.promoted else current.get("model_uri"),
+        }
         outlet_events[CHAMPION].extra = out
-        print(f"decision: {'PROMOTED' if verdict.promoted else 'kept the champion'} — {verdict.reason} (recorded at {where})")
+        print(
+            f"decision: {'PROMOTED' if verdict.promoted else 'kept the champion'} — {verdict.reason} (recorded at {where})"
+        )
         return out
 
     decision = decide(current, challenger.output, evaluate.output)

@@ -38,35 +38,78 @@ with DAG(
     tags=["finetune", "tutorial"],
     doc_md=__doc__,
     params={
-        "model_id": Param(os.environ.get("FINETUNE_TUTORIAL_MODEL", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"), type="string",
-                          description="Hub repo id (org/name), or a model directory on the worker (local runner)."),
-        "data_script": Param(str(ROOT / os.environ.get("FINETUNE_TUTORIAL_DATA_SCRIPT", "examples/argilla_data_script.py")),
-                             type="string", description="Data script that writes JSONL into $FINETUNE_DATA_DIR."),
-        "dataset_file": Param(os.environ.get("FINETUNE_TUTORIAL_DATASET_FILE", "argilla.jsonl"), type="string",
-                              description="The file the data script writes, trained on."),
-        "config": Param(str(ROOT / os.environ.get("FINETUNE_TUTORIAL_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")),
-                        type="string", description="Experiment config (YAML) of the sweep."),
-        "ranks": Param([4, 6, 8, 10, 12, 16, 20, 24, 32, 64], type="array", items={"type": "integer", "minimum": 1, "maximum": 512},
-                       minItems=1, description="LoRA ranks to sweep: one GPU pod each."),
-        "max_steps": Param(-1, type="integer", minimum=-1, description="Cap the training steps (-1: the config's epochs)."),
+        "model_id": Param(
+            os.environ.get("FINETUNE_TUTORIAL_MODEL", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
+            type="string",
+            description="Hub repo id (org/name), or a model directory on the worker (local runner).",
+        ),
+        "data_script": Param(
+            str(ROOT / os.environ.get("FINETUNE_TUTORIAL_DATA_SCRIPT", "examples/argilla_data_script.py")),
+            type="string",
+            description="Data script that writes JSONL into $FINETUNE_DATA_DIR.",
+        ),
+        "dataset_file": Param(
+            os.environ.get("FINETUNE_TUTORIAL_DATASET_FILE", "argilla.jsonl"),
+            type="string",
+            description="The file the data script writes, trained on.",
+        ),
+        "config": Param(
+            str(
+                ROOT
+                / os.environ.get("FINETUNE_TUTORIAL_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")
+            ),
+            type="string",
+            description="Experiment config (YAML) of the sweep.",
+        ),
+        "ranks": Param(
+            [4, 6, 8, 10, 12, 16, 20, 24, 32, 64],
+            type="array",
+            items={"type": "integer", "minimum": 1, "maximum": 512},
+            minItems=1,
+            description="LoRA ranks to sweep: one GPU pod each.",
+        ),
+        "max_steps": Param(
+            -1, type="integer", minimum=-1, description="Cap the training steps (-1: the config's epochs)."
+        ),
         "gpus": Param(1, type="integer", minimum=0, maximum=8, description="GPUs per sweep pod."),
-        "full_param_gpus": Param(0, type="integer", minimum=0, maximum=64,
-                                 description="Also run a full-parameter fine-tune on this many GPUs (0: skip)."),
+        "full_param_gpus": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=64,
+            description="Also run a full-parameter fine-tune on this many GPUs (0: skip).",
+        ),
         "deploy": Param(True, type="boolean", description="Serve the best model with vLLM and chat with it."),
-        "run_name": Param("", type="string",
-                          description="Names the sweep's checkpoint prefixes; the same name again resumes and skips "
-                          "finished ranks (empty: the DAG run id)."),
-        "question": Param("What is the capital of France?", type="string", description="Asked after deployment."),
-        "keep_serving": Param(os.environ.get("FINETUNE_TUTORIAL_KEEP_SERVING", "true") == "true", type="boolean",
-                              description="Leave the vLLM server running after the run (stop it with "
-                              "UndeployVLLMOperator); off: stop_serving removes it when the run ends."),
+        "run_name": Param(
+            "",
+            type="string",
+            description="Names the sweep's checkpoint prefixes; the same name again resumes and skips "
+            "finished ranks (empty: the DAG run id).",
+        ),
+        "question": Param(
+            "What is the capital of France?", type="string", description="Asked after deployment."
+        ),
+        "keep_serving": Param(
+            os.environ.get("FINETUNE_TUTORIAL_KEEP_SERVING", "true") == "true",
+            type="boolean",
+            description="Leave the vLLM server running after the run (stop it with "
+            "UndeployVLLMOperator); off: stop_serving removes it when the run ends.",
+        ),
     },
     max_active_tasks=4,
 ) as dag:
-    model = HFModelToBucketOperator(task_id="deliver_model", model_id="{{ params.model_id }}", destination=MODEL_URI,
-                                    exclude_patterns=["original/*"])
-    data = DataScriptToBucketOperator(task_id="deliver_data", script_file="{{ params.data_script }}",
-                                      destination=DATA_PREFIX, outlets=[TUTORIAL_DATA])
+    model = HFModelToBucketOperator(
+        task_id="deliver_model",
+        model_id="{{ params.model_id }}",
+        destination=MODEL_URI,
+        exclude_patterns=["original/*"],
+    )
+    data = DataScriptToBucketOperator(
+        task_id="deliver_data",
+        script_file="{{ params.data_script }}",
+        destination=DATA_PREFIX,
+        outlets=[TUTORIAL_DATA],
+    )
 
     @task
     def ranks(params: dict) -> list[int]:
@@ -108,7 +151,8 @@ with DAG(
         config="{{ params.config }}",
         # the whole peft section (LoRA keys do not apply), and the model under checkpoint-final (the sweep's
         # config names its adapter output checkpoint-final-adapter, as the Silogen chart does)
-        overrides=overrides + ["peft_conf={peft_type: NO_PEFT}", "run_conf.final_checkpoint_name=checkpoint-final"],
+        overrides=overrides
+        + ["peft_conf={peft_type: NO_PEFT}", "run_conf.final_checkpoint_name=checkpoint-final"],
         base_model=MODEL_URI,
         datasets=datasets,
         experiment="tutorial-full",
@@ -142,7 +186,9 @@ with DAG(
         """Ask the live server the question through its OpenAI API, as a user would."""
         from airflow_provider_finetune.operators.deploy import chat_once
 
-        reply = chat_once(served["endpoint"].removesuffix("/v1"), served["model"], params["question"], timeout=300).strip()
+        reply = chat_once(
+            served["endpoint"].removesuffix("/v1"), served["model"], params["question"], timeout=300
+        ).strip()
         print(f"user: {params['question']}\nassistant: {reply}")
         print(f"endpoint: {served['endpoint']} (model {served['model']})")
         return reply

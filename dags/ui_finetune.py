@@ -21,7 +21,9 @@ from airflow_provider_finetune.operators import DeployVLLMOperator, FinetuneKube
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")
 CONFIGS = {
-    "sft": str(ROOT / os.environ.get("FINETUNE_UI_SFT_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")),
+    "sft": str(
+        ROOT / os.environ.get("FINETUNE_UI_SFT_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")
+    ),
     "dpo": str(ROOT / os.environ.get("FINETUNE_UI_DPO_CONFIG", "engine/configs/tiny-dpo-lora.yaml")),
 }
 DATA = "Model and data"
@@ -37,31 +39,80 @@ with DAG(
     tags=["finetune", "ui"],
     doc_md=__doc__,
     params={
-        "model_uri": Param(os.environ.get("FINETUNE_UI_MODEL_URI", f"s3://{BUCKET}/models/tutorial/base"), type="string",
-                           pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+", title="Base model",
-                           description="Bucket prefix of the base model (delivered by deliver-model / the tutorial DAG).",
-                           section=DATA),
-        "dataset_uri": Param(os.environ.get("FINETUNE_UI_DATASET_URI", f"s3://{BUCKET}/datasets/tutorial/argilla.jsonl"),
-                             type="string", pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+\.jsonl$", title="Dataset",
-                             description="JSONL training data in the bucket (messages for SFT; prompt/chosen/rejected for DPO).",
-                             section=DATA),
-        "method": Param("sft", type="string", enum=["sft", "dpo"], title="Method",
-                        values_display={"sft": "Supervised fine-tuning (SFT)", "dpo": "Preference optimisation (DPO)"},
-                        description="What the engine runs.", section=TRAINING),
-        "lora_ranks": Param([8, 16], type="array", items={"type": "integer", "minimum": 1, "maximum": 512}, minItems=1,
-                            maxItems=64, uniqueItems=True, title="LoRA ranks",
-                            description="A JSON list, e.g. [8, 16]: one pod per rank; the best by eval loss wins.", section=TRAINING),
-        "learning_rate": Param(2e-4, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate",
-                               description="Peak learning rate of the cosine schedule.", section=TRAINING),
+        "model_uri": Param(
+            os.environ.get("FINETUNE_UI_MODEL_URI", f"s3://{BUCKET}/models/tutorial/base"),
+            type="string",
+            pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+",
+            title="Base model",
+            description="Bucket prefix of the base model (delivered by deliver-model / the tutorial DAG).",
+            section=DATA,
+        ),
+        "dataset_uri": Param(
+            os.environ.get("FINETUNE_UI_DATASET_URI", f"s3://{BUCKET}/datasets/tutorial/argilla.jsonl"),
+            type="string",
+            pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+\.jsonl$",
+            title="Dataset",
+            description="JSONL training data in the bucket (messages for SFT; prompt/chosen/rejected for DPO).",
+            section=DATA,
+        ),
+        "method": Param(
+            "sft",
+            type="string",
+            enum=["sft", "dpo"],
+            title="Method",
+            values_display={"sft": "Supervised fine-tuning (SFT)", "dpo": "Preference optimisation (DPO)"},
+            description="What the engine runs.",
+            section=TRAINING,
+        ),
+        "lora_ranks": Param(
+            [8, 16],
+            type="array",
+            items={"type": "integer", "minimum": 1, "maximum": 512},
+            minItems=1,
+            maxItems=64,
+            uniqueItems=True,
+            title="LoRA ranks",
+            description="A JSON list, e.g. [8, 16]: one pod per rank; the best by eval loss wins.",
+            section=TRAINING,
+        ),
+        "learning_rate": Param(
+            2e-4,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1,
+            title="Learning rate",
+            description="Peak learning rate of the cosine schedule.",
+            section=TRAINING,
+        ),
         "epochs": Param(1, type="integer", minimum=1, maximum=100, title="Epochs", section=TRAINING),
-        "max_steps": Param(-1, type="integer", minimum=-1, maximum=1_000_000, title="Max steps",
-                           description="Stop after this many optimizer steps (-1: run the epochs).", section=TRAINING),
-        "gpus": Param(int(os.environ.get("FINETUNE_UI_GPUS", "1")), type="integer", minimum=0, maximum=8,
-                      title="GPUs per run", description="0 runs on the CPU (tiny models only).", section=RESOURCES),
-        "deploy": Param(False, type="boolean", title="Serve the best model",
-                        description="Start vLLM with the best run's merged model and smoke-test a chat.", section=RESOURCES),
+        "max_steps": Param(
+            -1,
+            type="integer",
+            minimum=-1,
+            maximum=1_000_000,
+            title="Max steps",
+            description="Stop after this many optimizer steps (-1: run the epochs).",
+            section=TRAINING,
+        ),
+        "gpus": Param(
+            int(os.environ.get("FINETUNE_UI_GPUS", "1")),
+            type="integer",
+            minimum=0,
+            maximum=8,
+            title="GPUs per run",
+            description="0 runs on the CPU (tiny models only).",
+            section=RESOURCES,
+        ),
+        "deploy": Param(
+            False,
+            type="boolean",
+            title="Serve the best model",
+            description="Start vLLM with the best run's merged model and smoke-test a chat.",
+            section=RESOURCES,
+        ),
     },
 ) as dag:
+
     @task
     def preflight(params: dict, dag_run=None, dag=None) -> list[dict]:
         """Everything that can fail before GPU time: model prefix, data lines, config for every rank."""
@@ -70,14 +121,25 @@ with DAG(
         from airflow_provider_finetune import settings
         from airflow_provider_finetune.preflight import check_conf_keys, check_inputs, form_overrides
 
-        check_conf_keys(dag_run.conf if dag_run else None, dag.params if dag else params)  # the declared params
+        check_conf_keys(
+            dag_run.conf if dag_run else None, dag.params if dag else params
+        )  # the declared params
         overrides = form_overrides(params)
         with tempfile.TemporaryDirectory() as tmp:
-            ranks = check_inputs(model_uri=params["model_uri"], dataset_uri=params["dataset_uri"], method=params["method"],
-                                 config=CONFIGS[params["method"]], overrides=overrides, ranks=params["lora_ranks"],
-                                 conn_id=settings.get("bucket_conn_id"), workdir=Path(tmp))
-        print(f"preflight passed: {params['model_uri']} is complete, {params['dataset_uri']} is valid for "
-              f"{params['method']}, the config validates for ranks {ranks}")
+            ranks = check_inputs(
+                model_uri=params["model_uri"],
+                dataset_uri=params["dataset_uri"],
+                method=params["method"],
+                config=CONFIGS[params["method"]],
+                overrides=overrides,
+                ranks=params["lora_ranks"],
+                conn_id=settings.get("bucket_conn_id"),
+                workdir=Path(tmp),
+            )
+        print(
+            f"preflight passed: {params['model_uri']} is complete, {params['dataset_uri']} is valid for "
+            f"{params['method']}, the config validates for ranks {ranks}"
+        )
         return [{"lora_rank": rank, "overrides": overrides} for rank in ranks]  # one sweep pod each
 
     runs = preflight()

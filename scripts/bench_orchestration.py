@@ -58,15 +58,22 @@ with DAG("bench_engine_sweep", schedule=None, catchup=False, max_active_tasks=N)
 
 
 def parse_times(files: list[Path], repeat: int = 3) -> dict[str, float]:
-    code = ("import sys, time\nt = time.perf_counter()\nfrom airflow.dag_processing.dagbag import DagBag\n"
-            "t0 = time.perf_counter()\nbag = DagBag(sys.argv[1])\nprint(time.perf_counter() - t0, len(bag.dags), "
-            "len(bag.import_errors))")
+    code = (
+        "import sys, time\nt = time.perf_counter()\nfrom airflow.dag_processing.dagbag import DagBag\n"
+        "t0 = time.perf_counter()\nbag = DagBag(sys.argv[1])\nprint(time.perf_counter() - t0, len(bag.dags), "
+        "len(bag.import_errors))"
+    )
     out = {}
     for path in files:
         best = float("inf")
         for _ in range(repeat):
-            r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
-                               env={**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+            r = subprocess.run(
+                [sys.executable, "-c", code, str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"},
+            )
             seconds, dags, errors = r.stdout.split()[-3:]
             if int(errors):
                 raise RuntimeError(f"{path} has import errors")
@@ -92,8 +99,14 @@ def pod_build_times(n: int = 200) -> tuple[float, float]:
     context = {"ti": Ti(), "run_id": "manual__bench"}
 
     def once(validate: bool) -> None:
-        op = FinetuneKubernetesOperator(task_id="sweep", config=config, lora_rank=16, base_model="s3://finetune/models/m",
-                                        datasets=["s3://finetune/datasets/d.jsonl"], gpus=1)
+        op = FinetuneKubernetesOperator(
+            task_id="sweep",
+            config=config,
+            lora_rank=16,
+            base_model="s3://finetune/models/m",
+            datasets=["s3://finetune/datasets/d.jsonl"],
+            gpus=1,
+        )
         if validate:
             op.validate(context)
         pod = api.sanitize_for_serialization(build_pod(op.build_spec(context)))
@@ -126,15 +139,24 @@ def sweep_overhead(n: int) -> tuple[float, float]:
         s3 = ensure_running(tmp / "s3")
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW"))}
-            env.update({"AIRFLOW_HOME": str(tmp / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-                        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__FINETUNE__RUNNER": "local",
-                        "AIRFLOW__FINETUNE__LOCAL_WORKDIR": str(tmp / "work"), "AIRFLOW_CONN_AWS_DEFAULT": bucket_connection_json(s3),
-                        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+            env.update(
+                {
+                    "AIRFLOW_HOME": str(tmp / "airflow"),
+                    "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+                    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                    "AIRFLOW__FINETUNE__RUNNER": "local",
+                    "AIRFLOW__FINETUNE__LOCAL_WORKDIR": str(tmp / "work"),
+                    "AIRFLOW_CONN_AWS_DEFAULT": bucket_connection_json(s3),
+                    "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+                }
+            )
             subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
             times = []
             for dag_id in ("bench_python_sweep", "bench_engine_sweep"):
                 t0 = time.monotonic()
-                r = subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id], env=env, capture_output=True, text=True)
+                r = subprocess.run(
+                    [str(BIN / "airflow"), "dags", "test", dag_id], env=env, capture_output=True, text=True
+                )
                 times.append(time.monotonic() - t0)
                 if r.returncode != 0 or "state=success" not in r.stdout + r.stderr:
                     raise RuntimeError(f"{dag_id} failed:\n{(r.stdout + r.stderr)[-3000:]}")
@@ -145,7 +167,9 @@ def sweep_overhead(n: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", type=int, default=64, help="Mapped tasks of the sweep measurement (0: skip it).")
+    parser.add_argument(
+        "--sweep", type=int, default=64, help="Mapped tasks of the sweep measurement (0: skip it)."
+    )
     parser.add_argument("--repeat", type=int, default=3, help="Parses per DAG file; the best is reported.")
     parser.add_argument("--pods", type=int, default=200, help="Pods built per timing.")
     args = parser.parse_args()
@@ -155,22 +179,30 @@ def main() -> int:
         empty = Path(tmp) / "empty_dag.py"
         empty.write_text("from airflow.sdk import DAG\nwith DAG('empty', schedule=None):\n    pass\n")
         kpo = Path(tmp) / "plain_kpo_dag.py"
-        kpo.write_text("from airflow.sdk import DAG\n"
-                       "from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator\n"
-                       "with DAG('plain_kpo', schedule=None):\n"
-                       "    KubernetesPodOperator(task_id='t', image='busybox', cmds=['true'])\n")
+        kpo.write_text(
+            "from airflow.sdk import DAG\n"
+            "from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator\n"
+            "with DAG('plain_kpo', schedule=None):\n"
+            "    KubernetesPodOperator(task_id='t', image='busybox', cmds=['true'])\n"
+        )
         times = parse_times([empty, kpo, *sorted((ROOT / "dags").glob("*.py"))], args.repeat)
     base, kpo_base = times.pop("empty_dag.py"), times.pop("plain_kpo_dag.py")
-    print(f"\n1. DAG parse time (best of {args.repeat}, fresh interpreter; an empty DAG file: {base * 1000:.0f} ms, "
-          f"a one-task KubernetesPodOperator DAG: {kpo_base * 1000:.0f} ms)")
+    print(
+        f"\n1. DAG parse time (best of {args.repeat}, fresh interpreter; an empty DAG file: {base * 1000:.0f} ms, "
+        f"a one-task KubernetesPodOperator DAG: {kpo_base * 1000:.0f} ms)"
+    )
     for name, seconds in times.items():
-        print(f"   {name:22s} {seconds * 1000:6.0f} ms  ({seconds / kpo_base:.2f}x the plain KubernetesPodOperator DAG, "
-              f"+{(seconds - kpo_base) * 1000:.0f} ms)")
+        print(
+            f"   {name:22s} {seconds * 1000:6.0f} ms  ({seconds / kpo_base:.2f}x the plain KubernetesPodOperator DAG, "
+            f"+{(seconds - kpo_base) * 1000:.0f} ms)"
+        )
 
     build, full = pod_build_times(args.pods)
     print("\n2. one fine-tune pod")
     print(f"   build only:                              {build * 1000:6.2f} ms")
-    print(f"   render + validate config, build, PSS, kubernetes-validate: {full * 1000:6.2f} ms ({full / build:.1f}x)")
+    print(
+        f"   render + validate config, build, PSS, kubernetes-validate: {full * 1000:6.2f} ms ({full / build:.1f}x)"
+    )
 
     if args.sweep < 1:
         print("\n3. mapped sweep: skipped (--sweep 0)")
@@ -179,7 +211,9 @@ def main() -> int:
     print(f"\n3. {args.sweep}-way mapped sweep through `airflow dags test` (local runner)")
     print(f"   no-op @task:        {python_s:6.1f} s  ({python_s / args.sweep * 1000:.0f} ms per task)")
     print(f"   no-op engine jobs:  {engine_s:6.1f} s  ({engine_s / args.sweep * 1000:.0f} ms per task)")
-    print(f"   overhead of an engine job over a plain task: {(engine_s - python_s) / args.sweep * 1000:.0f} ms per mapped task")
+    print(
+        f"   overhead of an engine job over a plain task: {(engine_s - python_s) / args.sweep * 1000:.0f} ms per mapped task"
+    )
     return 0
 
 

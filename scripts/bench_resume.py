@@ -55,7 +55,12 @@ def write_config(path: Path, model_uri: str, data_uri: str, steps: int, save_ste
             "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.1},
             "chat_template_name": "chat-ml",
         },
-        "training_args": {"learning_rate": 0.003, "max_steps": steps, "save_steps": save_steps, "logging_steps": 1},
+        "training_args": {
+            "learning_rate": 0.003,
+            "max_steps": steps,
+            "save_steps": save_steps,
+            "logging_steps": 1,
+        },
         "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
         "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
         "run_conf": {"model": model_uri, "determinism": "half"},
@@ -69,8 +74,15 @@ class Job:
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path):
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen([str(BIN / "finetune-engine"), "train-job", *argv], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "finetune-engine"), "train-job", *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         self.log = open(log, "w")
         self.text = ""
 
@@ -86,7 +98,9 @@ class Job:
                 return hit, time.monotonic() - self.t0
             if time.monotonic() > deadline:
                 break
-        raise RuntimeError(f"no {pattern!r} in the job's output (exit {self.proc.poll()}); see {self.log.name}")
+        raise RuntimeError(
+            f"no {pattern!r} in the job's output (exit {self.proc.poll()}); see {self.log.name}"
+        )
 
     def kill(self) -> None:
         try:
@@ -103,7 +117,9 @@ class Job:
 def complete_steps(ckpt: str) -> list[int]:
     from finetune_engine.storage import list_complete_children
 
-    return sorted(int(m.group(1)) for n in list_complete_children(ckpt) if (m := re.match(r"^checkpoint-(\d+)$", n)))
+    return sorted(
+        int(m.group(1)) for n in list_complete_children(ckpt) if (m := re.match(r"^checkpoint-(\d+)$", n))
+    )
 
 
 def main() -> int:
@@ -128,8 +144,15 @@ def main() -> int:
     try:
         s3_env = ensure_running(s3_dir)
         os.environ.update(s3_env)
-        env = {**os.environ, **s3_env, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "CUDA_VISIBLE_DEVICES": "", "DISABLE_MLFLOW_INTEGRATION": "TRUE"}
+        env = {
+            **os.environ,
+            **s3_env,
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "CUDA_VISIBLE_DEVICES": "",
+            "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+        }
         bucket = f"s3://{s3_env['FINETUNE_BUCKET']}"
         model_uri, data_uri = join(bucket, "models", "tiny"), join(bucket, "datasets", "chat.jsonl")
         deliver_model(str(build_tiny_model(root / "model")), model_uri)
@@ -138,16 +161,24 @@ def main() -> int:
         write_config(config, model_uri, data_uri, args.steps, args.save_steps)
         n = args.steps
 
-        print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load0[0]:.1f} at start; "
-              f"Python {platform.python_version()}")
-        print(f"runs of {n} steps, a checkpoint every {args.save_steps} (uploaded in the background to the local S3 "
-              f"server); {args.trials} trials, seed {seed}")
-        print(f"{'trial':>5} {'kill@':>5} {'ckpt':>4} {'lost':>4} {'cold s':>7} {'restart s':>9} {'ratio':>6}")
+        print(
+            f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load0[0]:.1f} at start; "
+            f"Python {platform.python_version()}"
+        )
+        print(
+            f"runs of {n} steps, a checkpoint every {args.save_steps} (uploaded in the background to the local S3 "
+            f"server); {args.trials} trials, seed {seed}"
+        )
+        print(
+            f"{'trial':>5} {'kill@':>5} {'ckpt':>4} {'lost':>4} {'cold s':>7} {'restart s':>9} {'ratio':>6}"
+        )
         rows = []
         for trial in range(args.trials):
             ckpt = join(bucket, "bench-resume", f"run-{trial}")
             argv = ["--config", str(config), "--checkpoint-uri", ckpt]
-            cold = Job([*argv, "--workdir", str(root / f"w{trial}-cold")], env, root / f"trial{trial}-cold.log")
+            cold = Job(
+                [*argv, "--workdir", str(root / f"w{trial}-cold")], env, root / f"trial{trial}-cold.log"
+            )
             _, t_cold = cold.until(rf"step 1/{n} \(")
             kill_after = rng.randint(1, n - 2)
             t_kill = cold.until(rf"step {kill_after}/{n} \(")[1] if kill_after > 1 else t_cold
@@ -159,22 +190,34 @@ def main() -> int:
             newest = steps[-1] if steps else 0
             lost = done - newest
 
-            restart = Job([*argv, "--workdir", str(root / f"w{trial}-restart")], env, root / f"trial{trial}-restart.log")
+            restart = Job(
+                [*argv, "--workdir", str(root / f"w{trial}-restart")], env, root / f"trial{trial}-restart.log"
+            )
             _, t_restart = restart.until(rf"step {newest + 1}/{n} \(")
-            resumed = re.search(r"resuming: downloading newest complete checkpoint checkpoint-(\d+)", restart.text)
+            resumed = re.search(
+                r"resuming: downloading newest complete checkpoint checkpoint-(\d+)", restart.text
+            )
             restart.kill()
             if (int(resumed.group(1)) if resumed else 0) != newest:
-                raise RuntimeError(f"trial {trial}: the restart did not resume from checkpoint-{newest}; see {restart.log.name}")
+                raise RuntimeError(
+                    f"trial {trial}: the restart did not resume from checkpoint-{newest}; see {restart.log.name}"
+                )
             rows.append((done, newest, lost, t_cold, t_restart))
-            print(f"{trial:>5} {done:>5} {newest:>4} {lost:>4} {t_cold:>7.1f} {t_restart:>9.1f} {t_restart / t_cold:>6.2f}")
+            print(
+                f"{trial:>5} {done:>5} {newest:>4} {lost:>4} {t_cold:>7.1f} {t_restart:>9.1f} {t_restart / t_cold:>6.2f}"
+            )
 
         lost = [r[2] for r in rows]
         cold_s, restart_s = statistics.median(r[3] for r in rows), statistics.median(r[4] for r in rows)
         within = sum(x <= args.save_steps for x in lost)
-        print(f"steps lost: max {max(lost)}, mean {statistics.mean(lost):.1f}; <= save interval ({args.save_steps}) "
-              f"in {within}/{len(lost)} trials")
-        print(f"time to first step: cold start median {cold_s:.1f}s, restart median {restart_s:.1f}s, "
-              f"restart/cold = {restart_s / cold_s:.2f}")
+        print(
+            f"steps lost: max {max(lost)}, mean {statistics.mean(lost):.1f}; <= save interval ({args.save_steps}) "
+            f"in {within}/{len(lost)} trials"
+        )
+        print(
+            f"time to first step: cold start median {cold_s:.1f}s, restart median {restart_s:.1f}s, "
+            f"restart/cold = {restart_s / cold_s:.2f}"
+        )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
         return 0
     finally:

@@ -40,9 +40,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-WORDS = ("the cat dog bird fox owl red blue green small big quick lazy river hill town sees runs "
-         "near over under with from into about answer question because where when which what why "
-         "capital city country paris rome madrid berlin france italy spain germany plus minus").split()
+WORDS = (
+    "the cat dog bird fox owl red blue green small big quick lazy river hill town sees runs "
+    "near over under with from into about answer question because where when which what why "
+    "capital city country paris rome madrid berlin france italy spain germany plus minus"
+).split()
 
 
 def lognormal_words(rng: random.Random, mu: float, sigma: float, cap: int) -> str:
@@ -54,24 +56,51 @@ def write_dataset(path: Path, examples: int, seed: int) -> Path:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(examples):
-            messages = [{"role": "user", "content": lognormal_words(rng, 2.3, 0.6, 60)},
-                        {"role": "assistant", "content": lognormal_words(rng, 3.2, 0.9, 160)}]
+            messages = [
+                {"role": "user", "content": lognormal_words(rng, 2.3, 0.6, 60)},
+                {"role": "assistant", "content": lognormal_words(rng, 3.2, 0.9, 160)},
+            ]
             f.write(json.dumps({"messages": messages, "id": f"bench-{i}"}) + "\n")
     return path
 
 
-def our_config(model: Path, data: Path, out: Path, steps: int, total_batch: int, per_device: int, max_len: int,
-               packing: bool) -> dict:
+def our_config(
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    total_batch: int,
+    per_device: int,
+    max_len: int,
+    packing: bool,
+) -> dict:
     return {
-        "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": str(data)}]},
-                      "validation_data": {"type": "NONE"}, "chat_template_name": "keep-original"},
-        "training_args": {"output_dir": str(out), "learning_rate": 1e-3, "max_steps": steps, "save_strategy": "no",
-                          "logging_steps": 10, "lr_scheduler_type": "constant", "dataloader_num_workers": 0},
-        "batchsize_conf": {"total_train_batch_size": total_batch, "max_per_device_train_batch_size": per_device},
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(data)}]},
+            "validation_data": {"type": "NONE"},
+            "chat_template_name": "keep-original",
+        },
+        "training_args": {
+            "output_dir": str(out),
+            "learning_rate": 1e-3,
+            "max_steps": steps,
+            "save_strategy": "no",
+            "logging_steps": 10,
+            "lr_scheduler_type": "constant",
+            "dataloader_num_workers": 0,
+        },
+        "batchsize_conf": {
+            "total_train_batch_size": total_batch,
+            "max_per_device_train_batch_size": per_device,
+        },
         "peft_conf": {"peft_type": "NO_PEFT"},
         "run_conf": {"model": str(model), "determinism": "half"},
-        "sft_args": {"max_seq_length": max_len, "packing": packing, "train_on_completions_only": False,
-                     "length_handling": "truncate"},
+        "sft_args": {
+            "max_seq_length": max_len,
+            "packing": packing,
+            "train_on_completions_only": False,
+            "length_handling": "truncate",
+        },
     }
 
 
@@ -85,7 +114,9 @@ def padding_efficiency(model: Path, data: Path, max_len: int, per_device: int, s
 
     tok = AutoTokenizer.from_pretrained(model)
     records = [json.loads(line) for line in data.read_text().splitlines()]
-    items = [e for e in encode_batch(records, tok, EncodeSettings(max_len, "truncate")) if isinstance(e, dict)]
+    items = [
+        e for e in encode_batch(records, tok, EncodeSettings(max_len, "truncate")) if isinstance(e, dict)
+    ]
     real = sum(len(e["input_ids"]) for e in items)
 
     bins = pack_lengths([len(e["input_ids"]) for e in items], max_len, seed=seed)
@@ -93,7 +124,7 @@ def padding_efficiency(model: Path, data: Path, max_len: int, per_device: int, s
     ours = PackedCollator(tok.pad_token_id or 0, "sdpa")
     processed_ours = 0
     for start in range(0, len(rows), per_device):
-        batch = ours(rows[start:start + per_device])
+        batch = ours(rows[start : start + per_device])
         processed_ours += batch["input_ids"].numel()
 
     trl_collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0)
@@ -101,29 +132,58 @@ def padding_efficiency(model: Path, data: Path, max_len: int, per_device: int, s
     random.Random(seed).shuffle(order)  # the trainer's random sampler
     processed_trl = 0
     for start in range(0, len(order), per_device):
-        batch = trl_collator([{"input_ids": items[i]["input_ids"]} for i in order[start:start + per_device]])
+        batch = trl_collator(
+            [{"input_ids": items[i]["input_ids"]} for i in order[start : start + per_device]]
+        )
         processed_trl += batch["input_ids"].numel()
-        if int(batch["attention_mask"].sum()) != sum(len(items[i]["input_ids"]) for i in order[start:start + per_device]):
+        if int(batch["attention_mask"].sum()) != sum(
+            len(items[i]["input_ids"]) for i in order[start : start + per_device]
+        ):
             raise RuntimeError("TRL's collator padded differently than measured")
-    return {"real_tokens": real, "ours": real / processed_ours, "trl": real / processed_trl,
-            "rows_ours": len(rows), "rows_trl": len(items)}
+    return {
+        "real_tokens": real,
+        "ours": real / processed_ours,
+        "trl": real / processed_trl,
+        "rows_ours": len(rows),
+        "rows_trl": len(items),
+    }
 
 
-def run_ours(model: Path, data: Path, work: Path, steps: int, total_batch: int, per_device: int, max_len: int,
-             workers: int) -> dict:
+def run_ours(
+    model: Path,
+    data: Path,
+    work: Path,
+    steps: int,
+    total_batch: int,
+    per_device: int,
+    max_len: int,
+    workers: int,
+) -> dict:
     from finetune_engine.config import parse_config
     from finetune_engine.recipes.sft import run_sft
     from finetune_engine.tracking import TrackingSettings
 
-    cfg = parse_config(our_config(model, data, work, steps, total_batch, per_device, max_len, True), source="bench")
+    cfg = parse_config(
+        our_config(model, data, work, steps, total_batch, per_device, max_len, True), source="bench"
+    )
     t0 = time.monotonic()
     result = run_sft(cfg, TrackingSettings(None, None, False, None), num_preprocess_workers=workers)
     result["wall_seconds"] = time.monotonic() - t0
     return result
 
 
-def run_trl(model: Path, data: Path, work: Path, steps: int, total_batch: int, per_device: int, max_len: int,
-            workers: int, train: bool = True, **config) -> dict:
+def run_trl(
+    model: Path,
+    data: Path,
+    work: Path,
+    steps: int,
+    total_batch: int,
+    per_device: int,
+    max_len: int,
+    workers: int,
+    train: bool = True,
+    **config,
+) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,18 +193,38 @@ def run_trl(model: Path, data: Path, work: Path, steps: int, total_batch: int, p
     # a fresh cache per measurement: otherwise a later run reuses an earlier run's tokenized dataset
     # from the datasets cache (the fingerprint ignores num_proc) and measures a cache hit
     datasets.disable_caching()
-    ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(work / "datasets-cache"))
+    ds = datasets.load_dataset(
+        "json", data_files=str(data), split="train", cache_dir=str(work / "datasets-cache")
+    )
     ds = ds.remove_columns(["id"])
-    args = SFTConfig(output_dir=str(work), max_steps=steps, per_device_train_batch_size=per_device,
-                     gradient_accumulation_steps=total_batch // per_device, learning_rate=1e-3, max_length=max_len,
-                     save_strategy="no", logging_steps=10, lr_scheduler_type="constant", report_to=[], use_cpu=True,
-                     dataset_num_proc=workers if workers > 1 else None, disable_tqdm=True, seed=42, **config)
+    args = SFTConfig(
+        output_dir=str(work),
+        max_steps=steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=total_batch // per_device,
+        learning_rate=1e-3,
+        max_length=max_len,
+        save_strategy="no",
+        logging_steps=10,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        dataset_num_proc=workers if workers > 1 else None,
+        disable_tqdm=True,
+        seed=42,
+        **config,
+    )
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     t0 = time.monotonic()
     trainer = SFTTrainer(model=m, args=args, train_dataset=ds, processing_class=tok)
     prep = time.monotonic() - t0
-    out = {"prep_seconds": prep, "examples": len(ds),
-           "defaults": {k: getattr(args, k, None) for k in ("bf16", "gradient_checkpointing", "packing", "padding_free")}}
+    out = {
+        "prep_seconds": prep,
+        "examples": len(ds),
+        "defaults": {
+            k: getattr(args, k, None) for k in ("bf16", "gradient_checkpointing", "packing", "padding_free")
+        },
+    }
     if not train:
         return out
     real = {"n": 0}
@@ -152,7 +232,11 @@ def run_trl(model: Path, data: Path, work: Path, steps: int, total_batch: int, p
 
     def counting(features):
         batch = collate(features)
-        real["n"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        real["n"] += (
+            int(batch["attention_mask"].sum())
+            if "attention_mask" in batch
+            else int(batch["input_ids"].numel())
+        )
         return batch
 
     trainer.data_collator = counting
@@ -183,7 +267,9 @@ def our_preprocessing(model: Path, data: Path, max_len: int, workers: int) -> fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--prep-examples", type=int, default=20000, help="Examples for the preprocessing benchmark.")
+    parser.add_argument(
+        "--prep-examples", type=int, default=20000, help="Examples for the preprocessing benchmark."
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--total-batch", type=int, default=16)
     parser.add_argument("--per-device", type=int, default=8)
@@ -201,44 +287,77 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     from finetune_engine.tiny import build_tiny_model
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"transformers {transformers.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"transformers {transformers.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_tiny_model(tmp / "model")
         data = write_dataset(tmp / "chat.jsonl", args.examples, args.seed)
 
         pe = padding_efficiency(model, data, args.max_len, args.per_device, args.seed)
-        print(f"\n1. padding efficiency (real / processed tokens, {args.examples} examples, {pe['real_tokens']} real tokens, "
-              f"max length {args.max_len}, {args.per_device} rows per batch)")
+        print(
+            f"\n1. padding efficiency (real / processed tokens, {args.examples} examples, {pe['real_tokens']} real tokens, "
+            f"max length {args.max_len}, {args.per_device} rows per batch)"
+        )
         print(f"   ours (packed, best-fit decreasing): {pe['ours']:.3f}  ({pe['rows_ours']} rows)")
         print(f"   TRL default (padded batches):       {pe['trl']:.3f}  ({pe['rows_trl']} rows)")
         print(f"   ratio: {pe['ours'] / pe['trl']:.2f}x (target: ours >= 0.97)")
 
-        ours = run_ours(model, data, tmp / "ours", args.steps, args.total_batch, args.per_device, args.max_len, 1)
-        trl = run_trl(model, data, tmp / "trl", args.steps, args.total_batch, args.per_device, args.max_len, 1)
+        ours = run_ours(
+            model, data, tmp / "ours", args.steps, args.total_batch, args.per_device, args.max_len, 1
+        )
+        trl = run_trl(
+            model, data, tmp / "trl", args.steps, args.total_batch, args.per_device, args.max_len, 1
+        )
         # TRL's defaults on a CPU include bf16 autocast and gradient checkpointing; the same script
         # with fp32 and without checkpointing (what ours runs here) is the like-for-like baseline
-        like = run_trl(model, data, tmp / "trl-fp32", args.steps, args.total_batch, args.per_device, args.max_len, 1,
-                       bf16=False, gradient_checkpointing=False)
+        like = run_trl(
+            model,
+            data,
+            tmp / "trl-fp32",
+            args.steps,
+            args.total_batch,
+            args.per_device,
+            args.max_len,
+            1,
+            bf16=False,
+            gradient_checkpointing=False,
+        )
         ours_tps = ours["tokens_seen"] / ours["train_seconds"]
         print(f"\n2. training throughput ({args.steps} steps, total batch {args.total_batch}, real tokens/s)")
-        print(f"   ours:  {ours_tps:8.0f} tok/s  ({ours['tokens_seen']} tokens in {ours['train_seconds']:.1f}s)")
+        print(
+            f"   ours:  {ours_tps:8.0f} tok/s  ({ours['tokens_seen']} tokens in {ours['train_seconds']:.1f}s)"
+        )
         for label, run in (("TRL, its defaults", trl), ("TRL, fp32, no checkpointing", like)):
             tps = run["tokens_seen"] / run["train_seconds"]
-            print(f"   {label + ':':29s} {tps:8.0f} tok/s  ({run['tokens_seen']} tokens in {run['train_seconds']:.1f}s; "
-                  f"{', '.join(f'{k}={v}' for k, v in run['defaults'].items())})")
+            print(
+                f"   {label + ':':29s} {tps:8.0f} tok/s  ({run['tokens_seen']} tokens in {run['train_seconds']:.1f}s; "
+                f"{', '.join(f'{k}={v}' for k, v in run['defaults'].items())})"
+            )
             print(f"   ratio ours / {label}: {ours_tps / tps:.2f}x (target >= 1.5x)")
 
         big = write_dataset(tmp / "prep.jsonl", args.prep_examples, args.seed + 1)
         print(f"\n3. preprocessing ({args.prep_examples} examples, examples/s)")
         for workers in sorted({1, args.workers}):
             mine = our_preprocessing(model, big, args.max_len, workers)
-            theirs = run_trl(model, big, tmp / f"trl-prep-{workers}", 1, args.total_batch, args.per_device, args.max_len,
-                             workers, train=False)
+            theirs = run_trl(
+                model,
+                big,
+                tmp / f"trl-prep-{workers}",
+                1,
+                args.total_batch,
+                args.per_device,
+                args.max_len,
+                workers,
+                train=False,
+            )
             theirs_rate = theirs["examples"] / theirs["prep_seconds"]
-            print(f"   {workers} process(es): ours (validate+template+tokenize+pack) {mine:8.0f}/s, "
-                  f"TRL (template+tokenize) {theirs_rate:8.0f}/s, ratio {mine / theirs_rate:.2f}x")
+            print(
+                f"   {workers} process(es): ours (validate+template+tokenize+pack) {mine:8.0f}/s, "
+                f"TRL (template+tokenize) {theirs_rate:8.0f}/s, ratio {mine / theirs_rate:.2f}x"
+            )
     if not math.isfinite(ours_tps):
         return 1
     return 0

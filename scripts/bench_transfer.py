@@ -76,14 +76,19 @@ class Bench:
             if best is None or rate > best[0]:
                 best = (rate, c1 - c0, s1 - s0)
         self.rows[name] = best
-        print(f"  {name:<46} {best[0]:8.1f} MB/s   client cpu {best[1]:5.2f} s   server cpu {best[2]:5.2f} s", flush=True)
+        print(
+            f"  {name:<46} {best[0]:8.1f} MB/s   client cpu {best[1]:5.2f} s   server cpu {best[2]:5.2f} s",
+            flush=True,
+        )
         return best[0]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=3, help="Runs per method; the best is reported (shared CPUs).")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="Runs per method; the best is reported (shared CPUs)."
+    )
     args = parser.parse_args()
     from finetune_engine.storage import download_dir, make_client, upload_dir
     from finetune_engine.storage.local_server import ensure_running, stop
@@ -100,9 +105,11 @@ def main() -> int:
         client = make_client()
         bucket = env["FINETUNE_BUCKET"]
         load = os.getloadavg()
-        print(f"{total / 2**20:.0f} MiB in {len(files)} files; rclone serve s3 on 127.0.0.1; {os.cpu_count()} CPUs "
-              f"({platform.processor() or platform.machine()}); load average {load[0]:.1f} at start; "
-              f"best of {args.repeat} runs each")
+        print(
+            f"{total / 2**20:.0f} MiB in {len(files)} files; rclone serve s3 on 127.0.0.1; {os.cpu_count()} CPUs "
+            f"({platform.processor() or platform.machine()}); load average {load[0]:.1f} at start; "
+            f"best of {args.repeat} runs each"
+        )
         bench = Bench(total, server_pid, args.repeat)
 
         def rm(*paths: Path):
@@ -110,40 +117,70 @@ def main() -> int:
                 for p in paths:
                     shutil.rmtree(p, ignore_errors=True)
                 subprocess.run(["sync"], check=False)
+
             return clean
 
         def wipe_bucket(prefix: str):
             def clean(_i):
-                shutil.rmtree(tmp / "s3" / "data" / bucket / prefix, ignore_errors=True)  # rclone stores plain files
+                shutil.rmtree(
+                    tmp / "s3" / "data" / bucket / prefix, ignore_errors=True
+                )  # rclone stores plain files
                 subprocess.run(["sync"], check=False)
+
             return clean
 
         try:
             print("local copies")
-            cp = bench.run("cp -r (page cache, no sync)", lambda i: subprocess.run(
-                ["cp", "-r", str(src), str(tmp / "cp-copy")], check=True), rm(tmp / "cp-copy"))
-            cp_sync = bench.run("cp -r + sync", lambda i: subprocess.run(
-                f"cp -r '{src}' '{tmp / 'cp-copy'}' && sync", shell=True, check=True), rm(tmp / "cp-copy"))
+            cp = bench.run(
+                "cp -r (page cache, no sync)",
+                lambda i: subprocess.run(["cp", "-r", str(src), str(tmp / "cp-copy")], check=True),
+                rm(tmp / "cp-copy"),
+            )
+            cp_sync = bench.run(
+                "cp -r + sync",
+                lambda i: subprocess.run(
+                    f"cp -r '{src}' '{tmp / 'cp-copy'}' && sync", shell=True, check=True
+                ),
+                rm(tmp / "cp-copy"),
+            )
 
             print("server ceiling: parallel raw calls, 16 MiB objects from/into memory")
             blob = os.urandom(16 * 2**20)
             n_obj = max(8, total // len(blob))
             for threads in (4, 16):
-                bench.run(f"put_object x{n_obj}, {threads} threads", lambda i, t=threads: _pmap(
-                    t, lambda k: client.put_object(Bucket=bucket, Key=f"ceiling/{k}", Body=blob), range(n_obj)),
-                    wipe_bucket("ceiling"), nbytes=n_obj * len(blob))
-            bench.run(f"put_object x{n_obj}, 1 thread", lambda i: [
-                client.put_object(Bucket=bucket, Key=f"ceiling/{k}", Body=blob) for k in range(n_obj)],
-                wipe_bucket("ceiling"), nbytes=n_obj * len(blob))
+                bench.run(
+                    f"put_object x{n_obj}, {threads} threads",
+                    lambda i, t=threads: _pmap(
+                        t,
+                        lambda k: client.put_object(Bucket=bucket, Key=f"ceiling/{k}", Body=blob),
+                        range(n_obj),
+                    ),
+                    wipe_bucket("ceiling"),
+                    nbytes=n_obj * len(blob),
+                )
+            bench.run(
+                f"put_object x{n_obj}, 1 thread",
+                lambda i: [
+                    client.put_object(Bucket=bucket, Key=f"ceiling/{k}", Body=blob) for k in range(n_obj)
+                ],
+                wipe_bucket("ceiling"),
+                nbytes=n_obj * len(blob),
+            )
 
             def get_all(threads: int):
                 def one(k):
                     body = client.get_object(Bucket=bucket, Key=f"ceiling/{k}")["Body"]
                     while body.read(2**20):
                         pass
+
                 _pmap(threads, one, range(n_obj))
+
             for threads in (4, 16):
-                bench.run(f"get_object x{n_obj}, {threads} threads", lambda i, t=threads: get_all(t), nbytes=n_obj * len(blob))
+                bench.run(
+                    f"get_object x{n_obj}, {threads} threads",
+                    lambda i, t=threads: get_all(t),
+                    nbytes=n_obj * len(blob),
+                )
 
             print("naive: one file at a time, whole file in memory")
 
@@ -164,21 +201,34 @@ def main() -> int:
 
             print("ours: verified directory transfers (sha256 manifest, completion marker last)")
             uri = f"s3://{bucket}/ours/model"
-            up = bench.run("upload_dir (hashes the dir, then uploads)", lambda i: upload_dir(src, uri, progress=False),
-                           wipe_bucket("ours"))
-            down = bench.run("download_dir (sha256 verified)", lambda i: download_dir(uri, tmp / "ours-down", progress=False),
-                             rm(tmp / "ours-down"))
-            bench.run("download_dir (sizes only)", lambda i: download_dir(uri, tmp / "ours-down", progress=False,
-                                                                          verify_hashes=False), rm(tmp / "ours-down"))
+            up = bench.run(
+                "upload_dir (hashes the dir, then uploads)",
+                lambda i: upload_dir(src, uri, progress=False),
+                wipe_bucket("ours"),
+            )
+            down = bench.run(
+                "download_dir (sha256 verified)",
+                lambda i: download_dir(uri, tmp / "ours-down", progress=False),
+                rm(tmp / "ours-down"),
+            )
+            bench.run(
+                "download_dir (sizes only)",
+                lambda i: download_dir(uri, tmp / "ours-down", progress=False, verify_hashes=False),
+                rm(tmp / "ours-down"),
+            )
         finally:
             stop(tmp / "s3")
         ceiling_up = max(v[0] for k, v in bench.rows.items() if k.startswith("put_object"))
         ceiling_down = max(v[0] for k, v in bench.rows.items() if k.startswith("get_object"))
         print("ratios (same run)")
-        print(f"  upload:   ours/cp {up / cp:.2f}   ours/(cp+sync) {up / cp_sync:.2f}   ours/naive {up / naive_u:.2f}   "
-              f"ours/server ceiling {up / ceiling_up:.2f}")
-        print(f"  download: ours/cp {down / cp:.2f}   ours/(cp+sync) {down / cp_sync:.2f}   ours/naive {down / naive_d:.2f}   "
-              f"ours/server ceiling {down / ceiling_down:.2f}")
+        print(
+            f"  upload:   ours/cp {up / cp:.2f}   ours/(cp+sync) {up / cp_sync:.2f}   ours/naive {up / naive_u:.2f}   "
+            f"ours/server ceiling {up / ceiling_up:.2f}"
+        )
+        print(
+            f"  download: ours/cp {down / cp:.2f}   ours/(cp+sync) {down / cp_sync:.2f}   ours/naive {down / naive_d:.2f}   "
+            f"ours/server ceiling {down / ceiling_down:.2f}"
+        )
     return 0
 
 

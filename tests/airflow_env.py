@@ -18,8 +18,13 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 def failure_lines(output: str, limit: int = 60) -> str:
     """The lines of an Airflow run that say which task failed and why (errors, tracebacks' last lines)."""
-    keep = [line for line in output.splitlines()
-            if re.search(r"state=failed|Task failed|\[error|ERROR|Error:|Exception:|FinetuneError|EngineJob", line)]
+    keep = [
+        line
+        for line in output.splitlines()
+        if re.search(
+            r"state=failed|Task failed|\[error|ERROR|Error:|Exception:|FinetuneError|EngineJob", line
+        )
+    ]
     return "\n".join(keep[-limit:]) or "(none found)"
 
 
@@ -43,16 +48,25 @@ class AirflowEnv:
         }
         self.run("db", "migrate")
 
-    def run(self, *args: str, timeout: float = 900, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(BIN / "airflow"), *args], env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout)
+    def run(
+        self, *args: str, timeout: float = 900, check: bool = True, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(BIN / "airflow"), *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             out = proc.stdout + proc.stderr
             kept = ARTIFACTS / f"airflow-{args[0]}-{os.getpid()}-{len(list(ARTIFACTS.glob('airflow-*')))}.log"
             ARTIFACTS.mkdir(exist_ok=True)
             kept.write_text(out)
-            raise AssertionError(f"airflow {' '.join(args)} exited {proc.returncode} (whole output: {kept}).\n"
-                                 f"failed tasks and errors:\n{failure_lines(out)}\n--- tail ---\n{out[-3000:]}")
+            raise AssertionError(
+                f"airflow {' '.join(args)} exited {proc.returncode} (whole output: {kept}).\n"
+                f"failed tasks and errors:\n{failure_lines(out)}\n--- tail ---\n{out[-3000:]}"
+            )
         return proc
 
     def bucket_env(self) -> dict[str, str]:
@@ -78,19 +92,21 @@ class AirflowStandalone(AirflowEnv):
         root.mkdir(parents=True, exist_ok=True)
         (root / "passwords.json").write_text(json.dumps({"admin": self.password}))
         super().__init__(root, dags_folder)
-        self.env.update({
-            "PATH": f"{BIN}{os.pathsep}{self.env.get('PATH', '')}",  # standalone starts `airflow` subcommands
-            "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__BASE_URL": self.url,
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(root / "passwords.json"),
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-            **(env or {}),
-        })
+        self.env.update(
+            {
+                "PATH": f"{BIN}{os.pathsep}{self.env.get('PATH', '')}",  # standalone starts `airflow` subcommands
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__BASE_URL": self.url,
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(root / "passwords.json"),
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+                **(env or {}),
+            }
+        )
         self.proc: subprocess.Popen | None = None
         self._token: str | None = None
 
@@ -99,8 +115,14 @@ class AirflowStandalone(AirflowEnv):
         import urllib.request
 
         self.log = open(self.root / "standalone.log", "wb")
-        self.proc = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+        self.proc = subprocess.Popen(
+            [str(BIN / "airflow"), "standalone"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -108,7 +130,10 @@ class AirflowStandalone(AirflowEnv):
             try:
                 with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=2) as r:
                     health = json.load(r)
-                if all(health.get(k, {}).get("status") == "healthy" for k in ("metadatabase", "scheduler", "dag_processor")):
+                if all(
+                    health.get(k, {}).get("status") == "healthy"
+                    for k in ("metadatabase", "scheduler", "dag_processor")
+                ):
                     return
             except (OSError, ValueError):
                 pass
@@ -122,7 +147,9 @@ class AirflowStandalone(AirflowEnv):
         import requests
 
         if self._token is None:
-            r = requests.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password}, timeout=30)
+            r = requests.post(
+                f"{self.url}/auth/token", json={"username": "admin", "password": self.password}, timeout=30
+            )
             r.raise_for_status()
             self._token = r.json()["access_token"]
         return self._token
@@ -131,7 +158,9 @@ class AirflowStandalone(AirflowEnv):
         import requests
 
         headers = {"Authorization": f"Bearer {self.token()}", **kwargs.pop("headers", {})}
-        return requests.request(method, f"{self.url}/api/v2/{path.lstrip('/')}", timeout=60, headers=headers, **kwargs)
+        return requests.request(
+            method, f"{self.url}/api/v2/{path.lstrip('/')}", timeout=60, headers=headers, **kwargs
+        )
 
     def wait_dag(self, dag_id: str, timeout: float = 120) -> None:
         """Until the DAG processor has parsed the DAG and it has no import error."""
@@ -159,19 +188,30 @@ class AirflowStandalone(AirflowEnv):
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for ti in self.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 500}).json()["task_instances"]:
+        for ti in self.api(
+            "GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 500}
+        ).json()["task_instances"]:
             out.setdefault(ti["task_id"], []).append(ti["state"])
         return out
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1):
-        r = self.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
-                     params={"map_index": map_index, "deserialize": True})
+        r = self.api(
+            "GET",
+            f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+            params={"map_index": map_index, "deserialize": True},
+        )
         r.raise_for_status()
         return r.json()["value"]
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
-        r = self.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-                     params={"map_index": map_index, "full_content": True}, headers={"Accept": "application/json"})
+    def task_log(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1
+    ) -> str:
+        r = self.api(
+            "GET",
+            f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+            params={"map_index": map_index, "full_content": True},
+            headers={"Accept": "application/json"},
+        )
         r.raise_for_status()
         body = r.json()
         content = body.get("content")

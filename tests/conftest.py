@@ -77,7 +77,9 @@ _durations: dict[str, dict] = {}
 
 
 def pytest_runtest_logreport(report):
-    entry = _durations.setdefault(report.nodeid, {"setup": 0.0, "call": 0.0, "teardown": 0.0, "outcome": "passed"})
+    entry = _durations.setdefault(
+        report.nodeid, {"setup": 0.0, "call": 0.0, "teardown": 0.0, "outcome": "passed"}
+    )
     entry[report.when] += report.duration
     if report.failed:
         entry["outcome"] = "failed" if report.when == "call" else f"error ({report.when})"
@@ -93,11 +95,15 @@ def pytest_sessionfinish(session):
         return
     rows = sorted(_durations.items(), key=lambda kv: -(kv[1]["setup"] + kv[1]["call"] + kv[1]["teardown"]))
     total = sum(e["setup"] + e["call"] + e["teardown"] for _, e in rows)
-    lines = [f"# {len(rows)} tests, {total:.1f} s in tests (set-up + call + teardown), slowest first",
-             f"# {'total':>9} {'setup':>9} {'call':>9} {'teardown':>9}  outcome  test"]
+    lines = [
+        f"# {len(rows)} tests, {total:.1f} s in tests (set-up + call + teardown), slowest first",
+        f"# {'total':>9} {'setup':>9} {'call':>9} {'teardown':>9}  outcome  test",
+    ]
     for nodeid, e in rows:
-        lines.append(f"{e['setup'] + e['call'] + e['teardown']:>11.2f} {e['setup']:>9.2f} {e['call']:>9.2f} "
-                     f"{e['teardown']:>9.2f}  {e['outcome']}  {nodeid}")
+        lines.append(
+            f"{e['setup'] + e['call'] + e['teardown']:>11.2f} {e['setup']:>9.2f} {e['call']:>9.2f} "
+            f"{e['teardown']:>9.2f}  {e['outcome']}  {nodeid}"
+        )
     path = session.config.rootpath / DURATIONS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -117,10 +123,25 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=root,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 90, proc)

@@ -54,17 +54,31 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def client(self):
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
-                            region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+        )
 
     def start(self, timeout: float = 60) -> None:
         log = open(self.root / f"{self.kind}.log", "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
-                                     env={**os.environ, **self.env})
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+            env={**os.environ, **self.env},
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited: {(self.root / f'{self.kind}.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"{self.kind} exited: {(self.root / f'{self.kind}.log').read_text()[-2000:]}"
+                )
             try:
                 self.client().list_buckets()
                 return
@@ -87,20 +101,54 @@ def rclone_server(root: Path) -> S3Server:
     port = free_port_pair()
     (root / "data").mkdir(parents=True, exist_ok=True)
     key, secret = "rclonekey", "rclone-secret-" + os.urandom(6).hex()
-    cmd = [str(BIN / "rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}",
-           "--config", "/dev/null", str(root / "data")]
+    cmd = [
+        str(BIN / "rclone"),
+        "serve",
+        "s3",
+        "--addr",
+        f"127.0.0.1:{port}",
+        "--auth-key",
+        f"{key},{secret}",
+        "--config",
+        "/dev/null",
+        str(root / "data"),
+    ]
     return S3Server("rclone", root, port, key, secret, cmd)
 
 
 def seaweed_server(root: Path) -> S3Server:
     ports = [free_port_pair() for _ in range(6)]
     key, secret = "weedkey", "weed-secret-" + os.urandom(6).hex()
-    (root / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
-                                                                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    (root / "s3.json").write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [{"accessKey": key, "secretKey": secret}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
     (root / "data").mkdir(parents=True, exist_ok=True)
     s3, master, volume, filer, iceberg, lance = ports
-    cmd = [str(BIN / "weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           "-master.telemetry=false", f"-s3.config={root / 's3.json'}", "-admin.ui=false", "-webdav=false",
-           f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-           f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}"]
+    cmd = [
+        str(BIN / "weed"),
+        "mini",
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        f"-s3.config={root / 's3.json'}",
+        "-admin.ui=false",
+        "-webdav=false",
+        f"-s3.port={s3}",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port.iceberg={iceberg}",
+        f"-s3.port.lance={lance}",
+    ]
     return S3Server("seaweedfs", root, s3, key, secret, cmd, env={"TMPDIR": str(root)})

@@ -17,20 +17,52 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow]
 
 CASES = {
-    "bench_transfer.py": (["--size-mib", "8", "--repeat", "1"],
-                          [r"upload:\s+ours/cp [\d.]+ .* ours/naive [\d.]+", r"download:\s+ours/cp [\d.]+ .* ours/naive [\d.]+"]),
-    "bench_training.py": (["--examples", "64", "--prep-examples", "200", "--steps", "2", "--total-batch", "4",
-                           "--per-device", "2", "--max-len", "128"],
-                          [r"ours \(packed, best-fit decreasing\): 0\.\d+", r"ratio ours / TRL, its defaults: [\d.]+x",
-                           r"ratio ours / TRL, fp32, no checkpointing: [\d.]+x", r"2 process\(es\): ours .* ratio [\d.]+x"]),
+    "bench_transfer.py": (
+        ["--size-mib", "8", "--repeat", "1"],
+        [
+            r"upload:\s+ours/cp [\d.]+ .* ours/naive [\d.]+",
+            r"download:\s+ours/cp [\d.]+ .* ours/naive [\d.]+",
+        ],
+    ),
+    "bench_training.py": (
+        [
+            "--examples",
+            "64",
+            "--prep-examples",
+            "200",
+            "--steps",
+            "2",
+            "--total-batch",
+            "4",
+            "--per-device",
+            "2",
+            "--max-len",
+            "128",
+        ],
+        [
+            r"ours \(packed, best-fit decreasing\): 0\.\d+",
+            r"ratio ours / TRL, its defaults: [\d.]+x",
+            r"ratio ours / TRL, fp32, no checkpointing: [\d.]+x",
+            r"2 process\(es\): ours .* ratio [\d.]+x",
+        ],
+    ),
     # the sweep measurement (two `airflow dags test` runs) is left to `make bench`: the local runner's
     # mapped sweeps through `airflow dags test` are covered by tests/provider/test_local_dag.py
-    "bench_orchestration.py": (["--sweep", "0", "--repeat", "1", "--pods", "5"],
-                               [r"tutorial\.py\s+\d+ ms", r"render \+ validate config.*\(\d[\d.]*x\)",
-                                r"mapped sweep: skipped \(--sweep 0\)"]),
-    "bench_resume.py": (["--trials", "1", "--steps", "6", "--save-steps", "2", "--seed", "3"],
-                        [r"steps lost: max \d+, mean [\d.]+; <= save interval \(2\) in [01]/1 trials",
-                         r"restart/cold = [\d.]+"]),
+    "bench_orchestration.py": (
+        ["--sweep", "0", "--repeat", "1", "--pods", "5"],
+        [
+            r"tutorial\.py\s+\d+ ms",
+            r"render \+ validate config.*\(\d[\d.]*x\)",
+            r"mapped sweep: skipped \(--sweep 0\)",
+        ],
+    ),
+    "bench_resume.py": (
+        ["--trials", "1", "--steps", "6", "--save-steps", "2", "--seed", "3"],
+        [
+            r"steps lost: max \d+, mean [\d.]+; <= save interval \(2\) in [01]/1 trials",
+            r"restart/cold = [\d.]+",
+        ],
+    ),
 }
 
 
@@ -38,9 +70,17 @@ CASES = {
 def test_benchmark_script_runs_and_prints_its_ratios(script):
     args, patterns = CASES[script]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for pattern in patterns:
-        assert re.search(pattern, proc.stdout), f"{script}: no line matching {pattern!r}\n{proc.stdout[-3000:]}"
+        assert re.search(pattern, proc.stdout), (
+            f"{script}: no line matching {pattern!r}\n{proc.stdout[-3000:]}"
+        )

@@ -1,6 +1,6 @@
 """The provider's operators. Import from here:
 
-    from airflow_provider_finetune.operators import FinetuneKubernetesOperator
+from airflow_provider_finetune.operators import FinetuneKubernetesOperator
 """
 
 from airflow_provider_finetune.operators.deliver import DataScriptToBucketOperator, HFModelToBucketOperator
@@ -9,5 +9,12 @@ from airflow_provider_finetune.operators.evaluate import EvaluateModelsOperator
 from airflow_provider_finetune.operators.finetune import FinetuneKubernetesOperator
 from airflow_provider_finetune.operators.merge import MergeAdapterOperator
 
-__all__ = ["DataScriptToBucketOperator", "DeployVLLMOperator", "EvaluateModelsOperator", "FinetuneKubernetesOperator",
-           "HFModelToBucketOperator", "MergeAdapterOperator", "UndeployVLLMOperator"]
+__all__ = [
+    "DataScriptToBucketOperator",
+    "DeployVLLMOperator",
+    "EvaluateModelsOperator",
+    "FinetuneKubernetesOperator",
+    "HFModelToBucketOperator",
+    "MergeAdapterOperator",
+    "UndeployVLLMOperator",
+]

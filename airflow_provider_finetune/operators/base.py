@@ -38,7 +38,12 @@ class EngineJobOperator(KubernetesPodOperator):
     :param bucket: bucket name; default ``[finetune] bucket``.
     """
 
-    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "bucket", "gpus", "engine_image")
+    template_fields: Sequence[str] = (
+        *KubernetesPodOperator.template_fields,
+        "bucket",
+        "gpus",
+        "engine_image",
+    )
     ui_color = "#e8d8f8"
 
     def __init__(
@@ -71,10 +76,16 @@ class EngineJobOperator(KubernetesPodOperator):
         kwargs.setdefault("startup_timeout_seconds", 1800 if gpus else 600)
         kwargs.setdefault("service_account_name", settings.get("service_account_name") or None)
         # the XCom sidecar must pass the restricted Pod Security Standard too
-        kwargs.setdefault("xcom_sidecar_container_security_context", {
-            "allowPrivilegeEscalation": False, "runAsNonRoot": True, "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-        })
+        kwargs.setdefault(
+            "xcom_sidecar_container_security_context",
+            {
+                "allowPrivilegeEscalation": False,
+                "runAsNonRoot": True,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+        )
         super().__init__(**kwargs)
         self.runner = runner
         self.engine_image = engine_image or kwargs["image"]
@@ -138,8 +149,16 @@ class EngineJobOperator(KubernetesPodOperator):
             "FINETUNE_WORKDIR": WORKDIR,
             "FINETUNE_BUCKET": self.resolved_bucket,
             "HF_HUB_DISABLE_TELEMETRY": "1",
-            **({"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")} if settings.get("bucket_endpoint_url") else {}),
-            **({"MLFLOW_TRACKING_URI": settings.get("mlflow_tracking_uri")} if settings.get("mlflow_tracking_uri") else {}),
+            **(
+                {"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")}
+                if settings.get("bucket_endpoint_url")
+                else {}
+            ),
+            **(
+                {"MLFLOW_TRACKING_URI": settings.get("mlflow_tracking_uri")}
+                if settings.get("mlflow_tracking_uri")
+                else {}
+            ),
             **self.engine_env(context),
             **self.extra_env,
         }
@@ -186,8 +205,11 @@ class EngineJobOperator(KubernetesPodOperator):
 
     def local_secret_resolver(self) -> ConnectionSecretResolver:
         """Resolves the pod's secretKeyRefs from Airflow connections (local runner)."""
-        return ConnectionSecretResolver(self.secret_names(), self.bucket_conn_id or settings.get("bucket_conn_id"),
-                                        self.local_hf_conn_id())
+        return ConnectionSecretResolver(
+            self.secret_names(),
+            self.bucket_conn_id or settings.get("bucket_conn_id"),
+            self.local_hf_conn_id(),
+        )
 
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False):
         from airflow_provider_finetune.pods.pod import build_pod
@@ -225,7 +247,9 @@ class EngineJobOperator(KubernetesPodOperator):
             except KeyError as err:
                 raise FinetuneConfigError(f"task {self.task_id} (local runner): {err.args[0]}") from None
             # the endpoint, and the session token that goes with temporary keys (role ARN, session token)
-            local_env.update({k: bucket[k] for k in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN") if bucket.get(k)})
+            local_env.update(
+                {k: bucket[k] for k in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN") if bucket.get(k)}
+            )
         self._local_runner = LocalRunner(workdir, resolver, log=self.log.info, extra_env=local_env)
         try:
             result = self._local_runner.run(pod, timeout=self.active_deadline_seconds)
@@ -233,10 +257,16 @@ class EngineJobOperator(KubernetesPodOperator):
             raise EngineJobFailed.from_local(err) from None
         return result.xcom
 
-    def cleanup(self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None) -> None:
+    def cleanup(
+        self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None
+    ) -> None:
         """The parent's cleanup (events, deletion, its failure); a failed engine container is
         classified first (OOM, deadline, eviction...), while the pod and its log still exist."""
-        failure = self.pod_failure(remote_pod) if remote_pod is not None and not getattr(self, "_killed", False) else None
+        failure = (
+            self.pod_failure(remote_pod)
+            if remote_pod is not None and not getattr(self, "_killed", False)
+            else None
+        )
         try:
             super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
         except Exception as err:
@@ -245,7 +275,9 @@ class EngineJobOperator(KubernetesPodOperator):
             if failure is None or isinstance(err, AirflowSkipException):
                 raise
             state, tail = failure
-            raise EngineJobFailed.from_pod(remote_pod.metadata.name, self.base_container_name, state, tail) from err
+            raise EngineJobFailed.from_pod(
+                remote_pod.metadata.name, self.base_container_name, state, tail
+            ) from err
 
     def pod_failure(self, remote_pod: Any) -> tuple[dict[str, Any], str] | None:
         """(exit code and reasons, log tail) of the engine container when it failed, else None."""
@@ -258,15 +290,25 @@ class EngineJobOperator(KubernetesPodOperator):
             return None
         container_reason = term.reason if term is not None else None
         # a container's "Error" says less than the pod's "DeadlineExceeded" / "Evicted"
-        reason = container_reason if container_reason not in (None, "Error", "Completed") else (status.reason or container_reason)
+        reason = (
+            container_reason
+            if container_reason not in (None, "Error", "Completed")
+            else (status.reason or container_reason)
+        )
         state = {"exit_code": term.exit_code if term is not None else None, "reason": reason}
-        return state, "\n".join(filter(None, [term.message if term is not None else None, self.pod_log_tail(remote_pod)]))
+        return state, "\n".join(
+            filter(None, [term.message if term is not None else None, self.pod_log_tail(remote_pod)])
+        )
 
     def pod_log_tail(self, remote_pod: Any, lines: int = 100) -> str:
         """The last lines of the engine container's log (an accelerator OOM shows only there)."""
         try:
-            text = self.client.read_namespaced_pod_log(name=remote_pod.metadata.name, namespace=remote_pod.metadata.namespace,
-                                                       container=self.base_container_name, tail_lines=lines)
+            text = self.client.read_namespaced_pod_log(
+                name=remote_pod.metadata.name,
+                namespace=remote_pod.metadata.namespace,
+                container=self.base_container_name,
+                tail_lines=lines,
+            )
         except Exception as err:  # the classification is best effort; the parent still reports the failure
             self.log.warning("could not read the log tail of pod %s: %s", remote_pod.metadata.name, err)
             return ""
@@ -277,7 +319,11 @@ class EngineJobOperator(KubernetesPodOperator):
 
         root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
         ti = context["ti"]
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{ti.dag_id}/{context['run_id']}/{ti.task_id}/{getattr(ti, 'map_index', -1)}")
+        safe = re.sub(
+            r"[^A-Za-z0-9._-]+",
+            "-",
+            f"{ti.dag_id}/{context['run_id']}/{ti.task_id}/{getattr(ti, 'map_index', -1)}",
+        )
         return root / safe
 
     def on_kill(self) -> None:

@@ -28,13 +28,28 @@ class HFModelToBucketOperator(EngineJobOperator):
         the local runner; default ``[finetune] hf_conn_id``.
     """
 
-    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "model_id", "revision", "destination",
-                                      "hf_token_secret")
+    template_fields: Sequence[str] = (
+        *EngineJobOperator.template_fields,
+        "model_id",
+        "revision",
+        "destination",
+        "hf_token_secret",
+    )
 
-    def __init__(self, *, model_id: str, revision: str | None = None, exclude_patterns: list[str] | None = None,
-                 allow_patterns: list[str] | None = None, destination: str | None = None, allow_pickle: bool = False,
-                 allow_overwrite: bool = False, hf_token_secret: str | None = None, hf_conn_id: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        exclude_patterns: list[str] | None = None,
+        allow_patterns: list[str] | None = None,
+        destination: str | None = None,
+        allow_pickle: bool = False,
+        allow_overwrite: bool = False,
+        hf_token_secret: str | None = None,
+        hf_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("gpus", 0)
         kwargs.setdefault("cpu_per_gpu", "2")
         kwargs.setdefault("memory_per_gpu", "8Gi")
@@ -61,11 +76,15 @@ class HFModelToBucketOperator(EngineJobOperator):
             raise FinetuneConfigError(f"destination {self.destination!r} must be an s3:// URI")
         name = self.secret_names().hf_token
         if not DNS_SUBDOMAIN.match(name or ""):
-            raise FinetuneConfigError(f"hf_token_secret {name!r} is not a valid Kubernetes Secret name (lowercase letters, "
-                                      "digits, '-' and '.'); set hf_token_secret= or [finetune] hf_token_secret_name")
+            raise FinetuneConfigError(
+                f"hf_token_secret {name!r} is not a valid Kubernetes Secret name (lowercase letters, "
+                "digits, '-' and '.'); set hf_token_secret= or [finetune] hf_token_secret_name"
+            )
 
     def secret_names(self) -> SecretNames:
-        return SecretNames(super().secret_names().bucket, self.hf_token_secret or settings.get("hf_token_secret_name"))
+        return SecretNames(
+            super().secret_names().bucket, self.hf_token_secret or settings.get("hf_token_secret_name")
+        )
 
     def local_hf_conn_id(self) -> str:
         return self.hf_conn_id or super().local_hf_conn_id()
@@ -99,12 +118,27 @@ class DataScriptToBucketOperator(EngineJobOperator):
     :param method: validate the files for ``sft``, ``dpo`` or ``kto``.
     """
 
-    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "script", "script_file", "urls", "destination")
+    template_fields: Sequence[str] = (
+        *EngineJobOperator.template_fields,
+        "script",
+        "script_file",
+        "urls",
+        "destination",
+    )
     template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "script": "py"}
 
-    def __init__(self, *, script: str | None = None, script_file: str | None = None, urls: list[str] | None = None,
-                 destination: str | None = None, method: str = "sft", timeout_seconds: int = 3600,
-                 allow_private_urls: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        script: str | None = None,
+        script_file: str | None = None,
+        urls: list[str] | None = None,
+        destination: str | None = None,
+        method: str = "sft",
+        timeout_seconds: int = 3600,
+        allow_private_urls: bool = False,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("gpus", 0)
         kwargs.setdefault("cpu_per_gpu", "2")
         kwargs.setdefault("memory_per_gpu", "8Gi")
@@ -138,8 +172,15 @@ class DataScriptToBucketOperator(EngineJobOperator):
         return (self.destination or self.bucket_uri("datasets")).rstrip("/")
 
     def engine_command(self, context: Any) -> list[str]:
-        cmd = ["finetune-engine", "deliver-data", self.resolved_destination(), "--method", self.method,
-               "--timeout", str(self.timeout_seconds)]
+        cmd = [
+            "finetune-engine",
+            "deliver-data",
+            self.resolved_destination(),
+            "--method",
+            self.method,
+            "--timeout",
+            str(self.timeout_seconds),
+        ]
         for url in self.urls:
             cmd += ["--url", url]
         if self.allow_private_urls:

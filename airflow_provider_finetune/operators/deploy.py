@@ -29,11 +29,20 @@ from airflow_provider_finetune.runners.kubernetes_apply import KubernetesApplier
 from airflow_provider_finetune.runners.vllm_local import VLLM_INSTALL, chat_once, start_vllm, stop_local
 
 # the local server's helpers, importable from here too (DAGs use chat_once)
-__all__ = ["DeployVLLMOperator", "UndeployVLLMOperator", "VLLM_INSTALL", "chat_once", "proxy_post_json", "start_vllm",
-           "stop_local"]
+__all__ = [
+    "DeployVLLMOperator",
+    "UndeployVLLMOperator",
+    "VLLM_INSTALL",
+    "chat_once",
+    "proxy_post_json",
+    "start_vllm",
+    "stop_local",
+]
 
 
-def proxy_post_json(api_client: Any, namespace: str, service: str, path: str, body: dict, timeout: float = 120) -> dict:
+def proxy_post_json(
+    api_client: Any, namespace: str, service: str, path: str, body: dict, timeout: float = 120
+) -> dict:
     """POST ``body`` as JSON to ``path`` of a Service through the Kubernetes API server's proxy.
 
     ``CoreV1Api.connect_post_namespaced_service_proxy_with_path`` takes no body, so the request is
@@ -42,10 +51,14 @@ def proxy_post_json(api_client: Any, namespace: str, service: str, path: str, bo
     its slashes).
     """
     resp = api_client.call_api(
-        f"/api/v1/namespaces/{{namespace}}/services/{{name}}/proxy/{path.lstrip('/')}", "POST",
+        f"/api/v1/namespaces/{{namespace}}/services/{{name}}/proxy/{path.lstrip('/')}",
+        "POST",
         path_params={"namespace": namespace, "name": service},
         header_params={"Accept": "application/json", "Content-Type": "application/json"},
-        body=body, auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+        body=body,
+        auth_settings=["BearerToken"],
+        _preload_content=False,
+        _return_http_data_only=True,
         _request_timeout=timeout,
     )
     return json.loads(resp.data)
@@ -66,7 +79,9 @@ HTTPROUTE_KEYS = ("gateway", "hostnames", "gateway_namespace", "section_name")
 
 def _route_kwargs(option: str, value: Any, allowed: tuple[str, ...], required: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise FinetuneConfigError(f"{option} must be a mapping with keys {list(allowed)}, got {type(value).__name__}")
+        raise FinetuneConfigError(
+            f"{option} must be a mapping with keys {list(allowed)}, got {type(value).__name__}"
+        )
     unknown = sorted(set(value) - set(allowed))
     if unknown:
         raise FinetuneConfigError(f"{option}: unknown keys {unknown}; use {list(allowed)}")
@@ -98,19 +113,45 @@ class DeployVLLMOperator(BaseOperator):
         deploy/rbac.yaml.
     """
 
-    template_fields: Sequence[str] = ("model_uri", "served_model_name", "adapters", "adapter_ranks", "smoke_question", "gpus",
-                                      "ingress", "http_route")
+    template_fields: Sequence[str] = (
+        "model_uri",
+        "served_model_name",
+        "adapters",
+        "adapter_ranks",
+        "smoke_question",
+        "gpus",
+        "ingress",
+        "http_route",
+    )
     operator_extra_links = (ServedEndpointLink(),)
     ui_color = "#d8f0e8"
 
-    def __init__(self, *, model_uri: str, served_model_name: str, adapters: dict[str, str] | None = None,
-                 adapter_ranks: dict[str, int] | None = None, max_lora_rank: int | None = None, gpus: int = 1,
-                 gpu_vendor: str | None = None, engine_args: dict[str, Any] | None = None, max_model_len: int | None = None,
-                 runner: str | None = None, namespace: str | None = None, kubernetes_conn_id: str | None = None,
-                 smoke_question: str | None = "Hello! Who are you?", keep_running: bool = True,
-                 ready_timeout: float = 3600, local_port: int | None = None, bucket_conn_id: str | None = None,
-                 deferrable: bool | None = None, poll_interval: float = 15, ingress: dict[str, Any] | None = None,
-                 http_route: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_uri: str,
+        served_model_name: str,
+        adapters: dict[str, str] | None = None,
+        adapter_ranks: dict[str, int] | None = None,
+        max_lora_rank: int | None = None,
+        gpus: int = 1,
+        gpu_vendor: str | None = None,
+        engine_args: dict[str, Any] | None = None,
+        max_model_len: int | None = None,
+        runner: str | None = None,
+        namespace: str | None = None,
+        kubernetes_conn_id: str | None = None,
+        smoke_question: str | None = "Hello! Who are you?",
+        keep_running: bool = True,
+        ready_timeout: float = 3600,
+        local_port: int | None = None,
+        bucket_conn_id: str | None = None,
+        deferrable: bool | None = None,
+        poll_interval: float = 15,
+        ingress: dict[str, Any] | None = None,
+        http_route: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if deferrable is None:
             from airflow.sdk import conf
@@ -143,21 +184,36 @@ class DeployVLLMOperator(BaseOperator):
 
     def serve_spec(self) -> ServeSpec:
         return ServeSpec(
-            name=f"vllm-{self.served_model_name}", model_uri=self.model_uri, served_model_name=self.served_model_name,
-            engine_image=settings.get("engine_image"), gpus=int(self.gpus), gpu_vendor=self.gpu_vendor or settings.get("gpu_vendor"),
-            adapters=dict(self.adapters), adapter_ranks={k: int(v) for k, v in self.adapter_ranks.items()},
-            max_lora_rank=self.max_lora_rank, engine_args=self.engine_args, max_model_len=self.max_model_len,
-            namespace=self.namespace or settings.get("namespace") or "default", bucket_secret=settings.get("bucket_secret_name"),
-            env={"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")} if settings.get("bucket_endpoint_url") else {},
+            name=f"vllm-{self.served_model_name}",
+            model_uri=self.model_uri,
+            served_model_name=self.served_model_name,
+            engine_image=settings.get("engine_image"),
+            gpus=int(self.gpus),
+            gpu_vendor=self.gpu_vendor or settings.get("gpu_vendor"),
+            adapters=dict(self.adapters),
+            adapter_ranks={k: int(v) for k, v in self.adapter_ranks.items()},
+            max_lora_rank=self.max_lora_rank,
+            engine_args=self.engine_args,
+            max_model_len=self.max_model_len,
+            namespace=self.namespace or settings.get("namespace") or "default",
+            bucket_secret=settings.get("bucket_secret_name"),
+            env={"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")}
+            if settings.get("bucket_endpoint_url")
+            else {},
         )
 
     def validate(self) -> None:
-        for name, uri in {"model_uri": self.model_uri, **{f"adapters.{k}": v for k, v in self.adapters.items()}}.items():
+        for name, uri in {
+            "model_uri": self.model_uri,
+            **{f"adapters.{k}": v for k, v in self.adapters.items()},
+        }.items():
             if not str(uri).startswith("s3://"):
                 raise FinetuneConfigError(f"{name} {uri!r} must be an s3:// URI")
         missing = set(self.adapters) - set(self.adapter_ranks)
         if missing:
-            raise FinetuneConfigError(f"adapter_ranks is missing {sorted(missing)}: vLLM needs --max-lora-rank >= every rank")
+            raise FinetuneConfigError(
+                f"adapter_ranks is missing {sorted(missing)}: vLLM needs --max-lora-rank >= every rank"
+            )
         try:
             check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank)
         except ValueError as err:
@@ -191,7 +247,11 @@ class DeployVLLMOperator(BaseOperator):
         if self.ingress:
             docs.append(build_ingress(spec, **_route_kwargs("ingress", self.ingress, INGRESS_KEYS, "host")))
         if self.http_route:
-            docs.append(build_httproute(spec, **_route_kwargs("http_route", self.http_route, HTTPROUTE_KEYS, "gateway")))
+            docs.append(
+                build_httproute(
+                    spec, **_route_kwargs("http_route", self.http_route, HTTPROUTE_KEYS, "gateway")
+                )
+            )
         return docs
 
     def execute_cluster(self, context: Any) -> dict[str, Any]:
@@ -199,14 +259,21 @@ class DeployVLLMOperator(BaseOperator):
         deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
         apps, core = self._clients()
         ns, name = spec.namespace, deployment["metadata"]["name"]
-        KubernetesApplier(core.api_client, self.log).apply([deployment, service, *self.route_manifests(spec)], ns)
+        KubernetesApplier(core.api_client, self.log).apply(
+            [deployment, service, *self.route_manifests(spec)], ns
+        )
         if self.deferrable:
             from airflow_provider_finetune.triggers.deployment import DeploymentReadyTrigger
 
             self.defer(
-                trigger=DeploymentReadyTrigger(name=name, namespace=ns, replicas=spec.replicas,
-                                               kubernetes_conn_id=self.kubernetes_conn_id or settings.get("kubernetes_conn_id"),
-                                               poll_interval=self.poll_interval, deadline=time.time() + self.ready_timeout),
+                trigger=DeploymentReadyTrigger(
+                    name=name,
+                    namespace=ns,
+                    replicas=spec.replicas,
+                    kubernetes_conn_id=self.kubernetes_conn_id or settings.get("kubernetes_conn_id"),
+                    poll_interval=self.poll_interval,
+                    deadline=time.time() + self.ready_timeout,
+                ),
                 method_name="execute_complete",
                 timeout=timedelta(seconds=self.ready_timeout + 300),
             )
@@ -218,14 +285,18 @@ class DeployVLLMOperator(BaseOperator):
 
         deadline = time.monotonic() + self.ready_timeout
         while True:
-            doc = apps.api_client.sanitize_for_serialization(apps.read_namespaced_deployment_status(name=name, namespace=ns))
+            doc = apps.api_client.sanitize_for_serialization(
+                apps.read_namespaced_deployment_status(name=name, namespace=ns)
+            )
             state, message = deployment_readiness(doc, replicas)
             if state == "ready":
                 return
             if state == "failed":
                 raise RuntimeError(f"Deployment {ns}/{name}: {message}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Deployment {ns}/{name} not ready within {self.ready_timeout:.0f}s: {message}")
+                raise TimeoutError(
+                    f"Deployment {ns}/{name} not ready within {self.ready_timeout:.0f}s: {message}"
+                )
             self.log.info("waiting for %s/%s: %s", ns, name, message)
             time.sleep(self.poll_interval)
 
@@ -243,13 +314,22 @@ class DeployVLLMOperator(BaseOperator):
     def smoke_and_result(self, core: Any, name: str, ns: str) -> dict[str, Any]:
         reply = None
         if self.smoke_question:
-            body = {"model": self.served_model_name, "messages": [{"role": "user", "content": self.smoke_question}],
-                    "max_tokens": 32, "temperature": 0}
+            body = {
+                "model": self.served_model_name,
+                "messages": [{"role": "user", "content": self.smoke_question}],
+                "max_tokens": 32,
+                "temperature": 0,
+            }
             data = proxy_post_json(core.api_client, ns, f"{name}:http", "v1/chat/completions", body)
             reply = data["choices"][0]["message"]["content"]
             self.log.info("smoke test: %r -> %r", self.smoke_question, reply)
-        result = {"endpoint": f"http://{name}.{ns}.svc.cluster.local/v1", "model": self.served_model_name,
-                  "deployment": f"{ns}/{name}", "smoke_reply": reply, "adapters": sorted(self.adapters)}
+        result = {
+            "endpoint": f"http://{name}.{ns}.svc.cluster.local/v1",
+            "model": self.served_model_name,
+            "deployment": f"{ns}/{name}",
+            "smoke_reply": reply,
+            "adapters": sorted(self.adapters),
+        }
         if self.ingress:
             scheme = "https" if self.ingress.get("tls_secret") else "http"
             result["ingress_endpoint"] = f"{scheme}://{self.ingress['host']}/v1"
@@ -266,9 +346,13 @@ class DeployVLLMOperator(BaseOperator):
     def execute_local(self, context: Any) -> dict[str, Any]:
         from airflow_provider_finetune.hooks import BucketHook
 
-        python = Path(settings.get("vllm_python") or ".venv-vllm/bin/python").expanduser().absolute()  # a venv python is a symlink: keep it
+        python = (
+            Path(settings.get("vllm_python") or ".venv-vllm/bin/python").expanduser().absolute()
+        )  # a venv python is a symlink: keep it
         if not python.exists():
-            raise FinetuneConfigError(f"vLLM is not installed at {python} ([finetune] vllm_python); install it with: {VLLM_INSTALL}")
+            raise FinetuneConfigError(
+                f"vLLM is not installed at {python} ([finetune] vllm_python); install it with: {VLLM_INSTALL}"
+            )
         workdir = self.local_dir()
         stop_local(workdir)
         from finetune_engine.storage import download_dir
@@ -279,12 +363,28 @@ class DeployVLLMOperator(BaseOperator):
         for name, uri in sorted(self.adapters.items()):
             download_dir(uri, workdir / "adapters" / name, client=client)
             adapter_dirs[name] = workdir / "adapters" / name
-        rank = check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank) if self.adapters else None
-        self._proc, base = start_vllm(python, workdir / "model", self.served_model_name, workdir, adapter_dirs, rank,
-                                      self.max_model_len or 256, self.engine_args, self.local_port, self.ready_timeout,
-                                      log=self.log.info)
+        rank = (
+            check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank)
+            if self.adapters
+            else None
+        )
+        self._proc, base = start_vllm(
+            python,
+            workdir / "model",
+            self.served_model_name,
+            workdir,
+            adapter_dirs,
+            rank,
+            self.max_model_len or 256,
+            self.engine_args,
+            self.local_port,
+            self.ready_timeout,
+            log=self.log.info,
+        )
         try:
-            reply = chat_once(base, self.served_model_name, self.smoke_question) if self.smoke_question else None
+            reply = (
+                chat_once(base, self.served_model_name, self.smoke_question) if self.smoke_question else None
+            )
             replies = {}
             for name in sorted(self.adapters):
                 replies[name] = chat_once(base, name, self.smoke_question) if self.smoke_question else None
@@ -295,13 +395,24 @@ class DeployVLLMOperator(BaseOperator):
             stop_local(workdir)
             raise
         if self.keep_running:
-            self.log.info("vLLM keeps serving at %s/v1 (stop: UndeployVLLMOperator). Try:\n  curl %s/v1/chat/completions "
-                          "-H 'Content-Type: application/json' -d '{\"model\": \"%s\", \"messages\": "
-                          "[{\"role\": \"user\", \"content\": \"Hi\"}]}'", base, base, self.served_model_name)
+            self.log.info(
+                "vLLM keeps serving at %s/v1 (stop: UndeployVLLMOperator). Try:\n  curl %s/v1/chat/completions "
+                '-H \'Content-Type: application/json\' -d \'{"model": "%s", "messages": '
+                '[{"role": "user", "content": "Hi"}]}\'',
+                base,
+                base,
+                self.served_model_name,
+            )
         else:
             stop_local(workdir)
-        return {"endpoint": f"{base}/v1", "model": self.served_model_name, "smoke_reply": reply, "adapter_replies": replies,
-                "pid": self._proc.pid if self.keep_running else None, "adapters": sorted(self.adapters)}
+        return {
+            "endpoint": f"{base}/v1",
+            "model": self.served_model_name,
+            "smoke_reply": reply,
+            "adapter_replies": replies,
+            "pid": self._proc.pid if self.keep_running else None,
+            "adapters": sorted(self.adapters),
+        }
 
     def on_kill(self) -> None:
         stop_local(self.local_dir())
@@ -312,8 +423,15 @@ class UndeployVLLMOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("served_model_name",)
 
-    def __init__(self, *, served_model_name: str, runner: str | None = None, namespace: str | None = None,
-                 kubernetes_conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        served_model_name: str,
+        runner: str | None = None,
+        namespace: str | None = None,
+        kubernetes_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.served_model_name = served_model_name
         self.runner = runner
@@ -321,10 +439,17 @@ class UndeployVLLMOperator(BaseOperator):
         self.kubernetes_conn_id = kubernetes_conn_id
 
     def execute(self, context: Any) -> bool:
-        deploy = DeployVLLMOperator(task_id=f"{self.task_id}__spec", model_uri="s3://unused/x", served_model_name=self.served_model_name,
-                                    namespace=self.namespace, kubernetes_conn_id=self.kubernetes_conn_id)
+        deploy = DeployVLLMOperator(
+            task_id=f"{self.task_id}__spec",
+            model_uri="s3://unused/x",
+            served_model_name=self.served_model_name,
+            namespace=self.namespace,
+            kubernetes_conn_id=self.kubernetes_conn_id,
+        )
         if (self.runner or settings.get("runner") or "kubernetes").lower() == "local":
             return stop_local(deploy.local_dir())
         _, core = deploy._clients()
         spec = deploy.serve_spec()
-        return KubernetesApplier(core.api_client, self.log).delete(SERVED_OBJECTS, dns_name(spec.name), spec.namespace)
+        return KubernetesApplier(core.api_client, self.log).delete(
+            SERVED_OBJECTS, dns_name(spec.name), spec.namespace
+        )

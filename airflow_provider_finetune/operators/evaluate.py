@@ -29,10 +29,22 @@ class EvaluateModelsOperator(EngineJobOperator):
     :param max_seq_length: longer examples are truncated.
     """
 
-    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "models", "datasets", "max_seq_length")
+    template_fields: Sequence[str] = (
+        *EngineJobOperator.template_fields,
+        "models",
+        "datasets",
+        "max_seq_length",
+    )
 
-    def __init__(self, *, models: list[str] | str, datasets: list[str] | str, max_seq_length: int = 1024,
-                 batch_size: int = 8, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        models: list[str] | str,
+        datasets: list[str] | str,
+        max_seq_length: int = 1024,
+        batch_size: int = 8,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("gpus", 0)
         kwargs.setdefault("cpu_per_gpu", "4")
         kwargs.setdefault("memory_per_gpu", "32Gi")
@@ -61,5 +73,11 @@ class EvaluateModelsOperator(EngineJobOperator):
             cmd += ["--model", uri]
         for uri in _as_list(self.datasets):
             cmd += ["--data", uri]
-        return cmd + ["--max-seq-length", str(int(self.max_seq_length)), "--batch-size", str(int(self.batch_size)),
-                      "--result-file", RESULT_PATH]
+        return cmd + [
+            "--max-seq-length",
+            str(int(self.max_seq_length)),
+            "--batch-size",
+            str(int(self.batch_size)),
+            "--result-file",
+            RESULT_PATH,
+        ]

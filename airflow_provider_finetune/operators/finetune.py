@@ -25,7 +25,10 @@ def overrides_list(overrides: Any) -> list[str]:
     if not overrides:
         return []
     if isinstance(overrides, dict):
-        return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in overrides.items()]
+        return [
+            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in overrides.items()
+        ]
     if isinstance(overrides, str):
         return [overrides] if overrides.strip() else []
     return [str(o) for o in overrides if str(o).strip()]  # templates may render an override away
@@ -33,17 +36,40 @@ def overrides_list(overrides: Any) -> list[str]:
 
 # HF TrainingArguments per strategy (transformers 5: ``fsdp=True`` + ``fsdp_config``, FSDP2 by default;
 # DeepSpeed: a config dict with "auto" values the HF integration fills from the training arguments).
-_DS_AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+_DS_AUTO = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+}
 STRATEGIES: dict[str, dict[str, Any]] = {
     "ddp": {},
-    "fsdp": {"fsdp": True, "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                           "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}},
+    "fsdp": {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    },
     "deepspeed-zero1": {"deepspeed": {**_DS_AUTO, "zero_optimization": {"stage": 1}}},
-    "deepspeed-zero3": {"deepspeed": {**_DS_AUTO, "zero_optimization": {
-        "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
-        "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
-        "stage3_gather_16bit_weights_on_model_save": True}}},
+    "deepspeed-zero3": {
+        "deepspeed": {
+            **_DS_AUTO,
+            "zero_optimization": {
+                "stage": 3,
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": "auto",
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_gather_16bit_weights_on_model_save": True,
+            },
+        }
+    },
 }
 
 
@@ -88,7 +114,15 @@ class FinetuneKubernetesOperator(EngineJobOperator):
 
     template_fields: Sequence[str] = (
         *EngineJobOperator.template_fields,
-        "config", "overrides", "lora_rank", "base_model", "datasets", "experiment", "checkpoint_uri", "method", "run_name",
+        "config",
+        "overrides",
+        "lora_rank",
+        "base_model",
+        "datasets",
+        "experiment",
+        "checkpoint_uri",
+        "method",
+        "run_name",
         "distributed_strategy",
     )
     template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "config": "yaml"}
@@ -176,14 +210,19 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             out.append(f"run_conf.model={self.base_model}")
         if self.datasets:
             out.append("data_conf.training_data.type=CONCATENATION")
-            out.append("data_conf.training_data.datasets=" + yaml.safe_dump([{"path": d} for d in self.datasets], default_flow_style=True).strip())
+            out.append(
+                "data_conf.training_data.datasets="
+                + yaml.safe_dump([{"path": d} for d in self.datasets], default_flow_style=True).strip()
+            )
         if self.lora_rank is not None:
             rank = int(self.lora_rank)
             out += ["peft_conf.peft_type=LORA", f"peft_conf.peft_kwargs.r={rank}"]
             if "lora_alpha" not in str(self.overrides or ""):
                 out.append(f"peft_conf.peft_kwargs.lora_alpha={2 * rank}")
         for key, value in strategy_training_args(self.distributed_strategy).items():
-            out.append(f"training_args.{key}={json.dumps(value)}")  # JSON is YAML: the override parser reads it
+            out.append(
+                f"training_args.{key}={json.dumps(value)}"
+            )  # JSON is YAML: the override parser reads it
         out.append(f"run_conf.merge_adapter={'true' if self.merge_adapter else 'false'}")
         if self.experiment:
             out.append(f"tracking.experiment_name={self.experiment}")
@@ -196,8 +235,12 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             from finetune_engine.config import ConfigError, parse_config
 
             try:
-                cfg = parse_config(self._experiment_dict(), source=f"task {self.task_id} config",
-                                   overrides=self.all_overrides(), method=self.method)
+                cfg = parse_config(
+                    self._experiment_dict(),
+                    source=f"task {self.task_id} config",
+                    overrides=self.all_overrides(),
+                    method=self.method,
+                )
             except ConfigError as err:
                 raise FinetuneConfigError(str(err)) from None
             self._pod_config = self._pod_run_conf(cfg)
@@ -237,15 +280,23 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         strategy_training_args(strategy)  # names the choices when unknown
         gpus, nodes = int(self.gpus or 0), int(self.num_nodes or 1)
         if strategy.startswith("deepspeed") and gpus < 1:
-            raise FinetuneConfigError(f"distributed_strategy {strategy!r} needs gpus >= 1 (DeepSpeed runs on GPUs), got gpus={gpus}")
+            raise FinetuneConfigError(
+                f"distributed_strategy {strategy!r} needs gpus >= 1 (DeepSpeed runs on GPUs), got gpus={gpus}"
+            )
         if strategy == "fsdp" and max(gpus, 1) * nodes < 2:
-            raise FinetuneConfigError(f"distributed_strategy 'fsdp' shards over several processes: give gpus >= 2 or num_nodes >= 2 "
-                                      f"(got gpus={gpus}, num_nodes={nodes})")
+            raise FinetuneConfigError(
+                f"distributed_strategy 'fsdp' shards over several processes: give gpus >= 2 or num_nodes >= 2 "
+                f"(got gpus={gpus}, num_nodes={nodes})"
+            )
         own = self._experiment_dict().get("training_args") or {}
-        clash = sorted(k for k in ("fsdp", "fsdp_config", "deepspeed") if own.get(k) not in (None, "", False, {}))
+        clash = sorted(
+            k for k in ("fsdp", "fsdp_config", "deepspeed") if own.get(k) not in (None, "", False, {})
+        )
         if clash:
-            raise FinetuneConfigError(f"distributed_strategy {strategy!r} sets the parallelism, but the config's training_args "
-                                      f"already set {clash}: remove them from the config or drop distributed_strategy")
+            raise FinetuneConfigError(
+                f"distributed_strategy {strategy!r} sets the parallelism, but the config's training_args "
+                f"already set {clash}: remove them from the config or drop distributed_strategy"
+            )
 
     def validate(self, context: Any) -> None:
         from finetune_engine.config.training_args import METHODS
@@ -254,7 +305,9 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             raise FinetuneConfigError(f"method {self.method!r}: use one of {', '.join(METHODS)}")
         self.check_strategy()
         if self.num_nodes > 1 and self.distributed not in ("trainjob", "pytorchjob"):
-            raise FinetuneConfigError(f"distributed {self.distributed!r}: use trainjob (Kubeflow Trainer) or pytorchjob")
+            raise FinetuneConfigError(
+                f"distributed {self.distributed!r}: use trainjob (Kubeflow Trainer) or pytorchjob"
+            )
         self.rendered_config()
         uri = self.resolved_checkpoint_uri(context)
         if not uri.startswith("s3://"):
@@ -274,14 +327,31 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         return self.bucket_uri("experiments", experiment, run, f"{label}{self.config_hash()}")
 
     def engine_command(self, context: Any) -> list[str]:
-        job = ["train-job", "--method", self.method, "--checkpoint-uri", self.resolved_checkpoint_uri(context)]
+        job = [
+            "train-job",
+            "--method",
+            self.method,
+            "--checkpoint-uri",
+            self.resolved_checkpoint_uri(context),
+        ]
         if self.num_nodes > 1:
             from airflow_provider_finetune.pods.distributed import torchrun_command
 
             return torchrun_command(job)
-        if int(self.gpus or 0) > 1 or (self.distributed_strategy or "ddp") != "ddp" and int(self.gpus or 0) >= 1:
+        if (
+            int(self.gpus or 0) > 1
+            or (self.distributed_strategy or "ddp") != "ddp"
+            and int(self.gpus or 0) >= 1
+        ):
             # One process per GPU; batch size and accumulation are derived from the world size.
-            return ["torchrun", "--standalone", f"--nproc-per-node={int(self.gpus)}", "-m", "finetune_engine.cli.main", *job]
+            return [
+                "torchrun",
+                "--standalone",
+                f"--nproc-per-node={int(self.gpus)}",
+                "-m",
+                "finetune_engine.cli.main",
+                *job,
+            ]
         return ["finetune-engine", *job]
 
     def execute(self, context: Any) -> Any:
@@ -296,8 +366,13 @@ class FinetuneKubernetesOperator(EngineJobOperator):
 
         base = self.build_spec(context)
         ti = context["ti"]
-        spec = base.__class__(**{**base.__dict__, "labels": labels_for(ti.dag_id, ti.task_id, context["run_id"], getattr(ti, "map_index", -1)),
-                                 "name": f"{ti.dag_id}-{ti.task_id}-{self.config_hash()}"})
+        spec = base.__class__(
+            **{
+                **base.__dict__,
+                "labels": labels_for(ti.dag_id, ti.task_id, context["run_id"], getattr(ti, "map_index", -1)),
+                "name": f"{ti.dag_id}-{ti.task_id}-{self.config_hash()}",
+            }
+        )
         procs = max(int(self.gpus or 1), 1)
         if self.distributed == "pytorchjob":
             return build_pytorchjob(spec, self.num_nodes, procs, self.elastic_policy)
@@ -326,9 +401,15 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             self.log.info("%s %s/%s exists: reattaching", doc["kind"], ns, name)
         while True:
             obj = api.get_namespaced_custom_object(group, version, ns, plural, name)
-            conditions = {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+            conditions = {
+                c.get("type"): c
+                for c in (obj.get("status") or {}).get("conditions") or []
+                if c.get("status") == "True"
+            }
             if "Failed" in conditions:
-                raise RuntimeError(f"{doc['kind']} {ns}/{name} failed: {conditions['Failed'].get('message', '')}")
+                raise RuntimeError(
+                    f"{doc['kind']} {ns}/{name} failed: {conditions['Failed'].get('message', '')}"
+                )
             if conditions.keys() & {"Complete", "Succeeded"}:
                 break
             time.sleep(self.poll_interval)

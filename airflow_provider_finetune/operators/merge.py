@@ -20,7 +20,9 @@ class MergeAdapterOperator(EngineJobOperator):
 
     template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "base", "adapter", "output_uri")
 
-    def __init__(self, *, base: str, adapter: str, output_uri: str | None = None, dtype: str = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self, *, base: str, adapter: str, output_uri: str | None = None, dtype: str = "auto", **kwargs: Any
+    ) -> None:
         kwargs.setdefault("gpus", 0)
         kwargs.setdefault("cpu_per_gpu", "4")
         kwargs.setdefault("memory_per_gpu", "64Gi")
@@ -31,7 +33,9 @@ class MergeAdapterOperator(EngineJobOperator):
         self.dtype = dtype
 
     def resolved_output(self) -> str:
-        return (self.output_uri or self.adapter.rstrip("/").rsplit("/", 1)[0] + "/checkpoint-final-merged").rstrip("/")
+        return (
+            self.output_uri or self.adapter.rstrip("/").rsplit("/", 1)[0] + "/checkpoint-final-merged"
+        ).rstrip("/")
 
     def validate(self, context: Any) -> None:
         for name in ("base", "adapter"):
@@ -41,5 +45,17 @@ class MergeAdapterOperator(EngineJobOperator):
             raise FinetuneConfigError(f"output_uri {self.output_uri!r} must be an s3:// URI")
 
     def engine_command(self, context: Any) -> list[str]:
-        return ["finetune-engine", "merge-job", "--base", self.base, "--adapter", self.adapter,
-                "--output", self.resolved_output(), "--dtype", self.dtype, "--result-file", "/airflow/xcom/return.json"]
+        return [
+            "finetune-engine",
+            "merge-job",
+            "--base",
+            self.base,
+            "--adapter",
+            self.adapter,
+            "--output",
+            self.resolved_output(),
+            "--dtype",
+            self.dtype,
+            "--result-file",
+            "/airflow/xcom/return.json",
+        ]

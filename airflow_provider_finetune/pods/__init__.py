@@ -17,7 +17,22 @@ from airflow_provider_finetune.pods.serving import (
 from airflow_provider_finetune.pods.spec import EngineJobSpec, Scratch, SecretEnv, labels_for, name_for
 
 __all__ = [
-    "EngineJobSpec", "Scratch", "SecretEnv", "ServeSpec", "build_httproute", "build_ingress", "build_pod",
-    "build_pytorchjob", "build_trainjob", "build_vllm_deployment", "build_vllm_service", "check_lora_ranks",
-    "check_restricted", "labels_for", "name_for", "pod_to_dict", "restricted_violations", "torchrun_command",
+    "EngineJobSpec",
+    "Scratch",
+    "SecretEnv",
+    "ServeSpec",
+    "build_httproute",
+    "build_ingress",
+    "build_pod",
+    "build_pytorchjob",
+    "build_trainjob",
+    "build_vllm_deployment",
+    "build_vllm_service",
+    "check_lora_ranks",
+    "check_restricted",
+    "labels_for",
+    "name_for",
+    "pod_to_dict",
+    "restricted_violations",
+    "torchrun_command",
 ]

@@ -43,12 +43,18 @@ def torchrun_command(engine_args: list[str]) -> list[str]:
 
 def _check(spec: EngineJobSpec, num_nodes: int, procs_per_node: int) -> None:
     if num_nodes < 1 or procs_per_node < 1:
-        raise ValueError(f"{spec.name}: num_nodes ({num_nodes}) and procs_per_node ({procs_per_node}) must be >= 1")
+        raise ValueError(
+            f"{spec.name}: num_nodes ({num_nodes}) and procs_per_node ({procs_per_node}) must be >= 1"
+        )
     if spec.gpus and procs_per_node > spec.gpus:
-        raise ValueError(f"{spec.name}: procs_per_node {procs_per_node} exceeds the {spec.gpus} GPUs of a node")
+        raise ValueError(
+            f"{spec.name}: procs_per_node {procs_per_node} exceeds the {spec.gpus} GPUs of a node"
+        )
     if spec.command[0] != "torchrun":
-        raise ValueError(f"{spec.name}: a multi-node command must start with torchrun (use torchrun_command), "
-                         f"got {spec.command[:2]}")
+        raise ValueError(
+            f"{spec.name}: a multi-node command must start with torchrun (use torchrun_command), "
+            f"got {spec.command[:2]}"
+        )
 
 
 def _metadata(spec: EngineJobSpec) -> dict[str, Any]:
@@ -60,22 +66,30 @@ def _metadata(spec: EngineJobSpec) -> dict[str, Any]:
     return meta
 
 
-def build_trainjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int,
-                   runtime: str = "torch-distributed") -> dict[str, Any]:
+def build_trainjob(
+    spec: EngineJobSpec, num_nodes: int, procs_per_node: int, runtime: str = "torch-distributed"
+) -> dict[str, Any]:
     """A TrainJob on a ClusterTrainingRuntime, its pods patched to the single pod's settings."""
     _check(spec, num_nodes, procs_per_node)
     container = to_dict(build_container(spec, TRAINER_CONTAINER))
     pod = to_dict(build_pod_spec(spec, TRAINER_CONTAINER))
-    patch_container = {"name": TRAINER_CONTAINER, "securityContext": container["securityContext"],
-                       "volumeMounts": container["volumeMounts"]}
-    pod_patch = {k: v for k, v in {
-        "securityContext": pod["securityContext"],
-        "volumes": pod["volumes"],
-        "tolerations": pod.get("tolerations"),
-        "nodeSelector": pod.get("nodeSelector"),
-        "serviceAccountName": pod.get("serviceAccountName"),
-        "containers": [patch_container],
-    }.items() if v}
+    patch_container = {
+        "name": TRAINER_CONTAINER,
+        "securityContext": container["securityContext"],
+        "volumeMounts": container["volumeMounts"],
+    }
+    pod_patch = {
+        k: v
+        for k, v in {
+            "securityContext": pod["securityContext"],
+            "volumes": pod["volumes"],
+            "tolerations": pod.get("tolerations"),
+            "nodeSelector": pod.get("nodeSelector"),
+            "serviceAccountName": pod.get("serviceAccountName"),
+            "containers": [patch_container],
+        }.items()
+        if v
+    }
     job_spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": runtime},
         "trainer": {
@@ -86,22 +100,44 @@ def build_trainjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int,
             "numProcPerNode": procs_per_node,
             "resourcesPerNode": container["resources"],
         },
-        "runtimePatches": [{
-            "manager": "airflow-provider-finetune",
-            "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
-                "name": TRAINER_CONTAINER,
-                "template": {"spec": {"template": {"metadata": {"labels": {**MANAGED_BY, **spec.labels}},
-                                                   "spec": pod_patch}}},
-            }]}}},
-        }],
+        "runtimePatches": [
+            {
+                "manager": "airflow-provider-finetune",
+                "trainingRuntimeSpec": {
+                    "template": {
+                        "spec": {
+                            "replicatedJobs": [
+                                {
+                                    "name": TRAINER_CONTAINER,
+                                    "template": {
+                                        "spec": {
+                                            "template": {
+                                                "metadata": {"labels": {**MANAGED_BY, **spec.labels}},
+                                                "spec": pod_patch,
+                                            }
+                                        }
+                                    },
+                                }
+                            ]
+                        }
+                    }
+                },
+            }
+        ],
     }
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _metadata(spec), "spec": job_spec}
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": _metadata(spec),
+        "spec": job_spec,
+    }
 
 
-def build_pytorchjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int,
-                     elastic: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_pytorchjob(
+    spec: EngineJobSpec, num_nodes: int, procs_per_node: int, elastic: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A PyTorchJob whose pods are built like ``build_pod`` (container ``pytorch``).
 
     Static (``elastic=None``): one Master and ``num_nodes - 1`` Workers. Elastic: ``num_nodes``
@@ -116,22 +152,48 @@ def build_pytorchjob(spec: EngineJobSpec, num_nodes: int, procs_per_node: int,
     # OnFailure: a restarted rank resumes from the newest complete checkpoint in the bucket.
     if elastic is not None:
         # Elastic jobs are Worker-only (as in the Intel chart): c10d rendezvous on worker-0.
-        replicas: dict[str, Any] = {"Worker": {"replicas": num_nodes, "restartPolicy": "OnFailure",
-                                               "template": copy.deepcopy(template)}}
+        replicas: dict[str, Any] = {
+            "Worker": {
+                "replicas": num_nodes,
+                "restartPolicy": "OnFailure",
+                "template": copy.deepcopy(template),
+            }
+        }
     else:
         replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
         if num_nodes > 1:
-            replicas["Worker"] = {"replicas": num_nodes - 1, "restartPolicy": "OnFailure", "template": copy.deepcopy(template)}
+            replicas["Worker"] = {
+                "replicas": num_nodes - 1,
+                "restartPolicy": "OnFailure",
+                "template": copy.deepcopy(template),
+            }
     run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": 3}
     if spec.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    job_spec: dict[str, Any] = {"pytorchReplicaSpecs": replicas, "nprocPerNode": str(procs_per_node), "runPolicy": run_policy}
+    job_spec: dict[str, Any] = {
+        "pytorchReplicaSpecs": replicas,
+        "nprocPerNode": str(procs_per_node),
+        "runPolicy": run_policy,
+    }
     if elastic is not None:
-        policy = {"rdzvBackend": "c10d", "minReplicas": num_nodes, "maxReplicas": num_nodes, "maxRestarts": 3, **elastic}
+        policy = {
+            "rdzvBackend": "c10d",
+            "minReplicas": num_nodes,
+            "maxReplicas": num_nodes,
+            "maxRestarts": 3,
+            **elastic,
+        }
         if not 1 <= policy["minReplicas"] <= policy["maxReplicas"]:
-            raise ValueError(f"{spec.name}: elasticPolicy needs 1 <= minReplicas <= maxReplicas, got {policy}")
+            raise ValueError(
+                f"{spec.name}: elasticPolicy needs 1 <= minReplicas <= maxReplicas, got {policy}"
+            )
         job_spec["elasticPolicy"] = policy
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": _metadata(spec), "spec": job_spec}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(spec),
+        "spec": job_spec,
+    }
 
 
 __all__ = ["build_pytorchjob", "build_trainjob", "torchrun_command", "tolerations_for", "volumes_for"]

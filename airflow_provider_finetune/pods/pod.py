@@ -18,8 +18,20 @@ from airflow_provider_finetune.pods.spec import (
 BASE_CONTAINER = "base"  # KubernetesPodOperator's name for the main container
 RUN_AS = 1000
 _QTY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
-_UNITS = {None: 1, "m": 10**-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+_UNITS = {
+    None: 1,
+    "m": 10**-3,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+}
 
 
 def parse_quantity(q: str) -> float:
@@ -47,7 +59,10 @@ def default_shm(memory: str) -> str:
 
 def restricted_pod_security(supplemental_groups: list[int] | None = None) -> k8s.V1PodSecurityContext:
     return k8s.V1PodSecurityContext(
-        run_as_non_root=True, run_as_user=RUN_AS, run_as_group=RUN_AS, fs_group=RUN_AS,
+        run_as_non_root=True,
+        run_as_user=RUN_AS,
+        run_as_group=RUN_AS,
+        fs_group=RUN_AS,
         supplemental_groups=list(supplemental_groups) if supplemental_groups else None,
         seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
     )
@@ -55,8 +70,11 @@ def restricted_pod_security(supplemental_groups: list[int] | None = None) -> k8s
 
 def restricted_container_security() -> k8s.V1SecurityContext:
     return k8s.V1SecurityContext(
-        allow_privilege_escalation=False, privileged=False, read_only_root_filesystem=True,
-        run_as_non_root=True, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        allow_privilege_escalation=False,
+        privileged=False,
+        read_only_root_filesystem=True,
+        run_as_non_root=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
         seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
     )
 
@@ -80,13 +98,25 @@ def resources_for(spec: EngineJobSpec) -> k8s.V1ResourceRequirements:
 def env_for(spec: EngineJobSpec) -> list[k8s.V1EnvVar]:
     scratch = spec.scratch.mount_path
     # The root filesystem is read-only: every cache and home directory points into a volume.
-    plain = {"HOME": f"{scratch}/home", "TMPDIR": "/tmp", "HF_HOME": f"{scratch}/hf", "XDG_CACHE_HOME": f"{scratch}/cache",
-             "TRITON_CACHE_DIR": f"{scratch}/cache/triton", **({"FINETUNE_RESULT_FILE": XCOM_RESULT_FILE} if spec.xcom else {}),
-             **spec.env}
+    plain = {
+        "HOME": f"{scratch}/home",
+        "TMPDIR": "/tmp",
+        "HF_HOME": f"{scratch}/hf",
+        "XDG_CACHE_HOME": f"{scratch}/cache",
+        "TRITON_CACHE_DIR": f"{scratch}/cache/triton",
+        **({"FINETUNE_RESULT_FILE": XCOM_RESULT_FILE} if spec.xcom else {}),
+        **spec.env,
+    }
     env = [k8s.V1EnvVar(name=k, value=str(v)) for k, v in plain.items()]
     env += [
-        k8s.V1EnvVar(name=s.env_name, value_from=k8s.V1EnvVarSource(
-            secret_key_ref=k8s.V1SecretKeySelector(name=s.secret_name, key=s.secret_key, optional=s.optional or None)))
+        k8s.V1EnvVar(
+            name=s.env_name,
+            value_from=k8s.V1EnvVarSource(
+                secret_key_ref=k8s.V1SecretKeySelector(
+                    name=s.secret_name, key=s.secret_key, optional=s.optional or None
+                )
+            ),
+        )
         for s in spec.secret_env
     ]
     return env
@@ -103,12 +133,20 @@ def volumes_for(spec: EngineJobSpec) -> tuple[list[k8s.V1Volume], list[k8s.V1Vol
         k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="4Gi")),
     ]
     if spec.scratch.kind == "ephemeral":
-        claim = k8s.V1PersistentVolumeClaimTemplate(spec=k8s.V1PersistentVolumeClaimSpec(
-            access_modes=["ReadWriteOnce"], storage_class_name=spec.scratch.storage_class,
-            resources=k8s.V1VolumeResourceRequirements(requests={"storage": spec.scratch.size})))
-        volumes.append(k8s.V1Volume(name="scratch", ephemeral=k8s.V1EphemeralVolumeSource(volume_claim_template=claim)))
+        claim = k8s.V1PersistentVolumeClaimTemplate(
+            spec=k8s.V1PersistentVolumeClaimSpec(
+                access_modes=["ReadWriteOnce"],
+                storage_class_name=spec.scratch.storage_class,
+                resources=k8s.V1VolumeResourceRequirements(requests={"storage": spec.scratch.size}),
+            )
+        )
+        volumes.append(
+            k8s.V1Volume(name="scratch", ephemeral=k8s.V1EphemeralVolumeSource(volume_claim_template=claim))
+        )
     else:
-        volumes.append(k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=spec.scratch.size)))
+        volumes.append(
+            k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=spec.scratch.size))
+        )
     mounts = [
         k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
         k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
@@ -131,20 +169,30 @@ def tolerations_for(spec: EngineJobSpec) -> list[k8s.V1Toleration]:
     """The spec's tolerations plus the GPU taint toleration of its vendor (when it asks for GPUs)."""
     tolerations = [_toleration(t) for t in spec.tolerations]
     if spec.gpus and not any(t.key == GPU_RESOURCES[spec.gpu_vendor] for t in tolerations):
-        tolerations.append(k8s.V1Toleration(key=GPU_RESOURCES[spec.gpu_vendor], operator="Exists", effect="NoSchedule"))
+        tolerations.append(
+            k8s.V1Toleration(key=GPU_RESOURCES[spec.gpu_vendor], operator="Exists", effect="NoSchedule")
+        )
     return tolerations
 
 
 def build_container(spec: EngineJobSpec, name: str = BASE_CONTAINER) -> k8s.V1Container:
     _, mounts = volumes_for(spec)
     return k8s.V1Container(
-        name=name, image=spec.image, image_pull_policy=spec.image_pull_policy, command=list(spec.command),
-        env=env_for(spec), resources=resources_for(spec), volume_mounts=mounts,
-        security_context=restricted_container_security(), working_dir=spec.scratch.mount_path,
+        name=name,
+        image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
+        command=list(spec.command),
+        env=env_for(spec),
+        resources=resources_for(spec),
+        volume_mounts=mounts,
+        security_context=restricted_container_security(),
+        working_dir=spec.scratch.mount_path,
     )
 
 
-def build_pod_spec(spec: EngineJobSpec, container_name: str = BASE_CONTAINER, restart_policy: str = "Never") -> k8s.V1PodSpec:
+def build_pod_spec(
+    spec: EngineJobSpec, container_name: str = BASE_CONTAINER, restart_policy: str = "Never"
+) -> k8s.V1PodSpec:
     volumes, _ = volumes_for(spec)
     return k8s.V1PodSpec(
         containers=[build_container(spec, container_name)],
@@ -164,9 +212,14 @@ def build_pod_spec(spec: EngineJobSpec, container_name: str = BASE_CONTAINER, re
 def build_pod(spec: EngineJobSpec) -> k8s.V1Pod:
     """The engine pod: main container ``base``, restricted PSS, restartPolicy Never."""
     return k8s.V1Pod(
-        api_version="v1", kind="Pod",
-        metadata=k8s.V1ObjectMeta(name=dns_name(spec.name), namespace=spec.namespace,
-                                  labels={**MANAGED_BY, **spec.labels}, annotations=spec.annotations or None),
+        api_version="v1",
+        kind="Pod",
+        metadata=k8s.V1ObjectMeta(
+            name=dns_name(spec.name),
+            namespace=spec.namespace,
+            labels={**MANAGED_BY, **spec.labels},
+            annotations=spec.annotations or None,
+        ),
         spec=build_pod_spec(spec),
     )
 

@@ -11,12 +11,29 @@ from __future__ import annotations
 
 from typing import Any
 
-ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+ALLOWED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 ALLOWED_CAPS = {"NET_BIND_SERVICE"}
-SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-                "net.ipv4.tcp_keepalive_probes"}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 SECCOMP_OK = ("RuntimeDefault", "Localhost")
 APPARMOR_OK = (None, "RuntimeDefault", "Localhost")
 SELINUX_TYPES = ("", "container_t", "container_init_t", "container_kvm_t", "container_engine_t")
@@ -45,27 +62,47 @@ def pod_specs(doc: dict) -> list[tuple[str, dict, dict]]:
     if kind == "Pod":
         return [("spec", spec, doc.get("metadata") or {})]
     if kind == "PyTorchJob":
-        return [(f"spec.pytorchReplicaSpecs.{name}.template.spec", (r.get("template") or {}).get("spec") or {},
-                 (r.get("template") or {}).get("metadata") or {})
-                for name, r in (spec.get("pytorchReplicaSpecs") or {}).items()]
+        return [
+            (
+                f"spec.pytorchReplicaSpecs.{name}.template.spec",
+                (r.get("template") or {}).get("spec") or {},
+                (r.get("template") or {}).get("metadata") or {},
+            )
+            for name, r in (spec.get("pytorchReplicaSpecs") or {}).items()
+        ]
     if kind == "TrainJob":
         out = []
         for i, patch in enumerate(spec.get("runtimePatches") or []):
-            jobs = (((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}).get("replicatedJobs") or []
+            jobs = (((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}).get(
+                "replicatedJobs"
+            ) or []
             for job in jobs:
-                pod = (((job.get("template") or {}).get("spec") or {}).get("template") or {})
+                pod = ((job.get("template") or {}).get("spec") or {}).get("template") or {}
                 if pod.get("spec"):
-                    out.append((f"spec.runtimePatches[{i}].replicatedJobs.{job.get('name')}.template.spec.template.spec",
-                                pod["spec"], pod.get("metadata") or {}))
+                    out.append(
+                        (
+                            f"spec.runtimePatches[{i}].replicatedJobs.{job.get('name')}.template.spec.template.spec",
+                            pod["spec"],
+                            pod.get("metadata") or {},
+                        )
+                    )
         for i, o in enumerate(spec.get("podTemplateOverrides") or []):  # older v1alpha1 CRDs
             if o.get("spec"):
                 out.append((f"spec.podTemplateOverrides[{i}].spec", o["spec"], o.get("metadata") or {}))
         return out
     if kind == "CronJob":
         template = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template") or {}
-        return [("spec.jobTemplate.spec.template.spec", template.get("spec") or {}, template.get("metadata") or {})]
+        return [
+            (
+                "spec.jobTemplate.spec.template.spec",
+                template.get("spec") or {},
+                template.get("metadata") or {},
+            )
+        ]
     if "template" in spec:
-        return [("spec.template.spec", spec["template"].get("spec") or {}, spec["template"].get("metadata") or {})]
+        return [
+            ("spec.template.spec", spec["template"].get("spec") or {}, spec["template"].get("metadata") or {})
+        ]
     return []
 
 
@@ -85,7 +122,9 @@ def _container_issues(where: str, c: dict, pod_sc: dict, annotations: dict) -> l
     extra = set(caps.get("add") or []) - ALLOWED_CAPS
     if extra:
         out.append(f"{name}: adds capabilities {sorted(extra)} (only NET_BIND_SERVICE is allowed)")
-    if sc.get("runAsNonRoot") is False or not (sc.get("runAsNonRoot") is True or pod_sc.get("runAsNonRoot") is True):
+    if sc.get("runAsNonRoot") is False or not (
+        sc.get("runAsNonRoot") is True or pod_sc.get("runAsNonRoot") is True
+    ):
         out.append(f"{name}: runAsNonRoot must be true (container or pod)")
     if sc.get("runAsUser") == 0:
         out.append(f"{name}: runAsUser 0 (root)")
@@ -134,7 +173,9 @@ def restricted_violations(doc: Any) -> list[str]:
         for v in spec.get("volumes") or []:
             types = set(v) - {"name"}
             if not types <= ALLOWED_VOLUMES:
-                out.append(f"{where} volume {v.get('name')!r}: type {sorted(types - ALLOWED_VOLUMES)} not allowed")
+                out.append(
+                    f"{where} volume {v.get('name')!r}: type {sorted(types - ALLOWED_VOLUMES)} not allowed"
+                )
         for s in sc.get("sysctls") or []:
             if s.get("name") not in SAFE_SYSCTLS:
                 out.append(f"{where}: unsafe sysctl {s.get('name')}")
@@ -162,4 +203,6 @@ def check_restricted(doc: Any) -> None:
         d = _as_dict(doc)
         meta = d.get("metadata") or {}
         what = f"{d.get('kind', 'PodSpec')} {meta.get('namespace') or '-'}/{meta.get('name') or '-'}"
-        raise PodSecurityViolation(f"{what} violates the restricted Pod Security Standard:\n  " + "\n  ".join(problems))
+        raise PodSecurityViolation(
+            f"{what} violates the restricted Pod Security Standard:\n  " + "\n  ".join(problems)
+        )

@@ -40,10 +40,19 @@ MIN_STARTUP_BUDGET = 1800  # loading weights and compiling graphs of a large mod
 MODELS = "/models"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Set by the builder from ServeSpec fields; engine_args may not override them.
-RESERVED_ARGS = {"model": "model_uri", "served_model_name": "served_model_name", "host": "-", "port": "-",
-                 "tensor_parallel_size": "gpus", "enable_lora": "adapters", "lora_modules": "adapters",
-                 "max_lora_rank": "max_lora_rank", "max_loras": "adapters", "max_model_len": "max_model_len",
-                 "api_key": "api_key_secret"}
+RESERVED_ARGS = {
+    "model": "model_uri",
+    "served_model_name": "served_model_name",
+    "host": "-",
+    "port": "-",
+    "tensor_parallel_size": "gpus",
+    "enable_lora": "adapters",
+    "lora_modules": "adapters",
+    "max_lora_rank": "max_lora_rank",
+    "max_loras": "adapters",
+    "max_model_len": "max_model_len",
+    "api_key": "api_key_secret",
+}
 
 
 def check_lora_ranks(adapter_ranks: dict[str, int], max_lora_rank: int | None = None) -> int:
@@ -58,14 +67,18 @@ def check_lora_ranks(adapter_ranks: dict[str, int], max_lora_rank: int | None = 
     if max_lora_rank is not None:
         too_big = {n: r for n, r in adapter_ranks.items() if r > max_lora_rank}
         if too_big:
-            raise ValueError(f"adapter rank(s) {too_big} exceed max_lora_rank {max_lora_rank}; raise it to at least {largest}")
+            raise ValueError(
+                f"adapter rank(s) {too_big} exceed max_lora_rank {max_lora_rank}; raise it to at least {largest}"
+            )
         if max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank {max_lora_rank} is not one vLLM accepts: {VLLM_LORA_RANKS}")
         return max_lora_rank
     for r in VLLM_LORA_RANKS:
         if r >= largest:
             return r
-    raise ValueError(f"adapter rank {largest} exceeds vLLM's largest max-lora-rank {VLLM_LORA_RANKS[-1]}; merge the adapter instead")
+    raise ValueError(
+        f"adapter rank {largest} exceeds vLLM's largest max-lora-rank {VLLM_LORA_RANKS[-1]}; merge the adapter instead"
+    )
 
 
 @dataclass(frozen=True)
@@ -109,15 +122,22 @@ class ServeSpec:
             raise ValueError(f"{where}: gpu_vendor {self.gpu_vendor!r}: use one of {sorted(GPU_RESOURCES)}")
         if not self.served_model_name:
             raise ValueError(f"{where}: served_model_name is empty")
-        for uri_name, uri in {"model_uri": self.model_uri, **{f"adapters.{k}": v for k, v in self.adapters.items()}}.items():
+        for uri_name, uri in {
+            "model_uri": self.model_uri,
+            **{f"adapters.{k}": v for k, v in self.adapters.items()},
+        }.items():
             if not str(uri).startswith("s3://"):
                 raise ValueError(f"{where}: {uri_name} {uri!r} must be an s3:// URI")
         bad = [n for n in self.adapters if not _ADAPTER_NAME.match(n) or n == self.served_model_name]
         if bad:
-            raise ValueError(f"{where}: adapter names {bad} must match {_ADAPTER_NAME.pattern} and differ from the model name")
+            raise ValueError(
+                f"{where}: adapter names {bad} must match {_ADAPTER_NAME.pattern} and differ from the model name"
+            )
         if self.startup_budget_seconds < MIN_STARTUP_BUDGET:
-            raise ValueError(f"{where}: startup_budget_seconds {self.startup_budget_seconds} < {MIN_STARTUP_BUDGET}: "
-                             "large models need a long startup budget")
+            raise ValueError(
+                f"{where}: startup_budget_seconds {self.startup_budget_seconds} < {MIN_STARTUP_BUDGET}: "
+                "large models need a long startup budget"
+            )
         if self.replicas < 0:
             raise ValueError(f"{where}: replicas must be >= 0")
         refuse_secret_values(where, self.env, [str(v) for v in self.engine_args.values()], self.labels)
@@ -148,18 +168,39 @@ def vllm_args(spec: ServeSpec) -> list[str]:
     """The arguments of ``python3 -m vllm.entrypoints.openai.api_server``."""
     reserved = sorted(set(spec.engine_args) & set(RESERVED_ARGS))
     if reserved:
-        raise ValueError(f"ServeSpec {spec.name!r}: engine_args {reserved} are set by the builder; "
-                         f"use ServeSpec.{', ServeSpec.'.join(RESERVED_ARGS[k] for k in reserved)}")
-    args = ["--model", spec.model_dir, "--served-model-name", spec.served_model_name, "--host", "0.0.0.0",
-            "--port", str(VLLM_PORT), "--tensor-parallel-size", str(max(spec.gpus, 1))]
+        raise ValueError(
+            f"ServeSpec {spec.name!r}: engine_args {reserved} are set by the builder; "
+            f"use ServeSpec.{', ServeSpec.'.join(RESERVED_ARGS[k] for k in reserved)}"
+        )
+    args = [
+        "--model",
+        spec.model_dir,
+        "--served-model-name",
+        spec.served_model_name,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(VLLM_PORT),
+        "--tensor-parallel-size",
+        str(max(spec.gpus, 1)),
+    ]
     if spec.max_model_len:
         args += ["--max-model-len", str(spec.max_model_len)]
     if spec.adapters:
         missing = sorted(set(spec.adapters) - set(spec.adapter_ranks))
         if missing:
-            raise ValueError(f"ServeSpec {spec.name!r}: adapter_ranks has no rank for {missing} (needed for --max-lora-rank)")
+            raise ValueError(
+                f"ServeSpec {spec.name!r}: adapter_ranks has no rank for {missing} (needed for --max-lora-rank)"
+            )
         rank = check_lora_ranks({n: spec.adapter_ranks[n] for n in spec.adapters}, spec.max_lora_rank)
-        args += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(spec.adapters)), "--lora-modules"]
+        args += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(rank),
+            "--max-loras",
+            str(len(spec.adapters)),
+            "--lora-modules",
+        ]
         args += [f"{n}={MODELS}/adapters/{n}" for n in sorted(spec.adapters)]
     for key, value in sorted(spec.engine_args.items()):
         args += _flag(key, value)
@@ -168,10 +209,24 @@ def vllm_args(spec: ServeSpec) -> list[str]:
 
 def _pull_init_container(spec: ServeSpec, name: str, uri: str, target: str) -> dict:
     job = EngineJobSpec(
-        name=f"{spec.name}-{name}", image=spec.engine_image, cpu_per_gpu="2", memory_per_gpu="8Gi", env=dict(spec.env),
-        command=["finetune-engine", "pull", "--wait-complete", "--timeout", str(spec.pull_timeout_seconds), uri, target],
-        secret_env=[SecretEnv("AWS_ACCESS_KEY_ID", spec.bucket_secret, "AWS_ACCESS_KEY_ID"),
-                    SecretEnv("AWS_SECRET_ACCESS_KEY", spec.bucket_secret, "AWS_SECRET_ACCESS_KEY")],
+        name=f"{spec.name}-{name}",
+        image=spec.engine_image,
+        cpu_per_gpu="2",
+        memory_per_gpu="8Gi",
+        env=dict(spec.env),
+        command=[
+            "finetune-engine",
+            "pull",
+            "--wait-complete",
+            "--timeout",
+            str(spec.pull_timeout_seconds),
+            uri,
+            target,
+        ],
+        secret_env=[
+            SecretEnv("AWS_ACCESS_KEY_ID", spec.bucket_secret, "AWS_ACCESS_KEY_ID"),
+            SecretEnv("AWS_SECRET_ACCESS_KEY", spec.bucket_secret, "AWS_SECRET_ACCESS_KEY"),
+        ],
     )
     c = to_dict(build_container(job, name))
     c["volumeMounts"] = [{"name": "models", "mountPath": MODELS}, {"name": "tmp", "mountPath": "/tmp"}]
@@ -207,15 +262,33 @@ def _server_env(spec: ServeSpec) -> list[dict]:
     # The image's own user is root; as uid 1000 with a read-only root filesystem every cache,
     # config and home directory must point into the writable /cache volume. USER/LOGNAME keep
     # getpass.getuser() working for a uid without a passwd entry (torch's compile caches use it).
-    plain = {"HOME": "/cache", "USER": "vllm", "LOGNAME": "vllm", "XDG_CACHE_HOME": "/cache", "XDG_CONFIG_HOME": "/cache/config",
-             "HF_HOME": "/cache/hf", "VLLM_CACHE_ROOT": "/cache/vllm", "VLLM_CONFIG_ROOT": "/cache/vllm-config",
-             "TRITON_CACHE_DIR": "/cache/triton", "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor",
-             "NUMBA_CACHE_DIR": "/cache/numba", "OUTLINES_CACHE_DIR": "/cache/outlines", "TMPDIR": "/tmp",
-             "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    plain = {
+        "HOME": "/cache",
+        "USER": "vllm",
+        "LOGNAME": "vllm",
+        "XDG_CACHE_HOME": "/cache",
+        "XDG_CONFIG_HOME": "/cache/config",
+        "HF_HOME": "/cache/hf",
+        "VLLM_CACHE_ROOT": "/cache/vllm",
+        "VLLM_CONFIG_ROOT": "/cache/vllm-config",
+        "TRITON_CACHE_DIR": "/cache/triton",
+        "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor",
+        "NUMBA_CACHE_DIR": "/cache/numba",
+        "OUTLINES_CACHE_DIR": "/cache/outlines",
+        "TMPDIR": "/tmp",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
     env = [{"name": k, "value": v} for k, v in plain.items()]
     if spec.api_key_secret:
         s = spec.api_key_secret
-        env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": s.secret_name, "key": s.secret_key}}})
+        env.append(
+            {
+                "name": "VLLM_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": s.secret_name, "key": s.secret_key}},
+            }
+        )
     return env
 
 
@@ -227,6 +300,7 @@ def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
     limits = {"memory": memory}
     if spec.gpus:
         requests[GPU_RESOURCES[spec.gpu_vendor]] = limits[GPU_RESOURCES[spec.gpu_vendor]] = str(spec.gpus)
+
     def probe(**timing: int) -> dict:
         return {"httpGet": {"path": "/health", "port": "http"}, **timing}
 
@@ -241,17 +315,30 @@ def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
         "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
         "env": _server_env(spec),
         "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": [{"name": "models", "mountPath": MODELS, "readOnly": True}, {"name": "dshm", "mountPath": "/dev/shm"},
-                         {"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "models", "mountPath": MODELS, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
         "securityContext": security,
         "startupProbe": probe(periodSeconds=10, failureThreshold=-(-spec.startup_budget_seconds // 10)),
         "readinessProbe": probe(periodSeconds=5, failureThreshold=3),
         "livenessProbe": probe(periodSeconds=15, failureThreshold=4, timeoutSeconds=5),
     }
     if spec.model_storage_class:
-        models = {"name": "models", "ephemeral": {"volumeClaimTemplate": {"spec": {
-            "accessModes": ["ReadWriteOnce"], "storageClassName": spec.model_storage_class,
-            "resources": {"requests": {"storage": spec.model_volume_size}}}}}}
+        models = {
+            "name": "models",
+            "ephemeral": {
+                "volumeClaimTemplate": {
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": spec.model_storage_class,
+                        "resources": {"requests": {"storage": spec.model_volume_size}},
+                    }
+                }
+            },
+        }
     else:
         models = {"name": "models", "emptyDir": {"sizeLimit": spec.model_volume_size}}
     shm = default_shm(memory)
@@ -273,14 +360,20 @@ def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
     }
     tolerations = list(spec.tolerations)
     if spec.gpus and not any(t.get("key") == GPU_RESOURCES[spec.gpu_vendor] for t in tolerations):
-        tolerations.append({"key": GPU_RESOURCES[spec.gpu_vendor], "operator": "Exists", "effect": "NoSchedule"})
-    for key, value in (("tolerations", tolerations), ("nodeSelector", dict(spec.node_selector)),
-                       ("priorityClassName", spec.priority_class_name)):
+        tolerations.append(
+            {"key": GPU_RESOURCES[spec.gpu_vendor], "operator": "Exists", "effect": "NoSchedule"}
+        )
+    for key, value in (
+        ("tolerations", tolerations),
+        ("nodeSelector", dict(spec.node_selector)),
+        ("priorityClassName", spec.priority_class_name),
+    ):
         if value:
             pod_spec[key] = value
     labels = {**MANAGED_BY, **_selector(spec), **spec.labels}
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": _metadata(spec, dict(labels)),
         "spec": {
             "replicas": spec.replicas,
@@ -298,40 +391,74 @@ def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
 def build_vllm_service(spec: ServeSpec) -> dict[str, Any]:
     """A ClusterIP Service: port 80 (``http``) -> the server's 8000."""
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec), **spec.labels}),
-        "spec": {"type": "ClusterIP", "selector": _selector(spec),
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": _selector(spec),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
 
 
-def build_ingress(spec: ServeSpec, host: str, ingress_class: str | None = None, tls_secret: str | None = None) -> dict[str, Any]:
+def build_ingress(
+    spec: ServeSpec, host: str, ingress_class: str | None = None, tls_secret: str | None = None
+) -> dict[str, Any]:
     """Optional (DeployVLLM creates none by default): an Ingress to the Service."""
     name = dns_name(spec.name)
-    rule = {"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
-                                              "backend": {"service": {"name": name, "port": {"name": "http"}}}}]}}
+    rule = {
+        "host": host,
+        "http": {
+            "paths": [
+                {
+                    "path": "/",
+                    "pathType": "Prefix",
+                    "backend": {"service": {"name": name, "port": {"name": "http"}}},
+                }
+            ]
+        },
+    }
     body: dict[str, Any] = {"rules": [rule]}
     if ingress_class:
         body["ingressClassName"] = ingress_class
     if tls_secret:
         body["tls"] = [{"hosts": [host], "secretName": tls_secret}]
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec)}), "spec": body}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec)}),
+        "spec": body,
+    }
 
 
-def build_httproute(spec: ServeSpec, gateway: str, hostnames: list[str] | None = None,
-                    gateway_namespace: str | None = None, section_name: str | None = None) -> dict[str, Any]:
+def build_httproute(
+    spec: ServeSpec,
+    gateway: str,
+    hostnames: list[str] | None = None,
+    gateway_namespace: str | None = None,
+    section_name: str | None = None,
+) -> dict[str, Any]:
     """Optional (off by default): a Gateway API HTTPRoute from ``gateway`` to the Service."""
     parent: dict[str, Any] = {"name": gateway}
     if gateway_namespace:
         parent["namespace"] = gateway_namespace
     if section_name:
         parent["sectionName"] = section_name
-    route: dict[str, Any] = {"parentRefs": [parent], "rules": [{
-        "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-        "backendRefs": [{"name": dns_name(spec.name), "port": 80}],
-    }]}
+    route: dict[str, Any] = {
+        "parentRefs": [parent],
+        "rules": [
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                "backendRefs": [{"name": dns_name(spec.name), "port": 80}],
+            }
+        ],
+    }
     if hostnames:
         route["hostnames"] = list(hostnames)
-    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec)}), "spec": route}
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec)}),
+        "spec": route,
+    }

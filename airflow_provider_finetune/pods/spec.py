@@ -23,9 +23,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 # Names that hold credentials by convention, and value shapes of common tokens/keys.
 _SECRET_WORDS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "APIKEY", "CREDENTIAL", "CREDENTIALS"}
-_SECRET_VALUE = re.compile(r"(^|[\s=:\"'])(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-                           r"github_pat_[A-Za-z0-9_]{20,}|(AKIA|ASIA)[A-Z0-9]{16}|xox[abprs]-[A-Za-z0-9-]{10,}|"
-                           r"-----BEGIN [A-Z ]*PRIVATE KEY-----)")
+_SECRET_VALUE = re.compile(
+    r"(^|[\s=:\"'])(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+    r"github_pat_[A-Za-z0-9_]{20,}|(AKIA|ASIA)[A-Z0-9]{16}|xox[abprs]-[A-Za-z0-9-]{10,}|"
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----)"
+)
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,13 @@ class SecretEnv:
         if not _ENV_NAME.match(self.env_name):
             raise ValueError(f"SecretEnv {self.env_name!r}: not a valid environment variable name")
         if not DNS_SUBDOMAIN.match(self.secret_name or ""):
-            raise ValueError(f"SecretEnv {self.env_name}: secret_name {self.secret_name!r} is not a valid Secret name")
+            raise ValueError(
+                f"SecretEnv {self.env_name}: secret_name {self.secret_name!r} is not a valid Secret name"
+            )
         if not self.secret_key or not re.match(r"^[-._a-zA-Z0-9]+$", self.secret_key):
-            raise ValueError(f"SecretEnv {self.env_name}: secret_key {self.secret_key!r} is not a valid Secret key")
+            raise ValueError(
+                f"SecretEnv {self.env_name}: secret_key {self.secret_key!r} is not a valid Secret key"
+            )
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,9 @@ class EngineJobSpec:
         if not self.command or not all(isinstance(a, str) for a in self.command):
             raise ValueError(f"{where}: command must be a non-empty list of strings, got {self.command!r}")
         if self.image_pull_policy not in PULL_POLICIES:
-            raise ValueError(f"{where}: image_pull_policy {self.image_pull_policy!r}: use one of {PULL_POLICIES}")
+            raise ValueError(
+                f"{where}: image_pull_policy {self.image_pull_policy!r}: use one of {PULL_POLICIES}"
+            )
         if self.gpu_vendor not in GPU_RESOURCES:
             raise ValueError(f"{where}: gpu_vendor {self.gpu_vendor!r}: use one of {sorted(GPU_RESOURCES)}")
         if self.gpus < 0:
@@ -107,7 +115,9 @@ class EngineJobSpec:
         if self.scratch.kind == "ephemeral" and not self.scratch.storage_class:
             raise ValueError(f"{where}: an ephemeral scratch volume needs a storage_class")
         if self.active_deadline_seconds is not None and self.active_deadline_seconds <= 0:
-            raise ValueError(f"{where}: active_deadline_seconds must be > 0, got {self.active_deadline_seconds}")
+            raise ValueError(
+                f"{where}: active_deadline_seconds must be > 0, got {self.active_deadline_seconds}"
+            )
         bad = [k for k in self.env if not _ENV_NAME.match(str(k))]
         if bad:
             raise ValueError(f"{where}: env names {bad} are not valid environment variable names")
@@ -117,21 +127,31 @@ class EngineJobSpec:
         refuse_secret_values(where, self.env, self.command, self.labels, self.annotations)
 
 
-def refuse_secret_values(where: str, env: dict[str, Any], args: list[str] = (), *maps: dict[str, Any]) -> None:
+def refuse_secret_values(
+    where: str, env: dict[str, Any], args: list[str] = (), *maps: dict[str, Any]
+) -> None:
     """Raise ValueError when a plain value is (or is named like) a credential; never echo the value."""
     for name, value in env.items():
         if _secret_name(str(name)) and value not in (None, ""):
-            raise ValueError(f"{where}: env {name} looks like a credential; pass it as "
-                             f"secret_env=[SecretEnv({name!r}, '<secret>', '<key>')] (a secretKeyRef), never as a value")
+            raise ValueError(
+                f"{where}: env {name} looks like a credential; pass it as "
+                f"secret_env=[SecretEnv({name!r}, '<secret>', '<key>')] (a secretKeyRef), never as a value"
+            )
         if _SECRET_VALUE.search(str(value)):
-            raise ValueError(f"{where}: the value of env {name} looks like a token or key; use secret_env (a secretKeyRef)")
+            raise ValueError(
+                f"{where}: the value of env {name} looks like a token or key; use secret_env (a secretKeyRef)"
+            )
     for i, arg in enumerate(args):
         if _SECRET_VALUE.search(str(arg)):
-            raise ValueError(f"{where}: command argument {i} looks like a token or key; pass it through secret_env")
+            raise ValueError(
+                f"{where}: command argument {i} looks like a token or key; pass it through secret_env"
+            )
     for mapping in maps:
         for key, value in mapping.items():
             if _SECRET_VALUE.search(str(value)):
-                raise ValueError(f"{where}: the value of {key} looks like a token or key; secrets belong in a Secret, never in metadata")
+                raise ValueError(
+                    f"{where}: the value of {key} looks like a token or key; secrets belong in a Secret, never in metadata"
+                )
 
 
 def _secret_name(name: str) -> bool:
@@ -163,7 +183,7 @@ def name_for(dag_id: str, task_id: str, run_id: str, map_index: int | None = Non
     if not name[0].isalpha():
         name = f"x-{name}"
     suffix = _digest(f"{dag_id}\0{task_id}\0{run_id}\0{index}", 10)
-    return f"{name[:63 - len(suffix) - 1].rstrip('-')}-{suffix}"
+    return f"{name[: 63 - len(suffix) - 1].rstrip('-')}-{suffix}"
 
 
 def label_value(value: Any) -> str:
@@ -176,8 +196,9 @@ def label_value(value: Any) -> str:
     return f"{cut}-{_digest(text)}" if cut else _digest(text)
 
 
-def labels_for(dag_id: str, task_id: str, run_id: str, map_index: int | None = None,
-               try_number: int | None = None) -> dict[str, str]:
+def labels_for(
+    dag_id: str, task_id: str, run_id: str, map_index: int | None = None, try_number: int | None = None
+) -> dict[str, str]:
     """Labels that let a retry find its objects: dag, task, run, map index (and try number)."""
     labels = {
         **MANAGED_BY,

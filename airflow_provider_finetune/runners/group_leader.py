@@ -90,7 +90,9 @@ class Leader:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="group_leader")
-    parser.add_argument("--parent", type=int, required=True, help="pid of the worker process that started this")
+    parser.add_argument(
+        "--parent", type=int, required=True, help="pid of the worker process that started this"
+    )
     parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

@@ -45,26 +45,48 @@ class KubernetesApplier:
 
     def verbs(self, kind: str, api_version: str) -> Verbs:
         if kind == "Deployment":
-            return Verbs(self.apps.create_namespaced_deployment, self.apps.replace_namespaced_deployment,
-                         self.apps.delete_namespaced_deployment)
+            return Verbs(
+                self.apps.create_namespaced_deployment,
+                self.apps.replace_namespaced_deployment,
+                self.apps.delete_namespaced_deployment,
+            )
         if kind == "Service":
-            return Verbs(self.core.create_namespaced_service, self.core.patch_namespaced_service,
-                         self.core.delete_namespaced_service)
+            return Verbs(
+                self.core.create_namespaced_service,
+                self.core.patch_namespaced_service,
+                self.core.delete_namespaced_service,
+            )
         if kind == "Ingress":
-            return Verbs(self.networking.create_namespaced_ingress, self.networking.replace_namespaced_ingress,
-                         self.networking.delete_namespaced_ingress)
-        if kind == "HTTPRoute":  # a custom resource: an update without resourceVersion is refused, so merge-patch it
+            return Verbs(
+                self.networking.create_namespaced_ingress,
+                self.networking.replace_namespaced_ingress,
+                self.networking.delete_namespaced_ingress,
+            )
+        if (
+            kind == "HTTPRoute"
+        ):  # a custom resource: an update without resourceVersion is refused, so merge-patch it
             group, version = api_version.split("/")
-            return Verbs(*(functools.partial(call, group, version, plural="httproutes") for call in (
-                self.custom.create_namespaced_custom_object, self.custom.patch_namespaced_custom_object,
-                self.custom.delete_namespaced_custom_object)))
-        raise ValueError(f"cannot apply kind {kind!r} ({api_version}): only Deployment, Service, Ingress and HTTPRoute")
+            return Verbs(
+                *(
+                    functools.partial(call, group, version, plural="httproutes")
+                    for call in (
+                        self.custom.create_namespaced_custom_object,
+                        self.custom.patch_namespaced_custom_object,
+                        self.custom.delete_namespaced_custom_object,
+                    )
+                )
+            )
+        raise ValueError(
+            f"cannot apply kind {kind!r} ({api_version}): only Deployment, Service, Ingress and HTTPRoute"
+        )
 
     def apply(self, docs: Iterable[dict[str, Any]], namespace: str) -> None:
         """Create each object, or update it when it exists (409): a retry or a new run updates the same objects."""
         from kubernetes.client.exceptions import ApiException
 
-        steps = [(doc, self.verbs(doc["kind"], doc["apiVersion"])) for doc in docs]  # an unknown kind fails before any call
+        steps = [
+            (doc, self.verbs(doc["kind"], doc["apiVersion"])) for doc in docs
+        ]  # an unknown kind fails before any call
         for doc, verbs in steps:
             kind, name = doc["kind"], doc["metadata"]["name"]
             try:
@@ -72,7 +94,9 @@ class KubernetesApplier:
                 self.log.info("created %s %s/%s", kind, namespace, name)
             except ApiException as err:
                 if err.status != 409:
-                    raise RuntimeError(f"Failed to create {kind} {namespace}/{name}: {err.status} {err.reason}") from err
+                    raise RuntimeError(
+                        f"Failed to create {kind} {namespace}/{name}: {err.status} {err.reason}"
+                    ) from err
                 verbs.update(name=name, namespace=namespace, body=doc)
                 self.log.info("updated %s %s/%s", kind, namespace, name)
 
@@ -91,7 +115,9 @@ class KubernetesApplier:
                 if err.status == 404:
                     continue
                 if target.optional and err.status == 403:
-                    self.log.warning("not allowed to delete %s %s/%s (RBAC); skipped", target.kind, namespace, name)
+                    self.log.warning(
+                        "not allowed to delete %s %s/%s (RBAC); skipped", target.kind, namespace, name
+                    )
                     continue
                 raise
         return removed

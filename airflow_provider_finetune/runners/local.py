@@ -33,7 +33,9 @@ class LocalRunError(RuntimeError):
     in the words Kubernetes uses for a container.
     """
 
-    def __init__(self, message: str, returncode: int | None = None, tail: str = "", reason: str | None = None):
+    def __init__(
+        self, message: str, returncode: int | None = None, tail: str = "", reason: str | None = None
+    ):
         self.returncode = returncode
         self.tail = tail
         self.reason = reason
@@ -84,7 +86,9 @@ def rewrite_paths(value: str, mounts: dict[str, Path]) -> str:
     return value
 
 
-def build_env(pod: Any, mounts: dict[str, Path], resolve_secret: SecretResolver) -> tuple[dict[str, str], list[str]]:
+def build_env(
+    pod: Any, mounts: dict[str, Path], resolve_secret: SecretResolver
+) -> tuple[dict[str, str], list[str]]:
     """The container env with local paths and resolved secrets; also the names of secret vars."""
     env: dict[str, str] = {}
     secret_names: list[str] = []
@@ -104,7 +108,10 @@ def build_env(pod: Any, mounts: dict[str, Path], resolve_secret: SecretResolver)
             secret_names.append(var.name)
         elif var.value_from.field_ref is not None:
             field = var.value_from.field_ref.field_path
-            env[var.name] = {"metadata.name": pod.metadata.name, "metadata.namespace": pod.metadata.namespace or "default"}.get(field, "")
+            env[var.name] = {
+                "metadata.name": pod.metadata.name,
+                "metadata.namespace": pod.metadata.namespace or "default",
+            }.get(field, "")
     return env, secret_names
 
 
@@ -117,7 +124,9 @@ def resolve_command(command: list[str]) -> list[str]:
             return [str(beside), *command[1:]]
         found = shutil.which(first)
         if found is None:
-            raise LocalRunError(f"{first!r} is not installed on this worker; install finetune-engine[train,storage]")
+            raise LocalRunError(
+                f"{first!r} is not installed on this worker; install finetune-engine[train,storage]"
+            )
         return [found, *command[1:]]
     return command
 
@@ -133,8 +142,14 @@ class LocalRunner:
 
     PID_FILE = "engine.pid"
 
-    def __init__(self, workdir: str | Path, resolve_secret: SecretResolver, log: Callable[[str], None] = print,
-                 extra_env: dict[str, str] | None = None, grace: float = 10.0):
+    def __init__(
+        self,
+        workdir: str | Path,
+        resolve_secret: SecretResolver,
+        log: Callable[[str], None] = print,
+        extra_env: dict[str, str] | None = None,
+        grace: float = 10.0,
+    ):
         self.workdir = Path(workdir)
         self.resolve_secret = resolve_secret
         self.log = log
@@ -157,20 +172,39 @@ class LocalRunner:
         xcom_file.unlink(missing_ok=True)
         full_env = {**_inherited_env(), **self.extra_env, **env}
         self.log(f"local runner: {' '.join(argv)}")
-        self.log(f"local runner: env {sorted(env)} (secrets from connections: {sorted(secret_names)}); workdir {self.workdir}")
+        self.log(
+            f"local runner: env {sorted(env)} (secrets from connections: {sorted(secret_names)}); workdir {self.workdir}"
+        )
         self.stop_stale_group()
-        leader = [sys.executable, "-m", "airflow_provider_finetune.runners.group_leader", "--parent", str(os.getpid()),
-                  "--grace", str(self.grace), "--"]
+        leader = [
+            sys.executable,
+            "-m",
+            "airflow_provider_finetune.runners.group_leader",
+            "--parent",
+            str(os.getpid()),
+            "--grace",
+            str(self.grace),
+            "--",
+        ]
         tail: list[str] = []
         oom_before = cgroup_oom_kills()
         with self._lock:
             self._stop_reason = None
             self._proc = subprocess.Popen(
-                [*leader, *argv], env=full_env, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, text=True, errors="replace", bufsize=1,
+                [*leader, *argv],
+                env=full_env,
+                cwd=self.workdir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                text=True,
+                errors="replace",
+                bufsize=1,
             )
             self._write_pid_file(self._proc.pid)
-        timer = threading.Timer(timeout, self.kill, kwargs={"reason": "DeadlineExceeded"}) if timeout else None
+        timer = (
+            threading.Timer(timeout, self.kill, kwargs={"reason": "DeadlineExceeded"}) if timeout else None
+        )
         if timer:
             timer.start()
         try:
@@ -188,11 +222,24 @@ class LocalRunner:
         xcom = json.loads(xcom_file.read_text()) if xcom_file.exists() else None
         if rc != 0:
             reason = self._stop_reason
-            if reason is None and rc in (-signal.SIGKILL, 137) and oom_before is not None and (cgroup_oom_kills() or 0) > oom_before:
+            if (
+                reason is None
+                and rc in (-signal.SIGKILL, 137)
+                and oom_before is not None
+                and (cgroup_oom_kills() or 0) > oom_before
+            ):
                 reason = "OOMKilled"  # the kernel's OOM killer acted in this cgroup while the engine ran
-            how = {"Killed": "stopped by on_kill", "DeadlineExceeded": f"stopped after active_deadline_seconds={timeout}"}
-            raise LocalRunError(f"pod {pod.metadata.name}: {argv[0]} exited with {rc}"
-                                + (f" ({how.get(reason, reason)})" if reason else ""), rc, "\n".join(tail), reason)
+            how = {
+                "Killed": "stopped by on_kill",
+                "DeadlineExceeded": f"stopped after active_deadline_seconds={timeout}",
+            }
+            raise LocalRunError(
+                f"pod {pod.metadata.name}: {argv[0]} exited with {rc}"
+                + (f" ({how.get(reason, reason)})" if reason else ""),
+                rc,
+                "\n".join(tail),
+                reason,
+            )
         return LocalRunResult(rc, xcom, self.workdir)
 
     def kill(self, grace: float | None = None, reason: str = "Killed") -> None:
@@ -233,7 +280,9 @@ class LocalRunner:
             return False
         alive = _group_alive(pgid) and (start is None or _start_time(pgid) in (start, None))
         if alive:
-            self.log(f"local runner: an earlier try's engine (process group {pgid}) still runs; stopping it first")
+            self.log(
+                f"local runner: an earlier try's engine (process group {pgid}) still runs; stopping it first"
+            )
             _killpg(pgid, signal.SIGTERM)
             for _ in range(int(self.grace * 10)):
                 if not _group_alive(pgid):
@@ -295,7 +344,10 @@ def cgroup_oom_kills() -> int | None:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "memory":
-            candidates += [root / "memory" / path.lstrip("/") / "memory.oom_control", root / "memory" / "memory.oom_control"]
+            candidates += [
+                root / "memory" / path.lstrip("/") / "memory.oom_control",
+                root / "memory" / "memory.oom_control",
+            ]
         elif controllers == "":
             candidates += [root / path.lstrip("/") / "memory.events"]
     for events in candidates:
@@ -312,6 +364,17 @@ def cgroup_oom_kills() -> int | None:
 
 def _inherited_env() -> dict[str, str]:
     """What a pod would also have: PATH and locale; not the worker's credentials."""
-    keep = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-            "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+    keep = (
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "PYTHONPATH",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "CUDA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS",
+    )
     return {k: os.environ[k] for k in keep if k in os.environ}

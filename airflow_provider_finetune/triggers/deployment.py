@@ -22,11 +22,18 @@ def deployment_readiness(doc: dict[str, Any], replicas: int) -> tuple[str, str]:
     generation, observed = int(meta.get("generation") or 0), int(status.get("observedGeneration") or 0)
     updated, available = int(status.get("updatedReplicas") or 0), int(status.get("availableReplicas") or 0)
     for cond in status.get("conditions") or []:
-        if cond.get("type") == "Progressing" and cond.get("status") == "False" and cond.get("reason") == "ProgressDeadlineExceeded":
+        if (
+            cond.get("type") == "Progressing"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "ProgressDeadlineExceeded"
+        ):
             return "failed", f"rollout exceeded its progress deadline: {cond.get('message') or ''}".strip()
     if observed >= generation and updated >= replicas and available >= replicas:
         return "ready", f"{available}/{replicas} replicas available"
-    return "waiting", f"{available} of {replicas} replicas available, {updated} updated (generation {observed}/{generation})"
+    return (
+        "waiting",
+        f"{available} of {replicas} replicas available, {updated} updated (generation {observed}/{generation})",
+    )
 
 
 class DeploymentReadyTrigger(BaseTrigger):
@@ -40,9 +47,17 @@ class DeploymentReadyTrigger(BaseTrigger):
     :param deadline: epoch seconds after which the trigger gives up with ``timeout``.
     """
 
-    def __init__(self, name: str, namespace: str, replicas: int = 1, kubernetes_conn_id: str | None = None,
-                 poll_interval: float = 15.0, deadline: float | None = None, cluster_context: str | None = None,
-                 in_cluster: bool | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        replicas: int = 1,
+        kubernetes_conn_id: str | None = None,
+        poll_interval: float = 15.0,
+        deadline: float | None = None,
+        cluster_context: str | None = None,
+        in_cluster: bool | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
         self.namespace = namespace
@@ -54,23 +69,34 @@ class DeploymentReadyTrigger(BaseTrigger):
         self.in_cluster = in_cluster
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}", {
-            "name": self.name, "namespace": self.namespace, "replicas": self.replicas,
-            "kubernetes_conn_id": self.kubernetes_conn_id, "poll_interval": self.poll_interval, "deadline": self.deadline,
-            "cluster_context": self.cluster_context, "in_cluster": self.in_cluster,
-        })
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "name": self.name,
+                "namespace": self.namespace,
+                "replicas": self.replicas,
+                "kubernetes_conn_id": self.kubernetes_conn_id,
+                "poll_interval": self.poll_interval,
+                "deadline": self.deadline,
+                "cluster_context": self.cluster_context,
+                "in_cluster": self.in_cluster,
+            },
+        )
 
     def hook(self):
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
 
-        return AsyncKubernetesHook(conn_id=self.kubernetes_conn_id, cluster_context=self.cluster_context,
-                                   in_cluster=self.in_cluster)
+        return AsyncKubernetesHook(
+            conn_id=self.kubernetes_conn_id, cluster_context=self.cluster_context, in_cluster=self.in_cluster
+        )
 
     async def read(self, hook) -> dict[str, Any]:
         from kubernetes_asyncio import client
 
         async with hook.get_conn() as api:
-            obj = await client.AppsV1Api(api).read_namespaced_deployment_status(name=self.name, namespace=self.namespace)
+            obj = await client.AppsV1Api(api).read_namespaced_deployment_status(
+                name=self.name, namespace=self.namespace
+            )
             return api.sanitize_for_serialization(obj)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:

@@ -37,8 +37,18 @@ ADAPTER_FILE = "adapter_model.safetensors"
 BACKUP_PREFIX = "old_with_extra_layers_"
 KEEPING = "Keeping non-LoRA layers, they are needed."
 # Modules vLLM applies LoRA to (linear projections, and the input embedding via lora_embedding_A/B).
-VLLM_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                     "gate_up_proj", "embed_tokens")
+VLLM_LORA_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+    "embed_tokens",
+)
 
 
 class AdapterError(ValueError):
@@ -63,13 +73,17 @@ def _adapter_config(adapter_dir: Path, required: bool = True) -> dict[str, Any]:
     if not path.is_file():
         if not required:
             return {}
-        raise AdapterError(f"{adapter_dir}: no adapter_config.json; give the directory of a saved PEFT adapter")
+        raise AdapterError(
+            f"{adapter_dir}: no adapter_config.json; give the directory of a saved PEFT adapter"
+        )
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise AdapterError(f"{path}: not readable JSON ({err}); restore it from the saved adapter") from None
     if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: expected a JSON object, found {type(cfg).__name__}; restore it from the saved adapter")
+        raise AdapterError(
+            f"{path}: expected a JSON object, found {type(cfg).__name__}; restore it from the saved adapter"
+        )
     return cfg
 
 
@@ -96,10 +110,18 @@ def adapter_reasons(adapter_dir: Path, tensors: dict | None = None) -> list[str]
     vocab = _base_vocab_size(cfg)
     if vocab and tensors:
         for key, value in tensors.items():
-            if not is_lora_key(key) and key.endswith(("embed_tokens.weight", "embed_tokens.base_layer.weight",
-                                                      "lm_head.weight", "lm_head.base_layer.weight")):
+            if not is_lora_key(key) and key.endswith(
+                (
+                    "embed_tokens.weight",
+                    "embed_tokens.base_layer.weight",
+                    "lm_head.weight",
+                    "lm_head.base_layer.weight",
+                )
+            ):
                 if value.ndim == 2 and value.shape[0] != vocab:
-                    reasons.append(f"{key} has {value.shape[0]} rows, the base vocabulary {vocab}: the vocabulary grew")
+                    reasons.append(
+                        f"{key} has {value.shape[0]} rows, the base vocabulary {vocab}: the vocabulary grew"
+                    )
                     break
     return reasons
 
@@ -136,7 +158,9 @@ def config_reasons(training_config: str | Path) -> list[str]:
         return ["the training config has peft_conf.peft_type NO_PEFT (a full-parameter run)"]
     kwargs = getattr(cfg.peft_conf, "peft_kwargs", None) or {}
     if kwargs.get("modules_to_save"):
-        return [f"the training config trains peft_conf.peft_kwargs.modules_to_save {kwargs['modules_to_save']}"]
+        return [
+            f"the training config trains peft_conf.peft_kwargs.modules_to_save {kwargs['modules_to_save']}"
+        ]
     if cfg.data_conf.chat_template_name == "keep-original":
         return []
     model = cfg.run_conf.model
@@ -147,15 +171,23 @@ def config_reasons(training_config: str | Path) -> list[str]:
 
         tok = load_tokenizer(cfg, model)
         if tok.added_tokens and AutoConfig.from_pretrained(model).vocab_size < len(tok.tokenizer):
-            return [f"data_conf.chat_template_name {cfg.data_conf.chat_template_name} adds tokens "
-                    f"{tok.added_tokens}: the run grew the embeddings"]
+            return [
+                f"data_conf.chat_template_name {cfg.data_conf.chat_template_name} adds tokens "
+                f"{tok.added_tokens}: the run grew the embeddings"
+            ]
     except (OSError, ValueError) as err:
-        log.warning("could not check whether %s grows the vocabulary of %s (%s); deciding from the adapter's files",
-                    cfg.data_conf.chat_template_name, model, err)
+        log.warning(
+            "could not check whether %s grows the vocabulary of %s (%s); deciding from the adapter's files",
+            cfg.data_conf.chat_template_name,
+            model,
+            err,
+        )
     return []
 
 
-def create_vllm_compatible_adapter(adapter_dir: str | Path, training_config: str | Path | None = None) -> dict[str, Any]:
+def create_vllm_compatible_adapter(
+    adapter_dir: str | Path, training_config: str | Path | None = None
+) -> dict[str, Any]:
     """Remove the non-LoRA tensors, keeping the original as ``old_with_extra_layers_*``; or keep
     them when they were trained. Returns what happened: ``action`` (removed, kept, already-done),
     ``dropped`` tensor names, ``kept`` (number of tensors in the adapter file), ``reasons``."""
@@ -180,8 +212,11 @@ def create_vllm_compatible_adapter(adapter_dir: str | Path, training_config: str
     manifest = read_manifest(adapter_dir)
     was_complete = manifest is not None and verify_directory(adapter_dir)[0]
     if (adapter_dir / MANIFEST_NAME).exists() and not was_complete:
-        log.warning("%s: %s does not match the directory; it is left as it is (the directory stays incomplete)",
-                    adapter_dir, MANIFEST_NAME)
+        log.warning(
+            "%s: %s does not match the directory; it is left as it is (the directory stays incomplete)",
+            adapter_dir,
+            MANIFEST_NAME,
+        )
     keep = {k: v for k, v in tensors.items() if is_lora_key(k)}
     dropped = sorted(set(tensors) - set(keep))
     log.info("Removing non-LoRA layers: %s", dropped)
@@ -194,20 +229,27 @@ def create_vllm_compatible_adapter(adapter_dir: str | Path, training_config: str
     return {"action": "removed", "dropped": dropped, "kept": len(keep), "reasons": []}
 
 
-def vllm_preflight(adapter_dir: str | Path, max_lora_rank: int | None = None,
-                   supported_modules: tuple[str, ...] = VLLM_LORA_MODULES) -> list[str]:
+def vllm_preflight(
+    adapter_dir: str | Path,
+    max_lora_rank: int | None = None,
+    supported_modules: tuple[str, ...] = VLLM_LORA_MODULES,
+) -> list[str]:
     """Problems vLLM would have with this adapter (empty list: it will load)."""
     adapter_dir = Path(adapter_dir)
     problems = []
     cfg = _adapter_config(adapter_dir, required=False)
     if not cfg:
-        problems.append("no adapter_config.json: vLLM needs it next to adapter_model.safetensors to load the "
-                        "adapter; copy it from the training run's adapter directory")
+        problems.append(
+            "no adapter_config.json: vLLM needs it next to adapter_model.safetensors to load the "
+            "adapter; copy it from the training run's adapter directory"
+        )
     elif cfg.get("peft_type") != "LORA":
         problems.append(f"peft_type {cfg.get('peft_type')}: vLLM serves only LoRA adapters")
     rank = int(cfg.get("r", 0))
     if max_lora_rank is not None and rank > max_lora_rank:
-        problems.append(f"rank {rank} > --max-lora-rank {max_lora_rank}; raise it to {next((r for r in VLLM_LORA_RANKS if r >= rank), rank)}")
+        problems.append(
+            f"rank {rank} > --max-lora-rank {max_lora_rank}; raise it to {next((r for r in VLLM_LORA_RANKS if r >= rank), rank)}"
+        )
     if rank > VLLM_LORA_RANKS[-1]:
         problems.append(f"rank {rank} exceeds vLLM's largest max-lora-rank {VLLM_LORA_RANKS[-1]}")
     if cfg.get("use_dora"):
@@ -215,13 +257,17 @@ def vllm_preflight(adapter_dir: str | Path, max_lora_rank: int | None = None,
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    unsupported = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in supported_modules and t != "all-linear")
+    unsupported = sorted(
+        t for t in targets if t.rsplit(".", 1)[-1] not in supported_modules and t != "all-linear"
+    )
     if unsupported:
         problems.append(f"target modules {unsupported} may not be LoRA-capable in vLLM")
     extra = sorted(k for k in _tensors(adapter_dir) if not is_lora_key(k))
     if extra:
-        problems.append(f"{len(extra)} non-LoRA tensors (e.g. {extra[0]}) that vLLM does not load; untrained copies "
-                        "of the base: run create_vllm_compatible_adapter; trained: serve the merged model (merge_adapter)")
+        problems.append(
+            f"{len(extra)} non-LoRA tensors (e.g. {extra[0]}) that vLLM does not load; untrained copies "
+            "of the base: run create_vllm_compatible_adapter; trained: serve the merged model (merge_adapter)"
+        )
     return problems
 
 
@@ -231,10 +277,23 @@ def main(argv: list[str] | None = None) -> int:
         description="Take in a HuggingFace adapter's binary folder path and remove the embeddings layer weights "
         "required for vLLM compatibility",
     )
-    parser.add_argument("model_path", help="Path to the model folder (e.g. path to the folder containing the adapter) to be made compatible")
-    parser.add_argument("--training-config", default=None, help="Path to training config to check and determine whether the layers should be removed or not.")
-    parser.add_argument("--max-lora-rank", type=int, default=None, help="Also check the rank against vLLM's --max-lora-rank.")
-    parser.add_argument("--strict", action="store_true", help="Exit 1 when the vLLM preflight finds a problem (default: warn only).")
+    parser.add_argument(
+        "model_path",
+        help="Path to the model folder (e.g. path to the folder containing the adapter) to be made compatible",
+    )
+    parser.add_argument(
+        "--training-config",
+        default=None,
+        help="Path to training config to check and determine whether the layers should be removed or not.",
+    )
+    parser.add_argument(
+        "--max-lora-rank", type=int, default=None, help="Also check the rank against vLLM's --max-lora-rank."
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="Exit 1 when the vLLM preflight finds a problem (default: warn only).",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -250,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     elif out["action"] == "already-done":
         print(f"{args.model_path}: already done ({BACKUP_PREFIX}{ADAPTER_FILE} exists), nothing changed")
     else:
-        print(f"{args.model_path}: {out['kept']} LoRA tensors kept, {len(out['dropped'])} removed; "
-              f"the original is {BACKUP_PREFIX}{ADAPTER_FILE}")
+        print(
+            f"{args.model_path}: {out['kept']} LoRA tensors kept, {len(out['dropped'])} removed; "
+            f"the original is {BACKUP_PREFIX}{ADAPTER_FILE}"
+        )
     return 1 if problems and args.strict else 0
 
 

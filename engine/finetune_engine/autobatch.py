@@ -49,7 +49,9 @@ class BatchTooLargeError(RuntimeError):
     """Not even one row fits in memory."""
 
 
-def find_max_batch(try_batch: Callable[[int], None], upper: int, release: Callable[[], None] = free_memory) -> tuple[int, list[tuple[int, bool]]]:
+def find_max_batch(
+    try_batch: Callable[[int], None], upper: int, release: Callable[[], None] = free_memory
+) -> tuple[int, list[tuple[int, bool]]]:
     """The largest batch in [1, upper] that ``try_batch`` runs without running out of memory, and
     the tries made ((size, fitted) in order). Other errors propagate."""
     tried: list[tuple[int, bool]] = []
@@ -94,12 +96,16 @@ def find_max_batch(try_batch: Callable[[int], None], upper: int, release: Callab
     return good, tried
 
 
-def training_trial(model, row: dict[str, Any], collate: Callable[[list[dict]], dict], training_args: dict[str, Any]) -> Callable[[int], None]:
+def training_trial(
+    model, row: dict[str, Any], collate: Callable[[list[dict]], dict], training_args: dict[str, Any]
+) -> Callable[[int], None]:
     """A try: forward + backward over ``size`` copies of ``row`` as the trainer would run it."""
     import torch
 
     device = next(model.parameters()).device
-    dtype = torch.bfloat16 if training_args.get("bf16") else torch.float16 if training_args.get("fp16") else None
+    dtype = (
+        torch.bfloat16 if training_args.get("bf16") else torch.float16 if training_args.get("fp16") else None
+    )
 
     def trial(size: int) -> None:
         batch = collate([row] * size)
@@ -128,12 +134,19 @@ def probe_per_device_batch(model, rows, collate, training_args: dict[str, Any], 
     reserve = None
     if torch.cuda.is_available():
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if next(model.parameters()).device.type == "cpu" and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        if (
+            next(model.parameters()).device.type == "cpu"
+            and not getattr(model, "is_loaded_in_4bit", False)
+            and not getattr(model, "is_loaded_in_8bit", False)
+        ):
             model.to(local)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         reserve = torch.empty(2 * trainable, dtype=torch.float32, device=local)  # AdamW's two moments
     if training_args.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=training_args.get("gradient_checkpointing_kwargs") or {"use_reentrant": False})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=training_args.get("gradient_checkpointing_kwargs")
+            or {"use_reentrant": False}
+        )
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     try:
@@ -141,13 +154,25 @@ def probe_per_device_batch(model, rows, collate, training_args: dict[str, Any], 
     finally:
         del reserve
         free_memory()
-    log.info("auto batch: %d row(s) of %d tokens per device fit (tries: %s)", found, _row_length(rows[longest]),
-             ", ".join(f"{s}{'+' if ok else '-'}" for s, ok in tried))
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    log.info(
+        "auto batch: %d row(s) of %d tokens per device fit (tries: %s)",
+        found,
+        _row_length(rows[longest]),
+        ", ".join(f"{s}{'+' if ok else '-'}" for s, ok in tried),
+    )
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         value = torch.tensor([found], device=next(model.parameters()).device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         found = int(value.item())
-        log.info("auto batch: %d per device, the smallest over %d processes", found, torch.distributed.get_world_size())
+        log.info(
+            "auto batch: %d per device, the smallest over %d processes",
+            found,
+            torch.distributed.get_world_size(),
+        )
     return found
 
 

@@ -76,7 +76,12 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.monotonic()
         self._step0 = state.global_step
-        log.info("training: step %d of %d; memory at start: %s", state.global_step, state.max_steps, memory_summary())
+        log.info(
+            "training: step %d of %d; memory at start: %s",
+            state.global_step,
+            state.max_steps,
+            memory_summary(),
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or self._t0 is None:
@@ -113,7 +118,9 @@ class MLflowCallback(TrainerCallback):
     The run id is kept in ``output_dir/mlflow_run.json`` so a resumed job continues the same run.
     """
 
-    def __init__(self, settings: TrackingSettings, params: dict[str, Any], tags: dict[str, str] | None = None):
+    def __init__(
+        self, settings: TrackingSettings, params: dict[str, Any], tags: dict[str, str] | None = None
+    ):
         self.settings = settings
         self.params = params
         self.tags = tags or {}
@@ -125,7 +132,12 @@ class MLflowCallback(TrainerCallback):
             return fn()
         except Exception as err:  # tracking must never crash a training run
             if not self._warned:
-                log.warning("MLflow %s failed (%s: %s); training continues, tracking will retry", what, type(err).__name__, str(err)[:200])
+                log.warning(
+                    "MLflow %s failed (%s: %s); training continues, tracking will retry",
+                    what,
+                    type(err).__name__,
+                    str(err)[:200],
+                )
                 self._warned = True
             return None
 
@@ -175,7 +187,10 @@ class MLflowCallback(TrainerCallback):
         import mlflow
 
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self._call("log_artifacts", lambda: mlflow.log_artifacts(str(ckpt), f"checkpoints/{ckpt.name}", run_id=self.run_id))
+        self._call(
+            "log_artifacts",
+            lambda: mlflow.log_artifacts(str(ckpt), f"checkpoints/{ckpt.name}", run_id=self.run_id),
+        )
 
     def log_samples(self, step: int, text: str, samples: list[dict[str, str]]) -> None:
         """Sample generations: the step's YAML as a text artifact, its rows appended to a table."""
@@ -184,8 +199,11 @@ class MLflowCallback(TrainerCallback):
         import mlflow
 
         self._call("log_text", lambda: mlflow.log_text(text, f"samples/step-{step}.yaml", run_id=self.run_id))
-        table = {"step": [step] * len(samples), "prompt": [s["prompt"] for s in samples],
-                 "completion": [s["completion"] for s in samples]}
+        table = {
+            "step": [step] * len(samples),
+            "prompt": [s["prompt"] for s in samples],
+            "completion": [s["completion"] for s in samples],
+        }
         self._call("log_table", lambda: mlflow.log_table(table, "samples/samples.json", run_id=self.run_id))
 
     def finish(self, metrics: dict[str, float], status: str = "FINISHED") -> None:
@@ -204,8 +222,17 @@ class SampleGenerationCallback(TrainerCallback):
 
     Every process generates (a sharded model needs all of them); the main one writes."""
 
-    def __init__(self, tokenizer, items: list[dict[str, Any]], every_n_steps: int, max_new_tokens: int = 64,
-                 temperature: float = 0.0, chat: bool = True, mlflow_cb: MLflowCallback | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        tokenizer,
+        items: list[dict[str, Any]],
+        every_n_steps: int,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        chat: bool = True,
+        mlflow_cb: MLflowCallback | None = None,
+        batch_size: int = 8,
+    ):
         self.tokenizer = tokenizer
         self.items = items
         self.every = every_n_steps
@@ -223,8 +250,15 @@ class SampleGenerationCallback(TrainerCallback):
         from finetune_engine.generate import generate_answers
 
         t0 = time.monotonic()
-        answers = generate_answers(model, self.tokenizer, self.items, self.max_new_tokens, self.temperature,
-                                   self.batch_size, chat=self.chat)
+        answers = generate_answers(
+            model,
+            self.tokenizer,
+            self.items,
+            self.max_new_tokens,
+            self.temperature,
+            self.batch_size,
+            chat=self.chat,
+        )
         if not state.is_world_process_zero:
             return
         prompts = [it["messages"][-1]["content"] if self.chat else it["text"] for it in self.items]
@@ -233,7 +267,13 @@ class SampleGenerationCallback(TrainerCallback):
         out = Path(args.output_dir) / "samples" / f"step-{state.global_step}.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
-        log.info("step %d: %d sample generation(s) in %.1fs -> %s; first: %r", state.global_step, len(samples),
-                 time.monotonic() - t0, out, (answers[0] if answers else "")[:120])
+        log.info(
+            "step %d: %d sample generation(s) in %.1fs -> %s; first: %r",
+            state.global_step,
+            len(samples),
+            time.monotonic() - t0,
+            out,
+            (answers[0] if answers else "")[:120],
+        )
         if self.mlflow_cb is not None:
             self.mlflow_cb.log_samples(state.global_step, text, samples)

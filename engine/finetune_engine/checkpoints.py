@@ -69,13 +69,17 @@ def trainer_complete(path: Path) -> tuple[bool, str]:
             except (OSError, ValueError, KeyError, AttributeError):
                 return False, f"unreadable {name}"
             missing = sorted(s for s in shards if not (path / s).is_file())
-            return (False, f"missing shards {missing[:3]}") if missing else (True, "complete (sharded weights)")
+            return (
+                (False, f"missing shards {missing[:3]}") if missing else (True, "complete (sharded weights)")
+            )
     children = [c for c in path.iterdir() if c.is_dir()]
     if any("pytorch_model_fsdp" in c.name for c in children) or (path / "pytorch_model_fsdp.bin").is_file():
         return True, "complete (FSDP state)"
     if any(c.name.startswith("global_step") for c in children):
         return True, "complete (DeepSpeed state)"
-    if any((c / "adapter_model.safetensors").is_file() or (c / "adapter_model.bin").is_file() for c in children):
+    if any(
+        (c / "adapter_model.safetensors").is_file() or (c / "adapter_model.bin").is_file() for c in children
+    ):
         return True, "complete (adapters in subdirectories)"
     return False, "no model or adapter weights"
 
@@ -137,11 +141,20 @@ def resolve_resume(setting: bool | str, output_dir: str | Path, clean_incomplete
     """
     scan = scan_checkpoints(output_dir)
     for path, reason in scan.own_incomplete:
-        log.warning("ignoring incomplete checkpoint %s (%s)%s", path, reason, "; removing it" if clean_incomplete else "")
+        log.warning(
+            "ignoring incomplete checkpoint %s (%s)%s",
+            path,
+            reason,
+            "; removing it" if clean_incomplete else "",
+        )
         if clean_incomplete:
             shutil.rmtree(path, ignore_errors=True)
     for path, reason in scan.unusable:
-        log.warning("ignoring incomplete checkpoint %s (%s); not written by this engine or damaged: left as it is", path, reason)
+        log.warning(
+            "ignoring incomplete checkpoint %s (%s); not written by this engine or damaged: left as it is",
+            path,
+            reason,
+        )
     if setting is False or setting == "false":
         if scan.complete:
             log.warning(
@@ -149,7 +162,9 @@ def resolve_resume(setting: bool | str, output_dir: str | Path, clean_incomplete
                 "complete checkpoint(s) (newest %s). They are left in place; new checkpoints of the same step "
                 "overwrite them and training_args.save_total_limit rotation counts them. Set auto to resume, "
                 "or use a new training_args.output_dir to keep runs apart.",
-                output_dir, len(scan.complete), scan.newest.name,
+                output_dir,
+                len(scan.complete),
+                scan.newest.name,
             )
         return None
     if setting in (True, "true", "auto"):
@@ -165,7 +180,9 @@ def resolve_resume(setting: bool | str, output_dir: str | Path, clean_incomplete
         return None
     path = Path(str(setting))
     if not path.is_dir():
-        raise ResumeError(f"run_conf.resume_from_checkpoint {path} is not a complete checkpoint (no such directory)")
+        raise ResumeError(
+            f"run_conf.resume_from_checkpoint {path} is not a complete checkpoint (no such directory)"
+        )
     kind, reason = classify(path)
     if kind != "complete":
         raise ResumeError(f"run_conf.resume_from_checkpoint {path} is not a complete checkpoint ({reason})")

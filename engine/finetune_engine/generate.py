@@ -76,14 +76,26 @@ def load_items(cfg: GenerateConfig) -> list[dict[str, Any]]:
                 last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
                 items.append({"messages": msgs[:last], "correct_answers": [msgs[last]["content"]]})
             elif "prompt" in rec:
-                items.append({"messages": [{"role": "user", "content": rec["prompt"]}], "correct_answers": [rec["completion"]]})
+                items.append(
+                    {
+                        "messages": [{"role": "user", "content": rec["prompt"]}],
+                        "correct_answers": [rec["completion"]],
+                    }
+                )
     if not items:
         raise ValueError("nothing to generate: give prompts or an eval_file")
     return items
 
 
-def generate_answers(model, tok, items: list[dict[str, Any]], max_new_tokens: int = 64, temperature: float = 0.0,
-                     batch_size: int = 8, chat: bool = True) -> list[str]:
+def generate_answers(
+    model,
+    tok,
+    items: list[dict[str, Any]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    chat: bool = True,
+) -> list[str]:
     """The model's continuation of each item: ``messages`` rendered with the chat template and a
     generation prompt (``chat``), or ``text`` continued as it is (BOS first, as in training).
 
@@ -105,17 +117,29 @@ def generate_answers(model, tok, items: list[dict[str, Any]], max_new_tokens: in
         for i in range(0, len(items), batch_size):
             batch = items[i : i + batch_size]
             if chat:
-                texts = [with_bos(tok, tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True))
-                         for it in batch]
+                texts = [
+                    with_bos(
+                        tok,
+                        tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True),
+                    )
+                    for it in batch
+                ]
             else:
                 texts = [bos + it["text"] for it in batch]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             enc.pop("token_type_ids", None)
             with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                     temperature=temperature or None,
-                                     pad_token_id=pad_id, use_cache=True)
-            answers += [tok.decode(row, skip_special_tokens=True) for row in gen[:, enc["input_ids"].shape[1]:]]
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=temperature > 0,
+                    temperature=temperature or None,
+                    pad_token_id=pad_id,
+                    use_cache=True,
+                )
+            answers += [
+                tok.decode(row, skip_special_tokens=True) for row in gen[:, enc["input_ids"].shape[1] :]
+            ]
     finally:
         tok.padding_side = side
         if pad is None:
@@ -131,7 +155,9 @@ def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:  # the run added tokens; never shrink a padded vocabulary
+    if (
+        len(tok) > model.get_input_embeddings().weight.shape[0]
+    ):  # the run added tokens; never shrink a padded vocabulary
         model.resize_token_embeddings(len(tok))
     if cfg.adapter:
         from peft import PeftModel
@@ -144,7 +170,13 @@ def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
         batch = items[i : i + cfg.batch_size]
         answers = generate_answers(model, tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
         for it, answer in zip(batch, answers, strict=True):
-            out.append({"prompt": it["messages"][-1]["content"], "answer": answer.strip(), "correct_answers": it["correct_answers"]})
+            out.append(
+                {
+                    "prompt": it["messages"][-1]["content"],
+                    "answer": answer.strip(),
+                    "correct_answers": it["correct_answers"],
+                }
+            )
         log.info("generated %d / %d", min(i + cfg.batch_size, len(items)), len(items))
     return out
 
@@ -165,7 +197,9 @@ class InferenceModelConf(_SilogenStrict):
     model: str = Field(description="Model Hub id or path.")
     model_args: dict[str, Any] = Field(default_factory=dict, description="from_pretrained keyword arguments.")
     adapter: str | None = Field(default=None, description="Adapter Hub id or path, or none.")
-    tokenizer: str | None = Field(default=None, description="Tokenizer; default: the adapter's, else the model's.")
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer; default: the adapter's, else the model's."
+    )
 
 
 class OpenPromptConf(_SilogenStrict):
@@ -187,7 +221,9 @@ class SilogenGenerationConfig(_SilogenStrict):
     model_conf: InferenceModelConf
     prompt_conf: Annotated[OpenPromptConf | EvalDataPromptConf, Field(discriminator="type")]
     hf_gen_params: dict[str, Any] = Field(default_factory=dict)
-    quant_conf: schema.QuantConf = Field(default_factory=lambda: schema.NoQuantization(quantization_type="no-quantization"))
+    quant_conf: schema.QuantConf = Field(
+        default_factory=lambda: schema.NoQuantization(quantization_type="no-quantization")
+    )
 
 
 class GenerationConfigError(ConfigError):
@@ -235,21 +271,28 @@ def config_problems(err: ValidationError, root: type[BaseModel], text: str, sour
         at = f" ({source}:{line})" if line else ""
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), vocab, n=1)
-            problems.append(f"{where}{at}: unknown key{f'; did you mean {close[0]!r}?' if close else '; remove it'}")
+            problems.append(
+                f"{where}{at}: unknown key{f'; did you mean {close[0]!r}?' if close else '; remove it'}"
+            )
         elif e["type"] == "missing":
             problems.append(f"{where}{at}: required key is missing")
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             ctx = e.get("ctx", {})
             disc = str(ctx.get("discriminator", "type")).strip("'")
             tags = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()]
-            problems.append(f"{where}{at}: {disc} {ctx.get('tag')!r} is not one of {', '.join(tags)}"
-                            if ctx.get("tag") is not None else f"{where}{at}: {disc} is missing")
+            problems.append(
+                f"{where}{at}: {disc} {ctx.get('tag')!r} is not one of {', '.join(tags)}"
+                if ctx.get("tag") is not None
+                else f"{where}{at}: {disc} is missing"
+            )
         else:
             problems.append(f"{where}{at}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return problems
 
 
-def parse_generation_config(data: Any, text: str = "", source: str = "<config>") -> SilogenGenerationConfig | GenerateConfig:
+def parse_generation_config(
+    data: Any, text: str = "", source: str = "<config>"
+) -> SilogenGenerationConfig | GenerateConfig:
     """The Silogen engine's config when any of its sections is present, else this engine's format."""
     if not isinstance(data, dict):
         raise GenerationConfigError(source, [f"expected a mapping of sections, got {type(data).__name__}"])
@@ -260,14 +303,18 @@ def parse_generation_config(data: Any, text: str = "", source: str = "<config>")
     except ValidationError as err:
         problems = config_problems(err, root, text, source)
         if silogen and any(k in data for k in GenerateConfig.model_fields if k not in SILOGEN_KEYS):
-            problems.append("this mixes the Silogen format (model_conf, prompt_conf, ...) with the short format "
-                            "(model, prompts, eval_file, ...); use one")
+            problems.append(
+                "this mixes the Silogen format (model_conf, prompt_conf, ...) with the short format "
+                "(model, prompts, eval_file, ...); use one"
+            )
         raise GenerationConfigError(source, problems) from None
 
 
 def _messages_ok(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    )
 
 
 def load_eval_rows(path: str) -> list[dict[str, Any]]:
@@ -310,8 +357,10 @@ def load_eval_rows(path: str) -> list[dict[str, Any]]:
             last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
             prompt, response = (msgs, "") if last is None else (msgs[:last], msgs[last]["content"])
         else:
-            problems.append(f"{where}: no prompt_messages (or messages) list; eval-data rows look like "
-                            '{"prompt_messages": [{"role": "user", "content": "..."}], "response": "..."}')
+            problems.append(
+                f"{where}: no prompt_messages (or messages) list; eval-data rows look like "
+                '{"prompt_messages": [{"role": "user", "content": "..."}], "response": "..."}'
+            )
             continue
         if not _messages_ok(prompt) or not prompt:
             problems.append(f"{where}: prompt_messages must be a non-empty list of {{role, content}} strings")
@@ -321,7 +370,9 @@ def load_eval_rows(path: str) -> list[dict[str, Any]]:
             continue
         rows.append({**rec, "prompt_messages": prompt, "response": response or ""})
     if problems:
-        raise ValueError("\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise ValueError(
+            "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
     if not rows:
         raise ValueError(f"prompt_conf.data.path: {path} has no rows")
     return rows
@@ -339,7 +390,9 @@ def _model_load_kwargs(model_args: dict[str, Any]) -> dict[str, Any]:
     dtype = kwargs.get("dtype")
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"model_conf.model_args.dtype {dtype!r} is not a torch dtype; use auto, bfloat16, float16 or float32")
+            raise ValueError(
+                f"model_conf.model_args.dtype {dtype!r} is not a torch dtype; use auto, bfloat16, float16 or float32"
+            )
         kwargs["dtype"] = getattr(torch, dtype)
     return kwargs
 
@@ -347,8 +400,13 @@ def _model_load_kwargs(model_args: dict[str, Any]) -> dict[str, Any]:
 def generation_defaults(hf_gen_params: dict[str, Any], tok) -> dict[str, Any]:
     """The Silogen engine's generation defaults, filled into ``hf_gen_params`` (in place)."""
     eos = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("</s>")) if i is not None]
-    for key, value in {"eos_token_id": eos, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-                       "max_length": 2048, "max_new_tokens": 512}.items():
+    for key, value in {
+        "eos_token_id": eos,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "max_length": 2048,
+        "max_new_tokens": 512,
+    }.items():
         hf_gen_params.setdefault(key, value)
     return hf_gen_params
 
@@ -377,16 +435,22 @@ def generate_silogen(cfg: SilogenGenerationConfig, quant_given: bool = True) -> 
         raise ValueError(f"hf_gen_params: {err}") from None
     max_prompt = gen_conf.max_length - gen_conf.max_new_tokens
     if max_prompt <= 0:
-        raise ValueError(f"hf_gen_params: max_length {gen_conf.max_length} leaves no room for a prompt with "
-                         f"max_new_tokens {gen_conf.max_new_tokens}; raise max_length")
+        raise ValueError(
+            f"hf_gen_params: max_length {gen_conf.max_length} leaves no room for a prompt with "
+            f"max_new_tokens {gen_conf.max_new_tokens}; raise max_length"
+        )
 
     if isinstance(cfg.prompt_conf, OpenPromptConf):
-        examples = [{"txt_input": cfg.prompt_conf.input, "response": "", "dataset": OPEN_PROMPT_DATASET, "id": str(i)}
-                    for i in range(cfg.prompt_conf.num_samples)]
+        examples = [
+            {"txt_input": cfg.prompt_conf.input, "response": "", "dataset": OPEN_PROMPT_DATASET, "id": str(i)}
+            for i in range(cfg.prompt_conf.num_samples)
+        ]
     else:
         if not tok.chat_template:
-            raise ValueError(f"model_conf: the tokenizer {tok_path} has no chat template; eval-data prompts are "
-                             "rendered with it (set model_conf.tokenizer to one that has)")
+            raise ValueError(
+                f"model_conf: the tokenizer {tok_path} has no chat template; eval-data prompts are "
+                "rendered with it (set model_conf.tokenizer to one that has)"
+            )
         examples = []
         for row in load_eval_rows(cfg.prompt_conf.data.path):
             text = tok.apply_chat_template(row["prompt_messages"], tokenize=False, add_generation_prompt=True)
@@ -400,14 +464,18 @@ def generate_silogen(cfg: SilogenGenerationConfig, quant_given: bool = True) -> 
         model = AutoModelForCausalLM.from_pretrained(mc.model, **kwargs)
     except ImportError as err:
         if "flash" in str(err).lower():
-            raise ValueError(f"model_conf.model_args.attn_implementation {mc.model_args.get('attn_implementation')!r} "
-                             f"is not available here ({err}); use sdpa") from None
+            raise ValueError(
+                f"model_conf.model_args.attn_implementation {mc.model_args.get('attn_implementation')!r} "
+                f"is not available here ({err}); use sdpa"
+            ) from None
         raise
     if mc.adapter:
         from peft import PeftModel
 
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tok), mean_resizing=False)  # the adapter brings the trained rows
+            model.resize_token_embeddings(
+                len(tok), mean_resizing=False
+            )  # the adapter brings the trained rows
         model = PeftModel.from_pretrained(model, mc.adapter, is_trainable=False)
     model.eval()
 
@@ -423,27 +491,36 @@ def generate_silogen(cfg: SilogenGenerationConfig, quant_given: bool = True) -> 
             ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
         input_ids = torch.tensor([ids], device=model.device)
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_conf)
-        answer = tok.batch_decode(out[:, input_ids.shape[1]:].cpu().numpy(), skip_special_tokens=True)[0]
+            out = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_conf
+            )
+        answer = tok.batch_decode(out[:, input_ids.shape[1] :].cpu().numpy(), skip_special_tokens=True)[0]
         raw = tok.batch_decode(out.cpu().numpy(), skip_special_tokens=False)[0]
-        outputs.append({
-            "dataset": ex.get("dataset", "unknown"),
-            "id": ex.get("id", i),
-            "prompt": text,
-            "answer": answer,
-            "correct_answers": [ex["response"]],
-            "test_type": "open-ended",
-            "data_collection": ex.get("dataset", "unknown"),
-            "truncated": len(full) > len(ids),
-            "all_text_raw": raw,
-        })
+        outputs.append(
+            {
+                "dataset": ex.get("dataset", "unknown"),
+                "id": ex.get("id", i),
+                "prompt": text,
+                "answer": answer,
+                "correct_answers": [ex["response"]],
+                "test_type": "open-ended",
+                "data_collection": ex.get("dataset", "unknown"),
+                "truncated": len(full) > len(ids),
+                "all_text_raw": raw,
+            }
+        )
         log.info("generated %d / %d", i + 1, len(examples))
     # one shared record of the parameters, as the Silogen engine writes it
-    gen_params["quant_conf"] = cfg.quant_conf.model_dump(mode="json", exclude_unset=True) if quant_given else {}
+    gen_params["quant_conf"] = (
+        cfg.quant_conf.model_dump(mode="json", exclude_unset=True) if quant_given else {}
+    )
     model_conf = mc.model_dump(mode="json", exclude_unset=True)
     if "model_args" in model_conf:
-        model_conf["model_args"] = {k: (str(v).removeprefix("torch.") if k == "dtype" else v)
-                                    for k, v in kwargs.items() if k != "quantization_config"}
+        model_conf["model_args"] = {
+            k: (str(v).removeprefix("torch.") if k == "dtype" else v)
+            for k, v in kwargs.items()
+            if k != "quantization_config"
+        }
     model_conf["tokenizer"] = tok_path
     gen_params["model_conf"] = model_conf
     for item in outputs:
@@ -466,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{args.config}:{mark.line + 1}" if mark else args.config
-            raise GenerationConfigError(args.config, [f"{where}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
+            raise GenerationConfigError(
+                args.config, [f"{where}: not valid YAML: {getattr(err, 'problem', err)}"]
+            ) from None
         cfg = parse_generation_config(data, text, args.config)
         if isinstance(cfg, SilogenGenerationConfig):
             results = generate_silogen(cfg, quant_given="quant_conf" in data)

@@ -79,7 +79,11 @@ def read_manifest(directory: Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or not isinstance(data.get("files"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT_VERSION
+        or not isinstance(data.get("files"), list)
+    ):
         return None
     return data
 

@@ -44,10 +44,18 @@ def merge_adapter(
         # a base saved quantized (e.g. a bnb-4bit checkpoint): never merge into quantized weights
         qc = model.config.quantization_config
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-        log.info("the base %s is saved quantized (%s): dequantizing it before the merge", base, getattr(method, "value", method))
+        log.info(
+            "the base %s is saved quantized (%s): dequantizing it before the merge",
+            base,
+            getattr(method, "value", method),
+        )
         model = dequantized(model)
     if model.get_input_embeddings().weight.shape[0] != len(tok):
-        log.info("growing base vocabulary %d -> %d to match the adapter's tokenizer", model.get_input_embeddings().weight.shape[0], len(tok))
+        log.info(
+            "growing base vocabulary %d -> %d to match the adapter's tokenizer",
+            model.get_input_embeddings().weight.shape[0],
+            len(tok),
+        )
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     model = PeftModel.from_pretrained(model, adapter)
     merged = model.merge_and_unload()
@@ -94,17 +102,30 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="merge_adapter", description="Merges adapters into a base model and saves the output as a single model")
+    parser = argparse.ArgumentParser(
+        prog="merge_adapter",
+        description="Merges adapters into a base model and saves the output as a single model",
+    )
     parser.add_argument("basemodel", help="Name (e.g. HuggingFace Hub id) or Path of Base Model")
     parser.add_argument("peftmodel", help="Name or Path of Peft adapter")
     parser.add_argument("outpath", help="Where to save the merged model")
-    parser.add_argument("--tokenizer", default=None, help="Name or Path to tokenizer to save with the model. If not specified, will use the adapter model tokenizer.")
-    parser.add_argument("--device_map", default="cpu", help="Device map for loading the model. Can be 'auto', 'cpu', 'cuda' or a JSON string.")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Name or Path to tokenizer to save with the model. If not specified, will use the adapter model tokenizer.",
+    )
+    parser.add_argument(
+        "--device_map",
+        default="cpu",
+        help="Device map for loading the model. Can be 'auto', 'cpu', 'cuda' or a JSON string.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     device_map = json.loads(args.device_map) if args.device_map.startswith("{") else args.device_map
     try:
-        out = merge_adapter(args.basemodel, args.peftmodel, args.outpath, tokenizer=args.tokenizer, device_map=device_map)
+        out = merge_adapter(
+            args.basemodel, args.peftmodel, args.outpath, tokenizer=args.tokenizer, device_map=device_map
+        )
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

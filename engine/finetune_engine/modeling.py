@@ -83,7 +83,11 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
             # As in the Silogen engine: UNK is the pad token, but padded input positions hold EOS, so
             # padding looks like EOS to the model; their labels are ignored as for any pad.
             input_pad = tokenizer.eos_token_id
-            log.info("input-side padding written as EOS %r; the tokenizer's pad token stays %r", tokenizer.eos_token, token)
+            log.info(
+                "input-side padding written as EOS %r; the tokenizer's pad token stays %r",
+                tokenizer.eos_token,
+                token,
+            )
     tokenizer.padding_side = cfg.data_conf.padding_side
     return TokenizerSetup(tokenizer, name, end_marker, added, input_pad, start_marker)
 
@@ -91,7 +95,10 @@ def load_tokenizer(cfg: schema.ExperimentConfig, model_path: str) -> TokenizerSe
 def _fsdp_active(cfg: schema.ExperimentConfig) -> bool:
     import os
 
-    return bool(cfg.training_args.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    return bool(cfg.training_args.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in (
+        "1",
+        "true",
+    )
 
 
 def _training_dtype(cfg: schema.ExperimentConfig) -> str:
@@ -112,8 +119,10 @@ def quantization_config(cfg: schema.ExperimentConfig):
     kwargs = q.model_dump(exclude={"quantization_type"})
     if kwargs["bnb_4bit_quant_storage"] is None and q.load_in_4bit and _fsdp_active(cfg):
         kwargs["bnb_4bit_quant_storage"] = _training_dtype(cfg)
-        log.info("quant_conf.bnb_4bit_quant_storage: %s, the training dtype (FSDP shards the quantized weights)",
-                 kwargs["bnb_4bit_quant_storage"])
+        log.info(
+            "quant_conf.bnb_4bit_quant_storage: %s, the training dtype (FSDP shards the quantized weights)",
+            kwargs["bnb_4bit_quant_storage"],
+        )
     for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
         if kwargs[key] is None:
             del kwargs[key]  # BitsAndBytesConfig's default (float32 compute, uint8 storage)
@@ -127,8 +136,10 @@ def _flash_available(kind: str) -> bool:
     and a GPU present (transformers' own check, without fetching a Hub kernel)."""
     from transformers.utils import import_utils
 
-    check = {"flash_attention_2": import_utils.is_flash_attn_2_available,
-             "flash_attention_3": import_utils.is_flash_attn_3_available}[kind]
+    check = {
+        "flash_attention_2": import_utils.is_flash_attn_2_available,
+        "flash_attention_3": import_utils.is_flash_attn_3_available,
+    }[kind]
     return bool(check())
 
 
@@ -140,7 +151,9 @@ def attention_implementation(requested: str | None) -> str | None:
         log.warning(
             "run_conf.model_args.attn_implementation: %s needs the flash-attn package (and a GPU), "
             "which is not installed here; falling back to sdpa (the same attention, without the "
-            "flash kernel's speed and memory savings)", requested)
+            "flash kernel's speed and memory savings)",
+            requested,
+        )
         return "sdpa"
     return requested
 
@@ -173,7 +186,9 @@ def model_load_kwargs(cfg: schema.ExperimentConfig) -> dict[str, Any]:
     return kwargs
 
 
-def load_model(cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup, before_peft=None, wrap: bool = True):
+def load_model(
+    cfg: schema.ExperimentConfig, model_path: str, tok: TokenizerSetup, before_peft=None, wrap: bool = True
+):
     """The base model, grown for new tokens (mean-resized), wrapped in PEFT when configured
     (``wrap=False``: the bare base, for trainers that apply the adapter themselves).
 
@@ -226,7 +241,13 @@ def wrap_peft(cfg: schema.ExperimentConfig, model, trains_embeddings: bool):
     config = peft_config(cfg, model, trains_embeddings)
     model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("adapter %s: %d trainable of %d parameters (%.2f%%)", peft_conf.peft_type, trainable, total, 100 * trainable / total)
+    log.info(
+        "adapter %s: %d trainable of %d parameters (%.2f%%)",
+        peft_conf.peft_type,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
     return model
 
 

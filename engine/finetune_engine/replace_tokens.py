@@ -21,8 +21,14 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def modify_tokenizer_files(tokenizer_directory: str | Path, replacements: dict[str, str]) -> list[Path]:
@@ -61,12 +67,19 @@ def replace_tokens(tokenizer: str, outpath: str | Path, replacements: dict[str, 
         try:
             AutoTokenizer.from_pretrained(tmp)
         except Exception as err:  # noqa: BLE001 - any load failure means the replacement broke the files
-            raise ValueError(f"the tokenizer with {replacements} replaced does not load ({err}); nothing was written") from None
+            raise ValueError(
+                f"the tokenizer with {replacements} replaced does not load ({err}); nothing was written"
+            ) from None
         outpath.mkdir(parents=True, exist_ok=True)
         for path in Path(tmp).iterdir():
             shutil.move(str(path), outpath / path.name)
-    log.info("saved %s to %s with %s replaced (%s)", tokenizer, outpath, replacements,
-             ", ".join(p.name for p in changed) or "no file changed")
+    log.info(
+        "saved %s to %s with %s replaced (%s)",
+        tokenizer,
+        outpath,
+        replacements,
+        ", ".join(p.name for p in changed) or "no file changed",
+    )
     return outpath
 
 
@@ -78,10 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("tokenizer", type=str, help="Name (e.g. HuggingFace Hub id) or Path of Tokenizer")
     parser.add_argument("outpath", type=str, help="Where to save the tokenizer")
-    parser.add_argument("--from", type=str, action="append", required=True,
-                        help="The token to remove, specify in pairs with --to")
-    parser.add_argument("--to", type=str, action="append", required=True,
-                        help="The token to replace with, specify in pairs with --from")
+    parser.add_argument(
+        "--from",
+        type=str,
+        action="append",
+        required=True,
+        help="The token to remove, specify in pairs with --to",
+    )
+    parser.add_argument(
+        "--to",
+        type=str,
+        action="append",
+        required=True,
+        help="The token to replace with, specify in pairs with --from",
+    )
     args = parser.parse_args(argv)
     sources = getattr(args, "from")
     if len(sources) != len(args.to):

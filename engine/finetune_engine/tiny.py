@@ -20,8 +20,16 @@ ANIMALS = ["cat", "dog", "fox", "owl", "horse", "whale", "mouse", "eagle", "frog
 PLACES = ["forest", "river", "city", "mountain", "desert", "garden", "harbor", "valley"]
 VERBS = ["sees", "likes", "follows", "finds", "paints", "visits", "guards", "greets"]
 COUNTRIES = {
-    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo", "Egypt": "Cairo",
-    "Peru": "Lima", "Kenya": "Nairobi", "Chile": "Santiago", "Norway": "Oslo", "Greece": "Athens",
+    "France": "Paris",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Chile": "Santiago",
+    "Norway": "Oslo",
+    "Greece": "Athens",
 }
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -81,7 +89,10 @@ def preference_example(rng: random.Random) -> tuple[list[dict], str, str]:
     if rng.random() < 0.5:
         country, wrong = rng.sample(list(COUNTRIES), 2)
         q = f"What is the capital of {country}?"
-        good, bad = f"The capital of {country} is {COUNTRIES[country]}.", f"The capital of {country} is {COUNTRIES[wrong]}."
+        good, bad = (
+            f"The capital of {country} is {COUNTRIES[country]}.",
+            f"The capital of {country} is {COUNTRIES[wrong]}.",
+        )
     else:
         x, y = rng.randrange(20), rng.randrange(20)
         q = f"What is {x} plus {y}?"
@@ -89,7 +100,9 @@ def preference_example(rng: random.Random) -> tuple[list[dict], str, str]:
     return [{"role": "user", "content": q}], good, bad
 
 
-def write_preference_dataset(path: str | Path, examples: int = 64, seed: int = 0, fmt: str = "dpo_messages") -> Path:
+def write_preference_dataset(
+    path: str | Path, examples: int = 64, seed: int = 0, fmt: str = "dpo_messages"
+) -> Path:
     """A JSONL preference file: ``dpo_messages`` (the seed's prompt_messages/chosen_messages/
     rejected_messages), ``dpo_trl`` (TRL's conversational prompt/chosen/rejected), ``dpo_text``
     (the same as plain strings) or ``kto`` (unpaired prompt/completion/label, both sides of each pair)."""
@@ -99,7 +112,10 @@ def write_preference_dataset(path: str | Path, examples: int = 64, seed: int = 0
     with open(path, "w", encoding="utf-8") as f:
         for i in range(examples):
             prompt, good, bad = preference_example(rng)
-            chosen, rejected = [{"role": "assistant", "content": good}], [{"role": "assistant", "content": bad}]
+            chosen, rejected = (
+                [{"role": "assistant", "content": good}],
+                [{"role": "assistant", "content": bad}],
+            )
             if fmt == "dpo_messages":
                 rows = [{"prompt_messages": prompt, "chosen_messages": chosen, "rejected_messages": rejected}]
             elif fmt == "dpo_trl":
@@ -108,8 +124,10 @@ def write_preference_dataset(path: str | Path, examples: int = 64, seed: int = 0
                 text = f"User:\n{prompt[0]['content']}\nAssistant:\n"
                 rows = [{"prompt": text, "chosen": good, "rejected": bad}]
             elif fmt == "kto":
-                rows = [{"prompt": prompt, "completion": chosen, "label": True},
-                        {"prompt": prompt, "completion": rejected, "label": False}]
+                rows = [
+                    {"prompt": prompt, "completion": chosen, "label": True},
+                    {"prompt": prompt, "completion": rejected, "label": False},
+                ]
             else:
                 raise ValueError(f"unknown preference format {fmt!r}")
             for j, row in enumerate(rows):
@@ -134,9 +152,7 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
     return fast
 

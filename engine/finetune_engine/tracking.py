@@ -52,7 +52,9 @@ def resolve_tracking(
         return TrackingSettings(cli_uri, cli_experiment or "default", _true(cli_log_artifacts), cfg.run_name)
     if cfg.mlflow_server_uri:
         experiment = cfg.experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or "default"
-        return TrackingSettings(cfg.mlflow_server_uri, experiment, bool(cfg.hf_mlflow_log_artifacts), cfg.run_name)
+        return TrackingSettings(
+            cfg.mlflow_server_uri, experiment, bool(cfg.hf_mlflow_log_artifacts), cfg.run_name
+        )
     uri = env.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
         return TrackingSettings(None, None, False, None)

@@ -102,4 +102,3 @@ def chat_ml_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-

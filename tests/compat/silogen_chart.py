@@ -132,7 +132,7 @@ def go_float(x: float) -> str:
         return f"{neg}0.{'0' * (-e - 1)}{ds}"
     if len(ds) <= e + 1:
         return f"{neg}{ds}{'0' * (e + 1 - len(ds))}"
-    return f"{neg}{ds[: e + 1]}.{ds[e + 1:]}"
+    return f"{neg}{ds[: e + 1]}.{ds[e + 1 :]}"
 
 
 def go_print(value: Any) -> str:
@@ -313,8 +313,12 @@ def render_finetuning_config(values: dict) -> str:
     out.append("batchsize_conf:")
     total = default(values.get("finetuningGpus"), get(c, "batchsize_conf", "total_train_batch_size"))
     out.append(f"  total_train_batch_size: {go_print(total)}")
-    out.append(f"  max_per_device_train_batch_size: {go_print(get(c, 'batchsize_conf', 'max_per_device_train_batch_size'))}")
-    out.append(f"  per_device_eval_batch_size: {go_print(default('null', get(c, 'batchsize_conf', 'per_device_eval_batch_size')))}")
+    out.append(
+        f"  max_per_device_train_batch_size: {go_print(get(c, 'batchsize_conf', 'max_per_device_train_batch_size'))}"
+    )
+    out.append(
+        f"  per_device_eval_batch_size: {go_print(default('null', get(c, 'batchsize_conf', 'per_device_eval_batch_size')))}"
+    )
     out.append("peft_conf:" + nindent(2, to_yaml(c.get("peft_conf"))))
     out.append("quant_conf:" + nindent(2, to_yaml(c.get("quant_conf"))))
     no_peft = get(c, "peft_conf", "peft_type") == "NO_PEFT"

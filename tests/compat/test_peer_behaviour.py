@@ -61,7 +61,9 @@ def test_dpo_data_in_peer_formats_is_accepted(data_file, tmp_path):
     assert _validate(tmp_path, [data_file], method="dpo") == 0
 
 
-@pytest.mark.parametrize("name", ["keep-original", "chat-ml", "mistral-with-system", "simplified-llama31", "poro"])
+@pytest.mark.parametrize(
+    "name", ["keep-original", "chat-ml", "mistral-with-system", "simplified-llama31", "poro"]
+)
 def test_every_peer_chat_template_name_is_known(name, tmp_path):
     """test_chat_template: the peer's template names (data/chat_templates.py) are all accepted."""
     assert _validate(tmp_path, ["odia-msgfmt.jsonl"], chat_template_name=name) == 0
@@ -74,7 +76,10 @@ def test_weighted_mix_defaults_sampling_weight_to_one(tmp_path):
     shutil.copyfile(DATA / "odia-msgfmt.jsonl", tmp_path / "a.jsonl")
     cfg = {
         "data_conf": {
-            "training_data": {"type": "PRECOMPUTE_WEIGHTED_MIX", "datasets": [{"path": str(tmp_path / "a.jsonl")}]},
+            "training_data": {
+                "type": "PRECOMPUTE_WEIGHTED_MIX",
+                "datasets": [{"path": str(tmp_path / "a.jsonl")}],
+            },
             "validation_data": {"type": "NONE"},
             "chat_template_name": "keep-original",
         },
@@ -97,7 +102,7 @@ data_conf:
   training_data:
     type: CONCATENATION
     datasets:
-      - path: {tmp_path / 'a.jsonl'}
+      - path: {tmp_path / "a.jsonl"}
   validation_data:
     type: NONE
   chat_template_name: keep-original

@@ -55,7 +55,9 @@ def test_apply_chat_template_to_preference_data_no_old_keys(applied):
     """Restates test_chat_template.py::test_apply_chat_template_to_preference_data_no_old_keys: the
     *_messages keys are gone."""
     rows, _ = applied
-    assert not any(key in row for row in rows for key in ("prompt_messages", "chosen_messages", "rejected_messages"))
+    assert not any(
+        key in row for row in rows for key in ("prompt_messages", "chosen_messages", "rejected_messages")
+    )
 
 
 def test_apply_chat_template_to_preference_data_length(applied):

@@ -37,8 +37,10 @@ class CharTokenizer:
         self.start, self.end = start, end
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kwargs):
-        text = "".join(self.start + m["content"] + self.end if m["role"] == "assistant" else m["content"]
-                       for m in messages)
+        text = "".join(
+            self.start + m["content"] + self.end if m["role"] == "assistant" else m["content"]
+            for m in messages
+        )
         return text + (self.start if add_generation_prompt else "")
 
     def __call__(self, texts, return_offsets_mapping=False, **kwargs):
@@ -51,17 +53,19 @@ class CharTokenizer:
 def _config(sections: dict | None = None):
     from finetune_engine.config import parse_config
 
-    return parse_config({
-        "data_conf": {
-            "training_data": {"type": "CONCATENATION", "datasets": [{"path": "unused.jsonl"}]},
-            "validation_data": {"type": "NONE"},
-            "chat_template_name": "keep-original",
-            **(sections or {}).get("data_conf", {}),
-        },
-        "batchsize_conf": {"total_train_batch_size": 1},
-        "run_conf": {"model": "unused"},
-        **{k: v for k, v in (sections or {}).items() if k != "data_conf"},
-    })
+    return parse_config(
+        {
+            "data_conf": {
+                "training_data": {"type": "CONCATENATION", "datasets": [{"path": "unused.jsonl"}]},
+                "validation_data": {"type": "NONE"},
+                "chat_template_name": "keep-original",
+                **(sections or {}).get("data_conf", {}),
+            },
+            "batchsize_conf": {"total_train_batch_size": 1},
+            "run_conf": {"model": "unused"},
+            **{k: v for k, v in (sections or {}).items() if k != "data_conf"},
+        }
+    )
 
 
 @pytest.mark.parametrize("start, end", [([2], [3]), ([2], [2]), ([2, 3], [4, 5]), ([2, 3], [2, 3])])
@@ -70,8 +74,11 @@ def test_completion_only_collator(start, end):
     are [10 11 12] + start + [10 11 12] + end + [10 11 12] + [EOS]; labels train the assistant start
     marker, the reply and the end marker, and nothing else (not the final EOS after a user turn)."""
     tok = CharTokenizer("".join(CHARS[i] for i in start), "".join(CHARS[i] for i in end))
-    messages = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "abc"},
-                {"role": "user", "content": "abc"}]
+    messages = [
+        {"role": "user", "content": "abc"},
+        {"role": "assistant", "content": "abc"},
+        {"role": "user", "content": "abc"},
+    ]
     # what an SFT run encodes with: sft_args as a Silogen config leaves them, completions only on
     sft = _config({"sft_args": {"max_seq_length": 64, "train_on_completions_only": True}}).sft_args
     settings = EncodeSettings.for_sft(sft, end_marker=tok.end, start_marker=tok.start)
@@ -92,16 +99,21 @@ class FixedFastTokenizer:
         return "".join(m["content"] for m in messages)
 
     def __call__(self, texts, **kwargs):
-        return {"input_ids": [[0, 1, 2, 3] for _ in texts],
-                "offset_mapping": [[(0, 1), (1, 2), (2, 3), (3, 4)] for _ in texts]}
+        return {
+            "input_ids": [[0, 1, 2, 3] for _ in texts],
+            "offset_mapping": [[(0, 1), (1, 2), (2, 3), (3, 4)] for _ in texts],
+        }
 
 
 def test_in_context_tokenize():
     """Restates test_collator.py::test_in_context_tokenize: after a one-character prefix ("\\n"),
     the string's tokens in context are [1, 2, 3]; the prefix's token is not part of them."""
     messages = [{"role": "user", "content": "\n"}, {"role": "assistant", "content": "xyz"}]
-    [item] = encode_batch([{"messages": messages}], FixedFastTokenizer(),
-                          EncodeSettings(max_seq_length=64, completions_only=True))
+    [item] = encode_batch(
+        [{"messages": messages}],
+        FixedFastTokenizer(),
+        EncodeSettings(max_seq_length=64, completions_only=True),
+    )
     assert item["labels"][0] == IGNORE_INDEX
     assert [t for t in item["labels"] if t != IGNORE_INDEX][:3] == [1, 2, 3]
 

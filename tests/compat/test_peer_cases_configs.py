@@ -65,7 +65,7 @@ run_conf:
 {tracking}"""
 
 SFT_ARGS = "sft_args:\n  max_seq_length: 2048\n"
-DPO_ARGS = "  beta: 0.01\n  loss_type: \"sigmoid\"\n  max_prompt_length: 123\n"
+DPO_ARGS = '  beta: 0.01\n  loss_type: "sigmoid"\n  max_prompt_length: 123\n'
 TRACKING = 'tracking:\n  mlflow_server_uri: "file:///mlruns"\n  experiment_name: default\n  hf_mlflow_log_artifacts: "False"\n'
 
 
@@ -150,7 +150,9 @@ def test_yaml_instantiation(tmp_path):
     assert again.model_dump() == cfg.model_dump()
 
 
-@pytest.mark.parametrize("key", ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"])
+@pytest.mark.parametrize(
+    "key", ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"]
+)
 def test_disallowed_input(key):
     """Restates test_configs.py::test_disallowed_input: the peer's DisallowedInput fields
     (training_args.per_device_train_batch_size, gradient_accumulation_steps and

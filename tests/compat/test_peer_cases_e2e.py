@@ -32,23 +32,27 @@ NUM_STEPS = 15
 PEER_INIT_LOSS = 10.3  # the peer's expectation for a 32000-token vocabulary
 PEER_LN_VOCAB = math.log(32000)
 
-SFTDATA = [{
-    "dataset": "test-1",
-    "id": "test-1-1",
-    "messages": [
-        {"role": "system", "content": "A B C"},
-        {"role": "user", "content": "A B C"},
-        {"role": "assistant", "content": "A B C"},
-    ],
-}]
+SFTDATA = [
+    {
+        "dataset": "test-1",
+        "id": "test-1-1",
+        "messages": [
+            {"role": "system", "content": "A B C"},
+            {"role": "user", "content": "A B C"},
+            {"role": "assistant", "content": "A B C"},
+        ],
+    }
+]
 
-DPODATA = [{
-    "dataset": "test-1",
-    "id": "test-1-1",
-    "prompt_messages": [{"role": "system", "content": "A B C"}, {"role": "user", "content": "A B C"}],
-    "chosen_messages": [{"role": "assistant", "content": "A B C"}],
-    "rejected_messages": [{"role": "assistant", "content": "D E F"}],
-}]
+DPODATA = [
+    {
+        "dataset": "test-1",
+        "id": "test-1-1",
+        "prompt_messages": [{"role": "system", "content": "A B C"}, {"role": "user", "content": "A B C"}],
+        "chosen_messages": [{"role": "assistant", "content": "A B C"}],
+        "rejected_messages": [{"role": "assistant", "content": "D E F"}],
+    }
+]
 
 TRAINING_ARGS = """\
 batchsize_conf:
@@ -83,7 +87,8 @@ run_conf:
   resume_from_checkpoint: False
 """
 
-SFT_LORA = """\
+SFT_LORA = (
+    """\
 data_conf:
   chat_template_name: "keep-original"
   training_data:
@@ -92,7 +97,9 @@ data_conf:
       - path: {train_data_path}
   validation_data:
     type: NONE
-""" + TRAINING_ARGS + """\
+"""
+    + TRAINING_ARGS
+    + """\
   save_steps: {num_steps}
   eval_strategy: "no"
 sft_args:
@@ -113,11 +120,15 @@ peft_conf:
       - o_proj
       - lm_head
       - embed_tokens
-""" + MODEL + """\
+"""
+    + MODEL
+    + """\
   determinism: "full"
 """
+)
 
-SFT_FULL = """\
+SFT_FULL = (
+    """\
 data_conf:
   chat_template_name: "keep-original"
   training_data:
@@ -128,7 +139,9 @@ data_conf:
     type: "CONCATENATION"
     datasets:
       - path: {train_data_path}
-""" + TRAINING_ARGS + """\
+"""
+    + TRAINING_ARGS
+    + """\
   save_steps: 1
   eval_strategy: "steps"
   eval_steps: 10
@@ -136,11 +149,15 @@ sft_args:
   max_seq_length: 128
 peft_conf:
   peft_type: "NO_PEFT"
-""" + MODEL + """\
+"""
+    + MODEL
+    + """\
   determinism: "half"
 """
+)
 
-DPO = """\
+DPO = (
+    """\
 data_conf:
   chat_template_name: "{template}"
   training_data:
@@ -149,7 +166,9 @@ data_conf:
       - path: {train_data_path}
   validation_data:
     type: NONE
-""" + TRAINING_ARGS + """\
+"""
+    + TRAINING_ARGS
+    + """\
   save_steps: 1
   eval_strategy: "no"
   remove_unused_columns: false
@@ -157,9 +176,12 @@ data_conf:
   loss_type: "sigmoid"
 peft_conf:
   peft_type: "NO_PEFT"
-""" + MODEL
+"""
+    + MODEL
+)
 
-SFT_BEFORE_DPO = """\
+SFT_BEFORE_DPO = (
+    """\
 data_conf:
   chat_template_name: "keep-original"
   training_data:
@@ -168,14 +190,18 @@ data_conf:
       - path: {train_data_path}
   validation_data:
     type: NONE
-""" + TRAINING_ARGS + """\
+"""
+    + TRAINING_ARGS
+    + """\
   save_steps: 1
   eval_strategy: "no"
 sft_args:
   max_seq_length: 128
 peft_conf:
   peft_type: "NO_PEFT"
-""" + MODEL
+"""
+    + MODEL
+)
 
 
 def _run(method: str, config_template: str, workdir: Path, data: list, model: str, lr: float, **fmt) -> Path:
@@ -187,8 +213,11 @@ def _run(method: str, config_template: str, workdir: Path, data: list, model: st
     data_path.write_text(json.dumps(data))
     out = workdir / "outputs"
     config = workdir / "config.yaml"
-    config.write_text(config_template.format(output_dir=out, train_data_path=data_path, num_steps=NUM_STEPS, lr=lr,
-                                      model=model, **fmt))
+    config.write_text(
+        config_template.format(
+            output_dir=out, train_data_path=data_path, num_steps=NUM_STEPS, lr=lr, model=model, **fmt
+        )
+    )
     rc = finetuning.main(["--num-preprocess-workers", "1", method, str(config)])
     assert rc == 0, f"finetuning {method} {config} exited {rc}"
     return out
@@ -207,7 +236,9 @@ def _losses(history: list[dict]) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
 
-def _losses_ok(history: list[dict], ln_vocab: float, peer_last_below: float | None, fraction: float | None = None) -> None:
+def _losses_ok(
+    history: list[dict], ln_vocab: float, peer_last_below: float | None, fraction: float | None = None
+) -> None:
     losses = _losses(history)
     # At the start the loss is near -log(1/V) (the peer: 10.3 +- 0.5 for V = 32000).
     assert math.isclose(losses[0], PEER_INIT_LOSS * ln_vocab / PEER_LN_VOCAB, abs_tol=0.5), losses
@@ -223,7 +254,9 @@ def _margins_ok(history: list[dict]) -> None:
     assert sorted(margins[-5:])[2] > 0.07, margins  # and rise above 0.07 (the median of the last five steps)
 
 
-def _plain_pipeline_losses(model_dir: Path, out_dir: Path, lr: float, lora: dict | None, full_determinism: bool) -> list[float]:
+def _plain_pipeline_losses(
+    model_dir: Path, out_dir: Path, lr: float, lora: dict | None, full_determinism: bool
+) -> list[float]:
     """The loss curve of the plain transformers SFT pipeline, as the Silogen engine builds it, for
     SFTDATA under the e2e training args: the tokenizer's own chat template rendered to text,
     tokenized with BOS and EOS added (BOS once), every token but BOS trained, Trainer with SGD."""
@@ -235,23 +268,41 @@ def _plain_pipeline_losses(model_dir: Path, out_dir: Path, lr: float, lora: dict
         transformers.enable_full_determinism(seed, warn_only=False)
     else:
         transformers.set_seed(seed, deterministic=True)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir, add_bos_token=True, add_eos_token=True, eos_token="</s>")
+    tok = transformers.AutoTokenizer.from_pretrained(
+        model_dir, add_bos_token=True, add_eos_token=True, eos_token="</s>"
+    )
     tok.pad_token = tok.bos_token  # the peer's missing_pad_token_strategy bos-repurpose
     ids = tok(tok.apply_chat_template(SFTDATA[0]["messages"], tokenize=False))["input_ids"]
     if ids[:2] == [tok.bos_token_id] * 2:
         ids = ids[1:]  # the template writes BOS itself; this engine trains it once
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", use_cache=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, attn_implementation="eager", use_cache=False
+    )
     if lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     args = transformers.TrainingArguments(
-        output_dir=str(out_dir), use_cpu=True, bf16=True, learning_rate=lr,
-        logging_steps=1, lr_scheduler_type="constant", optim="sgd", max_steps=NUM_STEPS, report_to=[],
-        save_strategy="no", seed=seed, per_device_train_batch_size=1)
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=True,
+        learning_rate=lr,
+        logging_steps=1,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        max_steps=NUM_STEPS,
+        report_to=[],
+        save_strategy="no",
+        seed=seed,
+        per_device_train_batch_size=1,
+    )
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list([{"input_ids": ids}]),
-        data_collator=transformers.DataCollatorForLanguageModeling(tokenizer=tok, mlm=False), processing_class=tok)
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list([{"input_ids": ids}]),
+        data_collator=transformers.DataCollatorForLanguageModeling(tokenizer=tok, mlm=False),
+        processing_class=tok,
+    )
     trainer.train()
     return _losses(trainer.state.log_history)
 
@@ -259,15 +310,18 @@ def _plain_pipeline_losses(model_dir: Path, out_dir: Path, lr: float, lora: dict
 def _same_curve(ours: list[float], plain: list[float]) -> None:
     assert len(ours) == len(plain) == NUM_STEPS, (ours, plain)
     for step, (a, b) in enumerate(zip(ours, plain, strict=True), 1):
-        assert math.isclose(a, b, abs_tol=1e-2), f"step {step}: {a} here, {b} in the plain pipeline\n{ours}\n{plain}"
+        assert math.isclose(a, b, abs_tol=1e-2), (
+            f"step {step}: {a} here, {b} in the plain pipeline\n{ours}\n{plain}"
+        )
 
 
 @pytest.fixture(scope="module")
 def sft_then_dpo(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("sft_and_dpo")
     sft_out = _run("sft", SFT_BEFORE_DPO, root, SFTDATA, str(tiny_model_dir), lr=0.5)
-    dpo_out = _run("dpo", DPO, root / "dpo", DPODATA, str(sft_out / "checkpoint-final"), lr=0.5,
-                   template="keep-original")
+    dpo_out = _run(
+        "dpo", DPO, root / "dpo", DPODATA, str(sft_out / "checkpoint-final"), lr=0.5, template="keep-original"
+    )
     return sft_out, dpo_out
 
 
@@ -280,9 +334,25 @@ def test_sft_llama_lora(tmp_path, tiny_model_dir):
     checkpoint-final is the adapter (adapter_model.safetensors)."""
     out = _run("sft", SFT_LORA, tmp_path / "run", SFTDATA, str(tiny_model_dir), lr=3.0)
     _losses_ok(_log(out), _ln_vocab(tiny_model_dir), peer_last_below=None, fraction=0.5)
-    lora = {"r": 8, "lora_alpha": 4, "lora_dropout": 0.1,
-            "target_modules": ["up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "embed_tokens"]}
-    _same_curve(_losses(_log(out)), _plain_pipeline_losses(tiny_model_dir, tmp_path / "plain", 3.0, lora, full_determinism=True))
+    lora = {
+        "r": 8,
+        "lora_alpha": 4,
+        "lora_dropout": 0.1,
+        "target_modules": [
+            "up_proj",
+            "down_proj",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "lm_head",
+            "embed_tokens",
+        ],
+    }
+    _same_curve(
+        _losses(_log(out)),
+        _plain_pipeline_losses(tiny_model_dir, tmp_path / "plain", 3.0, lora, full_determinism=True),
+    )
     assert (out / "checkpoint-final" / "adapter_model.safetensors").is_file()
 
 
@@ -295,7 +365,10 @@ def test_sft_llama(tmp_path, tiny_model_dir):
     plain pipeline as here, and ends at 4.29.)"""
     out = _run("sft", SFT_FULL, tmp_path / "run", SFTDATA, str(tiny_model_dir), lr=1.0)
     _losses_ok(_log(out), _ln_vocab(tiny_model_dir), peer_last_below=None, fraction=0.5)
-    _same_curve(_losses(_log(out)), _plain_pipeline_losses(tiny_model_dir, tmp_path / "plain", 1.0, None, full_determinism=False))
+    _same_curve(
+        _losses(_log(out)),
+        _plain_pipeline_losses(tiny_model_dir, tmp_path / "plain", 1.0, None, full_determinism=False),
+    )
 
 
 def test_dpo_llama(tmp_path, tiny_model_dir):
@@ -351,8 +424,12 @@ hf_gen_params:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     inputs = tok("Hi my name is ", return_tensors="pt")
     with torch.no_grad():
-        ids = model.generate(**inputs, do_sample=False, max_new_tokens=4,
-                             eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("</s>")],
-                             pad_token_id=tok.pad_token_id)
-    expected = tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=4,
+            eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("</s>")],
+            pad_token_id=tok.pad_token_id,
+        )
+    expected = tok.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert outputs[0]["answer"] == expected

@@ -17,15 +17,17 @@ def grown(tiny_model_dir):
     from finetune_engine.config import parse_config
     from finetune_engine.modeling import load_model, load_tokenizer
 
-    cfg = parse_config({
-        "data_conf": {
-            "training_data": {"type": "CONCATENATION", "datasets": [{"path": "unused.jsonl"}]},
-            "validation_data": {"type": "NONE"},
-            "chat_template_name": "chat-ml",
-        },
-        "batchsize_conf": {"total_train_batch_size": 1},
-        "run_conf": {"model": str(tiny_model_dir)},
-    })
+    cfg = parse_config(
+        {
+            "data_conf": {
+                "training_data": {"type": "CONCATENATION", "datasets": [{"path": "unused.jsonl"}]},
+                "validation_data": {"type": "NONE"},
+                "chat_template_name": "chat-ml",
+            },
+            "batchsize_conf": {"total_train_batch_size": 1},
+            "run_conf": {"model": str(tiny_model_dir)},
+        }
+    )
     tok = load_tokenizer(cfg, str(tiny_model_dir))
     old = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight.detach()
     new = load_model(cfg, str(tiny_model_dir), tok, wrap=False).get_input_embeddings().weight.detach()
@@ -48,7 +50,7 @@ def test_init_new_rows_by_avg_sample_changed_last_rows(grown):
     import torch
 
     old, new = grown
-    assert not torch.equal(new[old.shape[0]:], torch.zeros_like(new[old.shape[0]:]))
+    assert not torch.equal(new[old.shape[0] :], torch.zeros_like(new[old.shape[0] :]))
 
 
 def test_init_new_rows_by_avg_sample_close_to_mean(grown):
@@ -58,5 +60,5 @@ def test_init_new_rows_by_avg_sample_close_to_mean(grown):
 
     old, new = grown
     mean = old.float().mean(dim=0)
-    for row in new[old.shape[0]:]:
+    for row in new[old.shape[0] :]:
         assert torch.allclose(row.float(), mean, atol=10.0)

@@ -35,7 +35,22 @@ def test_replace_tokens_cli_unpaired_replacements(argv):
 def test_replace_tokens_cli_check_replacements():
     """Restates test_replace_tokens.py::test_replace_tokens_cli_check_replacements: --from and --to
     pair up in the order given, even interleaved (a->b, c->d, e->f)."""
-    argv = ["tokenizer", "outpath", "--from", "a", "--to", "b", "--from", "c", "--from", "e", "--to", "d", "--to", "f"]
+    argv = [
+        "tokenizer",
+        "outpath",
+        "--from",
+        "a",
+        "--to",
+        "b",
+        "--from",
+        "c",
+        "--from",
+        "e",
+        "--to",
+        "d",
+        "--to",
+        "f",
+    ]
     with patch.object(replace_tokens, "replace_tokens") as work:
         assert replace_tokens.main(argv) == 0
     work.assert_called_once_with("tokenizer", "outpath", {"a": "b", "c": "d", "e": "f"})

@@ -19,14 +19,16 @@ def test_config_dumper_enum():
     from finetune_engine.config import parse_config
     from finetune_engine.config.schema import ChatTemplateName
 
-    cfg = parse_config({
-        "data_conf": {
-            "training_data": {"type": "CONCATENATION", "datasets": [{"path": "t.jsonl"}]},
-            "validation_data": {"type": "NONE"},
-            "chat_template_name": ChatTemplateName("chat-ml"),
-        },
-        "batchsize_conf": {"total_train_batch_size": 1},
-        "run_conf": {"model": "m"},
-    })
+    cfg = parse_config(
+        {
+            "data_conf": {
+                "training_data": {"type": "CONCATENATION", "datasets": [{"path": "t.jsonl"}]},
+                "validation_data": {"type": "NONE"},
+                "chat_template_name": ChatTemplateName("chat-ml"),
+            },
+            "batchsize_conf": {"total_train_batch_size": 1},
+            "run_conf": {"model": "m"},
+        }
+    )
     dumped = cfg.model_dump(mode="json")["data_conf"]["chat_template_name"]
     assert yaml.safe_dump({"key": dumped}) == "key: chat-ml\n"

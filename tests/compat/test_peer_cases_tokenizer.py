@@ -110,4 +110,6 @@ def test_wrap_for_save_in_inference_mode_return_the_same(tokenizer, tmp_path):
     _wrap(tokenizer)
     written = tokenizer.save_pretrained(tmp_path / "a")
     expected = plain.save_pretrained(tmp_path / "b")
-    assert [p.replace(str(tmp_path / "a"), "") for p in written] == [p.replace(str(tmp_path / "b"), "") for p in expected]
+    assert [p.replace(str(tmp_path / "a"), "") for p in written] == [
+        p.replace(str(tmp_path / "b"), "") for p in expected
+    ]

@@ -27,7 +27,9 @@ def test_auto_resume_ckpt_exits(tmp_path):
     ckpt.mkdir()
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": []}))
     (ckpt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 4)}, str(ckpt / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 4)}, str(ckpt / "adapter_model.safetensors")
+    )
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
         torch.save({}, ckpt / name)
     resume = resolve_resume("auto", tmp_path)

@@ -26,7 +26,8 @@ def adapter_dir(tmp_path):
             self.lm_head = torch.nn.Linear(10, 10)
 
     model = inject_adapter_in_model(
-        LoraConfig(lora_alpha=16, lora_dropout=0.1, r=64, bias="none", target_modules=["linear"]), DummyModel()
+        LoraConfig(lora_alpha=16, lora_dropout=0.1, r=64, bias="none", target_modules=["linear"]),
+        DummyModel(),
     )
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
     state["embedding.weight"] = model.embedding.weight.detach().clone()  # the extra layer

@@ -56,7 +56,9 @@ def _run_finetuning(method: str, cfg_path: Path, tmp_path: Path) -> dict:
 
     result = tmp_path / "result.json"
     # The Job passes --num-preprocess-workers 4; one worker keeps this test inside two CPU cores.
-    rc = finetuning.main(["--num-preprocess-workers", "1", "--result-file", str(result), method, str(cfg_path)])
+    rc = finetuning.main(
+        ["--num-preprocess-workers", "1", "--result-file", str(result), method, str(cfg_path)]
+    )
     assert rc == 0, f"finetuning {method} {cfg_path.name} exited {rc}"
     return read_json(result)
 
@@ -71,7 +73,9 @@ def _run_follow_ups(commands: list[str], cfg_path: Path, workdir: Path, basemode
         if cmd.startswith("create_vllm_compatible_adapter"):
             before = _lora_keys(adapter / ADAPTER_FILE)
             rc = adapters.main(["--training-config", str(cfg_path), "./checkpoints/checkpoint-final-adapter"])
-            assert rc == 0, "create_vllm_compatible_adapter must succeed on the chart's adapter (the peer exits 0)"
+            assert rc == 0, (
+                "create_vllm_compatible_adapter must succeed on the chart's adapter (the peer exits 0)"
+            )
             after = _lora_keys(adapter / ADAPTER_FILE)
             assert after == before, f"trained LoRA tensors dropped: {sorted(before - after)}"
             backup = adapter / f"old_with_extra_layers_{ADAPTER_FILE}"
@@ -80,7 +84,9 @@ def _run_follow_ups(commands: list[str], cfg_path: Path, workdir: Path, basemode
         elif cmd.startswith("merge_adapter"):
             grown = checkpoints / "checkpoint-new-basemodel"
             base = "./checkpoints/checkpoint-new-basemodel" if grown.is_dir() else str(basemodel)
-            rc = merge.main([base, "./checkpoints/checkpoint-final-adapter", "./checkpoints/checkpoint-final"])
+            rc = merge.main(
+                [base, "./checkpoints/checkpoint-final-adapter", "./checkpoints/checkpoint-final"]
+            )
             assert rc == 0
             merged = checkpoints / "checkpoint-final"
             assert (merged / "config.json").is_file()
@@ -165,7 +171,10 @@ def test_engine_config_runs_unchanged(config, tmp_path, monkeypatch, tiny_model_
         # test_sft_llama_lora: "LoRA setup should lead to adapter checkpoint"
         assert (final / ADAPTER_FILE).is_file()
         assert not (final / "model.safetensors").exists()
-    if cfg["training_args"].get("save_strategy") == "steps" and cfg["training_args"].get("logging_steps", 500) <= MAX_STEPS:
+    if (
+        cfg["training_args"].get("save_strategy") == "steps"
+        and cfg["training_args"].get("logging_steps", 500) <= MAX_STEPS
+    ):
         # (the docs' configs log every 5 steps: nothing is logged in MAX_STEPS)
         state = read_json(out / f"checkpoint-{MAX_STEPS}" / "trainer_state.json")
         logged = [h for h in state["log_history"] if "loss" in h]
@@ -201,7 +210,10 @@ def test_flash_attention_without_flash_attn_names_the_key_or_falls_back(
         },
         "training_args": {"max_steps": 1, "save_strategy": "no", "report_to": ["none"]},
         "batchsize_conf": {"total_train_batch_size": 2, "max_per_device_train_batch_size": 2},
-        "run_conf": {"model": str(tiny_model_dir), "model_args": {"attn_implementation": "flash_attention_2"}},
+        "run_conf": {
+            "model": str(tiny_model_dir),
+            "model_args": {"attn_implementation": "flash_attention_2"},
+        },
         "sft_args": {"max_seq_length": 128},
     }
     cfg_path = write_yaml(tmp_path / "finetuning_config.yaml", cfg)

@@ -34,11 +34,16 @@ pytestmark = [pytest.mark.slow]
 def airflow(tmp_path_factory, tiny_model_dir, mlflow_server):
     root = tmp_path_factory.mktemp("standalone")
     env = {
-        "FINETUNE_UI_MODEL_URI": MODEL, "FINETUNE_UI_DATASET_URI": DATASET,
-        "FINETUNE_UI_SFT_CONFIG": "engine/configs/tiny-sft-lora.yaml", "FINETUNE_UI_GPUS": "0",
+        "FINETUNE_UI_MODEL_URI": MODEL,
+        "FINETUNE_UI_DATASET_URI": DATASET,
+        "FINETUNE_UI_SFT_CONFIG": "engine/configs/tiny-sft-lora.yaml",
+        "FINETUNE_UI_GPUS": "0",
         "FINETUNE_UI_KEEP_SERVING": "false",
-        "FINETUNE_RETRAIN_BASE_MODEL": MODEL, "FINETUNE_RETRAIN_CONFIG": "engine/configs/tiny-sft-lora.yaml",
-        "FINETUNE_RETRAIN_MAX_STEPS": "8", "FINETUNE_RETRAIN_GPUS": "0", "FINETUNE_RETRAIN_KEEP_SERVING": "false",
+        "FINETUNE_RETRAIN_BASE_MODEL": MODEL,
+        "FINETUNE_RETRAIN_CONFIG": "engine/configs/tiny-sft-lora.yaml",
+        "FINETUNE_RETRAIN_MAX_STEPS": "8",
+        "FINETUNE_RETRAIN_GPUS": "0",
+        "FINETUNE_RETRAIN_KEEP_SERVING": "false",
         "FINETUNE_RETRAIN_DEPLOY": "true" if VLLM_PY.exists() else "false",
         "AIRFLOW__FINETUNE__VLLM_PYTHON": str(VLLM_PY),
         "AIRFLOW__FINETUNE__MLFLOW_TRACKING_URI": mlflow_server,
@@ -47,9 +52,18 @@ def airflow(tmp_path_factory, tiny_model_dir, mlflow_server):
     sa.env.pop("DISABLE_MLFLOW_INTEGRATION", None)
     bucket = {**os.environ, **sa.bucket_env(), "HF_HUB_OFFLINE": "1"}
     # what the tutorial DAG leaves in the bucket: the base model and a dataset
-    subprocess.run([str(ENGINE), "deliver-model", str(tiny_model_dir), MODEL], env=bucket, check=True, capture_output=True)
-    subprocess.run([str(ENGINE), "deliver-data", "s3://finetune/datasets/tutorial"], check=True, capture_output=True,
-                   env={**bucket, "FINETUNE_DATA_SCRIPT": (ROOT / "examples" / "tiny_data_script.py").read_text()})
+    subprocess.run(
+        [str(ENGINE), "deliver-model", str(tiny_model_dir), MODEL],
+        env=bucket,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [str(ENGINE), "deliver-data", "s3://finetune/datasets/tutorial"],
+        check=True,
+        capture_output=True,
+        env={**bucket, "FINETUNE_DATA_SCRIPT": (ROOT / "examples" / "tiny_data_script.py").read_text()},
+    )
     try:
         sa.start()
         for dag_id in ("finetune_ui", "finetune_retraining", "finetune_retraining_data"):
@@ -88,29 +102,46 @@ def test_dag_files_parse_fast_without_torch(tmp_path):
     # small, and no heavy training library may be imported by parsing.
     baseline = tmp_path / "plain_kpo.py"
     baseline.write_text(KPO_DAG)
-    code = ("import sys, time\nfrom airflow.dag_processing.dagbag import DagBag\n"
-            "t = time.process_time(); base = DagBag(sys.argv[1]); t_base = time.process_time() - t\n"
-            "t = time.process_time(); bag = DagBag(sys.argv[2]); dt = time.process_time() - t\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'trl', 'mlflow', 'pandas') if m in sys.modules)\n"
-            "import json; print(json.dumps({'errors': {k: str(v) for k, v in {**base.import_errors, **bag.import_errors}.items()}, "
-            "'dags': sorted(bag.dags), 'heavy': heavy, 'baseline': t_base, 'seconds': dt}))")
+    code = (
+        "import sys, time\nfrom airflow.dag_processing.dagbag import DagBag\n"
+        "t = time.process_time(); base = DagBag(sys.argv[1]); t_base = time.process_time() - t\n"
+        "t = time.process_time(); bag = DagBag(sys.argv[2]); dt = time.process_time() - t\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'trl', 'mlflow', 'pandas') if m in sys.modules)\n"
+        "import json; print(json.dumps({'errors': {k: str(v) for k, v in {**base.import_errors, **bag.import_errors}.items()}, "
+        "'dags': sorted(bag.dags), 'heavy': heavy, 'baseline': t_base, 'seconds': dt}))"
+    )
     for path in sorted((ROOT / "dags").glob("*.py")):
-        out = subprocess.run([sys.executable, "-c", code, str(baseline), str(path)], capture_output=True, text=True, check=True,
-                             env={**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(baseline), str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"},
+        ).stdout
         report = json.loads(out.strip().splitlines()[-1])
         assert report["errors"] == {}, path
         assert report["dags"], f"{path.name} defines no DAG"
         assert report["heavy"] == [], f"parsing {path.name} imported {report['heavy']}"
-        assert report["seconds"] < 0.5, (f"{path.name} took {report['seconds']:.2f}s CPU to parse on top of a plain "
-                                         f"KubernetesPodOperator DAG (which took {report['baseline']:.2f}s)")
+        assert report["seconds"] < 0.5, (
+            f"{path.name} took {report['seconds']:.2f}s CPU to parse on top of a plain "
+            f"KubernetesPodOperator DAG (which took {report['baseline']:.2f}s)"
+        )
 
 
 def test_rest_refuses_invalid_params_and_creates_no_run(airflow):
     before = airflow.api("GET", "dags/finetune_ui/dagRuns").json()["total_entries"]
-    bad = [({"lora_ranks": [0]}, "lora_ranks"), ({"lora_ranks": []}, "lora_ranks"), ({"learning_rate": 5}, "learning_rate"),
-           ({"learning_rate": 0}, "learning_rate"), ({"method": "ppo"}, "method"), ({"epochs": 0}, "epochs"),
-           ({"gpus": 9}, "gpus"), ({"dataset_uri": "http://example.org/d.jsonl"}, "dataset_uri"),
-           ({"model_uri": "/etc/passwd"}, "model_uri"), ({"deploy": "yes"}, "deploy")]
+    bad = [
+        ({"lora_ranks": [0]}, "lora_ranks"),
+        ({"lora_ranks": []}, "lora_ranks"),
+        ({"learning_rate": 5}, "learning_rate"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"method": "ppo"}, "method"),
+        ({"epochs": 0}, "epochs"),
+        ({"gpus": 9}, "gpus"),
+        ({"dataset_uri": "http://example.org/d.jsonl"}, "dataset_uri"),
+        ({"model_uri": "/etc/passwd"}, "model_uri"),
+        ({"deploy": "yes"}, "deploy"),
+    ]
     for conf, key in bad:
         r = trigger(airflow, "finetune_ui", conf)
         assert r.status_code == 400, (conf, r.status_code, r.text)
@@ -133,8 +164,12 @@ def test_rest_trigger_with_conf_sweeps_and_picks_the_best(airflow, bucket):
     assert best["final_eval_loss"] == min(r["final_eval_loss"] for r in results)
     assert is_complete(best["final_checkpoint_uri"])
     # the rendered rows read r=4, r=8 in the grid
-    tis = airflow.api("GET", f"dags/finetune_ui/dagRuns/{run_id}/taskInstances", params={"task_id_pattern": "sweep"}).json()
-    assert sorted(ti.get("rendered_map_index") for ti in tis["task_instances"] if ti["task_id"] == "sweep") == ["r=4", "r=8"]
+    tis = airflow.api(
+        "GET", f"dags/finetune_ui/dagRuns/{run_id}/taskInstances", params={"task_id_pattern": "sweep"}
+    ).json()
+    assert sorted(
+        ti.get("rendered_map_index") for ti in tis["task_instances"] if ti["task_id"] == "sweep"
+    ) == ["r=4", "r=8"]
 
 
 def test_bad_inputs_fail_in_preflight_before_any_training(airflow, bucket):
@@ -155,7 +190,14 @@ def test_bad_inputs_fail_in_preflight_before_any_training(airflow, bucket):
         log = airflow.task_log("finetune_ui", run_id, "preflight")
         assert message in log, (name, log[-3000:])
         # the preflight failure is not retried, and nothing was written under the run's experiment
-        assert len(airflow.api("GET", f"dags/finetune_ui/dagRuns/{run_id}/taskInstances/preflight/tries").json()["task_instances"]) == 1
+        assert (
+            len(
+                airflow.api("GET", f"dags/finetune_ui/dagRuns/{run_id}/taskInstances/preflight/tries").json()[
+                    "task_instances"
+                ]
+            )
+            == 1
+        )
 
 
 @pytest.mark.browser
@@ -165,11 +207,24 @@ def test_trigger_form_in_a_real_browser(airflow, bucket):
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
-    before = {r["dag_run_id"] for r in airflow.api("GET", "dags/finetune_ui/dagRuns", params={"limit": 100}).json()["dag_runs"]}
+    before = {
+        r["dag_run_id"]
+        for r in airflow.api("GET", "dags/finetune_ui/dagRuns", params={"limit": 100}).json()["dag_runs"]
+    }
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(f"{airflow.url}/", wait_until="networkidle")
         page.locator("input[name=username]").fill("admin")
@@ -179,6 +234,7 @@ def test_trigger_form_in_a_real_browser(airflow, bucket):
         page.goto(f"{airflow.url}/dags/finetune_ui", wait_until="networkidle")
         page.get_by_role("button", name="Trigger Dag").first.click()
         dialog = page.get_by_role("dialog")
+
         def open_section(name: str) -> None:  # the form's sections are an accordion, one open at a time
             header = dialog.get_by_role("button", name=name, exact=True)
             if header.get_attribute("aria-expanded") != "true":
@@ -222,21 +278,34 @@ def test_trigger_form_in_a_real_browser(airflow, bucket):
     assert len(new) == 1, "the form did not create a run"
     [run_id] = new
     run = airflow.wait_run("finetune_ui", run_id)
-    assert run["conf"]["max_steps"] == 5 and run["conf"]["epochs"] == 2 and run["conf"]["lora_ranks"] == [4], run["conf"]
+    assert (
+        run["conf"]["max_steps"] == 5 and run["conf"]["epochs"] == 2 and run["conf"]["lora_ranks"] == [4]
+    ), run["conf"]
     assert run["state"] == "success", airflow.task_states("finetune_ui", run_id)
     assert airflow.xcom("finetune_ui", run_id, "pick_best")["global_step"] == 5
     assert (ARTIFACTS / "finetune_ui-trigger-form.png").stat().st_size > 10_000
 
 
 def _deliver_retrain_data(airflow) -> None:
-    env = {**os.environ, **airflow.bucket_env(), "FINETUNE_DATA_SCRIPT": (ROOT / "examples" / "retrain_data_script.py").read_text()}
-    subprocess.run([str(ENGINE), "deliver-data", "s3://finetune/datasets/retrain"], env=env, check=True, capture_output=True)
+    env = {
+        **os.environ,
+        **airflow.bucket_env(),
+        "FINETUNE_DATA_SCRIPT": (ROOT / "examples" / "retrain_data_script.py").read_text(),
+    }
+    subprocess.run(
+        [str(ENGINE), "deliver-data", "s3://finetune/datasets/retrain"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
 
 
 def _asset_triggered_run(airflow, before: set[str], timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = airflow.api("GET", "dags/finetune_retraining/dagRuns", params={"limit": 100}).json()["dag_runs"]
+        runs = airflow.api("GET", "dags/finetune_retraining/dagRuns", params={"limit": 100}).json()[
+            "dag_runs"
+        ]
         new = [r for r in runs if r["dag_run_id"] not in before]
         if new:
             assert new[0]["run_type"] == "asset_triggered", new[0]
@@ -249,11 +318,15 @@ def test_retraining_on_asset_events_records_champion_challenger_decisions(airflo
     import requests
 
     [asset] = airflow.api("GET", "assets", params={"name_pattern": "finetune_retrain_data"}).json()["assets"]
-    [champion_asset] = airflow.api("GET", "assets", params={"name_pattern": "finetune_champion"}).json()["assets"]
+    [champion_asset] = airflow.api("GET", "assets", params={"name_pattern": "finetune_champion"}).json()[
+        "assets"
+    ]
     decisions = []
     for round_ in (1, 2):
         _deliver_retrain_data(airflow)
-        before = {r["dag_run_id"] for r in airflow.api("GET", "dags/finetune_retraining/dagRuns").json()["dag_runs"]}
+        before = {
+            r["dag_run_id"] for r in airflow.api("GET", "dags/finetune_retraining/dagRuns").json()["dag_runs"]
+        }
         r = airflow.api("POST", "assets/events", json={"asset_id": asset["id"], "extra": {"round": round_}})
         assert r.status_code == 200, r.text
         run_id = _asset_triggered_run(airflow, before)
@@ -270,24 +343,48 @@ def test_retraining_on_asset_events_records_champion_challenger_decisions(airflo
             assert decision["promoted"] is True and decision["champion_uri"] is None
         else:  # both scored on the same held-out set; promoted exactly when better
             assert decision["champion_uri"] == decisions[0]["model_uri"] and len(by_uri) == 2
-            assert decision["promoted"] == (by_uri[decision["challenger_uri"]] < by_uri[decision["champion_uri"]])
+            assert decision["promoted"] == (
+                by_uri[decision["challenger_uri"]] < by_uri[decision["champion_uri"]]
+            )
             assert scores["models"][0]["tokens"] == scores["models"][1]["tokens"]  # the same held-out tokens
         expected_deploy = "success" if decision["promoted"] and VLLM_PY.exists() else "skipped"
         assert states["deploy"] == [expected_deploy], states
         # recorded: in the bucket, on the MLflow run, as the champion asset's event extra
         objects = list_objects("s3://finetune/champions/default/decisions")
         assert any(run_id.replace(":", "-").replace("+", "-") in k for k in objects), objects
-        tags = requests.get(f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": challenger["mlflow_run_id"]},
-                            timeout=30).json()["run"]["data"].get("tags", [])
-        assert {"key": "finetune.decision", "value": "promoted" if decision["promoted"] else "rejected"} in tags
-        events = airflow.api("GET", "assets/events", params={"asset_id": champion_asset["id"], "order_by": "-timestamp"}).json()
+        tags = (
+            requests.get(
+                f"{mlflow_server}/api/2.0/mlflow/runs/get",
+                params={"run_id": challenger["mlflow_run_id"]},
+                timeout=30,
+            )
+            .json()["run"]["data"]
+            .get("tags", [])
+        )
+        assert {
+            "key": "finetune.decision",
+            "value": "promoted" if decision["promoted"] else "rejected",
+        } in tags
+        events = airflow.api(
+            "GET", "assets/events", params={"asset_id": champion_asset["id"], "order_by": "-timestamp"}
+        ).json()
         assert events["asset_events"][0]["extra"]["challenger_uri"] == decision["challenger_uri"]
         assert events["asset_events"][0]["extra"]["promoted"] == decision["promoted"]
         decisions.append(decision)
-    champion = json.loads(subprocess.run(
-        [sys.executable, "-c", "import sys; from finetune_engine.storage import make_client; "
-         "print(make_client().get_object(Bucket='finetune', Key='champions/default/champion.json')['Body'].read().decode())"],
-        capture_output=True, text=True, check=True, env={**os.environ, **airflow.bucket_env()}).stdout)
+    champion = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from finetune_engine.storage import make_client; "
+                "print(make_client().get_object(Bucket='finetune', Key='champions/default/champion.json')['Body'].read().decode())",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **airflow.bucket_env()},
+        ).stdout
+    )
     latest = decisions[-1]["model_uri"]
     assert champion["model_uri"] == latest and "data_conf" in champion["config"]
     assert len(list_children("s3://finetune/experiments")) >= 1

@@ -33,8 +33,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def _run_demo(demo_dir: Path, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "FINETUNE_DEMO_DIR": str(demo_dir), **env})
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "demo.sh")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**os.environ, "FINETUNE_DEMO_DIR": str(demo_dir), **env},
+    )
     log = demo_dir / "tutorial-run.log"
     if proc.returncode != 0 and log.exists():  # keep the whole DAG log for the CI artifacts
         ARTIFACTS.mkdir(exist_ok=True)
@@ -58,7 +64,15 @@ def demo(tmp_path_factory):
                 os.killpg(int(pid_file.read_text()), signal.SIGTERM)
             except (ProcessLookupError, ValueError):
                 pass
-        subprocess.run([str(ROOT / ".venv" / "bin" / "finetune-engine"), "local-s3", "stop", "--dir", str(demo_dir / "s3")])
+        subprocess.run(
+            [
+                str(ROOT / ".venv" / "bin" / "finetune-engine"),
+                "local-s3",
+                "stop",
+                "--dir",
+                str(demo_dir / "s3"),
+            ]
+        )
 
 
 @pytest.fixture()
@@ -68,8 +82,14 @@ def bucket(demo, monkeypatch):
 
 
 def _chat(endpoint: str, question: str) -> str:
-    body = json.dumps({"model": "tutorial", "messages": [{"role": "user", "content": question}],
-                       "max_tokens": 16, "temperature": 0}).encode()
+    body = json.dumps(
+        {
+            "model": "tutorial",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }
+    ).encode()
     req = urllib.request.Request(f"{endpoint}/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.load(r)["choices"][0]["message"]["content"]
@@ -78,7 +98,11 @@ def _chat(endpoint: str, question: str) -> str:
 def test_make_demo_prints_the_sweep_and_a_chat_and_leaves_a_server_to_chat_with(demo):
     """The README's `make demo`: its summary lines, then the curl it prints works on the live server."""
     out = demo.first.stdout
-    assert re.search(r"^eval loss by rank: r=4: [\d.]+, r=8: [\d.]+, r=16: [\d.]+; failed ranks: none; best: r=\d+$", out, re.M), out
+    assert re.search(
+        r"^eval loss by rank: r=4: [\d.]+, r=8: [\d.]+, r=16: [\d.]+; failed ranks: none; best: r=\d+$",
+        out,
+        re.M,
+    ), out
     assert f"user: {QUESTION}" in out and "assistant: The capital of France is Paris." in out
     assert re.search(r"time to first chat: \d+s", out)
     bucket_dir = demo.dir / "s3" / "data" / "finetune"
@@ -90,14 +114,18 @@ def test_make_demo_prints_the_sweep_and_a_chat_and_leaves_a_server_to_chat_with(
 def test_every_rank_finished_the_lowest_loss_won_and_was_merged(demo, bucket, tmp_path):
     log = (demo.dir / "tutorial-run.log").read_text()
     assert "state=success" in log and "state=failed" not in log
-    [prefix] = [f"s3://finetune/experiments/tutorial/{r}" for r in list_children("s3://finetune/experiments/tutorial")]
+    [prefix] = [
+        f"s3://finetune/experiments/tutorial/{r}" for r in list_children("s3://finetune/experiments/tutorial")
+    ]
     assert prefix.endswith("/demo")
     ranks = list_children(prefix)
     assert sorted(int(r.split("-")[0][1:]) for r in ranks) == [4, 8, 16]
     losses = {}
     for r in ranks:
         # the operator asks for the adapter and, beside it, the merged model (the Silogen chart's names)
-        assert is_complete(f"{prefix}/{r}/checkpoint-final") and is_complete(f"{prefix}/{r}/checkpoint-final-adapter")
+        assert is_complete(f"{prefix}/{r}/checkpoint-final") and is_complete(
+            f"{prefix}/{r}/checkpoint-final-adapter"
+        )
         download_file(f"{prefix}/{r}/result.json", tmp_path / f"{r}.json")
         losses[int(r.split("-")[0][1:])] = json.loads((tmp_path / f"{r}.json").read_text())["final_eval_loss"]
     picked = int(re.search(r"best: r=(\d+)", log).group(1))
@@ -117,12 +145,16 @@ def test_make_demo_again_trains_no_rank_runs_the_full_parameter_job_and_stops_se
     assert log.count("this run already finished, nothing to train") == 3  # the three ranks
     [full] = list_children("s3://finetune/experiments/tutorial-full/demo")
     assert is_complete(f"s3://finetune/experiments/tutorial-full/demo/{full}/checkpoint-final")
-    assert not is_complete(f"s3://finetune/experiments/tutorial-full/demo/{full}/checkpoint-final-adapter")  # no LoRA
+    assert not is_complete(
+        f"s3://finetune/experiments/tutorial-full/demo/{full}/checkpoint-final-adapter"
+    )  # no LoRA
     reply = re.search(r"assistant: (.+)", log)
     assert reply and reply.group(1).strip() not in ("", "None")
     endpoint = re.search(r"endpoint: (http://127\.0\.0\.1:\d+)/v1", log).group(1)
     # keep_serving off: the stop_serving teardown removed the server when the run ended
     [serving] = (demo.dir / "work" / "serving").iterdir()
-    assert (serving / "vllm.log").exists() and not (serving / "server.pid").exists(), "the server was not stopped"
+    assert (serving / "vllm.log").exists() and not (serving / "server.pid").exists(), (
+        "the server was not stopped"
+    )
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{endpoint}/health", timeout=5)

@@ -26,7 +26,12 @@ def make_config(tmp_path: Path, model: Path, data: Path, **sections) -> Path:
         "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 4},
         # merged outputs and auto resume, as this project's operators ask for them; the engine's own
         # defaults (the Silogen engine's: no merge, resume false) are tested in test_silogen_layout.py
-        "run_conf": {"model": str(model), "determinism": "half", "merge_adapter": True, "resume_from_checkpoint": "auto"},
+        "run_conf": {
+            "model": str(model),
+            "determinism": "half",
+            "merge_adapter": True,
+            "resume_from_checkpoint": "auto",
+        },
         "sft_args": {"max_seq_length": 128},
     }
     for key, value in sections.items():

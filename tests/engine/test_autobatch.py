@@ -16,7 +16,9 @@ from finetune_engine.config import ConfigError, parse_config
 from tests.engine.conftest import make_config
 
 
-def _limited(limit: int, error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+def _limited(
+    limit: int, error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+):
     calls: list[int] = []
 
     def try_batch(size: int) -> None:
@@ -47,9 +49,13 @@ def test_doubling_then_binary_search_order():
 def test_oom_kinds_recognised_and_other_errors_propagate():
     assert is_out_of_memory(torch.OutOfMemoryError("x"))
     assert is_out_of_memory(RuntimeError("HIP out of memory. Tried to allocate 20.00 MiB"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    )
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
-    try_batch, _ = _limited(4, error=lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    try_batch, _ = _limited(
+        4, error=lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+    )
     assert find_max_batch(try_batch, 16, release=lambda: None)[0] == 4
     try_batch, _ = _limited(2, error=lambda: ValueError("a bug, not memory"))
     with pytest.raises(ValueError, match="a bug"):
@@ -69,7 +75,9 @@ def test_trial_runs_forward_backward_and_leaves_no_gradients(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     seen = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     row = {"input_ids": list(range(5, 45)), "labels": list(range(5, 45))}
     training_trial(model, row, PaddingCollator(0), {})(3)
     assert seen == [torch.Size([3, 40])]
@@ -77,15 +85,30 @@ def test_trial_runs_forward_backward_and_leaves_no_gradients(tiny_model_dir):
 
 
 def test_schema_auto_spellings_and_limits():
-    base = {"data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]}},
-            "run_conf": {"model": "m", "preset": "none"}}
+    base = {
+        "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]}},
+        "run_conf": {"model": "m", "preset": "none"},
+    }
     for value in ("auto", -1):
-        cfg = parse_config({**base, "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": value}})
+        cfg = parse_config(
+            {
+                **base,
+                "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": value},
+            }
+        )
         assert cfg.batchsize_conf.max_per_device_train_batch_size == "auto"
     with pytest.raises(ConfigError, match="must be a positive integer, auto or -1"):
-        parse_config({**base, "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 0}})
+        parse_config(
+            {**base, "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 0}}
+        )
     with pytest.raises(ConfigError, match="auto is supported by sft only"):
-        parse_config({**base, "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": "auto"}}, method="dpo")
+        parse_config(
+            {
+                **base,
+                "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": "auto"},
+            },
+            method="dpo",
+        )
 
 
 def test_auto_batch_run_under_a_simulated_memory_limit(tiny_model, chat_data, tmp_path, monkeypatch, caplog):
@@ -111,11 +134,18 @@ def test_auto_batch_run_under_a_simulated_memory_limit(tiny_model, chat_data, tm
 
     monkeypatch.setattr(modeling, "load_model", load_with_limit)
     caplog.set_level(logging.INFO)
-    config = make_config(tmp_path, tiny_model, chat_data,
-                         batchsize_conf={"total_train_batch_size": 8, "max_per_device_train_batch_size": -1},
-                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 2, "learning_rate": 0.003})
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_data,
+        batchsize_conf={"total_train_batch_size": 8, "max_per_device_train_batch_size": -1},
+        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 2, "learning_rate": 0.003},
+    )
     result_file = tmp_path / "result.json"
-    assert finetuning(["sft", str(config), "--result-file", str(result_file), "--num-preprocess-workers", "1"]) == 0
+    assert (
+        finetuning(["sft", str(config), "--result-file", str(result_file), "--num-preprocess-workers", "1"])
+        == 0
+    )
     result = json.loads(result_file.read_text())
     assert (result["per_device_train_batch_size"], result["gradient_accumulation_steps"]) == (2, 4)
     assert result["global_step"] == 2
@@ -126,11 +156,24 @@ def test_auto_batch_run_under_a_simulated_memory_limit(tiny_model, chat_data, tm
 
 
 def test_scaled_learning_rate_reaches_the_trainer(tiny_model, chat_data, tmp_path):
-    config = make_config(tmp_path, tiny_model, chat_data, overrides={"lr_batch_size_scaling": "linear", "reference_batch_size": 2, "lr_multiplier": 0.5},
-                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 2, "save_steps": 2,
-                                        "learning_rate": 0.003, "lr_scheduler_type": "constant"})
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_data,
+        overrides={"lr_batch_size_scaling": "linear", "reference_batch_size": 2, "lr_multiplier": 0.5},
+        training_args={
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "save_steps": 2,
+            "learning_rate": 0.003,
+            "lr_scheduler_type": "constant",
+        },
+    )
     result_file = tmp_path / "result.json"
-    assert finetuning(["sft", str(config), "--result-file", str(result_file), "--num-preprocess-workers", "1"]) == 0
+    assert (
+        finetuning(["sft", str(config), "--result-file", str(result_file), "--num-preprocess-workers", "1"])
+        == 0
+    )
     expected = 0.003 * 0.5 * (8 / 2)
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
     logged = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]

@@ -80,7 +80,9 @@ def _cfg(model, template: str | None = "chat-ml", peft: dict | None = None, **sf
 
 
 def _encode(tok, record, cfg) -> dict:
-    [item] = encode_batch([record], tok.tokenizer, EncodeSettings.for_sft(cfg.sft_args, tok.end_marker, tok.start_marker))
+    [item] = encode_batch(
+        [record], tok.tokenizer, EncodeSettings.for_sft(cfg.sft_args, tok.end_marker, tok.start_marker)
+    )
     assert isinstance(item, dict), item
     return item
 
@@ -112,8 +114,15 @@ def test_mistral_with_system_adds_no_tokens_so_the_model_keeps_its_vocabulary(ti
     """No vocabulary growth: no resized embeddings, no full embedding copies in the adapter."""
     from finetune_engine.modeling import load_model
 
-    cfg = _cfg(tiny_model_dir, "mistral-with-system", peft={"peft_type": "LORA", "task_type": "CAUSAL_LM",
-                                                            "peft_kwargs": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    cfg = _cfg(
+        tiny_model_dir,
+        "mistral-with-system",
+        peft={
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "peft_kwargs": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+        },
+    )
     tok = load_tokenizer(cfg, str(tiny_model_dir))
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     assert tok.added_tokens == [] and len(tok.tokenizer) == vocab
@@ -161,7 +170,9 @@ def test_option_keeps_the_reply_only_labels(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, "chat-ml", train_on_completions_only=True, train_assistant_start_marker=False)
     tok = load_tokenizer(cfg, str(tiny_model_dir))
     item = _encode(tok, {"messages": CONVERSATION}, cfg)
-    trained = tok.tokenizer.decode([i for i, lab in zip(item["input_ids"], item["labels"], strict=True) if lab != IGNORE_INDEX])
+    trained = tok.tokenizer.decode(
+        [i for i, lab in zip(item["input_ids"], item["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
     assert trained == "2 plus 3 is 5.<|im_end|>The capital of Peru is Lima.<|im_end|>"
 
 
@@ -169,7 +180,9 @@ def test_keep_original_start_marker_is_the_generation_prompt(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, "keep-original", train_on_completions_only=True)
     tok = load_tokenizer(cfg, str(tiny_model_dir))
     item = _encode(tok, {"messages": CONVERSATION}, cfg)
-    trained = tok.tokenizer.decode([i for i, lab in zip(item["input_ids"], item["labels"], strict=True) if lab != IGNORE_INDEX])
+    trained = tok.tokenizer.decode(
+        [i for i, lab in zip(item["input_ids"], item["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
     assert trained == "Assistant:\n2 plus 3 is 5.</s>Assistant:\nThe capital of Peru is Lima.</s>"
 
 

@@ -30,7 +30,9 @@ def _foreign(root, step, shards=None):
     if shards is None:
         (d / "model.safetensors").write_bytes(b"w")
     else:
-        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {f"w{i}": s for i, s in enumerate(shards)}}))
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {f"w{i}": s for i, s in enumerate(shards)}})
+        )
         (d / shards[0]).write_bytes(b"w")
     (d / "optimizer.pt").write_bytes(b"o")
     (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
@@ -53,14 +55,19 @@ def test_auto_resumes_from_newest_complete_and_removes_only_its_own_leftovers(tm
 
     assert resolve_resume("auto", tmp_path) == newest
     text = caplog.text
-    assert f"ignoring incomplete checkpoint {ours} (this engine started writing it and did not finish); removing it" in text
+    assert (
+        f"ignoring incomplete checkpoint {ours} (this engine started writing it and did not finish); removing it"
+        in text
+    )
     assert f"ignoring incomplete checkpoint {cut} (no trainer_state.json" in text and "left as it is" in text
     assert f"ignoring incomplete checkpoint {corrupt} (its manifest does not match: size mismatch" in text
     assert f"skipping {tmp_path / 'runs'}: not a checkpoint directory" in text
     assert f"skipping {tmp_path / 'checkpoint-final'}: not a checkpoint directory" in text
     assert f"resuming from the newest complete checkpoint {newest}" in text
     assert not ours.exists()
-    assert cut.is_dir() and (corrupt / "adapter_model.safetensors").read_bytes() == b"short"  # not ours to delete
+    assert (
+        cut.is_dir() and (corrupt / "adapter_model.safetensors").read_bytes() == b"short"
+    )  # not ours to delete
     assert (tmp_path / "runs").is_dir() and (tmp_path / "checkpoint-final").is_dir()
 
 
@@ -72,9 +79,14 @@ def test_auto_resumes_from_a_checkpoint_another_trainer_wrote(tmp_path, caplog):
     assert resolve_resume(True, tmp_path) == theirs
     assert resolve_resume(str(theirs), tmp_path) == theirs
     # a sharded save missing a shard is not complete; the complete one before it is used, nothing is removed
-    sharded = _foreign(tmp_path, 7, shards=["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    sharded = _foreign(
+        tmp_path, 7, shards=["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    )
     assert resolve_resume("auto", tmp_path) == theirs
-    assert f"ignoring incomplete checkpoint {sharded} (missing shards ['model-00002-of-00002.safetensors'])" in caplog.text
+    assert (
+        f"ignoring incomplete checkpoint {sharded} (missing shards ['model-00002-of-00002.safetensors'])"
+        in caplog.text
+    )
     (sharded / "model-00002-of-00002.safetensors").write_bytes(b"w")
     assert resolve_resume("auto", tmp_path) == sharded
     assert ours.is_dir() and theirs.is_dir() and not (theirs / WRITING_MARKER).exists()

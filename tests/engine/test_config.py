@@ -41,25 +41,75 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["data_conf.chat_templte=chat-ml"], "data_conf.chat_templte: unknown key; did you mean 'chat_template_name'?"),
+        (
+            ["data_conf.chat_templte=chat-ml"],
+            "data_conf.chat_templte: unknown key; did you mean 'chat_template_name'?",
+        ),
         (["run_conf.modle=x"], "run_conf.modle: unknown key; did you mean 'model'?"),
-        (["data_conf.training_data.datasets[0].pth=x"], "data_conf.training_data.datasets[0].pth: unknown key; did you mean 'path'?"),
-        (["training_args.learnin_rate=0.1"], "training_args.learnin_rate: not a sft trainer argument (did you mean 'learning_rate'?)"),
-        (["training_args.per_device_train_batch_size=4"], "training_args.per_device_train_batch_size: derived from batchsize_conf"),
-        (["training_args.gradient_accumulation_steps=4"], "training_args.gradient_accumulation_steps: derived from batchsize_conf"),
+        (
+            ["data_conf.training_data.datasets[0].pth=x"],
+            "data_conf.training_data.datasets[0].pth: unknown key; did you mean 'path'?",
+        ),
+        (
+            ["training_args.learnin_rate=0.1"],
+            "training_args.learnin_rate: not a sft trainer argument (did you mean 'learning_rate'?)",
+        ),
+        (
+            ["training_args.per_device_train_batch_size=4"],
+            "training_args.per_device_train_batch_size: derived from batchsize_conf",
+        ),
+        (
+            ["training_args.gradient_accumulation_steps=4"],
+            "training_args.gradient_accumulation_steps: derived from batchsize_conf",
+        ),
         (["training_args.hub_token=hf_x"], "training_args.hub_token: secrets never go in a config"),
         (["training_args.learning_rate=fast"], "training_args.learning_rate: expected float"),
         (["training_args.max_steps=true"], "training_args.max_steps: expected int"),
         (["peft_conf.peft_type=LORRA"], "peft_conf: peft_type 'LORRA' is not one of"),
-        (["peft_conf.peft_type=LORA", "peft_conf.peft_kwargs.r=0"], "peft_conf.peft_kwargs: r must be a positive integer"),
-        (["peft_conf.peft_type=LORA", "peft_conf.peft_kwargs.target_modules=q_proj vproj"], "looks like several names in one string"),
-        (["quant_conf.quantization_type=bits-and-bytes", "quant_conf.load_in_4bit=true", "quant_conf.load_in_8bit=true", "peft_conf.peft_type=LORA"], "load_in_4bit and load_in_8bit are both true"),
-        (["quant_conf.quantization_type=bits-and-bytes", "quant_conf.load_in_4bit=true"], "cannot be trained without an adapter"),
+        (
+            ["peft_conf.peft_type=LORA", "peft_conf.peft_kwargs.r=0"],
+            "peft_conf.peft_kwargs: r must be a positive integer",
+        ),
+        (
+            ["peft_conf.peft_type=LORA", "peft_conf.peft_kwargs.target_modules=q_proj vproj"],
+            "looks like several names in one string",
+        ),
+        (
+            [
+                "quant_conf.quantization_type=bits-and-bytes",
+                "quant_conf.load_in_4bit=true",
+                "quant_conf.load_in_8bit=true",
+                "peft_conf.peft_type=LORA",
+            ],
+            "load_in_4bit and load_in_8bit are both true",
+        ),
+        (
+            ["quant_conf.quantization_type=bits-and-bytes", "quant_conf.load_in_4bit=true"],
+            "cannot be trained without an adapter",
+        ),
         (["run_conf.model_args.trust_remote_code=true"], "pin run_conf.model_args.revision"),
-        (["run_conf.final_checkpoint_name=../x"], "run_conf.final_checkpoint_name: must be a plain directory name"),
-        (["data_conf.validation_data.type=AUTO_SPLIT", "data_conf.validation_data.ratio=1.5"], "data_conf.validation_data.ratio"),
-        (["data_conf.training_data.type=PRECOMPUTE_WEIGHTED_MIX", "data_conf.training_data.datasets[0].sampling_weight=0"], "every dataset has sampling_weight 0"),
-        (["data_conf.training_data.type=PRECOMPUTE_WEIGHTED_MIX", "data_conf.training_data.datasets[0].sampling_weight=-1"], "data_conf.training_data.datasets[0].sampling_weight"),
+        (
+            ["run_conf.final_checkpoint_name=../x"],
+            "run_conf.final_checkpoint_name: must be a plain directory name",
+        ),
+        (
+            ["data_conf.validation_data.type=AUTO_SPLIT", "data_conf.validation_data.ratio=1.5"],
+            "data_conf.validation_data.ratio",
+        ),
+        (
+            [
+                "data_conf.training_data.type=PRECOMPUTE_WEIGHTED_MIX",
+                "data_conf.training_data.datasets[0].sampling_weight=0",
+            ],
+            "every dataset has sampling_weight 0",
+        ),
+        (
+            [
+                "data_conf.training_data.type=PRECOMPUTE_WEIGHTED_MIX",
+                "data_conf.training_data.datasets[0].sampling_weight=-1",
+            ],
+            "data_conf.training_data.datasets[0].sampling_weight",
+        ),
         (["batchsize_conf.total_train_batch_size=0"], "batchsize_conf.total_train_batch_size"),
         (["sft_args.length_handling=drop"], "sft_args.length_handling"),
         (["overrides.lr_batch_size_scaling=cubic"], "overrides.lr_batch_size_scaling"),
@@ -77,7 +127,12 @@ def test_missing_sections_and_every_problem_reported_together():
     with pytest.raises(ConfigError) as err:
         parse_config({"data_conf": {"training_data": {"type": "CONCATENATION", "datasets": []}}, "extra": 1})
     text = str(err.value)
-    for needle in ("batchsize_conf: required key is missing", "run_conf: required key is missing", "extra: unknown key", "datasets"):
+    for needle in (
+        "batchsize_conf: required key is missing",
+        "run_conf: required key is missing",
+        "extra: unknown key",
+        "datasets",
+    ):
         assert needle in text
     assert len(err.value.problems) >= 4
 
@@ -89,7 +144,9 @@ def test_errors_carry_file_and_line(tmp_path):
         load_config(path)
     lines = path.read_text().splitlines()
     line_no = next(i for i, line in enumerate(lines, 1) if "max_seq_lenght" in line)
-    assert f"sft_args.max_seq_lenght ({path}:{line_no}): unknown key; did you mean 'max_seq_length'?" in str(err.value)
+    assert f"sft_args.max_seq_lenght ({path}:{line_no}): unknown key; did you mean 'max_seq_length'?" in str(
+        err.value
+    )
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
@@ -100,8 +157,15 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_set_overrides_parse_yaml_values_and_indices():
-    out = apply_overrides(BASE, ["peft_conf.peft_kwargs.r=16", "peft_conf.peft_kwargs.target_modules=[q_proj, v_proj]",
-                                 "data_conf.training_data.datasets[0].path=other.jsonl", "training_args.bf16=true"])
+    out = apply_overrides(
+        BASE,
+        [
+            "peft_conf.peft_kwargs.r=16",
+            "peft_conf.peft_kwargs.target_modules=[q_proj, v_proj]",
+            "data_conf.training_data.datasets[0].path=other.jsonl",
+            "training_args.bf16=true",
+        ],
+    )
     assert out["peft_conf"]["peft_kwargs"] == {"r": 16, "target_modules": ["q_proj", "v_proj"]}
     assert out["data_conf"]["training_data"]["datasets"][0]["path"] == "other.jsonl"
     assert out["training_args"]["bf16"] is True
@@ -138,7 +202,9 @@ def test_batch_derivation_refuses_uneven_split():
 
 
 def test_reference_doc_and_trainer_catalog_are_current():
-    proc = subprocess.run([sys.executable, "-m", "finetune_engine.config.generate", "--check"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune_engine.config.generate", "--check"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -153,5 +219,14 @@ def test_helm_style_exponent_floats_are_numbers(tmp_path):
     from finetune_engine.config.yamlio import safe_load
 
     doc = safe_load("a: 5e-05\nb: 1E+3\nc: -2e4\nd: '5e-05'\ne: 3\nf: 1.5e-3\ng: e5\nh: 5e\n")
-    assert doc == {"a": 5e-05, "b": 1000.0, "c": -20000.0, "d": "5e-05", "e": 3, "f": 0.0015, "g": "e5", "h": "5e"}
+    assert doc == {
+        "a": 5e-05,
+        "b": 1000.0,
+        "c": -20000.0,
+        "d": "5e-05",
+        "e": 3,
+        "f": 0.0015,
+        "g": "e5",
+        "h": "5e",
+    }
     assert yaml.safe_load("a: 5e-05") == {"a": "5e-05"}  # the plain loader this replaces

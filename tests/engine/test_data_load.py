@@ -18,7 +18,16 @@ from finetune_engine.data.tokenize import IGNORE_INDEX
 def _write(path: Path, name: str, n: int) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": f"{name} question {i}?", "completion": f"{name} answer {i}.", "id": f"{name}-{i}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"{name} question {i}?",
+                        "completion": f"{name} answer {i}.",
+                        "id": f"{name}-{i}",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -26,16 +35,26 @@ def _data_conf(training: dict, validation: dict | None = None):
     data_conf = {"training_data": training}
     if validation is not None:
         data_conf["validation_data"] = validation
-    cfg = parse_config({"data_conf": data_conf, "batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": "m"}})
+    cfg = parse_config(
+        {"data_conf": data_conf, "batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": "m"}}
+    )
     return cfg.data_conf
 
 
 def _mix(tmp_path: Path, seed: int, weights=(2.0, 0.5, 1.25)) -> list[dict]:
-    a, b, c = _write(tmp_path / "a.jsonl", "a", 40), _write(tmp_path / "b.jsonl", "b", 30), _write(tmp_path / "c.jsonl", "c", 20)
+    a, b, c = (
+        _write(tmp_path / "a.jsonl", "a", 40),
+        _write(tmp_path / "b.jsonl", "b", 30),
+        _write(tmp_path / "c.jsonl", "c", 20),
+    )
     conf = _data_conf(
-        {"type": "PRECOMPUTE_WEIGHTED_MIX", "seed": seed, "datasets": [
-            {"path": str(path), "sampling_weight": w} for path, w in zip((a, b, c), weights, strict=True)
-        ]},
+        {
+            "type": "PRECOMPUTE_WEIGHTED_MIX",
+            "seed": seed,
+            "datasets": [
+                {"path": str(path), "sampling_weight": w} for path, w in zip((a, b, c), weights, strict=True)
+            ],
+        },
         {"type": "NONE"},
     )
     train, evaluation = load_data(conf)
@@ -69,7 +88,9 @@ def test_weighted_mix_is_seeded(tmp_path):
 def test_weighted_mix_equal_default_weights_is_an_exact_round_robin(tmp_path):
     train = _mix(tmp_path, seed=7, weights=(None, 1.0, None))
     # rounds of a, b, c until the longest (a, 40) is exhausted; shorter ones start over
-    assert [r["id"] for r in train] == [f"{s}-{i % n}" for i in range(40) for s, n in (("a", 40), ("b", 30), ("c", 20))]
+    assert [r["id"] for r in train] == [
+        f"{s}-{i % n}" for i in range(40) for s, n in (("a", 40), ("b", 30), ("c", 20))
+    ]
     assert _mix(tmp_path, seed=8, weights=(None, None, None)) == train  # no randomness involved
 
 
@@ -77,8 +98,16 @@ def test_weighted_mix_weight_zero_leaves_the_dataset_out_unread(tmp_path):
     train = _mix(tmp_path, seed=7, weights=(1.0, 0, 1.0))
     assert [r["id"] for r in train] == [f"{s}-{i % n}" for i in range(40) for s, n in (("a", 40), ("c", 20))]
     (tmp_path / "gone.jsonl").unlink(missing_ok=True)
-    conf = _data_conf({"type": "PRECOMPUTE_WEIGHTED_MIX", "datasets": [
-        {"path": str(tmp_path / "a.jsonl")}, {"path": str(tmp_path / "gone.jsonl"), "sampling_weight": 0.0}]}, {"type": "NONE"})
+    conf = _data_conf(
+        {
+            "type": "PRECOMPUTE_WEIGHTED_MIX",
+            "datasets": [
+                {"path": str(tmp_path / "a.jsonl")},
+                {"path": str(tmp_path / "gone.jsonl"), "sampling_weight": 0.0},
+            ],
+        },
+        {"type": "NONE"},
+    )
     assert len(load_data(conf)[0]) == 40
 
 
@@ -100,8 +129,12 @@ def test_weighted_mix_and_split_match_the_datasets_library():
     sources = [[{"id": f"{name}-{i}"} for i in range(n)] for name, n in (("a", 7), ("b", 3), ("c", 12))]
     for weights, seed in (([10.0, 1.0, 2.0], 19851243), ([0.2, 3.0, 1.5], 4)):
         probabilities = [w / sum(weights) for w in weights]
-        reference = datasets.interleave_datasets([datasets.Dataset.from_list(s) for s in sources], probabilities=probabilities,
-                                                 seed=seed, stopping_strategy="all_exhausted")
+        reference = datasets.interleave_datasets(
+            [datasets.Dataset.from_list(s) for s in sources],
+            probabilities=probabilities,
+            seed=seed,
+            stopping_strategy="all_exhausted",
+        )
         assert [r["id"] for r in weighted_mix(sources, weights, seed)] == reference["id"]
     records = [{"id": i} for i in range(23)]
     for ratio, seed in ((0.2, 1289525893), (0.3, 5)):
@@ -113,15 +146,23 @@ def test_weighted_mix_and_split_match_the_datasets_library():
 
 def test_auto_split_ratio_no_overlap_and_seeded(tmp_path):
     data = _write(tmp_path / "d.jsonl", "d", 200)
-    conf = _data_conf({"type": "CONCATENATION", "datasets": [{"path": str(data)}]}, {"type": "AUTO_SPLIT", "ratio": 0.15, "seed": 3})
+    conf = _data_conf(
+        {"type": "CONCATENATION", "datasets": [{"path": str(data)}]},
+        {"type": "AUTO_SPLIT", "ratio": 0.15, "seed": 3},
+    )
     train, evaluation = load_data(conf)
     assert len(evaluation) == 30 and len(train) == 170
     train_ids, eval_ids = {r["id"] for r in train}, {r["id"] for r in evaluation}
     assert not train_ids & eval_ids
     assert train_ids | eval_ids == {f"d-{i}" for i in range(200)}
     again_train, again_eval = load_data(conf)
-    assert [r["id"] for r in again_eval] == [r["id"] for r in evaluation] and [r["id"] for r in again_train] == [r["id"] for r in train]
-    other = _data_conf({"type": "CONCATENATION", "datasets": [{"path": str(data)}]}, {"type": "AUTO_SPLIT", "ratio": 0.15, "seed": 4})
+    assert [r["id"] for r in again_eval] == [r["id"] for r in evaluation] and [
+        r["id"] for r in again_train
+    ] == [r["id"] for r in train]
+    other = _data_conf(
+        {"type": "CONCATENATION", "datasets": [{"path": str(data)}]},
+        {"type": "AUTO_SPLIT", "ratio": 0.15, "seed": 4},
+    )
     assert {r["id"] for r in load_data(other)[1]} != eval_ids
 
 
@@ -129,8 +170,11 @@ def test_auto_split_holds_out_the_ceiling_and_refuses_to_leave_nothing_to_train(
     records = [{"i": i} for i in range(3)]
     train, evaluation = split(records, 0.01, seed=0)
     assert len(evaluation) == 1 and len(train) == 2  # ceil(0.03)
-    with pytest.raises(ValueError, match=r"data_conf.validation_data: AUTO_SPLIT with ratio 0.99 holds out "
-                                         r"ceil\(0.99 x 3\) = 3 .*lower data_conf.validation_data.ratio"):
+    with pytest.raises(
+        ValueError,
+        match=r"data_conf.validation_data: AUTO_SPLIT with ratio 0.99 holds out "
+        r"ceil\(0.99 x 3\) = 3 .*lower data_conf.validation_data.ratio",
+    ):
         split(records, 0.99, seed=0)  # as the Silogen engine (datasets' train_test_split) refuses
     with pytest.raises(ValueError, match="leaving nothing to train on"):
         split([{"i": 0}], 0.2, seed=0)
@@ -159,11 +203,16 @@ def test_concatenation_validation_reads_separate_files(tmp_path):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padding_side(side):
-    features = [{"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, 6, 7, 8]}, {"input_ids": [9, 10], "labels": [IGNORE_INDEX, 10]}]
+    features = [
+        {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, 6, 7, 8]},
+        {"input_ids": [9, 10], "labels": [IGNORE_INDEX, 10]},
+    ]
     batch = PaddingCollator(pad_token_id=0, padding_side=side)(features)
     assert batch["input_ids"][0].tolist() == [5, 6, 7, 8]
-    short = {"right": ([9, 10, 0, 0], [IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX], [1, 1, 0, 0]),
-             "left": ([0, 0, 9, 10], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 10], [0, 0, 1, 1])}[side]
+    short = {
+        "right": ([9, 10, 0, 0], [IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX], [1, 1, 0, 0]),
+        "left": ([0, 0, 9, 10], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 10], [0, 0, 1, 1]),
+    }[side]
     assert batch["input_ids"][1].tolist() == short[0]
     assert batch["labels"][1].tolist() == short[1]
     assert batch["attention_mask"][1].tolist() == short[2]

@@ -32,14 +32,27 @@ def restore_determinism(monkeypatch):
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
-def _losses(tmp_path: Path, name: str, model: Path, data: Path, determinism: str, seed: int = 42) -> list[tuple[float, float]]:
+def _losses(
+    tmp_path: Path, name: str, model: Path, data: Path, determinism: str, seed: int = 42
+) -> list[tuple[float, float]]:
     work = tmp_path / name
     work.mkdir()
     config = make_config(
-        work, model, data,
+        work,
+        model,
+        data,
         run_conf={"model": str(model), "determinism": determinism},
-        peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"}},
-        training_args={"output_dir": str(work / "out"), "max_steps": 4, "save_steps": 4, "learning_rate": 0.003, "seed": seed},
+        peft_conf={
+            "peft_type": "LORA",
+            "peft_kwargs": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"},
+        },
+        training_args={
+            "output_dir": str(work / "out"),
+            "max_steps": 4,
+            "save_steps": 4,
+            "learning_rate": 0.003,
+            "seed": seed,
+        },
         sft_args={"max_seq_length": 128, "packing": True},
     )
     assert finetuning(["sft", str(config), "--num-preprocess-workers", "1"]) == 0
@@ -51,7 +64,10 @@ def _losses(tmp_path: Path, name: str, model: Path, data: Path, determinism: str
 
 def test_full_determinism_identical_losses(tiny_model, chat_data, tmp_path, restore_determinism):
     first = _losses(tmp_path, "a", tiny_model, chat_data, "full")
-    assert torch.are_deterministic_algorithms_enabled() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":16:8", ":4096:8")
+    assert torch.are_deterministic_algorithms_enabled() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (
+        ":16:8",
+        ":4096:8",
+    )
     second = _losses(tmp_path, "b", tiny_model, chat_data, "full")
     assert first == second  # exact, not approximately
     other_seed = _losses(tmp_path, "c", tiny_model, chat_data, "full", seed=7)

@@ -23,11 +23,23 @@ PROMPT = [{"role": "user", "content": "What is the capital of Peru?"}]
 
 def _train(tmp_path, model, data, template="keep-original", quant=None, rank=8, steps=6) -> dict:
     sections = {
-        "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": str(data)}]},
-                      "validation_data": {"type": "NONE"}, "chat_template_name": template},
-        "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": rank, "lora_alpha": 2 * rank, "target_modules": "all-linear"}},
-        "training_args": {"output_dir": str(tmp_path / "out"), "learning_rate": 0.01, "max_steps": steps, "save_steps": 100,
-                          "logging_steps": 1, "lr_scheduler_type": "constant"},
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(data)}]},
+            "validation_data": {"type": "NONE"},
+            "chat_template_name": template,
+        },
+        "peft_conf": {
+            "peft_type": "LORA",
+            "peft_kwargs": {"r": rank, "lora_alpha": 2 * rank, "target_modules": "all-linear"},
+        },
+        "training_args": {
+            "output_dir": str(tmp_path / "out"),
+            "learning_rate": 0.01,
+            "max_steps": steps,
+            "save_steps": 100,
+            "logging_steps": 1,
+            "lr_scheduler_type": "constant",
+        },
     }
     if quant:
         sections["quant_conf"] = quant
@@ -80,8 +92,16 @@ def test_merge_with_added_tokens_uses_the_grown_base(tiny_model, chat_data, tmp_
     # asked with the original base, merge_adapter picks the run's grown-vocabulary base
     out = merge_adapter(str(tiny_model), result["final_adapter"], tmp_path / "merged")
     assert torch.allclose(_merged_logits(out), _merged_logits(result["final_checkpoint"]), atol=1e-4)
-    cli = subprocess.run([str(Path(sys.executable).parent / "merge_adapter"), str(tiny_model), result["final_adapter"],
-                          str(tmp_path / "cli-merged")], capture_output=True, text=True)
+    cli = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "merge_adapter"),
+            str(tiny_model),
+            result["final_adapter"],
+            str(tmp_path / "cli-merged"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert (tmp_path / "cli-merged" / "_finetune_manifest.json").exists()
 
@@ -90,9 +110,15 @@ def test_qlora_merges_into_a_dequantized_base(tiny_model, chat_data, tmp_path):
     quant = {"quantization_type": "bits-and-bytes", "load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}
     result = _train(tmp_path, tiny_model, chat_data, quant=quant)
     merged = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
-    assert all(t.dtype == torch.float32 for t in merged.values()) and not any("quant" in k or "absmax" in k for k in merged)
+    assert all(t.dtype == torch.float32 for t in merged.values()) and not any(
+        "quant" in k or "absmax" in k for k in merged
+    )
     # merged weights == unquantized base + the adapter, applied unmerged
-    assert torch.allclose(_merged_logits(result["final_checkpoint"]), _peft_logits(str(tiny_model), result["final_adapter"]), atol=1e-4)
+    assert torch.allclose(
+        _merged_logits(result["final_checkpoint"]),
+        _peft_logits(str(tiny_model), result["final_adapter"]),
+        atol=1e-4,
+    )
 
 
 def test_a_base_saved_in_4bit_is_dequantized_before_the_merge(tiny_model, chat_data, tmp_path, caplog):
@@ -103,7 +129,9 @@ def test_a_base_saved_in_4bit_is_dequantized_before_the_merge(tiny_model, chat_d
     result = _train(tmp_path / "run", tiny_model, chat_data)
     quantized = tmp_path / "base-4bit"
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=bnb, device_map="cpu").save_pretrained(quantized)
+    AutoModelForCausalLM.from_pretrained(
+        tiny_model, quantization_config=bnb, device_map="cpu"
+    ).save_pretrained(quantized)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(quantized)
     stored = load_file(str(quantized / "model.safetensors"))
     assert any("absmax" in k or "quant_state" in k for k in stored), "the base was not stored quantized"
@@ -112,17 +140,23 @@ def test_a_base_saved_in_4bit_is_dequantized_before_the_merge(tiny_model, chat_d
     out = merge_adapter(str(quantized), result["final_adapter"], tmp_path / "merged")
     assert "is saved quantized (bitsandbytes): dequantizing it before the merge" in caplog.text
     merged = load_file(str(out / "model.safetensors"))
-    assert all(t.is_floating_point() for t in merged.values()) and not any("absmax" in k or "quant" in k for k in merged)
+    assert all(t.is_floating_point() for t in merged.values()) and not any(
+        "absmax" in k or "quant" in k for k in merged
+    )
     from peft import PeftModel
 
     dequantized = AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu").dequantize()
-    reference = _logits(PeftModel.from_pretrained(dequantized, result["final_adapter"]).eval(), result["final_adapter"])
+    reference = _logits(
+        PeftModel.from_pretrained(dequantized, result["final_adapter"]).eval(), result["final_adapter"]
+    )
     assert torch.allclose(_merged_logits(out), reference, atol=1e-4)
     # 4-bit rounding: not the full-precision base's merge
     assert not torch.allclose(_merged_logits(out), _merged_logits(result["final_checkpoint"]), atol=1e-4)
 
 
-def test_vllm_compatible_adapter_keeps_only_lora_and_keeps_trained_embeddings(tiny_model, chat_data, tmp_path):
+def test_vllm_compatible_adapter_keeps_only_lora_and_keeps_trained_embeddings(
+    tiny_model, chat_data, tmp_path
+):
     result = _train(tmp_path / "pure", tiny_model, chat_data)
     adapter = Path(result["final_adapter"])
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
@@ -133,7 +167,9 @@ def test_vllm_compatible_adapter_keeps_only_lora_and_keeps_trained_embeddings(ti
     kept = load_file(str(adapter / "adapter_model.safetensors"))
     assert kept and all(".lora_A." in k or ".lora_B." in k for k in kept)
     # the original stays next to it, under the Silogen engine's backup name
-    assert "base_model.model.model.norm.extra_bias" in load_file(str(adapter / "old_with_extra_layers_adapter_model.safetensors"))
+    assert "base_model.model.model.norm.extra_bias" in load_file(
+        str(adapter / "old_with_extra_layers_adapter_model.safetensors")
+    )
     again = create_vllm_compatible_adapter(adapter)  # idempotent: the backup says it is done
     assert again["action"] == "already-done" and again["dropped"] == []
     assert vllm_preflight(adapter, max_lora_rank=16) == []
@@ -144,8 +180,11 @@ def test_vllm_compatible_adapter_keeps_only_lora_and_keeps_trained_embeddings(ti
     before = (Path(grown["final_adapter"]) / "adapter_model.safetensors").read_bytes()
     out = create_vllm_compatible_adapter(grown["final_adapter"])
     assert out["action"] == "kept" and any("modules_to_save" in r for r in out["reasons"])
-    cli = subprocess.run([str(Path(sys.executable).parent / "create_vllm_compatible_adapter"), grown["final_adapter"]],
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "create_vllm_compatible_adapter"), grown["final_adapter"]],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 0 and "Keeping non-LoRA layers, they are needed." in cli.stdout, cli.stderr
     assert (Path(grown["final_adapter"]) / "adapter_model.safetensors").read_bytes() == before
     assert not (Path(grown["final_adapter"]) / "old_with_extra_layers_adapter_model.safetensors").exists()
@@ -155,13 +194,28 @@ def test_generate_over_prompts_and_eval_file(tiny_model_dir, chat_data, tmp_path
     cfg = tmp_path / "gen.yaml"
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("\n".join(chat_data.read_text().splitlines()[:3]) + "\n")
-    cfg.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "prompts": ["What is 1 plus 1?"], "eval_file": str(eval_file),
-                                   "max_new_tokens": 5, "batch_size": 2}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "prompts": ["What is 1 plus 1?"],
+                "eval_file": str(eval_file),
+                "max_new_tokens": 5,
+                "batch_size": 2,
+            }
+        )
+    )
     out = tmp_path / "answers.yaml"
-    proc = subprocess.run([str(Path(sys.executable).parent / "generate"), str(cfg), str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "generate"), str(cfg), str(out)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = yaml.safe_load(out.read_text())
-    assert len(answers) == 4 and answers[0]["prompt"] == "What is 1 plus 1?" and answers[0]["correct_answers"] == []
+    assert (
+        len(answers) == 4
+        and answers[0]["prompt"] == "What is 1 plus 1?"
+        and answers[0]["correct_answers"] == []
+    )
     assert all(set(a) == {"prompt", "answer", "correct_answers"} for a in answers)
     assert answers[1]["correct_answers"] and isinstance(answers[1]["answer"], str)
 
@@ -194,7 +248,11 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
         with monkeypatch.context() as m:
             for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 m.setenv(key, s3[key])
-            for name, local in (("merged", result["final_checkpoint"]), ("base", tiny_model), ("tuned", result["final_adapter"])):
+            for name, local in (
+                ("merged", result["final_checkpoint"]),
+                ("base", tiny_model),
+                ("tuned", result["final_adapter"]),
+            ):
                 upload_dir(local, f"{root}/{name}", progress=False)
         monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", bucket_connection_json(s3))
         monkeypatch.setenv("AIRFLOW__FINETUNE__RUNNER", "local")
@@ -203,20 +261,35 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
         served = {}
         for name, kwargs in {
             "merged": {"model_uri": f"{root}/merged"},
-            "base+adapter": {"model_uri": f"{root}/base", "adapters": {"tuned": f"{root}/tuned"}, "adapter_ranks": {"tuned": 8}},
+            "base+adapter": {
+                "model_uri": f"{root}/base",
+                "adapters": {"tuned": f"{root}/tuned"},
+                "adapter_ranks": {"tuned": 8},
+            },
         }.items():
-            deploy = DeployVLLMOperator(task_id="serve", served_model_name="tiny", smoke_question=PROMPT[0]["content"],
-                                        ready_timeout=300, **kwargs)
+            deploy = DeployVLLMOperator(
+                task_id="serve",
+                served_model_name="tiny",
+                smoke_question=PROMPT[0]["content"],
+                ready_timeout=300,
+                **kwargs,
+            )
             deploy.validate()
             out = deploy.execute_local({})
             try:
                 # the smoke question was answered (a 30-step tiny model may answer with an empty text)
-                assert isinstance(out["smoke_reply"], str) and out["adapters"] == sorted(kwargs.get("adapters", {}))
+                assert isinstance(out["smoke_reply"], str) and out["adapters"] == sorted(
+                    kwargs.get("adapters", {})
+                )
                 client = OpenAI(base_url=out["endpoint"], api_key="unused")
                 models = ["tiny", "tuned"] if name == "base+adapter" else ["tiny"]
-                replies = [client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
-                           for m in models]
-                served[name] = dict(zip(["base", "tuned"], [r.choices[0].message.content for r in replies], strict=False))
+                replies = [
+                    client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
+                    for m in models
+                ]
+                served[name] = dict(
+                    zip(["base", "tuned"], [r.choices[0].message.content for r in replies], strict=False)
+                )
             finally:
                 assert UndeployVLLMOperator(task_id="stop", served_model_name="tiny").execute({}) is True
             with pytest.raises(OSError):

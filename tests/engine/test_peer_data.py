@@ -35,8 +35,10 @@ FILES = {
 
 def _data_conf(training: dict, validation: dict | None = None, method: str | None = None):
     data_conf = {"training_data": training, "validation_data": validation or {"type": "NONE"}}
-    cfg = parse_config({"data_conf": data_conf, "batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": "m"}},
-                       method=method or "sft")
+    cfg = parse_config(
+        {"data_conf": data_conf, "batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": "m"}},
+        method=method or "sft",
+    )
     return cfg.data_conf
 
 
@@ -85,7 +87,9 @@ def _peer_mix(weights: list[float | None] | None, seed: int | None = None) -> li
     datasets = []
     for name, weight in zip(("peer-mix-1.jsonl", "peer-mix-2.jsonl"), weights or [None, None], strict=True):
         datasets.append({"path": str(DATA / name)} | ({} if weight is None else {"sampling_weight": weight}))
-    training = {"type": "PRECOMPUTE_WEIGHTED_MIX", "datasets": datasets} | ({} if seed is None else {"seed": seed})
+    training = {"type": "PRECOMPUTE_WEIGHTED_MIX", "datasets": datasets} | (
+        {} if seed is None else {"seed": seed}
+    )
     return load_data(_data_conf(training))[0]
 
 
@@ -111,16 +115,26 @@ def test_weighted_mix_relative_weights_oversample_until_all_are_seen():
 
 
 def test_concatenation_keeps_file_order():
-    conf = _data_conf({"type": "CONCATENATION", "datasets": [{"path": str(DATA / "peer-mix-1.jsonl")},
-                                                              {"path": str(DATA / "peer-mix-2.jsonl")}]})
+    conf = _data_conf(
+        {
+            "type": "CONCATENATION",
+            "datasets": [{"path": str(DATA / "peer-mix-1.jsonl")}, {"path": str(DATA / "peer-mix-2.jsonl")}],
+        }
+    )
     assert _ids(load_data(conf)[0]) == ["test-1-1", "test-1-2", "test-2-1", "test-2-2"]
 
 
 def test_auto_split_half_of_two():
-    conf = _data_conf({"type": "CONCATENATION", "datasets": [{"path": str(DATA / "peer-mix-1.jsonl")}]},
-                      {"type": "AUTO_SPLIT", "ratio": 0.5, "seed": 123})
+    conf = _data_conf(
+        {"type": "CONCATENATION", "datasets": [{"path": str(DATA / "peer-mix-1.jsonl")}]},
+        {"type": "AUTO_SPLIT", "ratio": 0.5, "seed": 123},
+    )
     train, evaluation = load_data(conf)
-    assert len(train) == 1 and len(evaluation) == 1 and {*_ids(train), *_ids(evaluation)} == {"test-1-1", "test-1-2"}
+    assert (
+        len(train) == 1
+        and len(evaluation) == 1
+        and {*_ids(train), *_ids(evaluation)} == {"test-1-1", "test-1-2"}
+    )
 
 
 def test_data_type_is_accepted_and_follows_the_method(caplog):
@@ -142,13 +156,25 @@ def test_peer_rows_encode_for_sft(tiny_model_dir):
     from finetune_engine.data.tokenize import EncodeSettings, encode_batch
     from finetune_engine.modeling import load_tokenizer
 
-    cfg = parse_config({"data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "a.jsonl"}]},
-                                      "chat_template_name": "chat-ml"},
-                        "batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": str(tiny_model_dir)}})
+    cfg = parse_config(
+        {
+            "data_conf": {
+                "training_data": {"type": "CONCATENATION", "datasets": [{"path": "a.jsonl"}]},
+                "chat_template_name": "chat-ml",
+            },
+            "batchsize_conf": {"total_train_batch_size": 2},
+            "run_conf": {"model": str(tiny_model_dir)},
+        }
+    )
     tok = load_tokenizer(cfg, str(tiny_model_dir))
-    records = [r for name in ("peer-argilla-sft.jsonl", "peer-datamodel-sft.json", "peer-long-random-sft.jsonl")
-               for _, r in iter_records(DATA / name)]
+    records = [
+        r
+        for name in ("peer-argilla-sft.jsonl", "peer-datamodel-sft.json", "peer-long-random-sft.jsonl")
+        for _, r in iter_records(DATA / name)
+    ]
     for completions_only in (False, True):
-        encoded = encode_batch(records, tok.tokenizer, EncodeSettings(512, "filter", completions_only, tok.end_marker))
+        encoded = encode_batch(
+            records, tok.tokenizer, EncodeSettings(512, "filter", completions_only, tok.end_marker)
+        )
         assert all(isinstance(e, dict) for e in encoded), encoded
         assert all(any(label != -100 for label in e["labels"]) for e in encoded)

@@ -18,7 +18,10 @@ PHI3 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 def _config(model: str, peft_kwargs: dict | None = None, **data_conf) -> dict:
     return {
-        "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]}, **data_conf},
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]},
+            **data_conf,
+        },
         "batchsize_conf": {"total_train_batch_size": 8},
         "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 8, **(peft_kwargs or {})}},
         "run_conf": {"model": model},
@@ -76,12 +79,20 @@ def test_defaults_applied_when_left_out_and_logged(caplog):
 
 
 def test_explicit_config_wins():
-    cfg = parse_config(_config("meta-llama/Llama-3.1-8B-Instruct", {"target_modules": ["q_proj", "v_proj"]},
-                               chat_template_name="chat-ml"))
+    cfg = parse_config(
+        _config(
+            "meta-llama/Llama-3.1-8B-Instruct",
+            {"target_modules": ["q_proj", "v_proj"]},
+            chat_template_name="chat-ml",
+        )
+    )
     assert cfg.peft_conf.peft_kwargs["target_modules"] == ["q_proj", "v_proj"]
     assert cfg.data_conf.chat_template_name == "chat-ml"
     # --set beats the preset too (overrides are applied before it).
-    cfg = parse_config(_config("meta-llama/Llama-3.1-8B-Instruct"), overrides=["peft_conf.peft_kwargs.target_modules=all-linear"])
+    cfg = parse_config(
+        _config("meta-llama/Llama-3.1-8B-Instruct"),
+        overrides=["peft_conf.peft_kwargs.target_modules=all-linear"],
+    )
     assert cfg.peft_conf.peft_kwargs["target_modules"] == "all-linear"
     assert cfg.data_conf.chat_template_name == "mistral-with-system"  # the config left it out: the default
 
@@ -95,7 +106,10 @@ def test_no_adapter_gets_only_the_template_and_preset_none_disables():
     data = _config("Qwen/Qwen2.5-7B-Instruct")
     data["run_conf"]["preset"] = "none"
     cfg = parse_config(data)
-    assert "target_modules" not in cfg.peft_conf.peft_kwargs and cfg.data_conf.chat_template_name == "mistral-with-system"
+    assert (
+        "target_modules" not in cfg.peft_conf.peft_kwargs
+        and cfg.data_conf.chat_template_name == "mistral-with-system"
+    )
 
 
 def test_named_preset_forced_and_unknown_name_refused():
@@ -109,10 +123,14 @@ def test_named_preset_forced_and_unknown_name_refused():
 
 def test_local_model_without_chat_template_gets_chat_ml(tiny_model, tmp_path):
     cfg = parse_config(_config(str(tiny_model)))
-    assert cfg.data_conf.chat_template_name == "mistral-with-system"  # auto: the default, as in the Silogen engine
+    assert (
+        cfg.data_conf.chat_template_name == "mistral-with-system"
+    )  # auto: the default, as in the Silogen engine
     named = _config(str(tiny_model))
     named["run_conf"]["preset"] = "llama"
-    assert parse_config(named).data_conf.chat_template_name == "keep-original"  # the tiny tokenizer has a template
+    assert (
+        parse_config(named).data_conf.chat_template_name == "keep-original"
+    )  # the tiny tokenizer has a template
     tc = tiny_model / "tokenizer_config.json"
     data = json.loads(tc.read_text())
     data.pop("chat_template", None)
@@ -135,16 +153,47 @@ def test_catalog_is_consistent():
 
 
 def test_cli_lists_presets():
-    out = subprocess.run([sys.executable, "-m", "finetune_engine.cli.main", "presets"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune_engine.cli.main", "presets"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for name in BY_NAME:
         assert name in out.stdout
     assert "GPUs x GiB" in out.stdout
-    probe = subprocess.run([sys.executable, "-c", "import sys; from finetune_engine.config.presets import main; "
-                            "main([]); assert 'torch' not in sys.modules"], capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from finetune_engine.config.presets import main; "
+            "main([]); assert 'torch' not in sys.modules",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.returncode == 0, probe.stderr
-    match = subprocess.run([sys.executable, "-m", "finetune_engine.cli.main", "presets", "--match", "Qwen/Qwen2.5-7B-Instruct", "--json"],
-                           capture_output=True, text=True, timeout=60)
+    match = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune_engine.cli.main",
+            "presets",
+            "--match",
+            "Qwen/Qwen2.5-7B-Instruct",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert match.returncode == 0 and json.loads(match.stdout)["name"] == "qwen2.5-7b"
-    none = subprocess.run([sys.executable, "-m", "finetune_engine.cli.main", "presets", "--match", "gpt2"], capture_output=True, text=True, timeout=60)
+    none = subprocess.run(
+        [sys.executable, "-m", "finetune_engine.cli.main", "presets", "--match", "gpt2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert none.returncode == 1 and "no preset matches" in none.stdout

@@ -29,8 +29,12 @@ def s3(tmp_path_factory):
 
 @pytest.fixture()
 def env(s3, monkeypatch):
-    values = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret,
-              "AWS_DEFAULT_REGION": "us-east-1"}
+    values = {
+        "AWS_ENDPOINT_URL": s3.endpoint,
+        "AWS_ACCESS_KEY_ID": s3.key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
@@ -45,8 +49,13 @@ def _model(root: Path) -> Path:
 
 
 def _pull(env, uri, dest, *flags) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "finetune-engine"), "pull", *flags, uri, str(dest)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [str(BIN / "finetune-engine"), "pull", *flags, uri, str(dest)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_wait_complete_waits_for_the_manifest_then_downloads(s3, env, tmp_path):
@@ -56,7 +65,11 @@ def test_wait_complete_waits_for_the_manifest_then_downloads(s3, env, tmp_path):
     src = _model(tmp_path / "src")
     uri = f"s3://{BUCKET}/experiments/e/r/checkpoint-final"
     # the writer is half-way: files are there, the manifest (written last) is not
-    s3.client().put_object(Bucket=BUCKET, Key="experiments/e/r/checkpoint-final/config.json", Body=(src / "config.json").read_bytes())
+    s3.client().put_object(
+        Bucket=BUCKET,
+        Key="experiments/e/r/checkpoint-final/config.json",
+        Body=(src / "config.json").read_bytes(),
+    )
     dest = tmp_path / "models" / "m"
     proc = _pull(env, uri, dest, "--wait-complete", "--poll", "0.2", "--timeout", "120")
     try:
@@ -86,7 +99,9 @@ def test_without_wait_an_incomplete_prefix_is_refused(s3, env, tmp_path):
 
 def test_the_wait_has_a_deadline(s3, env, tmp_path):
     t0 = time.monotonic()
-    proc = _pull(env, f"s3://{BUCKET}/never", tmp_path / "d", "--wait-complete", "--poll", "0.2", "--timeout", "1.5")
+    proc = _pull(
+        env, f"s3://{BUCKET}/never", tmp_path / "d", "--wait-complete", "--poll", "0.2", "--timeout", "1.5"
+    )
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "is not complete" in out
     assert time.monotonic() - t0 >= 1.5

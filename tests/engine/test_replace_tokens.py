@@ -50,12 +50,15 @@ def test_replacements_apply_in_order_and_in_place(tokenizer_with_assistant):
     assert AutoTokenizer.from_pretrained(src).convert_tokens_to_ids("<|b|>") == old_id
 
 
-@pytest.mark.parametrize("argv", [
-    ["tok", "out", "--from", "a"],
-    ["tok", "out", "--to", "a"],
-    ["tok", "out"],
-    ["tok", "out", "--from", "a", "--to", "b", "--from", "c"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["tok", "out", "--from", "a"],
+        ["tok", "out", "--to", "a"],
+        ["tok", "out"],
+        ["tok", "out", "--from", "a", "--to", "b", "--from", "c"],
+    ],
+)
 def test_unpaired_arguments_exit_2(argv, monkeypatch):
     monkeypatch.setattr(rt, "replace_tokens", lambda *a: pytest.fail("must not run"))
     with pytest.raises(SystemExit) as exc:
@@ -66,7 +69,12 @@ def test_unpaired_arguments_exit_2(argv, monkeypatch):
 def test_pairs_are_matched_by_position(monkeypatch):
     seen = {}
     monkeypatch.setattr(rt, "replace_tokens", lambda tok, out, repl: seen.update(tok=tok, out=out, repl=repl))
-    assert rt.main(["tok", "out", "--from", "a", "--to", "b", "--from", "c", "--from", "e", "--to", "d", "--to", "f"]) == 0
+    assert (
+        rt.main(
+            ["tok", "out", "--from", "a", "--to", "b", "--from", "c", "--from", "e", "--to", "d", "--to", "f"]
+        )
+        == 0
+    )
     assert seen == {"tok": "tok", "out": "out", "repl": {"a": "b", "c": "d", "e": "f"}}
 
 

@@ -17,26 +17,59 @@ PROMPTS = ["What is 2 plus 3?", "What is the capital of Peru?"]
 
 def _run(config: Path, *extra: str) -> dict:
     result = config.parent / "result.json"
-    assert finetuning(["sft", str(config), "--result-file", str(result), "--num-preprocess-workers", "1", *extra]) == 0
+    assert (
+        finetuning(
+            ["sft", str(config), "--result-file", str(result), "--num-preprocess-workers", "1", *extra]
+        )
+        == 0
+    )
     return json.loads(result.read_text())
 
 
 def _samples(out: Path) -> dict[int, list[dict]]:
-    return {int(p.stem.split("-")[1]): yaml.safe_load(p.read_text()) for p in (out / "samples").glob("step-*.yaml")}
+    return {
+        int(p.stem.split("-")[1]): yaml.safe_load(p.read_text())
+        for p in (out / "samples").glob("step-*.yaml")
+    }
 
 
 def test_chat_samples_every_n_steps_from_inline_and_file_prompts(tiny_model, chat_data, tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
-    jsonl.write_text(json.dumps({"messages": [{"role": "user", "content": "Describe a red fox."},
-                                              {"role": "assistant", "content": "The red fox sees the owl."}]}) + "\n")
+    jsonl.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Describe a red fox."},
+                    {"role": "assistant", "content": "The red fox sees the owl."},
+                ]
+            }
+        )
+        + "\n"
+    )
     config = make_config(
-        tmp_path, tiny_model, chat_data,
-        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 5, "learning_rate": 0.003, "save_steps": 4},
+        tmp_path,
+        tiny_model,
+        chat_data,
+        training_args={
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 5,
+            "learning_rate": 0.003,
+            "save_steps": 4,
+        },
         batchsize_conf={"total_train_batch_size": 4, "max_per_device_train_batch_size": "auto"},
-        tracking={"sample_generations": {"every_n_steps": 2, "prompts": PROMPTS, "prompts_file": str(jsonl), "max_new_tokens": 12}},
+        tracking={
+            "sample_generations": {
+                "every_n_steps": 2,
+                "prompts": PROMPTS,
+                "prompts_file": str(jsonl),
+                "max_new_tokens": 12,
+            }
+        },
     )
     result = _run(config)
-    assert result["global_step"] == 5 and result["per_device_train_batch_size"] == 4  # auto: all 4 fit on the CPU
+    assert (
+        result["global_step"] == 5 and result["per_device_train_batch_size"] == 4
+    )  # auto: all 4 fit on the CPU
     samples = _samples(tmp_path / "out")
     assert sorted(samples) == [2, 4]
     for step in (2, 4):
@@ -63,13 +96,28 @@ def test_plain_text_samples_for_text_files(tiny_model, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The red cat sees\n\n3 plus 4 is\n")
     config = make_config(
-        tmp_path, tiny_model, corpus,
-        data_conf={"training_data": {"type": "TEXT_FILES", "datasets": [{"path": str(corpus)}], "cache_dir": str(tmp_path / "cache")},
-                   "validation_data": {"type": "NONE"}},
-        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003, "save_steps": 10},
+        tmp_path,
+        tiny_model,
+        corpus,
+        data_conf={
+            "training_data": {
+                "type": "TEXT_FILES",
+                "datasets": [{"path": str(corpus)}],
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "validation_data": {"type": "NONE"},
+        },
+        training_args={
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 3,
+            "learning_rate": 0.003,
+            "save_steps": 10,
+        },
         batchsize_conf={"total_train_batch_size": 2, "max_per_device_train_batch_size": 2},
         sft_args={"max_seq_length": 64},
-        tracking={"sample_generations": {"every_n_steps": 1, "prompts_file": str(prompts), "max_new_tokens": 6}},
+        tracking={
+            "sample_generations": {"every_n_steps": 1, "prompts_file": str(prompts), "max_new_tokens": 6}
+        },
     )
     _run(config)
     samples = _samples(tmp_path / "out")
@@ -83,8 +131,15 @@ def test_samples_logged_to_mlflow(tiny_model, chat_data, tmp_path, monkeypatch, 
 
     monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION", raising=False)
     config = make_config(
-        tmp_path, tiny_model, chat_data,
-        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 4, "learning_rate": 0.003, "save_steps": 10},
+        tmp_path,
+        tiny_model,
+        chat_data,
+        training_args={
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 4,
+            "learning_rate": 0.003,
+            "save_steps": 10,
+        },
         tracking={"sample_generations": {"every_n_steps": 2, "prompts": PROMPTS, "max_new_tokens": 8}},
     )
     result = _run(config, "--mlflow-server-uri", mlflow_server, "--experiment-name", "samples-test")
@@ -96,4 +151,9 @@ def test_samples_logged_to_mlflow(tiny_model, chat_data, tmp_path, monkeypatch, 
     assert yaml.safe_load((local / "step-4.yaml").read_text()) == _samples(tmp_path / "out")[4]
     table = json.loads((local / "samples.json").read_text())
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
-    assert [(r["step"], r["prompt"]) for r in rows] == [(2, PROMPTS[0]), (2, PROMPTS[1]), (4, PROMPTS[0]), (4, PROMPTS[1])]
+    assert [(r["step"], r["prompt"]) for r in rows] == [
+        (2, PROMPTS[0]),
+        (2, PROMPTS[1]),
+        (4, PROMPTS[0]),
+        (4, PROMPTS[1]),
+    ]

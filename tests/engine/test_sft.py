@@ -20,17 +20,42 @@ from tests.engine.conftest import make_config
 
 # Every key of an SFT run's result.json (the train job and the Airflow operators read them).
 RESULT_KEYS = {
-    "status", "method", "global_step", "planned_steps", "final_train_loss", "train_loss", "final_eval_loss",
-    "tokens_seen", "train_seconds", "num_train_examples", "num_eval_examples", "filtered_examples",
-    "truncated_examples", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-    "text_data", "resumed_from", "output_dir", "final_checkpoint", "final_adapter", "grown_base",
-    "mlflow_run_id", "mlflow_tracking_uri", "versions",
+    "status",
+    "method",
+    "global_step",
+    "planned_steps",
+    "final_train_loss",
+    "train_loss",
+    "final_eval_loss",
+    "tokens_seen",
+    "train_seconds",
+    "num_train_examples",
+    "num_eval_examples",
+    "filtered_examples",
+    "truncated_examples",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "text_data",
+    "resumed_from",
+    "output_dir",
+    "final_checkpoint",
+    "final_adapter",
+    "grown_base",
+    "mlflow_run_id",
+    "mlflow_tracking_uri",
+    "versions",
 }
 
 
 def _run(config: Path, *extra: str) -> dict:
     result = config.parent / "result.json"
-    assert finetuning(["sft", str(config), "--result-file", str(result), "--num-preprocess-workers", "1", *extra]) == 0
+    assert (
+        finetuning(
+            ["sft", str(config), "--result-file", str(result), "--num-preprocess-workers", "1", *extra]
+        )
+        == 0
+    )
     return json.loads(result.read_text())
 
 
@@ -53,7 +78,12 @@ def _assert_generates(model_dir: Path):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    enc = tok.apply_chat_template([{"role": "user", "content": "What is 1 plus 2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 1 plus 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > enc["input_ids"].shape[1]
 
@@ -68,9 +98,14 @@ def _assert_generates(model_dir: Path):
     ],
 )
 def test_sft_trains_and_saves(tiny_model, chat_data, tmp_path, peft, packing, completions_only):
-    sections = {"sft_args": {"max_seq_length": 128, "packing": packing, "train_on_completions_only": completions_only}}
+    sections = {
+        "sft_args": {"max_seq_length": 128, "packing": packing, "train_on_completions_only": completions_only}
+    }
     if peft == "lora":
-        sections["peft_conf"] = {"peft_type": "LORA", "peft_kwargs": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}}
+        sections["peft_conf"] = {
+            "peft_type": "LORA",
+            "peft_kwargs": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        }
     config = make_config(tmp_path, tiny_model, chat_data, **sections)
     before = _weights(tiny_model)
     result = _run(config)
@@ -78,25 +113,35 @@ def test_sft_trains_and_saves(tiny_model, chat_data, tmp_path, peft, packing, co
     assert result["status"] == "completed" and result["method"] == "sft"
     assert set(result) == RESULT_KEYS and set(result["versions"]) == {"transformers", "torch"}
     assert result["global_step"] == result["planned_steps"] == 6
-    assert all(x is not None and x == x and x < 20 for x in (result["final_train_loss"], result["final_eval_loss"]))
+    assert all(
+        x is not None and x == x and x < 20 for x in (result["final_train_loss"], result["final_eval_loss"])
+    )
     assert result["tokens_seen"] > 0
     final = Path(result["final_checkpoint"])
     after = _weights(final)
     # chat-ml added two tokens: the vocabulary grew, and the old rows moved (trained).
     emb = "model.embed_tokens.weight"
     assert after[emb].shape[0] == before[emb].shape[0] + 2
-    moved = [k for k in before if k in after and before[k].shape == after[k].shape and not torch.equal(before[k], after[k])]
+    moved = [
+        k
+        for k in before
+        if k in after and before[k].shape == after[k].shape and not torch.equal(before[k], after[k])
+    ]
     assert any("layers.0.self_attn.q_proj" in k for k in moved), "attention weights did not move"
     assert (final / "_finetune_manifest.json").exists()
     if peft == "lora":
         adapter = Path(result["final_adapter"])
-        assert (adapter / "adapter_model.safetensors").exists() and (adapter / "_finetune_manifest.json").exists()
+        assert (adapter / "adapter_model.safetensors").exists() and (
+            adapter / "_finetune_manifest.json"
+        ).exists()
         meta = json.loads((adapter / "finetune_meta.json").read_text())
         assert meta["trained_embeddings"] and meta["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
         assert not any(k.startswith("base_model") for k in after), "merged model must be plain weights"
         grown = _weights(Path(result["grown_base"]))
         assert grown[emb].shape == after[emb].shape  # the base the adapter belongs to
-        assert torch.equal(grown[emb][: before[emb].shape[0]], before[emb])  # old rows untouched before training
+        assert torch.equal(
+            grown[emb][: before[emb].shape[0]], before[emb]
+        )  # old rows untouched before training
         _assert_inference_tokenizer(Path(result["grown_base"]), "<|im_end|>")
     else:
         assert result["final_adapter"] is None
@@ -119,27 +164,55 @@ def test_finished_run_is_not_retrained(tiny_model, chat_data, tmp_path):
 
 
 def test_dora_rslora_and_set_overrides(tiny_model, chat_data, tmp_path):
-    config = make_config(tmp_path, tiny_model, chat_data, data_conf={
-        "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(chat_data)}]},
-        "validation_data": {"type": "NONE"},
-        "chat_template_name": "keep-original",
-    }, peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
-    result = _run(config, "--set", "peft_conf.peft_kwargs.use_dora=true", "--set", "peft_conf.peft_kwargs.use_rslora=true",
-                  "--set", "peft_conf.peft_kwargs.r=12", "--set", "training_args.max_steps=2")
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_data,
+        data_conf={
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(chat_data)}]},
+            "validation_data": {"type": "NONE"},
+            "chat_template_name": "keep-original",
+        },
+        peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+    )
+    result = _run(
+        config,
+        "--set",
+        "peft_conf.peft_kwargs.use_dora=true",
+        "--set",
+        "peft_conf.peft_kwargs.use_rslora=true",
+        "--set",
+        "peft_conf.peft_kwargs.r=12",
+        "--set",
+        "training_args.max_steps=2",
+    )
     assert result["global_step"] == 2 and result["final_eval_loss"] is None
     adapter_cfg = json.loads((Path(result["final_adapter"]) / "adapter_config.json").read_text())
     assert adapter_cfg["use_dora"] and adapter_cfg["use_rslora"] and adapter_cfg["r"] == 12
     assert sorted(adapter_cfg["target_modules"]) == ["q_proj", "v_proj"]
     # keep-original added no tokens: no embedding copies in the adapter
-    assert json.loads((Path(result["final_adapter"]) / "finetune_meta.json").read_text())["added_tokens"] == []
+    assert (
+        json.loads((Path(result["final_adapter"]) / "finetune_meta.json").read_text())["added_tokens"] == []
+    )
 
 
 def test_qlora_4bit_on_cpu(tiny_model, chat_data, tmp_path):
     config = make_config(
-        tmp_path, tiny_model, chat_data,
+        tmp_path,
+        tiny_model,
+        chat_data,
         peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 8, "target_modules": "all-linear"}},
-        quant_conf={"quantization_type": "bits-and-bytes", "load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"},
-        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "save_steps": 10, "learning_rate": 0.003},
+        quant_conf={
+            "quantization_type": "bits-and-bytes",
+            "load_in_4bit": True,
+            "bnb_4bit_compute_dtype": "float32",
+        },
+        training_args={
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 3,
+            "save_steps": 10,
+            "learning_rate": 0.003,
+        },
     )
     result = _run(config)
     assert result["global_step"] == 3
@@ -153,13 +226,34 @@ def test_qlora_4bit_on_cpu(tiny_model, chat_data, tmp_path):
 def test_resume_after_kill_uses_last_complete_checkpoint(tiny_model, chat_data, tmp_path):
     out = tmp_path / "out"
     config = make_config(
-        tmp_path, tiny_model, chat_data,
-        training_args={"output_dir": str(out), "max_steps": 60, "save_steps": 5, "logging_steps": 5, "learning_rate": 0.001},
+        tmp_path,
+        tiny_model,
+        chat_data,
+        training_args={
+            "output_dir": str(out),
+            "max_steps": 60,
+            "save_steps": 5,
+            "logging_steps": 5,
+            "learning_rate": 0.001,
+        },
         batchsize_conf={"total_train_batch_size": 2, "max_per_device_train_batch_size": 2},
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "finetune_engine.cli.finetuning", "sft", str(config), "--num-preprocess-workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "finetune_engine.cli.finetuning",
+            "sft",
+            str(config),
+            "--num-preprocess-workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (out / "checkpoint-10" / "_finetune_manifest.json").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -175,7 +269,9 @@ def test_resume_after_kill_uses_last_complete_checkpoint(tiny_model, chat_data, 
     ours = out / "checkpoint-9998"  # one this engine started writing and never finished: removed
     mark_writing(ours)
     (ours / "model.safetensors").write_bytes(b"partial")
-    complete = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/_finetune_manifest.json"))
+    complete = sorted(
+        int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/_finetune_manifest.json")
+    )
     result = _run(config)
     assert result["resumed_from"] == f"checkpoint-{complete[-1]}"
     assert result["global_step"] == 60
@@ -203,7 +299,11 @@ def test_mlflow_run_has_params_metrics_and_loss_curve(tiny_model, chat_data, tmp
 def test_tracking_disabled_cleanly_when_not_configured(tiny_model, chat_data, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION", raising=False)
-    result = _run(make_config(tmp_path, tiny_model, chat_data, training_args={"output_dir": str(tmp_path / "o"), "max_steps": 1}))
+    result = _run(
+        make_config(
+            tmp_path, tiny_model, chat_data, training_args={"output_dir": str(tmp_path / "o"), "max_steps": 1}
+        )
+    )
     assert result["mlflow_run_id"] is None and not (tmp_path / "o" / "mlflow_run.json").exists()
 
 
@@ -214,7 +314,9 @@ def test_filtering_everything_names_max_seq_length(tiny_model, chat_data, tmp_pa
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_auto_split_that_leaves_nothing_to_train_stops_before_the_model_loads(tiny_model, tmp_path, caplog, monkeypatch):
+def test_auto_split_that_leaves_nothing_to_train_stops_before_the_model_loads(
+    tiny_model, tmp_path, caplog, monkeypatch
+):
     import finetune_engine.modeling
 
     def no_model(*args, **kwargs):
@@ -222,8 +324,13 @@ def test_auto_split_that_leaves_nothing_to_train_stops_before_the_model_loads(ti
 
     monkeypatch.setattr(finetune_engine.modeling, "load_model", no_model)
     data = tmp_path / "one.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
-    config = make_config(tmp_path, tiny_model, data, data_conf={"validation_data": {"type": "AUTO_SPLIT", "ratio": 0.5}})
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
+    )
+    config = make_config(
+        tmp_path, tiny_model, data, data_conf={"validation_data": {"type": "AUTO_SPLIT", "ratio": 0.5}}
+    )
     assert finetuning(["sft", str(config)]) == 2
     assert "data_conf.validation_data: AUTO_SPLIT with ratio 0.5" in caplog.text
     assert "lower data_conf.validation_data.ratio" in caplog.text
@@ -241,10 +348,20 @@ def test_progress_and_memory_lines_logged(tiny_model, chat_data, tmp_path, caplo
     assert "batch: 1 process(es) x 4 per device x 2 accumulation = 8" in text
 
 
-def test_real_mlflow_server_gets_run_and_checkpoint_artifacts(tiny_model, chat_data, tmp_path, monkeypatch, mlflow_server):
+def test_real_mlflow_server_gets_run_and_checkpoint_artifacts(
+    tiny_model, chat_data, tmp_path, monkeypatch, mlflow_server
+):
     monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION", raising=False)
     config = make_config(tmp_path, tiny_model, chat_data)
-    result = _run(config, "--mlflow-server-uri", mlflow_server, "--experiment-name", "server-test", "--hf-mlflow-log-artifacts", "true")
+    result = _run(
+        config,
+        "--mlflow-server-uri",
+        mlflow_server,
+        "--experiment-name",
+        "server-test",
+        "--hf-mlflow-log-artifacts",
+        "true",
+    )
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
@@ -264,7 +381,9 @@ def test_mlflow_unreachable_never_stops_training(tiny_model, chat_data, tmp_path
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     caplog.set_level(logging.WARNING)
-    result = _run(make_config(tmp_path, tiny_model, chat_data), "--mlflow-server-uri", f"http://127.0.0.1:{free_port()}")
+    result = _run(
+        make_config(tmp_path, tiny_model, chat_data), "--mlflow-server-uri", f"http://127.0.0.1:{free_port()}"
+    )
     assert result["status"] == "completed" and result["global_step"] == 6
     assert result["mlflow_run_id"] is None
     assert "training continues" in caplog.text
@@ -276,13 +395,19 @@ def test_tracking_one_source_wins_whole_cli_then_config_then_env():
     from finetune_engine.config.schema import Tracking
     from finetune_engine.tracking import resolve_tracking
 
-    env = {"MLFLOW_TRACKING_URI": "file:///env", "MLFLOW_EXPERIMENT_NAME": "env-exp", "HF_MLFLOW_LOG_ARTIFACTS": "TRUE"}
+    env = {
+        "MLFLOW_TRACKING_URI": "file:///env",
+        "MLFLOW_EXPERIMENT_NAME": "env-exp",
+        "HF_MLFLOW_LOG_ARTIFACTS": "TRUE",
+    }
     s = resolve_tracking(Tracking(), env=env)
     assert (s.uri, s.experiment, s.log_artifacts) == ("file:///env", "env-exp", True)
     cfg = Tracking(mlflow_server_uri="http://config", experiment_name="cfg-exp")
     s = resolve_tracking(cfg, cli_experiment="cli-exp", cli_log_artifacts="True", env=env)
     assert (s.uri, s.experiment, s.log_artifacts) == ("http://config", "cfg-exp", False)
-    s = resolve_tracking(cfg, cli_uri="http://cli", cli_experiment="cli-exp", cli_log_artifacts="False", env=env)
+    s = resolve_tracking(
+        cfg, cli_uri="http://cli", cli_experiment="cli-exp", cli_log_artifacts="False", env=env
+    )
     assert (s.uri, s.experiment, s.log_artifacts) == ("http://cli", "cli-exp", False)
     s = resolve_tracking(cfg, cli_uri="http://cli", env=env)  # the Silogen CLI's defaults
     assert (s.uri, s.experiment, s.log_artifacts) == ("http://cli", "default", False)
@@ -300,7 +425,13 @@ def test_learning_rate_scaling():
     from tests.engine.test_config import BASE, _with
 
     assert scaled_learning_rate(parse_config(BASE), 1e-4, 64) == 1e-4
-    lin = parse_config(_with("overrides.lr_batch_size_scaling=linear", "overrides.reference_batch_size=16", "overrides.lr_multiplier=0.5"))
+    lin = parse_config(
+        _with(
+            "overrides.lr_batch_size_scaling=linear",
+            "overrides.reference_batch_size=16",
+            "overrides.lr_multiplier=0.5",
+        )
+    )
     assert abs(scaled_learning_rate(lin, 1e-4, 64) - 1e-4 * 0.5 * 4) < 1e-12
     sq = parse_config(_with("overrides.lr_batch_size_scaling=sqrt", "overrides.reference_batch_size=16"))
     assert abs(scaled_learning_rate(sq, 1e-4, 64) - 2e-4) < 1e-12

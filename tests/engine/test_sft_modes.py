@@ -31,17 +31,28 @@ NO_VALIDATION = {"type": "NONE"}
 
 
 def _cfg(model: Path, template: str = "keep-original", pad: str = "bos-repurpose", **data_conf):
-    return parse_config({
-        "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "x.jsonl"}]},
-                      "chat_template_name": template, "missing_pad_token_strategy": pad, **data_conf},
-        "batchsize_conf": {"total_train_batch_size": 2},
-        "run_conf": {"model": str(model)},
-    })
+    return parse_config(
+        {
+            "data_conf": {
+                "training_data": {"type": "CONCATENATION", "datasets": [{"path": "x.jsonl"}]},
+                "chat_template_name": template,
+                "missing_pad_token_strategy": pad,
+                **data_conf,
+            },
+            "batchsize_conf": {"total_train_batch_size": 2},
+            "run_conf": {"model": str(model)},
+        }
+    )
 
 
 def _run(config: Path, *extra: str) -> dict:
     result = config.parent / "result.json"
-    assert finetuning(["sft", str(config), "--result-file", str(result), "--num-preprocess-workers", "1", *extra]) == 0
+    assert (
+        finetuning(
+            ["sft", str(config), "--result-file", str(result), "--num-preprocess-workers", "1", *extra]
+        )
+        == 0
+    )
     return json.loads(result.read_text())
 
 
@@ -63,7 +74,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     ],
 )
 @pytest.mark.parametrize("completions_only", [True, False])
-def test_pad_strategy_sets_pad_and_never_masks_eos(tiny_model_dir, strategy, pad, input_pad, completions_only):
+def test_pad_strategy_sets_pad_and_never_masks_eos(
+    tiny_model_dir, strategy, pad, input_pad, completions_only
+):
     tok = load_tokenizer(_cfg(tiny_model_dir, pad=strategy), str(tiny_model_dir))
     t = tok.tokenizer
     assert t.pad_token == pad and t.pad_token_id == t.convert_tokens_to_ids(pad)
@@ -91,7 +104,9 @@ def test_pad_strategy_without_the_source_token_names_the_key(tiny_model_dir, tmp
     t.unk_token = None
     t.save_pretrained(tmp_path / "tok")
     for strategy in ("unk-repurpose", "unk-convert-to-eos"):
-        with pytest.raises(ValueError, match=f"missing_pad_token_strategy {strategy}: the tokenizer has no unk token"):
+        with pytest.raises(
+            ValueError, match=f"missing_pad_token_strategy {strategy}: the tokenizer has no unk token"
+        ):
             load_tokenizer(_cfg(tiny_model_dir, pad=strategy), str(tmp_path / "tok"))
 
 
@@ -105,11 +120,18 @@ def test_unk_convert_to_eos_pads_training_batches_with_eos(tiny_model, chat_data
         return batch
 
     monkeypatch.setattr(PaddingCollator, "__call__", recording_call)
-    config = make_config(tmp_path, tiny_model, chat_data,
-                         data_conf={"training_data": {"type": "CONCATENATION", "datasets": [{"path": str(chat_data)}]},
-                                    "validation_data": NO_VALIDATION, "chat_template_name": "keep-original",
-                                    "missing_pad_token_strategy": "unk-convert-to-eos"},
-                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 2, "learning_rate": 0.003})
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_data,
+        data_conf={
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(chat_data)}]},
+            "validation_data": NO_VALIDATION,
+            "chat_template_name": "keep-original",
+            "missing_pad_token_strategy": "unk-convert-to-eos",
+        },
+        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 2, "learning_rate": 0.003},
+    )
     result = _run(config)
     assert result["global_step"] == 2 and result["final_train_loss"] == result["final_train_loss"]
     from transformers import AutoTokenizer
@@ -132,8 +154,13 @@ def _qa_records(n: int) -> list[dict]:
     from finetune_engine.tiny import COUNTRIES
 
     names = list(COUNTRIES)
-    return [{"prompt": f"What is the capital of {names[i % len(names)]}?",
-             "completion": f"The capital of {names[i % len(names)]} is {COUNTRIES[names[i % len(names)]]}."} for i in range(n)]
+    return [
+        {
+            "prompt": f"What is the capital of {names[i % len(names)]}?",
+            "completion": f"The capital of {names[i % len(names)]} is {COUNTRIES[names[i % len(names)]]}.",
+        }
+        for i in range(n)
+    ]
 
 
 def _text_records(n: int) -> list[dict]:
@@ -151,7 +178,7 @@ def test_prompt_completion_mask_trains_only_the_completion(tiny_model_dir, templ
     assert t.decode(trained) == "The capital of Peru is Lima." + end
     # the trained tokens are one contiguous run: the completion and its end marker, nothing else
     first = next(k for k, lab in enumerate(labels) if lab != IGNORE_INDEX)
-    assert labels[first:first + len(trained)] == ids[first:first + len(trained)] == trained
+    assert labels[first : first + len(trained)] == ids[first : first + len(trained)] == trained
     assert "What is the capital of Peru?" in t.decode(ids[:first])
     # without completions-only, every token but the first is trained
     [full] = encode_batch([record], t, EncodeSettings(512, end_marker=tok.end_marker))
@@ -162,8 +189,11 @@ def test_prompt_completion_mask_trains_only_the_completion(tiny_model_dir, templ
 def test_text_records_train_every_token(tiny_model_dir, completions_only):
     tok = load_tokenizer(_cfg(tiny_model_dir, "chat-ml"), str(tiny_model_dir))
     t = tok.tokenizer
-    [item] = encode_batch([{"text": "The capital of Peru is Lima."}], t,
-                          EncodeSettings(512, completions_only=completions_only, end_marker=tok.end_marker))
+    [item] = encode_batch(
+        [{"text": "The capital of Peru is Lima."}],
+        t,
+        EncodeSettings(512, completions_only=completions_only, end_marker=tok.end_marker),
+    )
     ids = item["input_ids"]
     assert ids[0] == t.bos_token_id and ids[-1] == t.eos_token_id  # plain text: BOS + text + EOS, no template
     assert t.decode(ids[1:-1]) == "The capital of Peru is Lima."
@@ -174,13 +204,21 @@ def test_text_records_train_every_token(tiny_model_dir, completions_only):
 def test_training_on_prompt_completion_and_text_files(tiny_model, tmp_path, kind):
     records = _qa_records(48) if kind == "prompt_completion" else _text_records(48)
     data = _write_jsonl(tmp_path / f"{kind}.jsonl", records)
-    config = make_config(tmp_path, tiny_model, data,
-                         data_conf={"validation_data": {"type": "AUTO_SPLIT", "ratio": 0.25, "seed": 2}},
-                         sft_args={"max_seq_length": 64, "train_on_completions_only": kind == "prompt_completion"},
-                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003})
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        data,
+        data_conf={"validation_data": {"type": "AUTO_SPLIT", "ratio": 0.25, "seed": 2}},
+        sft_args={"max_seq_length": 64, "train_on_completions_only": kind == "prompt_completion"},
+        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003},
+    )
     before = load_file(str(tiny_model / "model.safetensors"))
     result = _run(config)
-    assert result["global_step"] == 3 and result["num_train_examples"] == 36 and result["num_eval_examples"] == 12
+    assert (
+        result["global_step"] == 3
+        and result["num_train_examples"] == 36
+        and result["num_eval_examples"] == 12
+    )
     assert all(0 < result[k] < 20 for k in ("final_train_loss", "final_eval_loss"))
     after = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
     key = "model.layers.1.mlp.down_proj.weight"
@@ -205,16 +243,28 @@ def test_pretrained_peft_continues_the_saved_adapter(tiny_model, chat_data, tmp_
     from finetune_engine.modeling import load_model
 
     first_dir, second_dir = _sub(tmp_path, "first"), _sub(tmp_path, "second")
-    first = _run(make_config(first_dir, tiny_model, chat_data, peft_conf=LORA, data_conf={"validation_data": NO_VALIDATION},
-                             training_args={"output_dir": str(first_dir / "out"), "max_steps": 3, "learning_rate": 0.003}))
+    first = _run(
+        make_config(
+            first_dir,
+            tiny_model,
+            chat_data,
+            peft_conf=LORA,
+            data_conf={"validation_data": NO_VALIDATION},
+            training_args={"output_dir": str(first_dir / "out"), "max_steps": 3, "learning_rate": 0.003},
+        )
+    )
     adapter = Path(first["final_adapter"])
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # the first run trained it
 
-    config = make_config(second_dir, tiny_model, chat_data,
-                         peft_conf={"peft_type": "PRETRAINED_PEFT", "name_or_path": str(adapter)},
-                         data_conf={"validation_data": NO_VALIDATION},
-                         training_args={"output_dir": str(second_dir / "out"), "max_steps": 3, "learning_rate": 0.003})
+    config = make_config(
+        second_dir,
+        tiny_model,
+        chat_data,
+        peft_conf={"peft_type": "PRETRAINED_PEFT", "name_or_path": str(adapter)},
+        data_conf={"validation_data": NO_VALIDATION},
+        training_args={"output_dir": str(second_dir / "out"), "max_steps": 3, "learning_rate": 0.003},
+    )
     # What training starts from: exactly the saved adapter (LoRA and the embedding copies), trainable.
     cfg = load_config(config, method="sft")
     tok = load_tokenizer(cfg, str(tiny_model))
@@ -243,7 +293,10 @@ def test_8bit_bitsandbytes_lora_trains_on_cpu(tiny_model, chat_data, tmp_path):
     from finetune_engine.modeling import load_model
 
     config = make_config(
-        tmp_path, tiny_model, chat_data, peft_conf=LORA,
+        tmp_path,
+        tiny_model,
+        chat_data,
+        peft_conf=LORA,
         quant_conf={"quantization_type": "bits-and-bytes", "load_in_8bit": True},
         data_conf={"validation_data": NO_VALIDATION},
         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003},
@@ -257,7 +310,9 @@ def test_8bit_bitsandbytes_lora_trains_on_cpu(tiny_model, chat_data, tmp_path):
     result = _run(config)
     assert result["global_step"] == 3 and 0 < result["final_train_loss"] < 20
     adapter = load_file(str(Path(result["final_adapter"]) / "adapter_model.safetensors"))
-    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "LoRA B starts at zero and must have moved"
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), (
+        "LoRA B starts at zero and must have moved"
+    )
     merged = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
     assert all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in merged.values())
     assert not any("SCB" in k or "weight_format" in k for k in merged)  # no int8 state in the merged model
@@ -269,13 +324,21 @@ def test_resume_from_an_explicit_checkpoint_path(tiny_model, chat_data, tmp_path
 
     first_dir, second_dir = _sub(tmp_path, "first"), _sub(tmp_path, "second")
     args = {"max_steps": 6, "save_steps": 3, "learning_rate": 0.003, "lr_scheduler_type": "constant"}
-    first = _run(make_config(first_dir, tiny_model, chat_data, training_args={"output_dir": str(first_dir / "out"), **args}))
+    first = _run(
+        make_config(
+            first_dir, tiny_model, chat_data, training_args={"output_dir": str(first_dir / "out"), **args}
+        )
+    )
     checkpoint = first_dir / "out" / "checkpoint-3"
     assert (checkpoint / "_finetune_manifest.json").exists()
 
-    config = make_config(second_dir, tiny_model, chat_data, run_conf={"model": str(tiny_model), "determinism": "half",
-                                                                      "resume_from_checkpoint": str(checkpoint)},
-                         training_args={"output_dir": str(second_dir / "out"), **args})
+    config = make_config(
+        second_dir,
+        tiny_model,
+        chat_data,
+        run_conf={"model": str(tiny_model), "determinism": "half", "resume_from_checkpoint": str(checkpoint)},
+        training_args={"output_dir": str(second_dir / "out"), **args},
+    )
     caplog.set_level(logging.INFO)
     caplog.clear()
     second = _run(config)
@@ -295,9 +358,13 @@ def test_resume_from_an_explicit_checkpoint_path(tiny_model, chat_data, tmp_path
     shutil.copytree(checkpoint, broken)
     (broken / "_finetune_manifest.json").unlink()
     (broken / "trainer_state.json").unlink()  # the Trainer writes it last: a save cut off before it
-    bad = make_config(_sub(tmp_path, "third"), tiny_model, chat_data,
-                      run_conf={"model": str(tiny_model), "resume_from_checkpoint": str(broken)},
-                      training_args={"output_dir": str(tmp_path / "third" / "out"), **args})
+    bad = make_config(
+        _sub(tmp_path, "third"),
+        tiny_model,
+        chat_data,
+        run_conf={"model": str(tiny_model), "resume_from_checkpoint": str(broken)},
+        training_args={"output_dir": str(tmp_path / "third" / "out"), **args},
+    )
     assert finetuning(["sft", str(bad), "--num-preprocess-workers", "1"]) == 2
     assert f"run_conf.resume_from_checkpoint {broken} is not a complete checkpoint" in caplog.text
     assert not (tmp_path / "third" / "out" / "checkpoint-final").exists()
@@ -329,8 +396,14 @@ def test_added_tokens_get_mean_initialised_rows(tiny_model_dir):
 
 
 def test_lora_with_added_tokens_trains_new_rows_and_saves_grown_base(tiny_model, chat_data, tmp_path):
-    config = make_config(tmp_path, tiny_model, chat_data, peft_conf=LORA, data_conf={"validation_data": NO_VALIDATION},
-                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003})
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_data,
+        peft_conf=LORA,
+        data_conf={"validation_data": NO_VALIDATION},
+        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 3, "learning_rate": 0.003},
+    )
     old = load_file(str(tiny_model / "model.safetensors"))
     n = old[EMB].shape[0]
     result = _run(config)
@@ -360,26 +433,53 @@ def test_lora_with_added_tokens_trains_new_rows_and_saves_grown_base(tiny_model,
 
 @pytest.mark.parametrize("handling", ["filter", "truncate"])
 def test_filtered_and_truncated_counts_logged_and_reported(tiny_model, tmp_path, caplog, handling):
-    short = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"}, {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}]}
-             for i in range(20)]
-    long = [{"messages": [{"role": "user", "content": "Describe the fox."}, {"role": "assistant", "content": "The red fox sees the owl. " * (20 + i)}]}
-            for i in range(5)]
+    short = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus 1?"},
+                {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."},
+            ]
+        }
+        for i in range(20)
+    ]
+    long = [
+        {
+            "messages": [
+                {"role": "user", "content": "Describe the fox."},
+                {"role": "assistant", "content": "The red fox sees the owl. " * (20 + i)},
+            ]
+        }
+        for i in range(5)
+    ]
     data = _write_jsonl(tmp_path / "mixed.jsonl", short[:10] + long + short[10:])
     max_len = 64
     # independent count: the chat-ml rendering's token length, as training sees it
     tok = load_tokenizer(_cfg(tiny_model, "chat-ml"), str(tiny_model)).tokenizer
-    lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"]) for r in short + long]
+    lengths = [
+        len(
+            tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+        )
+        for r in short + long
+    ]
     assert sum(n > max_len for n in lengths) == 5 and max(lengths[:20]) <= max_len
 
-    config = make_config(tmp_path, tiny_model, data, data_conf={"validation_data": NO_VALIDATION},
-                         sft_args={"max_seq_length": max_len, "length_handling": handling},
-                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 1})
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        data,
+        data_conf={"validation_data": NO_VALIDATION},
+        sft_args={"max_seq_length": max_len, "length_handling": handling},
+        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 1},
+    )
     caplog.set_level(logging.INFO)
     result = _run(config)
     filtered, truncated = (5, 0) if handling == "filter" else (0, 5)
     assert result["filtered_examples"] == filtered and result["truncated_examples"] == truncated
     assert result["num_train_examples"] == 25 - filtered
-    assert f"kept {25 - filtered} train / 0 eval; filtered as too long {filtered}, truncated {truncated}, without trained tokens 0" in caplog.text
+    assert (
+        f"kept {25 - filtered} train / 0 eval; filtered as too long {filtered}, truncated {truncated}, without trained tokens 0"
+        in caplog.text
+    )
 
 
 # --- the README's command and the result file (flag and env) --------------------------------------
@@ -420,23 +520,33 @@ def _run_cli(argv: list[str], cwd: Path, env: dict[str, str]):
 
     exe = Path(sys.executable).parent / argv[0]
     assert exe.exists(), f"{argv[0]} is not installed next to {sys.executable}"
-    return subprocess.run([str(exe), *argv[1:]], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [str(exe), *argv[1:]], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.slow
 def test_readme_command_runs_and_writes_the_result_file_named_by_flag(tiny_model_dir, tmp_path):
     command = _readme_command()
-    assert command[:3] == ["finetuning", "sft", "engine/configs/tiny-sft-lora.yaml"] and "--result-file" in command
+    assert (
+        command[:3] == ["finetuning", "sft", "engine/configs/tiny-sft-lora.yaml"]
+        and "--result-file" in command
+    )
     work = _readme_workdir(tmp_path, tiny_model_dir)
     env_target = tmp_path / "env-result.json"  # the flag beats FINETUNE_RESULT_FILE
-    proc = _run_cli([*command, "--set", "training_args.max_steps=3", "--num-preprocess-workers", "1"], work,
-                    {"FINETUNE_RESULT_FILE": str(env_target)})
+    proc = _run_cli(
+        [*command, "--set", "training_args.max_steps=3", "--num-preprocess-workers", "1"],
+        work,
+        {"FINETUNE_RESULT_FILE": str(env_target)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     target = work / command[command.index("--result-file") + 1]
     result = json.loads(target.read_text())
     assert result["status"] == "completed" and result["global_step"] == 3 and result["train_loss"] > 0
     assert result["final_eval_loss"] is not None  # the config holds out 10% for eval loss
-    assert json.loads((Path(work / result["final_adapter"]) / "adapter_config.json").read_text())["r"] == 32  # --set applied
+    assert (
+        json.loads((Path(work / result["final_adapter"]) / "adapter_config.json").read_text())["r"] == 32
+    )  # --set applied
     assert (work / result["final_checkpoint"] / "_finetune_manifest.json").exists()
     assert result["final_checkpoint"] in proc.stderr  # where the result is, in the log
     assert not env_target.exists()
@@ -449,8 +559,11 @@ def test_result_file_named_by_env(tiny_model_dir, tmp_path):
     del command[i : i + 2]
     work = _readme_workdir(tmp_path, tiny_model_dir)
     target = tmp_path / "xcom" / "return.json"  # parent created on demand
-    proc = _run_cli([*command, "--set", "training_args.max_steps=2", "--num-preprocess-workers", "1"], work,
-                    {"FINETUNE_RESULT_FILE": str(target)})
+    proc = _run_cli(
+        [*command, "--set", "training_args.max_steps=2", "--num-preprocess-workers", "1"],
+        work,
+        {"FINETUNE_RESULT_FILE": str(target)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(target.read_text())
     assert result["status"] == "completed" and result["global_step"] == 2
@@ -467,8 +580,13 @@ def test_pickle_only_weights_refused_unless_allowed(tiny_model, chat_data, tmp_p
     weights = load_file(str(tiny_model / "model.safetensors"))
     torch.save(weights, tiny_model / "pytorch_model.bin")
     (tiny_model / "model.safetensors").unlink()
-    config = make_config(tmp_path, tiny_model, chat_data, data_conf={"validation_data": NO_VALIDATION},
-                         training_args={"output_dir": str(tmp_path / "out"), "max_steps": 1})
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_data,
+        data_conf={"validation_data": NO_VALIDATION},
+        training_args={"output_dir": str(tmp_path / "out"), "max_steps": 1},
+    )
     caplog.set_level(logging.ERROR)
     assert finetuning(["sft", str(config), "--num-preprocess-workers", "1"]) == 2
     assert f"{tiny_model} has only pickle weights (.bin/.pt)" in caplog.text
@@ -488,14 +606,22 @@ def test_pickle_only_weights_refused_unless_allowed(tiny_model, chat_data, tmp_p
     assert result["global_step"] == 1
     assert calls and calls[0]["use_safetensors"] is False and calls[0]["trust_remote_code"] is False
     trained = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
-    assert trained["model.layers.0.self_attn.q_proj.weight"].shape == weights["model.layers.0.self_attn.q_proj.weight"].shape
+    assert (
+        trained["model.layers.0.self_attn.q_proj.weight"].shape
+        == weights["model.layers.0.self_attn.q_proj.weight"].shape
+    )
 
 
 def test_trust_remote_code_defaults_to_false():
     from finetune_engine.config import schema
 
     assert schema.ModelArgs.model_fields["trust_remote_code"].default is False
-    cfg = parse_config({"data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]}},
-                        "batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": "m"}})
+    cfg = parse_config(
+        {
+            "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "d.jsonl"}]}},
+            "batchsize_conf": {"total_train_batch_size": 2},
+            "run_conf": {"model": "m"},
+        }
+    )
     assert cfg.run_conf.model_args.trust_remote_code is False
     assert cfg.run_conf.model_args.use_safetensors is True

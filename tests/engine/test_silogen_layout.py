@@ -23,12 +23,22 @@ from finetune_engine.cli.finetuning import main as finetuning
 from finetune_engine.manifest import MANIFEST_NAME
 from finetune_engine.merge import main as merge_adapter_cli
 
-LORA = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-        "peft_kwargs": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
+LORA = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "peft_kwargs": {
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    },
+}
 NO_PEFT = {"peft_type": "NO_PEFT"}
 
 
-def _chart_config(workdir: Path, model: Path, data: Path, peft: dict, template: str = "keep-original", **run) -> Path:
+def _chart_config(
+    workdir: Path, model: Path, data: Path, peft: dict, template: str = "keep-original", **run
+) -> Path:
     """A config as the chart's configmap renders it (model and data paths local, few steps)."""
     cfg = {
         "data_conf": {
@@ -36,13 +46,24 @@ def _chart_config(workdir: Path, model: Path, data: Path, peft: dict, template: 
             "validation_data": {"type": "NONE"},
             "chat_template_name": template,
         },
-        "training_args": {"learning_rate": 0.003, "max_steps": 4, "save_steps": 2, "logging_steps": 1,
-                          "lr_scheduler_type": "constant", "seed": 42},
+        "training_args": {
+            "learning_rate": 0.003,
+            "max_steps": 4,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "lr_scheduler_type": "constant",
+            "seed": 42,
+        },
         "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 4},
         "peft_conf": peft,
-        "run_conf": {"model": str(model),
-                     "final_checkpoint_name": "checkpoint-final" if peft["peft_type"] == "NO_PEFT" else "checkpoint-final-adapter",
-                     "resume_from_checkpoint": "auto", **run},
+        "run_conf": {
+            "model": str(model),
+            "final_checkpoint_name": "checkpoint-final"
+            if peft["peft_type"] == "NO_PEFT"
+            else "checkpoint-final-adapter",
+            "resume_from_checkpoint": "auto",
+            **run,
+        },
         "sft_args": {"max_seq_length": 128},
     }
     path = workdir / "finetuning_config.yaml"
@@ -51,11 +72,18 @@ def _chart_config(workdir: Path, model: Path, data: Path, peft: dict, template: 
 
 
 def _train(config: Path, workdir: Path) -> dict:
-    assert finetuning(["sft", str(config), "--num-preprocess-workers", "1", "--result-file", str(workdir / "r.json")]) == 0
+    assert (
+        finetuning(
+            ["sft", str(config), "--num-preprocess-workers", "1", "--result-file", str(workdir / "r.json")]
+        )
+        == 0
+    )
     return json.loads((workdir / "r.json").read_text())
 
 
-def test_lora_run_leaves_the_adapter_where_the_charts_next_commands_read_it(tiny_model, chat_data, tmp_path, monkeypatch):
+def test_lora_run_leaves_the_adapter_where_the_charts_next_commands_read_it(
+    tiny_model, chat_data, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CHECKPOINTS_PATH", raising=False)
     config = _chart_config(tmp_path, tiny_model, chat_data, LORA)
@@ -67,13 +95,28 @@ def test_lora_run_leaves_the_adapter_where_the_charts_next_commands_read_it(tiny
     assert (adapter / "tokenizer_config.json").is_file() and (adapter / MANIFEST_NAME).is_file()
     assert not (adapter / "model.safetensors").exists()
     # no merge unless asked, no grown base (no tokens added), nothing named after the adapter
-    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith("checkpoint-") or not p.name[11:].isdigit()) == [
-        "checkpoint-final-adapter", "result.json"]
-    assert result["final_adapter"] == str(adapter) and result["final_checkpoint"] is None and result["grown_base"] is None
+    assert sorted(
+        p.name for p in ckpts.iterdir() if not p.name.startswith("checkpoint-") or not p.name[11:].isdigit()
+    ) == ["checkpoint-final-adapter", "result.json"]
+    assert (
+        result["final_adapter"] == str(adapter)
+        and result["final_checkpoint"] is None
+        and result["grown_base"] is None
+    )
 
     # the chart's next commands, as it runs them
-    assert create_vllm_compatible_adapter(["--training-config", str(config), "./checkpoints/checkpoint-final-adapter"]) == 0
-    assert merge_adapter_cli([str(tiny_model), "./checkpoints/checkpoint-final-adapter", "./checkpoints/checkpoint-final"]) == 0
+    assert (
+        create_vllm_compatible_adapter(
+            ["--training-config", str(config), "./checkpoints/checkpoint-final-adapter"]
+        )
+        == 0
+    )
+    assert (
+        merge_adapter_cli(
+            [str(tiny_model), "./checkpoints/checkpoint-final-adapter", "./checkpoints/checkpoint-final"]
+        )
+        == 0
+    )
     merged = load_file("checkpoints/checkpoint-final/model.safetensors")
     base = load_file(str(tiny_model / "model.safetensors"))
     q = next(k for k in base if "layers.0.self_attn.q_proj.weight" in k)
@@ -82,16 +125,24 @@ def test_lora_run_leaves_the_adapter_where_the_charts_next_commands_read_it(tiny
     assert torch.equal(merged[v], base[v])  # untargeted modules are the base's
 
 
-def test_added_tokens_save_the_grown_base_by_its_silogen_name_and_merge_asked_goes_beside(tiny_model, chat_data, tmp_path, monkeypatch):
+def test_added_tokens_save_the_grown_base_by_its_silogen_name_and_merge_asked_goes_beside(
+    tiny_model, chat_data, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CHECKPOINTS_PATH", str(tmp_path / "ckpts"))  # the peer's env override of the default
     config = _chart_config(tmp_path, tiny_model, chat_data, LORA, template="chat-ml", merge_adapter=True)
     result = _train(config, tmp_path)
 
     ckpts = tmp_path / "ckpts"
-    grown, adapter, merged = ckpts / "checkpoint-new-basemodel", ckpts / "checkpoint-final-adapter", ckpts / "checkpoint-final"
+    grown, adapter, merged = (
+        ckpts / "checkpoint-new-basemodel",
+        ckpts / "checkpoint-final-adapter",
+        ckpts / "checkpoint-final",
+    )
     assert result["grown_base"] == str(grown) and result["final_adapter"] == str(adapter)
-    assert result["final_checkpoint"] == str(merged)  # checkpoint-final-adapter -> checkpoint-final, as the chart's merge
+    assert result["final_checkpoint"] == str(
+        merged
+    )  # checkpoint-final-adapter -> checkpoint-final, as the chart's merge
     base_rows = load_file(str(tiny_model / "model.safetensors"))["model.embed_tokens.weight"].shape[0]
     assert load_file(str(grown / "model.safetensors"))["model.embed_tokens.weight"].shape[0] == base_rows + 2
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
@@ -99,7 +150,10 @@ def test_added_tokens_save_the_grown_base_by_its_silogen_name_and_merge_asked_go
 
     # the chart's merge step (base: checkpoint-new-basemodel, since it exists) gives the same model
     assert merge_adapter_cli([str(grown), str(adapter), str(tmp_path / "chart-merged")]) == 0
-    ours, chart = load_file(str(merged / "model.safetensors")), load_file(str(tmp_path / "chart-merged" / "model.safetensors"))
+    ours, chart = (
+        load_file(str(merged / "model.safetensors")),
+        load_file(str(tmp_path / "chart-merged" / "model.safetensors")),
+    )
     assert ours.keys() == chart.keys() and all(torch.allclose(ours[k], chart[k], atol=1e-5) for k in ours)
 
 
@@ -110,18 +164,32 @@ def _plain_trainer_checkpoint(model_dir: Path, out: Path, steps: int) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-            for ids in torch.randint(5, model.config.vocab_size, (32, 24), generator=g)]
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, save_steps=steps, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=2, learning_rate=0.003, lr_scheduler_type="constant",
-                             report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True)
+    rows = [
+        {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        for ids in torch.randint(5, model.config.vocab_size, (32, 24), generator=g)
+    ]
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        save_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=0.003,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=rows).train()
     ckpt = out / f"checkpoint-{steps}"
     assert (ckpt / "trainer_state.json").is_file() and not (ckpt / MANIFEST_NAME).exists()
     return ckpt
 
 
-def test_auto_resumes_from_a_plain_trainer_checkpoint_and_deletes_nothing(tiny_model, chat_data, tmp_path, monkeypatch, caplog):
+def test_auto_resumes_from_a_plain_trainer_checkpoint_and_deletes_nothing(
+    tiny_model, chat_data, tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CHECKPOINTS_PATH", raising=False)
     theirs = _plain_trainer_checkpoint(tiny_model, tmp_path / "checkpoints", steps=2)
@@ -148,7 +216,9 @@ def test_auto_resumes_from_a_plain_trainer_checkpoint_and_deletes_nothing(tiny_m
     assert not (tmp_path / "checkpoints" / "checkpoint-final-merged").exists()
 
 
-def test_false_default_starts_from_step_0_beside_existing_checkpoints(tiny_model, chat_data, tmp_path, monkeypatch, caplog):
+def test_false_default_starts_from_step_0_beside_existing_checkpoints(
+    tiny_model, chat_data, tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CHECKPOINTS_PATH", raising=False)
     theirs = _plain_trainer_checkpoint(tiny_model, tmp_path / "checkpoints", steps=2)

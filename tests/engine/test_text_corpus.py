@@ -33,7 +33,10 @@ def write_corpus(folder: Path, docs: int = 5, seed: int = 0) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     texts = []
     for d in range(docs):
-        paragraphs = ["\n".join(rng.sample(_sentences(30, rng), rng.randrange(2, 5))) for _ in range(rng.randrange(2, 6))]
+        paragraphs = [
+            "\n".join(rng.sample(_sentences(30, rng), rng.randrange(2, 5)))
+            for _ in range(rng.randrange(2, 6))
+        ]
         text = "\n\n".join(paragraphs) + "\n"
         (folder / f"doc-{d:02d}.txt").write_text(text, encoding="utf-8")
         texts.append(text)
@@ -41,7 +44,9 @@ def write_corpus(folder: Path, docs: int = 5, seed: int = 0) -> list[str]:
 
 
 def _settings(tok, context: int = 48, boundary: str = "paragraph", waste: float = 0.25) -> WindowSettings:
-    return WindowSettings(context, boundary, waste, eot_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    return WindowSettings(
+        context, boundary, waste, eot_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
 
 
 def test_eot_after_every_document_and_documents_intact(tiny_model_dir, tmp_path):
@@ -70,13 +75,17 @@ def test_window_count_shape_and_boundary_cuts(tiny_model_dir, tmp_path):
     ids, levels, _ = build_stream(texts, tok, settings)
     starts, ends = make_windows(levels, settings)
     lengths = ends - starts
-    assert starts[0] == 0 and ends[-1] == len(ids) and (starts[1:] == ends[:-1]).all(), "windows tile the stream"
+    assert starts[0] == 0 and ends[-1] == len(ids) and (starts[1:] == ends[:-1]).all(), (
+        "windows tile the stream"
+    )
     assert (lengths <= 48).all()
     short = np.flatnonzero(lengths[:-1] < 48)
     assert len(short) > 0, "this corpus has boundaries within the slack; some windows must end at one"
     for i in short:
         assert lengths[i] >= 48 - 12, "a window gives up at most max_boundary_waste to end at a boundary"
-        assert levels[ends[i] - 1] >= LEVELS["paragraph"], "a short window ends right after a paragraph/document end"
+        assert levels[ends[i] - 1] >= LEVELS["paragraph"], (
+            "a short window ends right after a paragraph/document end"
+        )
     # Without boundaries: fixed cuts, every window full but the last.
     starts_n, ends_n = make_windows(levels, _settings(tok, context=48, boundary="none"))
     assert len(starts_n) == -(-len(ids) // 48) and ((ends_n - starts_n)[:-1] == 48).all()
@@ -108,7 +117,9 @@ def test_workers_give_the_single_process_result(tiny_model_dir, tmp_path, monkey
     monkeypatch.setattr(text_corpus, "TASK_CHARS", 1500)
     calls = []
     real = text_corpus._tokenize_task
-    monkeypatch.setattr(text_corpus, "_tokenize_task", lambda task, t: calls.append(len(task)) or real(task, t))
+    monkeypatch.setattr(
+        text_corpus, "_tokenize_task", lambda task, t: calls.append(len(task)) or real(task, t)
+    )
     settings = _settings(tok)
     one = build_stream(texts, tok, settings, workers=1)
     assert len(calls) > 3, "the corpus must span several worker tasks for this test to mean anything"
@@ -147,7 +158,9 @@ def test_cache_hit_skips_tokenization_and_content_changes_miss(tiny_model_dir, t
 def test_windows_as_rows_train_every_token_but_bos(tiny_model_dir, tmp_path):
     tok = _tokenizer(tiny_model_dir)
     write_corpus(tmp_path / "c", docs=3)
-    windows, _ = load_windows([str(tmp_path / "c")], tok, _settings(tok, context=32), cache_dir=tmp_path / "cache")
+    windows, _ = load_windows(
+        [str(tmp_path / "c")], tok, _settings(tok, context=32), cache_dir=tmp_path / "cache"
+    )
     for i in range(len(windows)):
         row = windows[i]
         assert len(row["input_ids"]) == len(row["labels"]) <= 32
@@ -158,13 +171,18 @@ def test_windows_as_rows_train_every_token_but_bos(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "change,expected",
     [
-        ({"sft_args": {"max_seq_length": 64, "train_on_completions_only": True}}, "plain text (TEXT_FILES) has no completions"),
+        (
+            {"sft_args": {"max_seq_length": 64, "train_on_completions_only": True}},
+            "plain text (TEXT_FILES) has no completions",
+        ),
         ({"sft_args": {"max_seq_length": 32}}, "context_length 48 exceeds sft_args.max_seq_length 32"),
     ],
 )
 def test_text_files_config_checks(change, expected):
     data = {
-        "data_conf": {"training_data": {"type": "TEXT_FILES", "datasets": [{"path": "corpus"}], "context_length": 48}},
+        "data_conf": {
+            "training_data": {"type": "TEXT_FILES", "datasets": [{"path": "corpus"}], "context_length": 48}
+        },
         "batchsize_conf": {"total_train_batch_size": 2},
         "run_conf": {"model": "m", "preset": "none"},
         **change,
@@ -176,15 +194,27 @@ def test_text_files_config_checks(change, expected):
 def test_txt_in_a_jsonl_dataset_type_is_refused_and_dpo_cannot_use_text():
     base = {"batchsize_conf": {"total_train_batch_size": 2}, "run_conf": {"model": "m", "preset": "none"}}
     with pytest.raises(ConfigError, match="plain text trains with data_conf.training_data.type: TEXT_FILES"):
-        parse_config({**base, "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "a.txt"}]}}})
+        parse_config(
+            {
+                **base,
+                "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "a.txt"}]}},
+            }
+        )
     with pytest.raises(ConfigError, match="TEXT_FILES trains with sft, not dpo"):
-        parse_config({**base, "data_conf": {"training_data": {"type": "TEXT_FILES", "datasets": [{"path": "c"}]}}}, method="dpo")
+        parse_config(
+            {**base, "data_conf": {"training_data": {"type": "TEXT_FILES", "datasets": [{"path": "c"}]}}},
+            method="dpo",
+        )
 
 
 def _text_config(tmp_path: Path, model: Path, corpus: Path, **sections) -> Path:
     data_conf = {
-        "training_data": {"type": "TEXT_FILES", "datasets": [{"path": str(corpus)}], "context_length": 64,
-                          "cache_dir": str(tmp_path / "cache")},
+        "training_data": {
+            "type": "TEXT_FILES",
+            "datasets": [{"path": str(corpus)}],
+            "context_length": 64,
+            "cache_dir": str(tmp_path / "cache"),
+        },
         "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.2, "seed": 1},
     }
     return make_config(tmp_path, model, corpus, data_conf=data_conf, **sections)
@@ -208,20 +238,31 @@ def test_continued_pretraining_trains_and_second_run_hits_the_cache(tiny_model, 
     before = load_file(str(tiny_model / "model.safetensors"))
     config = _text_config(tmp_path, tiny_model, corpus, sft_args={"max_seq_length": 128})
     result_file = tmp_path / "result.json"
-    assert finetuning(["sft", str(config), "--result-file", str(result_file), "--num-preprocess-workers", "2"]) == 0
+    assert (
+        finetuning(["sft", str(config), "--result-file", str(result_file), "--num-preprocess-workers", "2"])
+        == 0
+    )
     result = json.loads(result_file.read_text())
     assert result["status"] == "completed" and result["global_step"] == 6
     assert result["text_data"]["cache"] == "miss" and result["text_data"]["documents"] == 10
     windows = result["text_data"]["windows"]
-    assert result["num_train_examples"] + result["num_eval_examples"] == windows and result["num_eval_examples"] >= 1
+    assert (
+        result["num_train_examples"] + result["num_eval_examples"] == windows
+        and result["num_eval_examples"] >= 1
+    )
     losses = [result["final_train_loss"], result["final_eval_loss"]]
     assert all(x is not None and np.isfinite(x) for x in losses)
     after = load_file(str(Path(result["final_checkpoint"]) / "model.safetensors"))
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert "model.layers.0.self_attn.q_proj.weight" in moved and "lm_head.weight" in moved
     # A second experiment over the same files and tokenizer skips tokenization.
-    again = _text_config(tmp_path, tiny_model, corpus, sft_args={"max_seq_length": 128},
-                         training_args={"output_dir": str(tmp_path / "out2"), "max_steps": 1, "learning_rate": 0.003})
+    again = _text_config(
+        tmp_path,
+        tiny_model,
+        corpus,
+        sft_args={"max_seq_length": 128},
+        training_args={"output_dir": str(tmp_path / "out2"), "max_steps": 1, "learning_rate": 0.003},
+    )
     assert finetuning(["sft", str(again), "--result-file", str(result_file)]) == 0
     second = json.loads(result_file.read_text())
     assert second["text_data"]["cache"] == "hit" and second["text_data"]["windows"] == windows

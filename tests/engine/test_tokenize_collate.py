@@ -36,7 +36,9 @@ def _cfg(model, template="chat-ml", pad="bos-repurpose"):
     )
 
 
-@pytest.mark.parametrize("template", ["chat-ml", "llama-3", "mistral-with-system", "poro", "simplified-llama31", "keep-original"])
+@pytest.mark.parametrize(
+    "template", ["chat-ml", "llama-3", "mistral-with-system", "poro", "simplified-llama31", "keep-original"]
+)
 def test_completions_only_mask_is_exact(tiny_model_dir, template):
     tok = load_tokenizer(_cfg(tiny_model_dir, template), str(tiny_model_dir))
     settings = EncodeSettings(max_seq_length=512, completions_only=True, end_marker=tok.end_marker)
@@ -74,7 +76,11 @@ def test_length_filter_and_truncate(tiny_model_dir):
     [item] = encode_batch([CONVERSATION], tok.tokenizer, EncodeSettings(10, "truncate"))
     assert len(item["input_ids"]) == 10 and item["truncated"] == [1]
     # Truncation that cuts every assistant token leaves nothing to train on: dropped and counted.
-    out = encode_batch([CONVERSATION], tok.tokenizer, EncodeSettings(10, "truncate", completions_only=True, end_marker=tok.end_marker))
+    out = encode_batch(
+        [CONVERSATION],
+        tok.tokenizer,
+        EncodeSettings(10, "truncate", completions_only=True, end_marker=tok.end_marker),
+    )
     assert out == ["no_trained_tokens"]
 
 
@@ -118,7 +124,11 @@ def test_packed_rows_do_not_cross_contaminate(tiny_model_dir, attn):
     batch = PackedCollator(pad_token_id=0, attn_implementation=attn)(features)
     batch.pop("num_real_tokens")
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits[0]
         at = 0
         for s in segs:
             alone = model(input_ids=torch.tensor([s])).logits[0]

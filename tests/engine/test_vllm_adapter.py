@@ -23,8 +23,12 @@ def _embedding_lora(base: Path, out: Path, modules_to_save=None) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
-                                            modules_to_save=modules_to_save))
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], modules_to_save=modules_to_save
+        ),
+    )
     with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
@@ -46,12 +50,18 @@ def _logits(base: Path, adapter: Path | None) -> torch.Tensor:
 
 
 def _config(tmp_path: Path, model: Path, **peft) -> Path:
-    cfg = {"data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": str(tmp_path / "d.jsonl")}]},
-                         "validation_data": {"type": "NONE"}, "chat_template_name": "keep-original"},
-           "training_args": {"output_dir": str(tmp_path / "out")},
-           "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 4},
-           "run_conf": {"model": str(model)},
-           "peft_conf": peft or {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": ["q_proj", "embed_tokens"]}}}
+    cfg = {
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(tmp_path / "d.jsonl")}]},
+            "validation_data": {"type": "NONE"},
+            "chat_template_name": "keep-original",
+        },
+        "training_args": {"output_dir": str(tmp_path / "out")},
+        "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 4},
+        "run_conf": {"model": str(model)},
+        "peft_conf": peft
+        or {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": ["q_proj", "embed_tokens"]}},
+    }
     path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -91,11 +101,20 @@ def test_trained_modules_are_kept_with_exit_0(tiny_model_dir, tmp_path, caplog):
     assert not (adapter / f"{BACKUP_PREFIX}adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("peft,action", [
-    ({}, "removed"),  # a LoRA run with the model's own template: the extra layers are untrained copies
-    ({"peft_type": "NO_PEFT"}, "kept"),
-    ({"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}}, "kept"),
-])
+@pytest.mark.parametrize(
+    "peft,action",
+    [
+        ({}, "removed"),  # a LoRA run with the model's own template: the extra layers are untrained copies
+        ({"peft_type": "NO_PEFT"}, "kept"),
+        (
+            {
+                "peft_type": "LORA",
+                "peft_kwargs": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+            },
+            "kept",
+        ),
+    ],
+)
 def test_training_config_decides_as_the_silogen_engine(tiny_model_dir, tmp_path, peft, action):
     adapter = _embedding_lora(tiny_model_dir, tmp_path / "adapter")
     cfg = _config(tmp_path, tiny_model_dir, **peft)
@@ -131,10 +150,18 @@ def _plain_adapter(root: Path, with_config: bool = True) -> Path:
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
-    save_file({"m.q_proj.lora_A.weight": torch.ones(2, 4), "m.q_proj.lora_B.weight": torch.ones(4, 2),
-               "m.embed_tokens.base_layer.weight": torch.zeros(8, 4)}, str(root / "adapter_model.safetensors"))
+    save_file(
+        {
+            "m.q_proj.lora_A.weight": torch.ones(2, 4),
+            "m.q_proj.lora_B.weight": torch.ones(4, 2),
+            "m.embed_tokens.base_layer.weight": torch.zeros(8, 4),
+        },
+        str(root / "adapter_model.safetensors"),
+    )
     if with_config:
-        (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
+        (root / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]})
+        )
     return root
 
 
@@ -167,7 +194,9 @@ def test_an_incomplete_directory_is_not_blessed_by_a_new_manifest(tmp_path, capl
 def test_without_adapter_config_the_weights_alone_decide(tmp_path, capsys):
     adapter = _plain_adapter(tmp_path / "adapter", with_config=False)
     assert main([str(adapter)]) == 0
-    assert set(load_file(str(adapter / "adapter_model.safetensors"))) == {"m.q_proj.lora_A.weight",
-                                                                          "m.q_proj.lora_B.weight"}
+    assert set(load_file(str(adapter / "adapter_model.safetensors"))) == {
+        "m.q_proj.lora_A.weight",
+        "m.q_proj.lora_B.weight",
+    }
     assert "no adapter_config.json" in capsys.readouterr().err  # a preflight warning, not an error
     assert main([str(adapter), "--strict"]) == 1

@@ -40,15 +40,24 @@ def assert_golden(name: str, doc: Any) -> None:
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
     assert path.exists(), f"{path.name} missing; create it with UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{path.name} changed; review the diff and rerun with UPDATE_GOLDEN=1 if intended"
+    assert text == path.read_text(), (
+        f"{path.name} changed; review the diff and rerun with UPDATE_GOLDEN=1 if intended"
+    )
 
 
 def strict(schema: dict) -> dict:
     """The CRD schema with unknown fields rejected (the API server would prune them silently)."""
     if not isinstance(schema, dict):
         return schema
-    out = {k: strict(v) if isinstance(v, dict) else ([strict(i) for i in v] if isinstance(v, list) else v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    out = {
+        k: strict(v) if isinstance(v, dict) else ([strict(i) for i in v] if isinstance(v, list) else v)
+        for k, v in schema.items()
+    }
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     if "properties" in out:
         out["properties"] = {k: strict(v) for k, v in out["properties"].items()}
@@ -59,8 +68,10 @@ def crd_schema(filename: str) -> dict:
     """The storage version's openAPIV3Schema of a Kubeflow CRD, strict; skips when shared/ is absent."""
     path = CRDS / filename
     if not path.exists():
-        why = (f"Kubeflow CRD schema {filename} not found in {CRDS}: it is read from shared/crds beside the checkout "
-               "or from $FINETUNE_CRDS_DIR (sources in tests/provider/conftest.py), never copied into the repository")
+        why = (
+            f"Kubeflow CRD schema {filename} not found in {CRDS}: it is read from shared/crds beside the checkout "
+            "or from $FINETUNE_CRDS_DIR (sources in tests/provider/conftest.py), never copied into the repository"
+        )
         if in_ci():
             pytest.fail(f"{why}; CI must validate the multi-node manifests, so a missing schema fails there")
         pytest.skip(why)

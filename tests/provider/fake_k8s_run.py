@@ -30,8 +30,13 @@ class Outcome:
 # by task id (the pod's task_id label)
 OUTCOMES = {
     "host_oom": Outcome("Failed", 137, "OOMKilled", log="step 3/100\n"),
-    "gpu_oom": Outcome("Failed", 1, "Error", log="Traceback (most recent call last):\n  ...\n"
-                       "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB\n"),
+    "gpu_oom": Outcome(
+        "Failed",
+        1,
+        "Error",
+        log="Traceback (most recent call last):\n  ...\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB\n",
+    ),
     "sigkill": Outcome("Failed", 137, "Error", log="step 40/100\n"),
     "deadline": Outcome("Failed", 137, "Error", pod_reason="DeadlineExceeded", log="step 90/100\n"),
 }
@@ -41,14 +46,27 @@ def _status(pod: k8s.V1Pod, phase: str, outcome: Outcome | None = None) -> k8s.V
     outcome = outcome or Outcome()
     done = phase in ("Succeeded", "Failed")
     pod.status = k8s.V1PodStatus(
-        phase=phase, reason=outcome.pod_reason if phase == "Failed" else None,
-        container_statuses=[k8s.V1ContainerStatus(name=c.name, image=c.image or "", image_id="", ready=phase == "Running",
-                                                    restart_count=0, state=k8s.V1ContainerState(
-                                                        terminated=k8s.V1ContainerStateTerminated(
-                                                            exit_code=outcome.exit_code if c.name == "base" else 0,
-                                                            reason=outcome.reason if c.name == "base" else "Completed") if done else None,
-                                                        running=k8s.V1ContainerStateRunning() if phase == "Running" else None))
-                            for c in pod.spec.containers],
+        phase=phase,
+        reason=outcome.pod_reason if phase == "Failed" else None,
+        container_statuses=[
+            k8s.V1ContainerStatus(
+                name=c.name,
+                image=c.image or "",
+                image_id="",
+                ready=phase == "Running",
+                restart_count=0,
+                state=k8s.V1ContainerState(
+                    terminated=k8s.V1ContainerStateTerminated(
+                        exit_code=outcome.exit_code if c.name == "base" else 0,
+                        reason=outcome.reason if c.name == "base" else "Completed",
+                    )
+                    if done
+                    else None,
+                    running=k8s.V1ContainerStateRunning() if phase == "Running" else None,
+                ),
+            )
+            for c in pod.spec.containers
+        ],
     )
     return pod
 
@@ -73,10 +91,17 @@ class FakeCore:
         items = []
         if self.mode == "reattach":
             # a running pod of this task instance from a previous worker, found by its labels
-            wanted = dict(p.split("=", 1) for p in (label_selector or "").split(",") if "=" in p and "!" not in p)
-            pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=f"existing-{wanted.get('map_index', 'x')}", namespace=namespace,
-                                                      labels={**wanted, "try_number": "1"}),
-                            spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="base", image="img")]))
+            wanted = dict(
+                p.split("=", 1) for p in (label_selector or "").split(",") if "=" in p and "!" not in p
+            )
+            pod = k8s.V1Pod(
+                metadata=k8s.V1ObjectMeta(
+                    name=f"existing-{wanted.get('map_index', 'x')}",
+                    namespace=namespace,
+                    labels={**wanted, "try_number": "1"},
+                ),
+                spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="base", image="img")]),
+            )
             self.pods[pod.metadata.name] = _status(pod, "Running")
             items = [pod]
         return k8s.V1PodList(items=items)
@@ -84,7 +109,14 @@ class FakeCore:
     def create_namespaced_pod(self, namespace, body, **kw):
         pod = body if isinstance(body, k8s.V1Pod) else None
         name = body["metadata"]["name"] if isinstance(body, dict) else body.metadata.name
-        self.calls.append({"op": "create", "namespace": namespace, "body": body if isinstance(body, dict) else None, "name": name})
+        self.calls.append(
+            {
+                "op": "create",
+                "namespace": namespace,
+                "body": body if isinstance(body, dict) else None,
+                "name": name,
+            }
+        )
         if pod is None:
             pod = self.api_client._ApiClient__deserialize(body, "V1Pod")
         self.pods[name] = _status(pod, "Running")
@@ -95,7 +127,9 @@ class FakeCore:
         outcome = self.outcome(pod)
         return _status(pod, outcome.phase, outcome)
 
-    def read_namespaced_pod_log(self, name, namespace, container=None, tail_lines=None, _preload_content=True, **kw):
+    def read_namespaced_pod_log(
+        self, name, namespace, container=None, tail_lines=None, _preload_content=True, **kw
+    ):
         self.calls.append({"op": "log", "name": name, "container": container, "tail_lines": tail_lines})
         text = self.outcome(self.pods[name]).log
         if tail_lines:
@@ -121,13 +155,27 @@ def patched(fake: FakeCore, result_json: str):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(KubernetesHook, "is_in_cluster", new_callable=mock.PropertyMock, return_value=False))
-    stack.enter_context(mock.patch.object(KubernetesHook, "core_v1_client", new_callable=mock.PropertyMock, return_value=fake))
-    stack.enter_context(mock.patch.object(KubernetesPodOperator, "client", new_callable=mock.PropertyMock, return_value=fake))
+    stack.enter_context(
+        mock.patch.object(KubernetesHook, "is_in_cluster", new_callable=mock.PropertyMock, return_value=False)
+    )
+    stack.enter_context(
+        mock.patch.object(KubernetesHook, "core_v1_client", new_callable=mock.PropertyMock, return_value=fake)
+    )
+    stack.enter_context(
+        mock.patch.object(KubernetesPodOperator, "client", new_callable=mock.PropertyMock, return_value=fake)
+    )
     # what the XCom sidecar would print; the operator parses it as it would a real one
-    stack.enter_context(mock.patch("airflow.providers.cncf.kubernetes.utils.pod_manager.PodManager.extract_xcom",
-                                   return_value=result_json))
-    stack.enter_context(mock.patch("airflow.providers.cncf.kubernetes.utils.pod_manager.PodManager.await_xcom_sidecar_container_start"))
+    stack.enter_context(
+        mock.patch(
+            "airflow.providers.cncf.kubernetes.utils.pod_manager.PodManager.extract_xcom",
+            return_value=result_json,
+        )
+    )
+    stack.enter_context(
+        mock.patch(
+            "airflow.providers.cncf.kubernetes.utils.pod_manager.PodManager.await_xcom_sidecar_container_start"
+        )
+    )
     return stack
 
 
@@ -147,7 +195,10 @@ def _states(run) -> dict[str, dict]:
 
     with create_session() as session:
         tis = session.query(TaskInstance).filter_by(dag_id=run.dag_id, run_id=run.run_id).all()
-        return {f"{ti.task_id}[{ti.map_index}]": {"state": str(ti.state), "try_number": ti.try_number} for ti in tis}
+        return {
+            f"{ti.task_id}[{ti.map_index}]": {"state": str(ti.state), "try_number": ti.try_number}
+            for ti in tis
+        }
 
 
 def main() -> int:
@@ -159,8 +210,13 @@ def main() -> int:
         bag = DagBag(dag_folder=sys.argv[1])
         dag = bag.dags[sys.argv[2]]
         run = dag.test()
-        print("FAKE_K8S_CALLS=" + json.dumps({"state": str(run.state), "calls": fake.calls, "labels": _labels(run),
-                                              "tis": _states(run)}, default=str))
+        print(
+            "FAKE_K8S_CALLS="
+            + json.dumps(
+                {"state": str(run.state), "calls": fake.calls, "labels": _labels(run), "tis": _states(run)},
+                default=str,
+            )
+        )
     return 0
 
 

@@ -28,12 +28,18 @@ import yaml
 
 TOKEN = "fake-kube-token"
 COLLECTION = re.compile(r"^/(?P<group>api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)$")
-OBJECT = re.compile(r"^/(?P<group>api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)/(?P<name>[^/]+)"
-                    r"(?P<sub>/status)?$")
+OBJECT = re.compile(
+    r"^/(?P<group>api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)/(?P<name>[^/]+)"
+    r"(?P<sub>/status)?$"
+)
 PROXY = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/services/(?P<name>[^/]+)/proxy/(?P<path>.*)$")
 BUILTIN_GROUPS = ("api/v1", "apis/apps/v1", "apis/networking.k8s.io/v1")
-PATCH_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json", "application/json-patch+json",
-               "application/apply-patch+yaml")
+PATCH_TYPES = (
+    "application/merge-patch+json",
+    "application/strategic-merge-patch+json",
+    "application/json-patch+json",
+    "application/apply-patch+yaml",
+)
 
 
 def _merge(dst: dict, src: dict) -> dict:
@@ -78,8 +84,13 @@ class FakeKubeAPI:
                 raw = self.rfile.read(length) if length else b""
                 path = self.path.split("?", 1)[0]
                 query = self.path.split("?", 1)[1] if "?" in self.path else ""
-                record = {"method": self.command, "path": path, "query": query,
-                          "content_type": self.headers.get("Content-Type"), "body": None}
+                record = {
+                    "method": self.command,
+                    "path": path,
+                    "query": query,
+                    "content_type": self.headers.get("Content-Type"),
+                    "body": None,
+                }
                 if raw:
                     try:
                         record["body"] = json.loads(raw)
@@ -112,18 +123,31 @@ class FakeKubeAPI:
         self._server.server_close()
 
     def kubeconfig(self, path: Path) -> Path:
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}],
-        }))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": TOKEN}}],
+                    "contexts": [
+                        {
+                            "name": "fake",
+                            "context": {"cluster": "fake", "user": "fake", "namespace": "default"},
+                        }
+                    ],
+                }
+            )
+        )
         return path
 
     # -- what the tests look at -----------------------------------------------------------------
 
     def get(self, plural: str, namespace: str, name: str) -> dict | None:
-        return next((o for (_, ns, p, n), o in self.objects.items() if (p, ns, n) == (plural, namespace, name)), None)
+        return next(
+            (o for (_, ns, p, n), o in self.objects.items() if (p, ns, n) == (plural, namespace, name)), None
+        )
 
     def calls(self, *, proxy: bool = True) -> list[tuple[str, str]]:
         return [(r["method"], r["path"]) for r in self.requests if proxy or "/proxy/" not in r["path"]]
@@ -153,16 +177,26 @@ class FakeKubeAPI:
                     return 200, _status(200, "Success", "deleted")
                 if method == "PUT":
                     if not isinstance(body, dict) or body.get("metadata", {}).get("name") != m["name"]:
-                        return 400, _status(400, "BadRequest", "the name of the object does not match the URL")
+                        return 400, _status(
+                            400, "BadRequest", "the name of the object does not match the URL"
+                        )
                     if m["group"] not in BUILTIN_GROUPS and not body["metadata"].get("resourceVersion"):
-                        return 422, _status(422, "Invalid", "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")
+                        return 422, _status(
+                            422,
+                            "Invalid",
+                            "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+                        )
                     return 200, self._store(key, copy.deepcopy(body), keep=self.objects[key])
                 if method == "PATCH":
                     if req["content_type"] not in PATCH_TYPES:
-                        return 415, _status(415, "UnsupportedMediaType", f"{req['content_type']} is not a patch type")
+                        return 415, _status(
+                            415, "UnsupportedMediaType", f"{req['content_type']} is not a patch type"
+                        )
                     if not isinstance(body, dict):
                         return 400, _status(400, "BadRequest", "only merge-style patches are faked")
-                    return 200, self._store(key, _merge(copy.deepcopy(self.objects[key]), body), keep=self.objects[key])
+                    return 200, self._store(
+                        key, _merge(copy.deepcopy(self.objects[key]), body), keep=self.objects[key]
+                    )
             return 404, _status(404, "NotFound", path)
 
     def _create(self, group: str, ns: str, plural: str, body: Any) -> tuple[int, Any]:
@@ -191,24 +225,49 @@ class FakeKubeAPI:
     def _update_status(self, dep: dict) -> None:
         replicas = int(dep.get("spec", {}).get("replicas", 1))
         ready = self.ready_after is not None and self.status_reads >= self.ready_after
-        dep["status"] = {"observedGeneration": dep["metadata"]["generation"], "replicas": replicas,
-                         "updatedReplicas": replicas, "readyReplicas": replicas if ready else 0,
-                         "availableReplicas": replicas if ready else 0,
-                         "conditions": [{"type": "Available", "status": "True" if ready else "False"}]}
+        dep["status"] = {
+            "observedGeneration": dep["metadata"]["generation"],
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": replicas if ready else 0,
+            "availableReplicas": replicas if ready else 0,
+            "conditions": [{"type": "Available", "status": "True" if ready else "False"}],
+        }
 
     def _proxy(self, m: re.Match, req: dict) -> tuple[int, Any]:
-        if (m["ns"], m["name"].split("%3A")[0].split(":")[0]) not in {(ns, n) for (_, ns, p, n) in self.objects if p == "services"}:
+        if (m["ns"], m["name"].split("%3A")[0].split(":")[0]) not in {
+            (ns, n) for (_, ns, p, n) in self.objects if p == "services"
+        }:
             return 404, _status(404, "NotFound", f'services "{m["name"]}" not found')
         self.proxied.append({**req, "service": m["name"], "namespace": m["ns"], "proxy_path": m["path"]})
         if req["method"] != "POST" or m["path"] != "v1/chat/completions":
             return 404, {"detail": "Not Found"}
-        if req["content_type"] != "application/json" or not isinstance(req["body"], dict) or not req["body"].get("messages"):
+        if (
+            req["content_type"] != "application/json"
+            or not isinstance(req["body"], dict)
+            or not req["body"].get("messages")
+        ):
             return 400, {"error": {"message": "expected a JSON chat completion request"}}
-        return 200, {"id": "chatcmpl-1", "object": "chat.completion", "model": req["body"].get("model"),
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": self.chat_reply},
-                                  "finish_reason": "stop"}]}
+        return 200, {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": req["body"].get("model"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.chat_reply},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
 
 
 def _status(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "status": "Success" if code < 300 else "Failure", "code": code,
-            "reason": reason, "message": message}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Success" if code < 300 else "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }

@@ -51,14 +51,24 @@ class CommandJob(EngineJobOperator):
 
 
 def checkpointing_job(steps: int = 60, step_seconds: float = 0.05, **kwargs: Any) -> CommandJob:
-    return CommandJob(task_id="resumable", command=[sys.executable, "-c", CHECKPOINTING],
-                      extra_env={"STEPS": str(steps), "STEP_SECONDS": str(step_seconds)}, **kwargs)
+    return CommandJob(
+        task_id="resumable",
+        command=[sys.executable, "-c", CHECKPOINTING],
+        extra_env={"STEPS": str(steps), "STEP_SECONDS": str(step_seconds)},
+        **kwargs,
+    )
 
 
 def context(task_id: str, try_number: int = 1) -> dict[str, Any]:
     run_id = "manual__2026-12-01T00:00:00+00:00"
-    ti = SimpleNamespace(dag_id="local_jobs", task_id=task_id, map_index=-1, try_number=try_number, run_id=run_id,
-                         xcom_push=mock.Mock())
+    ti = SimpleNamespace(
+        dag_id="local_jobs",
+        task_id=task_id,
+        map_index=-1,
+        try_number=try_number,
+        run_id=run_id,
+        xcom_push=mock.Mock(),
+    )
     return {"ti": ti, "run_id": run_id, "dag": SimpleNamespace(dag_id="local_jobs")}
 
 

@@ -32,8 +32,18 @@ def frozen(client):
 @pytest.fixture()
 def bare_aws(monkeypatch, tmp_path):
     """No AWS credentials, profile or config from the machine running the tests."""
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ROLE_ARN"):
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_ROLE_ARN",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
@@ -46,23 +56,42 @@ def connection(monkeypatch, conn_id: str, **fields) -> None:
 
 
 def test_keys_session_token_region_and_endpoint_reach_the_client(bare_aws, monkeypatch):
-    connection(monkeypatch, "tok", login="key-id", password="key-secret",
-               extra={"aws_session_token": "session-token", "region_name": "eu-west-3",
-                      "service_config": {"s3": {"endpoint_url": "http://127.0.0.1:9"}}})
+    connection(
+        monkeypatch,
+        "tok",
+        login="key-id",
+        password="key-secret",
+        extra={
+            "aws_session_token": "session-token",
+            "region_name": "eu-west-3",
+            "service_config": {"s3": {"endpoint_url": "http://127.0.0.1:9"}},
+        },
+    )
     hook = BucketHook("tok")
     client = hook.storage_client
     assert (frozen(client).access_key, frozen(client).secret_key, frozen(client).token) == (
-        "key-id", "key-secret", "session-token")
+        "key-id",
+        "key-secret",
+        "session-token",
+    )
     assert client.meta.endpoint_url == "http://127.0.0.1:9" and client.meta.region_name == "eu-west-3"
-    assert client.meta.config.s3["addressing_style"] == "path"  # the engine's client config, not boto3's default
+    assert (
+        client.meta.config.s3["addressing_style"] == "path"
+    )  # the engine's client config, not boto3's default
     assert hook.storage_client is client  # built once per hook
-    assert hook.env() == {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "key-secret",
-                          "AWS_SESSION_TOKEN": "session-token", "AWS_DEFAULT_REGION": "eu-west-3",
-                          "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    assert hook.env() == {
+        "AWS_ACCESS_KEY_ID": "key-id",
+        "AWS_SECRET_ACCESS_KEY": "key-secret",
+        "AWS_SESSION_TOKEN": "session-token",
+        "AWS_DEFAULT_REGION": "eu-west-3",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+    }
 
 
 def test_a_profile_named_by_the_connection_supplies_keys_and_region(bare_aws, monkeypatch):
-    (bare_aws / "aws-credentials").write_text("[team]\naws_access_key_id = profile-id\naws_secret_access_key = profile-secret\n")
+    (bare_aws / "aws-credentials").write_text(
+        "[team]\naws_access_key_id = profile-id\naws_secret_access_key = profile-secret\n"
+    )
     (bare_aws / "aws-config").write_text("[profile team]\nregion = eu-north-1\n")
     connection(monkeypatch, "prof", extra={"profile_name": "team", "endpoint_url": "http://127.0.0.1:9"})
     client = BucketHook("prof").storage_client
@@ -74,20 +103,32 @@ def test_a_profile_named_by_the_connection_supplies_keys_and_region(bare_aws, mo
 def test_a_role_arn_is_assumed_through_the_amazon_provider_session_factory(bare_aws, monkeypatch):
     from airflow.providers.amazon.aws.hooks.base_aws import BaseSessionFactory
 
-    connection(monkeypatch, "role", login="base-id", password="base-secret",
-               extra={"role_arn": ROLE, "endpoint_url": "http://127.0.0.1:9"})
+    connection(
+        monkeypatch,
+        "role",
+        login="base-id",
+        password="base-secret",
+        extra={"role_arn": ROLE, "endpoint_url": "http://127.0.0.1:9"},
+    )
     asked: list[tuple[str | None, str]] = []
 
     def fake_sts(factory):  # stands in for the STS call; what it is asked is the point
         asked.append((factory.role_arn, factory.conn.assume_role_method))
-        return {"access_key": "assumed-id", "secret_key": "assumed-secret", "token": "assumed-token",
-                "expiry_time": (datetime.now(UTC) + timedelta(hours=1)).isoformat()}
+        return {
+            "access_key": "assumed-id",
+            "secret_key": "assumed-secret",
+            "token": "assumed-token",
+            "expiry_time": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        }
 
     monkeypatch.setattr(BaseSessionFactory, "_refresh_credentials", fake_sts)
     hook = BucketHook("role")
     client = hook.storage_client
     assert asked == [(ROLE, "assume_role")]
-    assert (frozen(client).access_key, frozen(client).token) == ("assumed-id", "assumed-token")  # not the base keys
+    assert (frozen(client).access_key, frozen(client).token) == (
+        "assumed-id",
+        "assumed-token",
+    )  # not the base keys
     env = ConnectionSecretResolver(SecretNames("finetune-bucket", "hf-token"), "role", "hf").bucket()
     assert env["AWS_ACCESS_KEY_ID"] == "assumed-id" and env["AWS_SESSION_TOKEN"] == "assumed-token"
 
@@ -111,16 +152,26 @@ def s3_server(tmp_path_factory):
     stop(root)
 
 
-def test_champion_preflight_and_result_reading_leave_os_environ_alone(s3_server, bare_aws, monkeypatch, tmp_path):
+def test_champion_preflight_and_result_reading_leave_os_environ_alone(
+    s3_server, bare_aws, monkeypatch, tmp_path
+):
     from airflow_provider_finetune.champion import ChampionStore, decide
     from airflow_provider_finetune.operators import FinetuneKubernetesOperator
     from airflow_provider_finetune.preflight import check_inputs
     from finetune_engine.storage import join, put_bytes, upload_dir
     from tests.provider.test_operators import CONFIG
 
-    monkeypatch.setenv("AIRFLOW_CONN_TEAM_BUCKET", json.dumps({
-        "conn_type": "aws", "login": s3_server["AWS_ACCESS_KEY_ID"], "password": s3_server["AWS_SECRET_ACCESS_KEY"],
-        "extra": {"endpoint_url": s3_server["AWS_ENDPOINT_URL"]}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TEAM_BUCKET",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": s3_server["AWS_ACCESS_KEY_ID"],
+                "password": s3_server["AWS_SECRET_ACCESS_KEY"],
+                "extra": {"endpoint_url": s3_server["AWS_ENDPOINT_URL"]},
+            }
+        ),
+    )
     # the worker's own variables point nowhere: only the connection can reach the bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "worker-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
@@ -133,7 +184,11 @@ def test_champion_preflight_and_result_reading_leave_os_environ_alone(s3_server,
     upload_dir(model, join(bucket, "models", "tiny"), client=client)
     line = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     put_bytes(join(bucket, "datasets", "chat.jsonl"), (json.dumps(line) + "\n").encode(), client=client)
-    put_bytes(join(bucket, "runs", "r1", "result.json"), b'{"status": "completed", "final_eval_loss": 0.5}', client=client)
+    put_bytes(
+        join(bucket, "runs", "r1", "result.json"),
+        b'{"status": "completed", "final_eval_loss": 0.5}',
+        client=client,
+    )
 
     from airflow_provider_finetune.operators import deploy as deploy_module
     from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
@@ -147,29 +202,52 @@ def test_champion_preflight_and_result_reading_leave_os_environ_alone(s3_server,
     monkeypatch.setattr(deploy_module, "start_vllm", no_vllm)
     writes: list[str] = []
     real_set, real_del = os._Environ.__setitem__, os._Environ.__delitem__
-    monkeypatch.setattr(os._Environ, "__setitem__", lambda env, k, v: (writes.append(k), real_set(env, k, v))[1])
+    monkeypatch.setattr(
+        os._Environ, "__setitem__", lambda env, k, v: (writes.append(k), real_set(env, k, v))[1]
+    )
     monkeypatch.setattr(os._Environ, "__delitem__", lambda env, k: (writes.append(k), real_del(env, k))[1])
     before = dict(os.environ)
 
     store = ChampionStore(s3_server["FINETUNE_BUCKET"], "line", "team_bucket")
     assert store.read() is None
-    store.record("run-1", decide([{"model_uri": "s3://b/c", "eval_loss": 1.0}], "s3://b/c", None),
-                 {"model_uri": "s3://b/c", "config": "a: 1\n"})
+    store.record(
+        "run-1",
+        decide([{"model_uri": "s3://b/c", "eval_loss": 1.0}], "s3://b/c", None),
+        {"model_uri": "s3://b/c", "config": "a: 1\n"},
+    )
     assert store.read()["model_uri"] == "s3://b/c"
-    ranks = check_inputs(model_uri=join(bucket, "models", "tiny"), dataset_uri=join(bucket, "datasets", "chat.jsonl"),
-                         method="sft", config=CONFIG, overrides=[], ranks=[8, 4, 8], conn_id="team_bucket",
-                         workdir=tmp_path / "preflight")
+    ranks = check_inputs(
+        model_uri=join(bucket, "models", "tiny"),
+        dataset_uri=join(bucket, "datasets", "chat.jsonl"),
+        method="sft",
+        config=CONFIG,
+        overrides=[],
+        ranks=[8, 4, 8],
+        conn_id="team_bucket",
+        workdir=tmp_path / "preflight",
+    )
     assert ranks == [4, 8]
     op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, bucket_conn_id="team_bucket")
-    assert op.read_remote_result(join(bucket, "runs", "r1")) == {"status": "completed", "final_eval_loss": 0.5}
+    assert op.read_remote_result(join(bucket, "runs", "r1")) == {
+        "status": "completed",
+        "final_eval_loss": 0.5,
+    }
     # the deploy operator's local path pulls the model and adapters the same way (vLLM itself is not started here)
-    deploy = DeployVLLMOperator(task_id="serve", served_model_name="tiny", model_uri=join(bucket, "models", "tiny"),
-                                adapters={"a": join(bucket, "models", "tiny")}, adapter_ranks={"a": 8},
-                                bucket_conn_id="team_bucket")
+    deploy = DeployVLLMOperator(
+        task_id="serve",
+        served_model_name="tiny",
+        model_uri=join(bucket, "models", "tiny"),
+        adapters={"a": join(bucket, "models", "tiny")},
+        adapter_ranks={"a": 8},
+        bucket_conn_id="team_bucket",
+    )
     with pytest.raises(VLLMNotStarted):
         deploy.execute_local({})
     assert (deploy.local_dir() / "model" / "config.json").read_text() == "{}"
     assert (deploy.local_dir() / "adapters" / "a" / "config.json").is_file()
 
     assert writes == [] and dict(os.environ) == before
-    assert os.environ["AWS_ACCESS_KEY_ID"] == "worker-id" and os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert (
+        os.environ["AWS_ACCESS_KEY_ID"] == "worker-id"
+        and os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    )

@@ -17,17 +17,22 @@ from finetune_engine.storage import list_objects, put_bytes, read_bytes
 CH, CP = "s3://b/challenger", "s3://b/champion"
 
 
-@pytest.mark.parametrize(("challenger", "champion", "margin", "promoted"), [
-    (1.0, None, 0.0, True),     # a new line: the first challenger becomes champion
-    (0.9, 1.0, 0.0, True),
-    (1.0, 1.0, 0.0, False),     # a tie keeps the champion
-    (1.1, 1.0, 0.0, False),
-    (0.95, 1.0, 0.1, False),    # better, but not by the required margin
-    (0.85, 1.0, 0.1, True),
-    (math.nan, 1.0, 0.0, False),
-])
+@pytest.mark.parametrize(
+    ("challenger", "champion", "margin", "promoted"),
+    [
+        (1.0, None, 0.0, True),  # a new line: the first challenger becomes champion
+        (0.9, 1.0, 0.0, True),
+        (1.0, 1.0, 0.0, False),  # a tie keeps the champion
+        (1.1, 1.0, 0.0, False),
+        (0.95, 1.0, 0.1, False),  # better, but not by the required margin
+        (0.85, 1.0, 0.1, True),
+        (math.nan, 1.0, 0.0, False),
+    ],
+)
 def test_decide(challenger, champion, margin, promoted):
-    scores = [{"model_uri": CH, "eval_loss": challenger}] + ([{"model_uri": CP, "eval_loss": champion}] if champion else [])
+    scores = [{"model_uri": CH, "eval_loss": challenger}] + (
+        [{"model_uri": CP, "eval_loss": champion}] if champion else []
+    )
     d = decide(scores, CH, CP if champion else None, margin)
     assert d.promoted is promoted, d.reason
     assert d.challenger_loss == challenger or math.isnan(challenger)
@@ -68,7 +73,9 @@ def test_champion_record_roundtrip_in_a_real_bucket(bucket_conn):
     record = store.read()
     assert record["model_uri"] == CH and record["eval_loss"] == 1.2 and record["config"] == "a: 1\n"
     # a rejected challenger is recorded but leaves the champion in place
-    second = decide([{"model_uri": "s3://b/c2", "eval_loss": 1.5}, {"model_uri": CH, "eval_loss": 1.2}], "s3://b/c2", CH)
+    second = decide(
+        [{"model_uri": "s3://b/c2", "eval_loss": 1.5}, {"model_uri": CH, "eval_loss": 1.2}], "s3://b/c2", CH
+    )
     store.record("run-2", second, {"model_uri": "s3://b/c2", "config": "a: 2\n"})
     assert store.read()["model_uri"] == CH
     client, decisions = store._client(), f"s3://{bucket_conn['FINETUNE_BUCKET']}/champions/line-1/decisions"
@@ -80,30 +87,47 @@ def test_champion_record_roundtrip_in_a_real_bucket(bucket_conn):
 def test_a_broken_champion_record_is_named(bucket_conn):
     store = ChampionStore(bucket_conn["FINETUNE_BUCKET"], "broken", "champion_test")
     put_bytes(store.uri, b"{not json", client=store._client())
-    with pytest.raises(FinetuneConfigError, match=r"champions/broken/champion.json is not valid JSON.*delete it"):
+    with pytest.raises(
+        FinetuneConfigError, match=r"champions/broken/champion.json is not valid JSON.*delete it"
+    ):
         store.read()
 
 
 def test_mlflow_tagging_never_raises_when_tracking_is_off_or_down():
     assert tag_mlflow_run(None, "r", {"k": "v"}) is False
-    assert tag_mlflow_run("http://127.0.0.1:9", "r", {"k": "v"}, timeout=2) is False  # nothing listens on port 9
+    assert (
+        tag_mlflow_run("http://127.0.0.1:9", "r", {"k": "v"}, timeout=2) is False
+    )  # nothing listens on port 9
 
 
 def test_mlflow_tagging_sets_tags_on_a_real_server(mlflow_server):
     import requests
 
-    exp = requests.post(f"{mlflow_server}/api/2.0/mlflow/experiments/create", json={"name": "tags"}, timeout=30).json()
-    run = requests.post(f"{mlflow_server}/api/2.0/mlflow/runs/create", json={"experiment_id": exp["experiment_id"]},
-                        timeout=30).json()["run"]["info"]["run_id"]
-    assert tag_mlflow_run(mlflow_server, run, {"finetune.decision": "promoted", "finetune.champion_loss": 1.5}) is True
+    exp = requests.post(
+        f"{mlflow_server}/api/2.0/mlflow/experiments/create", json={"name": "tags"}, timeout=30
+    ).json()
+    run = requests.post(
+        f"{mlflow_server}/api/2.0/mlflow/runs/create",
+        json={"experiment_id": exp["experiment_id"]},
+        timeout=30,
+    ).json()["run"]["info"]["run_id"]
+    assert (
+        tag_mlflow_run(mlflow_server, run, {"finetune.decision": "promoted", "finetune.champion_loss": 1.5})
+        is True
+    )
     tags = requests.get(f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": run}, timeout=30).json()
     assert {"key": "finetune.decision", "value": "promoted"} in tags["run"]["data"]["tags"]
     assert tag_mlflow_run(mlflow_server, "no-such-run", {"k": "v"}) is False
 
 
 def test_pick_best_lowest_loss_ties_to_smaller_rank_failed_ranks_named():
-    results = [{"lora_rank": 16, "final_eval_loss": 0.5}, None, {"lora_rank": 4, "final_eval_loss": 0.5},
-               {"lora_rank": 32, "final_eval_loss": float("nan")}, {"lora_rank": 64, "final_eval_loss": 0.7}]
+    results = [
+        {"lora_rank": 16, "final_eval_loss": 0.5},
+        None,
+        {"lora_rank": 4, "final_eval_loss": 0.5},
+        {"lora_rank": 32, "final_eval_loss": float("nan")},
+        {"lora_rank": 64, "final_eval_loss": 0.7},
+    ]
     best, summary = pick_best(results, [4, 8, 16, 32, 64])
     assert best["lora_rank"] == 4
     assert "failed ranks: [8, 32]" in summary and "best: r=4" in summary
@@ -121,5 +145,10 @@ def test_unknown_conf_keys_are_refused_with_a_suggestion():
 
 def test_form_overrides():
     assert form_overrides({"learning_rate": 0.001, "epochs": 2, "max_steps": -1}) == [
-        "training_args.learning_rate=0.001", "training_args.num_train_epochs=2"]
-    assert form_overrides({"learning_rate": 1e-4, "epochs": 1, "max_steps": 7})[-1] == "training_args.max_steps=7"
+        "training_args.learning_rate=0.001",
+        "training_args.num_train_epochs=2",
+    ]
+    assert (
+        form_overrides({"learning_rate": 1e-4, "epochs": 1, "max_steps": 7})[-1]
+        == "training_args.max_steps=7"
+    )

@@ -37,7 +37,10 @@ NS = "finetune"
 def kube(tmp_path, monkeypatch):
     api = FakeKubeAPI(ready_after=2).start()
     config = api.kubeconfig(tmp_path / "kubeconfig")
-    monkeypatch.setenv("AIRFLOW_CONN_FAKE_KUBE", json.dumps({"conn_type": "kubernetes", "extra": {"kube_config_path": str(config)}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FAKE_KUBE",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config_path": str(config)}}),
+    )
     yield api
     api.stop()
 
@@ -48,9 +51,19 @@ def ctx():
 
 
 def deploy_op(**kw) -> DeployVLLMOperator:
-    kw = {"task_id": "deploy", "model_uri": "s3://finetune/e/r/checkpoint-final", "served_model_name": "tiny",
-          "adapters": {"r8": "s3://finetune/e/r8/checkpoint-final-adapter"}, "adapter_ranks": {"r8": 8},
-          "namespace": NS, "runner": "kubernetes", "kubernetes_conn_id": "fake_kube", "poll_interval": 0, "deferrable": False, **kw}
+    kw = {
+        "task_id": "deploy",
+        "model_uri": "s3://finetune/e/r/checkpoint-final",
+        "served_model_name": "tiny",
+        "adapters": {"r8": "s3://finetune/e/r8/checkpoint-final-adapter"},
+        "adapter_ranks": {"r8": 8},
+        "namespace": NS,
+        "runner": "kubernetes",
+        "kubernetes_conn_id": "fake_kube",
+        "poll_interval": 0,
+        "deferrable": False,
+        **kw,
+    }
     return DeployVLLMOperator(**kw)
 
 
@@ -59,15 +72,25 @@ def test_smoke_test_posts_json_through_the_service_proxy(kube):
     context = ctx()
     result = op.execute(context)
     name = result["deployment"].split("/")[1]
-    assert result["endpoint"] == f"http://{name}.{NS}.svc.cluster.local/v1" and result["smoke_reply"] == kube.chat_reply
+    assert (
+        result["endpoint"] == f"http://{name}.{NS}.svc.cluster.local/v1"
+        and result["smoke_reply"] == kube.chat_reply
+    )
     [proxied] = kube.proxied
     assert proxied["method"] == "POST" and proxied["content_type"] == "application/json"
     assert proxied["path"] == f"/api/v1/namespaces/{NS}/services/{name}%3Ahttp/proxy/v1/chat/completions"
-    assert proxied["body"] == {"model": "tiny", "messages": [{"role": "user", "content": "Hello! Who are you?"}],
-                               "max_tokens": 32, "temperature": 0}
+    assert proxied["body"] == {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
     # the objects the API server received: the Deployment waited for, the Service the proxy used
     dep = kube.get("deployments", NS, name)
-    assert restricted_violations(dep) == [] and "--max-lora-rank" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (
+        restricted_violations(dep) == []
+        and "--max-lora-rank" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
     assert kube.get("services", NS, name)["spec"]["ports"][0]["name"] == "http"
     assert kube.status_reads == 2  # polled until ready
     assert kube.calls(proxy=False) == [
@@ -86,7 +109,8 @@ def test_the_generated_proxy_method_takes_no_body(kube, tmp_path):
     api = config.new_client_from_config(str(kube.kubeconfig(tmp_path / "kc")))
     with pytest.raises(ApiTypeError, match="body"):
         client.CoreV1Api(api).connect_post_namespaced_service_proxy_with_path(
-            name="x:http", namespace=NS, path="v1/chat/completions", body={"messages": []})
+            name="x:http", namespace=NS, path="v1/chat/completions", body={"messages": []}
+        )
     assert kube.requests == []
 
 
@@ -96,30 +120,61 @@ def test_redeploy_updates_in_place(kube):
     kube.requests.clear()
     deploy_op(engine_args={"enforce_eager": True}).execute(ctx())
     assert {k: v["metadata"]["uid"] for k, v in kube.objects.items()} == first  # same objects, updated
-    methods = [(r["method"], r["path"].rsplit("/", 2)[-2], r["content_type"]) for r in kube.requests if "/proxy/" not in r["path"]]
+    methods = [
+        (r["method"], r["path"].rsplit("/", 2)[-2], r["content_type"])
+        for r in kube.requests
+        if "/proxy/" not in r["path"]
+    ]
     assert ("PUT", "deployments", "application/json") in methods
     assert ("PATCH", "services", "application/strategic-merge-patch+json") in methods
     [dep] = [v for k, v in kube.objects.items() if k[2] == "deployments"]
-    assert "--enforce-eager" in dep["spec"]["template"]["spec"]["containers"][0]["args"] and dep["metadata"]["generation"] == 2
+    assert (
+        "--enforce-eager" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        and dep["metadata"]["generation"] == 2
+    )
 
 
 def test_create_failure_names_the_object(kube):
     kube.objects[("apis/apps/v1", NS, "deployments", "ignored")] = {}
-    with mock.patch.object(FakeKubeAPI, "_create", return_value=(403, {"kind": "Status", "code": 403, "reason": "Forbidden"})):
+    with mock.patch.object(
+        FakeKubeAPI, "_create", return_value=(403, {"kind": "Status", "code": 403, "reason": "Forbidden"})
+    ):
         with pytest.raises(RuntimeError, match="Failed to create Deployment finetune/vllm-tiny-.*403"):
             deploy_op().execute(ctx())
 
 
 def test_rollout_past_its_deadline_fails():
-    doc = {"metadata": {"generation": 3}, "status": {"observedGeneration": 3, "conditions": [
-        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet x has timed out"}]}}
-    assert deployment_readiness(doc, 1) == ("failed", "rollout exceeded its progress deadline: ReplicaSet x has timed out")
-    stale = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "updatedReplicas": 1, "availableReplicas": 1}}
+    doc = {
+        "metadata": {"generation": 3},
+        "status": {
+            "observedGeneration": 3,
+            "conditions": [
+                {
+                    "type": "Progressing",
+                    "status": "False",
+                    "reason": "ProgressDeadlineExceeded",
+                    "message": "ReplicaSet x has timed out",
+                }
+            ],
+        },
+    }
+    assert deployment_readiness(doc, 1) == (
+        "failed",
+        "rollout exceeded its progress deadline: ReplicaSet x has timed out",
+    )
+    stale = {
+        "metadata": {"generation": 2},
+        "status": {"observedGeneration": 1, "updatedReplicas": 1, "availableReplicas": 1},
+    }
     assert deployment_readiness(stale, 1)[0] == "waiting"  # the old generation's replica does not count
-    assert deployment_readiness({**stale, "status": {**stale["status"], "observedGeneration": 2}}, 1)[0] == "ready"
+    assert (
+        deployment_readiness({**stale, "status": {**stale["status"], "observedGeneration": 2}}, 1)[0]
+        == "ready"
+    )
 
 
 # -- optional routes -----------------------------------------------------------------------------
+
 
 def test_no_routes_by_default(kube):
     deploy_op().execute(ctx())
@@ -135,7 +190,9 @@ def test_ingress_and_httproute_created_idempotently(kube):
     ing = kube.get("ingresses", NS, name)
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(ing, version, strict=True)
-    assert ing["spec"]["ingressClassName"] == "nginx" and ing["spec"]["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chat-tls"}]
+    assert ing["spec"]["ingressClassName"] == "nginx" and ing["spec"]["tls"] == [
+        {"hosts": ["chat.example.com"], "secretName": "chat-tls"}
+    ]
     backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": name, "port": {"name": "http"}}
     hr = kube.get("httproutes", NS, name)
@@ -143,7 +200,9 @@ def test_ingress_and_httproute_created_idempotently(kube):
     assert set(hr["spec"]) == {"parentRefs", "rules", "hostnames"}
     assert hr["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
     [rule] = hr["spec"]["rules"]
-    assert rule["backendRefs"] == [{"name": name, "port": kube.get("services", NS, name)["spec"]["ports"][0]["port"]}]
+    assert rule["backendRefs"] == [
+        {"name": name, "port": kube.get("services", NS, name)["spec"]["ports"][0]["port"]}
+    ]
     assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
     # again: the Ingress is replaced, the HTTPRoute (a custom resource: PUT needs resourceVersion) merge-patched
     kube.requests.clear()
@@ -155,12 +214,18 @@ def test_ingress_and_httproute_created_idempotently(kube):
     assert len(kube.objects) == 4
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"ingress": {"hostname": "x"}}, r"ingress: unknown keys \['hostname'\]; use \['host', 'ingress_class', 'tls_secret'\]"),
-    ({"ingress": {"ingress_class": "nginx"}}, "ingress.host is required"),
-    ({"http_route": {"hostnames": ["x"]}}, "http_route.gateway is required"),
-    ({"http_route": "public"}, "http_route must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (
+            {"ingress": {"hostname": "x"}},
+            r"ingress: unknown keys \['hostname'\]; use \['host', 'ingress_class', 'tls_secret'\]",
+        ),
+        ({"ingress": {"ingress_class": "nginx"}}, "ingress.host is required"),
+        ({"http_route": {"hostnames": ["x"]}}, "http_route.gateway is required"),
+        ({"http_route": "public"}, "http_route must be a mapping"),
+    ],
+)
 def test_route_options_are_checked_before_any_call(kube, kw, match):
     with pytest.raises(FinetuneConfigError, match=match):
         deploy_op(**kw).execute(ctx())
@@ -171,7 +236,9 @@ def test_undeploy_knows_every_kind_deploy_can_create():
     op = deploy_op(ingress={"host": "chat.example.com"}, http_route={"gateway": "public"})
     spec = op.serve_spec()
     created = [build_vllm_deployment(spec), build_vllm_service(spec), *op.route_manifests(spec)]
-    assert [(d["kind"], d["apiVersion"]) for d in created] == [(t.kind, t.api_version) for t in SERVED_OBJECTS]
+    assert [(d["kind"], d["apiVersion"]) for d in created] == [
+        (t.kind, t.api_version) for t in SERVED_OBJECTS
+    ]
 
 
 def test_applier_refuses_an_unknown_kind_before_any_call(kube):
@@ -182,11 +249,13 @@ def test_applier_refuses_an_unknown_kind_before_any_call(kube):
     service = build_vllm_service(deploy_op().serve_spec())
     with pytest.raises(ValueError, match="cannot apply kind 'ConfigMap'"):
         KubernetesApplier(client.ApiClient(config), mock.Mock()).apply(
-            [service, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}], NS)
+            [service, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}], NS
+        )
     assert kube.requests == []
 
 
 # -- deferrable ----------------------------------------------------------------------------------
+
 
 def test_deferrable_defaults_to_the_operators_setting(monkeypatch):
     monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "true")
@@ -199,6 +268,7 @@ def _run_trigger(trigger: DeploymentReadyTrigger) -> dict:
     async def first():
         async for event in trigger.run():
             return event.payload
+
     return asyncio.run(asyncio.wait_for(first(), 60))
 
 
@@ -216,16 +286,24 @@ def test_defers_then_trigger_fires_then_smoke_test(kube):
     path, kwargs = trigger.serialize()
     name = kwargs["name"]
     assert path == "airflow_provider_finetune.triggers.deployment.DeploymentReadyTrigger"
-    assert {k: kwargs[k] for k in ("namespace", "replicas", "kubernetes_conn_id")} == {"namespace": NS, "replicas": 1,
-                                                                                     "kubernetes_conn_id": "fake_kube"}
+    assert {k: kwargs[k] for k in ("namespace", "replicas", "kubernetes_conn_id")} == {
+        "namespace": NS,
+        "replicas": 1,
+        "kubernetes_conn_id": "fake_kube",
+    }
     assert before + 600 <= kwargs["deadline"] <= time.time() + 600
-    assert kube.get("deployments", NS, name) is not None and kube.status_reads == 0 and kube.proxied == []  # nothing waited on the worker
+    assert (
+        kube.get("deployments", NS, name) is not None and kube.status_reads == 0 and kube.proxied == []
+    )  # nothing waited on the worker
     # the triggerer rebuilds the trigger from its serialized form and polls with kubernetes_asyncio
     event = _run_trigger(DeploymentReadyTrigger(**kwargs))
     assert event == {"status": "ready", "message": "1/1 replicas available", "name": name, "namespace": NS}
     assert kube.status_reads == 2
     result = op.execute_complete(context, event)
-    assert result["endpoint"] == f"http://{name}.{NS}.svc.cluster.local/v1" and result["smoke_reply"] == kube.chat_reply
+    assert (
+        result["endpoint"] == f"http://{name}.{NS}.svc.cluster.local/v1"
+        and result["smoke_reply"] == kube.chat_reply
+    )
     assert len(kube.proxied) == 1
     context["ti"].xcom_push.assert_called_with(key="_link_ServedEndpointLink", value=result["endpoint"])
 
@@ -233,14 +311,24 @@ def test_defers_then_trigger_fires_then_smoke_test(kube):
 def test_trigger_times_out_and_execute_complete_fails(kube):
     kube.ready_after = None  # never ready
     dep = build_vllm_deployment(deploy_op().serve_spec())
-    kube.objects[("apis/apps/v1", NS, "deployments", dep["metadata"]["name"])] = {**dep, "metadata": {**dep["metadata"], "generation": 1}}
-    trigger = DeploymentReadyTrigger(name=dep["metadata"]["name"], namespace=NS, kubernetes_conn_id="fake_kube",
-                                     poll_interval=0.05, deadline=time.time() + 0.3)
+    kube.objects[("apis/apps/v1", NS, "deployments", dep["metadata"]["name"])] = {
+        **dep,
+        "metadata": {**dep["metadata"], "generation": 1},
+    }
+    trigger = DeploymentReadyTrigger(
+        name=dep["metadata"]["name"],
+        namespace=NS,
+        kubernetes_conn_id="fake_kube",
+        poll_interval=0.05,
+        deadline=time.time() + 0.3,
+    )
     event = _run_trigger(trigger)
     assert event["status"] == "timeout" and "0 of 1 replicas available" in event["message"]
     with pytest.raises(RuntimeError, match="timeout: not ready in time"):
         deploy_op().execute_complete(ctx(), event)
-    missing = _run_trigger(DeploymentReadyTrigger(name="nope", namespace=NS, kubernetes_conn_id="fake_kube", poll_interval=0))
+    missing = _run_trigger(
+        DeploymentReadyTrigger(name="nope", namespace=NS, kubernetes_conn_id="fake_kube", poll_interval=0)
+    )
     assert missing["status"] == "error" and "404" in missing["message"]
 
 
@@ -252,13 +340,19 @@ def test_sync_wait_times_out(kube):
 
 # -- undeploy ------------------------------------------------------------------------------------
 
+
 def test_undeploy_removes_what_deploy_created(kube):
     result = deploy_op(ingress={"host": "chat.example.com"}, http_route={"gateway": "public"}).execute(ctx())
     name = result["deployment"].split("/")[1]
     assert len(kube.objects) == 4
     kube.requests.clear()
-    undeploy = UndeployVLLMOperator(task_id="undeploy", served_model_name="tiny", namespace=NS, kubernetes_conn_id="fake_kube",
-                                    runner="kubernetes")
+    undeploy = UndeployVLLMOperator(
+        task_id="undeploy",
+        served_model_name="tiny",
+        namespace=NS,
+        kubernetes_conn_id="fake_kube",
+        runner="kubernetes",
+    )
     assert undeploy.execute(ctx()) is True
     assert kube.objects == {}
     assert kube.calls() == [
@@ -280,8 +374,16 @@ def test_undeploy_without_route_rights_still_removes_the_server(kube):
         return real(self, req)
 
     with mock.patch.object(FakeKubeAPI, "dispatch", forbid_routes):
-        assert UndeployVLLMOperator(task_id="u", served_model_name="tiny", namespace=NS, kubernetes_conn_id="fake_kube",
-                                    runner="kubernetes").execute(ctx()) is True
+        assert (
+            UndeployVLLMOperator(
+                task_id="u",
+                served_model_name="tiny",
+                namespace=NS,
+                kubernetes_conn_id="fake_kube",
+                runner="kubernetes",
+            ).execute(ctx())
+            is True
+        )
     assert kube.objects == {}
 
 
@@ -290,12 +392,21 @@ def test_undeploy_local_stops_the_server_process(tmp_path, monkeypatch):
     workdir = deploy_op(runner="local").local_dir()
     workdir.mkdir(parents=True)
     # a stand-in server with a child, in its own process group like start_vllm's
-    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-                             "'import time; time.sleep(600)']); time.sleep(600)"], start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(600)']); time.sleep(600)",
+        ],
+        start_new_session=True,
+    )
     try:
         time.sleep(0.5)
         record_server(workdir, proc.pid)
-        assert UndeployVLLMOperator(task_id="u", served_model_name="tiny", runner="local").execute(ctx()) is True
+        assert (
+            UndeployVLLMOperator(task_id="u", served_model_name="tiny", runner="local").execute(ctx()) is True
+        )
         assert proc.wait(10) is not None
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the whole group is gone, the child too
@@ -307,7 +418,10 @@ def test_undeploy_local_stops_the_server_process(tmp_path, monkeypatch):
         else:
             pytest.fail("the server's child survived undeploy")
         assert not (workdir / "server.pid").exists()
-        assert UndeployVLLMOperator(task_id="u", served_model_name="tiny", runner="local").execute(ctx()) is False
+        assert (
+            UndeployVLLMOperator(task_id="u", served_model_name="tiny", runner="local").execute(ctx())
+            is False
+        )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)

@@ -21,17 +21,27 @@ from airflow_provider_finetune.pods.spec import EngineJobSpec, Scratch, SecretEn
 from tests.provider.conftest import CANARY, CRDS, K8S_VERSIONS, assert_golden, containers, crd_schema
 
 SPEC = EngineJobSpec(
-    name="tutorial-full-ft", image="registry.example/finetune-engine-cuda:0.1.0",
-    command=torchrun_command(["train-job", "--method", "sft", "--checkpoint-uri", "s3://finetune/experiments/t/full"]),
+    name="tutorial-full-ft",
+    image="registry.example/finetune-engine-cuda:0.1.0",
+    command=torchrun_command(
+        ["train-job", "--method", "sft", "--checkpoint-uri", "s3://finetune/experiments/t/full"]
+    ),
     env={"FINETUNE_CONFIG": "run_conf: {}\n", "NCCL_DEBUG": "WARN"},
-    secret_env=[SecretEnv("AWS_ACCESS_KEY_ID", "finetune-bucket", "AWS_ACCESS_KEY_ID"),
-                SecretEnv("AWS_SECRET_ACCESS_KEY", "finetune-bucket", "AWS_SECRET_ACCESS_KEY"),
-                SecretEnv("HF_TOKEN", "hf-token", "HF_TOKEN", optional=True)],
-    gpus=8, scratch=Scratch(kind="ephemeral", size="1Ti", storage_class="fast-nvme"),
-    node_selector={"nvidia.com/gpu.product": "H100"}, active_deadline_seconds=172800,
-    labels=labels_for("retrain", "finetune", "scheduled__2026-11-01T00:00:00+00:00", None, 1), namespace="finetune",
+    secret_env=[
+        SecretEnv("AWS_ACCESS_KEY_ID", "finetune-bucket", "AWS_ACCESS_KEY_ID"),
+        SecretEnv("AWS_SECRET_ACCESS_KEY", "finetune-bucket", "AWS_SECRET_ACCESS_KEY"),
+        SecretEnv("HF_TOKEN", "hf-token", "HF_TOKEN", optional=True),
+    ],
+    gpus=8,
+    scratch=Scratch(kind="ephemeral", size="1Ti", storage_class="fast-nvme"),
+    node_selector={"nvidia.com/gpu.product": "H100"},
+    active_deadline_seconds=172800,
+    labels=labels_for("retrain", "finetune", "scheduled__2026-11-01T00:00:00+00:00", None, 1),
+    namespace="finetune",
 )
-AMD = EngineJobSpec(**{**SPEC.__dict__, "gpu_vendor": "amd", "image": "registry.example/finetune-engine-rocm:0.1.0"})
+AMD = EngineJobSpec(
+    **{**SPEC.__dict__, "gpu_vendor": "amd", "image": "registry.example/finetune-engine-rocm:0.1.0"}
+)
 
 
 def _trainjob_pod(doc: dict) -> dict:
@@ -46,12 +56,18 @@ def test_trainjob_golden_and_crd():
     trainer = doc["spec"]["trainer"]
     assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8 and trainer["command"][0] == "torchrun"
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
-    assert doc["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
+    assert doc["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "torch-distributed",
+    }
     assert doc["spec"]["activeDeadlineSeconds"] == 172800
     pod = _trainjob_pod(doc)
     assert pod["metadata"]["labels"]["airflow-provider-finetune/dag-id"] == "retrain"
     assert pod["spec"]["containers"][0]["name"] == "node"  # the runtime's container
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"][
+        "tolerations"
+    ]
 
 
 def test_trainjob_targets_the_runtime_job_and_container():
@@ -92,18 +108,29 @@ def test_pytorchjob_crd_and_restricted(elastic):
         assert "restartPolicy" not in pod and "activeDeadlineSeconds" not in pod
     assert doc["spec"]["runPolicy"]["activeDeadlineSeconds"] == 172800
     if elastic is None:
-        assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2 and "elasticPolicy" not in doc["spec"]
+        assert (
+            replicas["Master"]["replicas"] == 1
+            and replicas["Worker"]["replicas"] == 2
+            and "elasticPolicy" not in doc["spec"]
+        )
     else:
         assert set(replicas) == {"Worker"} and replicas["Worker"]["replicas"] == 3
         policy = doc["spec"]["elasticPolicy"]
-        assert policy["rdzvBackend"] == "c10d" and policy == {"rdzvBackend": "c10d", "minReplicas": 3, "maxReplicas": 3,
-                                                               "maxRestarts": 3, **elastic}
+        assert policy["rdzvBackend"] == "c10d" and policy == {
+            "rdzvBackend": "c10d",
+            "minReplicas": 3,
+            "maxReplicas": 3,
+            "maxRestarts": 3,
+            **elastic,
+        }
 
 
 def test_pytorchjob_golden():
     assert_golden("pytorchjob-2x8-nvidia", build_pytorchjob(SPEC, num_nodes=2, procs_per_node=8))
-    assert_golden("pytorchjob-elastic-nvidia", build_pytorchjob(SPEC, num_nodes=2, procs_per_node=8,
-                                                                elastic={"minReplicas": 1, "maxReplicas": 4}))
+    assert_golden(
+        "pytorchjob-elastic-nvidia",
+        build_pytorchjob(SPEC, num_nodes=2, procs_per_node=8, elastic={"minReplicas": 1, "maxReplicas": 4}),
+    )
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -111,14 +138,20 @@ def test_replica_pod_templates_are_valid_pods(version):
     """Each replica's template, wrapped as a Pod, passes the official schema (strict)."""
     doc = build_pytorchjob(SPEC, num_nodes=2, procs_per_node=8)
     for name, r in doc["spec"]["pytorchReplicaSpecs"].items():
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{name.lower()}", **r["template"]["metadata"]},
-               "spec": {**r["template"]["spec"], "restartPolicy": r["restartPolicy"]}}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"x-{name.lower()}", **r["template"]["metadata"]},
+            "spec": {**r["template"]["spec"], "restartPolicy": r["restartPolicy"]},
+        }
         kubernetes_validate.validate(pod, version, strict=True)
 
 
 def test_same_pod_settings_as_the_single_pod():
     single = pod_to_dict(build_pod(SPEC))["spec"]
-    job = build_pytorchjob(SPEC, num_nodes=2, procs_per_node=8)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    job = build_pytorchjob(SPEC, num_nodes=2, procs_per_node=8)["spec"]["pytorchReplicaSpecs"]["Master"][
+        "template"
+    ]["spec"]
     for key in ("securityContext", "volumes", "tolerations", "nodeSelector", "automountServiceAccountToken"):
         assert job[key] == single[key], key
     a, b = single["containers"][0], job["containers"][0]
@@ -157,7 +190,9 @@ def test_missing_crd_schemas_skip_here_but_fail_in_ci(monkeypatch, tmp_path):
             monkeypatch.delenv("CI", raising=False)
         else:
             monkeypatch.setenv("CI", value)
-        with pytest.raises(pytest.skip.Exception, match=r"kubeflow.org_pytorchjobs.yaml not found .*FINETUNE_CRDS_DIR"):
+        with pytest.raises(
+            pytest.skip.Exception, match=r"kubeflow.org_pytorchjobs.yaml not found .*FINETUNE_CRDS_DIR"
+        ):
             helpers.crd_schema("kubeflow.org_pytorchjobs.yaml")
     for value in ("true", "1"):
         monkeypatch.setenv("CI", value)

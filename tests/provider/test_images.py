@@ -21,8 +21,22 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 DOCKERFILES = {"cuda": IMAGES / "engine-cuda.Dockerfile", "rocm": IMAGES / "engine-rocm.Dockerfile"}
 LOCK = IMAGES / "requirements-engine.txt"
-BRIEF = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "mlflow", "boto3",
-         "huggingface-hub", "pydantic", "pyyaml", "tqdm", "psutil"]
+BRIEF = [
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "mlflow",
+    "boto3",
+    "huggingface-hub",
+    "pydantic",
+    "pyyaml",
+    "tqdm",
+    "psutil",
+]
 
 
 def _pins(path: Path) -> dict[str, tuple[str, str]]:
@@ -38,15 +52,23 @@ def _pins(path: Path) -> dict[str, tuple[str, str]]:
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", path.read_text())
-    return [(ln.split()[0].upper(), ln.split(None, 1)[1] if " " in ln.strip() else "")
-            for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [
+        (ln.split()[0].upper(), ln.split(None, 1)[1] if " " in ln.strip() else "")
+        for ln in text.splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
 
 
 def test_hadolint_passes_without_a_config():
     assert not (ROOT / ".hadolint.yaml").exists() and not (IMAGES / ".hadolint.yaml").exists()
-    assert sorted(IMAGES.glob("*.Dockerfile")) == sorted(DOCKERFILES.values()), "a Dockerfile this suite does not lint"
-    proc = subprocess.run([str(Path(sys.executable).parent / "hadolint"), *map(str, DOCKERFILES.values())],
-                          capture_output=True, text=True)
+    assert sorted(IMAGES.glob("*.Dockerfile")) == sorted(DOCKERFILES.values()), (
+        "a Dockerfile this suite does not lint"
+    )
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "hadolint"), *map(str, DOCKERFILES.values())],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -56,14 +78,19 @@ def test_dockerfile_shape(platform):
     froms = [arg for op, arg in steps if op == "FROM"]
     assert len(froms) == 1 and re.match(r"^[a-z0-9./-]+:\d+(\.\d+)*[-a-z0-9.]*$", froms[0]), froms
     assert "latest" not in froms[0]
-    assert froms[0] == {"cuda": "nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04", "rocm": "rocm/dev-ubuntu-24.04:7.2"}[platform]
+    assert (
+        froms[0]
+        == {"cuda": "nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04", "rocm": "rocm/dev-ubuntu-24.04:7.2"}[
+            platform
+        ]
+    )
     ops = [op for op, _ in steps]
     user = [arg for op, arg in steps if op == "USER"]
     assert user == ["1000:1000"] and ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN")
     entry = next(arg for op, arg in steps if op == "ENTRYPOINT")
     assert yaml.safe_load(entry) == ["/usr/bin/tini", "--", "finetune-engine"]
     runs = " ".join(arg for op, arg in steps if op == "RUN")
-    assert "torch==2.13.0" in runs and "--index-url \"${TORCH_INDEX_URL}\"" in runs
+    assert "torch==2.13.0" in runs and '--index-url "${TORCH_INDEX_URL}"' in runs
     assert "-r /opt/requirements-engine.txt" in runs
     assert '-c /opt/requirements-engine.txt "/opt/src/engine[train,storage]"' in runs and "pip check" in runs
     assert f"setuptools=={md.version('setuptools')}" in runs, "pin the setuptools the suite runs with"
@@ -92,9 +119,13 @@ def test_lock_pins_the_tested_versions():
     lock = _pins(LOCK)
     tested = _pins(ROOT / "constraints.txt")
     for key, (name, version) in lock.items():
-        assert re.match(r"^\d+(\.\d+)*([a-z]+\d+)?(\.post\d+)?$", version), f"{name}: not an exact pin ({version!r})"
+        assert re.match(r"^\d+(\.\d+)*([a-z]+\d+)?(\.post\d+)?$", version), (
+            f"{name}: not an exact pin ({version!r})"
+        )
         assert key in tested, f"{name} is pinned for the image but not in constraints.txt"
-        assert tested[key] == (name, version), f"{name}: image {version}, tests {tested[key][1]} (spell it as constraints.txt does)"
+        assert tested[key] == (name, version), (
+            f"{name}: image {version}, tests {tested[key][1]} (spell it as constraints.txt does)"
+        )
     for name in BRIEF:
         assert canonicalize_name(name) in lock, name
     assert lock["torch"][1] == "2.13.0" and lock["transformers"][1] == "5.23.0" and lock["trl"][1] == "1.16.0"
@@ -102,9 +133,16 @@ def test_lock_pins_the_tested_versions():
 
 def test_lock_is_complete():
     """Everything finetune-engine[train,storage] pulls in on Linux/Python 3.12 is pinned (and nothing else)."""
-    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "platform_system": "Linux",
-           "platform_machine": "x86_64", "implementation_name": "cpython", "platform_python_implementation": "CPython",
-           "os_name": "posix"}
+    env = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.3",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+    }
     seen: dict[str, set[str]] = {}
 
     def visit(name: str, extras: set[str]) -> None:
@@ -117,7 +155,12 @@ def test_lock_is_complete():
         for raw in md.distribution(name).requires or []:
             req = Requirement(raw)
             wanted = ([""] if first else []) + sorted(new)
-            if req.marker is None and first or req.marker is not None and any(req.marker.evaluate({**env, "extra": e}) for e in wanted):
+            if (
+                req.marker is None
+                and first
+                or req.marker is not None
+                and any(req.marker.evaluate({**env, "extra": e}) for e in wanted)
+            ):
                 visit(req.name, set(req.extras))
 
     visit("finetune-engine", {"train", "storage"})
@@ -152,7 +195,12 @@ def test_rbac_example_validates(version):
 def test_rbac_grants_what_the_operators_use_and_no_more():
     docs = {d["kind"]: d for d in yaml.safe_load_all(RBAC.read_text())}
     assert set(docs) == {"ServiceAccount", "Role", "RoleBinding"}, "namespaced only; no Secrets with values"
-    rules = {(g, r): set(rule["verbs"]) for rule in docs["Role"]["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    rules = {
+        (g, r): set(rule["verbs"])
+        for rule in docs["Role"]["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
     assert rules == {
         ("", "pods"): {"create", "get", "list", "watch", "patch", "delete"},
         ("", "pods/log"): {"get"},

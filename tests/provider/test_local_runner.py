@@ -28,8 +28,17 @@ def local_env(tmp_path, monkeypatch):
         if key.startswith("AIRFLOW__FINETUNE__") or key.startswith("AIRFLOW_CONN_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_WORKDIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDTEST", "password": "secret-test",
-                                                               "extra": {"endpoint_url": "http://127.0.0.1:9"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "AKIDTEST",
+                "password": "secret-test",
+                "extra": {"endpoint_url": "http://127.0.0.1:9"},
+            }
+        ),
+    )
     return tmp_path / "runs"
 
 
@@ -78,7 +87,9 @@ def test_on_kill_stops_the_whole_process_group(local_env):
     seen: dict[str, int] = {}
 
     def kill_when_started():
-        child = wait_for(lambda: next(local_env.glob("*sleeper*/volumes/scratch/child.pid"), None), 30, "the job to start")
+        child = wait_for(
+            lambda: next(local_env.glob("*sleeper*/volumes/scratch/child.pid"), None), 30, "the job to start"
+        )
         seen["child"] = int(wait_for(lambda: child.read_text().strip(), 5, "the child pid"))
         seen["pgid"] = engine_pgid(local_env, "sleeper")
         op.on_kill()
@@ -86,7 +97,10 @@ def test_on_kill_stops_the_whole_process_group(local_env):
     killer = threading.Thread(target=kill_when_started)
     killer.start()
     start = time.monotonic()
-    with pytest.raises(EngineJobFailed, match=r"^\[killed\] pod .*exited with -15 \(stopped by on_kill\): stopped from Airflow") as err:
+    with pytest.raises(
+        EngineJobFailed,
+        match=r"^\[killed\] pod .*exited with -15 \(stopped by on_kill\): stopped from Airflow",
+    ) as err:
         op.execute(context("sleeper"))
     killer.join()
     assert err.value.kind == "killed" and time.monotonic() - start < 20
@@ -98,7 +112,9 @@ def test_on_kill_stops_the_whole_process_group(local_env):
 def test_active_deadline_stops_the_run(local_env):
     op = CommandJob(task_id="slow", command=SLEEPER, active_deadline_seconds=2)
     start = time.monotonic()
-    with pytest.raises(EngineJobFailed, match=r"^\[deadline\] .*stopped after active_deadline_seconds=2\): ran longer than") as err:
+    with pytest.raises(
+        EngineJobFailed, match=r"^\[deadline\] .*stopped after active_deadline_seconds=2\): ran longer than"
+    ) as err:
         op.execute(context("slow"))
     assert 2 <= time.monotonic() - start < 20
     assert err.value.kind == "deadline"  # retried: the next try resumes from checkpoints
@@ -109,23 +125,39 @@ def test_active_deadline_stops_the_run(local_env):
 def test_missing_bucket_connection_is_named_before_anything_starts(local_env, monkeypatch):
     monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT")
     op = CommandJob(task_id="noconn", command=SLEEPER, bucket_conn_id="team_bucket")
-    with pytest.raises(FinetuneConfigError, match=r"Airflow connection 'team_bucket' \(the bucket: \[finetune\] bucket_conn_id "
-                                                  r"or the operator's bucket_conn_id\) is not defined.*AIRFLOW_CONN_TEAM_BUCKET"):
+    with pytest.raises(
+        FinetuneConfigError,
+        match=r"Airflow connection 'team_bucket' \(the bucket: \[finetune\] bucket_conn_id "
+        r"or the operator's bucket_conn_id\) is not defined.*AIRFLOW_CONN_TEAM_BUCKET",
+    ):
         op.execute(context("noconn"))
     # the endpoint set in [finetune]: the secret lookup is what finds the connection missing
     monkeypatch.setenv("AIRFLOW__FINETUNE__BUCKET_ENDPOINT_URL", "http://minio:9000")
-    with pytest.raises(FinetuneConfigError, match=r"^\[setup\] env AWS_ACCESS_KEY_ID: no local value for Kubernetes Secret "
-                                                  r"'finetune-bucket' key 'AWS_ACCESS_KEY_ID': Airflow connection 'team_bucket'"):
+    with pytest.raises(
+        FinetuneConfigError,
+        match=r"^\[setup\] env AWS_ACCESS_KEY_ID: no local value for Kubernetes Secret "
+        r"'finetune-bucket' key 'AWS_ACCESS_KEY_ID': Airflow connection 'team_bucket'",
+    ):
         op.execute(context("noconn"))
     assert not list(local_env.glob("*noconn*/volumes/scratch/child.pid"))  # nothing ran
 
 
 def test_worker_death_takes_the_engine_down_and_the_retry_resumes(local_env):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    worker = subprocess.Popen([sys.executable, "-m", "tests.provider.local_jobs", "1", "400", "0.05"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.provider.local_jobs", "1", "400", "0.05"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        progress = wait_for(lambda: next(local_env.glob("*resumable*/volumes/scratch/progress.json"), None), 60, "the first step")
+        progress = wait_for(
+            lambda: next(local_env.glob("*resumable*/volumes/scratch/progress.json"), None),
+            60,
+            "the first step",
+        )
         wait_for(lambda: json.loads(progress.read_text())["step"] >= 10, 30, "ten steps")
         pgid = engine_pgid(local_env, "resumable")
         [pids] = [json.loads(p.read_text()) for p in progress.parent.glob("pids-*.json")]
@@ -156,13 +188,15 @@ def test_worker_death_takes_the_engine_down_and_the_retry_resumes(local_env):
 def test_a_group_left_behind_is_stopped_before_the_next_try(local_env):
     from airflow_provider_finetune.runners.local import LocalRunner, _start_time
 
-    op = CommandJob(task_id="leftover", command=["sh", "-c", "echo fresh > \"$FINETUNE_WORKDIR/ran\""])
+    op = CommandJob(task_id="leftover", command=["sh", "-c", 'echo fresh > "$FINETUNE_WORKDIR/ran"'])
     workdir = op.local_workdir(context("leftover"))
     workdir.mkdir(parents=True)
     # an engine of an earlier try on a platform without parent-death signals: its own group, still running
     stale = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
     try:
-        (workdir / LocalRunner.PID_FILE).write_text(json.dumps({"pgid": stale.pid, "start": _start_time(stale.pid)}))
+        (workdir / LocalRunner.PID_FILE).write_text(
+            json.dumps({"pgid": stale.pid, "start": _start_time(stale.pid)})
+        )
         logs: list[str] = []
         op.log.info = lambda msg, *args: logs.append(msg % args if args else msg)
         op.execute(context("leftover", try_number=2))
@@ -171,7 +205,10 @@ def test_a_group_left_behind_is_stopped_before_the_next_try(local_env):
         if stale.poll() is None:
             os.killpg(stale.pid, signal.SIGKILL)
     assert live_members(stale.pid) == []
-    assert any(f"an earlier try's engine (process group {stale.pid}) still runs; stopping it first" in ln for ln in logs)
+    assert any(
+        f"an earlier try's engine (process group {stale.pid}) still runs; stopping it first" in ln
+        for ln in logs
+    )
     assert (scratch(local_env, "leftover") / "ran").read_text() == "fresh\n"
 
 

@@ -27,22 +27,47 @@ from tests.provider.test_operators import CONFIG
 
 RUN_ID = "manual__2026-11-24T10:00:00+00:00"
 OPERATORS = {
-    "hf-model": lambda: HFModelToBucketOperator(task_id="deliver_model", model_id="org/model", revision="v1",
-                                                exclude_patterns=["original/*"]),
-    "data-script": lambda: DataScriptToBucketOperator(task_id="deliver_data", script="print('data')", method="sft"),
-    "finetune": lambda: FinetuneKubernetesOperator(task_id="sweep", config=CONFIG, lora_rank=8, gpus=1,
-                                                   node_selector={"nvidia.com/gpu.product": "H100"},
-                                                   active_deadline_seconds=86400),
-    "finetune-fsdp-4gpu": lambda: FinetuneKubernetesOperator(task_id="full", config=CONFIG, gpus=4, gpu_vendor="amd",
-                                                             distributed_strategy="fsdp", scratch_storage_class="fast-nvme",
-                                                             scratch_size="500Gi"),
-    "merge": lambda: MergeAdapterOperator(task_id="merge", base="s3://finetune/models/org/tiny",
-                                          adapter="s3://finetune/experiments/e/r8/checkpoint-final-adapter"),
-    "evaluate": lambda: EvaluateModelsOperator(task_id="evaluate", models=["s3://finetune/m/champion", "s3://finetune/m/challenger"],
-                                               datasets="s3://finetune/datasets/heldout.jsonl"),
+    "hf-model": lambda: HFModelToBucketOperator(
+        task_id="deliver_model", model_id="org/model", revision="v1", exclude_patterns=["original/*"]
+    ),
+    "data-script": lambda: DataScriptToBucketOperator(
+        task_id="deliver_data", script="print('data')", method="sft"
+    ),
+    "finetune": lambda: FinetuneKubernetesOperator(
+        task_id="sweep",
+        config=CONFIG,
+        lora_rank=8,
+        gpus=1,
+        node_selector={"nvidia.com/gpu.product": "H100"},
+        active_deadline_seconds=86400,
+    ),
+    "finetune-fsdp-4gpu": lambda: FinetuneKubernetesOperator(
+        task_id="full",
+        config=CONFIG,
+        gpus=4,
+        gpu_vendor="amd",
+        distributed_strategy="fsdp",
+        scratch_storage_class="fast-nvme",
+        scratch_size="500Gi",
+    ),
+    "merge": lambda: MergeAdapterOperator(
+        task_id="merge",
+        base="s3://finetune/models/org/tiny",
+        adapter="s3://finetune/experiments/e/r8/checkpoint-final-adapter",
+    ),
+    "evaluate": lambda: EvaluateModelsOperator(
+        task_id="evaluate",
+        models=["s3://finetune/m/champion", "s3://finetune/m/challenger"],
+        datasets="s3://finetune/datasets/heldout.jsonl",
+    ),
 }
-ENGINE_OPERATORS = [HFModelToBucketOperator, DataScriptToBucketOperator, FinetuneKubernetesOperator, MergeAdapterOperator,
-                    EvaluateModelsOperator]
+ENGINE_OPERATORS = [
+    HFModelToBucketOperator,
+    DataScriptToBucketOperator,
+    FinetuneKubernetesOperator,
+    MergeAdapterOperator,
+    EvaluateModelsOperator,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +81,14 @@ def _defaults(monkeypatch):
 
 
 def context(op, map_index: int = -1) -> dict:
-    ti = SimpleNamespace(dag_id="tutorial", task_id=op.task_id, map_index=map_index, try_number=1, run_id=RUN_ID,
-                         xcom_push=mock.Mock())
+    ti = SimpleNamespace(
+        dag_id="tutorial",
+        task_id=op.task_id,
+        map_index=map_index,
+        try_number=1,
+        run_id=RUN_ID,
+        xcom_push=mock.Mock(),
+    )
     return {"ti": ti, "run_id": RUN_ID, "dag": SimpleNamespace(dag_id="tutorial")}
 
 
@@ -94,17 +125,26 @@ def test_operator_pods_are_restricted_and_identified(name):
     assert restricted_violations(pod) == []  # the XCom sidecar too
     assert [c["name"] for c in pod["spec"]["containers"]] == ["base", "airflow-xcom-sidecar"]
     labels = pod["metadata"]["labels"]
-    assert labels["dag_id"] == "tutorial" and labels["kubernetes_pod_operator"] == "True" and labels["try_number"] == "1"
+    assert (
+        labels["dag_id"] == "tutorial"
+        and labels["kubernetes_pod_operator"] == "True"
+        and labels["try_number"] == "1"
+    )
     assert (labels.get("map_index") == "3") == (name == "finetune")
     assert pod["metadata"]["name"].startswith(OPERATORS[name]().task_id.replace("_", "-"))
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "finetune-bucket", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "finetune-bucket",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
 
 
 def test_the_same_task_builds_the_same_pod_but_for_the_name():
     a, b = built_pod("finetune"), built_pod("finetune")
     assert normalized(a) == normalized(b)
-    assert a["metadata"]["name"] != b["metadata"]["name"]  # a unique suffix per attempt; reattach finds pods by labels
+    assert (
+        a["metadata"]["name"] != b["metadata"]["name"]
+    )  # a unique suffix per attempt; reattach finds pods by labels
 
 
 def _minimal(cls, **kw):
@@ -131,5 +171,11 @@ def test_every_engine_operator_sets_the_kpo_defaults(cls):
     # with GPUs the budget is the long one, whatever the operator's own default
     assert _minimal(cls, gpus=2).schedule_timeout_seconds == 1800
     # and every default yields to the caller
-    custom = _minimal(cls, schedule_timeout_seconds=42, log_events_on_failure=False, startup_timeout_seconds=7)
-    assert (custom.schedule_timeout_seconds, custom.log_events_on_failure, custom.startup_timeout_seconds) == (42, False, 7)
+    custom = _minimal(
+        cls, schedule_timeout_seconds=42, log_events_on_failure=False, startup_timeout_seconds=7
+    )
+    assert (
+        custom.schedule_timeout_seconds,
+        custom.log_events_on_failure,
+        custom.startup_timeout_seconds,
+    ) == (42, False, 7)

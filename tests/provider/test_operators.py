@@ -25,7 +25,12 @@ from airflow_provider_finetune.pods.security import restricted_violations
 from tests.provider.conftest import crd_schema
 
 CONFIG = {
-    "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "s3://finetune/datasets/chat.jsonl"}]}},
+    "data_conf": {
+        "training_data": {
+            "type": "CONCATENATION",
+            "datasets": [{"path": "s3://finetune/datasets/chat.jsonl"}],
+        }
+    },
     "batchsize_conf": {"total_train_batch_size": 8},
     "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"target_modules": "all-linear"}},
     "run_conf": {"model": "s3://finetune/models/org/tiny"},
@@ -34,14 +39,19 @@ CANARY = "sk-canary-9d1e55"
 
 
 def ctx(map_index=-1):
-    ti = SimpleNamespace(dag_id="tutorial", task_id="sweep", map_index=map_index, try_number=1, xcom_push=mock.Mock())
+    ti = SimpleNamespace(
+        dag_id="tutorial", task_id="sweep", map_index=map_index, try_number=1, xcom_push=mock.Mock()
+    )
     return {"ti": ti, "run_id": "manual__2026-11-24T10:00:00+00:00"}
 
 
 def test_config_errors_name_the_key_before_any_pod():
     op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, overrides=["training_args.learnin_rate=0.1"])
     with mock.patch.object(FinetuneKubernetesOperator, "build_pod_request_obj") as build:
-        with pytest.raises(FinetuneConfigError, match=r"training_args.learnin_rate: not a sft trainer argument \(did you mean 'learning_rate'\?\)"):
+        with pytest.raises(
+            FinetuneConfigError,
+            match=r"training_args.learnin_rate: not a sft trainer argument \(did you mean 'learning_rate'\?\)",
+        ):
             op.execute(ctx())
         build.assert_not_called()
     with pytest.raises(FinetuneConfigError, match="method 'ppo'"):
@@ -58,7 +68,9 @@ def test_rank_overrides_checkpoint_keys_and_map_index_template():
     ua, ub = a.resolved_checkpoint_uri(ctx(0)), b.resolved_checkpoint_uri(ctx(1))
     assert ua != ub and "/r8-" in ua and "/r16-" in ub
     # deterministic: the same task, run and config give the same prefix (a relaunch resumes)
-    assert ua == FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8).resolved_checkpoint_uri(ctx(0))
+    assert ua == FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8).resolved_checkpoint_uri(
+        ctx(0)
+    )
     assert a.engine_command(ctx(0))[:2] == ["finetune-engine", "train-job"]
     two = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=4)
     assert two.engine_command(ctx())[:3] == ["torchrun", "--standalone", "--nproc-per-node=4"]
@@ -77,9 +89,13 @@ def test_the_run_prefix_hashes_what_the_config_asks_not_the_schemas_defaults():
     assert spelled.resolved_checkpoint_uri(ctx(0)) == base.resolved_checkpoint_uri(ctx(0))
     # any value that differs from the default is another run
     for key, value in (("max_seq_length", 1024), ("packing", True)):
-        changed = FinetuneKubernetesOperator(task_id="t", config={**CONFIG, "sft_args": {**defaults, key: value}}, lora_rank=8)
+        changed = FinetuneKubernetesOperator(
+            task_id="t", config={**CONFIG, "sft_args": {**defaults, key: value}}, lora_rank=8
+        )
         assert changed.config_hash() != base.config_hash(), key
-    lr = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8, overrides=["training_args.learning_rate=0.001"])
+    lr = FinetuneKubernetesOperator(
+        task_id="t", config=CONFIG, lora_rank=8, overrides=["training_args.learning_rate=0.001"]
+    )
     assert lr.config_hash() != base.config_hash()
 
 
@@ -103,40 +119,68 @@ def test_pod_runs_resume_merge_and_use_the_charts_adapter_name_unless_the_config
 
     run = yaml.safe_load(FinetuneKubernetesOperator(task_id="t", config=CONFIG).rendered_config())["run_conf"]
     assert (run["resume_from_checkpoint"], run["merge_adapter"], run["final_checkpoint_name"]) == (
-        "auto", True, "checkpoint-final-adapter")  # adapter + checkpoint-final (merged), as the Silogen chart
+        "auto",
+        True,
+        "checkpoint-final-adapter",
+    )  # adapter + checkpoint-final (merged), as the Silogen chart
     full = {**CONFIG, "peft_conf": {"peft_type": "NO_PEFT"}}
     run = yaml.safe_load(FinetuneKubernetesOperator(task_id="t", config=full).rendered_config())["run_conf"]
     assert (run["resume_from_checkpoint"], run["final_checkpoint_name"]) == ("auto", "checkpoint-final")
-    own = {**CONFIG, "run_conf": {**CONFIG["run_conf"], "resume_from_checkpoint": False, "final_checkpoint_name": "out"}}
+    own = {
+        **CONFIG,
+        "run_conf": {**CONFIG["run_conf"], "resume_from_checkpoint": False, "final_checkpoint_name": "out"},
+    }
     op = FinetuneKubernetesOperator(task_id="t", config=own, merge_adapter=False)
     run = yaml.safe_load(op.rendered_config())["run_conf"]
-    assert (run["resume_from_checkpoint"], run["merge_adapter"], run["final_checkpoint_name"]) == (False, False, "out")
+    assert (run["resume_from_checkpoint"], run["merge_adapter"], run["final_checkpoint_name"]) == (
+        False,
+        False,
+        "out",
+    )
     assert op.config_hash() != FinetuneKubernetesOperator(task_id="t", config=CONFIG).config_hash()
 
 
 def test_sweep_label_is_short_and_readable():
     from airflow.sdk import DAG
 
-    label = FinetuneKubernetesOperator(task_id="t", config=CONFIG, overrides={"training_args.learning_rate": 1e-4,
-                                                                              "peft_conf": {"peft_type": "NO_PEFT"}}).sweep_label()
+    label = FinetuneKubernetesOperator(
+        task_id="t",
+        config=CONFIG,
+        overrides={"training_args.learning_rate": 1e-4, "peft_conf": {"peft_type": "NO_PEFT"}},
+    ).sweep_label()
     assert label == "learning_rate=0.0001, peft_conf={peft_type: NO_PEFT}"
-    long = FinetuneKubernetesOperator(task_id="t", config=CONFIG, overrides=[f"training_args.k{i}=v{i}" for i in range(40)])
+    long = FinetuneKubernetesOperator(
+        task_id="t", config=CONFIG, overrides=[f"training_args.k{i}=v{i}" for i in range(40)]
+    )
     assert len(long.sweep_label()) == 100 and long.sweep_label().endswith("...")
     assert FinetuneKubernetesOperator(task_id="t", config=CONFIG).map_index_template is None  # nothing swept
     with DAG("d", schedule=None):
         mapped = FinetuneKubernetesOperator.partial(task_id="m", config=CONFIG).expand(overrides=[["a.b=1"]])
-        own = FinetuneKubernetesOperator.partial(task_id="o", config=CONFIG, map_index_template="{{ task.task_id }}").expand(lora_rank=[4])
-    assert mapped.map_index_template == "{{ task.sweep_label() }}" and own.map_index_template == "{{ task.task_id }}"
+        own = FinetuneKubernetesOperator.partial(
+            task_id="o", config=CONFIG, map_index_template="{{ task.task_id }}"
+        ).expand(lora_rank=[4])
+    assert (
+        mapped.map_index_template == "{{ task.sweep_label() }}"
+        and own.map_index_template == "{{ task.task_id }}"
+    )
 
 
 CANARY_OPERATORS = {
     "finetune": lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=4, gpus=2),
-    "hf-model": lambda: HFModelToBucketOperator(task_id="t", model_id="org/model", revision="abc", exclude_patterns=["original/*"]),
+    "hf-model": lambda: HFModelToBucketOperator(
+        task_id="t", model_id="org/model", revision="abc", exclude_patterns=["original/*"]
+    ),
     "data-script": lambda: DataScriptToBucketOperator(task_id="t", script="print(1)"),
-    "merge": lambda: MergeAdapterOperator(task_id="t", base="s3://finetune/models/org/tiny",
-                                          adapter="s3://finetune/e/r/checkpoint-final-adapter"),
-    "evaluate": lambda: EvaluateModelsOperator(task_id="t", models=["s3://finetune/m/a", "s3://finetune/m/b"],
-                                               datasets="s3://finetune/datasets/heldout.jsonl"),
+    "merge": lambda: MergeAdapterOperator(
+        task_id="t",
+        base="s3://finetune/models/org/tiny",
+        adapter="s3://finetune/e/r/checkpoint-final-adapter",
+    ),
+    "evaluate": lambda: EvaluateModelsOperator(
+        task_id="t",
+        models=["s3://finetune/m/a", "s3://finetune/m/b"],
+        datasets="s3://finetune/datasets/heldout.jsonl",
+    ),
 }
 
 
@@ -153,8 +197,13 @@ def test_every_operator_pod_is_restricted_and_carries_no_secret(name, monkeypatc
     secretKeyRef, never as values."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
     monkeypatch.setenv("HF_TOKEN", CANARY)
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDCANARY", "password": CANARY}))
-    monkeypatch.setenv("AIRFLOW_CONN_HUGGINGFACE_DEFAULT", json.dumps({"conn_type": "generic", "password": CANARY}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps({"conn_type": "aws", "login": "AKIDCANARY", "password": CANARY}),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_HUGGINGFACE_DEFAULT", json.dumps({"conn_type": "generic", "password": CANARY})
+    )
     op = CANARY_OPERATORS[name]()
     context = {**ctx(), "dag": SimpleNamespace(dag_id="tutorial")}
     op.validate(context)
@@ -172,9 +221,17 @@ def test_the_vllm_deployment_carries_no_secret(monkeypatch):
     from airflow_provider_finetune.pods.serving import build_vllm_deployment
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDCANARY", "password": CANARY}))
-    op = DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", adapters={"a": "s3://finetune/a"},
-                            adapter_ranks={"a": 8})
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps({"conn_type": "aws", "login": "AKIDCANARY", "password": CANARY}),
+    )
+    op = DeployVLLMOperator(
+        task_id="d",
+        model_uri="s3://finetune/m",
+        served_model_name="m",
+        adapters={"a": "s3://finetune/a"},
+        adapter_ranks={"a": 8},
+    )
     op.validate()
     doc = build_vllm_deployment(op.serve_spec())
     assert CANARY not in json.dumps(doc) and restricted_violations(doc) == []
@@ -187,7 +244,12 @@ def _build(op):
 
 
 def test_hf_model_destination_and_command():
-    op = HFModelToBucketOperator(task_id="t", model_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0", revision="v1", exclude_patterns=["original/*"])
+    op = HFModelToBucketOperator(
+        task_id="t",
+        model_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        revision="v1",
+        exclude_patterns=["original/*"],
+    )
     assert op.resolved_destination() == "s3://finetune/models/TinyLlama/TinyLlama-1.1B-Chat-v1.0@v1"
     cmd = op.engine_command(ctx())
     assert cmd[:3] == ["finetune-engine", "deliver-model", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
@@ -197,34 +259,49 @@ def test_hf_model_destination_and_command():
 
 
 def test_hf_model_token_secret_and_overwrite_reach_the_pod(monkeypatch):
-    op = HFModelToBucketOperator(task_id="t", model_id="meta-llama/Llama-3.2-1B", hf_token_secret="team-hf-token",
-                                 allow_overwrite=True)
+    op = HFModelToBucketOperator(
+        task_id="t", model_id="meta-llama/Llama-3.2-1B", hf_token_secret="team-hf-token", allow_overwrite=True
+    )
     op.validate(ctx())
     pod = to_dict(_build(op))
     base = pod["spec"]["containers"][0]
     env = {e["name"]: e for e in base["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "team-hf-token", "key": "HF_TOKEN", "optional": True}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "team-hf-token",
+        "key": "HF_TOKEN",
+        "optional": True,
+    }
     assert base["command"][-1] == "--overwrite"
     default = HFModelToBucketOperator(task_id="t", model_id="org/m")
     assert "--overwrite" not in default.engine_command(ctx())
     monkeypatch.setenv("AIRFLOW__FINETUNE__HF_TOKEN_SECRET_NAME", "cluster-hf")
     [hf] = [s for s in default.build_spec(ctx()).secret_env if s.env_name == "HF_TOKEN"]
     assert hf.secret_name == "cluster-hf"  # the [finetune] default when the operator names none
-    with pytest.raises(FinetuneConfigError, match="hf_token_secret 'Team_HF' is not a valid Kubernetes Secret name"):
+    with pytest.raises(
+        FinetuneConfigError, match="hf_token_secret 'Team_HF' is not a valid Kubernetes Secret name"
+    ):
         HFModelToBucketOperator(task_id="t", model_id="org/m", hf_token_secret="Team_HF").validate(ctx())
 
 
 def test_local_runner_resolves_the_operators_token_secret_from_its_connection(monkeypatch):
     from airflow_provider_finetune.runners.local import build_env
 
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDLOCAL", "password": CANARY}))
-    monkeypatch.setenv("AIRFLOW_CONN_TEAM_HF", json.dumps({"conn_type": "generic", "password": "hf-team-token-value"}))
-    op = HFModelToBucketOperator(task_id="t", model_id="org/m", hf_token_secret="team-hf-token", hf_conn_id="team_hf")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "login": "AKIDLOCAL", "password": CANARY})
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TEAM_HF", json.dumps({"conn_type": "generic", "password": "hf-team-token-value"})
+    )
+    op = HFModelToBucketOperator(
+        task_id="t", model_id="org/m", hf_token_secret="team-hf-token", hf_conn_id="team_hf"
+    )
     env, secret_vars = build_env(_build(op), {}, op.local_secret_resolver())
     assert env["HF_TOKEN"] == "hf-team-token-value" and env["AWS_SECRET_ACCESS_KEY"] == CANARY
     assert sorted(secret_vars) == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"]
     # the token is optional (public models): a missing connection leaves HF_TOKEN unset, nothing else
-    public = HFModelToBucketOperator(task_id="t", model_id="org/m", hf_token_secret="team-hf-token", hf_conn_id="absent_conn")
+    public = HFModelToBucketOperator(
+        task_id="t", model_id="org/m", hf_token_secret="team-hf-token", hf_conn_id="absent_conn"
+    )
     env, _ = build_env(_build(public), {}, public.local_secret_resolver())
     assert "HF_TOKEN" not in env and env["AWS_ACCESS_KEY_ID"] == "AKIDLOCAL"
 
@@ -236,21 +313,41 @@ def test_data_operator_needs_exactly_one_source():
         DataScriptToBucketOperator(task_id="t", script="x", urls=["https://e/x.jsonl"]).validate(ctx())
 
 
-@pytest.mark.parametrize("returncode,tail,reason,kind,text", [
-    (137, "", "OOMKilled", "host-oom", "raise memory_per_gpu"),
-    (-9, "", "OOMKilled", "host-oom", "lower batchsize_conf.max_per_device_train_batch_size"),
-    (1, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes", None, "host-oom", "quant_conf"),
-    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", None, "accelerator-oom",
-     "lower batchsize_conf.max_per_device_train_batch_size"),
-    (1, "RuntimeError: HIP out of memory. Tried to allocate", None, "accelerator-oom", "gradient_checkpointing"),
-    (-9, "", None, "killed", "without an OOMKilled reason"),  # a plain SIGKILL is not an OOM
-    (137, "", None, "killed", "without an OOMKilled reason"),
-    (137, "", "Error", "killed", "killed by SIGKILL (exit 137)"),
-    (143, "", "DeadlineExceeded", "deadline", "active_deadline_seconds"),
-    (137, "", "Evicted", "evicted", "evicted"),
-    (2, "error: invalid experiment config", None, "config", "rejected its input"),
-    (1, "RuntimeError: something else", None, "failed", "exit code 1"),
-])
+@pytest.mark.parametrize(
+    "returncode,tail,reason,kind,text",
+    [
+        (137, "", "OOMKilled", "host-oom", "raise memory_per_gpu"),
+        (-9, "", "OOMKilled", "host-oom", "lower batchsize_conf.max_per_device_train_batch_size"),
+        (
+            1,
+            "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes",
+            None,
+            "host-oom",
+            "quant_conf",
+        ),
+        (
+            1,
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+            None,
+            "accelerator-oom",
+            "lower batchsize_conf.max_per_device_train_batch_size",
+        ),
+        (
+            1,
+            "RuntimeError: HIP out of memory. Tried to allocate",
+            None,
+            "accelerator-oom",
+            "gradient_checkpointing",
+        ),
+        (-9, "", None, "killed", "without an OOMKilled reason"),  # a plain SIGKILL is not an OOM
+        (137, "", None, "killed", "without an OOMKilled reason"),
+        (137, "", "Error", "killed", "killed by SIGKILL (exit 137)"),
+        (143, "", "DeadlineExceeded", "deadline", "active_deadline_seconds"),
+        (137, "", "Evicted", "evicted", "evicted"),
+        (2, "error: invalid experiment config", None, "config", "rejected its input"),
+        (1, "RuntimeError: something else", None, "failed", "exit code 1"),
+    ],
+)
 def test_failures_are_classified(returncode, tail, reason, kind, text):
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -278,18 +375,40 @@ class FakeCustomObjects:
         self.polls += 1
         conditions = [{"type": "Created", "status": "True"}]
         if self.polls >= 2:
-            conditions.append({"type": "Complete" if plural == "trainjobs" else "Succeeded", "status": "True"})
+            conditions.append(
+                {"type": "Complete" if plural == "trainjobs" else "Succeeded", "status": "True"}
+            )
         return {"status": {"conditions": conditions}}
 
 
-@pytest.mark.parametrize("kind,crd", [("trainjob", "trainer.kubeflow.org_trainjobs.yaml"), ("pytorchjob", "kubeflow.org_pytorchjobs.yaml")])
+@pytest.mark.parametrize(
+    "kind,crd",
+    [("trainjob", "trainer.kubeflow.org_trainjobs.yaml"), ("pytorchjob", "kubeflow.org_pytorchjobs.yaml")],
+)
 def test_multinode_job_created_validated_and_awaited(kind, crd):
-    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=8, num_nodes=2, distributed=kind, poll_interval=0,
-                                    namespace="finetune", runner="kubernetes")
+    op = FinetuneKubernetesOperator(
+        task_id="t",
+        config=CONFIG,
+        gpus=8,
+        num_nodes=2,
+        distributed=kind,
+        poll_interval=0,
+        namespace="finetune",
+        runner="kubernetes",
+    )
     fake = FakeCustomObjects()
-    with mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake), \
-         mock.patch("airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client", new_callable=mock.PropertyMock), \
-         mock.patch.object(FinetuneKubernetesOperator, "read_remote_result", return_value={"status": "completed", "final_eval_loss": 1.0}):
+    with (
+        mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake),
+        mock.patch(
+            "airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client",
+            new_callable=mock.PropertyMock,
+        ),
+        mock.patch.object(
+            FinetuneKubernetesOperator,
+            "read_remote_result",
+            return_value={"status": "completed", "final_eval_loss": 1.0},
+        ),
+    ):
         result = op.execute(ctx())
     assert result["status"] == "completed" and fake.polls == 2
     [(_, _, ns, plural, body)] = fake.created
@@ -301,11 +420,20 @@ def test_multinode_job_created_validated_and_awaited(kind, crd):
 
 
 def test_multinode_reattaches_when_the_job_exists():
-    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=8, num_nodes=2, poll_interval=0, runner="kubernetes")
+    op = FinetuneKubernetesOperator(
+        task_id="t", config=CONFIG, gpus=8, num_nodes=2, poll_interval=0, runner="kubernetes"
+    )
     fake = FakeCustomObjects(exists=True)
-    with mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake), \
-         mock.patch("airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client", new_callable=mock.PropertyMock), \
-         mock.patch.object(FinetuneKubernetesOperator, "read_remote_result", return_value={"status": "completed"}):
+    with (
+        mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake),
+        mock.patch(
+            "airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client",
+            new_callable=mock.PropertyMock,
+        ),
+        mock.patch.object(
+            FinetuneKubernetesOperator, "read_remote_result", return_value={"status": "completed"}
+        ),
+    ):
         assert op.execute(ctx())["status"] == "completed"
     assert fake.created == [] and fake.polls == 2
 
@@ -315,10 +443,18 @@ def test_multinode_reattaches_when_the_job_exists():
 
 def test_deploy_vllm_refuses_bad_ranks_and_uris():
     with pytest.raises(FinetuneConfigError, match="exceed max_lora_rank 8"):
-        DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", adapters={"a": "s3://finetune/a"},
-                           adapter_ranks={"a": 16}, max_lora_rank=8).validate()
+        DeployVLLMOperator(
+            task_id="d",
+            model_uri="s3://finetune/m",
+            served_model_name="m",
+            adapters={"a": "s3://finetune/a"},
+            adapter_ranks={"a": 16},
+            max_lora_rank=8,
+        ).validate()
     with pytest.raises(FinetuneConfigError, match="adapter_ranks is missing"):
-        DeployVLLMOperator(task_id="d", model_uri="s3://finetune/m", served_model_name="m", adapters={"a": "s3://finetune/a"}).validate()
+        DeployVLLMOperator(
+            task_id="d", model_uri="s3://finetune/m", served_model_name="m", adapters={"a": "s3://finetune/a"}
+        ).validate()
     with pytest.raises(FinetuneConfigError, match="must be an s3:// URI"):
         DeployVLLMOperator(task_id="d", model_uri="/local/model", served_model_name="m").validate()
 
@@ -339,17 +475,35 @@ def test_deferrable_mode_defers_after_one_pod_and_returns_the_result_on_reentry(
 
     from tests.provider.fake_k8s_run import FakeCore, patched
 
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}}))
-    op = FinetuneKubernetesOperator(task_id="sweep", config=CONFIG, lora_rank=8, deferrable=True, runner="kubernetes",
-                                    namespace="finetune", get_logs=False)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}}),
+    )
+    op = FinetuneKubernetesOperator(
+        task_id="sweep",
+        config=CONFIG,
+        lora_rank=8,
+        deferrable=True,
+        runner="kubernetes",
+        namespace="finetune",
+        get_logs=False,
+    )
     context = {**ctx(0), "dag": SimpleNamespace(dag_id="tutorial")}
     fake = FakeCore(outcomes={})
-    result = {"status": "completed", "final_eval_loss": 1.25, "mlflow_run_id": "abc", "mlflow_tracking_uri": "http://mlflow:5000"}
+    result = {
+        "status": "completed",
+        "final_eval_loss": 1.25,
+        "mlflow_run_id": "abc",
+        "mlflow_tracking_uri": "http://mlflow:5000",
+    }
     with patched(fake, json.dumps(result)):
         with pytest.raises(TaskDeferred) as deferred:
             op.execute(context)
         [create] = [c for c in fake.calls if c["op"] == "create"]
-        assert [c["op"] for c in fake.calls] == ["list", "create"]  # looked for a pod to reattach to, then one create
+        assert [c["op"] for c in fake.calls] == [
+            "list",
+            "create",
+        ]  # looked for a pod to reattach to, then one create
         trigger = deferred.value.trigger
         assert isinstance(trigger, KubernetesPodTrigger) and deferred.value.method_name == "trigger_reentry"
         assert (trigger.pod_name, trigger.pod_namespace) == (create["name"], "finetune")
@@ -357,10 +511,19 @@ def test_deferrable_mode_defers_after_one_pod_and_returns_the_result_on_reentry(
         env = {e.name: e for e in pod.spec.containers[0].env}
         assert "r: 8" in env["FINETUNE_CONFIG"].value  # the validated, rendered config went into the pod
 
-        out = op.trigger_reentry(context, event={"status": "success", "name": trigger.pod_name, "namespace": "finetune",
-                                                 "message": "Container succeeded"})
+        out = op.trigger_reentry(
+            context,
+            event={
+                "status": "success",
+                "name": trigger.pod_name,
+                "namespace": "finetune",
+                "message": "Container succeeded",
+            },
+        )
     assert out == {**result, "lora_rank": 8}
-    assert [c["op"] for c in fake.calls] == ["list", "create", "delete"] and fake.calls[-1]["name"] == create["name"]
+    assert [c["op"] for c in fake.calls] == ["list", "create", "delete"] and fake.calls[-1]["name"] == create[
+        "name"
+    ]
     context["ti"].xcom_push.assert_any_call(key="_link_MLflowRunLink", value="http://mlflow:5000/#/runs/abc")
 
 
@@ -370,19 +533,40 @@ def test_deferrable_reentry_after_an_oom_fails_without_retry(monkeypatch):
 
     from tests.provider.fake_k8s_run import FakeCore, Outcome, patched
 
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}}))
-    op = FinetuneKubernetesOperator(task_id="sweep", config=CONFIG, deferrable=True, runner="kubernetes", namespace="finetune",
-                                    get_logs=False, on_finish_action="delete_pod")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}}),
+    )
+    op = FinetuneKubernetesOperator(
+        task_id="sweep",
+        config=CONFIG,
+        deferrable=True,
+        runner="kubernetes",
+        namespace="finetune",
+        get_logs=False,
+        on_finish_action="delete_pod",
+    )
     context = {**ctx(), "dag": SimpleNamespace(dag_id="tutorial")}
     fake = FakeCore(outcomes={"sweep": Outcome("Failed", 137, "OOMKilled", log="step 7/100\n")})
     with patched(fake, "{}"):
         with pytest.raises(TaskDeferred) as deferred:
             op.execute(context)
-        with pytest.raises(OutOfMemory, match=r"^\[host-oom\] pod .* container base exited with 137 \(OOMKilled\)"):
-            op.trigger_reentry(context, event={"status": "failed", "name": deferred.value.trigger.pod_name,
-                                               "namespace": "finetune", "message": "Container failed"})
+        with pytest.raises(
+            OutOfMemory, match=r"^\[host-oom\] pod .* container base exited with 137 \(OOMKilled\)"
+        ):
+            op.trigger_reentry(
+                context,
+                event={
+                    "status": "failed",
+                    "name": deferred.value.trigger.pod_name,
+                    "namespace": "finetune",
+                    "message": "Container failed",
+                },
+            )
     ops = [c["op"] for c in fake.calls]
-    assert ops[:3] == ["list", "create", "log"] and ops[-1] == "delete"  # the log tail before the deletion (a label patch between)
+    assert (
+        ops[:3] == ["list", "create", "log"] and ops[-1] == "delete"
+    )  # the log tail before the deletion (a label patch between)
 
 
 def test_every_operator_is_importable_from_the_package():
@@ -395,8 +579,11 @@ def test_every_operator_is_importable_from_the_package():
     defined = {}
     for mod in pkgutil.iter_modules(ops.__path__):
         module = importlib.import_module(f"{ops.__name__}.{mod.name}")
-        defined |= {name: cls for name, cls in inspect.getmembers(module, inspect.isclass)
-                    if name.endswith("Operator") and cls.__module__ == module.__name__}
+        defined |= {
+            name: cls
+            for name, cls in inspect.getmembers(module, inspect.isclass)
+            if name.endswith("Operator") and cls.__module__ == module.__name__
+        }
     defined.pop("EngineJobOperator")  # the base of the engine job operators, not a task of its own
     assert {"DeployVLLMOperator", "UndeployVLLMOperator", "FinetuneKubernetesOperator"} <= set(defined)
     assert sorted(defined) == sorted(ops.__all__)

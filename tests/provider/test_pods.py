@@ -28,27 +28,45 @@ from airflow_provider_finetune.pods.spec import (
 )
 from tests.provider.conftest import CANARY, K8S_VERSIONS, assert_golden
 
-BUCKET_KEYS = [SecretEnv("AWS_ACCESS_KEY_ID", "finetune-bucket", "AWS_ACCESS_KEY_ID"),
-               SecretEnv("AWS_SECRET_ACCESS_KEY", "finetune-bucket", "AWS_SECRET_ACCESS_KEY")]
+BUCKET_KEYS = [
+    SecretEnv("AWS_ACCESS_KEY_ID", "finetune-bucket", "AWS_ACCESS_KEY_ID"),
+    SecretEnv("AWS_SECRET_ACCESS_KEY", "finetune-bucket", "AWS_SECRET_ACCESS_KEY"),
+]
 
 SPECS = {
     "train-1gpu-nvidia": EngineJobSpec(
-        name="finetune", command=["finetune-engine", "train-job", "--checkpoint-uri", "s3://finetune/experiments/e/r"],
-        image="registry.example/finetune-engine-cuda:0.1.0", env={"FINETUNE_CONFIG": "data_conf: {}\n"},
-        secret_env=BUCKET_KEYS, gpus=1, xcom=True, active_deadline_seconds=86400,
+        name="finetune",
+        command=["finetune-engine", "train-job", "--checkpoint-uri", "s3://finetune/experiments/e/r"],
+        image="registry.example/finetune-engine-cuda:0.1.0",
+        env={"FINETUNE_CONFIG": "data_conf: {}\n"},
+        secret_env=BUCKET_KEYS,
+        gpus=1,
+        xcom=True,
+        active_deadline_seconds=86400,
         labels=labels_for("tutorial", "sweep", "manual__2026-11-24T10:00:00+00:00", 3, try_number=1),
-        node_selector={"nvidia.com/gpu.product": "H100"}, priority_class_name="training", namespace="finetune",
+        node_selector={"nvidia.com/gpu.product": "H100"},
+        priority_class_name="training",
+        namespace="finetune",
     ),
     "train-8gpu-amd-ephemeral": EngineJobSpec(
-        name="finetune-full", command=torchrun_command(["train-job", "--checkpoint-uri", "s3://finetune/experiments/e/full"]),
-        image="registry.example/finetune-engine-rocm:0.1.0", gpus=8, gpu_vendor="amd", shm_size="64Gi",
+        name="finetune-full",
+        command=torchrun_command(["train-job", "--checkpoint-uri", "s3://finetune/experiments/e/full"]),
+        image="registry.example/finetune-engine-rocm:0.1.0",
+        gpus=8,
+        gpu_vendor="amd",
+        shm_size="64Gi",
         scratch=Scratch(kind="ephemeral", size="500Gi", storage_class="fast-nvme"),
         tolerations=[{"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"}],
-        secret_env=[SecretEnv("HF_TOKEN", "hf-token", "HF_TOKEN", optional=True)], namespace="finetune",
+        secret_env=[SecretEnv("HF_TOKEN", "hf-token", "HF_TOKEN", optional=True)],
+        namespace="finetune",
     ),
     "deliver-cpu": EngineJobSpec(
-        name="deliver-model", command=["finetune-engine", "deliver-model", "org/model", "s3://finetune/models/org/model"],
-        image="registry.example/finetune-engine-cuda:0.1.0", gpus=0, cpu_per_gpu="2", memory_per_gpu="8Gi",
+        name="deliver-model",
+        command=["finetune-engine", "deliver-model", "org/model", "s3://finetune/models/org/model"],
+        image="registry.example/finetune-engine-cuda:0.1.0",
+        gpus=0,
+        cpu_per_gpu="2",
+        memory_per_gpu="8Gi",
         secret_env=BUCKET_KEYS,
     ),
 }
@@ -77,9 +95,18 @@ def test_every_pod_is_restricted_pss(name):
     check_restricted(doc)
     spec = doc["spec"]
     base = spec["containers"][0]
-    assert base["name"] == "base" and spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
-    assert spec["securityContext"] == {"fsGroup": 1000, "runAsGroup": 1000, "runAsNonRoot": True, "runAsUser": 1000,
-                                       "seccompProfile": {"type": "RuntimeDefault"}}
+    assert (
+        base["name"] == "base"
+        and spec["restartPolicy"] == "Never"
+        and spec["automountServiceAccountToken"] is False
+    )
+    assert spec["securityContext"] == {
+        "fsGroup": 1000,
+        "runAsGroup": 1000,
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     assert base["securityContext"]["readOnlyRootFilesystem"] is True
     assert base["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     # a read-only root filesystem: every write location is a mounted volume
@@ -98,26 +125,46 @@ def test_gpu_resources_shm_scratch_and_tolerations():
     assert "nvidia.com/gpu" not in json.dumps(amd)
     shm = next(v for v in amd["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
-    claim = next(v for v in amd["volumes"] if v["name"] == "scratch")["ephemeral"]["volumeClaimTemplate"]["spec"]
-    assert claim == {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast-nvme", "resources": {"requests": {"storage": "500Gi"}}}
+    claim = next(v for v in amd["volumes"] if v["name"] == "scratch")["ephemeral"]["volumeClaimTemplate"][
+        "spec"
+    ]
+    assert claim == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "fast-nvme",
+        "resources": {"requests": {"storage": "500Gi"}},
+    }
     assert {t["key"] for t in amd["tolerations"]} == {"dedicated", "amd.com/gpu"}
     nv = _pod("train-1gpu-nvidia")["spec"]
     assert nv["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in nv["tolerations"]
-    assert next(v for v in nv["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "16Gi"  # half of 32Gi
+    assert (
+        next(v for v in nv["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "16Gi"
+    )  # half of 32Gi
     assert next(v for v in nv["volumes"] if v["name"] == "scratch")["emptyDir"] == {"sizeLimit": "100Gi"}
     assert nv["nodeSelector"] == {"nvidia.com/gpu.product": "H100"} and nv["priorityClassName"] == "training"
     assert nv["activeDeadlineSeconds"] == 86400
     cpu = _pod("deliver-cpu")["spec"]
-    assert cpu["containers"][0]["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+    assert cpu["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "8Gi"},
+        "limits": {"memory": "8Gi"},
+    }
     assert "gpu" not in json.dumps(cpu) and not cpu.get("tolerations")
 
 
 def test_given_gpu_toleration_is_not_duplicated_and_camel_case_keys_work():
-    spec = EngineJobSpec(name="t", command=["c"], image="i", gpus=2, tolerations=[
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}])
+    spec = EngineJobSpec(
+        name="t",
+        command=["c"],
+        image="i",
+        gpus=2,
+        tolerations=[
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}
+        ],
+    )
     tolerations = pod_to_dict(build_pod(spec))["spec"]["tolerations"]
-    assert tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}]
+    assert tolerations == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}
+    ]
     with pytest.raises(ValueError, match="unknown keys"):
         build_pod(EngineJobSpec(name="t", command=["c"], image="i", tolerations=[{"kee": "x"}]))
 
@@ -132,7 +179,11 @@ def test_xcom_convention():
 
 
 def test_quantities():
-    assert scale_quantity("4", 8) == "32" and scale_quantity("32Gi", 8) == "256Gi" and scale_quantity("500m", 3) == "1500m"
+    assert (
+        scale_quantity("4", 8) == "32"
+        and scale_quantity("32Gi", 8) == "256Gi"
+        and scale_quantity("500m", 3) == "1500m"
+    )
     assert scale_quantity("1.5", 2) == "3" and parse_quantity("1Gi") == 2**30
     with pytest.raises(ValueError, match="quantity '32 GB'"):
         scale_quantity("32 GB", 1)
@@ -145,13 +196,20 @@ def test_quantities():
 
 def test_secret_env_is_a_secret_key_ref():
     env = {e["name"]: e for e in _pod("train-8gpu-amd-ephemeral")["spec"]["containers"][0]["env"]}
-    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN", "optional": True}}}
+    assert env["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN", "optional": True}},
+    }
     env = {e["name"]: e for e in _pod("deliver-cpu")["spec"]["containers"][0]["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"] == {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {
-        "secretKeyRef": {"name": "finetune-bucket", "key": "AWS_SECRET_ACCESS_KEY"}}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "name": "AWS_SECRET_ACCESS_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "finetune-bucket", "key": "AWS_SECRET_ACCESS_KEY"}},
+    }
 
 
-@pytest.mark.parametrize("where", ["env-secret-name", "env-plain-name", "command", "label", "annotation", "both"])
+@pytest.mark.parametrize(
+    "where", ["env-secret-name", "env-plain-name", "command", "label", "annotation", "both"]
+)
 def test_secret_canary_never_reaches_a_pod(where):
     kwargs = {
         "env-secret-name": {"env": {"HF_TOKEN": CANARY}},
@@ -167,11 +225,15 @@ def test_secret_canary_never_reaches_a_pod(where):
     assert "secret" in str(err.value).lower()  # and says where secrets go
 
 
-@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "OPENAI_API_KEY"])
+@pytest.mark.parametrize(
+    "name", ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "OPENAI_API_KEY"]
+)
 def test_credential_names_must_be_secret_refs(name):
     with pytest.raises(ValueError, match=f"env {name} looks like a credential"):
         EngineJobSpec(name="x", command=["c"], image="i", env={name: "anything"})
-    EngineJobSpec(name="x", command=["c"], image="i", env={"TOKENIZERS_PARALLELISM": "false", "MAX_NEW_TOKENS": "8"})
+    EngineJobSpec(
+        name="x", command=["c"], image="i", env={"TOKENIZERS_PARALLELISM": "false", "MAX_NEW_TOKENS": "8"}
+    )
 
 
 def test_rendered_pods_hold_references_only():
@@ -207,7 +269,11 @@ def test_names_are_dns_labels_deterministic_and_distinct():
     dns = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
     names = {name_for("Tutorial_DAG", "sweep", LONG_RUN, i) for i in range(50)}
     assert len(names) == 50
-    for n in names | {name_for("d" * 300, "t" * 300, "r", None), name_for("1dag", "t", "r", -1), dns_name("Tutorial_DAG", LONG_RUN)}:
+    for n in names | {
+        name_for("d" * 300, "t" * 300, "r", None),
+        name_for("1dag", "t", "r", -1),
+        dns_name("Tutorial_DAG", LONG_RUN),
+    }:
         assert len(n) <= 63 and dns.match(n), n
     assert name_for("dag", "task", "run", 3) == name_for("dag", "task", "run", 3)
     assert name_for("dag", "task", "run-a", 3) != name_for("dag", "task", "run-b", 3)
@@ -222,10 +288,17 @@ def test_labels_are_valid_and_deterministic():
         assert len(v) <= 63 and value.match(v), (key, v)
         assert key.startswith(("airflow-provider-finetune/", "app.kubernetes.io/"))
     assert labels["app.kubernetes.io/managed-by"] == "airflow-provider-finetune"
-    assert labels["airflow-provider-finetune/map-index"] == "12" and labels["airflow-provider-finetune/try-number"] == "2"
-    assert labels["airflow-provider-finetune/task-id"] == "task.with.dots"  # valid values are kept as they are
+    assert (
+        labels["airflow-provider-finetune/map-index"] == "12"
+        and labels["airflow-provider-finetune/try-number"] == "2"
+    )
+    assert (
+        labels["airflow-provider-finetune/task-id"] == "task.with.dots"
+    )  # valid values are kept as they are
     assert labels == labels_for("a_dag" * 20, "task.with.dots", LONG_RUN, 12, try_number=2)
-    assert label_value("manual__2026-11-24T10:00:00+00:00") != label_value("manual__2026-11-24T10:00:01+00:00")
+    assert label_value("manual__2026-11-24T10:00:00+00:00") != label_value(
+        "manual__2026-11-24T10:00:01+00:00"
+    )
     assert "airflow-provider-finetune/map-index" not in labels_for("d", "t", "r", -1)
     pod = pod_to_dict(build_pod(EngineJobSpec(name="x", command=["c"], image="i", labels=labels)))
     kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
@@ -257,7 +330,13 @@ BAD_POD_SPECS = {
     "sysctl": {"securityContext": {"sysctls": [{"name": "kernel.msgmax", "value": "1"}]}},
     "pod-seccomp": {"securityContext": {"seccompProfile": {"type": "Unconfined"}}},
     "no-seccomp": {"securityContext": {"runAsNonRoot": True}},
-    "pod-root": {"securityContext": {"runAsUser": 0, "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}},
+    "pod-root": {
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+    },
 }
 
 
@@ -291,7 +370,9 @@ def test_pss_checker_reports_distinct_violations_and_every_container_group():
     assert len(seen) >= 20
     doc = _pod("deliver-cpu")
     doc["spec"]["initContainers"] = [{"name": "init", "image": "i"}]
-    doc["spec"]["ephemeralContainers"] = [{"name": "debug", "image": "busybox", "securityContext": {"privileged": True}}]
+    doc["spec"]["ephemeralContainers"] = [
+        {"name": "debug", "image": "busybox", "securityContext": {"privileged": True}}
+    ]
     problems = restricted_violations(doc)
     assert any("'init'" in p and "allowPrivilegeEscalation" in p for p in problems)
     assert any("'debug'" in p and "privileged" in p for p in problems)
@@ -307,6 +388,11 @@ def test_pss_checker_reads_other_kinds_and_bare_pod_specs():
         assert restricted_violations({"kind": kind, "spec": {"template": {"spec": pod_spec}}}) == []
         bad = {"kind": kind, "spec": {"template": {"spec": {**pod_spec, "hostPID": True}}}}
         assert restricted_violations(bad) == ["spec.template.spec: hostPID"]
-    cron = {"kind": "CronJob", "spec": {"jobTemplate": {"spec": {"template": {"spec": {**pod_spec, "hostIPC": True}}}}}}
+    cron = {
+        "kind": "CronJob",
+        "spec": {"jobTemplate": {"spec": {"template": {"spec": {**pod_spec, "hostIPC": True}}}}},
+    }
     assert restricted_violations(cron) == ["spec.jobTemplate.spec.template.spec: hostIPC"]
-    assert restricted_violations({"kind": "ConfigMap", "data": {}}) == ["ConfigMap: no pod spec found to check"]
+    assert restricted_violations({"kind": "ConfigMap", "data": {}}) == [
+        "ConfigMap: no pod spec found to check"
+    ]

@@ -13,8 +13,13 @@ BIN = Path(sys.executable).parent
 
 def _airflow(tmp_path, *args, **env):
     base = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    return subprocess.run([str(BIN / "airflow"), *args], capture_output=True, text=True, timeout=120,
-                          env={**base, "AIRFLOW_HOME": str(tmp_path), **env})
+    return subprocess.run(
+        [str(BIN / "airflow"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, "AIRFLOW_HOME": str(tmp_path), **env},
+    )
 
 
 def test_airflow_lists_the_provider_and_reads_its_config(tmp_path):
@@ -23,7 +28,9 @@ def test_airflow_lists_the_provider_and_reads_its_config(tmp_path):
     assert "airflow-provider-finetune" in listed.stdout
     default = _airflow(tmp_path, "config", "get-value", "finetune", "runner")
     assert default.returncode == 0 and default.stdout.strip() == "kubernetes", default.stderr[-2000:]
-    override = _airflow(tmp_path, "config", "get-value", "finetune", "runner", AIRFLOW__FINETUNE__RUNNER="local")
+    override = _airflow(
+        tmp_path, "config", "get-value", "finetune", "runner", AIRFLOW__FINETUNE__RUNNER="local"
+    )
     assert override.stdout.strip() == "local"
     bucket = _airflow(tmp_path, "config", "get-value", "finetune", "bucket_secret_name")
     assert bucket.stdout.strip() == "finetune-bucket"
@@ -32,8 +39,13 @@ def test_airflow_lists_the_provider_and_reads_its_config(tmp_path):
     triggers = _airflow(tmp_path, "providers", "triggers", "-o", "json")
     assert triggers.returncode == 0, triggers.stderr[-2000:]
     ours = [t for t in json.loads(triggers.stdout) if t["package_name"] == "airflow-provider-finetune"]
-    assert ours == [{"package_name": "airflow-provider-finetune", "class": "airflow_provider_finetune.triggers.deployment",
-                     "integration_name": "Fine-tune"}]
+    assert ours == [
+        {
+            "package_name": "airflow-provider-finetune",
+            "class": "airflow_provider_finetune.triggers.deployment",
+            "integration_name": "Fine-tune",
+        }
+    ]
 
 
 def test_provider_dag_files_parse_without_torch():
@@ -51,8 +63,13 @@ assert bag.dags, "no DAGs found"
 heavy = [m for m in ("torch", "transformers", "trl", "peft", "accelerate") if m in sys.modules]
 assert not heavy, f"DAG parsing imported {{heavy}}"
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "SMOKE_MODEL_DIR": "/nonexistent"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SMOKE_MODEL_DIR": "/nonexistent"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -85,8 +102,13 @@ def _built_commands() -> list[list[str]]:
     for kind in ("trainjob", "pytorchjob"):
         op = FinetuneKubernetesOperator(task_id="multi", config=CONFIG, gpus=8, num_nodes=2, distributed=kind)
         commands += [c["command"] for c in containers(op.multinode_manifest(context(op))) if c.get("command")]
-    deploy = DeployVLLMOperator(task_id="serve", model_uri="s3://finetune/m", served_model_name="m",
-                                adapters={"a": "s3://finetune/a"}, adapter_ranks={"a": 8})
+    deploy = DeployVLLMOperator(
+        task_id="serve",
+        model_uri="s3://finetune/m",
+        served_model_name="m",
+        adapters={"a": "s3://finetune/a"},
+        adapter_ranks={"a": 8},
+    )
     init = build_vllm_deployment(deploy.serve_spec())["spec"]["template"]["spec"]["initContainers"]
     return commands + [c["command"] for c in init]
 
@@ -125,7 +147,7 @@ def test_every_engine_command_the_builders_use_exists():
         split = command.index(sub) if command[0] != "finetune-engine" else 1
         for part, text in ((command[:split], helps[command[0]]), (command[split:], helps[sub])):
             for flag in {a.split("=")[0] for a in part if a.startswith("--")}:
-                assert flag in text, f"{' '.join(command[:split + 1])}: {flag} is not in its --help"
+                assert flag in text, f"{' '.join(command[: split + 1])}: {flag} is not in its --help"
 
 
 def test_provider_info_is_valid_for_this_airflow():
@@ -146,7 +168,9 @@ def test_provider_info_is_valid_for_this_airflow():
         assert entry["integration-name"] in integrations
         for module in entry["python-modules"]:
             importlib.import_module(module)
-    assert "airflow_provider_finetune.triggers.deployment" in [m for t in info["triggers"] for m in t["python-modules"]]
+    assert "airflow_provider_finetune.triggers.deployment" in [
+        m for t in info["triggers"] for m in t["python-modules"]
+    ]
     for link in info["extra-links"]:
         module, _, name = link.rpartition(".")
         assert hasattr(importlib.import_module(module), name), link

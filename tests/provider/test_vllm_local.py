@@ -19,7 +19,9 @@ from airflow_provider_finetune.runners.vllm_local import (
 
 @pytest.fixture()
 def sleeper():
-    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)  # a group leader, like start_vllm's server
+    proc = subprocess.Popen(
+        ["sleep", "600"], start_new_session=True
+    )  # a group leader, like start_vllm's server
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -41,11 +43,15 @@ def test_start_time_tells_processes_apart(sleeper):
 
 def test_record_server_writes_pid_and_start_time(tmp_path, sleeper):
     record_server(tmp_path, sleeper.pid)
-    assert (tmp_path / "server.pid").read_text() == f"{sleeper.pid}\n"  # the pid alone: kill -- -$(cat server.pid) works
+    assert (
+        tmp_path / "server.pid"
+    ).read_text() == f"{sleeper.pid}\n"  # the pid alone: kill -- -$(cat server.pid) works
     assert (tmp_path / "server.start").read_text() == f"{process_start_time(sleeper.pid)}\n"
 
 
-@pytest.mark.parametrize("recorded", ["1\n", "\n", None], ids=["wrong-start-time", "empty-start-time", "no-start-file"])
+@pytest.mark.parametrize(
+    "recorded", ["1\n", "\n", None], ids=["wrong-start-time", "empty-start-time", "no-start-file"]
+)
 def test_stop_local_refuses_a_pid_that_another_process_reused(tmp_path, sleeper, recorded, caplog):
     (tmp_path / "server.pid").write_text(f"{sleeper.pid}\n")
     if recorded is not None:
@@ -54,7 +60,9 @@ def test_stop_local_refuses_a_pid_that_another_process_reused(tmp_path, sleeper,
         assert stop_local(tmp_path) is False
     time.sleep(0.2)
     assert sleeper.poll() is None, "stop_local killed a process it did not start"
-    assert not (tmp_path / "server.pid").exists() and not (tmp_path / "server.start").exists()  # stale: removed
+    assert (
+        not (tmp_path / "server.pid").exists() and not (tmp_path / "server.start").exists()
+    )  # stale: removed
     assert f"not stopping pid {sleeper.pid}" in caplog.text and "reused" in caplog.text
 
 
@@ -66,7 +74,9 @@ def test_stop_local_stops_the_recorded_process(tmp_path, sleeper):
     assert stop_local(tmp_path) is False  # nothing recorded any more
 
 
-@pytest.mark.skipif(shutil.which("ps") is None, reason="no ps on this machine: the fallback for systems without /proc")
+@pytest.mark.skipif(
+    shutil.which("ps") is None, reason="no ps on this machine: the fallback for systems without /proc"
+)
 def test_ps_fallback_reads_a_start_time(sleeper):
     assert _ps_start_time(sleeper.pid)  # e.g. "Mon Jan 5 10:00:00 2026"
     assert _ps_start_time(2**22 + 1) is None  # above Linux's pid_max: no such process

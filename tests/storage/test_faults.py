@@ -41,12 +41,20 @@ FINAL_OUTPUTS = ("checkpoint-final", "checkpoint-final-adapter", "checkpoint-new
 
 def _job_env(s3_env) -> dict[str, str]:
     server = s3_env["server"]
-    return {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": server.key,
-            "AWS_SECRET_ACCESS_KEY": server.secret, "AWS_DEFAULT_REGION": "us-east-1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": server.key,
+        "AWS_SECRET_ACCESS_KEY": server.secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _complete_steps(ckpt: str) -> list[int]:
-    return sorted(int(m.group(1)) for n in list_complete_children(ckpt) if (m := re.match(r"^checkpoint-(\d+)$", n)))
+    return sorted(
+        int(m.group(1)) for n in list_complete_children(ckpt) if (m := re.match(r"^checkpoint-(\d+)$", n))
+    )
 
 
 def _final_structure(ckpt: str) -> dict[str, list[str]]:
@@ -105,8 +113,13 @@ class _Forker:
     """One process that imported the engine; ``start`` forks a train job from it, ``returncode`` reaps."""
 
     def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-c", _FORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _FORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
         self._buf = b""
         self.job: int | None = None
         self._line(300)
@@ -158,7 +171,14 @@ class _Forker:
 
 PLANNED, SAVE_EVERY, KILLS = 16, 2, 20
 STEP_LINE = re.compile(rf"step (\d+)/{PLANNED} \(")
-FRESH = {"finished": False, "local_finished": False, "bucket": None, "resume": None, "incomplete_local": [], "cut": None}
+FRESH = {
+    "finished": False,
+    "local_finished": False,
+    "bucket": None,
+    "resume": None,
+    "incomplete_local": [],
+    "cut": None,
+}
 DOWNLOADED = re.compile(r"resuming: downloading newest complete checkpoint (checkpoint-\d+)")
 
 
@@ -183,9 +203,15 @@ def _expect_resume(text: str, workdir: Path, expected: dict, seed: int, where: s
     if resume is None:
         assert "starting from step 0" in text and f"training: step 0 of {PLANNED}" in text, msg
     else:
-        assert f"resuming from the newest complete checkpoint {workdir / 'output' / f'checkpoint-{resume}'}\n" in text, msg
+        assert (
+            f"resuming from the newest complete checkpoint {workdir / 'output' / f'checkpoint-{resume}'}\n"
+            in text
+        ), msg
         if resume == PLANNED:  # the last step's checkpoint: finished from, not trained on
-            assert f"checkpoint-{resume} already holds step {resume} of {PLANNED} planned: finishing from it" in text, msg
+            assert (
+                f"checkpoint-{resume} already holds step {resume} of {PLANNED} planned: finishing from it"
+                in text
+            ), msg
             assert "training: step" not in text, msg
         else:
             assert f"training: step {resume} of {PLANNED}" in text, msg
@@ -203,7 +229,9 @@ def _state_after_kill(ckpt: str, workdir: Path, keep: bool) -> dict:
     output = workdir / "output"
     return {
         "finished": is_complete(join(ckpt, "checkpoint-final")),
-        "local_finished": keep and verify_directory(output / "checkpoint-final")[0] and (output / "result.json").exists(),
+        "local_finished": keep
+        and verify_directory(output / "checkpoint-final")[0]
+        and (output / "result.json").exists(),
         "bucket": bucket[-1] if bucket else None,
         "resume": newest,
         "incomplete_local": sorted(path.name for path, _ in scan.incomplete) if scan else [],
@@ -235,9 +263,24 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
     # the uninterrupted reference, through the command itself
     ref = join(base, "reference")
     ref_result = tmp_path / "reference.json"
-    proc = subprocess.run([CLI, "train-job", "--config", str(config), "--checkpoint-uri", ref, "--workdir",
-                           str(tmp_path / "wref"), "--result-file", str(ref_result)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            CLI,
+            "train-job",
+            "--config",
+            str(config),
+            "--checkpoint-uri",
+            ref,
+            "--workdir",
+            str(tmp_path / "wref"),
+            "--result-file",
+            str(ref_result),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(ref_result.read_text())["global_step"] == PLANNED
     reference = _final_structure(ref)
@@ -268,14 +311,28 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
             floor = max([resume_at] + [int(name.split("-")[1]) for name in expected["incomplete_local"]])
             target_save = min(PLANNED, floor + SAVE_EVERY * rng.randint(1, 2))
             delay = rng.uniform(0.0, 0.6)
-            forker.start(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(workdir),
-                          "--result-file", str(result_file)], job_env, log_path)
+            forker.start(
+                [
+                    "--config",
+                    str(config),
+                    "--checkpoint-uri",
+                    ckpt,
+                    "--workdir",
+                    str(workdir),
+                    "--result-file",
+                    str(result_file),
+                ],
+                job_env,
+                log_path,
+            )
             rc, killed_by_test = None, False
             deadline = time.monotonic() + 300
             save_dir = workdir / "output" / f"checkpoint-{target_save}"
             watch_save = kind == "save" and target_save > floor
             while rc is None:
-                assert time.monotonic() < deadline, f"seed {seed}: launch {launch} hangs\n{log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, (
+                    f"seed {seed}: launch {launch} hangs\n{log_path.read_text()[-3000:]}"
+                )
                 if watch_save and not killed_by_test:
                     if save_dir.is_dir() and not (save_dir / MANIFEST_NAME).exists():
                         forker.kill_job()
@@ -297,17 +354,27 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
                 result = json.loads(result_file.read_text())
                 assert result["global_step"] == PLANNED, (
                     f"seed {seed}: launch {launch} (resumed from {result.get('resumed_from')}) ended at step "
-                    f"{result['global_step']}, planned {PLANNED}\n{text[-3000:]}")
+                    f"{result['global_step']}, planned {PLANNED}\n{text[-3000:]}"
+                )
                 assert result["status"] in ("completed", "skipped"), result
                 if result["status"] == "completed" and not expected["local_finished"]:
                     resumed = None if expected["resume"] is None else f"checkpoint-{expected['resume']}"
-                    assert result["resumed_from"] == resumed, f"seed {seed}: launch {launch}: {result}, expected {expected}"
+                    assert result["resumed_from"] == resumed, (
+                        f"seed {seed}: launch {launch}: {result}, expected {expected}"
+                    )
                 stored = json.loads(_read_object(join(ckpt, "result.json")))
                 assert stored["global_step"] == PLANNED and stored["planned_steps"] == PLANNED, stored
                 assert all(is_complete(join(ckpt, name)) for name in FINAL_OUTPUTS), ckpt
-                assert _final_structure(ckpt) == reference, f"seed {seed}: {ckpt} differs from the reference run"
-                for step in _complete_steps(ckpt):  # whatever reads as complete downloads and verifies (sha256)
-                    download_dir(join(ckpt, f"checkpoint-{step}"), tmp_path / "verify" / f"run-{run}" / f"checkpoint-{step}")
+                assert _final_structure(ckpt) == reference, (
+                    f"seed {seed}: {ckpt} differs from the reference run"
+                )
+                for step in _complete_steps(
+                    ckpt
+                ):  # whatever reads as complete downloads and verifies (sha256)
+                    download_dir(
+                        join(ckpt, f"checkpoint-{step}"),
+                        tmp_path / "verify" / f"run-{run}" / f"checkpoint-{step}",
+                    )
                 finished_runs.append((ckpt, kills_in_run))
                 if len(landed) >= KILLS:
                     break
@@ -319,14 +386,21 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
             assert rc == -signal.SIGKILL, f"seed {seed}: launch {launch} exited with {rc}\n{text[-3000:]}"
             if kind == "upload":
                 k, m = job_env["FINETUNE_TEST_KILL_AT"].split(":")
-                hit = re.search(rf"FINETUNE_TEST_KILL_AT={k}:{m}: {m} objects of (checkpoint-\d+) stored; SIGKILL", text)
+                hit = re.search(
+                    rf"FINETUNE_TEST_KILL_AT={k}:{m}: {m} objects of (checkpoint-\d+) stored; SIGKILL", text
+                )
                 assert hit, f"seed {seed}: launch {launch} was killed elsewhere\n{text[-3000:]}"
                 cut = join(ckpt, hit.group(1))
                 assert list_objects(cut) and not is_complete(cut), "the kill must land mid-upload"
                 # the uploader only ever uploads checkpoints newer than the bucket's newest complete one
                 assert int(hit.group(1).split("-")[1]) > (expected["bucket"] or 0), (hit.group(1), expected)
-                for step in _complete_steps(ckpt):  # what reads as complete now downloads and verifies (sha256)
-                    download_dir(join(ckpt, f"checkpoint-{step}"), tmp_path / "verify" / f"launch-{launch}" / f"checkpoint-{step}")
+                for step in _complete_steps(
+                    ckpt
+                ):  # what reads as complete now downloads and verifies (sha256)
+                    download_dir(
+                        join(ckpt, f"checkpoint-{step}"),
+                        tmp_path / "verify" / f"launch-{launch}" / f"checkpoint-{step}",
+                    )
                 where = "upload"
             elif kind == "save":
                 complete, _ = verify_directory(save_dir)
@@ -343,16 +417,22 @@ def test_twenty_random_sigkills_all_finish_at_the_planned_step(s3_env, delivered
                 expected["cut"] = hit.group(1)
             if where == "save":
                 assert save_dir.name in expected["incomplete_local"], expected
-            print(f"launch {launch}: {ckpt.rsplit('/', 1)[-1]} killed {where} (planned {kind}); relaunch "
-                  f"{'in the same' if keep else 'in a fresh'} workdir resumes from {expected['resume']}")
+            print(
+                f"launch {launch}: {ckpt.rsplit('/', 1)[-1]} killed {where} (planned {kind}); relaunch "
+                f"{'in the same' if keep else 'in a fresh'} workdir resumes from {expected['resume']}"
+            )
     finally:
         forker.close()
 
-    print(f"seed {seed}: kills landed {dict((k, landed.count(k)) for k in ('step', 'save', 'upload'))}; "
-          f"runs finished {[(c.rsplit('/', 1)[-1], n) for c, n in finished_runs]}; {launch} launches")
+    print(
+        f"seed {seed}: kills landed {dict((k, landed.count(k)) for k in ('step', 'save', 'upload'))}; "
+        f"runs finished {[(c.rsplit('/', 1)[-1], n) for c, n in finished_runs]}; {launch} launches"
+    )
     assert len(landed) == KILLS and sum(n for _, n in finished_runs) == KILLS
     assert landed.count("upload") == kinds.count("upload")
-    assert landed.count("save") >= kinds.count("save") // 2, f"seed {seed}: too few kills landed mid-save: {landed}"
+    assert landed.count("save") >= kinds.count("save") // 2, (
+        f"seed {seed}: too few kills landed mid-save: {landed}"
+    )
 
 
 @pytest.mark.parametrize("s3_server", ["rclone"], indirect=True)
@@ -364,14 +444,32 @@ def test_resume_from_the_last_steps_checkpoint_trains_no_extra_step(s3_env, deli
 
     model_uri, data_uri = delivered
     config = train_config(tmp_path, model_uri, data_uri, max_steps=4, save_steps=2)
-    done, cut = join(s3_env["uri"], "experiments", "last", "done"), join(s3_env["uri"], "experiments", "last", "cut")
-    assert train_job(["--config", str(config), "--checkpoint-uri", done, "--workdir", str(tmp_path / "w1")]) == 0
+    done, cut = (
+        join(s3_env["uri"], "experiments", "last", "done"),
+        join(s3_env["uri"], "experiments", "last", "cut"),
+    )
+    assert (
+        train_job(["--config", str(config), "--checkpoint-uri", done, "--workdir", str(tmp_path / "w1")]) == 0
+    )
     # the bucket as a kill right after checkpoint-4's upload leaves it: no final outputs yet
     download_dir(join(done, "checkpoint-4"), tmp_path / "copy")
     upload_dir(tmp_path / "copy", join(cut, "checkpoint-4"))
     result_file = tmp_path / "result.json"
-    assert train_job(["--config", str(config), "--checkpoint-uri", cut, "--workdir", str(tmp_path / "w2"),
-                      "--result-file", str(result_file)]) == 0
+    assert (
+        train_job(
+            [
+                "--config",
+                str(config),
+                "--checkpoint-uri",
+                cut,
+                "--workdir",
+                str(tmp_path / "w2"),
+                "--result-file",
+                str(result_file),
+            ]
+        )
+        == 0
+    )
     result = json.loads(result_file.read_text())
     assert result["resumed_from"] == "checkpoint-4"
     assert result["global_step"] == 4, f"trained past the planned step: {result['global_step']}"
@@ -384,7 +482,9 @@ def test_resume_from_the_last_steps_checkpoint_trains_no_extra_step(s3_env, deli
         download_dir(join(ckpt, "checkpoint-final-adapter"), tmp_path / name)
         adapters[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
     assert adapters["done"].keys() == adapters["cut"].keys()
-    assert all(adapters["done"][k].equal(adapters["cut"][k]) for k in adapters["done"]), "final adapter differs"
+    assert all(adapters["done"][k].equal(adapters["cut"][k]) for k in adapters["done"]), (
+        "final adapter differs"
+    )
     assert result["final_train_loss"] is not None and result["final_eval_loss"] is not None
 
 
@@ -405,10 +505,25 @@ class _MlflowServer:
     def start(self) -> None:
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
         )
         log.close()
         wait_http(f"{self.uri}/health", 120, self.proc)
@@ -428,7 +543,9 @@ def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float =
         hit = re.search(pattern, path.read_text(errors="replace"))
         if hit:
             return hit
-        assert proc.poll() is None, f"the job ended ({proc.returncode}) before {pattern!r}\n{path.read_text()[-3000:]}"
+        assert proc.poll() is None, (
+            f"the job ended ({proc.returncode}) before {pattern!r}\n{path.read_text()[-3000:]}"
+        )
         time.sleep(0.1)
     raise AssertionError(f"no {pattern!r} within {timeout}s\n{path.read_text()[-3000:]}")
 
@@ -452,9 +569,27 @@ def test_mlflow_server_killed_mid_run_training_continues_and_tracking_catches_up
     try:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                [CLI, "train-job", "--config", str(config), "--checkpoint-uri", join(s3_env["uri"], "experiments", "mlflow", "run"),
-                 "--workdir", str(tmp_path / "w"), "--result-file", str(result_file), "--mlflow-server-uri", server.uri,
-                 "--experiment-name", "faults"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    CLI,
+                    "train-job",
+                    "--config",
+                    str(config),
+                    "--checkpoint-uri",
+                    join(s3_env["uri"], "experiments", "mlflow", "run"),
+                    "--workdir",
+                    str(tmp_path / "w"),
+                    "--result-file",
+                    str(result_file),
+                    "--mlflow-server-uri",
+                    server.uri,
+                    "--experiment-name",
+                    "faults",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             _wait_for(log_path, rf"step 3/{planned} \(", proc)
             server.kill()
@@ -475,14 +610,24 @@ def test_mlflow_server_killed_mid_run_training_continues_and_tracking_catches_up
         assert result["status"] == "completed" and result["global_step"] == planned, result
         run_id = result["mlflow_run_id"]
         assert run_id and result["mlflow_tracking_uri"] == server.uri
-        history = requests.get(f"{server.uri}/api/2.0/mlflow/metrics/get-history",
-                               params={"run_id": run_id, "metric_key": "loss"}, timeout=30).json()["metrics"]
+        history = requests.get(
+            f"{server.uri}/api/2.0/mlflow/metrics/get-history",
+            params={"run_id": run_id, "metric_key": "loss"},
+            timeout=30,
+        ).json()["metrics"]
         steps = {m["step"] for m in history}
         assert {1, 2} <= steps, steps  # before the kill
-        assert {s for s in steps if s > up_at} == set(range(up_at + 1, planned + 1)), (up_at, sorted(steps))  # after the restart
-        run = requests.get(f"{server.uri}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=30).json()["run"]
+        assert {s for s in steps if s > up_at} == set(range(up_at + 1, planned + 1)), (
+            up_at,
+            sorted(steps),
+        )  # after the restart
+        run = requests.get(
+            f"{server.uri}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=30
+        ).json()["run"]
         assert run["info"]["status"] == "FINISHED", run["info"]
         assert "eval_loss" in {m["key"] for m in run["data"]["metrics"]}
-        print(f"MLflow down after step {down_at}, back after step {up_at}; loss logged at steps {sorted(steps)}")
+        print(
+            f"MLflow down after step {down_at}, back after step {up_at}; loss logged at steps {sorted(steps)}"
+        )
     finally:
         server.stop()

@@ -12,8 +12,13 @@ import pytest
 
 from finetune_engine.jobs.deliver_data import DeliveryError, deliver_data, fetch_urls, resolve_url
 
-GOOD = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) + "\n"
-               for i in range(3)).encode()
+GOOD = "".join(
+    json.dumps(
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+    )
+    + "\n"
+    for i in range(3)
+).encode()
 ONLY_LOOPBACK_1 = ["127.0.0.1/32"]  # the test server's address, and nothing else of 127/8
 
 
@@ -69,7 +74,13 @@ def http_server():
 
 
 def test_fetch_succeeds_from_an_allowed_network(http_server, tmp_path):
-    fetch_urls([http_server.url("/good.jsonl")], tmp_path, allow_private=False, timeout=10, allow_networks=ONLY_LOOPBACK_1)
+    fetch_urls(
+        [http_server.url("/good.jsonl")],
+        tmp_path,
+        allow_private=False,
+        timeout=10,
+        allow_networks=ONLY_LOOPBACK_1,
+    )
     assert (tmp_path / "good.jsonl").read_bytes() == GOOD
 
 
@@ -80,7 +91,13 @@ def test_the_default_still_refuses_loopback(http_server, tmp_path):
 
 
 def test_redirect_within_the_allowed_network_is_followed_and_keeps_the_name(http_server, tmp_path):
-    fetch_urls([http_server.url("/r/data.jsonl")], tmp_path, allow_private=False, timeout=10, allow_networks=ONLY_LOOPBACK_1)
+    fetch_urls(
+        [http_server.url("/r/data.jsonl")],
+        tmp_path,
+        allow_private=False,
+        timeout=10,
+        allow_networks=ONLY_LOOPBACK_1,
+    )
     assert http_server.paths() == ["/r/data.jsonl", "/good.jsonl"]
     assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]  # the name of the URL as given
     assert (tmp_path / "data.jsonl").read_bytes() == GOOD
@@ -108,7 +125,9 @@ def test_dns_is_resolved_once_and_the_checked_address_is_connected(http_server, 
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    fetch_urls([f"http://data.rebind.test:{http_server.port}/good.jsonl"], tmp_path, False, 10, ONLY_LOOPBACK_1)
+    fetch_urls(
+        [f"http://data.rebind.test:{http_server.port}/good.jsonl"], tmp_path, False, 10, ONLY_LOOPBACK_1
+    )
     assert asked == ["data.rebind.test"]
     assert http_server.requests == [("/good.jsonl", f"data.rebind.test:{http_server.port}")]
     assert (tmp_path / "good.jsonl").read_bytes() == GOOD
@@ -118,18 +137,28 @@ def test_dns_is_resolved_once_and_the_checked_address_is_connected(http_server, 
         resolve_url("http://data.rebind.test/x.jsonl", False, ONLY_LOOPBACK_1)
 
 
-@pytest.mark.parametrize("path,match", [
-    ("/to-loopback", "127.0.0.2, a loopback"),
-    ("/to-ipv6-loopback", "::1, a loopback"),
-    ("/to-metadata", "169.254.169.254, a loopback/private/link-local/metadata"),
-    ("/to-private", "10.0.0.7, a loopback"),
-    ("/to-file", "only http"),
-])
+@pytest.mark.parametrize(
+    "path,match",
+    [
+        ("/to-loopback", "127.0.0.2, a loopback"),
+        ("/to-ipv6-loopback", "::1, a loopback"),
+        ("/to-metadata", "169.254.169.254, a loopback/private/link-local/metadata"),
+        ("/to-private", "10.0.0.7, a loopback"),
+        ("/to-file", "only http"),
+    ],
+)
 def test_redirect_from_an_allowed_url_to_a_forbidden_one_is_refused(http_server, tmp_path, path, match):
     with pytest.raises(DeliveryError, match=match):
-        fetch_urls([http_server.url(path) + "?name=x.jsonl"], tmp_path, allow_private=False, timeout=10,
-                   allow_networks=ONLY_LOOPBACK_1)
-    assert http_server.paths() == [path + "?name=x.jsonl"]  # the first hop only: the target was never contacted
+        fetch_urls(
+            [http_server.url(path) + "?name=x.jsonl"],
+            tmp_path,
+            allow_private=False,
+            timeout=10,
+            allow_networks=ONLY_LOOPBACK_1,
+        )
+    assert http_server.paths() == [
+        path + "?name=x.jsonl"
+    ]  # the first hop only: the target was never contacted
     assert not any(tmp_path.iterdir())
 
 
@@ -138,11 +167,18 @@ def test_deliver_data_from_url_validates_and_uploads(s3_env, http_server):
     from finetune_engine.storage import join, list_objects
 
     dest = join(s3_env["uri"], "datasets", "web")
-    result = deliver_data(dest, urls=[http_server.url("/good.jsonl"), http_server.url("/r/data.jsonl")], allow_private_urls=True)
+    result = deliver_data(
+        dest, urls=[http_server.url("/good.jsonl"), http_server.url("/r/data.jsonl")], allow_private_urls=True
+    )
     assert result["files"] == [join(dest, "data.jsonl"), join(dest, "good.jsonl")]
     assert result["examples"] == {"data.jsonl": 3, "good.jsonl": 3}
     assert list_objects(dest) == {"data.jsonl": len(GOOD), "good.jsonl": len(GOOD)}
-    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="datasets/web/good.jsonl")["Body"].read()
+    body = (
+        s3_env["server"]
+        .client()
+        .get_object(Bucket=s3_env["bucket"], Key="datasets/web/good.jsonl")["Body"]
+        .read()
+    )
     assert body == GOOD
 
 
@@ -153,12 +189,18 @@ def test_deliver_data_from_url_with_invalid_data_uploads_nothing(s3_env, http_se
 
     dest = join(s3_env["uri"], "datasets", "web")
     with pytest.raises(DataValidationError, match="bad.jsonl"):
-        deliver_data(dest, urls=[http_server.url("/good.jsonl"), http_server.url("/bad.jsonl")], allow_private_urls=True)
+        deliver_data(
+            dest,
+            urls=[http_server.url("/good.jsonl"), http_server.url("/bad.jsonl")],
+            allow_private_urls=True,
+        )
     assert list_objects(dest) == {}
 
 
 def test_cli_allow_network_flag(http_server, tmp_path, capsys):
     from finetune_engine.jobs.deliver_data import main
 
-    assert main(["s3://b/d", "--url", http_server.url("/to-metadata"), "--allow-network", "127.0.0.1/32"]) == 2
+    assert (
+        main(["s3://b/d", "--url", http_server.url("/to-metadata"), "--allow-network", "127.0.0.1/32"]) == 2
+    )
     assert "169.254.169.254" in capsys.readouterr().err

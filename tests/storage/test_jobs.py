@@ -42,7 +42,9 @@ def test_deliver_model_from_directory_is_idempotent(s3_env, tiny_model_dir, tmp_
     assert deliver_model(str(tiny_model_dir), dest, revision="other", overwrite=True)["status"] == "delivered"
 
 
-def _fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes], ref: str = "main", commit: str = "1" * 40) -> str:
+def _fake_hub_cache(
+    cache: Path, repo: str, files: dict[str, bytes], ref: str = "main", commit: str = "1" * 40
+) -> str:
     """The huggingface_hub cache layout (blobs, snapshots/<commit>, refs/<ref>), offline."""
     import hashlib
 
@@ -86,9 +88,16 @@ def test_deliver_model_hub_revisions_and_token_offline(s3_env, tmp_path, monkeyp
     import huggingface_hub
 
     cache = tmp_path / "hub"
-    main_commit = _fake_hub_cache(cache, "org/rev", {"config.json": b'{"v": "main"}', "model.safetensors": b"main" * 50})
-    v1_commit = _fake_hub_cache(cache, "org/rev", {"config.json": b'{"v": 1}', "model.safetensors": b"v1" * 80},
-                                ref="v1", commit="2" * 40)
+    main_commit = _fake_hub_cache(
+        cache, "org/rev", {"config.json": b'{"v": "main"}', "model.safetensors": b"main" * 50}
+    )
+    v1_commit = _fake_hub_cache(
+        cache,
+        "org/rev",
+        {"config.json": b'{"v": 1}', "model.safetensors": b"v1" * 80},
+        ref="v1",
+        commit="2" * 40,
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_TOKEN", "hf_offline_canary_token")
@@ -107,14 +116,24 @@ def test_deliver_model_hub_revisions_and_token_offline(s3_env, tmp_path, monkeyp
     assert result["commit"] == v1_commit and result["revision"] == "v1"
     manifest = read_manifest(dest)
     assert manifest["extra"] == {"source": "org/rev", "revision": "v1", "commit": v1_commit}
-    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="models/org/rev/config.json")["Body"].read()
+    body = (
+        s3_env["server"]
+        .client()
+        .get_object(Bucket=s3_env["bucket"], Key="models/org/rev/config.json")["Body"]
+        .read()
+    )
     assert body == b'{"v": 1}'
     assert deliver_model("org/rev", dest, revision="v1")["status"] == "skipped"
     with pytest.raises(DeliveryError, match="--overwrite"):
         deliver_model("org/rev", dest)  # main is another revision
     by_commit = join(s3_env["uri"], "models", "org", "rev-main")
     assert deliver_model("org/rev", by_commit, revision=main_commit)["commit"] == main_commit
-    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="models/org/rev-main/config.json")["Body"].read()
+    body = (
+        s3_env["server"]
+        .client()
+        .get_object(Bucket=s3_env["bucket"], Key="models/org/rev-main/config.json")["Body"]
+        .read()
+    )
     assert body == b'{"v": "main"}'
     with pytest.raises(Exception, match="(?i)revision|offline|not found|cannot find"):
         deliver_model("org/rev", join(s3_env["uri"], "models", "nope"), revision="v9")
@@ -133,7 +152,9 @@ def test_deliver_model_from_another_bucket_prefix(s3_env, tiny_model_dir, tmp_pa
     assert all(dest_objects[k] == src_objects[k] for k in dest_objects if k != MANIFEST_NAME)
     assert read_manifest(dest)["extra"] == {"source": src, "revision": "main"}
     download_dir(dest, tmp_path / "copy")  # verified against the new manifest
-    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (
+        tiny_model_dir / "model.safetensors"
+    ).read_bytes()
     assert deliver_model(src, dest)["status"] == "skipped"
     with pytest.raises(Exception, match="not complete"):
         deliver_model(join(s3_env["uri"], "models", "absent"), join(s3_env["uri"], "models", "x"))
@@ -186,16 +207,25 @@ with open(os.path.join(os.environ["FINETUNE_DATA_DIR"], "chat.json"), "w") as f:
 
 def test_data_script_sees_no_credentials(s3_env, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_canary_token_123")
-    script = GOOD_SCRIPT + """
+    script = (
+        GOOD_SCRIPT
+        + """
 env = dict(os.environ)
 with open(os.path.join(out, "env.jsonl"), "w") as f:
     f.write(json.dumps({"text": json.dumps(env)}) + "\\n")
 """
+    )
     dest = join(s3_env["uri"], "datasets")
     deliver_data(dest, script=script)
     import boto3  # noqa: F401 - the server client below
 
-    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="datasets/env.jsonl")["Body"].read().decode()
+    body = (
+        s3_env["server"]
+        .client()
+        .get_object(Bucket=s3_env["bucket"], Key="datasets/env.jsonl")["Body"]
+        .read()
+        .decode()
+    )
     seen = json.loads(json.loads(body)["text"])
     for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "AWS_ENDPOINT_URL"):
         assert secret not in seen
@@ -221,8 +251,17 @@ def test_failing_or_invalid_data_uploads_nothing(s3_env, script, match):
     assert list_objects(dest) == {}
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.jsonl", "http://169.254.169.254/latest/meta-data", "http://10.1.2.3/d.jsonl",
-                                 "http://localhost/d.jsonl", "file:///etc/passwd", "ftp://example.com/x.jsonl"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x.jsonl",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.1.2.3/d.jsonl",
+        "http://localhost/d.jsonl",
+        "file:///etc/passwd",
+        "ftp://example.com/x.jsonl",
+    ],
+)
 def test_urls_to_private_addresses_refused(s3_env, url):
     from finetune_engine.jobs.deliver_data import DeliveryError as DataDeliveryError
 
@@ -246,8 +285,14 @@ def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path):
         assert is_complete(join(ckpt, name)), name
     assert result["final_checkpoint_uri"] == join(ckpt, "checkpoint-final")
     assert "logs/train.log" in list_objects(ckpt) and "result.json" in list_objects(ckpt)
-    assert sorted(list_complete_children(ckpt)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-final",
-                                                    "checkpoint-final-adapter", "checkpoint-new-basemodel"]
+    assert sorted(list_complete_children(ckpt)) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+        "checkpoint-final",
+        "checkpoint-final-adapter",
+        "checkpoint-new-basemodel",
+    ]
     # A second launch (fresh pod, empty workdir) does not retrain.
     assert train_job([*argv, "--workdir", str(tmp_path / "w2")]) == 0
     again = json.loads(result_file.read_text())
@@ -269,7 +314,9 @@ def test_checkpoint_uploads_run_in_the_background(s3_env, delivered, tmp_path, m
     config = train_config(tmp_path, model_uri, data_uri, max_steps=6, save_steps=2)
     monkeypatch.setenv("FINETUNE_TEST_UPLOAD_DELAY", "3")  # per object; objects upload in parallel
     ckpt = join(s3_env["uri"], "experiments", "bg", "run")
-    assert train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
+    assert (
+        train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
+    )
     lines = (tmp_path / "w" / "logs" / "train.log").read_text().splitlines()
 
     def at(pattern: str) -> tuple[int, datetime]:
@@ -283,7 +330,11 @@ def test_checkpoint_uploads_run_in_the_background(s3_env, delivered, tmp_path, m
         begin, t_begin = at(rf"uploading checkpoint-{n} in the background")
         end, t_end = at(rf"uploaded s3://\S+/checkpoint-{n}$")
         assert (t_end - t_begin).total_seconds() >= 2.0  # the upload really was slow
-        overlapped += [line for line in lines[begin + 1:end] if re.search(r"finetune_engine.callbacks: step \d+/6 ", line)]
+        overlapped += [
+            line
+            for line in lines[begin + 1 : end]
+            if re.search(r"finetune_engine.callbacks: step \d+/6 ", line)
+        ]
     assert overlapped, "no training step was logged while a checkpoint uploaded:\n" + "\n".join(lines)
     assert sorted(_complete_steps(ckpt)) == [2, 4, 6]
 
@@ -291,8 +342,18 @@ def test_checkpoint_uploads_run_in_the_background(s3_env, delivered, tmp_path, m
 def test_train_job_bad_config_key_fails_before_download(s3_env, delivered, tmp_path, capsys):
     model_uri, data_uri = delivered
     config = train_config(tmp_path, model_uri, data_uri)
-    rc = train_job(["--config", str(config), "--set", "training_args.learnin_rate=1", "--checkpoint-uri",
-                    join(s3_env["uri"], "experiments", "bad"), "--workdir", str(tmp_path / "w")])
+    rc = train_job(
+        [
+            "--config",
+            str(config),
+            "--set",
+            "training_args.learnin_rate=1",
+            "--checkpoint-uri",
+            join(s3_env["uri"], "experiments", "bad"),
+            "--workdir",
+            str(tmp_path / "w"),
+        ]
+    )
     assert rc == 2 and "training_args.learnin_rate" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
     assert list_objects(join(s3_env["uri"], "experiments")) == {}
@@ -311,16 +372,27 @@ def test_train_job_fetches_text_corpus_prefixes_and_prompt_files(s3_env, deliver
     put_bytes(join(corpus, "part2", "b.txt"), b"The rain fell in torrents.\n")
     prompts = join(s3_env["uri"], "prompts", "probe.txt")
     put_bytes(prompts, b"Once upon a time\n")
-    cfg = parse_config({
-        "data_conf": {"training_data": {"type": "TEXT_FILES", "datasets": [{"path": corpus + "/"}], "context_length": 32}},
-        "training_args": {"output_dir": str(tmp_path / "out"), "max_steps": 1},
-        "batchsize_conf": {"total_train_batch_size": 2},
-        "run_conf": {"model": model_uri},
-        "tracking": {"sample_generations": {"every_n_steps": 1, "prompts_file": prompts}},
-    }, source="test")
+    cfg = parse_config(
+        {
+            "data_conf": {
+                "training_data": {
+                    "type": "TEXT_FILES",
+                    "datasets": [{"path": corpus + "/"}],
+                    "context_length": 32,
+                }
+            },
+            "training_args": {"output_dir": str(tmp_path / "out"), "max_steps": 1},
+            "batchsize_conf": {"total_train_batch_size": 2},
+            "run_conf": {"model": model_uri},
+            "tracking": {"sample_generations": {"every_n_steps": 1, "prompts_file": prompts}},
+        },
+        source="test",
+    )
     local = _fetch_inputs(cfg, tmp_path / "w")
     corpus_dir = Path(local.data_conf.training_data.datasets[0].path)
-    assert (corpus_dir / "a.txt").read_text().startswith("It was") and (corpus_dir / "part2" / "b.txt").exists()
+    assert (corpus_dir / "a.txt").read_text().startswith("It was") and (
+        corpus_dir / "part2" / "b.txt"
+    ).exists()
     assert Path(local.tracking.sample_generations.prompts_file).read_text() == "Once upon a time\n"
     assert Path(local.run_conf.model).is_dir()
     missing = cfg.model_copy(deep=True)
@@ -338,34 +410,55 @@ def test_fetched_inputs_keep_their_names_with_or_without_a_trailing_slash(s3_env
     from finetune_engine.recipes.common import sample_prompts
     from finetune_engine.storage import put_bytes
 
-    assert {local_name(u, "0") for u in ("s3://b/d/novels", "s3://b/d/novels/", "s3://b/d/novels//")} == {"0-novels"}
+    assert {local_name(u, "0") for u in ("s3://b/d/novels", "s3://b/d/novels/", "s3://b/d/novels//")} == {
+        "0-novels"
+    }
     corpus = join(s3_env["uri"], "corpora", "novels")
     put_bytes(join(corpus, "a.txt"), b"It was a dark and stormy night.\n")
     prompts = join(s3_env["uri"], "prompts", "probe.jsonl")
-    put_bytes(prompts, b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n')
+    put_bytes(
+        prompts,
+        b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n',
+    )
 
     def config(prompts_uri: str):
-        return parse_config({
-            "data_conf": {"training_data": {"type": "TEXT_FILES", "datasets": [{"path": corpus + "/"}], "context_length": 32}},
-            "training_args": {"output_dir": str(tmp_path / "out"), "max_steps": 1},
-            "batchsize_conf": {"total_train_batch_size": 2},
-            "run_conf": {"model": str(tmp_path / "model")},
-            "tracking": {"sample_generations": {"every_n_steps": 1, "prompts_file": prompts_uri}},
-        }, source="test")
+        return parse_config(
+            {
+                "data_conf": {
+                    "training_data": {
+                        "type": "TEXT_FILES",
+                        "datasets": [{"path": corpus + "/"}],
+                        "context_length": 32,
+                    }
+                },
+                "training_args": {"output_dir": str(tmp_path / "out"), "max_steps": 1},
+                "batchsize_conf": {"total_train_batch_size": 2},
+                "run_conf": {"model": str(tmp_path / "model")},
+                "tracking": {"sample_generations": {"every_n_steps": 1, "prompts_file": prompts_uri}},
+            },
+            source="test",
+        )
 
     local = _fetch_inputs(config(prompts + "/"), tmp_path / "w")
     corpus_dir = Path(local.data_conf.training_data.datasets[0].path)
     assert corpus_dir.name == "0-novels" and (corpus_dir / "a.txt").is_file()
     prompts_file = Path(local.tracking.sample_generations.prompts_file)
     assert prompts_file.name == "prompts-probe.jsonl"
-    assert sample_prompts(local.tracking.sample_generations, chat=True) == [{"messages": [{"role": "user", "content": "Hi"}]}]
-    with pytest.raises(ValueError, match=r"tracking.sample_generations.prompts_file s3://\S+/prompts: a prefix, not one object"):
+    assert sample_prompts(local.tracking.sample_generations, chat=True) == [
+        {"messages": [{"role": "user", "content": "Hi"}]}
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"tracking.sample_generations.prompts_file s3://\S+/prompts: a prefix, not one object",
+    ):
         _fetch_inputs(config(join(s3_env["uri"], "prompts") + "/"), tmp_path / "w2")
     assert not (tmp_path / "w2" / "data" / "prompts-prompts").exists()
 
 
 def _complete_steps(ckpt: str) -> list[int]:
-    return sorted(int(m.group(1)) for n in list_complete_children(ckpt) if (m := re.match(r"^checkpoint-(\d+)$", n)))
+    return sorted(
+        int(m.group(1)) for n in list_complete_children(ckpt) if (m := re.match(r"^checkpoint-(\d+)$", n))
+    )
 
 
 def test_merge_job_matches_the_training_merge(s3_env, delivered, tmp_path):
@@ -377,10 +470,18 @@ def test_merge_job_matches_the_training_merge(s3_env, delivered, tmp_path):
     model_uri, data_uri = delivered
     config = train_config(tmp_path, model_uri, data_uri, max_steps=2)
     ckpt = join(s3_env["uri"], "experiments", "merge", "run")
-    assert train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
+    assert (
+        train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
+    )
     out = join(s3_env["uri"], "merged", "m")
-    assert run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw")["status"] == "merged"
-    assert run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw2")["status"] == "skipped"
+    assert (
+        run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw")["status"]
+        == "merged"
+    )
+    assert (
+        run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw2")["status"]
+        == "skipped"
+    )
     download_dir(out, tmp_path / "a")
     download_dir(join(ckpt, "checkpoint-final"), tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")

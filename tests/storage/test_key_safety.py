@@ -24,13 +24,28 @@ pytestmark = pytest.mark.s3
 
 # Traversal corpus: '..' components, absolute, drive letter, UNC, backslash and dot forms.
 CORPUS = [
-    "../x", "a/../../x", "/abs", "C:\\x", "C:/x", "\\\\server\\share\\x", "a\\..\\..\\x", "./../x", "..\\x",
-    "a//b", "a/./b", "sub/../../../etc/passwd", "..", "x/..", "//double-leading",
+    "../x",
+    "a/../../x",
+    "/abs",
+    "C:\\x",
+    "C:/x",
+    "\\\\server\\share\\x",
+    "a\\..\\..\\x",
+    "./../x",
+    "..\\x",
+    "a//b",
+    "a/./b",
+    "sub/../../../etc/passwd",
+    "..",
+    "x/..",
+    "//double-leading",
 ]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else b"<dir>") for p in root.rglob("*")}
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else b"<dir>") for p in root.rglob("*")
+    }
 
 
 def _is_unsafe(rel: str) -> bool:
@@ -71,11 +86,19 @@ def test_planted_object_keys_are_refused_and_nothing_escapes(s3_env, tmp_path):
             with pytest.raises(UnsafeKeyError, match="refusing"):
                 download_dir(uri, target, require_complete=False)
             # The same keys behind a well-formed manifest are refused too.
-            files = [{"path": rel, "size": 5 if rel != "ok.txt" else 2,
-                      "sha256": hashlib.sha256(b"pwned" if rel != "ok.txt" else b"ok").hexdigest()}
-                     for rel in accepted[key]]
-            client.put_object(Bucket=bucket, Key=f"p{i}/{MANIFEST_NAME}",
-                              Body=json.dumps({"format": 1, "files": files}).encode())
+            files = [
+                {
+                    "path": rel,
+                    "size": 5 if rel != "ok.txt" else 2,
+                    "sha256": hashlib.sha256(b"pwned" if rel != "ok.txt" else b"ok").hexdigest(),
+                }
+                for rel in accepted[key]
+            ]
+            client.put_object(
+                Bucket=bucket,
+                Key=f"p{i}/{MANIFEST_NAME}",
+                Body=json.dumps({"format": 1, "files": files}).encode(),
+            )
             with pytest.raises(UnsafeKeyError):
                 download_dir(uri, target)
             assert snapshot(work) == before, key  # not even the target directory was created
@@ -83,13 +106,18 @@ def test_planted_object_keys_are_refused_and_nothing_escapes(s3_env, tmp_path):
             download_dir(uri, target, require_complete=False)
             after = snapshot(work)
             assert {k for k in after if k not in before} <= {f"t{i}", f"t{i}/inner"} | {
-                f"t{i}/inner/{'/'.join(rel.split('/')[:n])}" for rel in accepted[key] for n in range(1, rel.count("/") + 2)}
+                f"t{i}/inner/{'/'.join(rel.split('/')[:n])}"
+                for rel in accepted[key]
+                for n in range(1, rel.count("/") + 2)
+            }
     assert (work / "sentinel").read_text() == "untouched"
     assert not list(tmp_path.glob("x")) and not (tmp_path / "abs").exists()
     # The test is only meaningful if some hostile keys really reached the bucket verbatim.
     assert verbatim_unsafe >= 1, (s3_env["kind"], accepted, refused_by_server)
-    print(f"{s3_env['kind']}: server refused {len(refused_by_server)}, stored {len(accepted)} "
-          f"({verbatim_unsafe} verbatim unsafe, refused by download_dir)")
+    print(
+        f"{s3_env['kind']}: server refused {len(refused_by_server)}, stored {len(accepted)} "
+        f"({verbatim_unsafe} verbatim unsafe, refused by download_dir)"
+    )
 
 
 def test_manifest_listing_traversal_paths_writes_nothing(s3_env, tmp_path):
@@ -98,10 +126,16 @@ def test_manifest_listing_traversal_paths_writes_nothing(s3_env, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     for i, key in enumerate(CORPUS):
-        files = [{"path": "ok.txt", "size": 2, "sha256": hashlib.sha256(b"ok").hexdigest()},
-                 {"path": key, "size": 2, "sha256": hashlib.sha256(b"ok").hexdigest()}]
+        files = [
+            {"path": "ok.txt", "size": 2, "sha256": hashlib.sha256(b"ok").hexdigest()},
+            {"path": key, "size": 2, "sha256": hashlib.sha256(b"ok").hexdigest()},
+        ]
         client.put_object(Bucket=bucket, Key=f"evil{i}/ok.txt", Body=b"ok")
-        client.put_object(Bucket=bucket, Key=f"evil{i}/{MANIFEST_NAME}", Body=json.dumps({"format": 1, "files": files}).encode())
+        client.put_object(
+            Bucket=bucket,
+            Key=f"evil{i}/{MANIFEST_NAME}",
+            Body=json.dumps({"format": 1, "files": files}).encode(),
+        )
         with pytest.raises((UnsafeKeyError, ValueError)):
             download_dir(f"s3://{bucket}/evil{i}", work / f"t{i}")
     assert list(work.iterdir()) == []
@@ -114,7 +148,10 @@ def test_percent_encoded_dots_are_literal_names(s3_env, tmp_path):
     target = tmp_path / "t"
     download_dir(f"s3://{bucket}/enc", target, require_complete=False)
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
-        "%2e%2e%2fy", "%2e%2e/x", "..%2fz"]
+        "%2e%2e%2fy",
+        "%2e%2e/x",
+        "..%2fz",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 
@@ -139,7 +176,11 @@ def test_upload_refuses_symlinks_leaving_the_source(s3_env, tmp_path):
     secret.write_text("not yours")
     (tmp_path / "outdir").mkdir()
     uri = join(s3_env["uri"], "m")
-    for name, target in (("link.txt", secret), ("linkdir", tmp_path / "outdir"), ("dangling", tmp_path / "nope")):
+    for name, target in (
+        ("link.txt", secret),
+        ("linkdir", tmp_path / "outdir"),
+        ("dangling", tmp_path / "nope"),
+    ):
         src = tmp_path / f"src-{name}"
         src.mkdir()
         (src / "a.txt").write_text("a")

@@ -19,8 +19,12 @@ pytestmark = pytest.mark.s3
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune_engine.storage.local_server", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_engine.storage.local_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def alive(pid: int) -> bool:
@@ -46,7 +50,12 @@ def test_start_idempotent_env_file_private_and_stop(server_dir, tmp_path, monkey
     assert env["AWS_SECRET_ACCESS_KEY"] not in started.stdout + started.stderr
     lines = (d / "s3.env").read_text().splitlines()
     assert [line.split("=", 1)[0] for line in lines] == [
-        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FINETUNE_BUCKET"]
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "FINETUNE_BUCKET",
+    ]
     assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:") and env["FINETUNE_BUCKET"] == "finetune"
     assert env["AWS_DEFAULT_REGION"] == "us-east-1" and len(env["AWS_SECRET_ACCESS_KEY"]) >= 32
     assert stat.S_IMODE(os.stat(d / "s3.env").st_mode) == 0o600
@@ -57,7 +66,10 @@ def test_start_idempotent_env_file_private_and_stop(server_dir, tmp_path, monkey
     assert ensure_running(d) == env and server_pid(d) == pid
     masked = cli("env", "--dir", str(d))
     assert env["AWS_SECRET_ACCESS_KEY"] not in masked.stdout and "AWS_SECRET_ACCESS_KEY=***" in masked.stdout
-    assert f"AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}" in cli("env", "--dir", str(d), "--reveal").stdout
+    assert (
+        f"AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}"
+        in cli("env", "--dir", str(d), "--reveal").stdout
+    )
     # The default bucket exists and objects are plain files on disk.
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -87,7 +99,9 @@ def test_given_port_stale_pid_and_concurrent_starts(server_dir, tmp_path):
     d.mkdir()
     (d / "server.pid").write_text(str(os.getpid()))  # a live process that is not our server
     results = []
-    threads = [threading.Thread(target=lambda: results.append(ensure_running(d, port=port))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(ensure_running(d, port=port))) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -28,8 +28,16 @@ pytestmark = pytest.mark.s3
 
 def _dpo_config(tmp_path, model_uri: str, data_uri: str):
     """The storage tests' train config, turned into a DPO one: no sft_args, no new tokens."""
-    path = train_config(tmp_path, model_uri, data_uri, max_steps=4, save_steps=2, beta=0.1, loss_type="ipo",
-                         max_prompt_length=64)
+    path = train_config(
+        tmp_path,
+        model_uri,
+        data_uri,
+        max_steps=4,
+        save_steps=2,
+        beta=0.1,
+        loss_type="ipo",
+        max_prompt_length=64,
+    )
     cfg = yaml.safe_load(path.read_text())
     cfg.pop("sft_args")
     cfg["data_conf"]["chat_template_name"] = "keep-original"
@@ -45,7 +53,16 @@ def test_dpo_train_job_end_to_end_then_skips(s3_env, tiny_model_dir, tmp_path):
     config = _dpo_config(tmp_path, model_uri, data_uri)
     ckpt = join(s3_env["uri"], "experiments", "dpo", "run-1")
     result_file = tmp_path / "result.json"
-    argv = ["--config", str(config), "--method", "dpo", "--checkpoint-uri", ckpt, "--result-file", str(result_file)]
+    argv = [
+        "--config",
+        str(config),
+        "--method",
+        "dpo",
+        "--checkpoint-uri",
+        ckpt,
+        "--result-file",
+        str(result_file),
+    ]
 
     assert train_job([*argv, "--workdir", str(tmp_path / "w1")]) == 0
     result = json.loads(result_file.read_text())
@@ -56,13 +73,22 @@ def test_dpo_train_job_end_to_end_then_skips(s3_env, tiny_model_dir, tmp_path):
     assert result["final_adapter_uri"] == join(ckpt, "checkpoint-final-adapter")
     assert result["checkpoint_upload_failures"] == 0
     # Checkpoints uploaded as saved, and the final outputs each completed by its marker.
-    assert sorted(list_complete_children(ckpt)) == ["checkpoint-2", "checkpoint-4", "checkpoint-final", "checkpoint-final-adapter"]
+    assert sorted(list_complete_children(ckpt)) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-final",
+        "checkpoint-final-adapter",
+    ]
     assert is_complete(join(ckpt, "checkpoint-final")) and is_complete(join(ckpt, "checkpoint-final-adapter"))
     objects = list_objects(ckpt)
     assert "logs/train.log" in objects and "result.json" in objects
     download_file(join(ckpt, "result.json"), tmp_path / "stored.json")
     stored = json.loads((tmp_path / "stored.json").read_text())
-    assert stored["method"] == "dpo" and stored["global_step"] == 4 and stored["final_checkpoint_uri"] == result["final_checkpoint_uri"]
+    assert (
+        stored["method"] == "dpo"
+        and stored["global_step"] == 4
+        and stored["final_checkpoint_uri"] == result["final_checkpoint_uri"]
+    )
     download_file(join(ckpt, "checkpoint-final-adapter", "finetune_meta.json"), tmp_path / "meta.json")
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["method"] == "dpo" and meta["added_tokens"] == []
@@ -85,11 +111,19 @@ def test_train_job_and_operator_accept_the_same_methods(tmp_path, capsys):
         train_job(["--method", "ppo", "--checkpoint-uri", "s3://bucket/x", "--workdir", str(tmp_path / "w")])
     assert "invalid choice: 'ppo'" in capsys.readouterr().err and not (tmp_path / "w").exists()
     config = {
-        "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "s3://finetune/datasets/p.jsonl"}]}},
+        "data_conf": {
+            "training_data": {
+                "type": "CONCATENATION",
+                "datasets": [{"path": "s3://finetune/datasets/p.jsonl"}],
+            }
+        },
         "batchsize_conf": {"total_train_batch_size": 8},
         "run_conf": {"model": "s3://finetune/models/org/tiny"},
     }
-    ctx = {"ti": type("TI", (), {"dag_id": "d", "task_id": "t", "map_index": -1, "try_number": 1})(), "run_id": "r"}
+    ctx = {
+        "ti": type("TI", (), {"dag_id": "d", "task_id": "t", "map_index": -1, "try_number": 1})(),
+        "run_id": "r",
+    }
     for method in METHODS:
         FinetuneKubernetesOperator(task_id="t", config=config, method=method).validate(ctx)
     with pytest.raises(FinetuneConfigError, match="method 'ppo': use one of sft, dpo, kto, orpo, cpo"):

@@ -46,8 +46,11 @@ def make_tree(root: Path, big_mib: int = 0) -> Path:
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and p.name != MANIFEST_NAME}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
 
 
 def test_round_trip_nested_dir_with_multipart_file(s3_env, tmp_path, monkeypatch):
@@ -91,8 +94,11 @@ def test_single_put_is_signed_with_the_manifest_sha256(s3_env, tmp_path):
 
     def capture(request, **_):
         if request.method == "PUT" and "/signed/" in request.url:
-            sent[request.url.split("/signed/", 1)[1]] = request.headers["X-Amz-Content-SHA256"].decode() \
-                if isinstance(request.headers["X-Amz-Content-SHA256"], bytes) else request.headers["X-Amz-Content-SHA256"]
+            sent[request.url.split("/signed/", 1)[1]] = (
+                request.headers["X-Amz-Content-SHA256"].decode()
+                if isinstance(request.headers["X-Amz-Content-SHA256"], bytes)
+                else request.headers["X-Amz-Content-SHA256"]
+            )
 
     events.register("before-send.s3.PutObject", capture)
     try:
@@ -136,8 +142,12 @@ def test_files_without_manifest_are_refused(s3_env, tmp_path):
 def test_malformed_manifest_is_no_manifest(s3_env, tmp_path):
     client, bucket = s3_env["server"].client(), s3_env["bucket"]
     client.put_object(Bucket=bucket, Key="m/a.txt", Body=b"a")
-    for body in (b"{not json", b'{"format": 1}', b'{"format": 1, "files": [{"path": "a.txt", "size": "1"}]}',
-                 json.dumps({"format": 99, "files": []}).encode()):
+    for body in (
+        b"{not json",
+        b'{"format": 1}',
+        b'{"format": 1, "files": [{"path": "a.txt", "size": "1"}]}',
+        json.dumps({"format": 99, "files": []}).encode(),
+    ):
         client.put_object(Bucket=bucket, Key=f"m/{MANIFEST_NAME}", Body=body)
         assert not is_complete(f"s3://{bucket}/m")
         with pytest.raises(IncompleteError):
@@ -301,5 +311,7 @@ def test_progress_shows_throughput(s3_env, tmp_path, monkeypatch, capsys, caplog
     else:
         lines = [r.getMessage() for r in caplog.records if " MiB/s, eta " in r.getMessage()]
         assert any(line.startswith("upload s3://") for line in lines), caplog.text[-800:]
-        assert any(line.startswith("download s3://") and "(100%)" in line for line in lines), caplog.text[-800:]
+        assert any(line.startswith("download s3://") and "(100%)" in line for line in lines), caplog.text[
+            -800:
+        ]
         assert all(re.search(r"at \d+\.\d MiB/s", line) for line in lines)

@@ -15,9 +15,26 @@ from finetune_engine.storage import (
 
 # Keys that must never be written: '..' components, absolute, drive letter, UNC, backslash forms.
 UNSAFE_KEYS = [
-    "../x", "a/../../x", "/abs/path", "C:\\windows\\x", "C:/x", "c:x", "\\\\server\\share\\x", "//server/share/x",
-    "a\\..\\..\\x", "..\\x", "./../x", "a/./b", "..", ".", "a//b", "x/..", "sub/../../../etc/passwd", "\x00evil",
-    "a/b\x00", "",
+    "../x",
+    "a/../../x",
+    "/abs/path",
+    "C:\\windows\\x",
+    "C:/x",
+    "c:x",
+    "\\\\server\\share\\x",
+    "//server/share/x",
+    "a\\..\\..\\x",
+    "..\\x",
+    "./../x",
+    "a/./b",
+    "..",
+    ".",
+    "a//b",
+    "x/..",
+    "sub/../../../etc/passwd",
+    "\x00evil",
+    "a/b\x00",
+    "",
 ]
 
 
@@ -29,14 +46,28 @@ def test_parse_uri_forms():
     assert parse_uri("bucket") == ("bucket", "")
 
 
-@pytest.mark.parametrize("uri", ["http://bkt/x", "https://bkt/x", "gs://bkt/x", "file:///x", "hdfs://bkt/x", "c:/bkt/x"])
+@pytest.mark.parametrize(
+    "uri", ["http://bkt/x", "https://bkt/x", "gs://bkt/x", "file:///x", "hdfs://bkt/x", "c:/bkt/x"]
+)
 def test_other_schemes_are_refused_with_a_clear_message(uri):
     with pytest.raises(StorageURIError, match="s3://"):
         parse_uri(uri)
 
 
-@pytest.mark.parametrize("uri", ["s3://B_ad/x", "s3://b/x", "s3://-bkt/x", "s3://bkt-/x", "s3://a..b/x",
-                                 "s3://192.168.1.1/x", "s3:///x", "s3://" + "b" * 64, ""])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://B_ad/x",
+        "s3://b/x",
+        "s3://-bkt/x",
+        "s3://bkt-/x",
+        "s3://a..b/x",
+        "s3://192.168.1.1/x",
+        "s3:///x",
+        "s3://" + "b" * 64,
+        "",
+    ],
+)
 def test_invalid_bucket_names(uri):
     with pytest.raises(StorageURIError):
         parse_uri(uri)

@@ -24,10 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="Path to the experiment's YAML config file.")
     parser.add_argument("--logging-level", default="INFO", help="Python logging level (default INFO).")
-    parser.add_argument("--num-preprocess-workers", type=int, default=4, help="Number of processes to use for preprocessing")
+    parser.add_argument(
+        "--num-preprocess-workers", type=int, default=4, help="Number of processes to use for preprocessing"
+    )
     parser.add_argument("--mlflow-server-uri", default=None, help="MLflow server URI. Can be local path.")
-    parser.add_argument("--experiment-name", default=None, help="Experiment name that is used for MLflow tracking")
-    parser.add_argument("--hf-mlflow-log-artifacts", default=None, help="Whether to store model artifacts in MLFlow")
+    parser.add_argument(
+        "--experiment-name", default=None, help="Experiment name that is used for MLflow tracking"
+    )
+    parser.add_argument(
+        "--hf-mlflow-log-artifacts", default=None, help="Whether to store model artifacts in MLFlow"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -47,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(level: str) -> None:
     numeric = getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger().setLevel(numeric)
 
 
@@ -75,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from finetune_engine.tracking import resolve_tracking
 
-        tracking = resolve_tracking(cfg.tracking, args.mlflow_server_uri, args.experiment_name, args.hf_mlflow_log_artifacts)
+        tracking = resolve_tracking(
+            cfg.tracking, args.mlflow_server_uri, args.experiment_name, args.hf_mlflow_log_artifacts
+        )
         if args.method == "sft":
             from finetune_engine.recipes.sft import run_sft
 
@@ -90,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         log.error("%s", err)
         return 2
-    log.info("done: %s", {k: result.get(k) for k in ("status", "global_step", "final_eval_loss", "final_adapter", "final_checkpoint")})
+    log.info(
+        "done: %s",
+        {
+            k: result.get(k)
+            for k in ("status", "global_step", "final_eval_loss", "final_adapter", "final_checkpoint")
+        },
+    )
     return 0
 
 

@@ -11,21 +11,60 @@ import sys
 
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "validate-config": ("finetune_engine.cli.validate_config", "Check an experiment config (and --set overrides)."),
-    "validate-data": ("finetune_engine.data.validate", "Check JSONL data files; every problem with file:line."),
-    "presets": ("finetune_engine.config.presets", "List model presets (target modules, chat template, GPUs) or match a model."),
-    "train-job": ("finetune_engine.jobs.train", "Pod job: fetch inputs from the bucket, train/resume, upload checkpoints."),
-    "deliver-model": ("finetune_engine.jobs.deliver_model", "Pod job: Hub model / directory / prefix -> bucket."),
-    "deliver-data": ("finetune_engine.jobs.deliver_data", "Pod job: data script or URLs -> validated JSONL in the bucket."),
-    "local-s3": ("finetune_engine.storage.local_server", "Start/stop the embedded local S3 server (rclone serve s3)."),
-    "merge-job": ("finetune_engine.jobs.merge", "Pod job: merge an adapter from the bucket into its base, upload it."),
-    "eval-job": ("finetune_engine.jobs.evaluate", "Pod job: score models on the same held-out data (assistant-token loss)."),
+    "validate-config": (
+        "finetune_engine.cli.validate_config",
+        "Check an experiment config (and --set overrides).",
+    ),
+    "validate-data": (
+        "finetune_engine.data.validate",
+        "Check JSONL data files; every problem with file:line.",
+    ),
+    "presets": (
+        "finetune_engine.config.presets",
+        "List model presets (target modules, chat template, GPUs) or match a model.",
+    ),
+    "train-job": (
+        "finetune_engine.jobs.train",
+        "Pod job: fetch inputs from the bucket, train/resume, upload checkpoints.",
+    ),
+    "deliver-model": (
+        "finetune_engine.jobs.deliver_model",
+        "Pod job: Hub model / directory / prefix -> bucket.",
+    ),
+    "deliver-data": (
+        "finetune_engine.jobs.deliver_data",
+        "Pod job: data script or URLs -> validated JSONL in the bucket.",
+    ),
+    "local-s3": (
+        "finetune_engine.storage.local_server",
+        "Start/stop the embedded local S3 server (rclone serve s3).",
+    ),
+    "merge-job": (
+        "finetune_engine.jobs.merge",
+        "Pod job: merge an adapter from the bucket into its base, upload it.",
+    ),
+    "eval-job": (
+        "finetune_engine.jobs.evaluate",
+        "Pod job: score models on the same held-out data (assistant-token loss).",
+    ),
     "pull": ("finetune_engine.jobs.pull", "Download a complete bucket prefix (waits for its marker)."),
-    "finetuning": ("finetune_engine.cli.finetuning", "Run SFT/DPO from a config (same as the `finetuning` command)."),
+    "finetuning": (
+        "finetune_engine.cli.finetuning",
+        "Run SFT/DPO from a config (same as the `finetuning` command).",
+    ),
     "merge-adapter": ("finetune_engine.merge", "Merge an adapter into its base (the seed's merge_adapter)."),
-    "vllm-adapter": ("finetune_engine.adapters", "Make an adapter vLLM-ready and preflight it (create_vllm_compatible_adapter)."),
-    "generate": ("finetune_engine.generate", "HF generation over prompts or an eval file, YAML output (also the Silogen engine's config)."),
-    "replace-tokens": ("finetune_engine.replace_tokens", "Rename tokens in a copy of a tokenizer (the Silogen engine's replace_tokens)."),
+    "vllm-adapter": (
+        "finetune_engine.adapters",
+        "Make an adapter vLLM-ready and preflight it (create_vllm_compatible_adapter).",
+    ),
+    "generate": (
+        "finetune_engine.generate",
+        "HF generation over prompts or an eval file, YAML output (also the Silogen engine's config).",
+    ),
+    "replace-tokens": (
+        "finetune_engine.replace_tokens",
+        "Rename tokens in a copy of a tokenizer (the Silogen engine's replace_tokens).",
+    ),
     "tiny": ("finetune_engine.tiny", "Build the tiny local model or a synthetic chat dataset."),
     "chat": ("finetune_engine.cli.chat", "Ask a saved model one question with its chat template."),
 }

@@ -1,9 +1,9 @@
 """Regenerate the files derived from code: the trainer argument catalog and the config reference.
 
-    python -m finetune_engine.config.generate          # write them
-    python -m finetune_engine.config.generate --check  # exit 1 when they are stale
-    python -m finetune_engine.config.generate --check --reference-only
-        # only the reference doc: needs the schema (pydantic), not transformers - what `make lint` runs
+python -m finetune_engine.config.generate          # write them
+python -m finetune_engine.config.generate --check  # exit 1 when they are stale
+python -m finetune_engine.config.generate --check --reference-only
+    # only the reference doc: needs the schema (pydantic), not transformers - what `make lint` runs
 """
 
 from __future__ import annotations
@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="Only check; exit 1 when stale.")
-    parser.add_argument("--reference-only", action="store_true",
-                        help="Only the config reference (from the schema and the stored catalog); no transformers.")
+    parser.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="Only the config reference (from the schema and the stored catalog); no transformers.",
+    )
     args = parser.parse_args(argv)
     outputs = {REFERENCE: render_reference()}
     if not args.reference_only:

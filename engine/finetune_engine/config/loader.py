@@ -20,8 +20,16 @@ from finetune_engine.config.training_args import METHODS, TrainingArgsError
 from finetune_engine.config.yamlio import safe_load
 
 _DISCRIMINATOR_TAGS = {
-    "CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX", "TEXT_FILES", "AUTO_SPLIT", "NONE", "NO_PEFT",
-    "PRETRAINED_PEFT", "no-quantization", "bits-and-bytes", *schema.PEFT_TYPES,
+    "CONCATENATION",
+    "PRECOMPUTE_WEIGHTED_MIX",
+    "TEXT_FILES",
+    "AUTO_SPLIT",
+    "NONE",
+    "NO_PEFT",
+    "PRETRAINED_PEFT",
+    "no-quantization",
+    "bits-and-bytes",
+    *schema.PEFT_TYPES,
 }
 
 
@@ -45,7 +53,12 @@ def _field_names_at(path: tuple) -> list[str]:
     for part in path:
         if isinstance(part, int):
             continue
-        models = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+        models = [
+            m
+            for model in models
+            if part in model.model_fields
+            for m in _models_in(model.model_fields[part].annotation)
+        ]
     return sorted({name for model in models for name in model.model_fields})
 
 
@@ -87,13 +100,17 @@ def _problems(err: ValidationError, lines: dict[tuple, int], source: str) -> lis
     vocab = _all_field_names()
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in _DISCRIMINATOR_TAGS and not str(p).startswith("function-"))
+        loc = tuple(
+            p for p in e["loc"] if p not in _DISCRIMINATOR_TAGS and not str(p).startswith("function-")
+        )
         where = _fmt_path(loc) or "(top level)"
         line = lines.get(loc)
         at = f" ({source}:{line})" if line else ""
         if e["type"] == "extra_forbidden":
             # Keys of the same section first: a near miss there is what the user meant.
-            close = difflib.get_close_matches(str(loc[-1]), _field_names_at(loc[:-1]), n=1) or difflib.get_close_matches(str(loc[-1]), vocab, n=1)
+            close = difflib.get_close_matches(
+                str(loc[-1]), _field_names_at(loc[:-1]), n=1
+            ) or difflib.get_close_matches(str(loc[-1]), vocab, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             problems.append(f"{where}{at}: unknown key{hint}")
         elif e["type"] == "missing":
@@ -172,7 +189,11 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 
 
 def parse_config(
-    data: Any, source: str = "<config>", overrides: Iterable[str] = (), method: str = "sft", text: str | None = None
+    data: Any,
+    source: str = "<config>",
+    overrides: Iterable[str] = (),
+    method: str = "sft",
+    text: str | None = None,
 ) -> schema.ExperimentConfig:
     """Validate a config mapping for ``method`` (sft, dpo, kto, orpo, cpo); raise ConfigError
     listing every problem."""

@@ -51,29 +51,119 @@ CATALOG: tuple[Preset, ...] = (
     Preset("llama-3.2-1b", "Llama-3.x", (r"llama-3\.2-1b",), (), ATTENTION_MLP, "llama-3", 1, 16),
     Preset("llama-3.2-3b", "Llama-3.x", (r"llama-3\.2-3b",), (), ATTENTION_MLP, "llama-3", 1, 24),
     Preset("llama-3.1-8b", "Llama-3.x", (r"llama-3(\.1)?-8b",), (), ATTENTION_MLP, "llama-3", 1, 48),
-    Preset("llama-3.x-70b", "Llama-3.x", (r"llama-3(\.[13])?-70b",), (), ATTENTION_MLP, "llama-3", 4, 80,
-           "QLoRA fits one 80 GiB GPU"),
+    Preset(
+        "llama-3.x-70b",
+        "Llama-3.x",
+        (r"llama-3(\.[13])?-70b",),
+        (),
+        ATTENTION_MLP,
+        "llama-3",
+        4,
+        80,
+        "QLoRA fits one 80 GiB GPU",
+    ),
     Preset("qwen2.5-small", "Qwen2.5", (r"qwen2\.5-(0\.5|1\.5|3)b",), (), ATTENTION_MLP, "chat-ml", 1, 24),
     Preset("qwen2.5-7b", "Qwen2.5", (r"qwen2\.5-7b",), (), ATTENTION_MLP, "chat-ml", 1, 48),
     Preset("qwen2.5-14b", "Qwen2.5", (r"qwen2\.5-14b",), (), ATTENTION_MLP, "chat-ml", 1, 80),
     Preset("qwen2.5-32b", "Qwen2.5", (r"qwen2\.5-32b",), (), ATTENTION_MLP, "chat-ml", 2, 80),
-    Preset("qwen2.5-72b", "Qwen2.5", (r"qwen2\.5-72b",), (), ATTENTION_MLP, "chat-ml", 4, 80,
-           "QLoRA fits one 80 GiB GPU"),
-    Preset("mistral-7b", "Mistral", (r"mistral-7b",), (), ATTENTION_MLP, "keep-original", 1, 48,
-           "base v0.1 has no chat template: chat-ml is used for a local copy without one"),
-    Preset("phi-3-mini", "Phi-3", (r"phi-3(\.5)?-mini",), (), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-           "keep-original", 1, 24),
-    Preset("phi-3-medium", "Phi-3", (r"phi-3-medium",), (), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-           "keep-original", 1, 80),
-    Preset("tinyllama-1.1b", "TinyLlama", (r"tinyllama",), (), ATTENTION_MLP, "chat-ml", 1, 16,
-           "the seed tutorial's model; chat-ml adds <|im_start|>/<|im_end|>"),
+    Preset(
+        "qwen2.5-72b",
+        "Qwen2.5",
+        (r"qwen2\.5-72b",),
+        (),
+        ATTENTION_MLP,
+        "chat-ml",
+        4,
+        80,
+        "QLoRA fits one 80 GiB GPU",
+    ),
+    Preset(
+        "mistral-7b",
+        "Mistral",
+        (r"mistral-7b",),
+        (),
+        ATTENTION_MLP,
+        "keep-original",
+        1,
+        48,
+        "base v0.1 has no chat template: chat-ml is used for a local copy without one",
+    ),
+    Preset(
+        "phi-3-mini",
+        "Phi-3",
+        (r"phi-3(\.5)?-mini",),
+        (),
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        "keep-original",
+        1,
+        24,
+    ),
+    Preset(
+        "phi-3-medium",
+        "Phi-3",
+        (r"phi-3-medium",),
+        (),
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        "keep-original",
+        1,
+        80,
+    ),
+    Preset(
+        "tinyllama-1.1b",
+        "TinyLlama",
+        (r"tinyllama",),
+        (),
+        ATTENTION_MLP,
+        "chat-ml",
+        1,
+        16,
+        "the seed tutorial's model; chat-ml adds <|im_start|>/<|im_end|>",
+    ),
     # Families by config.json model_type (size unknown: the smallest member's needs).
-    Preset("qwen2", "Qwen2.5", (), ("qwen2",), ATTENTION_MLP, "chat-ml", 1, 24, "matched by model_type; size not known"),
-    Preset("mistral", "Mistral", (), ("mistral",), ATTENTION_MLP, "keep-original", 1, 48, "matched by model_type; size not known"),
-    Preset("phi3", "Phi-3", (), ("phi3",), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "keep-original", 1, 24,
-           "matched by model_type; size not known"),
-    Preset("llama", "Llama", (), ("llama",), ATTENTION_MLP, "keep-original", 1, 16,
-           "any Llama-architecture model, e.g. the tiny local model; chat-ml when it has no chat template"),
+    Preset(
+        "qwen2",
+        "Qwen2.5",
+        (),
+        ("qwen2",),
+        ATTENTION_MLP,
+        "chat-ml",
+        1,
+        24,
+        "matched by model_type; size not known",
+    ),
+    Preset(
+        "mistral",
+        "Mistral",
+        (),
+        ("mistral",),
+        ATTENTION_MLP,
+        "keep-original",
+        1,
+        48,
+        "matched by model_type; size not known",
+    ),
+    Preset(
+        "phi3",
+        "Phi-3",
+        (),
+        ("phi3",),
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        "keep-original",
+        1,
+        24,
+        "matched by model_type; size not known",
+    ),
+    Preset(
+        "llama",
+        "Llama",
+        (),
+        ("llama",),
+        ATTENTION_MLP,
+        "keep-original",
+        1,
+        16,
+        "any Llama-architecture model, e.g. the tiny local model; chat-ml when it has no chat template",
+    ),
 )
 BY_NAME = {p.name: p for p in CATALOG}
 
@@ -154,8 +244,12 @@ def apply_preset(data: dict[str, Any]) -> tuple[dict[str, Any], Preset | None, l
         if template == "keep-original" and local_has_chat_template(model) is False:
             template = "chat-ml"  # the seed's rule: keep the model's own template, else chat-ml
         if choice == "auto":
-            log.info("model preset %s suggests data_conf.chat_template_name: %s; the config leaves it "
-                     "out, so the default (mistral-with-system) applies", preset.name, template)
+            log.info(
+                "model preset %s suggests data_conf.chat_template_name: %s; the config leaves it "
+                "out, so the default (mistral-with-system) applies",
+                preset.name,
+                template,
+            )
         else:
             dc["chat_template_name"] = template
             applied.append(f"data_conf.chat_template_name = {template}")
@@ -181,7 +275,9 @@ def _table() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-engine presets", description=__doc__.splitlines()[0])
-    parser.add_argument("--match", metavar="MODEL", help="Show the preset a model (Hub id, URI or directory) gets.")
+    parser.add_argument(
+        "--match", metavar="MODEL", help="Show the preset a model (Hub id, URI or directory) gets."
+    )
     parser.add_argument("--json", action="store_true", help="Machine-readable output.")
     args = parser.parse_args(argv)
     if args.match:
@@ -190,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.match}: no preset matches; set target_modules and chat_template_name in the config")
             return 1
         preset, why = found
-        print(json.dumps({**asdict(preset), "why": why}, indent=1) if args.json else f"{args.match}: {preset.name} ({why})")
+        print(
+            json.dumps({**asdict(preset), "why": why}, indent=1)
+            if args.json
+            else f"{args.match}: {preset.name} ({why})"
+        )
         return 0
     print(json.dumps([asdict(p) for p in CATALOG], indent=1) if args.json else _table())
     return 0

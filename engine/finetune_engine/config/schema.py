@@ -49,8 +49,12 @@ def default_output_dir() -> str:
 
 
 # The record type of each method in the Silogen engine's data_type key (kto has none there).
-DATA_TYPE_BY_METHOD = {"sft": "ChatConversation", "dpo": "DirectPreference", "orpo": "DirectPreference",
-                       "cpo": "DirectPreference"}
+DATA_TYPE_BY_METHOD = {
+    "sft": "ChatConversation",
+    "dpo": "DirectPreference",
+    "orpo": "DirectPreference",
+    "cpo": "DirectPreference",
+}
 
 
 def _data_type_field() -> Any:
@@ -68,7 +72,11 @@ def _check_data_type(v: str | None, info: ValidationInfo) -> str | None:
     if v is not None and v != expected and method:
         _log.warning(
             "data_conf (type %s): data_type %r does not match method %s; the record type follows "
-            "the method (%s)", info.data.get("type"), v, method, expected or "its own formats",
+            "the method (%s)",
+            info.data.get("type"),
+            v,
+            method,
+            expected or "its own formats",
         )
     return v
 
@@ -87,9 +95,7 @@ class DatasetRef(_Strict):
 
 
 class ConcatenationData(_Strict):
-    type: Literal["CONCATENATION"] = Field(
-        description="Use every example of every dataset once."
-    )
+    type: Literal["CONCATENATION"] = Field(description="Use every example of every dataset once.")
     datasets: list[DatasetRef] = Field(min_length=1, description="Datasets to concatenate.")
     data_type: str | None = _data_type_field()
 
@@ -169,9 +175,7 @@ class TextFilesData(_Strict):
     )
 
 
-TrainingData = Annotated[
-    ConcatenationData | WeightedMixData | TextFilesData, Field(discriminator="type")
-]
+TrainingData = Annotated[ConcatenationData | WeightedMixData | TextFilesData, Field(discriminator="type")]
 
 
 class AutoSplitValidation(_Strict):
@@ -180,9 +184,7 @@ class AutoSplitValidation(_Strict):
         "(datasets' train_test_split): ceil(ratio x examples) held out, chosen by a permutation "
         "seeded with seed."
     )
-    ratio: float = Field(
-        default=0.2, gt=0, lt=1, description="Fraction of training examples held out."
-    )
+    ratio: float = Field(default=0.2, gt=0, lt=1, description="Fraction of training examples held out.")
     seed: int = Field(default=1289525893, description="Seed of the split (the Silogen engine's default).")
     data_type: str | None = _data_type_field()
 
@@ -297,9 +299,7 @@ class NoPeft(_Strict):
 
 
 class PretrainedPeft(_Strict):
-    peft_type: Literal["PRETRAINED_PEFT"] = Field(
-        description="Continue training an existing adapter."
-    )
+    peft_type: Literal["PRETRAINED_PEFT"] = Field(description="Continue training an existing adapter.")
     name_or_path: str = Field(description="Path (or bucket URI) of the adapter to continue.")
 
 
@@ -385,9 +385,7 @@ class BitsAndBytesQuantization(_Strict):
         "the training dtype (bfloat16 with bf16, float16 with fp16, else float32) so FSDP can shard it.",
     )
     llm_int8_threshold: float = Field(default=6.0, description="8-bit outlier threshold.")
-    llm_int8_skip_modules: list[str] | None = Field(
-        default=None, description="Modules kept unquantized."
-    )
+    llm_int8_skip_modules: list[str] | None = Field(default=None, description="Modules kept unquantized.")
     llm_int8_enable_fp32_cpu_offload: bool = Field(
         default=False, description="Keep modules a device_map puts on the CPU in float32 (8-bit)."
     )
@@ -404,9 +402,7 @@ class BitsAndBytesQuantization(_Strict):
         return self
 
 
-QuantConf = Annotated[
-    NoQuantization | BitsAndBytesQuantization, Field(discriminator="quantization_type")
-]
+QuantConf = Annotated[NoQuantization | BitsAndBytesQuantization, Field(discriminator="quantization_type")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +466,9 @@ class ModelArgs(_Strict):
         known = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
         if v is None or v in known or "/" in v:
             return v
-        raise ValueError(f"attn_implementation {v!r} is not one of {', '.join(known)} or a Hub kernel (namespace/repo)")
+        raise ValueError(
+            f"attn_implementation {v!r} is not one of {', '.join(known)} or a Hub kernel (namespace/repo)"
+        )
 
     @model_validator(mode="after")
     def _checks(self) -> ModelArgs:
@@ -518,9 +516,7 @@ class RunConf(_Strict):
         "Silogen engine's download location).",
     )
     model_args: ModelArgs = Field(default_factory=ModelArgs, description="Model loading options.")
-    tokenizer: str | None = Field(
-        default=None, description="Tokenizer path or id; defaults to the model's."
-    )
+    tokenizer: str | None = Field(default=None, description="Tokenizer path or id; defaults to the model's.")
     use_fast_tokenizer: bool = Field(default=True, description="Use the fast (Rust) tokenizer.")
     resume_from_checkpoint: bool | Literal["auto"] | str = Field(
         default=False,
@@ -693,9 +689,7 @@ class ExperimentConfig(_Strict):
         f"{', '.join(DERIVED_TRAINING_ARGS)} are derived from batchsize_conf and may not be set.",
     )
     batchsize_conf: BatchsizeConf = Field(description="Batch size targets.")
-    peft_conf: PeftConf = Field(
-        default_factory=lambda: NoPeft(peft_type="NO_PEFT"), description="Adapters."
-    )
+    peft_conf: PeftConf = Field(default_factory=lambda: NoPeft(peft_type="NO_PEFT"), description="Adapters.")
     quant_conf: QuantConf = Field(
         default_factory=lambda: NoQuantization(quantization_type="no-quantization"),
         description="Base model quantization.",

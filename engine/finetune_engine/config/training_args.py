@@ -18,7 +18,11 @@ log = logging.getLogger(__name__)
 
 # Derived from batchsize_conf so the same config runs on 1 or 8 devices (as in the Silogen engine,
 # which refuses these three keys in training_args too).
-DERIVED_TRAINING_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")
+DERIVED_TRAINING_ARGS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "per_device_eval_batch_size",
+)
 _DERIVED_FIX = {
     "per_device_eval_batch_size": "set batchsize_conf.per_device_eval_batch_size instead",
 }
@@ -60,8 +64,11 @@ ENGINE_TRAINING_ARGS = {
 # removed or renamed: each is mapped to its successor or accepted as a no-op, with one log line.
 # key -> (methods it applies to, None for all; what the engine does with it)
 LEGACY_TRAINING_ARGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
-    "warmup_ratio": (None, "mapped to warmup_steps (transformers 5 reads a float below 1 there as a "
-                     "ratio); giving both non-zero is an error"),
+    "warmup_ratio": (
+        None,
+        "mapped to warmup_steps (transformers 5 reads a float below 1 there as a "
+        "ratio); giving both non-zero is an error",
+    ),
     "overwrite_output_dir": (None, "no-op: the trainer never used it; the engine never deletes output_dir"),
     "group_by_length": (None, "true maps to train_sampling_strategy: group_by_length"),
     "no_cuda": (None, "mapped to use_cpu"),
@@ -74,8 +81,10 @@ LEGACY_TRAINING_ARGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "fsdp_min_num_params": (None, "mapped to fsdp_config.min_num_params"),
     "fsdp_transformer_layer_cls_to_wrap": (None, "mapped to fsdp_config.transformer_layer_cls_to_wrap"),
     "include_inputs_for_metrics": (None, "true adds inputs to include_for_metrics"),
-    "include_tokens_per_second": (None, "true maps to include_num_input_tokens_seen: all (tokens/s "
-                                  "is logged with it)"),
+    "include_tokens_per_second": (
+        None,
+        "true maps to include_num_input_tokens_seen: all (tokens/s is logged with it)",
+    ),
     "torchdynamo": (None, "mapped to torch_compile_backend"),
     "jit_mode_eval": (None, "no-op: removed from transformers"),
     "mp_parameters": (None, "no-op: a SageMaker setting"),
@@ -88,18 +97,25 @@ LEGACY_TRAINING_ARGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "push_to_hub_organization": (None, "no-op: the engine does not push to the Hub"),
     "per_gpu_train_batch_size": (None, "error: derived from batchsize_conf"),
     "per_gpu_eval_batch_size": (None, "error: set batchsize_conf.per_device_eval_batch_size"),
-    "rpo_alpha": (("dpo",), "maps to loss_type [<loss_type>, sft] with loss_weights [1, rpo_alpha] "
-                  "(TRL's successor)"),
-    "reference_free": (("dpo",), "false is a no-op; true is an error (use `finetuning orpo`, or "
-                       "`finetuning cpo` with loss_type: simpo, for reference-free training)"),
+    "rpo_alpha": (
+        ("dpo",),
+        "maps to loss_type [<loss_type>, sft] with loss_weights [1, rpo_alpha] (TRL's successor)",
+    ),
+    "reference_free": (
+        ("dpo",),
+        "false is a no-op; true is an error (use `finetuning orpo`, or "
+        "`finetuning cpo` with loss_type: simpo, for reference-free training)",
+    ),
     "max_completion_length": (("dpo",), "no-op: TRL 1.x bounds the whole sequence with max_length"),
     "max_target_length": (("dpo",), "no-op: an encoder-decoder setting"),
     "is_encoder_decoder": (("dpo",), "no-op: the engine trains causal LMs"),
     "label_pad_token_id": (("dpo",), "no-op: labels are always padded with -100"),
     "padding_value": (("dpo",), "no-op: the tokenizer's pad token pads"),
     "generate_during_eval": (("dpo",), "no-op: removed from TRL"),
-    "ref_model_init_kwargs": (("dpo",), "no-op: the reference model loads like the trained model "
-                              "(run_conf.model_args)"),
+    "ref_model_init_kwargs": (
+        ("dpo",),
+        "no-op: the reference model loads like the trained model (run_conf.model_args)",
+    ),
     "model_adapter_name": (("dpo",), "no-op: removed from TRL"),
     "ref_adapter_name": (("dpo",), "no-op: removed from TRL"),
     "force_use_ref_model": (("dpo",), "no-op: removed from TRL"),
@@ -113,7 +129,9 @@ def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def translate_legacy(
+    args: dict[str, Any], method: str | None
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """``args`` with the keys of LEGACY_TRAINING_ARGS mapped to their successors (or dropped), and
     the problems of those keys. Logs one line per legacy key."""
     out = dict(args)
@@ -131,14 +149,27 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
             if not _num(value) or not 0 <= value <= 1:
                 problems.append((key, f"expected a float between 0 and 1, got {value!r}"))
             elif value and out.get("warmup_steps"):
-                problems.append((key, f"warmup_ratio {value} and warmup_steps {out['warmup_steps']} are both "
-                                 "given; keep one (a float below 1 in warmup_steps is a ratio)"))
+                problems.append(
+                    (
+                        key,
+                        f"warmup_ratio {value} and warmup_steps {out['warmup_steps']} are both "
+                        "given; keep one (a float below 1 in warmup_steps is a ratio)",
+                    )
+                )
             elif value:
                 out["warmup_steps"] = value if value < 1 else math.nextafter(1.0, 0.0)
-                note(key, f"{value} -> warmup_steps: {out['warmup_steps']} (transformers 5 takes the ratio there)")
+                note(
+                    key,
+                    f"{value} -> warmup_steps: {out['warmup_steps']} (transformers 5 takes the ratio there)",
+                )
             else:
                 note(key, "0: no warmup")
-        elif key in ("group_by_length", "adafactor", "include_inputs_for_metrics", "include_tokens_per_second"):
+        elif key in (
+            "group_by_length",
+            "adafactor",
+            "include_inputs_for_metrics",
+            "include_tokens_per_second",
+        ):
             if not isinstance(value, bool):
                 problems.append((key, f"expected bool, got {type(value).__name__} {value!r}"))
                 continue
@@ -156,7 +187,9 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
             elif key == "include_tokens_per_second" and out.get(target) not in (None, "no", False):
                 note(key, f"true: {target} is already {out[target]!r}")
             elif out.get(target) not in (None, want) and not (key == "include_tokens_per_second"):
-                problems.append((key, f"true asks for {target}: {want}, but {target} is {out[target]!r}; keep one"))
+                problems.append(
+                    (key, f"true asks for {target}: {want}, but {target} is {out[target]!r}; keep one")
+                )
             else:
                 out[target] = want
                 note(key, f"true -> {target}: {want}")
@@ -175,7 +208,9 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
                 continue
             conf = out.get("fsdp_config")
             if conf is not None and not isinstance(conf, dict):
-                problems.append((key, f"cannot be merged into fsdp_config {conf!r} (a file); put {sub} in that file"))
+                problems.append(
+                    (key, f"cannot be merged into fsdp_config {conf!r} (a file); put {sub} in that file")
+                )
                 continue
             conf = dict(conf or {})
             if sub in conf and conf[sub] != value:
@@ -188,7 +223,9 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
             if value in (None, ""):
                 note(key, "unset: no-op")
             elif out.get("torch_compile_backend") not in (None, value):
-                problems.append((key, f"contradicts torch_compile_backend {out['torch_compile_backend']!r}; keep one"))
+                problems.append(
+                    (key, f"contradicts torch_compile_backend {out['torch_compile_backend']!r}; keep one")
+                )
             else:
                 out["torch_compile_backend"] = value
                 note(key, f"{value!r} -> torch_compile_backend: {value!r}")
@@ -196,8 +233,11 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
             if value is None:
                 note(key, "null: no-op")
             else:
-                fix = ("set batchsize_conf.per_device_eval_batch_size instead" if "eval" in key
-                       else "derived from batchsize_conf (total_train_batch_size, max_per_device_train_batch_size); remove it")
+                fix = (
+                    "set batchsize_conf.per_device_eval_batch_size instead"
+                    if "eval" in key
+                    else "derived from batchsize_conf (total_train_batch_size, max_per_device_train_batch_size); remove it"
+                )
                 problems.append((key, fix))
         elif key == "rpo_alpha":
             if value is None:
@@ -205,8 +245,13 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
             elif not _num(value):
                 problems.append((key, f"expected float, got {type(value).__name__} {value!r}"))
             elif out.get("loss_weights") is not None:
-                problems.append((key, "cannot be combined with loss_weights; write loss_type [..., sft] and "
-                                 "loss_weights [..., rpo_alpha] instead"))
+                problems.append(
+                    (
+                        key,
+                        "cannot be combined with loss_weights; write loss_type [..., sft] and "
+                        "loss_weights [..., rpo_alpha] instead",
+                    )
+                )
             else:
                 losses = out.get("loss_type") or "sigmoid"
                 losses = list(losses) if isinstance(losses, list) else [losses]
@@ -215,12 +260,21 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
                 note(key, f"{value} -> loss_type: {out['loss_type']}, loss_weights: {out['loss_weights']}")
         elif key == "reference_free":
             if value:
-                problems.append((key, "true is not available in TRL 1.x's DPO; train reference-free with "
-                                 "`finetuning orpo`, or `finetuning cpo` with loss_type: simpo"))
+                problems.append(
+                    (
+                        key,
+                        "true is not available in TRL 1.x's DPO; train reference-free with "
+                        "`finetuning orpo`, or `finetuning cpo` with loss_type: simpo",
+                    )
+                )
             else:
                 note(key, "false: no-op")
         else:
-            harmless = key == "overwrite_output_dir" or (key == "save_safetensors" and value is True) or value in (None, False, 0, "", -1, "auto", "amp", "O1")
+            harmless = (
+                key == "overwrite_output_dir"
+                or (key == "save_safetensors" and value is True)
+                or value in (None, False, 0, "", -1, "auto", "amp", "O1")
+            )
             note(key, f"{value!r}: {LEGACY_TRAINING_ARGS[key][1]}", warn=not harmless)
     if method in (None, "dpo"):
         lt = out.get("loss_type")
@@ -229,6 +283,7 @@ def translate_legacy(args: dict[str, Any], method: str | None) -> tuple[dict[str
                 out[k] = new if lt == old else [new if x == old else x for x in lt]
                 log.info("training_args.%s: %s -> %s (TRL's new name)", k, old, new)
     return out, problems
+
 
 # Fields whose dataclass annotation is narrower than what TrainingArguments accepts (transformers 5
 # declares ``fsdp: str | None`` and converts ``True`` / a list of FSDP options in __post_init__).
@@ -298,14 +353,33 @@ def check_training_args(args: dict[str, Any], method: str | None = "sft") -> dic
         method_name = method
     for key, value in args.items():
         if key in DERIVED_TRAINING_ARGS:
-            problems.append((key, _DERIVED_FIX.get(key, "derived from batchsize_conf (total_train_batch_size, max_per_device_train_batch_size); remove it")))
+            problems.append(
+                (
+                    key,
+                    _DERIVED_FIX.get(
+                        key,
+                        "derived from batchsize_conf (total_train_batch_size, max_per_device_train_batch_size); remove it",
+                    ),
+                )
+            )
         elif key in MANAGED_TRAINING_ARGS:
             problems.append((key, MANAGED_TRAINING_ARGS[key]))
         elif key not in known:
-            legacy = [k for k, (ms, _) in LEGACY_TRAINING_ARGS.items() if ms is None or method is None or method in ms]
+            legacy = [
+                k
+                for k, (ms, _) in LEGACY_TRAINING_ARGS.items()
+                if ms is None or method is None or method in ms
+            ]
             close = difflib.get_close_matches(key, list(known) + legacy, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append((key, f"not a {method_name} argument{hint}" if method is None else f"not a {method} trainer argument{hint}"))
+            problems.append(
+                (
+                    key,
+                    f"not a {method_name} argument{hint}"
+                    if method is None
+                    else f"not a {method} trainer argument{hint}",
+                )
+            )
         else:
             kind = LOOSER_THAN_DECLARED.get(key, known[key]["type"])
             accepted = _SCALARS.get(kind.removesuffix(" | None"))

@@ -86,7 +86,8 @@ def split(records: list, ratio: float, seed: int, unit: str = "example") -> tupl
             f"data_conf.validation_data: AUTO_SPLIT with ratio {ratio} holds out ceil({ratio} x {n}) = {n_eval} "
             f"of the {n} training {unit}(s), leaving nothing to train on (the Silogen engine refuses this too); "
             "add training data, lower data_conf.validation_data.ratio, or give separate validation data "
-            "(type: CONCATENATION) or none (type: NONE)")
+            "(type: CONCATENATION) or none (type: NONE)"
+        )
     order = np.random.default_rng(seed).permutation(n).tolist()
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
 
@@ -96,7 +97,9 @@ def load_data(conf: schema.DataConf) -> tuple[list[dict], list[dict]]:
     td = conf.training_data
     weighted = isinstance(td, schema.WeightedMixData)
     # A dataset of weight 0 is not read at all, as in the Silogen engine.
-    loaded = [read_dataset(ds.path) if not (weighted and ds.sampling_weight == 0) else [] for ds in td.datasets]
+    loaded = [
+        read_dataset(ds.path) if not (weighted and ds.sampling_weight == 0) else [] for ds in td.datasets
+    ]
     for ds, records in zip(td.datasets, loaded, strict=True):
         if weighted and ds.sampling_weight == 0:
             log.info("dataset %s: sampling_weight 0, left out", ds.path)

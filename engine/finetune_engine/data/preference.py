@@ -31,12 +31,21 @@ def to_trl(record: dict[str, Any]) -> dict[str, Any]:
             "rejected": record["rejected_messages"],
         }
     if "label" in record:
-        return {"prompt": record["prompt"], "completion": record["completion"], "label": bool(record["label"])}
+        return {
+            "prompt": record["prompt"],
+            "completion": record["completion"],
+            "label": bool(record["label"]),
+        }
     return {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
 
 
-def check_template(template_name: str, added_tokens: list[str], sft_meta: dict[str, Any], model: str,
-                   meta_source: str | None = None) -> None:
+def check_template(
+    template_name: str,
+    added_tokens: list[str],
+    sft_meta: dict[str, Any],
+    model: str,
+    meta_source: str | None = None,
+) -> None:
     """The seed's rule: preference training adds no tokens, and uses the template SFT trained.
 
     New tokens would start from untrained (mean) embeddings that a preference loss cannot teach,

@@ -80,8 +80,13 @@ def split_pieces(text: str, size: int) -> list[str]:
 def tokenize_pieces(pieces: list[str], tokenizer: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     """(token ids, boundary level after each token: 2 paragraph, 1 line, 0 none) per piece."""
     fast = bool(getattr(tokenizer, "is_fast", False))
-    enc = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True,
-                    return_offsets_mapping=fast)
+    enc = tokenizer(
+        pieces,
+        add_special_tokens=False,
+        return_attention_mask=False,
+        split_special_tokens=True,
+        return_offsets_mapping=fast,
+    )
     out = []
     for i, ids in enumerate(enc["input_ids"]):
         arr = np.asarray(ids, dtype=np.int32)
@@ -92,7 +97,7 @@ def tokenize_pieces(pieces: list[str], tokenizer: Any) -> list[tuple[np.ndarray,
             newline = np.concatenate([[False, False], codes == 10])  # index e+1 = char e-1
             last = newline[np.clip(ends + 1, 0, None)] & (ends >= 1)
             before = newline[np.clip(ends, 0, None)] & (ends >= 2)
-            levels = (last.astype(np.int8) + (last & before).astype(np.int8))
+            levels = last.astype(np.int8) + (last & before).astype(np.int8)
         out.append((arr, levels))
     return out
 
@@ -101,7 +106,9 @@ def _tokenize_task(task: list[str], tokenizer: Any) -> list[tuple[np.ndarray, np
     return tokenize_pieces(task, tokenizer)
 
 
-def build_stream(texts: list[str], tokenizer: Any, settings: WindowSettings, workers: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+def build_stream(
+    texts: list[str], tokenizer: Any, settings: WindowSettings, workers: int = 1
+) -> tuple[np.ndarray, np.ndarray, int]:
     """One token stream of every non-empty document: ids, boundary levels, documents used."""
     from finetune_engine.data.workers import forked_map
 
@@ -116,7 +123,11 @@ def build_stream(texts: list[str], tokenizer: Any, settings: WindowSettings, wor
             size = 0
         tasks[-1].append(piece)
         size += len(piece)
-    encoded = [item for part in forked_map(_tokenize_task, tasks, workers, tokenizer) for item in part] if flat else []
+    encoded = (
+        [item for part in forked_map(_tokenize_task, tasks, workers, tokenizer) for item in part]
+        if flat
+        else []
+    )
     ids_parts: list[np.ndarray] = []
     level_parts: list[np.ndarray] = []
     at = 0
@@ -180,8 +191,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(file_hashes: list[str], tokenizer: Any, settings: WindowSettings) -> str:
-    blob = json.dumps({"format": CACHE_FORMAT, "pieces": PIECE_CHARS, "files": file_hashes, "tokenizer": tokenizer_fingerprint(tokenizer),
-                       "settings": asdict(settings)}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "pieces": PIECE_CHARS,
+            "files": file_hashes,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "settings": asdict(settings),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -217,8 +236,14 @@ class WindowDataset:
         return self.ends - self.starts
 
 
-def load_windows(paths: list[str], tokenizer: Any, settings: WindowSettings, workers: int = 1,
-                 cache_dir: str | Path | None = None, where: str = "data_conf.training_data.datasets") -> tuple[WindowDataset, dict[str, Any]]:
+def load_windows(
+    paths: list[str],
+    tokenizer: Any,
+    settings: WindowSettings,
+    workers: int = 1,
+    cache_dir: str | Path | None = None,
+    where: str = "data_conf.training_data.datasets",
+) -> tuple[WindowDataset, dict[str, Any]]:
     """Windows of the text files in ``paths`` and stats; from the cache when the key matches."""
     files = list_text_files(paths, where)
     hashes = [file_sha256(f) for f in files]
@@ -230,10 +255,23 @@ def load_windows(paths: list[str], tokenizer: Any, settings: WindowSettings, wor
         try:
             with np.load(cached) as z:
                 ids, starts, ends, docs = z["ids"], z["starts"], z["ends"], int(z["documents"])
-            stats = {"cache": "hit", "cache_file": str(cached), "files": len(files), "documents": docs,
-                     "tokens": int(len(ids)), "windows": int(len(starts)), "seconds": round(time.monotonic() - t0, 3)}
-            log.info("text windows from cache %s: %d windows of <= %d tokens (%d tokens, %d documents)",
-                     cached, len(starts), settings.context_length, len(ids), docs)
+            stats = {
+                "cache": "hit",
+                "cache_file": str(cached),
+                "files": len(files),
+                "documents": docs,
+                "tokens": int(len(ids)),
+                "windows": int(len(starts)),
+                "seconds": round(time.monotonic() - t0, 3),
+            }
+            log.info(
+                "text windows from cache %s: %d windows of <= %d tokens (%d tokens, %d documents)",
+                cached,
+                len(starts),
+                settings.context_length,
+                len(ids),
+                docs,
+            )
             return WindowDataset(ids, starts, ends, settings.bos_token_id), stats
         except (OSError, ValueError, KeyError) as err:
             log.warning("text window cache %s is unreadable (%s); tokenizing again", cached, err)
@@ -242,12 +280,29 @@ def load_windows(paths: list[str], tokenizer: Any, settings: WindowSettings, wor
     starts, ends = make_windows(levels, settings)
     seconds = time.monotonic() - t0
     lengths = ends - starts
-    log.info("tokenized %d text files (%d documents, %.1f MB) in %.1fs with %d worker(s): %d tokens, %d windows of "
-             "<= %d tokens, %d at a boundary, padding %.1f%%", len(files), docs, sum(map(len, texts)) / 1e6, seconds,
-             max(workers, 1), len(ids), len(starts), settings.context_length, int((lengths < settings.context_length).sum()),
-             100 * (1 - lengths.sum() / max(len(starts) * settings.context_length, 1)))
-    stats = {"cache": "miss", "cache_file": None, "files": len(files), "documents": docs, "tokens": int(len(ids)),
-             "windows": int(len(starts)), "seconds": round(seconds, 3)}
+    log.info(
+        "tokenized %d text files (%d documents, %.1f MB) in %.1fs with %d worker(s): %d tokens, %d windows of "
+        "<= %d tokens, %d at a boundary, padding %.1f%%",
+        len(files),
+        docs,
+        sum(map(len, texts)) / 1e6,
+        seconds,
+        max(workers, 1),
+        len(ids),
+        len(starts),
+        settings.context_length,
+        int((lengths < settings.context_length).sum()),
+        100 * (1 - lengths.sum() / max(len(starts) * settings.context_length, 1)),
+    )
+    stats = {
+        "cache": "miss",
+        "cache_file": None,
+        "files": len(files),
+        "documents": docs,
+        "tokens": int(len(ids)),
+        "windows": int(len(starts)),
+        "seconds": round(seconds, 3),
+    }
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{key}.{os.getpid()}.npz"
@@ -255,19 +310,27 @@ def load_windows(paths: list[str], tokenizer: Any, settings: WindowSettings, wor
         os.replace(tmp, cached)  # whole or absent: concurrent ranks may write the same key
         stats["cache_file"] = str(cached)
     except OSError as err:
-        log.warning("cannot write the text window cache in %s (%s); set data_conf.training_data.cache_dir "
-                    "or FINETUNE_CACHE_DIR to a writable directory", folder, err)
+        log.warning(
+            "cannot write the text window cache in %s (%s); set data_conf.training_data.cache_dir "
+            "or FINETUNE_CACHE_DIR to a writable directory",
+            folder,
+            err,
+        )
     return WindowDataset(ids, starts, ends, settings.bos_token_id), stats
 
 
 def window_settings(td: schema.TextFilesData, tokenizer: Any, max_seq_length: int) -> WindowSettings:
     eot = td.eot_token or tokenizer.eos_token
     if eot is None:
-        raise ValueError("data_conf.training_data.eot_token: the tokenizer has no EOS token; name the end-of-text token")
+        raise ValueError(
+            "data_conf.training_data.eot_token: the tokenizer has no EOS token; name the end-of-text token"
+        )
     eot_id = tokenizer.convert_tokens_to_ids(eot)
     if eot_id is None or (eot_id == tokenizer.unk_token_id and eot != tokenizer.unk_token):
-        raise ValueError(f"data_conf.training_data.eot_token {eot!r} is not a token of the tokenizer; "
-                         "give one token, e.g. its EOS token")
+        raise ValueError(
+            f"data_conf.training_data.eot_token {eot!r} is not a token of the tokenizer; "
+            "give one token, e.g. its EOS token"
+        )
     bos = tokenizer.bos_token_id
     return WindowSettings(
         context_length=td.context_length or max_seq_length,
@@ -278,7 +341,9 @@ def window_settings(td: schema.TextFilesData, tokenizer: Any, max_seq_length: in
     )
 
 
-def load_text_data(conf: schema.DataConf, tokenizer: Any, max_seq_length: int, workers: int = 1) -> tuple[WindowDataset, WindowDataset | None, dict[str, Any]]:
+def load_text_data(
+    conf: schema.DataConf, tokenizer: Any, max_seq_length: int, workers: int = 1
+) -> tuple[WindowDataset, WindowDataset | None, dict[str, Any]]:
     """(train windows, validation windows or None, stats) as data_conf describes."""
     from finetune_engine.data.load import split
 
@@ -291,8 +356,18 @@ def load_text_data(conf: schema.DataConf, tokenizer: Any, max_seq_length: int, w
         train_idx, eval_idx = split(list(range(len(windows))), vd.ratio, vd.seed, unit="window")
         windows, evaluation = windows.subset(train_idx), windows.subset(eval_idx)
     elif isinstance(vd, schema.ConcatenationValidation):
-        evaluation, eval_stats = load_windows([d.path for d in vd.datasets], tokenizer, settings, workers, td.cache_dir,
-                                              where="data_conf.validation_data.datasets")
+        evaluation, eval_stats = load_windows(
+            [d.path for d in vd.datasets],
+            tokenizer,
+            settings,
+            workers,
+            td.cache_dir,
+            where="data_conf.validation_data.datasets",
+        )
         stats["validation"] = eval_stats
-    log.info("text data: %d training, %d validation windows", len(windows), len(evaluation) if evaluation is not None else 0)
+    log.info(
+        "text data: %d training, %d validation windows",
+        len(windows),
+        len(evaluation) if evaluation is not None else 0,
+    )
     return windows, evaluation, stats

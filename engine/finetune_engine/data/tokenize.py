@@ -37,8 +37,12 @@ class EncodeSettings:
     def for_sft(cls, sft: Any, end_marker: str | None, start_marker: str | None) -> EncodeSettings:
         """The settings of an SFT run from its ``sft_args`` and the template's markers."""
         return cls(
-            sft.max_seq_length, sft.length_handling, sft.train_on_completions_only, end_marker,
-            start_marker=start_marker, train_start_marker=sft.train_assistant_start_marker,
+            sft.max_seq_length,
+            sft.length_handling,
+            sft.train_on_completions_only,
+            end_marker,
+            start_marker=start_marker,
+            train_start_marker=sft.train_assistant_start_marker,
             append_eos=sft.append_eos_token,
         )
 
@@ -68,7 +72,11 @@ def render_with_spans(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        before = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise TemplateError(

@@ -191,7 +191,12 @@ def _typos(record: dict) -> str:
 
 
 def _ends_with_user(messages: Any, where: str) -> list[str]:
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") != "user":
+    if (
+        isinstance(messages, list)
+        and messages
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") != "user"
+    ):
         return [f"{where} must end with a user turn"]
     return []
 
@@ -219,8 +224,10 @@ def check_record(record: dict, kind: str) -> list[str]:
     out = []
     missing = [k for k in KIND_KEYS[kind] if k not in record]
     if missing:
-        out.append(f"missing {', '.join(repr(k) for k in missing)} for {kind} data"
-                   + "".join(_near_miss(k, record) for k in missing))
+        out.append(
+            f"missing {', '.join(repr(k) for k in missing)} for {kind} data"
+            + "".join(_near_miss(k, record) for k in missing)
+        )
     rid = record.get("id")
     if rid is not None and (not isinstance(rid, (str, int)) or isinstance(rid, bool)):
         out.append("id must be a string or an integer")
@@ -232,7 +239,14 @@ def check_record(record: dict, kind: str) -> list[str]:
     if kind == "messages":
         out += _check_messages(record["messages"], "messages")
     elif kind == "prompt_completion":
-        out += [p for p in (_check_text(record["prompt"], "prompt"), _check_text(record["completion"], "completion")) if p]
+        out += [
+            p
+            for p in (
+                _check_text(record["prompt"], "prompt"),
+                _check_text(record["completion"], "completion"),
+            )
+            if p
+        ]
     elif kind == "text":
         out += [p for p in (_check_text(record["text"], "text"),) if p]
     elif kind == "dpo_messages":
@@ -246,7 +260,9 @@ def check_record(record: dict, kind: str) -> list[str]:
             out += _check_prompt_like(record[key], key, answer=key != "prompt")
         out += _same_shape(record, ("prompt", "chosen", "rejected"))
     elif kind == "kto":
-        out += _check_prompt_like(record["prompt"], "prompt") + _check_prompt_like(record["completion"], "completion", answer=True)
+        out += _check_prompt_like(record["prompt"], "prompt") + _check_prompt_like(
+            record["completion"], "completion", answer=True
+        )
         out += _same_shape(record, ("prompt", "completion"))
         if not isinstance(record["label"], bool):
             out.append(f"label must be true or false, got {record['label']!r}")
@@ -255,7 +271,9 @@ def check_record(record: dict, kind: str) -> list[str]:
 
 def _check_kind_args(kind: str | None, allowed: tuple[str, ...]) -> None:
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown data kind {kind!r}{_suggest(kind, KINDS)}; expected one of {', '.join(KINDS)}")
+        raise ValueError(
+            f"unknown data kind {kind!r}{_suggest(kind, KINDS)}; expected one of {', '.join(KINDS)}"
+        )
     if kind is not None and kind not in allowed:
         raise ValueError(f"data kind {kind!r} is not usable here (expected {' or '.join(allowed)})")
 
@@ -302,8 +320,10 @@ def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes, int]]:
 
 
 def _too_long(length: int, limit: int) -> str:
-    return (f"line is {length / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit; "
-            "split the example or raise the limit")
+    return (
+        f"line is {length / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit; "
+        "split the example or raise the limit"
+    )
 
 
 def _parse_json_lines(path: Path, limit: int) -> Iterator[Row]:
@@ -317,13 +337,25 @@ def _parse_json_lines(path: Path, limit: int) -> Iterator[Row]:
             if raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                yield number, None, "", "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8"
+                yield (
+                    number,
+                    None,
+                    "",
+                    "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8",
+                )
                 return
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            yield number, None, "", (f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
-                                     "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+            yield (
+                number,
+                None,
+                "",
+                (
+                    f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ),
+            )
             first_content = False
             continue
         stripped = text.strip()
@@ -332,8 +364,15 @@ def _parse_json_lines(path: Path, limit: int) -> Iterator[Row]:
         if first_content:
             first_content = False
             if stripped == "{":
-                yield number, None, "", ("this looks like pretty-printed JSON, not JSON Lines: write one object per "
-                                         "line, e.g. with `jq -c .`, or one JSON array of objects")
+                yield (
+                    number,
+                    None,
+                    "",
+                    (
+                        "this looks like pretty-printed JSON, not JSON Lines: write one object per "
+                        "line, e.g. with `jq -c .`, or one JSON array of objects"
+                    ),
+                )
                 return
         try:
             record = json.loads(text, parse_constant=_reject_constant)
@@ -370,8 +409,12 @@ def _parse_json_array(path: Path, limit: float) -> Iterator[Row]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        yield (raw[: err.start].count(b"\n") + 1, None, "",
-               f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+        yield (
+            raw[: err.start].count(b"\n") + 1,
+            None,
+            "",
+            f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+        )
         return
     line_of = _LineOf(text)
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
@@ -385,11 +428,20 @@ def _parse_json_array(path: Path, limit: float) -> Iterator[Row]:
             try:
                 value, pos = decoder.raw_decode(text, pos)
             except RecursionError:
-                yield line_of(start), None, "", f"nested deeper than {MAX_DEPTH} levels; the array is not read further"
+                yield (
+                    line_of(start),
+                    None,
+                    "",
+                    f"nested deeper than {MAX_DEPTH} levels; the array is not read further",
+                )
                 return
             except json.JSONDecodeError as err:
-                yield (err.lineno, None, "",
-                       f"bad JSON: {err.msg} (column {err.colno}); the array is not read further")
+                yield (
+                    err.lineno,
+                    None,
+                    "",
+                    f"bad JSON: {err.msg} (column {err.colno}); the array is not read further",
+                )
                 return
             except ValueError as err:
                 yield line_of(start), None, "", f"bad JSON: {err}; the array is not read further"
@@ -405,12 +457,21 @@ def _parse_json_array(path: Path, limit: float) -> Iterator[Row]:
             if text.startswith("]", pos):
                 pos += 1
                 break
-            yield line_of(pos), None, "", "expected ',' or ']' after an array element; the array is not read further"
+            yield (
+                line_of(pos),
+                None,
+                "",
+                "expected ',' or ']' after an array element; the array is not read further",
+            )
             return
     rest = _JSON_WS.match(text, pos).end()
     if rest < len(text):
-        yield (line_of(rest), None, "",
-               "text after the end of the JSON array; a file is one JSON array, or JSON Lines (one object a line)")
+        yield (
+            line_of(rest),
+            None,
+            "",
+            "text after the end of the JSON array; a file is one JSON array, or JSON Lines (one object a line)",
+        )
 
 
 def _parse(path: Path, limit: int) -> Iterator[Row]:
@@ -420,8 +481,13 @@ def _parse(path: Path, limit: int) -> Iterator[Row]:
     return _parse_json_lines(path, limit)
 
 
-def validate_file(path: str | Path, kind: str | None = None, max_problems: int = 1000,
-                  max_line_bytes: int = MAX_LINE_BYTES, allowed_kinds: Iterable[str] | None = None) -> DataReport:
+def validate_file(
+    path: str | Path,
+    kind: str | None = None,
+    max_problems: int = 1000,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    allowed_kinds: Iterable[str] | None = None,
+) -> DataReport:
     """Check one data file (JSON Lines, or one JSON array of objects); every problem goes into the
     report (nothing is raised for bad data).
 
@@ -455,37 +521,53 @@ def validate_file(path: str | Path, kind: str | None = None, max_problems: int =
                 add(number, problem)
                 continue
             if not isinstance(record, dict):
-                add(number, f"expected a JSON object, got {type(record).__name__}; each example is one object")
+                add(
+                    number, f"expected a JSON object, got {type(record).__name__}; each example is one object"
+                )
                 continue
             # Depth can only exceed the limit if the row has that many brackets: skip the walk otherwise.
             if text.count("[") + text.count("{") > MAX_DEPTH and _depth(record, MAX_DEPTH) > MAX_DEPTH:
                 add(number, f"nested deeper than {MAX_DEPTH} levels")
                 continue
             if "\\u" in text and _has_lone_surrogate(record):
-                add(number, "a string holds an unpaired surrogate escape (e.g. \\ud800); "
-                    "fix the text encoding: it cannot be turned into UTF-8")
+                add(
+                    number,
+                    "a string holds an unpaired surrogate escape (e.g. \\ud800); "
+                    "fix the text encoding: it cannot be turned into UTF-8",
+                )
                 continue
             detected = detect_kind(record)
             if report.kind is None:
                 if detected is None:
-                    add(number, f"cannot tell the data format from keys {sorted(record)}; expected one of: "
+                    add(
+                        number,
+                        f"cannot tell the data format from keys {sorted(record)}; expected one of: "
                         + "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_KEYS.items() if k in allowed)
-                        + _typos(record))
+                        + _typos(record),
+                    )
                     continue
                 if detected not in allowed:
                     add(number, f"{detected} data is not usable here (expected {' or '.join(allowed)})")
                     return report
                 report.kind = detected
-            elif (detected is not None and detected != report.kind
-                  and (set(record) & FORMAT_KEYS) - set(KIND_KEYS[report.kind])):
-                add(number, f"looks like {detected} data, but the file is {report.kind} "
-                    f"({'forced' if kind else 'from its first record'}); one format per file")
+            elif (
+                detected is not None
+                and detected != report.kind
+                and (set(record) & FORMAT_KEYS) - set(KIND_KEYS[report.kind])
+            ):
+                add(
+                    number,
+                    f"looks like {detected} data, but the file is {report.kind} "
+                    f"({'forced' if kind else 'from its first record'}); one format per file",
+                )
                 continue
             errors = check_record(record, report.kind)
             rid = record.get("id")
             if isinstance(rid, (str, int)) and not isinstance(rid, bool):
                 if rid in ids:
-                    errors.append(f"duplicate id {rid!r} (first on line {ids[rid]}); ids must be unique in a file")
+                    errors.append(
+                        f"duplicate id {rid!r} (first on line {ids[rid]}); ids must be unique in a file"
+                    )
                 else:
                     ids[rid] = number
             for reason in errors:
@@ -502,7 +584,9 @@ def validate_file(path: str | Path, kind: str | None = None, max_problems: int =
     return report
 
 
-def validate_files(paths: Iterable[str | Path], kind: str | None = None, method: str | None = None) -> list[DataReport]:
+def validate_files(
+    paths: Iterable[str | Path], kind: str | None = None, method: str | None = None
+) -> list[DataReport]:
     """Validate every file; raise DataValidationError listing every problem of every file.
 
     ``method`` ("sft", "dpo", "kto") allows only that method's formats. A bad ``kind`` or ``method`` argument
@@ -512,7 +596,9 @@ def validate_files(paths: Iterable[str | Path], kind: str | None = None, method:
     _check_kind_args(kind, allowed or KINDS)
     paths = list(paths)
     # Plain-text sources (TEXT_FILES: .txt files, directories of them) for formats that take text.
-    text = [str(p) for p in paths if is_text_source(p)] if kind is None and "text" in (allowed or KINDS) else []
+    text = (
+        [str(p) for p in paths if is_text_source(p)] if kind is None and "text" in (allowed or KINDS) else []
+    )
     reports = [validate_file(p, kind=kind, allowed_kinds=allowed) for p in paths if str(p) not in text]
     problems = [pr for r in reports for pr in r.problems]
     if text:
@@ -538,7 +624,13 @@ def list_text_files(paths: list[str], where: str = "data_conf.training_data.data
     for i, raw in enumerate(paths):
         p = Path(raw)
         if "://" in raw:
-            problems.append(DataProblem(raw, 0, f"{where}[{i}]: bucket URIs are fetched by the train job; finetuning reads local files"))
+            problems.append(
+                DataProblem(
+                    raw,
+                    0,
+                    f"{where}[{i}]: bucket URIs are fetched by the train job; finetuning reads local files",
+                )
+            )
             continue
         if p.is_dir():
             found = sorted(f for f in p.rglob("*.txt") if f.is_file())
@@ -547,7 +639,9 @@ def list_text_files(paths: list[str], where: str = "data_conf.training_data.data
         elif p.is_file():
             found = [p]
         else:
-            problems.append(DataProblem(raw, 0, f"{where}[{i}]: not found; give a .txt file or a directory of them"))
+            problems.append(
+                DataProblem(raw, 0, f"{where}[{i}]: not found; give a .txt file or a directory of them")
+            )
             continue
         for f in found:
             key = f.resolve()
@@ -559,7 +653,9 @@ def list_text_files(paths: list[str], where: str = "data_conf.training_data.data
     return out
 
 
-def validate_text_files(paths: list[str], where: str = "data_conf.training_data.datasets") -> list[DataReport]:
+def validate_text_files(
+    paths: list[str], where: str = "data_conf.training_data.datasets"
+) -> list[DataReport]:
     """Every file must be UTF-8 text (a BOM is allowed); empty files are reported, not trained."""
     problems: list[DataProblem] = []
     reports = []
@@ -571,13 +667,23 @@ def validate_text_files(paths: list[str], where: str = "data_conf.training_data.
             problems.append(DataProblem(str(f), 0, f"cannot read the file: {err.strerror or err}"))
             continue
         if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-            problems.append(DataProblem(str(f), 0, "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8"))
+            problems.append(
+                DataProblem(
+                    str(f), 0, "the file is UTF-16, not UTF-8; re-encode it, e.g. iconv -f utf-16 -t utf-8"
+                )
+            )
             continue
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
             line = raw[: err.start].count(b"\n") + 1
-            problems.append(DataProblem(str(f), line, f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file, e.g. iconv -f latin1 -t utf-8"))
+            problems.append(
+                DataProblem(
+                    str(f),
+                    line,
+                    f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file, e.g. iconv -f latin1 -t utf-8",
+                )
+            )
             continue
         report.examples = 1 if text.strip() else 0
         reports.append(report)
@@ -604,21 +710,29 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune-engine validate-data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="finetune-engine validate-data", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("files", nargs="+")
     parser.add_argument("--kind", choices=KINDS, default=None, help="Force the data format.")
-    parser.add_argument("--method", choices=sorted(METHOD_KINDS), default=None, help="Allow only this method's formats.")
+    parser.add_argument(
+        "--method", choices=sorted(METHOD_KINDS), default=None, help="Allow only this method's formats."
+    )
     args = parser.parse_args(argv)
     allowed = _allowed_for(args.method)
     if args.kind and allowed and args.kind not in allowed:
-        parser.error(f"--kind {args.kind} is not usable with --method {args.method} (expected {' or '.join(allowed)})")
+        parser.error(
+            f"--kind {args.kind} is not usable with --method {args.method} (expected {' or '.join(allowed)})"
+        )
     bad = 0
     for path in args.files:
         report = validate_file(path, kind=args.kind, allowed_kinds=allowed)
         for problem in report.problems:
             print(problem)
         bad += len(report.problems)
-        print(f"{path}: {report.examples} valid {report.kind or 'unknown'} example(s), {len(report.problems)} problem(s)")
+        print(
+            f"{path}: {report.examples} valid {report.kind or 'unknown'} example(s), {len(report.problems)} problem(s)"
+        )
     if len(args.files) > 1:
         print(f"total: {bad} problem(s) in {len(args.files)} file(s)")
     return 1 if bad else 0
@@ -626,4 +740,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

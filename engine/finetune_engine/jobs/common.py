@@ -27,15 +27,23 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"Experiment YAML file; '-' reads stdin; default: the YAML text in ${CONFIG_ENV} (how pods pass it).",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="Override a config value (YAML-parsed). Repeatable.")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="Override a config value (YAML-parsed). Repeatable.",
+    )
 
 
 def read_config(args: argparse.Namespace, method: str = "sft") -> ExperimentConfig:
     if args.config in (None, ""):
         text, source = os.environ.get(CONFIG_ENV), f"${CONFIG_ENV}"
         if not text:
-            raise ConfigError("(none)", [f"no config: pass --config FILE or set {CONFIG_ENV} to the YAML text"])
+            raise ConfigError(
+                "(none)", [f"no config: pass --config FILE or set {CONFIG_ENV} to the YAML text"]
+            )
     elif args.config == "-":
         text, source = sys.stdin.read(), "<stdin>"
     else:

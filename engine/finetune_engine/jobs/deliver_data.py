@@ -48,7 +48,9 @@ def run_script(script: str, out_dir: Path, timeout: float, python: str = sys.exe
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise DeliveryError(f"data script did not finish within {timeout:.0f}s and was stopped; nothing was uploaded") from None
+        raise DeliveryError(
+            f"data script did not finish within {timeout:.0f}s and was stopped; nothing was uploaded"
+        ) from None
     if rc != 0:
         raise DeliveryError(f"data script exited with {rc}; nothing was uploaded")
 
@@ -60,10 +62,19 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    return (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
 
 
-def resolve_url(url: str, allow_private: bool = False, allow_networks: list[str] | None = None) -> tuple[str, str]:
+def resolve_url(
+    url: str, allow_private: bool = False, allow_networks: list[str] | None = None
+) -> tuple[str, str]:
     """Check one URL (or redirect target) and resolve its host once: returns ``(url, address)``.
 
     The caller connects to ``address`` itself, so a second DNS answer (rebinding) cannot swap in a
@@ -101,28 +112,43 @@ def check_url(url: str, allow_private: bool = False, allow_networks: list[str] |
     resolve_url(url, allow_private, allow_networks)
 
 
-def _open_pinned(url: str, address: str, timeout: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def _open_pinned(
+    url: str, address: str, timeout: float
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """GET ``url`` over a connection to the already checked ``address`` (TLS still verifies the
     URL's host name). Environment proxies are not used: they would resolve the name again."""
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     if parts.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, port, timeout=timeout, context=ssl.create_default_context())
+            parts.hostname, port, timeout=timeout, context=ssl.create_default_context()
+        )
     else:
         conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
-    conn._create_connection = lambda _addr, tmo=timeout, src=None: socket.create_connection((address, port), tmo, src)
+    conn._create_connection = lambda _addr, tmo=timeout, src=None: socket.create_connection(
+        (address, port), tmo, src
+    )
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        conn.request("GET", target, headers={"User-Agent": "finetune-engine deliver-data", "Accept-Encoding": "identity"})
+        conn.request(
+            "GET",
+            target,
+            headers={"User-Agent": "finetune-engine deliver-data", "Accept-Encoding": "identity"},
+        )
         return conn, conn.getresponse()
     except (OSError, http.client.HTTPException) as err:
         conn.close()
         raise DeliveryError(f"{url}: request failed ({type(err).__name__}: {err})") from None
 
 
-def fetch_urls(urls: list[str], out_dir: Path, allow_private: bool, timeout: float,
-               allow_networks: list[str] | None = None, max_redirects: int = MAX_REDIRECTS) -> None:
+def fetch_urls(
+    urls: list[str],
+    out_dir: Path,
+    allow_private: bool,
+    timeout: float,
+    allow_networks: list[str] | None = None,
+    max_redirects: int = MAX_REDIRECTS,
+) -> None:
     """Download each URL into ``out_dir`` under the file name of the URL as given.
 
     Redirects are followed by hand, at most ``max_redirects`` hops, and every hop's target is checked
@@ -163,9 +189,16 @@ def fetch_urls(urls: list[str], out_dir: Path, allow_private: bool, timeout: flo
                 conn.close()
 
 
-def deliver_data(destination: str, script: str | None = None, urls: list[str] | None = None, method: str = "sft",
-                 timeout: float = 3600, allow_private_urls: bool = False, workdir: Path | None = None,
-                 allow_networks: list[str] | None = None) -> dict:
+def deliver_data(
+    destination: str,
+    script: str | None = None,
+    urls: list[str] | None = None,
+    method: str = "sft",
+    timeout: float = 3600,
+    allow_private_urls: bool = False,
+    workdir: Path | None = None,
+    allow_networks: list[str] | None = None,
+) -> dict:
     from finetune_engine.data.validate import validate_files
     from finetune_engine.storage import join, upload_file
 
@@ -183,8 +216,10 @@ def deliver_data(destination: str, script: str | None = None, urls: list[str] | 
             raise DeliveryError(f"no files were produced in ${DATA_DIR_ENV}; nothing was uploaded")
         not_data = [p.name for p in files if p.suffix not in (".jsonl", ".json")]
         if not_data:
-            raise DeliveryError(f"only .jsonl (or JSON-array .json) files are delivered; found {not_data}; "
-                                "nothing was uploaded")
+            raise DeliveryError(
+                f"only .jsonl (or JSON-array .json) files are delivered; found {not_data}; "
+                "nothing was uploaded"
+            )
         reports = validate_files([str(p) for p in files], method=method)
         uploaded = []
         for path in files:
@@ -192,7 +227,11 @@ def deliver_data(destination: str, script: str | None = None, urls: list[str] | 
             upload_file(path, uri)
             uploaded.append(uri)
     log.info("uploaded %d dataset file(s) to %s", len(uploaded), destination)
-    return {"status": "delivered", "files": uploaded, "examples": {Path(r.file).name: r.examples for r in reports}}
+    return {
+        "status": "delivered",
+        "files": uploaded,
+        "examples": {Path(r.file).name: r.examples for r in reports},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,21 +242,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-engine deliver-data", description=__doc__.splitlines()[0])
     parser.add_argument("destination", help="s3://bucket/datasets/ (files keep their names)")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--script", default=None, help=f"Python data script file (default: source text in ${SCRIPT_ENV}).")
+    src.add_argument(
+        "--script", default=None, help=f"Python data script file (default: source text in ${SCRIPT_ENV})."
+    )
     src.add_argument("--url", action="append", default=[], help="http(s) URL of a JSONL file (repeatable).")
-    parser.add_argument("--method", default="sft", choices=["sft", "dpo", "kto"], help="Validate for this method.")
-    parser.add_argument("--timeout", type=float, default=3600, help="Seconds the script or downloads may take.")
-    parser.add_argument("--allow-private-urls", action="store_true", help="Allow any private/loopback address.")
-    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
-                        help="Allow private addresses in this network only (repeatable), e.g. 10.0.5.0/24.")
+    parser.add_argument(
+        "--method", default="sft", choices=["sft", "dpo", "kto"], help="Validate for this method."
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="Seconds the script or downloads may take."
+    )
+    parser.add_argument(
+        "--allow-private-urls", action="store_true", help="Allow any private/loopback address."
+    )
+    parser.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="Allow private addresses in this network only (repeatable), e.g. 10.0.5.0/24.",
+    )
     parser.add_argument("--result-file", default=None)
     parser.add_argument("--logging-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.logging_level)
-    script = Path(args.script).read_text(encoding="utf-8") if args.script else (None if args.url else os.environ.get(SCRIPT_ENV))
+    script = (
+        Path(args.script).read_text(encoding="utf-8")
+        if args.script
+        else (None if args.url else os.environ.get(SCRIPT_ENV))
+    )
     try:
-        result = deliver_data(args.destination, script, args.url, args.method, args.timeout, args.allow_private_urls,
-                              allow_networks=args.allow_network)
+        result = deliver_data(
+            args.destination,
+            script,
+            args.url,
+            args.method,
+            args.timeout,
+            args.allow_private_urls,
+            allow_networks=args.allow_network,
+        )
     except (DeliveryError, DataValidationError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

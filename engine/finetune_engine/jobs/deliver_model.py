@@ -33,8 +33,9 @@ def default_destination(bucket: str, source: str, revision: str | None) -> str:
     return f"s3://{bucket}/models/{'/'.join(name)}{suffix}"
 
 
-def _materialize(src: Path, dst: Path, allow_pickle: bool, allow: list[str] | None = None,
-                 exclude: list[str] | None = None) -> None:
+def _materialize(
+    src: Path, dst: Path, allow_pickle: bool, allow: list[str] | None = None, exclude: list[str] | None = None
+) -> None:
     """Copy ``src`` into ``dst`` resolving the hub cache's symlinks (hard links when possible),
     keeping only files that match ``allow`` (if given) and none of ``exclude``."""
     for path in sorted(src.rglob("*")):
@@ -60,12 +61,17 @@ def _materialize(src: Path, dst: Path, allow_pickle: bool, allow: list[str] | No
 def _check_weights(directory: Path, allow_pickle: bool) -> None:
     names = [p.name for p in directory.rglob("*") if p.is_file()]
     if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
-        hint = " (pickle weights were skipped; pass --allow-pickle if you trust the source)" if not allow_pickle else ""
+        hint = (
+            " (pickle weights were skipped; pass --allow-pickle if you trust the source)"
+            if not allow_pickle
+            else ""
+        )
         raise DeliveryError(f"no model weights found in the delivered files{hint}")
 
 
-def fetch_from_hub(repo_id: str, revision: str | None, allow: list[str] | None, exclude: list[str] | None,
-                   allow_pickle: bool) -> tuple[Path, str]:
+def fetch_from_hub(
+    repo_id: str, revision: str | None, allow: list[str] | None, exclude: list[str] | None, allow_pickle: bool
+) -> tuple[Path, str]:
     """snapshot_download into the hub cache (HF_HOME / HF_HUB_CACHE); returns (snapshot dir, commit)."""
     from huggingface_hub import snapshot_download
 
@@ -83,16 +89,28 @@ def fetch_from_hub(repo_id: str, revision: str | None, allow: list[str] | None, 
     return Path(path), Path(path).name
 
 
-def deliver_model(source: str, destination: str, revision: str | None = None, allow: list[str] | None = None,
-                  exclude: list[str] | None = None, allow_pickle: bool = False, overwrite: bool = False,
-                  workdir: Path | None = None) -> dict:
+def deliver_model(
+    source: str,
+    destination: str,
+    revision: str | None = None,
+    allow: list[str] | None = None,
+    exclude: list[str] | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    workdir: Path | None = None,
+) -> dict:
     from finetune_engine.storage import delete_prefix, download_dir, is_complete, read_manifest, upload_dir
 
     origin = {"source": source, "revision": revision or "main"}
     if is_complete(destination) and not overwrite:
         extra = (read_manifest(destination) or {}).get("extra") or {}
         if extra.get("source") == source and extra.get("revision") == origin["revision"]:
-            log.info("%s already holds a complete copy of %s@%s; nothing to do", destination, source, origin["revision"])
+            log.info(
+                "%s already holds a complete copy of %s@%s; nothing to do",
+                destination,
+                source,
+                origin["revision"],
+            )
             return {"status": "skipped", "destination": destination, **extra}
         raise DeliveryError(
             f"{destination} already holds a complete model from {extra.get('source')}@{extra.get('revision')}; "
@@ -108,7 +126,9 @@ def deliver_model(source: str, destination: str, revision: str | None = None, al
         elif Path(source).is_dir():
             _materialize(Path(source), staged, allow_pickle, allow, exclude)
         elif "://" in source or source.startswith(("/", ".")):
-            raise DeliveryError(f"source {source!r}: not a directory, an s3:// prefix or a Hub repo id (org/name)")
+            raise DeliveryError(
+                f"source {source!r}: not a directory, an s3:// prefix or a Hub repo id (org/name)"
+            )
         else:
             snapshot, commit = fetch_from_hub(source, revision, allow, exclude, allow_pickle)
             origin["commit"] = commit
@@ -126,13 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     from finetune_engine.cli.finetuning import setup_logging
     from finetune_engine.jobs.common import write_result
 
-    parser = argparse.ArgumentParser(prog="finetune-engine deliver-model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="finetune-engine deliver-model", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("source", help="Hub repo id (org/name), a local directory, or s3://bucket/prefix")
-    parser.add_argument("destination", nargs="?", default=None,
-                        help="s3://bucket/models/org/name (default: models/<org>/<name>[@rev] in $FINETUNE_BUCKET)")
+    parser.add_argument(
+        "destination",
+        nargs="?",
+        default=None,
+        help="s3://bucket/models/org/name (default: models/<org>/<name>[@rev] in $FINETUNE_BUCKET)",
+    )
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default main).")
-    parser.add_argument("--allow-pattern", action="append", default=[], help="Only files matching (repeatable).")
-    parser.add_argument("--exclude-pattern", action="append", default=[], help="Skip files matching, e.g. 'original/*'.")
+    parser.add_argument(
+        "--allow-pattern", action="append", default=[], help="Only files matching (repeatable)."
+    )
+    parser.add_argument(
+        "--exclude-pattern", action="append", default=[], help="Skip files matching, e.g. 'original/*'."
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="Also take pickle (.bin/.pt) weights.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing complete copy.")
     parser.add_argument("--result-file", default=None)
@@ -147,8 +177,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         destination = default_destination(bucket, args.source, args.revision)
     try:
-        result = deliver_model(args.source, destination, args.revision, args.allow_pattern, args.exclude_pattern,
-                               args.allow_pickle, args.overwrite)
+        result = deliver_model(
+            args.source,
+            destination,
+            args.revision,
+            args.allow_pattern,
+            args.exclude_pattern,
+            args.allow_pickle,
+            args.overwrite,
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,14 +31,18 @@ def _local_copy(uri: str, target: Path, *, directory: bool) -> Path:
         return path
     if directory:
         if not is_complete(uri):
-            raise ValueError(f"{uri} is not a complete model prefix (no valid manifest); was it trained to the end?")
+            raise ValueError(
+                f"{uri} is not a complete model prefix (no valid manifest); was it trained to the end?"
+            )
         download_dir(uri, target)
     elif not target.exists():
         download_file(uri, target)
     return target
 
 
-def score_model(model_dir: Path, records: list[dict[str, Any]], max_seq_length: int, batch_size: int) -> dict[str, Any]:
+def score_model(
+    model_dir: Path, records: list[dict[str, Any]], max_seq_length: int, batch_size: int
+) -> dict[str, Any]:
     """Token-weighted assistant-token loss of a saved model on records (messages or prompt/completion)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,16 +51,28 @@ def score_model(model_dir: Path, records: list[dict[str, Any]], max_seq_length: 
     from finetune_engine.data.tokenize import EncodeSettings, encode_batch
 
     if (Path(model_dir) / "adapter_config.json").exists() and not (Path(model_dir) / "config.json").exists():
-        raise ValueError(f"{model_dir}: a PEFT adapter, not a model; eval-job scores full models: merge it first "
-                         "(finetune-engine merge-job, MergeAdapterOperator, or run_conf.merge_adapter: true)")
+        raise ValueError(
+            f"{model_dir}: a PEFT adapter, not a model; eval-job scores full models: merge it first "
+            "(finetune-engine merge-job, MergeAdapterOperator, or run_conf.merge_adapter: true)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.chat_template is None:
-        raise ValueError(f"{model_dir}: the tokenizer has no chat template; evaluate a model saved by the engine")
+        raise ValueError(
+            f"{model_dir}: the tokenizer has no chat template; evaluate a model saved by the engine"
+        )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     model.eval()
     # the saved tokenizer is set up for inference: its EOS is the template's assistant end marker
-    encoded = encode_batch(records, tokenizer, EncodeSettings(max_seq_length=max_seq_length, length_handling="truncate",
-                                                              completions_only=True, end_marker=tokenizer.eos_token))
+    encoded = encode_batch(
+        records,
+        tokenizer,
+        EncodeSettings(
+            max_seq_length=max_seq_length,
+            length_handling="truncate",
+            completions_only=True,
+            end_marker=tokenizer.eos_token,
+        ),
+    )
     items = [e for e in encoded if isinstance(e, dict)]
     dropped = len(encoded) - len(items)
     if not items:
@@ -67,26 +83,44 @@ def score_model(model_dir: Path, records: list[dict[str, Any]], max_seq_length: 
     t0 = time.monotonic()
     with torch.inference_mode():
         for start in range(0, len(items), batch_size):
-            batch = collate([{"input_ids": i["input_ids"], "labels": i["labels"]} for i in items[start:start + batch_size]])
+            batch = collate(
+                [
+                    {"input_ids": i["input_ids"], "labels": i["labels"]}
+                    for i in items[start : start + batch_size]
+                ]
+            )
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             total_loss += float(loss)
             total_tokens += int((labels != -100).sum())
     mean = total_loss / total_tokens
-    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": total_tokens,
-            "examples": len(items), "dropped": dropped, "seconds": round(time.monotonic() - t0, 3)}
+    return {
+        "eval_loss": mean,
+        "perplexity": math.exp(min(mean, 50.0)),
+        "tokens": total_tokens,
+        "examples": len(items),
+        "dropped": dropped,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
 
 
-def run_eval_job(models: list[str], data: list[str], workdir: Path, max_seq_length: int = 1024,
-                 batch_size: int = 8) -> dict[str, Any]:
+def run_eval_job(
+    models: list[str], data: list[str], workdir: Path, max_seq_length: int = 1024, batch_size: int = 8
+) -> dict[str, Any]:
     from finetune_engine.data.validate import iter_records, validate_files
     from finetune_engine.jobs.common import local_name
 
     workdir.mkdir(parents=True, exist_ok=True)
-    files = [_local_copy(uri, workdir / "data" / local_name(uri, str(i)), directory=False)
-             for i, uri in enumerate(data)]
+    files = [
+        _local_copy(uri, workdir / "data" / local_name(uri, str(i)), directory=False)
+        for i, uri in enumerate(data)
+    ]
     validate_files(files, method="sft")  # raises DataValidationError naming file:line
     records = [record for path in files for _, record in iter_records(path)]
     records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
@@ -96,8 +130,13 @@ def run_eval_job(models: list[str], data: list[str], workdir: Path, max_seq_leng
     for i, uri in enumerate(models):
         local = _local_copy(uri, workdir / f"model-{i}", directory=True)
         score = score_model(local, records, max_seq_length, batch_size)
-        log.info("%s: eval loss %.4f over %d assistant tokens of %d examples", uri, score["eval_loss"], score["tokens"],
-                 score["examples"])
+        log.info(
+            "%s: eval loss %.4f over %d assistant tokens of %d examples",
+            uri,
+            score["eval_loss"],
+            score["tokens"],
+            score["examples"],
+        )
         scores.append({"model_uri": uri, **score})
     best = min(scores, key=lambda s: s["eval_loss"])
     return {"status": "evaluated", "data": list(data), "models": scores, "best_model_uri": best["model_uri"]}
@@ -111,9 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     from finetune_engine.storage.s3 import TransientStorageError
 
     parser = argparse.ArgumentParser(prog="finetune-engine eval-job", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, dest="models",
-                        help="Model to score: s3:// prefix (complete) or local directory. Repeatable.")
-    parser.add_argument("--data", action="append", required=True, help="Held-out JSONL: s3:// URI or file. Repeatable.")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        dest="models",
+        help="Model to score: s3:// prefix (complete) or local directory. Repeatable.",
+    )
+    parser.add_argument(
+        "--data", action="append", required=True, help="Held-out JSONL: s3:// URI or file. Repeatable."
+    )
     parser.add_argument("--max-seq-length", type=int, default=1024, help="Longer examples are truncated.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", default=os.environ.get("FINETUNE_WORKDIR", "workdir"))
@@ -121,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("INFO")
     try:
-        result = run_eval_job(args.models, args.data, Path(args.workdir), args.max_seq_length, args.batch_size)
+        result = run_eval_job(
+            args.models, args.data, Path(args.workdir), args.max_seq_length, args.batch_size
+        )
     except TransientStorageError as err:
         # the bucket was unreachable or failing after the retries: not the input's fault, so not
         # exit 2 (an input error is not retried); the task's next try scores again

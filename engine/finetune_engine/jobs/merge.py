@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="finetune-engine merge-job", description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="Base model: s3:// prefix or local directory.")
-    parser.add_argument("--adapter", required=True, help="Adapter prefix (s3://.../checkpoint-final-adapter).")
+    parser.add_argument(
+        "--adapter", required=True, help="Adapter prefix (s3://.../checkpoint-final-adapter)."
+    )
     parser.add_argument("--output", required=True, help="Where the merged model goes (s3:// prefix).")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--workdir", default=os.environ.get("FINETUNE_WORKDIR", "workdir"))

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-engine pull", description=__doc__.splitlines()[0])
     parser.add_argument("uri")
     parser.add_argument("directory")
-    parser.add_argument("--wait-complete", action="store_true", help="Wait until the prefix's manifest exists.")
+    parser.add_argument(
+        "--wait-complete", action="store_true", help="Wait until the prefix's manifest exists."
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds to wait for completion.")
     parser.add_argument("--poll", type=float, default=10)
     args = parser.parse_args(argv)

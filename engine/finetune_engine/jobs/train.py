@@ -101,8 +101,14 @@ class CheckpointUploader:
                 stored.append(rel)
                 count = len(stored)
             if self._kill_at == (ordinal, count):
-                log.warning("%s=%d:%d: %d objects of %s stored; SIGKILL to the job's process group now",
-                            TEST_KILL_ENV, ordinal, count, count, name)
+                log.warning(
+                    "%s=%d:%d: %d objects of %s stored; SIGKILL to the job's process group now",
+                    TEST_KILL_ENV,
+                    ordinal,
+                    count,
+                    count,
+                    name,
+                )
                 for handler in logging.getLogger().handlers:
                     handler.flush()
                 os.killpg(os.getpgid(0), signal.SIGKILL)
@@ -169,8 +175,12 @@ def _fetch_inputs_locked(cfg: schema.ExperimentConfig, workdir: Path) -> schema.
     samples = (data.get("tracking") or {}).get("sample_generations") or {}
     if samples.get("prompts_file") and is_uri(samples["prompts_file"]):
         uri = samples["prompts_file"]
-        samples["prompts_file"] = _fetch_data(uri, workdir / "data" / local_name(uri, "prompts"),
-                                              key="tracking.sample_generations.prompts_file", one_file=True)
+        samples["prompts_file"] = _fetch_data(
+            uri,
+            workdir / "data" / local_name(uri, "prompts"),
+            key="tracking.sample_generations.prompts_file",
+            one_file=True,
+        )
     return schema.ExperimentConfig.model_validate(data)
 
 
@@ -187,12 +197,16 @@ def _fetch_data(uri: str, local: Path, key: str = "the path in data_conf", one_f
         download_file(uri, local)
     elif list_objects(uri):
         if one_file:
-            raise ValueError(f"{key} {uri}: a prefix, not one object; give the full URI of a .txt or .jsonl file")
+            raise ValueError(
+                f"{key} {uri}: a prefix, not one object; give the full URI of a .txt or .jsonl file"
+            )
         log.info("downloading data prefix %s", uri)
         download_dir(uri, local, require_complete=False)
     else:
-        raise ValueError(f"{uri}: no such object or prefix in the bucket; deliver the data first (deliver-data) "
-                         f"or fix {key}")
+        raise ValueError(
+            f"{uri}: no such object or prefix in the bucket; deliver the data first (deliver-data) "
+            f"or fix {key}"
+        )
     return str(local)
 
 
@@ -201,7 +215,9 @@ def _sync_down_newest(prefix_uri: str, output_dir: Path) -> str | None:
     from finetune_engine.storage import download_dir, join, list_complete_children
 
     steps = sorted(
-        (int(m.group(1)), name) for name in list_complete_children(prefix_uri) if (m := CHECKPOINT_RE.match(name))
+        (int(m.group(1)), name)
+        for name in list_complete_children(prefix_uri)
+        if (m := CHECKPOINT_RE.match(name))
     )
     if not steps:
         log.info("no complete checkpoint under %s", prefix_uri)
@@ -230,7 +246,9 @@ def run_train_job(
     checkpoint_uri = checkpoint_uri.rstrip("/")
     if "resume_from_checkpoint" not in cfg.run_conf.model_fields_set:
         # a pod job resumes: a relaunch continues from the newest checkpoint in the bucket
-        cfg = cfg.model_copy(update={"run_conf": cfg.run_conf.model_copy(update={"resume_from_checkpoint": "auto"})})
+        cfg = cfg.model_copy(
+            update={"run_conf": cfg.run_conf.model_copy(update={"resume_from_checkpoint": "auto"})}
+        )
     layout = output_layout(cfg)
     done_uri = join(checkpoint_uri, layout.done.name)
     if is_complete(done_uri):
@@ -259,7 +277,9 @@ def run_train_job(
         from finetune_engine.tracking import resolve_tracking
 
         tracking = resolve_tracking(cfg.tracking, *tracking_args)
-        uploader = CheckpointUploader(checkpoint_uri, workdir / "upload-staging", cfg.training_args.get("save_total_limit"))
+        uploader = CheckpointUploader(
+            checkpoint_uri, workdir / "upload-staging", cfg.training_args.get("save_total_limit")
+        )
         after_save = [uploader] if main_process else []
         try:
             if method == "sft":
@@ -269,7 +289,9 @@ def run_train_job(
             else:  # dpo, kto, orpo, cpo
                 from finetune_engine.recipes.preference import run_preference
 
-                result = run_preference(cfg, tracking, method, num_preprocess_workers, None, after_save=after_save)
+                result = run_preference(
+                    cfg, tracking, method, num_preprocess_workers, None, after_save=after_save
+                )
         finally:
             uploader.close()
         if not main_process:
@@ -280,8 +302,11 @@ def run_train_job(
         # last, marks the whole run as finished.
         layout = output_layout(cfg)
         uris = {}
-        for key, local in (("grown_base", result.get("grown_base")), ("final_adapter", result.get("final_adapter")),
-                           ("final_checkpoint", result.get("final_checkpoint"))):
+        for key, local in (
+            ("grown_base", result.get("grown_base")),
+            ("final_adapter", result.get("final_adapter")),
+            ("final_checkpoint", result.get("final_checkpoint")),
+        ):
             if local:
                 uris[key] = join(checkpoint_uri, Path(local).name)
                 result[f"{key}_uri"] = uris[key]
@@ -307,11 +332,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="finetune-engine train-job", description=__doc__.splitlines()[0])
     add_config_args(parser)
-    parser.add_argument("--method", default="sft", choices=list(METHODS),
-                        help="sft, or a preference method: dpo, kto, orpo, cpo (SimPO: cpo with training_args.loss_type simpo).")
-    parser.add_argument("--checkpoint-uri", required=True, help="s3://bucket/experiments/<experiment>/<run key>")
-    parser.add_argument("--workdir", default=os.environ.get("FINETUNE_WORKDIR", "workdir"), help="Local scratch directory.")
-    parser.add_argument("--result-file", default=None, help="Result JSON path (default $FINETUNE_RESULT_FILE).")
+    parser.add_argument(
+        "--method",
+        default="sft",
+        choices=list(METHODS),
+        help="sft, or a preference method: dpo, kto, orpo, cpo (SimPO: cpo with training_args.loss_type simpo).",
+    )
+    parser.add_argument(
+        "--checkpoint-uri", required=True, help="s3://bucket/experiments/<experiment>/<run key>"
+    )
+    parser.add_argument(
+        "--workdir", default=os.environ.get("FINETUNE_WORKDIR", "workdir"), help="Local scratch directory."
+    )
+    parser.add_argument(
+        "--result-file", default=None, help="Result JSON path (default $FINETUNE_RESULT_FILE)."
+    )
     parser.add_argument("--num-preprocess-workers", type=int, default=1)
     parser.add_argument("--mlflow-server-uri", default=None)
     parser.add_argument("--experiment-name", default=None)
@@ -322,13 +357,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = read_config(args, args.method)
         result = run_train_job(
-            cfg, args.checkpoint_uri, Path(args.workdir), args.method, args.result_file, args.num_preprocess_workers,
+            cfg,
+            args.checkpoint_uri,
+            Path(args.workdir),
+            args.method,
+            args.result_file,
+            args.num_preprocess_workers,
             (args.mlflow_server_uri, args.experiment_name, args.hf_mlflow_log_artifacts),
         )
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    log.info("train job %s: step %s, eval loss %s", result.get("status"), result.get("global_step"), result.get("final_eval_loss"))
+    log.info(
+        "train job %s: step %s, eval loss %s",
+        result.get("status"),
+        result.get("global_step"),
+        result.get("final_eval_loss"),
+    )
     return 0
 
 

@@ -77,7 +77,9 @@ def output_layout(cfg: schema.ExperimentConfig) -> OutputLayout:
     final = out / cfg.run_conf.final_checkpoint_name
     is_adapter = not isinstance(cfg.peft_conf, schema.NoPeft)
     merged = out / merged_name(final.name) if is_adapter and cfg.run_conf.merge_adapter else None
-    return OutputLayout(out, final, final if is_adapter else None, merged, out / cfg.sft_args.save_name_if_new_basemodel)
+    return OutputLayout(
+        out, final, final if is_adapter else None, merged, out / cfg.sft_args.save_name_if_new_basemodel
+    )
 
 
 def output_paths(cfg: schema.ExperimentConfig) -> tuple[Path, Path, Path | None]:
@@ -117,13 +119,17 @@ def validate_inputs(cfg: schema.ExperimentConfig, method: str) -> None:
     from finetune_engine.data.validate import validate_files, validate_text_files
 
     # A PRECOMPUTE_WEIGHTED_MIX dataset of sampling_weight 0 is left out, unread (as in the Silogen engine).
-    paths = [ds.path for ds in cfg.data_conf.training_data.datasets if getattr(ds, "sampling_weight", None) != 0]
+    paths = [
+        ds.path for ds in cfg.data_conf.training_data.datasets if getattr(ds, "sampling_weight", None) != 0
+    ]
     vpaths = []
     if isinstance(cfg.data_conf.validation_data, schema.ConcatenationValidation):
         vpaths = [ds.path for ds in cfg.data_conf.validation_data.datasets]
     for p in paths + vpaths:
         if "://" in p:
-            raise DataError(f"{p}: bucket URIs are fetched by the train job (finetune-engine train-job); finetuning reads local files")
+            raise DataError(
+                f"{p}: bucket URIs are fetched by the train job (finetune-engine train-job); finetuning reads local files"
+            )
     if isinstance(cfg.data_conf.training_data, schema.TextFilesData):
         validate_text_files(paths)
         if vpaths:
@@ -131,8 +137,10 @@ def validate_inputs(cfg: schema.ExperimentConfig, method: str) -> None:
         return
     for report in validate_files(paths + vpaths, method=method):
         if report.kind == "text_file":
-            raise DataError(f"{report.file} is plain text, not JSON Lines; plain text trains with "
-                            "data_conf.training_data.type: TEXT_FILES")
+            raise DataError(
+                f"{report.file} is plain text, not JSON Lines; plain text trains with "
+                "data_conf.training_data.type: TEXT_FILES"
+            )
 
 
 def seed_everything(cfg: schema.ExperimentConfig) -> int:
@@ -170,21 +178,29 @@ def report_to(value: Any, logging_dir: str | None) -> list[str]:
     names = [n for n in dict.fromkeys(names) if n != "none"]
     if "mlflow" in names:
         names.remove("mlflow")
-        log.info("training_args.report_to: mlflow is the engine's own logging (tracking section, "
-                 "--mlflow-server-uri or MLFLOW_TRACKING_URI); the trainer's MLflow callback is not added")
+        log.info(
+            "training_args.report_to: mlflow is the engine's own logging (tracking section, "
+            "--mlflow-server-uri or MLFLOW_TRACKING_URI); the trainer's MLflow callback is not added"
+        )
     if "tensorboard" in names:
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise ValueError("training_args.report_to: tensorboard needs the tensorboard package, which is "
-                             "not installed; install finetune-engine[train] (or pip install tensorboard), "
-                             "or remove tensorboard from report_to")
+        if (
+            importlib.util.find_spec("tensorboard") is None
+            and importlib.util.find_spec("tensorboardX") is None
+        ):
+            raise ValueError(
+                "training_args.report_to: tensorboard needs the tensorboard package, which is "
+                "not installed; install finetune-engine[train] (or pip install tensorboard), "
+                "or remove tensorboard from report_to"
+            )
         directory = logging_dir or os.environ.get("LOGS_PATH") or "./logs"
         os.environ["TENSORBOARD_LOGGING_DIR"] = directory  # read by transformers' TensorBoardCallback
         log.info("training_args.report_to: tensorboard event files go to %s", directory)
     return names
 
 
-def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: int, has_eval: bool,
-                       method: str | None = None) -> dict[str, Any]:
+def training_args_dict(
+    cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: int, has_eval: bool, method: str | None = None
+) -> dict[str, Any]:
     """training_args with the engine's derived and default values; the caller builds its config class."""
     import torch
 
@@ -206,8 +222,11 @@ def training_args_dict(cfg: schema.ExperimentConfig, plan, out_dir: Path, seed: 
     )
     if isinstance(args.get("deepspeed"), dict):
         # As in the Silogen engine: an inline DeepSpeed config gets the derived batch sizes.
-        args["deepspeed"] = {**args["deepspeed"], "train_micro_batch_size_per_gpu": plan.per_device,
-                             "train_batch_size": plan.total}
+        args["deepspeed"] = {
+            **args["deepspeed"],
+            "train_micro_batch_size_per_gpu": plan.per_device,
+            "train_batch_size": plan.total,
+        }
     if method == "dpo":
         for key, value in PEER_DPO_DEFAULTS.items():
             args.setdefault(key, value)
@@ -233,10 +252,16 @@ def start_tracking(cfg: schema.ExperimentConfig, tracking: TrackingSettings, met
     return cb
 
 
-def callbacks(after_save: list[Callable[[Path, int], None]] | None, mlflow_cb, extra: list | None = None) -> list:
+def callbacks(
+    after_save: list[Callable[[Path, int], None]] | None, mlflow_cb, extra: list | None = None
+) -> list:
     from finetune_engine.callbacks import ManifestCallback, ProgressCallback
 
-    return [ManifestCallback(after_save), ProgressCallback()] + ([mlflow_cb] if mlflow_cb else []) + list(extra or [])
+    return (
+        [ManifestCallback(after_save), ProgressCallback()]
+        + ([mlflow_cb] if mlflow_cb else [])
+        + list(extra or [])
+    )
 
 
 def sample_prompts(conf: schema.SampleGenerations, chat: bool) -> list[dict[str, Any]]:
@@ -274,10 +299,23 @@ def sample_callback(cfg: schema.ExperimentConfig, tokenizer, mlflow_cb) -> list:
     if chat is None:
         chat = not isinstance(cfg.data_conf.training_data, schema.TextFilesData)
     items = sample_prompts(conf, chat)
-    log.info("sample generations: %d prompt(s) every %d steps (%s)", len(items), conf.every_n_steps,
-             "chat template" if chat else "plain text")
-    return [SampleGenerationCallback(tokenizer, items, conf.every_n_steps, conf.max_new_tokens, conf.temperature,
-                                     chat=chat, mlflow_cb=mlflow_cb)]
+    log.info(
+        "sample generations: %d prompt(s) every %d steps (%s)",
+        len(items),
+        conf.every_n_steps,
+        "chat template" if chat else "plain text",
+    )
+    return [
+        SampleGenerationCallback(
+            tokenizer,
+            items,
+            conf.every_n_steps,
+            conf.max_new_tokens,
+            conf.temperature,
+            chat=chat,
+            mlflow_cb=mlflow_cb,
+        )
+    ]
 
 
 def quiet_printer(trainer) -> None:
@@ -300,8 +338,12 @@ def train(trainer, resume: Path | None) -> float | None:
         saved = TrainerState.load_from_json(str(resume / "trainer_state.json"))
         planned = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
         if saved.global_step >= planned:
-            log.info("%s already holds step %d of %d planned: finishing from it without training", resume.name,
-                     saved.global_step, planned)
+            log.info(
+                "%s already holds step %d of %d planned: finishing from it without training",
+                resume.name,
+                saved.global_step,
+                planned,
+            )
             trainer._load_from_checkpoint(str(resume))
             trainer.state = saved
             return last_logged(saved, "train_loss") or last_logged(saved, "loss")
@@ -311,10 +353,19 @@ def train(trainer, resume: Path | None) -> float | None:
 def log_parallelism(trainer) -> None:
     """Which parallelism really ran (DDP, FSDP, DeepSpeed): the model class shows FSDP2's wrapping."""
     acc = trainer.accelerator
-    log.info("distributed: %s, %d process(es), model %s", acc.distributed_type.value, acc.num_processes, type(trainer.model_wrapped).__name__)
+    log.info(
+        "distributed: %s, %d process(es), model %s",
+        acc.distributed_type.value,
+        acc.num_processes,
+        type(trainer.model_wrapped).__name__,
+    )
     asked = "FSDP" if trainer.args.fsdp else "DEEPSPEED" if trainer.args.deepspeed else None
     if asked and acc.distributed_type.value != asked:
-        log.warning("training_args asked for %s but accelerate ran %s (FSDP and DeepSpeed need GPUs/accelerators)", asked, acc.distributed_type.value)
+        log.warning(
+            "training_args asked for %s but accelerate ran %s (FSDP and DeepSpeed need GPUs/accelerators)",
+            asked,
+            acc.distributed_type.value,
+        )
 
 
 def _forget_manifest(directory: Path) -> None:
@@ -341,7 +392,9 @@ def save_final(cfg: schema.ExperimentConfig, model, tok, meta: dict[str, Any]) -
     log.info("%s saved to %s", "adapter" if lay.adapter else "model", lay.final)
     if lay.merged is not None:
         if meta.get("quantized"):
-            merge_adapter(cfg.run_conf.model, str(lay.final), lay.merged)  # dequantized base, never 4-bit weights
+            merge_adapter(
+                cfg.run_conf.model, str(lay.final), lay.merged
+            )  # dequantized base, never 4-bit weights
         else:
             save_model(model.merge_and_unload(), tok.tokenizer, lay.merged, tok.end_marker)
         (lay.merged / META_NAME).write_text(json.dumps({**meta, "merged": True}, indent=1))
@@ -354,7 +407,13 @@ def save_final(cfg: schema.ExperimentConfig, model, tok, meta: dict[str, Any]) -
     }
 
 
-def finish(cfg: schema.ExperimentConfig, result: dict[str, Any], metrics: dict[str, Any], mlflow_cb, result_file: str | None) -> None:
+def finish(
+    cfg: schema.ExperimentConfig,
+    result: dict[str, Any],
+    metrics: dict[str, Any],
+    mlflow_cb,
+    result_file: str | None,
+) -> None:
     """Close tracking, store the result, then the manifest of the run's last output: the run
     counts as finished only from here."""
     lay = output_layout(cfg)
@@ -362,8 +421,12 @@ def finish(cfg: schema.ExperimentConfig, result: dict[str, Any], metrics: dict[s
         mlflow_cb.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     write_result(result, lay.out, result_file)
     write_manifest(lay.done)
-    log.info("final %s: %s%s", "adapter" if lay.adapter else "model", lay.final,
-             f"; merged model: {lay.merged}" if lay.merged else "")
+    log.info(
+        "final %s: %s%s",
+        "adapter" if lay.adapter else "model",
+        lay.final,
+        f"; merged model: {lay.merged}" if lay.merged else "",
+    )
 
 
 def train_and_report(
@@ -402,12 +465,18 @@ def train_and_report(
 
     if not is_main_process():
         log.info("rank %s: training done; rank 0 writes the outputs", os.environ.get("RANK"))
-        return {"status": "completed", "global_step": state.global_step, "rank": int(os.environ.get("RANK", "0"))}
+        return {
+            "status": "completed",
+            "global_step": state.global_step,
+            "rank": int(os.environ.get("RANK", "0")),
+        }
 
     # Final outputs, each completed by its manifest (written last, by finish).
     own = details(trainer, metrics)
     if "ref" in (getattr(trainer.model, "peft_config", None) or {}):
-        trainer.model.delete_adapter("ref")  # TRL's frozen copy of a pretrained adapter (dpo, kto), not an output
+        trainer.model.delete_adapter(
+            "ref"
+        )  # TRL's frozen copy of a pretrained adapter (dpo, kto), not an output
     saved = save_final(cfg, trainer.model, tok, meta)
     out_dir = output_layout(cfg).out
     result = {
@@ -425,7 +494,11 @@ def train_and_report(
         **saved,
         "mlflow_run_id": mlflow_cb.run_id if mlflow_cb else None,
         "mlflow_tracking_uri": tracking.uri if mlflow_cb and mlflow_cb.run_id else None,
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__, **(versions or {})},
+        "versions": {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            **(versions or {}),
+        },
     }
     finish(cfg, result, metrics, mlflow_cb, result_file)
     return result

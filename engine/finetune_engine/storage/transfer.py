@@ -44,8 +44,16 @@ class Progress:
         if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=True,
-                            file=sys.stderr, mininterval=0.2)
+            self.bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                leave=True,
+                file=sys.stderr,
+                mininterval=0.2,
+            )
         else:
             self.log_every = float(os.environ.get(PROGRESS_INTERVAL_ENV, "30"))
 
@@ -61,8 +69,10 @@ class Progress:
     def line(self) -> str:
         rate = self.rate
         eta = (self.total - self.done) / rate if rate else float("nan")
-        return (f"{self.desc}: {self.done / 2**20:.0f} of {self.total / 2**20:.0f} MiB "
-                f"({100 * self.done / max(self.total, 1):.0f}%) at {rate / 2**20:.1f} MiB/s, eta {eta:.0f} s")
+        return (
+            f"{self.desc}: {self.done / 2**20:.0f} of {self.total / 2**20:.0f} MiB "
+            f"({100 * self.done / max(self.total, 1):.0f}%) at {rate / 2**20:.1f} MiB/s, eta {eta:.0f} s"
+        )
 
     @property
     def rate(self) -> float:
@@ -116,8 +126,10 @@ def check_symlinks(root: Path) -> None:
             if path.is_symlink():
                 target = path.resolve()
                 if root_resolved not in target.parents:
-                    raise UnsafeKeyError(f"refusing to upload {path}: symlink points outside {root} (to {target}); "
-                                         "copy the file into the directory instead")
+                    raise UnsafeKeyError(
+                        f"refusing to upload {path}: symlink points outside {root} (to {target}); "
+                        "copy the file into the directory instead"
+                    )
 
 
 def local_manifest(local_dir: Path) -> dict:
@@ -129,14 +141,16 @@ def local_manifest(local_dir: Path) -> dict:
         listed = {f["path"]: f["size"] for f in manifest["files"]}
         files = sorted(list_files(local_dir))
         if sorted(listed) == files and all(
-            (st := (local_dir / rel).stat()).st_size == listed[rel] and st.st_mtime_ns <= stamp for rel in files
+            (st := (local_dir / rel).stat()).st_size == listed[rel] and st.st_mtime_ns <= stamp
+            for rel in files
         ):
             return manifest
     return build_manifest(local_dir)
 
 
-def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: bool = True,
-               after_file=None, client=None) -> dict:
+def upload_dir(
+    local_dir: str | Path, uri: str, *, workers: int = 8, progress: bool = True, after_file=None, client=None
+) -> dict:
     """Upload a directory to prefix ``uri`` in parallel; the manifest object is written last.
 
     The remote manifest is deleted first, so while files upload the prefix reads as incomplete.
@@ -168,39 +182,62 @@ def upload_dir(local_dir: str | Path, uri: str, *, workers: int = 8, progress: b
         _run_parallel(put, [(e,) for e in manifest["files"]], workers)
         missing = s3.missing_objects(manifest, retrying(s3.list_objects, uri, client=client))
         if missing:  # the server lost or truncated something: no manifest, the prefix stays incomplete
-            raise s3.StorageError(f"{uri}: {len(missing)} uploaded object(s) missing or truncated on the server "
-                                  f"(e.g. {missing[0]!r}); retry the upload")
-        retrying(s3.put_bytes, join(uri, MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), "application/json",
-                 client=client)
+            raise s3.StorageError(
+                f"{uri}: {len(missing)} uploaded object(s) missing or truncated on the server "
+                f"(e.g. {missing[0]!r}); retry the upload"
+            )
+        retrying(
+            s3.put_bytes,
+            join(uri, MANIFEST_NAME),
+            json.dumps(manifest, indent=1).encode(),
+            "application/json",
+            client=client,
+        )
     finally:
         bar.close()
-    log.info("uploaded %d files (%.1f MiB) to %s at %.1f MiB/s", len(manifest["files"]), bar.total / 2**20, uri,
-             bar.rate / 2**20)
+    log.info(
+        "uploaded %d files (%.1f MiB) to %s at %.1f MiB/s",
+        len(manifest["files"]),
+        bar.total / 2**20,
+        uri,
+        bar.rate / 2**20,
+    )
     return manifest
 
 
-def _entries(uri: str, require_complete: bool, client=None) -> tuple[dict | None, list[tuple[str, int, str | None]]]:
+def _entries(
+    uri: str, require_complete: bool, client=None
+) -> tuple[dict | None, list[tuple[str, int, str | None]]]:
     manifest = s3.read_manifest(uri, client=client)
     objects = s3.list_objects(uri, client=client)
     if manifest is None:
         if require_complete:
             raise s3.IncompleteError(
                 f"{uri} is not complete: no valid {MANIFEST_NAME} (still uploading, interrupted, or not written by "
-                "upload_dir); re-run the upload, or pass require_complete=False to fetch whatever is there")
+                "upload_dir); re-run the upload, or pass require_complete=False to fetch whatever is there"
+            )
         # Without a manifest: every object except directory markers and a malformed manifest.
-        return None, [(k, size, None) for k, size in sorted(objects.items())
-                      if k != MANIFEST_NAME and not (k.endswith("/") and size == 0)]
+        return None, [
+            (k, size, None)
+            for k, size in sorted(objects.items())
+            if k != MANIFEST_NAME and not (k.endswith("/") and size == 0)
+        ]
     missing = s3.missing_objects(manifest, objects)
     if missing:
         raise s3.IncompleteError(
             f"{uri} is not complete: {len(missing)} object(s) named by its manifest are missing or differ in size "
-            f"(e.g. {missing[0]!r}); re-run the upload")
+            f"(e.g. {missing[0]!r}); re-run the upload"
+        )
     return manifest, [(f["path"], f["size"], f["sha256"]) for f in manifest["files"]]
 
 
 def _matches(path: Path, size: int, digest: str | None) -> bool:
-    return path.is_file() and not path.is_symlink() and path.stat().st_size == size and (
-        digest is None or sha256_file(path) == digest)
+    return (
+        path.is_file()
+        and not path.is_symlink()
+        and path.stat().st_size == size
+        and (digest is None or sha256_file(path) == digest)
+    )
 
 
 _PART = re.compile(r"^\..+\.part-\d+-\d+$")
@@ -218,8 +255,16 @@ def _remove_stale(root: Path, wanted: set[str], owned: set[str] | None) -> None:
             path.rmdir()
 
 
-def download_dir(uri: str, local_dir: str | Path, *, workers: int = 8, progress: bool = True,
-                 require_complete: bool = True, verify_hashes: bool = True, client=None) -> dict | None:
+def download_dir(
+    uri: str,
+    local_dir: str | Path,
+    *,
+    workers: int = 8,
+    progress: bool = True,
+    require_complete: bool = True,
+    verify_hashes: bool = True,
+    client=None,
+) -> dict | None:
     """Download prefix ``uri`` into ``local_dir``, verified against its manifest; returns the manifest.
 
     Refuses a prefix without a valid manifest (IncompleteError) unless ``require_complete=False``, and any
@@ -243,23 +288,32 @@ def download_dir(uri: str, local_dir: str | Path, *, workers: int = 8, progress:
     previous = read_manifest(work) if in_place else None
     work.mkdir(parents=True, exist_ok=True)
     (work / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until the end
-    todo = [(rel, size, digest) for rel, size, digest in entries
-            if not _matches(targets[rel], size, digest if verify_hashes else None)]
+    todo = [
+        (rel, size, digest)
+        for rel, size, digest in entries
+        if not _matches(targets[rel], size, digest if verify_hashes else None)
+    ]
     bar = Progress(sum(size for _, size, _ in todo), f"download {uri}", progress)
 
     def fetch(rel: str, size: int, digest: str | None) -> None:
         path, source = targets[rel], join(uri, rel)
         if path.is_symlink() or path.is_dir():
             raise UnsafeKeyError(f"refusing to overwrite {path} (a symlink or directory) with {source}")
-        got = retrying(s3.download_file, source, path, bar, 4, size, client=client)  # sha256 while streaming, if one GET
+        got = retrying(
+            s3.download_file, source, path, bar, 4, size, client=client
+        )  # sha256 while streaming, if one GET
         if path.stat().st_size != size:
             path.unlink()
-            raise s3.StorageError(f"{source}: downloaded {path.stat().st_size} bytes, the manifest says {size}; "
-                                  "the object changed during the download, retry")
+            raise s3.StorageError(
+                f"{source}: downloaded {path.stat().st_size} bytes, the manifest says {size}; "
+                "the object changed during the download, retry"
+            )
         if verify_hashes and digest and (got or sha256_file(path)) != digest:
             path.unlink()
-            raise s3.StorageError(f"{source}: sha256 does not match the manifest; the object is corrupt or was "
-                                  "replaced without a new manifest - re-upload the directory")
+            raise s3.StorageError(
+                f"{source}: sha256 does not match the manifest; the object is corrupt or was "
+                "replaced without a new manifest - re-upload the directory"
+            )
 
     try:
         _run_parallel(fetch, todo, workers)
@@ -279,8 +333,14 @@ def download_dir(uri: str, local_dir: str | Path, *, workers: int = 8, progress:
                 raise
             shutil.rmtree(work, ignore_errors=True)  # a concurrent download finished first
             log.info("%s appeared while downloading %s; kept the existing copy", local_dir, uri)
-    log.info("downloaded %d of %d files (%.1f MiB) from %s at %.1f MiB/s", len(todo), len(entries),
-             bar.total / 2**20, uri, bar.rate / 2**20)
+    log.info(
+        "downloaded %d of %d files (%.1f MiB) from %s at %.1f MiB/s",
+        len(todo),
+        len(entries),
+        bar.total / 2**20,
+        uri,
+        bar.rate / 2**20,
+    )
     return manifest
 
 

@@ -60,7 +60,9 @@ def join(uri: str, *parts: str) -> str:
     for part in parts:
         for piece in part.split("/"):
             if piece in (".", "..") or "\\" in piece or "\x00" in piece:
-                raise StorageURIError(f"cannot join {part!r} to {uri}: '.', '..', backslash and NUL are not allowed")
+                raise StorageURIError(
+                    f"cannot join {part!r} to {uri}: '.', '..', backslash and NUL are not allowed"
+                )
             if piece:
                 pieces.append(piece)
     return f"s3://{bucket}/{'/'.join(pieces)}" if pieces else f"s3://{bucket}"

@@ -33,8 +33,12 @@ CONFIG = {
 }
 
 with DAG("provider_smoke", schedule=None, catchup=False, tags=["test"]):
-    model = HFModelToBucketOperator(task_id="deliver_model", model_id=MODEL_DIR, destination="s3://finetune/models/smoke/tiny")
-    data = DataScriptToBucketOperator(task_id="deliver_data", script=SCRIPT, destination="s3://finetune/datasets/smoke")
+    model = HFModelToBucketOperator(
+        task_id="deliver_model", model_id=MODEL_DIR, destination="s3://finetune/models/smoke/tiny"
+    )
+    data = DataScriptToBucketOperator(
+        task_id="deliver_data", script=SCRIPT, destination="s3://finetune/datasets/smoke"
+    )
     sweep = FinetuneKubernetesOperator.partial(
         task_id="finetune",
         config=CONFIG,
@@ -50,8 +54,12 @@ with DAG("provider_smoke", schedule=None, catchup=False, tags=["test"]):
         return winner["final_adapter_uri"]
 
     adapter = best(sweep.output)
-    merge = MergeAdapterOperator(task_id="merge", base="s3://finetune/models/smoke/tiny", adapter=adapter,
-                                 output_uri="s3://finetune/experiments/smoke/merged")
+    merge = MergeAdapterOperator(
+        task_id="merge",
+        base="s3://finetune/models/smoke/tiny",
+        adapter=adapter,
+        output_uri="s3://finetune/experiments/smoke/merged",
+    )
     # Two processes on the CPU (gloo): torchrun with one process per "GPU", accumulation derived.
     two_procs = FinetuneKubernetesOperator(
         task_id="finetune_2proc",

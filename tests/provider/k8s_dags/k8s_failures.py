@@ -8,12 +8,25 @@ from airflow.sdk import DAG
 from airflow_provider_finetune.operators import FinetuneKubernetesOperator
 
 CONFIG = {
-    "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": "s3://finetune/datasets/chat.jsonl"}]}},
+    "data_conf": {
+        "training_data": {
+            "type": "CONCATENATION",
+            "datasets": [{"path": "s3://finetune/datasets/chat.jsonl"}],
+        }
+    },
     "batchsize_conf": {"total_train_batch_size": 8},
     "run_conf": {"model": "s3://finetune/models/org/tiny"},
 }
 
-with DAG("k8s_failures", schedule=None, catchup=False, default_args={"retries": 1, "retry_delay": timedelta(0)}):
+with DAG(
+    "k8s_failures", schedule=None, catchup=False, default_args={"retries": 1, "retry_delay": timedelta(0)}
+):
     for task_id in ("host_oom", "gpu_oom", "sigkill", "deadline"):
-        FinetuneKubernetesOperator(task_id=task_id, config=CONFIG, get_logs=False, namespace="finetune", runner="kubernetes",
-                                   on_finish_action="delete_pod")  # deleted even when failed: the log is read first
+        FinetuneKubernetesOperator(
+            task_id=task_id,
+            config=CONFIG,
+            get_logs=False,
+            namespace="finetune",
+            runner="kubernetes",
+            on_finish_action="delete_pod",
+        )  # deleted even when failed: the log is read first
