@@ -74,6 +74,12 @@ def get_provider_info() -> dict:
                     "mlflow_ui_url": _opt(
                         "Base URL of the MLflow UI for the extra link (default: the tracking URI).", ""
                     ),
+                    "dag_defaults": _opt(
+                        "Defaults of the shipped DAGs' Params and settings, as JSON {dag_id: {name: value}}, "
+                        "read when the DAGs are parsed; an unknown name is an import error of that DAG.",
+                        "",
+                        '{"finetune_tutorial": {"model_id": "/models/tiny", "gpus": 0}}',
+                    ),
                     "vllm_python": _opt(
                         "Python of the vLLM venv used by DeployVLLM on the local runner.",
                         "",

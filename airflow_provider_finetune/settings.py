@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from typing import Any
+
 from airflow_provider_finetune.get_provider_info import get_provider_info
 
 SECTION = "finetune"
@@ -16,3 +20,29 @@ def get(key: str) -> str:
     from airflow.sdk import conf
 
     return conf.get(SECTION, key, fallback=default(key)) or ""
+
+
+def dag_defaults(dag_id: str, known: Iterable[str]) -> dict[str, Any]:
+    """``[finetune] dag_defaults`` for one shipped DAG: a JSON object ``{dag_id: {name: value}}`` whose
+    values replace the defaults of that DAG's Params and settings (``known``), read when the DAG is
+    parsed. Empty: the DAG's own defaults. A malformed value or a name the DAG does not know is an
+    import error of the DAG that names it, never a silently ignored default."""
+    from airflow_provider_finetune.exceptions import FinetuneConfigError
+
+    raw = get("dag_defaults").strip()
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise FinetuneConfigError(f"[finetune] dag_defaults is not JSON: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise FinetuneConfigError('[finetune] dag_defaults must be a JSON object {"dag_id": {"name": value}}')
+    mine = data.get(dag_id, {})
+    unknown = sorted(set(mine) - set(known))
+    if unknown:
+        raise FinetuneConfigError(
+            f"[finetune] dag_defaults.{dag_id}: unknown name(s) {unknown}; {dag_id} takes {sorted(known)}"
+        )
+    return mine
+

@@ -19,11 +19,11 @@ the champion's config (the experiment YAML stored in ``champion.json``), on the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
+from airflow_provider_finetune import settings
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
     DeployVLLMOperator,
@@ -32,11 +32,17 @@ from airflow_provider_finetune.operators import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")
+BUCKET = settings.get("bucket")  # [finetune] bucket
 DATA_PREFIX = f"s3://{BUCKET}/datasets/retrain"
 RETRAIN_DATA = Asset(name="finetune_retrain_data", uri=DATA_PREFIX)
 CHAMPION = Asset(name="finetune_champion", uri=f"s3://{BUCKET}/champions")
 WEEKLY = CronTriggerTimetable("0 4 * * 1", timezone="UTC")
+# [finetune] dag_defaults may replace these defaults (the suite: the tiny model on the CPU)
+DATA_DEFAULTS = settings.dag_defaults("finetune_retraining_data", known=("data_script",))
+D = settings.dag_defaults(
+    "finetune_retraining",
+    known=("base_model", "config", "max_steps", "gpus", "deploy", "keep_serving"),
+)
 
 with DAG(
     dag_id="finetune_retraining_data",
@@ -46,7 +52,7 @@ with DAG(
     doc_md="Deliver fresh training data and a fixed held-out set; emits `finetune_retrain_data`.",
     params={
         "data_script": Param(
-            str(ROOT / os.environ.get("FINETUNE_RETRAIN_DATA_SCRIPT", "examples/retrain_data_script.py")),
+            str(ROOT / DATA_DEFAULTS.get("data_script", "examples/retrain_data_script.py")),
             type="string",
             description="Writes train.jsonl and heldout.jsonl into $FINETUNE_DATA_DIR.",
         ),
@@ -75,7 +81,7 @@ with DAG(
             description="Model line: names the champion record (champions/<line>/).",
         ),
         "base_model": Param(
-            os.environ.get("FINETUNE_RETRAIN_BASE_MODEL", f"s3://{BUCKET}/models/tutorial/base"),
+            D.get("base_model", f"s3://{BUCKET}/models/tutorial/base"),
             type="string",
             pattern=r"^s3://",
             description="Base model prefix the challenger is trained from.",
@@ -93,15 +99,12 @@ with DAG(
             description="Held-out data both models are scored on; never trained on.",
         ),
         "initial_config": Param(
-            str(
-                ROOT
-                / os.environ.get("FINETUNE_RETRAIN_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")
-            ),
+            str(ROOT / D.get("config", "engine/configs/tutorial-01-finetune-lora.yaml")),
             type="string",
             description="Experiment config of the first challenger (no champion yet).",
         ),
         "max_steps": Param(
-            int(os.environ.get("FINETUNE_RETRAIN_MAX_STEPS", "-1")),
+            int(D.get("max_steps", -1)),
             type="integer",
             minimum=-1,
             description="Cap the challenger's training steps (-1: the config's epochs).",
@@ -112,11 +115,9 @@ with DAG(
             minimum=0,
             description="Promote only when the held-out loss drops by more than this.",
         ),
-        "gpus": Param(
-            int(os.environ.get("FINETUNE_RETRAIN_GPUS", "1")), type="integer", minimum=0, maximum=8
-        ),
+        "gpus": Param(int(D.get("gpus", 1)), type="integer", minimum=0, maximum=8),
         "deploy": Param(
-            os.environ.get("FINETUNE_RETRAIN_DEPLOY", "true") == "true",
+            bool(D.get("deploy", True)),
             type="boolean",
             description="Serve a promoted champion with vLLM.",
         ),
@@ -221,7 +222,7 @@ with DAG(
         model_uri="{{ ti.xcom_pull(task_ids='decide')['model_uri'] }}",
         served_model_name="{{ params.line }}",
         gpus="{{ params.gpus }}",
-        keep_running=os.environ.get("FINETUNE_RETRAIN_KEEP_SERVING", "true") == "true",
+        keep_running=bool(D.get("keep_serving", True)),
     )
     current >> challenger >> evaluate
     promoted(decision) >> deploy

@@ -11,11 +11,11 @@ On a cluster: the defaults below deliver TinyLlama and the seed's LoRA config.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from airflow.sdk import DAG, Asset, Param, task
 
+from airflow_provider_finetune import settings
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
     DeployVLLMOperator,
@@ -26,10 +26,24 @@ from airflow_provider_finetune.operators import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")
+BUCKET = settings.get("bucket")  # [finetune] bucket
 DATA_PREFIX = f"s3://{BUCKET}/datasets/tutorial"
 TUTORIAL_DATA = Asset(name="tutorial_dataset", uri=DATA_PREFIX)
 MODEL_URI = f"s3://{BUCKET}/models/tutorial/base"
+# [finetune] dag_defaults may replace these defaults (make demo: the tiny model on the CPU)
+D = settings.dag_defaults(
+    "finetune_tutorial",
+    known=(
+        "model_id",
+        "data_script",
+        "dataset_file",
+        "config",
+        "gpus",
+        "max_steps",
+        "keep_serving",
+        "parallel_ranks",
+    ),
+)
 
 with DAG(
     dag_id="finetune_tutorial",
@@ -39,25 +53,22 @@ with DAG(
     doc_md=__doc__,
     params={
         "model_id": Param(
-            os.environ.get("FINETUNE_TUTORIAL_MODEL", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
+            D.get("model_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
             type="string",
             description="Hub repo id (org/name), or a model directory on the worker (local runner).",
         ),
         "data_script": Param(
-            str(ROOT / os.environ.get("FINETUNE_TUTORIAL_DATA_SCRIPT", "examples/argilla_data_script.py")),
+            str(ROOT / D.get("data_script", "examples/argilla_data_script.py")),
             type="string",
             description="Data script that writes JSONL into $FINETUNE_DATA_DIR.",
         ),
         "dataset_file": Param(
-            os.environ.get("FINETUNE_TUTORIAL_DATASET_FILE", "argilla.jsonl"),
+            D.get("dataset_file", "argilla.jsonl"),
             type="string",
             description="The file the data script writes, trained on.",
         ),
         "config": Param(
-            str(
-                ROOT
-                / os.environ.get("FINETUNE_TUTORIAL_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")
-            ),
+            str(ROOT / D.get("config", "engine/configs/tutorial-01-finetune-lora.yaml")),
             type="string",
             description="Experiment config (YAML) of the sweep.",
         ),
@@ -69,9 +80,14 @@ with DAG(
             description="LoRA ranks to sweep: one GPU pod each.",
         ),
         "max_steps": Param(
-            -1, type="integer", minimum=-1, description="Cap the training steps (-1: the config's epochs)."
+            D.get("max_steps", -1),
+            type="integer",
+            minimum=-1,
+            description="Cap the training steps (-1: the config's epochs).",
         ),
-        "gpus": Param(1, type="integer", minimum=0, maximum=8, description="GPUs per sweep pod."),
+        "gpus": Param(
+            D.get("gpus", 1), type="integer", minimum=0, maximum=8, description="GPUs per sweep pod."
+        ),
         "full_param_gpus": Param(
             0,
             type="integer",
@@ -90,7 +106,7 @@ with DAG(
             "What is the capital of France?", type="string", description="Asked after deployment."
         ),
         "keep_serving": Param(
-            os.environ.get("FINETUNE_TUTORIAL_KEEP_SERVING", "true") == "true",
+            bool(D.get("keep_serving", True)),
             type="boolean",
             description="Leave the vLLM server running after the run (stop it with "
             "UndeployVLLMOperator); off: stop_serving removes it when the run ends.",
@@ -128,7 +144,7 @@ with DAG(
         experiment="tutorial",
         run_name="{{ params.run_name or run_id }}",
         gpus="{{ params.gpus }}",
-        max_active_tis_per_dagrun=int(os.environ.get("FINETUNE_TUTORIAL_PARALLEL_RANKS", "8")),
+        max_active_tis_per_dagrun=int(D.get("parallel_ranks", 8)),
     ).expand(lora_rank=swept)
 
     @task(trigger_rule="all_done")

@@ -11,20 +11,22 @@ by eval loss is reported, and served with vLLM when asked.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from airflow.sdk import DAG, Param, task
 
+from airflow_provider_finetune import settings
 from airflow_provider_finetune.operators import DeployVLLMOperator, FinetuneKubernetesOperator
 
 ROOT = Path(__file__).resolve().parent.parent
-BUCKET = os.environ.get("AIRFLOW__FINETUNE__BUCKET", "finetune")
+BUCKET = settings.get("bucket")  # [finetune] bucket
+# [finetune] dag_defaults may replace these defaults (the suite: the tiny model on the CPU)
+D = settings.dag_defaults(
+    "finetune_ui", known=("model_uri", "dataset_uri", "sft_config", "dpo_config", "gpus", "keep_serving")
+)
 CONFIGS = {
-    "sft": str(
-        ROOT / os.environ.get("FINETUNE_UI_SFT_CONFIG", "engine/configs/tutorial-01-finetune-lora.yaml")
-    ),
-    "dpo": str(ROOT / os.environ.get("FINETUNE_UI_DPO_CONFIG", "engine/configs/tiny-dpo-lora.yaml")),
+    "sft": str(ROOT / D.get("sft_config", "engine/configs/tutorial-01-finetune-lora.yaml")),
+    "dpo": str(ROOT / D.get("dpo_config", "engine/configs/tiny-dpo-lora.yaml")),
 }
 DATA = "Model and data"
 TRAINING = "Training"
@@ -40,7 +42,7 @@ with DAG(
     doc_md=__doc__,
     params={
         "model_uri": Param(
-            os.environ.get("FINETUNE_UI_MODEL_URI", f"s3://{BUCKET}/models/tutorial/base"),
+            D.get("model_uri", f"s3://{BUCKET}/models/tutorial/base"),
             type="string",
             pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+",
             title="Base model",
@@ -48,7 +50,7 @@ with DAG(
             section=DATA,
         ),
         "dataset_uri": Param(
-            os.environ.get("FINETUNE_UI_DATASET_URI", f"s3://{BUCKET}/datasets/tutorial/argilla.jsonl"),
+            D.get("dataset_uri", f"s3://{BUCKET}/datasets/tutorial/argilla.jsonl"),
             type="string",
             pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+\.jsonl$",
             title="Dataset",
@@ -95,7 +97,7 @@ with DAG(
             section=TRAINING,
         ),
         "gpus": Param(
-            int(os.environ.get("FINETUNE_UI_GPUS", "1")),
+            int(D.get("gpus", 1)),
             type="integer",
             minimum=0,
             maximum=8,
@@ -173,6 +175,6 @@ with DAG(
         model_uri="{{ ti.xcom_pull(task_ids='pick_best')['final_checkpoint_uri'] }}",
         served_model_name="finetune-ui",
         gpus="{{ params.gpus }}",
-        keep_running=os.environ.get("FINETUNE_UI_KEEP_SERVING", "true") == "true",
+        keep_running=bool(D.get("keep_serving", True)),
     )
     best >> want_deploy() >> deploy

@@ -20,9 +20,10 @@ export AIRFLOW_HOME="$DEMO/airflow" AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags" AIRFL
 export AIRFLOW__FINETUNE__RUNNER=local AIRFLOW__FINETUNE__LOCAL_WORKDIR="$DEMO/work" AIRFLOW__FINETUNE__BUCKET="$FINETUNE_BUCKET"
 export AIRFLOW__FINETUNE__VLLM_PYTHON="$PWD/.venv-vllm/bin/python"
 export AIRFLOW_CONN_AWS_DEFAULT="{\"conn_type\": \"aws\", \"login\": \"$AWS_ACCESS_KEY_ID\", \"password\": \"$AWS_SECRET_ACCESS_KEY\", \"extra\": {\"endpoint_url\": \"$AWS_ENDPOINT_URL\"}}"
-export FINETUNE_TUTORIAL_MODEL="$DEMO/tiny-model" FINETUNE_TUTORIAL_DATA_SCRIPT=examples/tiny_data_script.py \
-       FINETUNE_TUTORIAL_DATASET_FILE=tiny-chat.jsonl FINETUNE_TUTORIAL_CONFIG=engine/configs/tiny-sft-lora.yaml \
-       FINETUNE_TUTORIAL_KEEP_SERVING=${FINETUNE_TUTORIAL_KEEP_SERVING:-true}
+# the tutorial DAG's defaults for this machine: the tiny model, its data and config ([finetune] dag_defaults)
+export AIRFLOW__FINETUNE__DAG_DEFAULTS=$(.venv/bin/python -c 'import json, sys; print(json.dumps({"finetune_tutorial": {
+  "model_id": sys.argv[1], "data_script": "examples/tiny_data_script.py", "dataset_file": "tiny-chat.jsonl",
+  "config": "engine/configs/tiny-sft-lora.yaml"}}))' "$DEMO/tiny-model")
 ENDPOINT_S3=$AWS_ENDPOINT_URL
 unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL   # the tasks get them from the connection
 .venv/bin/airflow db migrate >/dev/null
@@ -40,7 +41,8 @@ echo "time to first chat: $(( $(date +%s) - t0 ))s (installs included)"
 echo "DAG run log:   $DEMO/tutorial-run.log (Airflow home $DEMO/airflow)"
 echo "bucket:        s3://$FINETUNE_BUCKET/experiments/tutorial/demo/ (files under $DEMO/s3/data/)"
 echo "S3 server:     $ENDPOINT_S3 (keys in $DEMO/s3/s3.env; stop: $ENGINE local-s3 stop --dir $DEMO/s3)"
-if [[ $FINETUNE_TUTORIAL_KEEP_SERVING == true && -n $endpoint ]]; then
+keep_serving=$(.venv/bin/python -c 'import json, sys; print(json.loads(sys.argv[1]).get("keep_serving", True))' "$conf")
+if [[ $keep_serving == True && -n $endpoint ]]; then
   echo "vLLM serving:  $endpoint — chat with it:"
   echo "  curl $endpoint/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"tutorial\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'"
   echo "  stop it:     kill -- -\$(cat $DEMO/work/serving/*/server.pid)"

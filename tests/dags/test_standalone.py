@@ -33,18 +33,19 @@ pytestmark = [pytest.mark.slow]
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory, tiny_model_dir, mlflow_server):
     root = tmp_path_factory.mktemp("standalone")
+    tiny = {"config": "engine/configs/tiny-sft-lora.yaml", "gpus": 0, "keep_serving": False}
+    dag_defaults = {  # [finetune] dag_defaults: the shipped DAGs on the tiny model and the CPU
+        "finetune_ui": {
+            "model_uri": MODEL,
+            "dataset_uri": DATASET,
+            "sft_config": tiny["config"],
+            "gpus": 0,
+            "keep_serving": False,
+        },
+        "finetune_retraining": {**tiny, "base_model": MODEL, "max_steps": 8, "deploy": VLLM_PY.exists()},
+    }
     env = {
-        "FINETUNE_UI_MODEL_URI": MODEL,
-        "FINETUNE_UI_DATASET_URI": DATASET,
-        "FINETUNE_UI_SFT_CONFIG": "engine/configs/tiny-sft-lora.yaml",
-        "FINETUNE_UI_GPUS": "0",
-        "FINETUNE_UI_KEEP_SERVING": "false",
-        "FINETUNE_RETRAIN_BASE_MODEL": MODEL,
-        "FINETUNE_RETRAIN_CONFIG": "engine/configs/tiny-sft-lora.yaml",
-        "FINETUNE_RETRAIN_MAX_STEPS": "8",
-        "FINETUNE_RETRAIN_GPUS": "0",
-        "FINETUNE_RETRAIN_KEEP_SERVING": "false",
-        "FINETUNE_RETRAIN_DEPLOY": "true" if VLLM_PY.exists() else "false",
+        "AIRFLOW__FINETUNE__DAG_DEFAULTS": json.dumps(dag_defaults),
         "AIRFLOW__FINETUNE__VLLM_PYTHON": str(VLLM_PY),
         "AIRFLOW__FINETUNE__MLFLOW_TRACKING_URI": mlflow_server,
     }

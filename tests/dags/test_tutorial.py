@@ -138,8 +138,9 @@ def test_every_rank_finished_the_lowest_loss_won_and_was_merged(demo, bucket, tm
 def test_make_demo_again_trains_no_rank_runs_the_full_parameter_job_and_stops_serving(demo, bucket):
     """The README: `make demo` again retrains nothing (same run_name); here also with the optional
     full-parameter run (one "GPU": the local runner runs the same command on the CPU) and keep_serving off."""
-    conf = {**DEMO_CONF, "full_param_gpus": 1}
-    _run_demo(demo.dir, FINETUNE_DEMO_CONF=json.dumps(conf), FINETUNE_TUTORIAL_KEEP_SERVING="false")
+    conf = {**DEMO_CONF, "full_param_gpus": 1, "keep_serving": False}
+    second = _run_demo(demo.dir, FINETUNE_DEMO_CONF=json.dumps(conf))
+    assert "vLLM serving:" not in second.stdout  # nothing left running to point at
     log = (demo.dir / "tutorial-run.log").read_text()
     assert "state=success" in log and "state=failed" not in log
     assert log.count("this run already finished, nothing to train") == 3  # the three ranks
