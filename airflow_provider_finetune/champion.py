@@ -62,9 +62,15 @@ def decide(
     champion = float(by_uri[champion_uri]["eval_loss"])
     gain = champion - challenger
     if gain > min_improvement:
-        reason = f"challenger loss {challenger:.4f} beats champion {champion:.4f} by {gain:.4f} (> {min_improvement})"
+        reason = (
+            f"challenger loss {challenger:.4f} beats champion "
+            f"{champion:.4f} by {gain:.4f} (> {min_improvement})"
+        )
         return Decision(True, reason, challenger_uri, challenger, champion_uri, champion, gain)
-    reason = f"challenger loss {challenger:.4f} does not beat champion {champion:.4f} by more than {min_improvement}"
+    reason = (
+        f"challenger loss {challenger:.4f} does not beat "
+        f"champion {champion:.4f} by more than {min_improvement}"
+    )
     return Decision(False, reason, challenger_uri, challenger, champion_uri, champion, gain)
 
 

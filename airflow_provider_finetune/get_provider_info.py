@@ -31,8 +31,8 @@ def get_provider_info() -> dict:
                 "description": "Defaults of the fine-tuning operators; each can be overridden per operator.",
                 "options": {
                     "runner": _opt(
-                        "Where engine pods run: kubernetes (the cluster) or local (a subprocess on the worker, "
-                        "same command and env).",
+                        "Where engine pods run: kubernetes (the cluster) or local (a subprocess on the "
+                        "worker, same command and env).",
                         "kubernetes",
                         "local",
                     ),
@@ -44,8 +44,9 @@ def get_provider_info() -> dict:
                     "kubernetes_conn_id": _opt("Kubernetes connection.", "kubernetes_default"),
                     "bucket_conn_id": _opt(
                         "Airflow aws connection of the bucket (login = access key, password = secret key, "
-                        "extra endpoint_url for MinIO/SeaweedFS; role_arn, aws_session_token, profile_name and "
-                        "region_name are honoured). Airflow-side reads and the local runner take credentials from it.",
+                        "extra endpoint_url for MinIO/SeaweedFS; role_arn, aws_session_token, profile_name "
+                        "and region_name are honoured). Airflow-side reads "
+                        "and the local runner take credentials from it.",
                         "aws_default",
                     ),
                     "bucket": _opt("Bucket of models, datasets and experiments.", "finetune"),

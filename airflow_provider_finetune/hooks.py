@@ -25,8 +25,9 @@ DEFAULT_REGION = "us-east-1"
 
 def missing_connection_message(conn_id: str) -> str:
     return (
-        f"Airflow connection {conn_id!r} (the bucket: [finetune] bucket_conn_id or the operator's bucket_conn_id) "
-        f"is not defined; add an aws connection with login/password = access key/secret key and extra "
+        f"Airflow connection {conn_id!r} (the bucket: [finetune] bucket_conn_id or the operator's "
+        "bucket_conn_id) is not defined; add an aws connection with login/password = access key/secret "
+        "key and extra "
         f'endpoint_url, e.g. AIRFLOW_CONN_{conn_id.upper()}=\'{{"conn_type": "aws", "login": ..., '
         f'"password": ..., "extra": {{"endpoint_url": "http://127.0.0.1:9000"}}}}\''
     )
@@ -64,7 +65,8 @@ class BucketHook(AwsBaseHook):
 
     @property
     def endpoint_url(self) -> str | None:
-        """The connection's S3 endpoint (``service_config.s3.endpoint_url``, else ``endpoint_url``); None: AWS."""
+        """The connection's S3 endpoint (``service_config.s3.endpoint_url``, else ``endpoint_url``);
+        None: AWS."""
         return self.conn_config.get_service_endpoint_url("s3") or None
 
     @cached_property
@@ -185,11 +187,12 @@ class ConnectionSecretResolver:
             token = hf_token(self.hf_conn_id)
             if token is None:
                 raise KeyError(
-                    f"Airflow connection {self.hf_conn_id!r} ([finetune] hf_conn_id or the operator's hf_conn_id) "
-                    "is missing or has no password; put the Hub token in its password"
+                    f"Airflow connection {self.hf_conn_id!r} ([finetune] hf_conn_id or the operator's "
+                    "hf_conn_id) is missing or has no password; put the Hub token in its password"
                 )
             return token
         raise KeyError(
             f"no Airflow connection stands in for Secret {secret!r} on the local runner (known: "
-            f"{self.names.bucket!r} -> {self.bucket_conn_id!r}, {self.names.hf_token!r} -> {self.hf_conn_id!r})"
+            f"{self.names.bucket!r} -> {self.bucket_conn_id!r}, "
+            f"{self.names.hf_token!r} -> {self.hf_conn_id!r})"
         )

@@ -58,8 +58,8 @@ def check_inputs(
         client = BucketHook(conn_id).storage_client
         if not is_complete(model_uri, client=client):
             raise FinetuneConfigError(
-                f"model_uri {model_uri}: no complete model there (missing or partial upload); deliver it first "
-                "(HFModelToBucketOperator / finetune-engine deliver-model)"
+                f"model_uri {model_uri}: no complete model there (missing or partial upload); deliver it "
+                "first (HFModelToBucketOperator / finetune-engine deliver-model)"
             )
         parent, name = dataset_uri.rsplit("/", 1)
         size = list_objects(parent, client=client).get(name)

@@ -137,12 +137,13 @@ with DAG(
             if not path.is_file():
                 raise FileNotFoundError(f"initial_config {path} not found (param initial_config)")
             print(
-                f"line {params['line']!r} has no champion yet ({store.uri}): the challenger starts from {path}"
+                f"line {params['line']!r} has no champion yet "
+                f"({store.uri}): the challenger starts from {path}"
             )
             return {"model_uri": "", "config": path.read_text(encoding="utf-8"), "eval_loss": None}
         print(
-            f"champion of {params['line']!r}: {record['model_uri']} (held-out loss {record.get('eval_loss')}, "
-            f"promoted {record.get('promoted_at')})"
+            f"champion of {params['line']!r}: {record['model_uri']} (held-out loss "
+            f"{record.get('eval_loss')}, promoted {record.get('promoted_at')})"
         )
         return record
 
@@ -207,7 +208,8 @@ with DAG(
         }
         outlet_events[CHAMPION].extra = out
         print(
-            f"decision: {'PROMOTED' if verdict.promoted else 'kept the champion'} — {verdict.reason} (recorded at {where})"
+            f"decision: {'PROMOTED' if verdict.promoted else 'kept the champion'} "
+            f"— {verdict.reason} (recorded at {where})"
         )
         return out
 

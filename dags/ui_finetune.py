@@ -54,7 +54,9 @@ with DAG(
             type="string",
             pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+\.jsonl$",
             title="Dataset",
-            description="JSONL training data in the bucket (messages for SFT; prompt/chosen/rejected for DPO).",
+            description=(
+                "JSONL training data in the bucket (messages for SFT; prompt/chosen/rejected for DPO)."
+            ),
             section=DATA,
         ),
         "method": Param(

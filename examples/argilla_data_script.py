@@ -12,7 +12,12 @@ ds = datasets.load_dataset("argilla/ultrafeedback-binarized-preferences-cleaned"
 
 
 def to_messages(row):
-    return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["chosen"][-1]["content"]}]}
+    return {
+        "messages": [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["chosen"][-1]["content"]},
+        ]
+    }
 
 
 ds = ds.map(to_messages, remove_columns=ds.column_names)

@@ -42,7 +42,8 @@ class NoopEngineJob(EngineJobOperator):
         self.index = index
 
     def engine_command(self, context):
-        return [sys.executable, "-c", "import json, os; open(os.environ['FINETUNE_RESULT_FILE'], 'w').write(json.dumps({{'ok': 1}}))"]
+        result = "open(os.environ['FINETUNE_RESULT_FILE'], 'w').write(json.dumps({{'ok': 1}}))"
+        return [sys.executable, "-c", "import json, os; " + result]
 
 
 with DAG("bench_python_sweep", schedule=None, catchup=False, max_active_tasks=N):
@@ -188,20 +189,21 @@ def main() -> int:
         times = parse_times([empty, kpo, *sorted((ROOT / "dags").glob("*.py"))], args.repeat)
     base, kpo_base = times.pop("empty_dag.py"), times.pop("plain_kpo_dag.py")
     print(
-        f"\n1. DAG parse time (best of {args.repeat}, fresh interpreter; an empty DAG file: {base * 1000:.0f} ms, "
-        f"a one-task KubernetesPodOperator DAG: {kpo_base * 1000:.0f} ms)"
+        f"\n1. DAG parse time (best of {args.repeat}, fresh interpreter; an empty DAG file: "
+        f"{base * 1000:.0f} ms, a one-task KubernetesPodOperator DAG: {kpo_base * 1000:.0f} ms)"
     )
     for name, seconds in times.items():
         print(
-            f"   {name:22s} {seconds * 1000:6.0f} ms  ({seconds / kpo_base:.2f}x the plain KubernetesPodOperator DAG, "
-            f"+{(seconds - kpo_base) * 1000:.0f} ms)"
+            f"   {name:22s} {seconds * 1000:6.0f} ms  ({seconds / kpo_base:.2f}x the plain "
+            f"KubernetesPodOperator DAG, +{(seconds - kpo_base) * 1000:.0f} ms)"
         )
 
     build, full = pod_build_times(args.pods)
     print("\n2. one fine-tune pod")
     print(f"   build only:                              {build * 1000:6.2f} ms")
     print(
-        f"   render + validate config, build, PSS, kubernetes-validate: {full * 1000:6.2f} ms ({full / build:.1f}x)"
+        "   render + validate config, build, PSS, kubernetes-validate: "
+        f"{full * 1000:6.2f} ms ({full / build:.1f}x)"
     )
 
     if args.sweep < 1:
@@ -212,7 +214,8 @@ def main() -> int:
     print(f"   no-op @task:        {python_s:6.1f} s  ({python_s / args.sweep * 1000:.0f} ms per task)")
     print(f"   no-op engine jobs:  {engine_s:6.1f} s  ({engine_s / args.sweep * 1000:.0f} ms per task)")
     print(
-        f"   overhead of an engine job over a plain task: {(engine_s - python_s) / args.sweep * 1000:.0f} ms per mapped task"
+        "   overhead of an engine job over a plain task: "
+        f"{(engine_s - python_s) / args.sweep * 1000:.0f} ms per mapped task"
     )
     return 0
 

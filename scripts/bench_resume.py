@@ -166,8 +166,8 @@ def main() -> int:
             f"Python {platform.python_version()}"
         )
         print(
-            f"runs of {n} steps, a checkpoint every {args.save_steps} (uploaded in the background to the local S3 "
-            f"server); {args.trials} trials, seed {seed}"
+            f"runs of {n} steps, a checkpoint every {args.save_steps} (uploaded in the background to the "
+            f"local S3 server); {args.trials} trials, seed {seed}"
         )
         print(
             f"{'trial':>5} {'kill@':>5} {'ckpt':>4} {'lost':>4} {'cold s':>7} {'restart s':>9} {'ratio':>6}"
@@ -200,19 +200,21 @@ def main() -> int:
             restart.kill()
             if (int(resumed.group(1)) if resumed else 0) != newest:
                 raise RuntimeError(
-                    f"trial {trial}: the restart did not resume from checkpoint-{newest}; see {restart.log.name}"
+                    f"trial {trial}: the restart did not resume from "
+                    f"checkpoint-{newest}; see {restart.log.name}"
                 )
             rows.append((done, newest, lost, t_cold, t_restart))
             print(
-                f"{trial:>5} {done:>5} {newest:>4} {lost:>4} {t_cold:>7.1f} {t_restart:>9.1f} {t_restart / t_cold:>6.2f}"
+                f"{trial:>5} {done:>5} {newest:>4} {lost:>4} {t_cold:>7.1f} "
+                f"{t_restart:>9.1f} {t_restart / t_cold:>6.2f}"
             )
 
         lost = [r[2] for r in rows]
         cold_s, restart_s = statistics.median(r[3] for r in rows), statistics.median(r[4] for r in rows)
         within = sum(x <= args.save_steps for x in lost)
         print(
-            f"steps lost: max {max(lost)}, mean {statistics.mean(lost):.1f}; <= save interval ({args.save_steps}) "
-            f"in {within}/{len(lost)} trials"
+            f"steps lost: max {max(lost)}, mean {statistics.mean(lost):.1f}; <= save interval "
+            f"({args.save_steps}) in {within}/{len(lost)} trials"
         )
         print(
             f"time to first step: cold start median {cold_s:.1f}s, restart median {restart_s:.1f}s, "

@@ -288,8 +288,8 @@ def main() -> int:
     from finetune_engine.tiny import build_tiny_model
 
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"transformers {transformers.__version__}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, transformers {transformers.__version__}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -298,8 +298,8 @@ def main() -> int:
 
         pe = padding_efficiency(model, data, args.max_len, args.per_device, args.seed)
         print(
-            f"\n1. padding efficiency (real / processed tokens, {args.examples} examples, {pe['real_tokens']} real tokens, "
-            f"max length {args.max_len}, {args.per_device} rows per batch)"
+            f"\n1. padding efficiency (real / processed tokens, {args.examples} examples, "
+            f"{pe['real_tokens']} real tokens, max length {args.max_len}, {args.per_device} rows per batch)"
         )
         print(f"   ours (packed, best-fit decreasing): {pe['ours']:.3f}  ({pe['rows_ours']} rows)")
         print(f"   TRL default (padded batches):       {pe['trl']:.3f}  ({pe['rows_trl']} rows)")
@@ -333,8 +333,8 @@ def main() -> int:
         for label, run in (("TRL, its defaults", trl), ("TRL, fp32, no checkpointing", like)):
             tps = run["tokens_seen"] / run["train_seconds"]
             print(
-                f"   {label + ':':29s} {tps:8.0f} tok/s  ({run['tokens_seen']} tokens in {run['train_seconds']:.1f}s; "
-                f"{', '.join(f'{k}={v}' for k, v in run['defaults'].items())})"
+                f"   {label + ':':29s} {tps:8.0f} tok/s  ({run['tokens_seen']} tokens in "
+                f"{run['train_seconds']:.1f}s; {', '.join(f'{k}={v}' for k, v in run['defaults'].items())})"
             )
             print(f"   ratio ours / {label}: {ours_tps / tps:.2f}x (target >= 1.5x)")
 

@@ -106,8 +106,8 @@ def main() -> int:
         bucket = env["FINETUNE_BUCKET"]
         load = os.getloadavg()
         print(
-            f"{total / 2**20:.0f} MiB in {len(files)} files; rclone serve s3 on 127.0.0.1; {os.cpu_count()} CPUs "
-            f"({platform.processor() or platform.machine()}); load average {load[0]:.1f} at start; "
+            f"{total / 2**20:.0f} MiB in {len(files)} files; rclone serve s3 on 127.0.0.1; {os.cpu_count()} "
+            f"CPUs ({platform.processor() or platform.machine()}); load average {load[0]:.1f} at start; "
             f"best of {args.repeat} runs each"
         )
         bench = Bench(total, server_pid, args.repeat)
@@ -222,12 +222,12 @@ def main() -> int:
         ceiling_down = max(v[0] for k, v in bench.rows.items() if k.startswith("get_object"))
         print("ratios (same run)")
         print(
-            f"  upload:   ours/cp {up / cp:.2f}   ours/(cp+sync) {up / cp_sync:.2f}   ours/naive {up / naive_u:.2f}   "
-            f"ours/server ceiling {up / ceiling_up:.2f}"
+            f"  upload:   ours/cp {up / cp:.2f}   ours/(cp+sync) {up / cp_sync:.2f}   ours/naive "
+            f"{up / naive_u:.2f}   ours/server ceiling {up / ceiling_up:.2f}"
         )
         print(
-            f"  download: ours/cp {down / cp:.2f}   ours/(cp+sync) {down / cp_sync:.2f}   ours/naive {down / naive_d:.2f}   "
-            f"ours/server ceiling {down / ceiling_down:.2f}"
+            f"  download: ours/cp {down / cp:.2f}   ours/(cp+sync) {down / cp_sync:.2f}   ours/naive "
+            f"{down / naive_d:.2f}   ours/server ceiling {down / ceiling_down:.2f}"
         )
     return 0
 

@@ -94,7 +94,8 @@ class AirflowStandalone(AirflowEnv):
         super().__init__(root, dags_folder)
         self.env.update(
             {
-                "PATH": f"{BIN}{os.pathsep}{self.env.get('PATH', '')}",  # standalone starts `airflow` subcommands
+                # standalone starts `airflow` subcommands
+                "PATH": f"{BIN}{os.pathsep}{self.env.get('PATH', '')}",
                 "AIRFLOW__API__PORT": str(self.port),
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__BASE_URL": self.url,

@@ -396,7 +396,8 @@ class DeployVLLMOperator(BaseOperator):
             raise
         if self.keep_running:
             self.log.info(
-                "vLLM keeps serving at %s/v1 (stop: UndeployVLLMOperator). Try:\n  curl %s/v1/chat/completions "
+                "vLLM keeps serving at %s/v1 (stop: UndeployVLLMOperator). "
+                "Try:\n  curl %s/v1/chat/completions "
                 '-H \'Content-Type: application/json\' -d \'{"model": "%s", "messages": '
                 '[{"role": "user", "content": "Hi"}]}\'',
                 base,

@@ -91,7 +91,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     """Fine-tune in a pod: ``finetune-engine train-job`` with the rendered config.
 
     :param config: the experiment config as a dict, YAML text, or a path to a YAML file.
-    :param method: ``sft``, or a preference method: ``dpo``, ``kto``, ``orpo``, ``cpo`` (SimPO: ``cpo`` with loss_type simpo).
+    :param method: ``sft``, or a preference method: ``dpo``, ``kto``, ``orpo``, ``cpo`` (SimPO: ``cpo``
+        with loss_type simpo).
     :param overrides: ``--set`` style overrides (list of ``key.path=value`` or a dict).
     :param lora_rank: shortcut for ``peft_conf.peft_kwargs.r`` (and lora_alpha = 2 x r unless set).
     :param base_model: bucket URI of the base model (sets ``run_conf.model``).
@@ -285,8 +286,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             )
         if strategy == "fsdp" and max(gpus, 1) * nodes < 2:
             raise FinetuneConfigError(
-                f"distributed_strategy 'fsdp' shards over several processes: give gpus >= 2 or num_nodes >= 2 "
-                f"(got gpus={gpus}, num_nodes={nodes})"
+                "distributed_strategy 'fsdp' shards over several processes: give gpus >= 2 "
+                f"or num_nodes >= 2 (got gpus={gpus}, num_nodes={nodes})"
             )
         own = self._experiment_dict().get("training_args") or {}
         clash = sorted(
@@ -379,7 +380,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         return build_trainjob(spec, self.num_nodes, procs)
 
     def execute_multinode(self, context: Any) -> dict:
-        """Create (or reattach to) a TrainJob/PyTorchJob and wait for it; the result JSON comes from the bucket."""
+        """Create (or reattach to) a TrainJob/PyTorchJob and wait for it; the result JSON comes from the
+        bucket."""
         import time
 
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook

@@ -68,7 +68,8 @@ def check_lora_ranks(adapter_ranks: dict[str, int], max_lora_rank: int | None = 
         too_big = {n: r for n, r in adapter_ranks.items() if r > max_lora_rank}
         if too_big:
             raise ValueError(
-                f"adapter rank(s) {too_big} exceed max_lora_rank {max_lora_rank}; raise it to at least {largest}"
+                f"adapter rank(s) {too_big} exceed max_lora_rank "
+                f"{max_lora_rank}; raise it to at least {largest}"
             )
         if max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank {max_lora_rank} is not one vLLM accepts: {VLLM_LORA_RANKS}")
@@ -77,7 +78,8 @@ def check_lora_ranks(adapter_ranks: dict[str, int], max_lora_rank: int | None = 
         if r >= largest:
             return r
     raise ValueError(
-        f"adapter rank {largest} exceeds vLLM's largest max-lora-rank {VLLM_LORA_RANKS[-1]}; merge the adapter instead"
+        f"adapter rank {largest} exceeds vLLM's largest max-lora-rank "
+        f"{VLLM_LORA_RANKS[-1]}; merge the adapter instead"
     )
 
 
@@ -131,7 +133,8 @@ class ServeSpec:
         bad = [n for n in self.adapters if not _ADAPTER_NAME.match(n) or n == self.served_model_name]
         if bad:
             raise ValueError(
-                f"{where}: adapter names {bad} must match {_ADAPTER_NAME.pattern} and differ from the model name"
+                f"{where}: adapter names {bad} must match "
+                f"{_ADAPTER_NAME.pattern} and differ from the model name"
             )
         if self.startup_budget_seconds < MIN_STARTUP_BUDGET:
             raise ValueError(
@@ -190,7 +193,8 @@ def vllm_args(spec: ServeSpec) -> list[str]:
         missing = sorted(set(spec.adapters) - set(spec.adapter_ranks))
         if missing:
             raise ValueError(
-                f"ServeSpec {spec.name!r}: adapter_ranks has no rank for {missing} (needed for --max-lora-rank)"
+                f"ServeSpec {spec.name!r}: adapter_ranks has no "
+                f"rank for {missing} (needed for --max-lora-rank)"
             )
         rank = check_lora_ranks({n: spec.adapter_ranks[n] for n in spec.adapters}, spec.max_lora_rank)
         args += [

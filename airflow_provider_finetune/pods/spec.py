@@ -150,7 +150,8 @@ def refuse_secret_values(
         for key, value in mapping.items():
             if _SECRET_VALUE.search(str(value)):
                 raise ValueError(
-                    f"{where}: the value of {key} looks like a token or key; secrets belong in a Secret, never in metadata"
+                    f"{where}: the value of {key} looks like a token or "
+                    "key; secrets belong in a Secret, never in metadata"
                 )
 
 

@@ -81,7 +81,8 @@ class KubernetesApplier:
         )
 
     def apply(self, docs: Iterable[dict[str, Any]], namespace: str) -> None:
-        """Create each object, or update it when it exists (409): a retry or a new run updates the same objects."""
+        """Create each object, or update it when it exists (409): a retry or a new run updates the same
+        objects."""
         from kubernetes.client.exceptions import ApiException
 
         steps = [

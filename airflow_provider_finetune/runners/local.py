@@ -103,7 +103,8 @@ def build_env(
                 if ref.optional:
                     continue
                 raise LocalRunError(
-                    f"env {var.name}: no local value for Kubernetes Secret {ref.name!r} key {ref.key!r}: {err.args[0] if err.args else err}"
+                    f"env {var.name}: no local value for Kubernetes Secret "
+                    f"{ref.name!r} key {ref.key!r}: {err.args[0] if err.args else err}"
                 ) from None
             secret_names.append(var.name)
         elif var.value_from.field_ref is not None:
@@ -173,7 +174,8 @@ class LocalRunner:
         full_env = {**_inherited_env(), **self.extra_env, **env}
         self.log(f"local runner: {' '.join(argv)}")
         self.log(
-            f"local runner: env {sorted(env)} (secrets from connections: {sorted(secret_names)}); workdir {self.workdir}"
+            f"local runner: env {sorted(env)} (secrets from connections: "
+            f"{sorted(secret_names)}); workdir {self.workdir}"
         )
         self.stop_stale_group()
         leader = [
@@ -243,7 +245,8 @@ class LocalRunner:
         return LocalRunResult(rc, xcom, self.workdir)
 
     def kill(self, grace: float | None = None, reason: str = "Killed") -> None:
-        """Stop the run: SIGTERM to the group leader (it stops the group), SIGKILL to the group after ``grace``."""
+        """Stop the run: SIGTERM to the group leader (it stops the group), SIGKILL to the group after
+        ``grace``."""
         with self._lock:
             proc = self._proc
             if proc is None or proc.poll() is not None:

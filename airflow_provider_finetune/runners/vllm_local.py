@@ -151,7 +151,8 @@ def _ps_start_time(pid: int) -> str | None:
 
 
 def record_server(workdir: Path, pid: int) -> None:
-    """Record the server: its pid (= its process group) in ``server.pid``, its start time in ``server.start``."""
+    """Record the server: its pid (= its process group) in ``server.pid``, its start time in
+    ``server.start``."""
     (workdir / START_FILE).write_text(f"{process_start_time(pid) or ''}\n")
     (workdir / PID_FILE).write_text(f"{pid}\n")
 

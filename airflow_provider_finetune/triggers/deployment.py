@@ -32,7 +32,8 @@ def deployment_readiness(doc: dict[str, Any], replicas: int) -> tuple[str, str]:
         return "ready", f"{available}/{replicas} replicas available"
     return (
         "waiting",
-        f"{available} of {replicas} replicas available, {updated} updated (generation {observed}/{generation})",
+        f"{available} of {replicas} replicas available, "
+        f"{updated} updated (generation {observed}/{generation})",
     )
 
 

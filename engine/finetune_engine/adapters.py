@@ -248,7 +248,8 @@ def vllm_preflight(
     rank = int(cfg.get("r", 0))
     if max_lora_rank is not None and rank > max_lora_rank:
         problems.append(
-            f"rank {rank} > --max-lora-rank {max_lora_rank}; raise it to {next((r for r in VLLM_LORA_RANKS if r >= rank), rank)}"
+            f"rank {rank} > --max-lora-rank {max_lora_rank}; raise it "
+            f"to {next((r for r in VLLM_LORA_RANKS if r >= rank), rank)}"
         )
     if rank > VLLM_LORA_RANKS[-1]:
         problems.append(f"rank {rank} exceeds vLLM's largest max-lora-rank {VLLM_LORA_RANKS[-1]}")
@@ -274,12 +275,14 @@ def vllm_preflight(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="create_vllm_compatible_adapter",
-        description="Take in a HuggingFace adapter's binary folder path and remove the embeddings layer weights "
-        "required for vLLM compatibility",
+        description="Take in a HuggingFace adapter's binary folder path and remove the embeddings layer "
+        "weights required for vLLM compatibility",
     )
     parser.add_argument(
         "model_path",
-        help="Path to the model folder (e.g. path to the folder containing the adapter) to be made compatible",
+        help=(
+            "Path to the model folder (e.g. path to the folder containing the adapter) to be made compatible"
+        ),
     )
     parser.add_argument(
         "--training-config",

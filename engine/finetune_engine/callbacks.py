@@ -1,4 +1,5 @@
-"""Trainer callbacks: checkpoint manifests, progress/memory log lines, fault-tolerant MLflow, sample generations."""
+"""Trainer callbacks: checkpoint manifests, progress/memory log lines, fault-tolerant MLflow, sample
+generations."""
 
 from __future__ import annotations
 
@@ -92,7 +93,10 @@ class ProgressCallback(TrainerCallback):
         eta = (state.max_steps - state.global_step) * elapsed / done if done else float("nan")
         shown = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-        line = f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / max(state.max_steps, 1):.0f}%) {text} eta {eta:.0f}s"
+        line = (
+            f"step {state.global_step}/{state.max_steps} "
+            f"({100 * state.global_step / max(state.max_steps, 1):.0f}%) {text} eta {eta:.0f}s"
+        )
         if self._logs % self.memory_every == 1 or self.memory_every == 1:
             line += f" | {memory_summary()}"
         log.info(line)

@@ -159,9 +159,9 @@ def resolve_resume(setting: bool | str, output_dir: str | Path, clean_incomplete
         if scan.complete:
             log.warning(
                 "run_conf.resume_from_checkpoint is false: training starts from step 0 although %s holds %d "
-                "complete checkpoint(s) (newest %s). They are left in place; new checkpoints of the same step "
-                "overwrite them and training_args.save_total_limit rotation counts them. Set auto to resume, "
-                "or use a new training_args.output_dir to keep runs apart.",
+                "complete checkpoint(s) (newest %s). They are left in place; new checkpoints of the same "
+                "step overwrite them and training_args.save_total_limit rotation counts them. Set auto to "
+                "resume, or use a new training_args.output_dir to keep runs apart.",
                 output_dir,
                 len(scan.complete),
                 scan.newest.name,

@@ -391,7 +391,8 @@ def _model_load_kwargs(model_args: dict[str, Any]) -> dict[str, Any]:
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(
-                f"model_conf.model_args.dtype {dtype!r} is not a torch dtype; use auto, bfloat16, float16 or float32"
+                f"model_conf.model_args.dtype {dtype!r} is not a "
+                "torch dtype; use auto, bfloat16, float16 or float32"
             )
         kwargs["dtype"] = getattr(torch, dtype)
     return kwargs

@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="Name or Path to tokenizer to save with the model. If not specified, will use the adapter model tokenizer.",
+        help=(
+            "Name or Path to tokenizer to save with the model. If "
+            "not specified, will use the adapter model tokenizer."
+        ),
     )
     parser.add_argument(
         "--device_map",

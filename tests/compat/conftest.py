@@ -15,7 +15,9 @@ DATA = COMPAT / "data"
 # Files the chart's download step puts under /local_resources (bucket path with "/" -> "_"), and the
 # corpus file in the same format that stands in for each.
 LOCAL_RESOURCES = {
-    "default-bucket_datasets_argilla-mistral-large-human-prompts.jsonl": "argilla-mistral-large-human-prompts.jsonl",
+    "default-bucket_datasets_argilla-mistral-large-human-prompts.jsonl": (
+        "argilla-mistral-large-human-prompts.jsonl"
+    ),
     "default-bucket_datasets_ultrafeedback-binarized.json": "ultrafeedback-binarized.json",
     "default-bucket_datasets_long-random-data.jsonl": "long-random-data.jsonl",
     "default-bucket_datasets_OPI_updated_160k.sample1000.jsonl": "OPI_updated_160k.sample1000.jsonl",

@@ -314,10 +314,12 @@ def render_finetuning_config(values: dict) -> str:
     total = default(values.get("finetuningGpus"), get(c, "batchsize_conf", "total_train_batch_size"))
     out.append(f"  total_train_batch_size: {go_print(total)}")
     out.append(
-        f"  max_per_device_train_batch_size: {go_print(get(c, 'batchsize_conf', 'max_per_device_train_batch_size'))}"
+        "  max_per_device_train_batch_size: "
+        f"{go_print(get(c, 'batchsize_conf', 'max_per_device_train_batch_size'))}"
     )
     out.append(
-        f"  per_device_eval_batch_size: {go_print(default('null', get(c, 'batchsize_conf', 'per_device_eval_batch_size')))}"
+        "  per_device_eval_batch_size: "
+        f"{go_print(default('null', get(c, 'batchsize_conf', 'per_device_eval_batch_size')))}"
     )
     out.append("peft_conf:" + nindent(2, to_yaml(c.get("peft_conf"))))
     out.append("quant_conf:" + nindent(2, to_yaml(c.get("quant_conf"))))
@@ -355,7 +357,8 @@ def render_commands(values: dict) -> list[str]:
         )
         if values.get("mergeAdapter"):
             cmds.append(
-                "merge_adapter $merge_base ./checkpoints/checkpoint-final-adapter ./checkpoints/checkpoint-final"
+                "merge_adapter $merge_base ./checkpoints/checkpoint-final-adapter "
+                "./checkpoints/checkpoint-final"
             )
     return cmds
 

@@ -66,7 +66,10 @@ run_conf:
 
 SFT_ARGS = "sft_args:\n  max_seq_length: 2048\n"
 DPO_ARGS = '  beta: 0.01\n  loss_type: "sigmoid"\n  max_prompt_length: 123\n'
-TRACKING = 'tracking:\n  mlflow_server_uri: "file:///mlruns"\n  experiment_name: default\n  hf_mlflow_log_artifacts: "False"\n'
+TRACKING = (
+    'tracking:\n  mlflow_server_uri: "file:///mlruns"\n  '
+    'experiment_name: default\n  hf_mlflow_log_artifacts: "False"\n'
+)
 
 
 def peer_sft_yaml(bf16: str = "true") -> str:

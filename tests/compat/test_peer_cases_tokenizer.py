@@ -2,9 +2,9 @@
 save_pretrained (wrap_for_save_in_inference_mode) so that a save writes the inference settings -
 EOS = the template's end marker, BOS added, EOS not added - while the tokenizer in memory keeps its
 training settings. Here finetune_engine.modeling.prepare_tokenizer_for_inference wraps it the
-same way (the training recipes call it right after loading the tokenizer); the cases use the tiny model's real tokenizer (with <|im_end|>, EOS and BOS added
-as tokens) instead of the peer's mock, and read the saved settings back by loading the saved
-tokenizer."""
+same way (the training recipes call it right after loading the tokenizer); the cases use the tiny
+model's real tokenizer (with <|im_end|>, EOS and BOS added as tokens) instead of the peer's mock,
+and read the saved settings back by loading the saved tokenizer."""
 
 from __future__ import annotations
 

@@ -107,8 +107,10 @@ def test_dag_files_parse_fast_without_torch(tmp_path):
         "import sys, time\nfrom airflow.dag_processing.dagbag import DagBag\n"
         "t = time.process_time(); base = DagBag(sys.argv[1]); t_base = time.process_time() - t\n"
         "t = time.process_time(); bag = DagBag(sys.argv[2]); dt = time.process_time() - t\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'trl', 'mlflow', 'pandas') if m in sys.modules)\n"
-        "import json; print(json.dumps({'errors': {k: str(v) for k, v in {**base.import_errors, **bag.import_errors}.items()}, "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'trl', 'mlflow', 'pandas') "
+        "if m in sys.modules)\n"
+        "import json; print(json.dumps({'errors': "
+        "{k: str(v) for k, v in {**base.import_errors, **bag.import_errors}.items()}, "
         "'dags': sorted(bag.dags), 'heavy': heavy, 'baseline': t_base, 'seconds': dt}))"
     )
     for path in sorted((ROOT / "dags").glob("*.py")):
@@ -378,7 +380,8 @@ def test_retraining_on_asset_events_records_champion_challenger_decisions(airflo
                 sys.executable,
                 "-c",
                 "import sys; from finetune_engine.storage import make_client; "
-                "print(make_client().get_object(Bucket='finetune', Key='champions/default/champion.json')['Body'].read().decode())",
+                "print(make_client().get_object(Bucket='finetune', "
+                "Key='champions/default/champion.json')['Body'].read().decode())",
             ],
             capture_output=True,
             text=True,

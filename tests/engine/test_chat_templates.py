@@ -32,7 +32,8 @@ EXPECTED = {
     ),
     "chat-ml": (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
-        "<|im_start|>assistant\n2 plus 3 is 5.<|im_end|>\n<|im_start|>user\n And the capital of Peru? <|im_end|>\n"
+        "<|im_start|>assistant\n2 plus 3 is 5.<|im_end|>\n"
+        "<|im_start|>user\n And the capital of Peru? <|im_end|>\n"
         "<|im_start|>assistant\nThe capital of Peru is Lima.<|im_end|>\n",
         "<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n",
         ["<|im_start|>", "<|im_end|>"],

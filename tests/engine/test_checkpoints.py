@@ -56,8 +56,8 @@ def test_auto_resumes_from_newest_complete_and_removes_only_its_own_leftovers(tm
     assert resolve_resume("auto", tmp_path) == newest
     text = caplog.text
     assert (
-        f"ignoring incomplete checkpoint {ours} (this engine started writing it and did not finish); removing it"
-        in text
+        f"ignoring incomplete checkpoint {ours} (this engine "
+        "started writing it and did not finish); removing it" in text
     )
     assert f"ignoring incomplete checkpoint {cut} (no trainer_state.json" in text and "left as it is" in text
     assert f"ignoring incomplete checkpoint {corrupt} (its manifest does not match: size mismatch" in text

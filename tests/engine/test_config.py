@@ -209,7 +209,10 @@ def test_reference_doc_and_trainer_catalog_are_current():
 
 
 def test_config_package_imports_no_torch():
-    code = "import sys, finetune_engine.config as c; c.load_config; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = (
+        "import sys, finetune_engine.config as c; c.load_config; assert "
+        "'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -51,8 +51,8 @@ def test_method_key_agrees_with_the_command(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, method="sft")
     assert (
-        f"method ({path}:1): the config says method: dpo but the command runs sft; run `finetuning dpo CONFIG`"
-        in str(err.value)
+        f"method ({path}:1): the config says method: dpo but "
+        "the command runs sft; run `finetuning dpo CONFIG`" in str(err.value)
     )
     assert "method: not a" not in _error("method=ppo")  # an unknown method is named as the key
     assert "method" in _error("method=ppo")

@@ -118,7 +118,8 @@ CORPUS = {
         6,
         "role 'bot' is not one of",
     ),
-    # Empty content is allowed (the Silogen engine's data has empty system prompts), an all-empty conversation is not.
+    # Empty content is allowed (the Silogen engine's data has empty system prompts), an all-empty
+    # conversation is not.
     "all_messages_empty": (json.dumps(chat(user="", answer=" ")).encode(), 1, "every message is empty"),
     "empty_content_but_not_a_string": (
         json.dumps(chat(answer=None)).encode(),
@@ -410,7 +411,10 @@ def test_iter_records_splits_lines_like_the_validator(tmp_path):
         b"\xef\xbb\xbf"
         + GOOD.encode()
         + b"\r\n\n"
-        + b'{"messages": [{"role": "user", "content": "a"},\r{"role": "assistant", "content": "b"}], "id": 9}\n'
+        + (
+            b'{"messages": [{"role": "user", "content": "a"},\r'
+            b'{"role": "assistant", "content": "b"}], "id": 9}\n'
+        )
     )
     report = validate_file(path)
     assert report.problems == [] and report.examples == 2

@@ -220,7 +220,8 @@ def test_dpo_lora_sigmoid_trains_saves_and_skips_when_finished(tiny_model, pref_
     assert again["status"] == "skipped" and again["global_step"] == 8
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp
 
-    # killed after the last step's checkpoint, before the final outputs: finish from checkpoint-8, no extra step
+    # killed after the last step's checkpoint, before the final outputs: finish from checkpoint-8, no
+    # extra step
     adapter_weights = load_file(str(adapter / "adapter_model.safetensors"))
     for out in (adapter, final):
         shutil.rmtree(out)

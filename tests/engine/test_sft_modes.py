@@ -477,8 +477,8 @@ def test_filtered_and_truncated_counts_logged_and_reported(tiny_model, tmp_path,
     assert result["filtered_examples"] == filtered and result["truncated_examples"] == truncated
     assert result["num_train_examples"] == 25 - filtered
     assert (
-        f"kept {25 - filtered} train / 0 eval; filtered as too long {filtered}, truncated {truncated}, without trained tokens 0"
-        in caplog.text
+        f"kept {25 - filtered} train / 0 eval; filtered as too long "
+        f"{filtered}, truncated {truncated}, without trained tokens 0" in caplog.text
     )
 
 

@@ -4,7 +4,8 @@ The chart (ai-workloads, llm-finetune-silogen-engine) runs the engine in /workdi
 training_args.output_dir (so ./checkpoints), with run_conf.final_checkpoint_name
 checkpoint-final-adapter for adapter runs and resume_from_checkpoint auto, and then runs
 ``create_vllm_compatible_adapter --training-config CFG ./checkpoints/checkpoint-final-adapter`` and,
-with mergeAdapter, ``merge_adapter BASE ./checkpoints/checkpoint-final-adapter ./checkpoints/checkpoint-final``
+with mergeAdapter,
+``merge_adapter BASE ./checkpoints/checkpoint-final-adapter ./checkpoints/checkpoint-final``
 (BASE: ./checkpoints/checkpoint-new-basemodel when it exists).
 """
 

@@ -86,8 +86,9 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "rank 64 > --max-lora-rank 16; raise it to 64",
         "DoRA adapters are not supported by vLLM; merge instead",
         "target modules ['wte'] may not be LoRA-capable in vLLM",
-        "1 non-LoRA tensors (e.g. base_model.model.model.norm.weight) that vLLM does not load; untrained copies "
-        "of the base: run create_vllm_compatible_adapter; trained: serve the merged model (merge_adapter)",
+        "1 non-LoRA tensors (e.g. base_model.model.model.norm.weight) that vLLM does not load; untrained "
+        "copies of the base: run create_vllm_compatible_adapter; "
+        "trained: serve the merged model (merge_adapter)",
     ]
 
 

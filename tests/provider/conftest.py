@@ -69,8 +69,9 @@ def crd_schema(filename: str) -> dict:
     path = CRDS / filename
     if not path.exists():
         why = (
-            f"Kubeflow CRD schema {filename} not found in {CRDS}: it is read from shared/crds beside the checkout "
-            "or from $FINETUNE_CRDS_DIR (sources in tests/provider/conftest.py), never copied into the repository"
+            f"Kubeflow CRD schema {filename} not found in {CRDS}: it is read from shared/crds beside the "
+            "checkout or from $FINETUNE_CRDS_DIR (sources in "
+            "tests/provider/conftest.py), never copied into the repository"
         )
         if in_ci():
             pytest.fail(f"{why}; CI must validate the multi-node manifests, so a missing schema fails there")

@@ -35,7 +35,8 @@ OUTCOMES = {
         1,
         "Error",
         log="Traceback (most recent call last):\n  ...\n"
-        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB\n",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to "
+        "allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB\n",
     ),
     "sigkill": Outcome("Failed", 137, "Error", log="step 40/100\n"),
     "deadline": Outcome("Failed", 137, "Error", pod_reason="DeadlineExceeded", log="step 90/100\n"),

@@ -232,7 +232,8 @@ def test_champion_preflight_and_result_reading_leave_os_environ_alone(
         "status": "completed",
         "final_eval_loss": 0.5,
     }
-    # the deploy operator's local path pulls the model and adapters the same way (vLLM itself is not started here)
+    # the deploy operator's local path pulls the model and adapters the same way (vLLM itself is not
+    # started here)
     deploy = DeployVLLMOperator(
         task_id="serve",
         served_model_name="tiny",

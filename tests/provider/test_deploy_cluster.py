@@ -103,7 +103,8 @@ def test_smoke_test_posts_json_through_the_service_proxy(kube):
 
 
 def test_the_generated_proxy_method_takes_no_body(kube, tmp_path):
-    """Why the operator does not use connect_post_namespaced_service_proxy_with_path: the real client refuses a body."""
+    """Why the operator does not use connect_post_namespaced_service_proxy_with_path: the real client
+    refuses a body."""
     from kubernetes import client, config
 
     api = config.new_client_from_config(str(kube.kubeconfig(tmp_path / "kc")))
@@ -204,7 +205,8 @@ def test_ingress_and_httproute_created_idempotently(kube):
         {"name": name, "port": kube.get("services", NS, name)["spec"]["ports"][0]["port"]}
     ]
     assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
-    # again: the Ingress is replaced, the HTTPRoute (a custom resource: PUT needs resourceVersion) merge-patched
+    # again: the Ingress is replaced, the HTTPRoute (a custom resource: PUT needs resourceVersion)
+    # merge-patched
     kube.requests.clear()
     deploy_op(ingress={**ingress, "host": "chat2.example.com"}, http_route=route).execute(ctx())
     calls = {(r["method"], r["path"].rsplit("/", 2)[-2], r["content_type"]) for r in kube.requests}

@@ -132,7 +132,8 @@ def test_lock_pins_the_tested_versions():
 
 
 def test_lock_is_complete():
-    """Everything finetune-engine[train,storage] pulls in on Linux/Python 3.12 is pinned (and nothing else)."""
+    """Everything finetune-engine[train,storage] pulls in on Linux/Python 3.12 is pinned (and nothing
+    else)."""
     env = {
         "python_version": "3.12",
         "python_full_version": "3.12.3",

@@ -50,7 +50,10 @@ def test_config_errors_name_the_key_before_any_pod():
     with mock.patch.object(FinetuneKubernetesOperator, "build_pod_request_obj") as build:
         with pytest.raises(
             FinetuneConfigError,
-            match=r"training_args.learnin_rate: not a sft trainer argument \(did you mean 'learning_rate'\?\)",
+            match=(
+                r"training_args.learnin_rate: not a sft trainer argument "
+                r"\(did you mean 'learning_rate'\?\)"
+            ),
         ):
             op.execute(ctx())
         build.assert_not_called()

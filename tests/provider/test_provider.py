@@ -124,7 +124,8 @@ def _engine_subcommand(command: list[str]) -> str | None:
 
 def test_every_engine_command_the_builders_use_exists():
     """Each engine command in a built pod answers --help; so do the launchers, the image's checks and
-    the console scripts (finetune-engine, finetuning, and aimfttk: the Silogen chart's name for finetuning)."""
+    the console scripts (finetune-engine, finetuning, and aimfttk: the Silogen chart's name for
+    finetuning)."""
     commands = _built_commands()
     subcommands = {_engine_subcommand(c) for c in commands} - {None}
     # the sample covers every job kind the provider launches, eval-job included

@@ -103,7 +103,8 @@ def test_overrides_refine_the_strategy_and_it_changes_the_run_key():
     [
         (
             {"distributed_strategy": "zero2"},
-            r"distributed_strategy 'zero2': use one of \['ddp', 'deepspeed-zero1', 'deepspeed-zero3', 'fsdp'\]",
+            r"distributed_strategy 'zero2': use one of \['ddp', "
+            r"'deepspeed-zero1', 'deepspeed-zero3', 'fsdp'\]",
         ),
         ({"distributed_strategy": "deepspeed-zero3", "gpus": 0}, "needs gpus >= 1"),
         ({"distributed_strategy": "deepspeed-zero1", "gpus": 0}, "needs gpus >= 1"),

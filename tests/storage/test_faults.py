@@ -76,7 +76,8 @@ def _read_object(uri: str) -> bytes:
 
 _FORKER = r"""
 import json, os, sys, traceback
-import torch, transformers, peft, accelerate, safetensors.torch  # noqa: F401 - imported once, shared by every fork
+# imported once, shared by every fork
+import torch, transformers, peft, accelerate, safetensors.torch  # noqa: F401
 import transformers.trainer, torch.optim  # noqa: F401
 import finetune_engine.jobs.train, finetune_engine.recipes.sft, finetune_engine.modeling  # noqa: F401
 import finetune_engine.data.load, finetune_engine.data.tokenize, finetune_engine.storage  # noqa: F401
@@ -474,7 +475,8 @@ def test_resume_from_the_last_steps_checkpoint_trains_no_extra_step(s3_env, deli
     assert result["resumed_from"] == "checkpoint-4"
     assert result["global_step"] == 4, f"trained past the planned step: {result['global_step']}"
     assert _complete_steps(cut) == [4]
-    # finished from the checkpoint's weights (not the untrained base): the same adapter as the run that went through
+    # finished from the checkpoint's weights (not the untrained base): the same adapter as the run that
+    # went through
     from safetensors.torch import load_file
 
     adapters = {}

@@ -179,7 +179,8 @@ import json, os
 out = os.environ["FINETUNE_DATA_DIR"]
 with open(os.path.join(out, "chat.jsonl"), "w") as f:
     for i in range(5):
-        f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) + "\\n")
+        row = {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        f.write(json.dumps(row) + "\\n")
 """
 
 

@@ -1,4 +1,5 @@
-"""``finetuning {sft,dpo,kto,orpo,cpo} CONFIG``: the seed engine's command line, plus --set and --result-file."""
+"""``finetuning {sft,dpo,kto,orpo,cpo} CONFIG``: the seed engine's command line, plus --set and
+--result-file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``finetune-engine validate-config CONFIG [--method sft|dpo|kto|orpo|cpo] [--set k=v ...]``: no torch needed."""
+"""``finetune-engine validate-config CONFIG [--method sft|dpo|kto|orpo|cpo] [--set k=v ...]``: no
+torch needed."""
 
 from __future__ import annotations
 

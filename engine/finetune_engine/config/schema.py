@@ -276,7 +276,10 @@ class BatchsizeConf(_Strict):
     per_device_eval_batch_size: int | None = Field(
         default=None,
         gt=0,
-        description="Eval batch per device; defaults to max_per_device_train_batch_size (with auto: the probed per-device batch).",
+        description=(
+            "Eval batch per device; defaults to max_per_device_train_batch_size "
+            "(with auto: the probed per-device batch)."
+        ),
     )
 
     @field_validator("max_per_device_train_batch_size", mode="before")

@@ -31,9 +31,13 @@ _DERIVED_FIX = {
 MANAGED_TRAINING_ARGS = {
     "resume_from_checkpoint": "set run_conf.resume_from_checkpoint instead",
     "hub_token": "secrets never go in a config; the engine does not push to the Hub (null is accepted)",
-    "push_to_hub_token": "secrets never go in a config; the engine does not push to the Hub (null is accepted)",
-    "push_to_hub": "true is not done by this engine: it writes outputs to output_dir / the bucket; push "
-    "the final checkpoint with `hf upload REPO_ID OUTPUT_DIR/checkpoint-final` afterwards (false is accepted)",
+    "push_to_hub_token": (
+        "secrets never go in a config; the engine does not push to the Hub (null is accepted)"
+    ),
+    "push_to_hub": (
+        "true is not done by this engine: it writes outputs to output_dir / the bucket; push the final "
+        "checkpoint with `hf upload REPO_ID OUTPUT_DIR/checkpoint-final` afterwards (false is accepted)"
+    ),
     "full_determinism": "set run_conf.determinism: full instead",
     "local_rank": "set by the launcher (torchrun/accelerate), not in the config",
 }
@@ -236,7 +240,10 @@ def translate_legacy(
                 fix = (
                     "set batchsize_conf.per_device_eval_batch_size instead"
                     if "eval" in key
-                    else "derived from batchsize_conf (total_train_batch_size, max_per_device_train_batch_size); remove it"
+                    else (
+                        "derived from batchsize_conf (total_train_batch_size, "
+                        "max_per_device_train_batch_size); remove it"
+                    )
                 )
                 problems.append((key, fix))
         elif key == "rpo_alpha":
@@ -358,7 +365,8 @@ def check_training_args(args: dict[str, Any], method: str | None = "sft") -> dic
                     key,
                     _DERIVED_FIX.get(
                         key,
-                        "derived from batchsize_conf (total_train_batch_size, max_per_device_train_batch_size); remove it",
+                        "derived from batchsize_conf (total_train_batch_size, "
+                        "max_per_device_train_batch_size); remove it",
                     ),
                 )
             )

@@ -83,10 +83,10 @@ def split(records: list, ratio: float, seed: int, unit: str = "example") -> tupl
     n_eval = math.ceil(ratio * n)
     if n and n_eval >= n:
         raise ValueError(
-            f"data_conf.validation_data: AUTO_SPLIT with ratio {ratio} holds out ceil({ratio} x {n}) = {n_eval} "
-            f"of the {n} training {unit}(s), leaving nothing to train on (the Silogen engine refuses this too); "
-            "add training data, lower data_conf.validation_data.ratio, or give separate validation data "
-            "(type: CONCATENATION) or none (type: NONE)"
+            f"data_conf.validation_data: AUTO_SPLIT with ratio {ratio} holds out ceil({ratio} x {n}) = "
+            f"{n_eval} of the {n} training {unit}(s), leaving nothing to train on (the Silogen engine "
+            "refuses this too); add training data, lower data_conf.validation_data.ratio, or give separate "
+            "validation data (type: CONCATENATION) or none (type: NONE)"
         )
     order = np.random.default_rng(seed).permutation(n).tolist()
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]

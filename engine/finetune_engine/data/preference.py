@@ -53,16 +53,17 @@ def check_template(
     trained = sft_meta.get("chat_template_name")
     if trained and template_name != "keep-original" and template_name != trained:
         raise PreferenceTemplateError(
-            f"data_conf.chat_template_name {template_name} differs from the template {meta_source or model} was "
-            f"fine-tuned with ({trained}, from its finetune_meta.json); set data_conf.chat_template_name: keep-original"
+            f"data_conf.chat_template_name {template_name} differs from the template {meta_source or model} "
+            f"was fine-tuned with ({trained}, from its finetune_meta.json); "
+            "set data_conf.chat_template_name: keep-original"
             + (f" (or {trained})" if trained != "keep-original" else "")
         )
     if added_tokens:
         raise PreferenceTemplateError(
-            f"data_conf.chat_template_name {template_name} adds tokens {added_tokens} that {model} does not have; "
-            "preference training (dpo, kto, orpo, cpo) adds no tokens. Run SFT with this template first and "
-            "train its output (checkpoint-final), or set data_conf.chat_template_name: keep-original to use "
-            "the template the model already has"
+            f"data_conf.chat_template_name {template_name} adds tokens {added_tokens} that {model} does not "
+            "have; preference training (dpo, kto, orpo, cpo) adds no tokens. Run SFT with this template "
+            "first and train its output (checkpoint-final), or set data_conf.chat_template_name: "
+            "keep-original to use the template the model already has"
         )
 
 

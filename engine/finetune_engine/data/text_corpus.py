@@ -281,8 +281,8 @@ def load_windows(
     seconds = time.monotonic() - t0
     lengths = ends - starts
     log.info(
-        "tokenized %d text files (%d documents, %.1f MB) in %.1fs with %d worker(s): %d tokens, %d windows of "
-        "<= %d tokens, %d at a boundary, padding %.1f%%",
+        "tokenized %d text files (%d documents, %.1f MB) in %.1fs with %d worker(s): %d tokens, %d windows "
+        "of <= %d tokens, %d at a boundary, padding %.1f%%",
         len(files),
         docs,
         sum(map(len, texts)) / 1e6,

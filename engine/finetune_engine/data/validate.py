@@ -413,7 +413,8 @@ def _parse_json_array(path: Path, limit: float) -> Iterator[Row]:
             raw[: err.start].count(b"\n") + 1,
             None,
             "",
-            f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+            f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode "
+            "the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
         )
         return
     line_of = _LineOf(text)
@@ -470,7 +471,8 @@ def _parse_json_array(path: Path, limit: float) -> Iterator[Row]:
             line_of(rest),
             None,
             "",
-            "text after the end of the JSON array; a file is one JSON array, or JSON Lines (one object a line)",
+            "text after the end of the JSON array; a file is "
+            "one JSON array, or JSON Lines (one object a line)",
         )
 
 
@@ -617,7 +619,8 @@ def is_text_source(path: str | Path) -> bool:
 
 
 def list_text_files(paths: list[str], where: str = "data_conf.training_data.datasets") -> list[Path]:
-    """The .txt files of ``paths`` (TEXT_FILES data) (files as given, directories recursively, sorted), each once."""
+    """The .txt files of ``paths`` (TEXT_FILES data) (files as given, directories recursively, sorted),
+    each once."""
     problems: list[DataProblem] = []
     out: list[Path] = []
     seen: set[Path] = set()
@@ -681,7 +684,8 @@ def validate_text_files(
                 DataProblem(
                     str(f),
                     line,
-                    f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); re-encode the file, e.g. iconv -f latin1 -t utf-8",
+                    f"not UTF-8 (bad byte 0x{raw[err.start]:02x}); "
+                    "re-encode the file, e.g. iconv -f latin1 -t utf-8",
                 )
             )
             continue
@@ -695,7 +699,8 @@ def validate_text_files(
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a file that passed validation; rows split exactly as the validator splits them."""
+    """(line number, record) of a file that passed validation; rows split exactly as the validator
+    splits them."""
     p = Path(path)
     if _first_byte(p) == b"[":
         for number, record, _, _ in _parse_json_array(p, float("inf")):
@@ -731,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
             print(problem)
         bad += len(report.problems)
         print(
-            f"{path}: {report.examples} valid {report.kind or 'unknown'} example(s), {len(report.problems)} problem(s)"
+            f"{path}: {report.examples} valid {report.kind or 'unknown'} "
+            f"example(s), {len(report.problems)} problem(s)"
         )
     if len(args.files) > 1:
         print(f"total: {bad} problem(s) in {len(args.files)} file(s)")

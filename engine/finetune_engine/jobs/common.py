@@ -25,7 +25,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help=f"Experiment YAML file; '-' reads stdin; default: the YAML text in ${CONFIG_ENV} (how pods pass it).",
+        help=(
+            "Experiment YAML file; '-' reads stdin; default: "
+            f"the YAML text in ${CONFIG_ENV} (how pods pass it)."
+        ),
     )
     parser.add_argument(
         "--set",

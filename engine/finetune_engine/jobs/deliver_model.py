@@ -113,8 +113,9 @@ def deliver_model(
             )
             return {"status": "skipped", "destination": destination, **extra}
         raise DeliveryError(
-            f"{destination} already holds a complete model from {extra.get('source')}@{extra.get('revision')}; "
-            "pass --overwrite to replace it or choose another destination"
+            f"{destination} already holds a complete model from "
+            f"{extra.get('source')}@{extra.get('revision')}; pass "
+            "--overwrite to replace it or choose another destination"
         )
     with tempfile.TemporaryDirectory(dir=workdir, prefix="deliver-") as tmp:
         tmp_path = Path(tmp)

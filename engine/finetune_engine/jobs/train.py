@@ -336,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         "--method",
         default="sft",
         choices=list(METHODS),
-        help="sft, or a preference method: dpo, kto, orpo, cpo (SimPO: cpo with training_args.loss_type simpo).",
+        help=(
+            "sft, or a preference method: dpo, kto, orpo, cpo "
+            "(SimPO: cpo with training_args.loss_type simpo)."
+        ),
     )
     parser.add_argument(
         "--checkpoint-uri", required=True, help="s3://bucket/experiments/<experiment>/<run key>"

@@ -128,7 +128,8 @@ def validate_inputs(cfg: schema.ExperimentConfig, method: str) -> None:
     for p in paths + vpaths:
         if "://" in p:
             raise DataError(
-                f"{p}: bucket URIs are fetched by the train job (finetune-engine train-job); finetuning reads local files"
+                f"{p}: bucket URIs are fetched by the train job "
+                "(finetune-engine train-job); finetuning reads local files"
             )
     if isinstance(cfg.data_conf.training_data, schema.TextFilesData):
         validate_text_files(paths)

@@ -1,9 +1,11 @@
 """Preference optimisation on TRL 1.16, top to bottom: validate, load, train, save, report.
 
-    finetuning dpo CONFIG    # DPOTrainer; training_args.loss_type picks the variant (sigmoid, ipo, hinge, robust, ...)
+    finetuning dpo CONFIG    # DPOTrainer; training_args.loss_type picks the variant (sigmoid, ipo,
+                               hinge, robust, ...)
     finetuning kto CONFIG    # KTOTrainer, unpaired prompt/completion/label data
     finetuning orpo CONFIG   # trl.experimental.orpo.ORPOTrainer, reference-free
-    finetuning cpo CONFIG    # trl.experimental.cpo.CPOTrainer; SimPO is loss_type: simpo (cpo_alpha: 0 for pure SimPO)
+    finetuning cpo CONFIG    # trl.experimental.cpo.CPOTrainer; SimPO is loss_type: simpo (cpo_alpha: 0
+                               for pure SimPO)
 
 TRL 1.16 has no SimPO loss in DPOTrainer: SimPO lives in the (experimental) CPO trainer, so it is
 selected with ``finetuning cpo`` and ``training_args.loss_type: simpo``.
@@ -176,9 +178,10 @@ def run_preference(
     args_dict.setdefault("dataset_num_proc", num_preprocess_workers if num_preprocess_workers > 1 else None)
     if method == "kto" and plan.per_device <= 1 and args_dict.get("loss_type", "kto") == "kto":
         raise ValueError(
-            "kto estimates its KL term from the other completions of a device batch, so it needs a per-device "
-            f"batch of at least 2 (now {plan.per_device}); raise batchsize_conf.max_per_device_train_batch_size "
-            "(and total_train_batch_size), or set training_args.loss_type: apo_zero_unpaired"
+            "kto estimates its KL term from the other completions of a device batch, so it needs a "
+            f"per-device batch of at least 2 (now {plan.per_device}); raise "
+            "batchsize_conf.max_per_device_train_batch_size (and "
+            "total_train_batch_size), or set training_args.loss_type: apo_zero_unpaired"
         )
     try:
         training_args = config_cls(**args_dict)

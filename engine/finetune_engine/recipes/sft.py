@@ -124,7 +124,8 @@ def run_sft(
     if not len(train_examples):
         if text_stats is not None:
             raise DataError(
-                f"no training windows from data_conf.training_data ({text_stats}); add text or lower validation_data.ratio"
+                "no training windows from data_conf.training_data "
+                f"({text_stats}); add text or lower validation_data.ratio"
             )
         raise DataError(
             f"no training examples left after length handling ({dict(train_counts)}); raise "

@@ -155,8 +155,9 @@ def _client(
     )
     if session.get_credentials() is None:
         raise MissingCredentialsError(
-            "no bucket credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for "
-            "MinIO/SeaweedFS/rclone) - in a pod from the bucket Secret, in Airflow from the aws connection"
+            "no bucket credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL "
+            "for MinIO/SeaweedFS/rclone) - in a pod from the "
+            "bucket Secret, in Airflow from the aws connection"
         )
     return session.client("s3", endpoint_url=endpoint, config=config)
 
@@ -168,8 +169,8 @@ def make_client():
     if bool(key_id) != bool(secret):
         missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
         raise MissingCredentialsError(
-            f"incomplete bucket credentials: {missing} is not set (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "go together)"
+            f"incomplete bucket credentials: {missing} is not set (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY go together)"
         )
     return _client(
         endpoint_url(),
@@ -394,7 +395,8 @@ def is_complete(uri: str, *, client=None) -> bool:
 
 
 def list_complete_children(uri: str, *, client=None) -> list[str]:
-    """Children of ``uri`` (e.g. ``checkpoint-N``) that are complete; one listing plus one GET per manifest."""
+    """Children of ``uri`` (e.g. ``checkpoint-N``) that are complete; one listing plus one GET per
+    manifest."""
     objects = list_objects(uri, client=client)
     by_child: dict[str, dict[str, int]] = {}
     for rel, size in objects.items():
@@ -492,7 +494,8 @@ def put_bytes(uri: str, body: bytes, content_type: str = "application/octet-stre
 
 
 def read_bytes(uri: str, *, client=None) -> bytes | None:
-    """The body of object ``uri`` (a small one: it is held in memory), or None when there is no such object."""
+    """The body of object ``uri`` (a small one: it is held in memory), or None when there is no such
+    object."""
     bucket, key = parse_uri(uri)
     try:
         response = _use(client).get_object(Bucket=bucket, Key=key)

@@ -155,7 +155,8 @@ def upload_dir(
 
     The remote manifest is deleted first, so while files upload the prefix reads as incomplete.
     ``after_file(rel_path)`` runs (in the worker thread) after each file is stored. Returns the manifest.
-    ``client``: an explicit S3 client (:func:`~finetune_engine.storage.s3.session_client`), else the environment's.
+    ``client``: an explicit S3 client (:func:`~finetune_engine.storage.s3.session_client`), else the
+    environment's.
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -213,8 +214,9 @@ def _entries(
     if manifest is None:
         if require_complete:
             raise s3.IncompleteError(
-                f"{uri} is not complete: no valid {MANIFEST_NAME} (still uploading, interrupted, or not written by "
-                "upload_dir); re-run the upload, or pass require_complete=False to fetch whatever is there"
+                f"{uri} is not complete: no valid {MANIFEST_NAME} (still uploading, interrupted, or not "
+                "written by upload_dir); re-run the upload, or pass "
+                "require_complete=False to fetch whatever is there"
             )
         # Without a manifest: every object except directory markers and a malformed manifest.
         return None, [
@@ -225,8 +227,8 @@ def _entries(
     missing = s3.missing_objects(manifest, objects)
     if missing:
         raise s3.IncompleteError(
-            f"{uri} is not complete: {len(missing)} object(s) named by its manifest are missing or differ in size "
-            f"(e.g. {missing[0]!r}); re-run the upload"
+            f"{uri} is not complete: {len(missing)} object(s) named by its manifest are missing or differ in "
+            f"size (e.g. {missing[0]!r}); re-run the upload"
         )
     return manifest, [(f["path"], f["size"], f["sha256"]) for f in manifest["files"]]
 

@@ -38,8 +38,8 @@ def parse_uri(uri: str) -> tuple[str, str]:
         scheme, _, rest = uri.partition("://")
         if scheme.lower() != "s3":
             raise StorageURIError(
-                f"{uri}: only s3:// URIs are supported (AWS S3, MinIO, SeaweedFS, Ceph, rclone), not {scheme}://; "
-                "point AWS_ENDPOINT_URL at an S3-compatible server instead"
+                f"{uri}: only s3:// URIs are supported (AWS S3, MinIO, SeaweedFS, Ceph, rclone), not "
+                f"{scheme}://; point AWS_ENDPOINT_URL at an S3-compatible server instead"
             )
     elif ":" in uri.split("/", 1)[0]:
         raise StorageURIError(f"{uri}: not a bucket URI; expected s3://bucket/prefix")
@@ -69,7 +69,8 @@ def join(uri: str, *parts: str) -> str:
 
 
 def check_relative_key(key: str) -> str:
-    """Raise UnsafeKeyError unless ``key`` is a plain relative POSIX path (no '..', '.', '//', '\\', drive, NUL)."""
+    """Raise UnsafeKeyError unless ``key`` is a plain relative POSIX path (no '..', '.', '//', '\\',
+    drive, NUL)."""
     parts = key.split("/") if isinstance(key, str) else []
     bad = (
         not isinstance(key, str)
@@ -82,14 +83,15 @@ def check_relative_key(key: str) -> str:
     )
     if bad:
         raise UnsafeKeyError(
-            f"refusing unsafe object key {key!r}: absolute, drive/UNC/backslash form, or '.'/'..'/empty components "
-            "could resolve outside the target directory; remove or rename the object"
+            f"refusing unsafe object key {key!r}: absolute, drive/UNC/backslash form, or '.'/'..'/empty "
+            "components could resolve outside the target directory; remove or rename the object"
         )
     return key
 
 
 def safe_local_path(root: Path, relative_key: str) -> Path:
-    """The local path of ``relative_key`` under ``root``; UnsafeKeyError if it could escape it (symlinks too)."""
+    """The local path of ``relative_key`` under ``root``; UnsafeKeyError if it could escape it
+    (symlinks too)."""
     check_relative_key(relative_key)
     root = Path(root).resolve()
     target = (root / relative_key).resolve()
