@@ -45,4 +45,3 @@ def dag_defaults(dag_id: str, known: Iterable[str]) -> dict[str, Any]:
             f"[finetune] dag_defaults.{dag_id}: unknown name(s) {unknown}; {dag_id} takes {sorted(known)}"
         )
     return mine
-
