@@ -17,9 +17,8 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError
 from airflow_provider_finetune.hooks import ConnectionSecretResolver, SecretNames
-from airflow_provider_finetune.pods.spec import EngineJobSpec, Scratch, SecretEnv
+from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE, EngineJobSpec, Scratch, SecretEnv
 
-RESULT_PATH = "/airflow/xcom/return.json"
 WORKDIR = "/workdir"
 
 
@@ -145,7 +144,7 @@ class EngineJobOperator(KubernetesPodOperator):
 
     def build_spec(self, context: Any) -> EngineJobSpec:
         env = {
-            "FINETUNE_RESULT_FILE": RESULT_PATH,
+            "FINETUNE_RESULT_FILE": XCOM_RESULT_FILE,
             "FINETUNE_WORKDIR": WORKDIR,
             "FINETUNE_BUCKET": self.resolved_bucket,
             "HF_HUB_DISABLE_TELEMETRY": "1",

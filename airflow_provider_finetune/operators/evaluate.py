@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow_provider_finetune.exceptions import FinetuneConfigError
-from airflow_provider_finetune.operators.base import RESULT_PATH, EngineJobOperator
+from airflow_provider_finetune.operators.base import EngineJobOperator
+from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
 
 
 def _as_list(value: Any) -> list[str]:
@@ -79,5 +80,5 @@ class EvaluateModelsOperator(EngineJobOperator):
             "--batch-size",
             str(int(self.batch_size)),
             "--result-file",
-            RESULT_PATH,
+            XCOM_RESULT_FILE,
         ]

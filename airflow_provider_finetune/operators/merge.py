@@ -7,6 +7,7 @@ from typing import Any
 
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.operators.base import EngineJobOperator
+from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
 
 
 class MergeAdapterOperator(EngineJobOperator):
@@ -57,5 +58,5 @@ class MergeAdapterOperator(EngineJobOperator):
             "--dtype",
             self.dtype,
             "--result-file",
-            "/airflow/xcom/return.json",
+            XCOM_RESULT_FILE,
         ]
