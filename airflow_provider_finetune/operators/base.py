@@ -118,10 +118,7 @@ class EngineJobOperator(KubernetesPodOperator):
 
     @property
     def resolved_runner(self) -> str:
-        runner = (self.runner or settings.get("runner") or "kubernetes").lower()
-        if runner not in ("kubernetes", "local"):
-            raise FinetuneConfigError(f"runner {runner!r}: use 'kubernetes' or 'local' ([finetune] runner)")
-        return runner
+        return settings.runner(self.runner)
 
     @property
     def resolved_bucket(self) -> str:

@@ -225,8 +225,8 @@ class DeployVLLMOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         self.validate()
-        runner = (self.runner or settings.get("runner") or "kubernetes").lower()
-        result = self.execute_local(context) if runner == "local" else self.execute_cluster(context)
+        local = settings.runner(self.runner) == "local"
+        result = self.execute_local(context) if local else self.execute_cluster(context)
         ServedEndpointLink.persist(context, result.get("endpoint"))
         return result
 
@@ -446,7 +446,7 @@ class UndeployVLLMOperator(BaseOperator):
             namespace=self.namespace,
             kubernetes_conn_id=self.kubernetes_conn_id,
         )
-        if (self.runner or settings.get("runner") or "kubernetes").lower() == "local":
+        if settings.runner(self.runner) == "local":
             return stop_local(deploy.local_dir())
         _, core = deploy._clients()
         spec = deploy.serve_spec()
