@@ -35,6 +35,13 @@ class EngineJobOperator(KubernetesPodOperator):
     :param scratch_size: size of the scratch volume at /workdir.
     :param scratch_storage_class: when set, scratch is a generic ephemeral PVC of this class.
     :param bucket: bucket name; default ``[finetune] bucket``.
+    :param bucket_conn_id: Airflow ``aws`` connection that stands in for the bucket Secret on the local
+        runner; default ``[finetune] bucket_conn_id``.
+    :param extra_env: more plain environment variables of the engine container (they win over the
+        operator's own); credentials are refused here, they belong in Kubernetes Secrets.
+
+    Every other keyword argument goes to KubernetesPodOperator (``node_selector``, ``tolerations``,
+    ``active_deadline_seconds``, ``deferrable``, ...).
     """
 
     template_fields: Sequence[str] = (

@@ -19,6 +19,7 @@ class HFModelToBucketOperator(EngineJobOperator):
     :param model_id: Hub repo id (org/name), a directory on the worker (local runner), or s3:// prefix.
     :param revision: branch, tag or commit.
     :param exclude_patterns: globs of files to skip, e.g. ``["original/*"]``.
+    :param allow_patterns: globs of the only files to deliver (default: all but the excluded).
     :param destination: bucket prefix; default ``s3://<bucket>/models/<org>/<name>[@rev]``.
     :param allow_pickle: also deliver pickle (.bin/.pt) weights.
     :param allow_overwrite: replace an existing complete copy from another source/revision.
@@ -116,6 +117,8 @@ class DataScriptToBucketOperator(EngineJobOperator):
     :param urls: http(s) URLs of JSONL files instead of a script.
     :param destination: bucket prefix; default ``s3://<bucket>/datasets``.
     :param method: validate the files for ``sft``, ``dpo`` or ``kto``.
+    :param timeout_seconds: seconds the script or the downloads may take.
+    :param allow_private_urls: let ``urls`` reach private and loopback addresses (refused by default).
     """
 
     template_fields: Sequence[str] = (

@@ -97,11 +97,23 @@ class DeployVLLMOperator(BaseOperator):
     :param served_model_name: the model name clients use.
     :param adapters: LoRA adapters to serve beside the model, name -> s3:// prefix.
     :param adapter_ranks: their ranks (to set and check ``--max-lora-rank``).
+    :param max_lora_rank: vLLM's ``--max-lora-rank``; default the smallest value vLLM accepts that fits
+        every adapter rank.
     :param gpus: GPUs (= tensor parallel size) of the server.
+    :param gpu_vendor: ``nvidia`` or ``amd``; default ``[finetune] gpu_vendor``.
     :param engine_args: extra vLLM server arguments, e.g. ``{"gpu_memory_utilization": 0.9}``.
+    :param max_model_len: vLLM's ``--max-model-len``; default the model's own on the cluster, 256 on
+        the local runner.
+    :param runner: ``kubernetes`` or ``local``; default ``[finetune] runner``.
+    :param namespace: cluster: namespace of the Deployment and Service; default ``[finetune] namespace``.
+    :param kubernetes_conn_id: cluster: Kubernetes connection; default ``[finetune] kubernetes_conn_id``.
     :param smoke_question: asked once through ``/v1/chat/completions`` after the server is ready.
     :param keep_running: local runner: leave the server running after the task (stop it with
         UndeployVLLMOperator) or stop it at the end of the task.
+    :param ready_timeout: seconds the server may take to become ready.
+    :param local_port: local runner: port of the server; default a free one.
+    :param bucket_conn_id: local runner: Airflow ``aws`` connection the model and adapters are
+        downloaded with; default ``[finetune] bucket_conn_id``.
     :param deferrable: cluster: wait for readiness in the triggerer (DeploymentReadyTrigger) instead
         of on a worker; default ``[operators] default_deferrable``.
     :param poll_interval: seconds between readiness checks.
@@ -419,7 +431,13 @@ class DeployVLLMOperator(BaseOperator):
 
 
 class UndeployVLLMOperator(BaseOperator):
-    """Remove what DeployVLLMOperator created (Deployment + Service, or the local process)."""
+    """Remove what DeployVLLMOperator created (Deployment + Service, or the local process).
+
+    :param served_model_name: the ``served_model_name`` the server was deployed with.
+    :param runner: ``kubernetes`` or ``local``; default ``[finetune] runner``.
+    :param namespace: cluster: namespace of the Deployment; default ``[finetune] namespace``.
+    :param kubernetes_conn_id: cluster: Kubernetes connection; default ``[finetune] kubernetes_conn_id``.
+    """
 
     template_fields: Sequence[str] = ("served_model_name",)
 

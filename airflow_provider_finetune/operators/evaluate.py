@@ -28,6 +28,7 @@ class EvaluateModelsOperator(EngineJobOperator):
         (e.g. a champion that does not exist yet).
     :param datasets: held-out JSONL URIs.
     :param max_seq_length: longer examples are truncated.
+    :param batch_size: examples per forward pass.
     """
 
     template_fields: Sequence[str] = (

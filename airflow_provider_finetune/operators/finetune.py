@@ -104,6 +104,13 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     :param merge_adapter: also write the merged model (``run_conf.merge_adapter``): with an adapter,
         the pod writes ``checkpoint-final-adapter`` (the adapter) and ``checkpoint-final`` (merged),
         the Silogen chart's layout; the engine's own default is not to merge.
+    :param gpus: GPUs per node, one training process each (more than one launches torchrun).
+    :param num_nodes: nodes of the run; more than one runs a Kubeflow TrainJob or PyTorchJob on the
+        cluster instead of a pod.
+    :param distributed: multi-node kind: ``trainjob`` (Kubeflow Trainer) or ``pytorchjob``.
+    :param elastic_policy: ``pytorchjob`` only: make it elastic with this ``elasticPolicy`` (over the
+        defaults rdzvBackend c10d, minReplicas = maxReplicas = num_nodes, maxRestarts 3).
+    :param poll_interval: multi-node: seconds between status checks of the job.
     :param distributed_strategy: ``ddp``, ``fsdp`` (FSDP2, transformer-layer wrapping, full state
         dict saved), ``deepspeed-zero1`` or ``deepspeed-zero3``; sets ``training_args.fsdp`` /
         ``fsdp_config`` or ``training_args.deepspeed`` (overrides may refine them). Default: what the
