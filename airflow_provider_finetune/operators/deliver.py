@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from airflow.sdk import Context
+
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.hooks import SecretNames
@@ -72,7 +74,7 @@ class HFModelToBucketOperator(EngineJobOperator):
         suffix = f"@{self.revision}" if self.revision and self.revision != "main" else ""
         return self.bucket_uri("models", name + suffix)
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         if not self.resolved_destination().startswith("s3://"):
             raise FinetuneConfigError(f"destination {self.destination!r} must be an s3:// URI")
         name = self.secret_names().hf_token
@@ -90,7 +92,7 @@ class HFModelToBucketOperator(EngineJobOperator):
     def local_hf_conn_id(self) -> str:
         return self.hf_conn_id or super().local_hf_conn_id()
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         cmd = ["finetune-engine", "deliver-model", self.model_id, self.resolved_destination()]
         if self.revision:
             cmd += ["--revision", self.revision]
@@ -162,7 +164,7 @@ class DataScriptToBucketOperator(EngineJobOperator):
             return path.read_text(encoding="utf-8")
         return self.script
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         if bool(self.source_script()) == bool(self.urls):
             raise FinetuneConfigError("give exactly one of script / script_file / urls")
         if self.method not in ("sft", "dpo", "kto"):
@@ -174,7 +176,7 @@ class DataScriptToBucketOperator(EngineJobOperator):
     def resolved_destination(self) -> str:
         return (self.destination or self.bucket_uri("datasets")).rstrip("/")
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         cmd = [
             "finetune-engine",
             "deliver-data",
@@ -190,6 +192,6 @@ class DataScriptToBucketOperator(EngineJobOperator):
             cmd.append("--allow-private-urls")
         return cmd
 
-    def engine_env(self, context: Any) -> dict[str, str]:
+    def engine_env(self, context: Context) -> dict[str, str]:
         script = self.source_script()
         return {"FINETUNE_DATA_SCRIPT": script} if script else {}

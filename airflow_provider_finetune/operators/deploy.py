@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, Context
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
@@ -235,7 +235,7 @@ class DeployVLLMOperator(BaseOperator):
         if self.http_route:
             _route_kwargs("http_route", self.http_route, HTTPROUTE_KEYS, "gateway")
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         self.validate()
         local = settings.runner(self.runner) == "local"
         result = self.execute_local(context) if local else self.execute_cluster(context)
@@ -266,7 +266,7 @@ class DeployVLLMOperator(BaseOperator):
             )
         return docs
 
-    def execute_cluster(self, context: Any) -> dict[str, Any]:
+    def execute_cluster(self, context: Context) -> dict[str, Any]:
         spec = self.serve_spec()
         deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
         apps, core = self._clients()
@@ -312,7 +312,7 @@ class DeployVLLMOperator(BaseOperator):
             self.log.info("waiting for %s/%s: %s", ns, name, message)
             time.sleep(self.poll_interval)
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Deferrable mode: the trigger saw the Deployment ready (or not); then the smoke test."""
         where = f"{event.get('namespace')}/{event.get('name')}"
         if event.get("status") != "ready":
@@ -355,7 +355,7 @@ class DeployVLLMOperator(BaseOperator):
         root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
         return root / "serving" / dns_name(self.served_model_name)
 
-    def execute_local(self, context: Any) -> dict[str, Any]:
+    def execute_local(self, context: Context) -> dict[str, Any]:
         from airflow_provider_finetune.hooks import BucketHook
 
         python = (
@@ -456,7 +456,7 @@ class UndeployVLLMOperator(BaseOperator):
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
 
-    def execute(self, context: Any) -> bool:
+    def execute(self, context: Context) -> bool:
         deploy = DeployVLLMOperator(
             task_id=f"{self.task_id}__spec",
             model_uri="s3://unused/x",
