@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from airflow_provider_finetune import __version__
+
 
 def _opt(description: str, default: str | None, example: str | None = None, type_: str = "string") -> dict:
     return {
@@ -18,7 +20,7 @@ def get_provider_info() -> dict:
         "package-name": "airflow-provider-finetune",
         "name": "Fine-tune",
         "description": "LLM fine-tuning as Airflow DAGs on Kubernetes: deliver, sweep, merge, serve.",
-        "versions": ["0.1.0"],
+        "versions": [__version__],
         "integrations": [
             {
                 "integration-name": "Fine-tune",
@@ -38,7 +40,7 @@ def get_provider_info() -> dict:
                     ),
                     "engine_image": _opt(
                         "Engine image of the fine-tuning pods.",
-                        "ghcr.io/airflow-provider-finetune/engine-cuda:0.1.0",
+                        f"ghcr.io/airflow-provider-finetune/engine-cuda:{__version__}",
                     ),
                     "namespace": _opt("Kubernetes namespace of the pods.", "default"),
                     "kubernetes_conn_id": _opt("Kubernetes connection.", "kubernetes_default"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import BaseOperatorLink
+from airflow.sdk import BaseOperatorLink, Context
 
 
 class _XComLink(BaseOperatorLink):
@@ -17,7 +17,7 @@ class _XComLink(BaseOperatorLink):
         return XCom.get_value(ti_key=ti_key, key=self.xcom_key) or ""
 
     @classmethod
-    def persist(cls, context: Any, url: str | None) -> None:
+    def persist(cls, context: Context, url: str | None) -> None:
         if url:
             context["ti"].xcom_push(key=f"_link_{cls.__name__}", value=url)
 

@@ -45,3 +45,20 @@ def dag_defaults(dag_id: str, known: Iterable[str]) -> dict[str, Any]:
             f"[finetune] dag_defaults.{dag_id}: unknown name(s) {unknown}; {dag_id} takes {sorted(known)}"
         )
     return mine
+
+
+RUNNERS = ("kubernetes", "local")
+
+
+def runner(explicit: str | None = None) -> str:
+    """Where a task's engine work runs: the operator's ``runner`` argument, else ``[finetune] runner``.
+
+    One of :data:`RUNNERS`; anything else is a :class:`FinetuneConfigError` (a typo must not fall
+    back to the cluster).
+    """
+    value = (explicit or get("runner") or "kubernetes").lower()
+    if value not in RUNNERS:
+        from airflow_provider_finetune.exceptions import FinetuneConfigError
+
+        raise FinetuneConfigError(f"runner {value!r}: use 'kubernetes' or 'local' ([finetune] runner)")
+    return value

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import Context
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError
 from airflow_provider_finetune.hooks import ConnectionSecretResolver, SecretNames
-from airflow_provider_finetune.pods.spec import EngineJobSpec, Scratch, SecretEnv
+from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE, EngineJobSpec, Scratch, SecretEnv
 
-RESULT_PATH = "/airflow/xcom/return.json"
 WORKDIR = "/workdir"
 
 
@@ -36,6 +36,13 @@ class EngineJobOperator(KubernetesPodOperator):
     :param scratch_size: size of the scratch volume at /workdir.
     :param scratch_storage_class: when set, scratch is a generic ephemeral PVC of this class.
     :param bucket: bucket name; default ``[finetune] bucket``.
+    :param bucket_conn_id: Airflow ``aws`` connection that stands in for the bucket Secret on the local
+        runner; default ``[finetune] bucket_conn_id``.
+    :param extra_env: more plain environment variables of the engine container (they win over the
+        operator's own); credentials are refused here, they belong in Kubernetes Secrets.
+
+    Every other keyword argument goes to KubernetesPodOperator (``node_selector``, ``tolerations``,
+    ``active_deadline_seconds``, ``deferrable``, ...).
     """
 
     template_fields: Sequence[str] = (
@@ -103,26 +110,23 @@ class EngineJobOperator(KubernetesPodOperator):
 
     # -- what subclasses define ---------------------------------------------------------------
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         raise NotImplementedError
 
-    def engine_env(self, context: Any) -> dict[str, str]:
+    def engine_env(self, context: Context) -> dict[str, str]:
         return {}
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         """Checks that must pass before any pod is created (config, URIs)."""
 
-    def handle_result(self, context: Any, result: Any) -> Any:
+    def handle_result(self, context: Context, result: Any) -> Any:
         return result
 
     # -- resolved settings --------------------------------------------------------------------
 
     @property
     def resolved_runner(self) -> str:
-        runner = (self.runner or settings.get("runner") or "kubernetes").lower()
-        if runner not in ("kubernetes", "local"):
-            raise FinetuneConfigError(f"runner {runner!r}: use 'kubernetes' or 'local' ([finetune] runner)")
-        return runner
+        return settings.runner(self.runner)
 
     @property
     def resolved_bucket(self) -> str:
@@ -132,7 +136,7 @@ class EngineJobOperator(KubernetesPodOperator):
         key = "/".join(p.strip("/") for p in parts if p)
         return f"s3://{self.resolved_bucket}/{key}"
 
-    def run_key(self, context: Any) -> str:
+    def run_key(self, context: Context) -> str:
         """Deterministic per DAG run and map index, so a relaunch resumes and a finished run is skipped."""
         ti = context["ti"]
         run_id = context["run_id"]
@@ -143,9 +147,9 @@ class EngineJobOperator(KubernetesPodOperator):
 
     # -- the pod --------------------------------------------------------------------------------
 
-    def build_spec(self, context: Any) -> EngineJobSpec:
+    def build_spec(self, context: Context) -> EngineJobSpec:
         env = {
-            "FINETUNE_RESULT_FILE": RESULT_PATH,
+            "FINETUNE_RESULT_FILE": XCOM_RESULT_FILE,
             "FINETUNE_WORKDIR": WORKDIR,
             "FINETUNE_BUCKET": self.resolved_bucket,
             "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -211,7 +215,7 @@ class EngineJobOperator(KubernetesPodOperator):
             self.local_hf_conn_id(),
         )
 
-    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False):
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False):
         from airflow_provider_finetune.pods.pod import build_pod
 
         if context is not None:
@@ -220,17 +224,17 @@ class EngineJobOperator(KubernetesPodOperator):
 
     # -- running ----------------------------------------------------------------------------------
 
-    def execute(self, context: Any) -> Any:
+    def execute(self, context: Context) -> Any:
         self.validate(context)
         if self.resolved_runner == "local":
             return self.handle_result(context, self.execute_local(context))
         return self.handle_result(context, super().execute(context))
 
-    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
         """Deferrable mode: the parent's re-entry after its trigger fired, then our result handling."""
         return self.handle_result(context, super().trigger_reentry(context, event))
 
-    def execute_local(self, context: Any) -> Any:
+    def execute_local(self, context: Context) -> Any:
         from airflow_provider_finetune.runners.local import LocalRunError, LocalRunner
 
         push, self.do_xcom_push = self.do_xcom_push, False  # no sidecar locally; the file is read back
@@ -258,7 +262,7 @@ class EngineJobOperator(KubernetesPodOperator):
         return result.xcom
 
     def cleanup(
-        self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None
+        self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Context | None = None
     ) -> None:
         """The parent's cleanup (events, deletion, its failure); a failed engine container is
         classified first (OOM, deadline, eviction...), while the pod and its log still exist."""
@@ -314,7 +318,7 @@ class EngineJobOperator(KubernetesPodOperator):
             return ""
         return text.decode(errors="replace") if isinstance(text, bytes) else str(text or "")
 
-    def local_workdir(self, context: Any) -> Path:
+    def local_workdir(self, context: Context) -> Path:
         import tempfile
 
         root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from airflow.sdk import Context
+
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.hooks import SecretNames
@@ -19,6 +21,7 @@ class HFModelToBucketOperator(EngineJobOperator):
     :param model_id: Hub repo id (org/name), a directory on the worker (local runner), or s3:// prefix.
     :param revision: branch, tag or commit.
     :param exclude_patterns: globs of files to skip, e.g. ``["original/*"]``.
+    :param allow_patterns: globs of the only files to deliver (default: all but the excluded).
     :param destination: bucket prefix; default ``s3://<bucket>/models/<org>/<name>[@rev]``.
     :param allow_pickle: also deliver pickle (.bin/.pt) weights.
     :param allow_overwrite: replace an existing complete copy from another source/revision.
@@ -71,7 +74,7 @@ class HFModelToBucketOperator(EngineJobOperator):
         suffix = f"@{self.revision}" if self.revision and self.revision != "main" else ""
         return self.bucket_uri("models", name + suffix)
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         if not self.resolved_destination().startswith("s3://"):
             raise FinetuneConfigError(f"destination {self.destination!r} must be an s3:// URI")
         name = self.secret_names().hf_token
@@ -89,7 +92,7 @@ class HFModelToBucketOperator(EngineJobOperator):
     def local_hf_conn_id(self) -> str:
         return self.hf_conn_id or super().local_hf_conn_id()
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         cmd = ["finetune-engine", "deliver-model", self.model_id, self.resolved_destination()]
         if self.revision:
             cmd += ["--revision", self.revision]
@@ -116,6 +119,8 @@ class DataScriptToBucketOperator(EngineJobOperator):
     :param urls: http(s) URLs of JSONL files instead of a script.
     :param destination: bucket prefix; default ``s3://<bucket>/datasets``.
     :param method: validate the files for ``sft``, ``dpo`` or ``kto``.
+    :param timeout_seconds: seconds the script or the downloads may take.
+    :param allow_private_urls: let ``urls`` reach private and loopback addresses (refused by default).
     """
 
     template_fields: Sequence[str] = (
@@ -159,7 +164,7 @@ class DataScriptToBucketOperator(EngineJobOperator):
             return path.read_text(encoding="utf-8")
         return self.script
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         if bool(self.source_script()) == bool(self.urls):
             raise FinetuneConfigError("give exactly one of script / script_file / urls")
         if self.method not in ("sft", "dpo", "kto"):
@@ -171,7 +176,7 @@ class DataScriptToBucketOperator(EngineJobOperator):
     def resolved_destination(self) -> str:
         return (self.destination or self.bucket_uri("datasets")).rstrip("/")
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         cmd = [
             "finetune-engine",
             "deliver-data",
@@ -187,6 +192,6 @@ class DataScriptToBucketOperator(EngineJobOperator):
             cmd.append("--allow-private-urls")
         return cmd
 
-    def engine_env(self, context: Any) -> dict[str, str]:
+    def engine_env(self, context: Context) -> dict[str, str]:
         script = self.source_script()
         return {"FINETUNE_DATA_SCRIPT": script} if script else {}

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, Context
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
@@ -97,11 +97,23 @@ class DeployVLLMOperator(BaseOperator):
     :param served_model_name: the model name clients use.
     :param adapters: LoRA adapters to serve beside the model, name -> s3:// prefix.
     :param adapter_ranks: their ranks (to set and check ``--max-lora-rank``).
+    :param max_lora_rank: vLLM's ``--max-lora-rank``; default the smallest value vLLM accepts that fits
+        every adapter rank.
     :param gpus: GPUs (= tensor parallel size) of the server.
+    :param gpu_vendor: ``nvidia`` or ``amd``; default ``[finetune] gpu_vendor``.
     :param engine_args: extra vLLM server arguments, e.g. ``{"gpu_memory_utilization": 0.9}``.
+    :param max_model_len: vLLM's ``--max-model-len``; default the model's own on the cluster, 256 on
+        the local runner.
+    :param runner: ``kubernetes`` or ``local``; default ``[finetune] runner``.
+    :param namespace: cluster: namespace of the Deployment and Service; default ``[finetune] namespace``.
+    :param kubernetes_conn_id: cluster: Kubernetes connection; default ``[finetune] kubernetes_conn_id``.
     :param smoke_question: asked once through ``/v1/chat/completions`` after the server is ready.
     :param keep_running: local runner: leave the server running after the task (stop it with
         UndeployVLLMOperator) or stop it at the end of the task.
+    :param ready_timeout: seconds the server may take to become ready.
+    :param local_port: local runner: port of the server; default a free one.
+    :param bucket_conn_id: local runner: Airflow ``aws`` connection the model and adapters are
+        downloaded with; default ``[finetune] bucket_conn_id``.
     :param deferrable: cluster: wait for readiness in the triggerer (DeploymentReadyTrigger) instead
         of on a worker; default ``[operators] default_deferrable``.
     :param poll_interval: seconds between readiness checks.
@@ -223,10 +235,10 @@ class DeployVLLMOperator(BaseOperator):
         if self.http_route:
             _route_kwargs("http_route", self.http_route, HTTPROUTE_KEYS, "gateway")
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         self.validate()
-        runner = (self.runner or settings.get("runner") or "kubernetes").lower()
-        result = self.execute_local(context) if runner == "local" else self.execute_cluster(context)
+        local = settings.runner(self.runner) == "local"
+        result = self.execute_local(context) if local else self.execute_cluster(context)
         ServedEndpointLink.persist(context, result.get("endpoint"))
         return result
 
@@ -254,7 +266,7 @@ class DeployVLLMOperator(BaseOperator):
             )
         return docs
 
-    def execute_cluster(self, context: Any) -> dict[str, Any]:
+    def execute_cluster(self, context: Context) -> dict[str, Any]:
         spec = self.serve_spec()
         deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
         apps, core = self._clients()
@@ -300,7 +312,7 @@ class DeployVLLMOperator(BaseOperator):
             self.log.info("waiting for %s/%s: %s", ns, name, message)
             time.sleep(self.poll_interval)
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Deferrable mode: the trigger saw the Deployment ready (or not); then the smoke test."""
         where = f"{event.get('namespace')}/{event.get('name')}"
         if event.get("status") != "ready":
@@ -343,7 +355,7 @@ class DeployVLLMOperator(BaseOperator):
         root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
         return root / "serving" / dns_name(self.served_model_name)
 
-    def execute_local(self, context: Any) -> dict[str, Any]:
+    def execute_local(self, context: Context) -> dict[str, Any]:
         from airflow_provider_finetune.hooks import BucketHook
 
         python = (
@@ -420,7 +432,13 @@ class DeployVLLMOperator(BaseOperator):
 
 
 class UndeployVLLMOperator(BaseOperator):
-    """Remove what DeployVLLMOperator created (Deployment + Service, or the local process)."""
+    """Remove what DeployVLLMOperator created (Deployment + Service, or the local process).
+
+    :param served_model_name: the ``served_model_name`` the server was deployed with.
+    :param runner: ``kubernetes`` or ``local``; default ``[finetune] runner``.
+    :param namespace: cluster: namespace of the Deployment; default ``[finetune] namespace``.
+    :param kubernetes_conn_id: cluster: Kubernetes connection; default ``[finetune] kubernetes_conn_id``.
+    """
 
     template_fields: Sequence[str] = ("served_model_name",)
 
@@ -439,7 +457,7 @@ class UndeployVLLMOperator(BaseOperator):
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
 
-    def execute(self, context: Any) -> bool:
+    def execute(self, context: Context) -> bool:
         deploy = DeployVLLMOperator(
             task_id=f"{self.task_id}__spec",
             model_uri="s3://unused/x",
@@ -447,7 +465,7 @@ class UndeployVLLMOperator(BaseOperator):
             namespace=self.namespace,
             kubernetes_conn_id=self.kubernetes_conn_id,
         )
-        if (self.runner or settings.get("runner") or "kubernetes").lower() == "local":
+        if settings.runner(self.runner) == "local":
             return stop_local(deploy.local_dir())
         _, core = deploy._clients()
         spec = deploy.serve_spec()

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from airflow.sdk import Context
+
 from airflow_provider_finetune.exceptions import FinetuneConfigError
-from airflow_provider_finetune.operators.base import RESULT_PATH, EngineJobOperator
+from airflow_provider_finetune.operators.base import EngineJobOperator
+from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
 
 
 def _as_list(value: Any) -> list[str]:
@@ -27,6 +30,7 @@ class EvaluateModelsOperator(EngineJobOperator):
         (e.g. a champion that does not exist yet).
     :param datasets: held-out JSONL URIs.
     :param max_seq_length: longer examples are truncated.
+    :param batch_size: examples per forward pass.
     """
 
     template_fields: Sequence[str] = (
@@ -54,7 +58,7 @@ class EvaluateModelsOperator(EngineJobOperator):
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         models, datasets = _as_list(self.models), _as_list(self.datasets)
         if not models:
             raise FinetuneConfigError("models: give at least one model prefix to evaluate")
@@ -67,7 +71,7 @@ class EvaluateModelsOperator(EngineJobOperator):
         if int(self.max_seq_length) < 8:
             raise FinetuneConfigError(f"max_seq_length {self.max_seq_length}: must be at least 8")
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         cmd = ["finetune-engine", "eval-job"]
         for uri in _as_list(self.models):
             cmd += ["--model", uri]
@@ -79,5 +83,5 @@ class EvaluateModelsOperator(EngineJobOperator):
             "--batch-size",
             str(int(self.batch_size)),
             "--result-file",
-            RESULT_PATH,
+            XCOM_RESULT_FILE,
         ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from airflow.sdk import Context
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
@@ -105,6 +106,13 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     :param merge_adapter: also write the merged model (``run_conf.merge_adapter``): with an adapter,
         the pod writes ``checkpoint-final-adapter`` (the adapter) and ``checkpoint-final`` (merged),
         the Silogen chart's layout; the engine's own default is not to merge.
+    :param gpus: GPUs per node, one training process each (more than one launches torchrun).
+    :param num_nodes: nodes of the run; more than one runs a Kubeflow TrainJob or PyTorchJob on the
+        cluster instead of a pod.
+    :param distributed: multi-node kind: ``trainjob`` (Kubeflow Trainer) or ``pytorchjob``.
+    :param elastic_policy: ``pytorchjob`` only: make it elastic with this ``elasticPolicy`` (over the
+        defaults rdzvBackend c10d, minReplicas = maxReplicas = num_nodes, maxRestarts 3).
+    :param poll_interval: multi-node: seconds between status checks of the job.
     :param distributed_strategy: ``ddp``, ``fsdp`` (FSDP2, transformer-layer wrapping, full state
         dict saved), ``deepspeed-zero1`` or ``deepspeed-zero3``; sets ``training_args.fsdp`` /
         ``fsdp_config`` or ``training_args.deepspeed`` (overrides may refine them). Default: what the
@@ -299,7 +307,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
                 f"already set {clash}: remove them from the config or drop distributed_strategy"
             )
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         from finetune_engine.config.training_args import METHODS
 
         if self.method not in METHODS:
@@ -319,7 +327,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         key with a default leaves it, and so the checkpoint prefix of a run in progress, unchanged."""
         return hashlib.sha256(self._config_dump(exclude_defaults=True).encode()).hexdigest()[:10]
 
-    def resolved_checkpoint_uri(self, context: Any) -> str:
+    def resolved_checkpoint_uri(self, context: Context) -> str:
         if self.checkpoint_uri:
             return self.checkpoint_uri.rstrip("/")
         experiment = self.experiment or context["ti"].dag_id
@@ -327,7 +335,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         run = self.run_key(context).split("/map-")[0] if not self.run_name else self.run_name
         return self.bucket_uri("experiments", experiment, run, f"{label}{self.config_hash()}")
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         job = [
             "train-job",
             "--method",
@@ -355,13 +363,13 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             ]
         return ["finetune-engine", *job]
 
-    def execute(self, context: Any) -> Any:
+    def execute(self, context: Context) -> Any:
         if self.num_nodes > 1 and self.resolved_runner == "kubernetes":
             self.validate(context)
             return self.handle_result(context, self.execute_multinode(context))
         return super().execute(context)
 
-    def multinode_manifest(self, context: Any) -> dict:
+    def multinode_manifest(self, context: Context) -> dict:
         from airflow_provider_finetune.pods.distributed import build_pytorchjob, build_trainjob
         from airflow_provider_finetune.pods.spec import labels_for
 
@@ -379,7 +387,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             return build_pytorchjob(spec, self.num_nodes, procs, self.elastic_policy)
         return build_trainjob(spec, self.num_nodes, procs)
 
-    def execute_multinode(self, context: Any) -> dict:
+    def execute_multinode(self, context: Context) -> dict:
         """Create (or reattach to) a TrainJob/PyTorchJob and wait for it; the result JSON comes from the
         bucket."""
         import time
@@ -430,10 +438,10 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             with open(f"{tmp}/result.json") as f:
                 return json.load(f)
 
-    def engine_env(self, context: Any) -> dict[str, str]:
+    def engine_env(self, context: Context) -> dict[str, str]:
         return {"FINETUNE_CONFIG": self.rendered_config()}
 
-    def handle_result(self, context: Any, result: Any) -> Any:
+    def handle_result(self, context: Context, result: Any) -> Any:
         if isinstance(result, dict):
             ui = settings.get("mlflow_ui_url") or result.get("mlflow_tracking_uri") or ""
             MLflowRunLink.persist(context, mlflow_run_url(ui, result.get("mlflow_run_id")))

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from airflow.sdk import Context
+
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.operators.base import EngineJobOperator
+from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
 
 
 class MergeAdapterOperator(EngineJobOperator):
@@ -37,14 +40,14 @@ class MergeAdapterOperator(EngineJobOperator):
             self.output_uri or self.adapter.rstrip("/").rsplit("/", 1)[0] + "/checkpoint-final-merged"
         ).rstrip("/")
 
-    def validate(self, context: Any) -> None:
+    def validate(self, context: Context) -> None:
         for name in ("base", "adapter"):
             if not str(getattr(self, name)).startswith("s3://"):
                 raise FinetuneConfigError(f"{name} {getattr(self, name)!r} must be an s3:// URI")
         if not self.resolved_output().startswith("s3://"):
             raise FinetuneConfigError(f"output_uri {self.output_uri!r} must be an s3:// URI")
 
-    def engine_command(self, context: Any) -> list[str]:
+    def engine_command(self, context: Context) -> list[str]:
         return [
             "finetune-engine",
             "merge-job",
@@ -57,5 +60,5 @@ class MergeAdapterOperator(EngineJobOperator):
             "--dtype",
             self.dtype,
             "--result-file",
-            "/airflow/xcom/return.json",
+            XCOM_RESULT_FILE,
         ]

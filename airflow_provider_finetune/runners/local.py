@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-XCOM_PATH = "/airflow/xcom/return.json"
+from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
+
 HOST_PATHS = ("/tmp", "/dev/shm")
 SecretResolver = Callable[[str, str], str]
 
@@ -66,7 +67,7 @@ def _mounts(pod: Any, workdir: Path) -> dict[str, Path]:
             local = local / m.sub_path
         local.mkdir(parents=True, exist_ok=True)
         out[m.mount_path.rstrip("/") or "/"] = local
-    xcom_dir = str(Path(XCOM_PATH).parent)
+    xcom_dir = str(Path(XCOM_RESULT_FILE).parent)
     out.setdefault(xcom_dir, workdir / "xcom")
     out[xcom_dir].mkdir(parents=True, exist_ok=True)
     return out
@@ -169,7 +170,7 @@ class LocalRunner:
         if not argv:
             raise LocalRunError(f"pod {pod.metadata.name}: container {container.name} has no command")
         argv = resolve_command(argv)
-        xcom_file = mounts[str(Path(XCOM_PATH).parent)] / Path(XCOM_PATH).name
+        xcom_file = mounts[str(Path(XCOM_RESULT_FILE).parent)] / Path(XCOM_RESULT_FILE).name
         xcom_file.unlink(missing_ok=True)
         full_env = {**_inherited_env(), **self.extra_env, **env}
         self.log(f"local runner: {' '.join(argv)}")
