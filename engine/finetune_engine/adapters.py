@@ -131,18 +131,19 @@ def _load_training_config(path: str | Path):
     import yaml
 
     from finetune_engine.config.errors import ConfigError
-    from finetune_engine.config.loader import load_config
+    from finetune_engine.config.loader import parse_config
     from finetune_engine.config.yamlio import safe_load
 
     try:
-        raw = safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+        text = Path(path).read_text(encoding="utf-8")
+        raw = safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise AdapterError(f"--training-config {path}: cannot read it: {err}") from None
     first = raw.get("method") if isinstance(raw, dict) and raw.get("method") in ("sft", "dpo") else "sft"
     errors = []
-    for method in dict.fromkeys((first, "sft", "dpo")):
+    for method in dict.fromkeys((first, "sft", "dpo")):  # the file is read and parsed once
         try:
-            return load_config(path, method=method)
+            return parse_config(raw, source=str(path), method=method, text=text)
         except ConfigError as err:
             errors.append(err)
     raise AdapterError(f"--training-config: could not load it as an SFT or DPO config:\n{errors[0]}")

@@ -46,19 +46,19 @@ def resolve_tracking(
     env: dict[str, str] | None = None,
 ) -> TrackingSettings:
     env = dict(os.environ if env is None else env)
-    if env.get("DISABLE_MLFLOW_INTEGRATION", "").lower() in _TRUE:
+    if _true(env.get("DISABLE_MLFLOW_INTEGRATION")):
         return TrackingSettings(None, None, False, None)
     if cli_uri:
         return TrackingSettings(cli_uri, cli_experiment or "default", _true(cli_log_artifacts), cfg.run_name)
+    # the config's experiment name, else the environment's (rules 2 and 3)
+    experiment = cfg.experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or "default"
     if cfg.mlflow_server_uri:
-        experiment = cfg.experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or "default"
         return TrackingSettings(
             cfg.mlflow_server_uri, experiment, bool(cfg.hf_mlflow_log_artifacts), cfg.run_name
         )
     uri = env.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
         return TrackingSettings(None, None, False, None)
-    experiment = cfg.experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or "default"
     return TrackingSettings(uri, experiment, _true(env.get("HF_MLFLOW_LOG_ARTIFACTS")), cfg.run_name)
 
 
