@@ -44,6 +44,6 @@ echo "S3 server:     $ENDPOINT_S3 (keys in $DEMO/s3/s3.env; stop: $ENGINE local-
 keep_serving=$(.venv/bin/python -c 'import json, sys; print(json.loads(sys.argv[1]).get("keep_serving", True))' "$conf")
 if [[ $keep_serving == True && -n $endpoint ]]; then
   echo "vLLM serving:  $endpoint — chat with it:"
-  echo "  curl $endpoint/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"tutorial\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'"
+  echo "  curl $endpoint/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"tutorial\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"temperature\": 0}'"
   echo "  stop it:     kill -- -\$(cat $DEMO/work/serving/*/server.pid)"
 fi

@@ -109,6 +109,14 @@ def test_make_demo_prints_the_sweep_and_a_chat_and_leaves_a_server_to_chat_with(
     assert (bucket_dir / "models" / "tutorial" / "base" / "_finetune_manifest.json").exists()
     endpoint = re.search(r"vLLM serving:\s+(http://127\.0\.0\.1:\d+/v1)", out).group(1)
     assert "Paris" in _chat(endpoint, QUESTION)
+    # and the curl it printed, with its own request body (greedy, so the answer is the trained one)
+    body = json.loads(re.search(r"^\s+curl \S+/chat/completions .* -d '(\{.*\})'$", out, re.M).group(1))
+    assert body["temperature"] == 0
+    req = urllib.request.Request(
+        f"{endpoint}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert "Paris" in json.load(r)["choices"][0]["message"]["content"]
 
 
 def test_every_rank_finished_the_lowest_loss_won_and_was_merged(demo, bucket, tmp_path):
