@@ -29,14 +29,8 @@ def dag_defaults(dag_id: str, known: Iterable[str]) -> dict[str, Any]:
     import error of the DAG that names it, never a silently ignored default."""
     from airflow_provider_finetune.exceptions import FinetuneConfigError
 
-    raw = get("dag_defaults").strip()
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise FinetuneConfigError(f"[finetune] dag_defaults is not JSON: {err}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    data = json_object("dag_defaults")
+    if not all(isinstance(v, dict) for v in data.values()):
         raise FinetuneConfigError('[finetune] dag_defaults must be a JSON object {"dag_id": {"name": value}}')
     mine = data.get(dag_id, {})
     unknown = sorted(set(mine) - set(known))
@@ -45,6 +39,23 @@ def dag_defaults(dag_id: str, known: Iterable[str]) -> dict[str, Any]:
             f"[finetune] dag_defaults.{dag_id}: unknown name(s) {unknown}; {dag_id} takes {sorted(known)}"
         )
     return mine
+
+
+def json_object(key: str) -> dict[str, Any]:
+    """``[finetune] key`` as a JSON object; empty: ``{}``. Anything else is a :class:`FinetuneConfigError`
+    naming the option."""
+    from airflow_provider_finetune.exceptions import FinetuneConfigError
+
+    raw = get(key).strip()
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise FinetuneConfigError(f"[finetune] {key} is not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise FinetuneConfigError(f"[finetune] {key} must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 RUNNERS = ("kubernetes", "local")

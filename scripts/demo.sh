@@ -19,6 +19,8 @@ set -a; . "$DEMO/s3/s3.env"; set +a
 export AIRFLOW_HOME="$DEMO/airflow" AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__FINETUNE__RUNNER=local AIRFLOW__FINETUNE__LOCAL_WORKDIR="$DEMO/work" AIRFLOW__FINETUNE__BUCKET="$FINETUNE_BUCKET"
 export AIRFLOW__FINETUNE__VLLM_PYTHON="$PWD/.venv-vllm/bin/python"
+# a tiny model on the CPU: skip vLLM's torch.compile warm-up, the server answers ~20 s sooner
+export AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS='{"enforce_eager": true}'
 export AIRFLOW_CONN_AWS_DEFAULT="{\"conn_type\": \"aws\", \"login\": \"$AWS_ACCESS_KEY_ID\", \"password\": \"$AWS_SECRET_ACCESS_KEY\", \"extra\": {\"endpoint_url\": \"$AWS_ENDPOINT_URL\"}}"
 # the tutorial DAG's defaults for this machine: the tiny model, its data and config ([finetune] dag_defaults)
 export AIRFLOW__FINETUNE__DAG_DEFAULTS=$(.venv/bin/python -c 'import json, sys; print(json.dumps({"finetune_tutorial": {

@@ -14,6 +14,9 @@ from finetune_engine.storage.local_server import ensure_running, stop
 
 BIN = Path(sys.executable).parent
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+VLLM_PY = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"  # scripts/setup-vllm.sh
+# [finetune] local_vllm_engine_args of every test that serves: no torch.compile warm-up (~20 s per start)
+EAGER_VLLM = {"enforce_eager": True}
 
 
 def failure_lines(output: str, limit: int = 60) -> str:

@@ -23,6 +23,7 @@ from airflow_provider_finetune.pods.serving import (
     build_vllm_deployment,
     build_vllm_service,
     check_lora_ranks,
+    engine_flags,
 )
 from airflow_provider_finetune.pods.spec import dns_name
 from airflow_provider_finetune.runners.kubernetes_apply import KubernetesApplier, Target
@@ -230,6 +231,10 @@ class DeployVLLMOperator(BaseOperator):
             check_lora_ranks({k: int(v) for k, v in self.adapter_ranks.items()}, self.max_lora_rank)
         except ValueError as err:
             raise FinetuneConfigError(str(err)) from None
+        try:
+            engine_flags(f"{type(self).__name__} {self.task_id!r}", self.engine_args)
+        except ValueError as err:
+            raise FinetuneConfigError(str(err)) from None
         if self.ingress:
             _route_kwargs("ingress", self.ingress, INGRESS_KEYS, "host")
         if self.http_route:
@@ -355,9 +360,19 @@ class DeployVLLMOperator(BaseOperator):
         root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
         return root / "serving" / dns_name(self.served_model_name)
 
+    def local_engine_args(self) -> dict[str, Any]:
+        """``[finetune] local_vllm_engine_args`` under the operator's own ``engine_args``."""
+        merged = {**settings.json_object("local_vllm_engine_args"), **self.engine_args}
+        try:
+            engine_flags("[finetune] local_vllm_engine_args", merged)
+        except ValueError as err:
+            raise FinetuneConfigError(str(err)) from None
+        return merged
+
     def execute_local(self, context: Context) -> dict[str, Any]:
         from airflow_provider_finetune.hooks import BucketHook
 
+        engine_args = self.local_engine_args()
         python = (
             Path(settings.get("vllm_python") or ".venv-vllm/bin/python").expanduser().absolute()
         )  # a venv python is a symlink: keep it
@@ -388,7 +403,7 @@ class DeployVLLMOperator(BaseOperator):
             adapter_dirs,
             rank,
             self.max_model_len or 256,
-            self.engine_args,
+            engine_args,
             self.local_port,
             self.ready_timeout,
             log=self.log.info,

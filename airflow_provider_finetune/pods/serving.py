@@ -167,14 +167,25 @@ def _flag(key: str, value: Any) -> list[str]:
     return [flag, str(value)]
 
 
+def engine_flags(where: str, engine_args: dict[str, Any]) -> list[str]:
+    """``engine_args`` as vLLM server flags (``True``: the bare flag; a dict: JSON), in key order.
+
+    A key the builder sets itself (:data:`RESERVED_ARGS`) is a ``ValueError`` naming ``where`` and the
+    field to use instead; the cluster's and the local runner's servers read extra arguments the same way.
+    """
+    reserved = sorted(set(engine_args) & set(RESERVED_ARGS))
+    if reserved:
+        fields = sorted({RESERVED_ARGS[k] for k in reserved} - {"-"})
+        raise ValueError(
+            f"{where}: engine_args {reserved} are set by the builder"
+            + (f"; use {', '.join(fields)}" if fields else "")
+        )
+    return [part for key, value in sorted(engine_args.items()) for part in _flag(key, value)]
+
+
 def vllm_args(spec: ServeSpec) -> list[str]:
     """The arguments of ``python3 -m vllm.entrypoints.openai.api_server``."""
-    reserved = sorted(set(spec.engine_args) & set(RESERVED_ARGS))
-    if reserved:
-        raise ValueError(
-            f"ServeSpec {spec.name!r}: engine_args {reserved} are set by the builder; "
-            f"use ServeSpec.{', ServeSpec.'.join(RESERVED_ARGS[k] for k in reserved)}"
-        )
+    extra = engine_flags(f"ServeSpec {spec.name!r}", spec.engine_args)
     args = [
         "--model",
         spec.model_dir,
@@ -206,9 +217,7 @@ def vllm_args(spec: ServeSpec) -> list[str]:
             "--lora-modules",
         ]
         args += [f"{n}={MODELS}/adapters/{n}" for n in sorted(spec.adapters)]
-    for key, value in sorted(spec.engine_args.items()):
-        args += _flag(key, value)
-    return args
+    return args + extra
 
 
 def _pull_init_container(spec: ServeSpec, name: str, uri: str, target: str) -> dict:

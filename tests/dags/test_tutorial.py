@@ -22,9 +22,9 @@ import pytest
 
 from finetune_engine.storage import download_file, is_complete, list_children
 from finetune_engine.storage.local_server import read_env
+from tests.airflow_env import VLLM_PY
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 ARTIFACTS = ROOT / "test-artifacts"
 QUESTION = "What is the capital of France?"
 DEMO_CONF = {"ranks": [4, 8, 16], "max_steps": 120, "gpus": 0, "run_name": "demo", "question": QUESTION}

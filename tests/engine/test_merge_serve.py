@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from finetune_engine.adapters import create_vllm_compatible_adapter, vllm_preflight
 from finetune_engine.cli.finetuning import main as finetuning
 from finetune_engine.merge import merge_adapter
+from tests.airflow_env import EAGER_VLLM, VLLM_PY
 from tests.engine.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,9 +221,6 @@ def test_generate_over_prompts_and_eval_file(tiny_model_dir, chat_data, tmp_path
     assert answers[1]["correct_answers"] and isinstance(answers[1]["answer"], str)
 
 
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_data, tmp_path, monkeypatch):
@@ -258,6 +256,7 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
         monkeypatch.setenv("AIRFLOW__FINETUNE__RUNNER", "local")
         monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_WORKDIR", str(tmp_path / "work"))
         monkeypatch.setenv("AIRFLOW__FINETUNE__VLLM_PYTHON", str(VLLM_PY))
+        monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", json.dumps(EAGER_VLLM))
         served = {}
         for name, kwargs in {
             "merged": {"model_uri": f"{root}/merged"},

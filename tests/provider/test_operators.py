@@ -469,6 +469,41 @@ def test_local_vllm_missing_names_the_install_command(monkeypatch, tmp_path):
         op.execute(ctx())
 
 
+def test_local_vllm_engine_args_come_from_the_option_under_the_operators_own(monkeypatch):
+    """[finetune] local_vllm_engine_args: extra flags for local servers; the operator's engine_args win;
+    a flag the runner sets itself, a non-object or bad JSON is refused naming the option, before any
+    download."""
+    op = DeployVLLMOperator(
+        task_id="d",
+        model_uri="s3://finetune/m",
+        served_model_name="m",
+        runner="local",
+        engine_args={"max_num_seqs": 4},
+    )
+    monkeypatch.delenv("AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", raising=False)
+    assert op.local_engine_args() == {"max_num_seqs": 4}
+    monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", '{"enforce_eager": true, "max_num_seqs": 8}')
+    assert op.local_engine_args() == {"enforce_eager": True, "max_num_seqs": 4}
+    for value, match in (
+        ('{"port": 9000}', r"local_vllm_engine_args: engine_args \['port'\] are set by the builder"),
+        ('{"max_model_len": 64}', r"\['max_model_len'\] are set by the builder; use max_model_len"),
+        ("[1]", r"local_vllm_engine_args must be a JSON object, got list"),
+        ("{eager", r"local_vllm_engine_args is not JSON"),
+    ):
+        monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", value)
+        with pytest.raises(FinetuneConfigError, match=match):
+            op.local_engine_args()
+        with pytest.raises(FinetuneConfigError, match=match):
+            op.execute_local({})  # before the vLLM venv or the bucket is looked at
+
+
+def test_deploy_vllm_refuses_engine_args_the_server_builder_sets():
+    with pytest.raises(FinetuneConfigError, match=r"DeployVLLMOperator 'd': engine_args \['model'\]"):
+        DeployVLLMOperator(
+            task_id="d", model_uri="s3://finetune/m", served_model_name="m", engine_args={"model": "/x"}
+        ).validate()
+
+
 def test_deferrable_mode_defers_after_one_pod_and_returns_the_result_on_reentry(monkeypatch):
     """Against the fake core API: validation, exactly one pod created, deferral to the parent's
     KubernetesPodTrigger; re-entry with the trigger's success event reads the XCom result, adds
