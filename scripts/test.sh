@@ -11,4 +11,7 @@ wait $vllm_pid
 wait $browser_pid
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LINT_VENV=.venv ./scripts/lint.sh   # the static checks (make lint), with the tools .venv already has
-exec .venv/bin/python -m pytest -p no:cacheprovider --durations=20 "$@"
+# two workers, whole modules each (module fixtures such as an Airflow server are built once), longest
+# modules first (tests/conftest.py); FINETUNE_TEST_WORKERS=0 runs in one process
+exec .venv/bin/python -m pytest -p no:cacheprovider --durations=20 \
+  -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder "$@"

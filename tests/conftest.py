@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs two workers on two cores: one compute thread each (and in what they start),
+    # or torch's OpenMP threads spin against the other worker's
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 import signal
@@ -64,7 +68,22 @@ MARKER_TIMEOUTS = {"slow": 1800, "vllm": 1800, "browser": 1200}
 DURATIONS_FILE = Path(".work") / "test-durations.txt"
 
 
+# How long a test roughly takes, by marker, to run the longest modules first: with `--dist loadscope
+# --no-loadscope-reorder` (scripts/test.sh) a worker takes whole modules in this order, so the two
+# Airflow end-to-end modules start at once on different workers and the short ones fill in after.
+MARKER_WEIGHTS = {"slow": 30, "vllm": 60, "browser": 20}
+
+
+def _run_longest_modules_first(items) -> None:
+    weight: dict[str, int] = {}
+    for item in items:
+        cost = 1 + sum(w for name, w in MARKER_WEIGHTS.items() if item.get_closest_marker(name))
+        weight[item.nodeid.split("::")[0]] = weight.get(item.nodeid.split("::")[0], 0) + cost
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])  # stable: module order kept
+
+
 def pytest_collection_modifyitems(config, items):
+    _run_longest_modules_first(items)
     for item in items:
         if item.get_closest_marker("timeout") is not None:
             continue

@@ -482,7 +482,9 @@ def test_local_vllm_engine_args_come_from_the_option_under_the_operators_own(mon
     )
     monkeypatch.delenv("AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", raising=False)
     assert op.local_engine_args() == {"max_num_seqs": 4}
-    monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", '{"enforce_eager": true, "max_num_seqs": 8}')
+    monkeypatch.setenv(
+        "AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", '{"enforce_eager": true, "max_num_seqs": 8}'
+    )
     assert op.local_engine_args() == {"enforce_eager": True, "max_num_seqs": 4}
     for value, match in (
         ('{"port": 9000}', r"local_vllm_engine_args: engine_args \['port'\] are set by the builder"),
