@@ -1,4 +1,5 @@
-"""Regenerate the files derived from code: the trainer argument catalog and the config reference.
+"""Regenerate the files derived from code: the trainer and peft argument catalogs and the config
+reference.
 
 python -m finetune_engine.config.generate          # write them
 python -m finetune_engine.config.generate --check  # exit 1 when they are stale
@@ -18,6 +19,7 @@ import typing
 from pathlib import Path
 
 CATALOG = Path(__file__).with_name("trainer_fields.json")
+PEFT_CATALOG = Path(__file__).with_name("peft_fields.json")
 REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "config-reference.md"
 
 
@@ -96,6 +98,27 @@ def build_catalog() -> dict:
     }
 
 
+def build_peft_catalog() -> dict:
+    """The keyword arguments of each peft config class the schema accepts (peft_conf.peft_type), so
+    peft_kwargs can be checked without importing peft."""
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from finetune_engine.config.schema import PEFT_TYPES
+
+    by_name = {str(getattr(k, "value", k)): cls for k, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    fields = {}
+    for peft_type in PEFT_TYPES:
+        cls = by_name.get(peft_type)  # None: this peft release no longer has the type
+        fields[peft_type] = cls and {
+            "class": cls.__name__,
+            "fields": sorted(
+                f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")
+            ),
+        }
+    return {"generated_from": {"peft": peft.__version__}, "fields": fields}
+
+
 def main(argv: list[str] | None = None) -> int:
     from finetune_engine.config.reference import render_reference
 
@@ -110,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {REFERENCE: render_reference()}
     if not args.reference_only:
         outputs[CATALOG] = json.dumps(build_catalog(), indent=1, sort_keys=True) + "\n"
+        outputs[PEFT_CATALOG] = json.dumps(build_peft_catalog(), indent=1, sort_keys=True) + "\n"
     stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for p in stale:

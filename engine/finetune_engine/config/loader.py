@@ -17,7 +17,7 @@ from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
 from finetune_engine.config.presets import apply_preset
 from finetune_engine.config.training_args import METHODS, TrainingArgsError
-from finetune_engine.config.yamlio import safe_load
+from finetune_engine.config.yamlio import MAX_BYTES, MAX_NODES, describe_error, has_tag, safe_load
 
 _DISCRIMINATOR_TAGS = {
     "CONCATENATION",
@@ -153,6 +153,64 @@ def _split_key(key: str) -> list[str | int]:
     return parts
 
 
+def _override_value(key: str, raw: str) -> Any:
+    """The YAML value of ``--set key=raw``; a ConfigError naming the key when it is not plain YAML."""
+    if not raw.strip():
+        return ""
+    if has_tag(raw):
+        raise ConfigError(
+            "--set",
+            [
+                f"{key}: the value {raw!r} carries a YAML tag (!...); give a plain value, or quote "
+                "it as a string"
+            ],
+        )
+    try:
+        return safe_load(raw)
+    except yaml.YAMLError as err:
+        _, reason = describe_error(err)
+        raise ConfigError(
+            "--set",
+            [
+                f"{key}: the value {raw!r} is not valid YAML ({reason}); quote it to pass a string, "
+                "e.g. --set 'key=\"text\"'"
+            ],
+        ) from None
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse a config whose values, shared references counted each time, exceed MAX_NODES, or that
+    contains itself: later walks over it (validation, line lookup) would run for minutes."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        obj, done = stack.pop()
+        children = list(obj.values()) if isinstance(obj, dict) else obj if isinstance(obj, list) else None
+        if children is None:
+            continue
+        key = id(obj)
+        if done:
+            active.discard(key)
+            sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[key] > MAX_NODES:
+                raise ConfigError(
+                    source,
+                    [
+                        f"the config expands to more than {MAX_NODES} values (shared anchors/aliases?); "
+                        "write it out plainly"
+                    ],
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise ConfigError(source, ["the config contains itself (a recursive alias); remove the cycle"])
+        active.add(key)
+        stack.append((obj, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``a.b[0].c=value`` applied (value parsed as YAML)."""
     data = copy.deepcopy(data)
@@ -160,7 +218,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", [f"{item!r}: expected key.path=value"])
-        value = safe_load(raw) if raw.strip() else ""
+        value = _override_value(key.strip(), raw)
         parts = _split_key(key.strip())
         node: Any = data
         for i, part in enumerate(parts[:-1]):
@@ -200,7 +258,14 @@ def parse_config(
     if method not in METHODS:
         raise ConfigError(source, [f"unknown method {method!r}; expected one of {', '.join(METHODS)}"])
     if not isinstance(data, dict):
-        raise ConfigError(source, [f"expected a mapping of sections, got {type(data).__name__}"])
+        raise ConfigError(
+            source,
+            [
+                f"expected a mapping of sections (data_conf, training_args, ...), got "
+                f"{'an empty document' if data is None else type(data).__name__}"
+            ],
+        )
+    _check_size(data, source)
     data = apply_overrides(data, overrides)
     data, _, _ = apply_preset(data)  # fills only keys the config leaves out; logs what it set
     lines = _yaml_lines(text) if text else {}
@@ -217,15 +282,30 @@ def load_config(
     """Read and validate an experiment YAML file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(str(path), ["file not found"]) from None
+        raise ConfigError(str(path), ["file not found; check the path"]) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), ["is a directory; give the path of the YAML config file"]) from None
+    except OSError as err:
+        raise ConfigError(str(path), [f"cannot read the file: {err.strerror or err}"]) from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(
+            str(path), [f"larger than {MAX_BYTES} bytes; an experiment config is a small YAML file"]
+        )
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ConfigError(str(path), [f"not UTF-8 text: {err}"]) from None
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            str(path),
+            [f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the config as UTF-8 YAML"],
+        ) from None
     try:
         data = safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(str(path), [f"{where}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
+        line, reason = describe_error(err)
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(str(path), [f"{where}: not valid YAML: {reason}"]) from None
     return parse_config(data, source=str(path), overrides=overrides, method=method, text=text)

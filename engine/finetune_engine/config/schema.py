@@ -10,8 +10,13 @@ pod starts.
 
 from __future__ import annotations
 
+import difflib
 import enum
+import functools
+import json
 import logging
+import math
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -20,13 +25,17 @@ from finetune_engine.config.training_args import (
     DERIVED_TRAINING_ARGS,
     METHODS,
     check_training_args,
+    non_finite,
 )
 
 _log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, use_enum_values=True)
+    # NaN and infinity are refused in every float field: no setting here means anything with them.
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, use_enum_values=True, allow_inf_nan=False
+    )
 
 
 def plain_dir_name(v: str) -> str:
@@ -338,20 +347,72 @@ class AdapterPeft(_Strict):
 
     @field_validator("peft_kwargs")
     @classmethod
-    def _check_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _check_kwargs(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         if "task_type" in v or "peft_type" in v:
             raise ValueError("set task_type/peft_type beside peft_kwargs, not inside it")
-        tm = v.get("target_modules")
-        if isinstance(tm, str) and tm != "all-linear" and " " in tm.strip():
-            # The seeds shipped 'q_proj vproj' once and silently trained one module.
-            raise ValueError(
-                f"target_modules {tm!r} looks like several names in one string; "
-                "write a YAML list, e.g. [q_proj, v_proj], or 'all-linear'"
-            )
-        r = v.get("r")
-        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
-            raise ValueError(f"r must be a positive integer, got {r!r}")
+        peft_type = info.data.get("peft_type")
+        problems = _peft_key_problems(peft_type, v) + _lora_value_problems(v)
+        bad = [k for k, value in v.items() if non_finite(value)]
+        problems += [
+            f"{k} {v[k]!r} is not a usable value (NaN or infinity); give a finite number" for k in bad
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
+
+
+@functools.cache
+def peft_fields() -> dict[str, Any]:
+    """{peft_type: {'class': name, 'fields': [...]} or None}: the keyword arguments of each peft config
+    class, generated from the installed peft (``python -m finetune_engine.config.generate``)."""
+    text = resources.files("finetune_engine.config").joinpath("peft_fields.json").read_text()
+    return json.loads(text)
+
+
+def _peft_key_problems(peft_type: str | None, kwargs: dict[str, Any]) -> list[str]:
+    catalog = peft_fields()
+    if peft_type not in catalog["fields"]:
+        return []
+    entry = catalog["fields"][peft_type]
+    version = catalog["generated_from"]["peft"]
+    if entry is None:
+        return [f"peft_type {peft_type} is not provided by peft {version}, which the engine trains with"]
+    known = entry["fields"]
+    out = []
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"{key}: not an argument of peft's {entry['class']}{hint}")
+    return out
+
+
+def _lora_value_problems(v: dict[str, Any]) -> list[str]:
+    out = []
+    tm = v.get("target_modules")
+    if isinstance(tm, str) and tm != "all-linear" and " " in tm.strip():
+        # The seeds shipped 'q_proj vproj' once and silently trained one module.
+        out.append(
+            f"target_modules {tm!r} looks like several names in one string; "
+            "write a YAML list, e.g. [q_proj, v_proj], or 'all-linear'"
+        )
+    r = v.get("r")
+    if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
+        out.append(f"r must be a positive integer, got {r!r}")
+    alpha = v.get("lora_alpha")
+    if alpha is not None and (not _number(alpha) or alpha <= 0):
+        out.append(
+            f"lora_alpha must be a positive number (the adapter's scale is lora_alpha / r; "
+            f"commonly 2 x r), got {alpha!r}"
+        )
+    dropout = v.get("lora_dropout")
+    if dropout is not None and (not _number(dropout) or not 0 <= dropout < 1):
+        out.append(f"lora_dropout must be a probability in [0, 1) (e.g. 0.05, 0 for none), got {dropout!r}")
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 PeftConf = Annotated[NoPeft | PretrainedPeft | AdapterPeft, Field(discriminator="peft_type")]
@@ -428,7 +489,7 @@ class ModelArgs(_Strict):
     not declared here pass through to from_pretrained unchanged (e.g. max_memory, subfolder,
     variant, cache_dir, local_files_only)."""
 
-    model_config = ConfigDict(extra="allow", validate_default=True, use_enum_values=True)
+    model_config = ConfigDict(extra="allow", validate_default=True, use_enum_values=True, allow_inf_nan=False)
 
     dtype: Literal[DTYPES] | None = Field(  # type: ignore[valid-type]
         default=None,

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import posixpath
 from importlib import resources
 from typing import Any
 
@@ -337,6 +338,90 @@ def _choice_problem(key: str, value: Any, choices: list[str], method: str) -> st
     return f"{shown} is not a {method} {key}; allowed: {', '.join(choices)}{hint}"
 
 
+def non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds (in lists and mappings), a NaN or infinite float."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(non_finite(v) for v in value)
+    return False
+
+
+def _steps_rule(strategy_key: str, default_strategy: str | None):
+    """save_steps / logging_steps / eval_steps: not negative; 0 only when their strategy is not steps."""
+
+    def rule(value: Any, args: dict[str, Any]) -> str | None:
+        if value < 0:
+            return f"must not be negative, got {value}; give a number of steps, or a ratio below 1"
+        strategy = args.get(strategy_key, default_strategy)
+        if value == 0 and strategy in ("steps", None) and default_strategy is not None:
+            return (
+                f"0 with {strategy_key} steps means never; give a positive number of steps, or set "
+                f"{strategy_key}: 'no'"
+            )
+        return None
+
+    return rule
+
+
+def _positive_max_steps(args: dict[str, Any]) -> bool:
+    steps = args.get("max_steps", -1)
+    return _num(steps) and steps > 0
+
+
+# Ranges of numeric training_args, checked after their types: key -> rule(value, all args) -> problem.
+_RANGE_RULES: dict[str, Any] = {
+    "learning_rate": lambda v, a: None if v > 0 else f"must be greater than 0, got {v}",
+    "max_steps": lambda v, a: (
+        None
+        if v == -1 or v > 0
+        else f"{v} is not a step count: transformers would silently train num_train_epochs instead; "
+        "give a positive number of steps, or -1 (the default) to train by epochs"
+    ),
+    "num_train_epochs": lambda v, a: (
+        None
+        if v > 0 or _positive_max_steps(a)
+        else f"must be greater than 0 (got {v}): nothing would be trained; give a number of epochs, or a "
+        "positive max_steps (which then decides the length)"
+    ),
+    "save_steps": _steps_rule("save_strategy", "steps"),
+    "logging_steps": _steps_rule("logging_strategy", "steps"),
+    "eval_steps": _steps_rule("eval_strategy", None),
+    "warmup_steps": lambda v, a: None if v >= 0 else f"must not be negative, got {v}",
+    "weight_decay": lambda v, a: None if v >= 0 else f"must not be negative, got {v}",
+    "max_grad_norm": lambda v, a: None if v >= 0 else f"must not be negative (0 turns clipping off), got {v}",
+    "save_total_limit": lambda v, a: None if v > 0 else f"must be a positive number of checkpoints, got {v}",
+    "dataloader_num_workers": lambda v, a: None if v >= 0 else f"must not be negative, got {v}",
+}
+
+
+def _output_dir_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None  # the type check names it
+    if not value.strip():
+        return (
+            "is empty; give the directory checkpoints go to, or leave it out ($CHECKPOINTS_PATH, "
+            "else ./checkpoints)"
+        )
+    if posixpath.normpath(value.strip()) in ("/", "//"):
+        return "is the filesystem root; give a directory of its own, e.g. /checkpoints/my-experiment"
+    return None
+
+
+def _value_problem(key: str, value: Any, args: dict[str, Any]) -> str | None:
+    """The problem of a value whose type is right but which no trainer can use, or None."""
+    if non_finite(value):
+        return f"{value!r} is not a usable value (NaN or infinity); give a finite number"
+    if key == "output_dir":
+        return _output_dir_problem(value)
+    rule = _RANGE_RULES.get(key)
+    if rule is not None and _num(value):
+        return rule(value, args)
+    return None
+
+
 def check_training_args(args: dict[str, Any], method: str | None = "sft") -> dict[str, Any]:
     """Raise ValueError naming every bad key of ``training_args``; return them with the keys of
     earlier transformers/TRL versions mapped (LEGACY_TRAINING_ARGS) and harmless managed values
@@ -396,10 +481,12 @@ def check_training_args(args: dict[str, Any], method: str | None = "sft") -> dic
                 continue
             if accepted and (bad_bool or not isinstance(value, accepted)):
                 problems.append((key, f"expected {kind}, got {type(value).__name__} {value!r}"))
-            elif known[key].get("choices"):
-                problem = _choice_problem(key, value, known[key]["choices"], method_name)
-                if problem:
-                    problems.append((key, problem))
+            elif known[key].get("choices") and (
+                problem := _choice_problem(key, value, known[key]["choices"], method_name)
+            ):
+                problems.append((key, problem))
+            elif problem := _value_problem(key, value, args):
+                problems.append((key, problem))
     if problems:
         raise TrainingArgsError(problems)
     return args
