@@ -267,7 +267,54 @@ DPO_CORPUS = {
         },
         "chosen_messages is empty",
     ),
+    "dpo_messages_chosen_equals_rejected": (
+        {
+            "prompt_messages": [{"role": "user", "content": "q"}],
+            "chosen_messages": [{"role": "assistant", "content": "same"}],
+            "rejected_messages": [{"role": "assistant", "content": "same "}],
+        },
+        "chosen_messages and rejected_messages are identical",
+    ),
+    "dpo_trl_chosen_equals_rejected": (
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        "chosen and rejected are identical",
+    ),
+    "dpo_trl_lists_chosen_equals_rejected": (
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "a"}],
+        },
+        "chosen and rejected are identical",
+    ),
 }
+
+
+def test_identical_pair_names_file_and_line_and_different_pairs_pass(tmp_path):
+    """Only the row whose answers match is refused, with its own file:line; pairs that differ by
+    role or text (not just whitespace) stay valid."""
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": " tie\n", "rejected": "tie"},
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "y"}],
+        },
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    report = validate_file(path)
+    assert [str(p) for p in report.problems] == [
+        f"{path}:2: chosen and rejected are identical, so the pair prefers nothing; fix the answers or "
+        "drop the row"
+    ]
+    assert report.examples == 1
+    with pytest.raises(DataValidationError, match=r"pairs.jsonl:2: chosen and rejected are identical"):
+        validate_files([path], method="dpo")
+    other = tmp_path / "lists.jsonl"
+    other.write_text(json.dumps(rows[2]) + "\n")
+    assert validate_file(other).problems == []
 
 
 @pytest.mark.parametrize("name", sorted(DPO_CORPUS))

@@ -18,6 +18,33 @@ from typing import Any
 DATA_METHOD = {"dpo": "dpo", "orpo": "dpo", "cpo": "dpo", "kto": "kto"}
 
 
+def _answer_text(answer: Any) -> Any:
+    """An answer as compared for sameness: a string stripped, a message list as (role, content) pairs."""
+    if isinstance(answer, str):
+        return answer.strip()
+    if isinstance(answer, list):
+        return [
+            (
+                m.get("role"),
+                m.get("content", "").strip() if isinstance(m.get("content"), str) else m.get("content"),
+            )
+            if isinstance(m, dict)
+            else m
+            for m in answer
+        ]
+    return answer
+
+
+def identical_answers(record: dict[str, Any]) -> bool:
+    """Whether a preference pair's chosen and rejected answers are the same (after trimming
+    whitespace): such a pair prefers nothing, and DPO's loss on it is a constant."""
+    if "chosen_messages" in record:
+        chosen, rejected = record.get("chosen_messages"), record.get("rejected_messages")
+    else:
+        chosen, rejected = record.get("chosen"), record.get("rejected")
+    return chosen is not None and _answer_text(chosen) == _answer_text(rejected)
+
+
 class PreferenceTemplateError(ValueError):
     """The chat template would change the vocabulary or differ from the one SFT trained."""
 

@@ -218,6 +218,17 @@ def _same_shape(record: dict, keys: tuple[str, ...]) -> list[str]:
     return []
 
 
+def _identical_pair(record: dict, chosen: str, rejected: str) -> list[str]:
+    from finetune_engine.data.preference import identical_answers
+
+    if identical_answers(record):
+        return [
+            f"{chosen} and {rejected} are identical, so the pair prefers nothing; fix the answers or "
+            "drop the row"
+        ]
+    return []
+
+
 def check_record(record: dict, kind: str) -> list[str]:
     """Problems of one record of ``kind`` (empty when valid). Keys outside the format are ignored,
     as the Silogen engine's data model ignores them."""
@@ -255,10 +266,12 @@ def check_record(record: dict, kind: str) -> list[str]:
         out += _ends_with_user(prompt, "prompt_messages")
         out += _check_messages(record["chosen_messages"], "chosen_messages", only_assistant=True)
         out += _check_messages(record["rejected_messages"], "rejected_messages", only_assistant=True)
+        out += _identical_pair(record, "chosen_messages", "rejected_messages")
     elif kind == "dpo_trl":
         for key in ("prompt", "chosen", "rejected"):
             out += _check_prompt_like(record[key], key, answer=key != "prompt")
         out += _same_shape(record, ("prompt", "chosen", "rejected"))
+        out += _identical_pair(record, "chosen", "rejected")
     elif kind == "kto":
         out += _check_prompt_like(record["prompt"], "prompt") + _check_prompt_like(
             record["completion"], "completion", answer=True
