@@ -2,7 +2,9 @@
 
 The current champion of a model line is one JSON object in the bucket,
 ``s3://<bucket>/champions/<line>/champion.json``: its model URI, the experiment config it was
-trained with (the next challenger starts from it), its held-out loss and where it came from.
+trained with (the next challenger starts from it), its held-out loss and where it came from, and the
+held-out set the line is scored on (``heldout_data``): pinned by the line's first champion, so a
+challenger scored on any other set is refused rather than compared with a loss it cannot be compared to.
 Every decision, promoted or not, is kept beside it under ``decisions/<run id>.json``, so the history
 of a line can be read back from the bucket alone. Reads and writes go through the bucket connection's
 :class:`~airflow_provider_finetune.hooks.BucketHook` and the engine's storage calls.
@@ -115,11 +117,35 @@ class ChampionStore:
                 )
         return record
 
+    def check_heldout(self, champion: dict[str, Any] | None, heldout_data: str | None) -> None:
+        """A challenger of this line is scored on the held-out set the champion record pins, or not at
+        all: ``FinetuneConfigError`` names both sets and the fix otherwise. A new line (no champion)
+        takes any set, which its first promotion pins."""
+        if champion is None:
+            return
+        pinned = champion.get("heldout_data")
+        if not pinned:
+            raise FinetuneConfigError(
+                f"{self.uri} pins no held-out set (no 'heldout_data'): a challenger cannot be compared with "
+                f'its champion; add "heldout_data": "{heldout_data}" to it if the champion was scored on '
+                "that set, or start a new line"
+            )
+        if pinned != heldout_data:
+            raise FinetuneConfigError(
+                f"model line {self.line!r} is scored on {pinned} (pinned in {self.uri}), but this challenger "
+                f"is scored on {heldout_data}: losses on different held-out sets cannot be compared. Score "
+                f"on {pinned} (the DAG's heldout_data setting), or start a new line for the new set"
+            )
+
     def record(self, run_id: str, decision: Decision, record: dict[str, Any] | None) -> str:
         """Keep the decision; when promoted, replace the champion record (decision first, so the
-        champion never points at an unrecorded promotion)."""
+        champion never points at an unrecorded promotion). A record scored on another held-out set
+        than the current champion's is refused before anything is written."""
         from finetune_engine.storage import put_bytes
 
+        current = self.read()
+        if current is not None and current.get("heldout_data") and record is not None:
+            self.check_heldout(current, record.get("heldout_data"))
         client = self._client()
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         safe_run = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")

@@ -11,6 +11,7 @@ On a cluster: the defaults below deliver TinyLlama and the seed's LoRA config.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from airflow.sdk import DAG, Asset, Param, task
@@ -24,53 +25,92 @@ from airflow_provider_finetune.operators import (
     MergeAdapterOperator,
     UndeployVLLMOperator,
 )
+from airflow_provider_finetune.preflight import CodeTrust, bundle_choices, model_id_pattern
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the DAG bundle: every file a param picks lies under it
+DAG_ID = "finetune_tutorial"
 BUCKET = settings.get("bucket")  # [finetune] bucket
 DATA_PREFIX = f"s3://{BUCKET}/datasets/tutorial"
 TUTORIAL_DATA = Asset(name="tutorial_dataset", uri=DATA_PREFIX)
 MODEL_URI = f"s3://{BUCKET}/models/tutorial/base"
-# [finetune] dag_defaults may replace these defaults (make demo: the tiny model on the CPU)
+# [finetune] dag_defaults may replace these defaults (make demo: the tiny model on the CPU) and add
+# configs and data scripts of the DAG bundle to the choices; a run's conf picks among them only
 D = settings.dag_defaults(
-    "finetune_tutorial",
+    DAG_ID,
     known=(
         "model_id",
         "data_script",
+        "data_scripts",
         "dataset_file",
         "config",
+        "configs",
         "gpus",
         "max_steps",
         "keep_serving",
         "parallel_ranks",
+        "allow_trust_remote_code",
+        "allow_external_tokenizer",
     ),
 )
+CONFIGS = bundle_choices(
+    ROOT,
+    DAG_ID,
+    D,
+    option="config",
+    set_key="configs",
+    builtin={
+        "tutorial-01-finetune-lora": "engine/configs/tutorial-01-finetune-lora.yaml",
+        "tiny-sft-lora": "engine/configs/tiny-sft-lora.yaml",
+    },
+    default="tutorial-01-finetune-lora",
+)
+DATA_SCRIPTS = bundle_choices(
+    ROOT,
+    DAG_ID,
+    D,
+    option="data_script",
+    set_key="data_scripts",
+    builtin={"argilla": "examples/argilla_data_script.py", "tiny": "examples/tiny_data_script.py"},
+    default="argilla",
+)
+MODEL_ID = str(D.get("model_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"))
+# an absolute model_id in dag_defaults is the one directory on the worker a run may deliver from
+LOCAL_MODEL_DIR = MODEL_ID if MODEL_ID.startswith("/") else None
+TRUST = CodeTrust.from_defaults(DAG_ID, D)
+FULL_PARAM_OVERRIDES = ["peft_conf={peft_type: NO_PEFT}", "run_conf.final_checkpoint_name=checkpoint-final"]
+DATASET_FILE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.jsonl$"
 
 with DAG(
-    dag_id="finetune_tutorial",
+    dag_id=DAG_ID,
     schedule=None,
     catchup=False,
     tags=["finetune", "tutorial"],
     doc_md=__doc__,
     params={
         "model_id": Param(
-            D.get("model_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
+            MODEL_ID,
             type="string",
-            description="Hub repo id (org/name), or a model directory on the worker (local runner).",
+            pattern=model_id_pattern(LOCAL_MODEL_DIR),
+            description="Hub repo id (org/name)"
+            + (f", or {LOCAL_MODEL_DIR} (the model directory of this platform)." if LOCAL_MODEL_DIR else "."),
         ),
         "data_script": Param(
-            str(ROOT / D.get("data_script", "examples/argilla_data_script.py")),
+            DATA_SCRIPTS.default,
             type="string",
-            description="Data script that writes JSONL into $FINETUNE_DATA_DIR.",
+            enum=DATA_SCRIPTS.names,
+            description="Data script (of the DAG bundle) that writes JSONL into $FINETUNE_DATA_DIR.",
         ),
         "dataset_file": Param(
             D.get("dataset_file", "argilla.jsonl"),
             type="string",
-            description="The file the data script writes, trained on.",
+            pattern=DATASET_FILE,
+            description="The file the data script writes, trained on (a .jsonl file name).",
         ),
         "config": Param(
-            str(ROOT / D.get("config", "engine/configs/tutorial-01-finetune-lora.yaml")),
+            CONFIGS.default,
             type="string",
-            description="Experiment config (YAML) of the sweep.",
+            enum=CONFIGS.names,
+            description="Experiment config (YAML, of the DAG bundle) of the sweep.",
         ),
         "ranks": Param(
             [4, 6, 8, 10, 12, 16, 20, 24, 32, 64],
@@ -83,7 +123,8 @@ with DAG(
             D.get("max_steps", -1),
             type="integer",
             minimum=-1,
-            description="Cap the training steps (-1: the config's epochs).",
+            **{"not": {"const": 0}},
+            description="Cap the training steps (-1: the config's epochs; 0 is refused: it trains nothing).",
         ),
         "gpus": Param(
             D.get("gpus", 1), type="integer", minimum=0, maximum=8, description="GPUs per sweep pod."
@@ -114,6 +155,36 @@ with DAG(
     },
     max_active_tasks=4,
 ) as dag:
+
+    @task
+    def preflight(params: dict, dag_run=None, dag=None) -> list[int]:
+        """Everything that can fail before the first upload: the conf's keys, the model id, the data
+        script, the dataset name and the config with the run's overrides for every rank (and for the
+        full-parameter run when asked). Returns the ranks to sweep."""
+        from airflow_provider_finetune.preflight import (
+            check_conf_keys,
+            check_configs,
+            check_model_id,
+            max_steps_overrides,
+        )
+
+        check_conf_keys(dag_run.conf if dag_run else None, dag.params if dag else params)
+        check_model_id(params["model_id"], LOCAL_MODEL_DIR)
+        DATA_SCRIPTS.path(params["data_script"])
+        config = CONFIGS.path(params["config"])
+        overrides = max_steps_overrides(params["max_steps"])
+        datasets = [f"{DATA_PREFIX}/{params['dataset_file']}"]
+        common = {"config": config, "base_model": MODEL_URI, "datasets": datasets, "trust": TRUST}
+        swept = check_configs(overrides=overrides, ranks=params["ranks"], **common)
+        if int(params["full_param_gpus"]) > 0:
+            check_configs(overrides=overrides + FULL_PARAM_OVERRIDES, ranks=[None], **common)
+        print(
+            f"preflight passed: model {params['model_id']}, data script {params['data_script']}, config "
+            f"{params['config']} validates for ranks {swept}"
+        )
+        return swept
+
+    swept = preflight()
     model = HFModelToBucketOperator(
         task_id="deliver_model",
         model_id="{{ params.model_id }}",
@@ -122,22 +193,18 @@ with DAG(
     )
     data = DataScriptToBucketOperator(
         task_id="deliver_data",
-        script_file="{{ params.data_script }}",
+        script_file="{{ " + json.dumps(DATA_SCRIPTS.files) + "[params.data_script] }}",
         destination=DATA_PREFIX,
         outlets=[TUTORIAL_DATA],
     )
-
-    @task
-    def ranks(params: dict) -> list[int]:
-        return sorted(set(int(r) for r in params["ranks"]))
-
-    swept = ranks()
+    swept >> [model, data]
+    config = "{{ " + json.dumps(CONFIGS.files) + "[params.config] }}"
     # -1 keeps the config's own schedule
-    overrides = ["{{ 'training_args.max_steps=' ~ params.max_steps if params.max_steps >= 0 else '' }}"]
+    overrides = ["{{ 'training_args.max_steps=' ~ params.max_steps if params.max_steps > 0 else '' }}"]
     datasets = [DATA_PREFIX + "/{{ params.dataset_file }}"]
     sweep = FinetuneKubernetesOperator.partial(
         task_id="sweep",
-        config="{{ params.config }}",
+        config=config,
         overrides=overrides,
         base_model=MODEL_URI,
         datasets=datasets,
@@ -164,11 +231,10 @@ with DAG(
 
     full_param = FinetuneKubernetesOperator(
         task_id="full_param",
-        config="{{ params.config }}",
+        config=config,
         # the whole peft section (LoRA keys do not apply), and the model under checkpoint-final (the sweep's
         # config names its adapter output checkpoint-final-adapter, as the Silogen chart does)
-        overrides=overrides
-        + ["peft_conf={peft_type: NO_PEFT}", "run_conf.final_checkpoint_name=checkpoint-final"],
+        overrides=overrides + FULL_PARAM_OVERRIDES,
         base_model=MODEL_URI,
         datasets=datasets,
         experiment="tutorial-full",

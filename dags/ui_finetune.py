@@ -17,23 +17,43 @@ from airflow.sdk import DAG, Param, task
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.operators import DeployVLLMOperator, FinetuneKubernetesOperator
+from airflow_provider_finetune.preflight import CodeTrust, contained
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = settings.get("bucket")  # [finetune] bucket
 # [finetune] dag_defaults may replace these defaults (the suite: the tiny model on the CPU)
+DAG_ID = "finetune_ui"
 D = settings.dag_defaults(
-    "finetune_ui", known=("model_uri", "dataset_uri", "sft_config", "dpo_config", "gpus", "keep_serving")
+    DAG_ID,
+    known=(
+        "model_uri",
+        "dataset_uri",
+        "sft_config",
+        "dpo_config",
+        "gpus",
+        "keep_serving",
+        "allow_trust_remote_code",
+        "allow_external_tokenizer",
+    ),
 )
-CONFIGS = {
-    "sft": str(ROOT / D.get("sft_config", "engine/configs/tutorial-01-finetune-lora.yaml")),
-    "dpo": str(ROOT / D.get("dpo_config", "engine/configs/tiny-dpo-lora.yaml")),
+CONFIGS = {  # one config per method, files of the DAG bundle
+    method: str(
+        contained(
+            ROOT, D.get(f"{method}_config", default), f"[finetune] dag_defaults.{DAG_ID}.{method}_config"
+        )
+    )
+    for method, default in (
+        ("sft", "engine/configs/tutorial-01-finetune-lora.yaml"),
+        ("dpo", "engine/configs/tiny-dpo-lora.yaml"),
+    )
 }
+TRUST = CodeTrust.from_defaults(DAG_ID, D)
 DATA = "Model and data"
 TRAINING = "Training"
 RESOURCES = "Resources and serving"
 
 with DAG(
-    dag_id="finetune_ui",
+    dag_id=DAG_ID,
     dag_display_name="Fine-tune (form)",
     description="Fine-tune a model from a form: LoRA rank sweep, best by eval loss, optional vLLM serving.",
     schedule=None,
@@ -94,8 +114,9 @@ with DAG(
             type="integer",
             minimum=-1,
             maximum=1_000_000,
+            **{"not": {"const": 0}},
             title="Max steps",
-            description="Stop after this many optimizer steps (-1: run the epochs).",
+            description="Stop after this many optimizer steps (-1: run the epochs; 0 is refused).",
             section=TRAINING,
         ),
         "gpus": Param(
@@ -139,6 +160,7 @@ with DAG(
                 ranks=params["lora_ranks"],
                 conn_id=settings.get("bucket_conn_id"),
                 workdir=Path(tmp),
+                trust=TRUST,
             )
         print(
             f"preflight passed: {params['model_uri']} is complete, {params['dataset_uri']} is valid for "
