@@ -3,7 +3,9 @@ re-checked, the checked address is the one connected to, and a good fetch is val
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -204,3 +206,37 @@ def test_cli_allow_network_flag(http_server, tmp_path, capsys):
         main(["s3://b/d", "--url", http_server.url("/to-metadata"), "--allow-network", "127.0.0.1/32"]) == 2
     )
     assert "169.254.169.254" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "100.64.0.1",
+        "100.100.100.200",
+        "192.0.2.10",
+        "198.18.0.1",
+        "::ffff:100.64.0.1",
+        "fd00::1",
+        "2001:db8::1",
+    ],
+)
+def test_non_public_addresses_are_refused_unless_allowed(address, monkeypatch):
+    """Shared address space (100.64.0.0/10, where some clouds serve instance metadata), documentation
+    and benchmarking ranges are not public: refused like private ones, unless allowed by network."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda *a, **k: [(family, socket.SOCK_STREAM, 6, "", (address, 80))]
+    )
+    shown = str(ipaddress.ip_address(address))
+    with pytest.raises(DeliveryError, match=f"resolves to {re.escape(shown)}, .*non-public"):
+        resolve_url("http://meta.example/data.jsonl")
+    nets = ["::/0"] if family == socket.AF_INET6 else ["100.64.0.0/10", "192.0.2.0/24", "198.18.0.0/15"]
+    assert resolve_url("http://meta.example/data.jsonl", allow_networks=nets)[1] == shown
+    assert resolve_url("http://meta.example/data.jsonl", allow_private=True)[1] == shown
+
+
+def test_public_addresses_pass(monkeypatch):
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", 443))]
+    )
+    assert resolve_url("https://data.example/x.jsonl") == ("https://data.example/x.jsonl", "8.8.8.8")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,6 +233,53 @@ with open(os.path.join(out, "env.jsonl"), "w") as f:
     for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "AWS_ENDPOINT_URL"):
         assert secret not in seen
     assert s3_env["server"].secret not in body and "hf_canary_token_123" not in body
+
+
+PEEK_SCRIPT = (
+    GOOD_SCRIPT
+    + """
+import subprocess, sys
+report = {}
+try:
+    report["environ"] = open(f"/proc/{os.getppid()}/environ", "rb").read().decode(errors="replace")
+except OSError as err:
+    report["error"] = type(err).__name__
+# a daemon that leaves the script's process group and outlives it
+daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+report["daemon"] = daemon.pid
+with open(os.path.join(out, "report.jsonl"), "w") as f:
+    f.write(json.dumps({"text": json.dumps(report)}) + "\\n")
+"""
+)
+
+
+def test_data_script_cannot_read_the_jobs_environment_and_leaves_no_process(s3_env, tmp_path):
+    """The job (its own process, as in a pod: no capabilities) is non-dumpable while its
+    script runs: the script's read of /proc/<parent>/environ, where the bucket keys are, fails; the
+    upload still works, and what the script started, even outside its process group, is gone when
+    the job ends."""
+    dest = join(s3_env["uri"], "datasets")
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o777)
+    # with capabilities (root) any process's environment is readable: drop them all, as pods do
+    no_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
+    proc = subprocess.run(
+        [*no_caps, sys.executable, "-m", "finetune_engine.jobs.deliver_data", dest],
+        env={**os.environ, "FINETUNE_DATA_SCRIPT": PEEK_SCRIPT, "HOME": str(home), "TMPDIR": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(list_objects(dest)) == ["chat.jsonl", "report.jsonl"]
+    body = s3_env["server"].client().get_object(Bucket=s3_env["bucket"], Key="datasets/report.jsonl")
+    text = body["Body"].read().decode()
+    seen = json.loads(json.loads(text)["text"])
+    assert seen.get("error") == "PermissionError" and "environ" not in seen, seen
+    assert s3_env["secret"] not in text
+    stat = Path(f"/proc/{seen['daemon']}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,16 @@
 
 Either a user's data script (the seed's contract: it writes JSONL files into the directory named by
 ``$FINETUNE_DATA_DIR``) runs in a subprocess that gets no credentials and a time limit, or files are
-fetched from http(s) URLs (loopback, private, link-local and metadata addresses refused unless
-allowed). Every file is validated before anything is uploaded; one bad file uploads nothing.
+fetched from http(s) URLs (loopback, private, link-local, metadata and other non-public
+addresses refused unless allowed). Every file is validated before anything is uploaded; one bad
+file uploads nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import http.client
 import ipaddress
 import logging
@@ -34,23 +37,87 @@ class DeliveryError(ValueError):
     pass
 
 
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> bool:
+    """prctl(option, value) on Linux; False where it is unavailable or refused."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def make_non_dumpable() -> bool:
+    """Make this process non-dumpable: its /proc/<pid>/environ, mem and maps become unreadable to
+    other processes of the same user (a data script reading its parent's environment for the bucket
+    keys gets a permission error), and it cannot be ptrace-attached. Linux only; False elsewhere."""
+    return _prctl(PR_SET_DUMPABLE, 0)
+
+
+def _children() -> set[int]:
+    """Pids whose parent is this process (Linux /proc; empty elsewhere)."""
+    me, out = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _kill_leftovers(pgid: int, before: set[int]) -> None:
+    """After the script exits: SIGKILL its process group, then every process it left that was
+    reparented to this one (a subreaper), e.g. a daemon that left the group with setsid."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    for _ in range(50):
+        orphans = _children() - before
+        if not orphans:
+            return
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
 def run_script(script: str, out_dir: Path, timeout: float, python: str = sys.executable) -> None:
-    """Run ``script`` (Python source) with only a scrubbed environment; kill its group on timeout."""
+    """Run ``script`` (Python source) with only a scrubbed environment and a time limit.
+
+    This process is made non-dumpable first, so the script cannot read the bucket keys from
+    /proc/<parent>/environ; when the script ends (or times out) its whole process group, and any
+    process it started outside the group, is killed."""
     script_file = out_dir.parent / "data_script.py"
     script_file.write_text(script, encoding="utf-8")
     home = out_dir.parent / "home"
     home.mkdir(exist_ok=True)
     env = {k: os.environ[k] for k in SCRIPT_ENV_ALLOWED if k in os.environ}
     env.update({DATA_DIR_ENV: str(out_dir), "HOME": str(home), "TMPDIR": str(home), "PYTHONUNBUFFERED": "1"})
+    if not make_non_dumpable() and sys.platform.startswith("linux"):
+        raise DeliveryError("cannot protect the job's credentials from the data script (prctl failed)")
+    before = _children()
+    reaping = _prctl(PR_SET_CHILD_SUBREAPER, 1)
     proc = subprocess.Popen([python, str(script_file)], cwd=out_dir.parent, env=env, start_new_session=True)
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        rc = None
+    finally:
+        _kill_leftovers(proc.pid, before | {proc.pid})
         proc.wait()
+        if reaping:
+            _prctl(PR_SET_CHILD_SUBREAPER, 0)
+    if rc is None:
         raise DeliveryError(
             f"data script did not finish within {timeout:.0f}s and was stopped; nothing was uploaded"
-        ) from None
+        )
     if rc != 0:
         raise DeliveryError(f"data script exited with {rc}; nothing was uploaded")
 
@@ -60,16 +127,12 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Anything but a globally routable unicast address: loopback, private, link-local, shared
+    address space (100.64.0.0/10, where some clouds serve instance metadata), documentation,
+    benchmarking, multicast, reserved, unspecified."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-    return (
-        ip.is_loopback
-        or ip.is_private
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
+    return not ip.is_global or ip.is_multicast
 
 
 def resolve_url(
@@ -99,7 +162,8 @@ def resolve_url(
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
         if not allow_private and _forbidden(ip) and not any(ip in net for net in networks):
             raise DeliveryError(
-                f"{url}: {parts.hostname} resolves to {ip}, a loopback/private/link-local/metadata address; "
+                f"{url}: {parts.hostname} resolves to {ip}, a loopback/private/link-local/metadata or other "
+                "non-public address; "
                 "pass --allow-private-urls (or --allow-network CIDR) if this is intended"
             )
         addresses.append(str(ip))
