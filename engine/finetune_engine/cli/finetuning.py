@@ -61,6 +61,13 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``finetuning`` command: every error ends in one message (see cli/errors.py)."""
+    from finetune_engine.cli.errors import run_guarded
+
+    return run_guarded("finetuning", _main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.logging_level)
     log = logging.getLogger("finetuning")

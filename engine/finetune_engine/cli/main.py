@@ -7,7 +7,10 @@ so ``--help`` and validation stay free of torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from finetune_engine.cli.errors import DEBUG_ENV, run_guarded
 
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -72,14 +75,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: finetune-engine COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: finetune-engine [--debug] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "Run `finetune-engine COMMAND --help` for a command's options."]
+    lines += [
+        "",
+        "Run `finetune-engine COMMAND --help` for a command's options. An error ends in one message "
+        f"(exit code 2 for bad input); --debug (or {DEBUG_ENV}=1) shows its Python traceback.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:
+        os.environ[DEBUG_ENV] = "1"
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -87,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"finetune-engine: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+
+    def run(args: list[str] | None) -> int | None:
+        module = importlib.import_module(COMMANDS[name][0])
+        return module.main(args)
+
+    return run_guarded(f"finetune-engine {name}", run, rest)
 
 
 if __name__ == "__main__":

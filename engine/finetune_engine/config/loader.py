@@ -17,7 +17,7 @@ from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
 from finetune_engine.config.presets import apply_preset
 from finetune_engine.config.training_args import METHODS, TrainingArgsError
-from finetune_engine.config.yamlio import MAX_BYTES, MAX_NODES, describe_error, has_tag, safe_load
+from finetune_engine.config.yamlio import MAX_BYTES, MAX_DEPTH, MAX_NODES, describe_error, has_tag, safe_load
 
 _DISCRIMINATOR_TAGS = {
     "CONCATENATION",
@@ -211,6 +211,29 @@ def _check_size(data: Any, source: str) -> None:
         stack.extend((c, False) for c in children if id(c) not in sizes)
 
 
+_INT64 = 2**63
+
+
+def _huge_ints(data: Any) -> list[str]:
+    """Key paths of integers beyond 64 bits (no trainer setting means them, and torch cannot hold
+    them), or of nesting deeper than MAX_DEPTH."""
+    out: list[str] = []
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        obj, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            return [f"{_fmt_path(path[:3])}...: nested deeper than {MAX_DEPTH} levels"]
+        if isinstance(obj, int) and not isinstance(obj, bool) and not -_INT64 <= obj < _INT64:
+            out.append(
+                f"{_fmt_path(path) or '(top level)'}: {obj} is too large a number; give a realistic value"
+            )
+        elif isinstance(obj, dict):
+            stack.extend((v, path + (k,)) for k, v in obj.items())
+        elif isinstance(obj, list):
+            stack.extend((v, path + (i,)) for i, v in enumerate(obj))
+    return sorted(out)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``a.b[0].c=value`` applied (value parsed as YAML)."""
     data = copy.deepcopy(data)
@@ -266,7 +289,11 @@ def parse_config(
             ],
         )
     _check_size(data, source)
+    if problems := _huge_ints(data):
+        raise ConfigError(source, problems)
     data = apply_overrides(data, overrides)
+    if problems := _huge_ints(data):
+        raise ConfigError(source, problems)
     data, _, _ = apply_preset(data)  # fills only keys the config leaves out; logs what it set
     lines = _yaml_lines(text) if text else {}
     try:

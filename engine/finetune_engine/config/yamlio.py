@@ -12,7 +12,7 @@ It also refuses, each as a ``yaml.YAMLError`` naming the line:
 - more than ``MAX_ALIASES`` aliases, or aliases that expand to more than ``MAX_NODES`` nodes or
   refer to themselves (a kilobyte of nested anchors, "billion laughs", would expand to a billion
   values in every later walk over the document),
-- input longer than ``MAX_BYTES``.
+- nesting deeper than ``MAX_DEPTH`` levels, input longer than ``MAX_BYTES``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from yaml.composer import ComposerError
 MAX_BYTES = 1 << 20
 MAX_ALIASES = 1000
 MAX_NODES = 200_000
+MAX_DEPTH = 64
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -42,6 +43,7 @@ class EngineYamlLoader(yaml.SafeLoader):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._aliases = 0
+        self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -52,7 +54,17 @@ class EngineYamlLoader(yaml.SafeLoader):
                     problem=f"more than {MAX_ALIASES} aliases (*name); write the values out",
                     problem_mark=event.start_mark,
                 )
-        return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise YamlLimitError(
+                    problem=f"nested deeper than {MAX_DEPTH} levels; an experiment config is a few "
+                    "levels deep",
+                    problem_mark=self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
         node = super().compose_mapping_node(anchor)

@@ -1,0 +1,100 @@
+"""One boundary for every engine command: an error becomes one message and an exit code.
+
+Bad input (a config, a data file, a URI, a path that is missing or not a file) ends in
+``PROG: error: ...`` and exit code 2; a failure the engine knows (storage, memory probing) in
+exit code 1 with its message; anything else in exit code 1 with its type, message and the place it
+was raised. The Python traceback is shown only with ``--debug`` or ``FINETUNE_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+DEBUG_ENV = "FINETUNE_DEBUG"
+INPUT_ERROR = 2
+FAILURE = 1
+
+# Engine errors that are not ValueErrors but whose message is meant for the user (by qualified name,
+# so this module imports none of their modules: --help stays free of boto3 and torch).
+_KNOWN_FAILURES = {
+    "finetune_engine.storage.s3.StorageError",
+    "finetune_engine.autobatch.BatchTooLargeError",
+}
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _where(err: BaseException) -> str:
+    """file:line of the innermost frame of the engine (else the innermost frame) that raised."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    ours = [f for f in frames if "finetune_engine" in f.filename.replace(os.sep, "/")]
+    frame = (ours or frames)[-1]
+    name = frame.filename
+    if "finetune_engine" in name:
+        name = "finetune_engine" + name.replace(os.sep, "/").split("finetune_engine", 1)[1]
+    return f"{name}:{frame.lineno}"
+
+
+def _os_message(err: OSError) -> str:
+    what = err.strerror or str(err) or type(err).__name__
+    if err.filename is None:
+        return what
+    name = err.filename
+    hint = ""
+    if isinstance(err, FileNotFoundError):
+        hint = "; check the path"
+    elif isinstance(err, IsADirectoryError):
+        hint = "; give the path of a file"
+    elif isinstance(err, NotADirectoryError):
+        hint = "; a part of the path is a file, not a directory"
+    elif isinstance(err, PermissionError):
+        hint = "; check its permissions"
+    target = f" -> {err.filename2}" if err.filename2 else ""
+    return f"{name}{target}: {what}{hint}"
+
+
+def describe(err: Exception) -> tuple[int, str]:
+    """(exit code, message) of an error that ended a command."""
+    names = {_qualified(c) for c in type(err).__mro__}
+    text = " ".join(str(err).split()) if "\n" not in str(err) else str(err).strip()
+    if isinstance(err, OSError):
+        return INPUT_ERROR, _os_message(err)
+    if isinstance(err, UnicodeError):
+        return INPUT_ERROR, f"not UTF-8 text ({err}); save the file as UTF-8"
+    if isinstance(err, ValueError):
+        return INPUT_ERROR, text or type(err).__name__
+    if names & _KNOWN_FAILURES:
+        return FAILURE, text or type(err).__name__
+    where = _where(err)
+    return FAILURE, (
+        f"unexpected {type(err).__name__}: {text or '(no message)'}"
+        + (f" (at {where})" if where else "")
+        + f"; set {DEBUG_ENV}=1 to see the traceback"
+    )
+
+
+def run_guarded(prog: str, func: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
+    """``func(argv)`` with every error turned into ``PROG: error: MESSAGE`` on stderr and an exit code
+    (2 for bad input), unless debugging is on. argparse's own exits pass through."""
+    try:
+        return int(func(argv) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place every error is reported
+        if debug_enabled():
+            raise
+        code, message = describe(err)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code
