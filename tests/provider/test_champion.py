@@ -152,3 +152,34 @@ def test_form_overrides():
         form_overrides({"learning_rate": 1e-4, "epochs": 1, "max_steps": 7})[-1]
         == "training_args.max_steps=7"
     )
+
+
+def test_a_line_is_scored_on_the_held_out_set_its_champion_pins():
+    store = ChampionStore("finetune", "line-h", "aws_default")
+    pinned = {"model_uri": CP, "config": "a: 1\n", "heldout_data": "s3://b/heldout.jsonl"}
+    store.check_heldout(None, "s3://b/any.jsonl")  # a new line takes any set, its first promotion pins it
+    store.check_heldout(pinned, "s3://b/heldout.jsonl")
+    with pytest.raises(
+        FinetuneConfigError,
+        match=r"scored on s3://b/heldout.jsonl .* but this challenger is scored on s3://b/other.jsonl",
+    ):
+        store.check_heldout(pinned, "s3://b/other.jsonl")
+    with pytest.raises(FinetuneConfigError, match="pins no held-out set"):
+        store.check_heldout({"model_uri": CP, "config": "a: 1\n"}, "s3://b/heldout.jsonl")
+
+
+def test_a_challenger_on_another_held_out_set_is_refused_before_anything_is_written(bucket_conn):
+    store = ChampionStore(bucket_conn["FINETUNE_BUCKET"], "pinned", "champion_test")
+    first = decide([{"model_uri": CP, "eval_loss": 1.0}], CP, None)
+    store.record("run-1", first, {"model_uri": CP, "config": "a: 1\n", "heldout_data": "s3://b/h1.jsonl"})
+    better = decide([{"model_uri": CH, "eval_loss": 0.1}, {"model_uri": CP, "eval_loss": 1.0}], CH, CP)
+    with pytest.raises(FinetuneConfigError, match="cannot be compared"):
+        store.record(
+            "run-2", better, {"model_uri": CH, "config": "a: 2\n", "heldout_data": "s3://b/h2.jsonl"}
+        )
+    decisions = f"s3://{bucket_conn['FINETUNE_BUCKET']}/champions/pinned/decisions"
+    assert list(list_objects(decisions, client=store._client())) == ["run-1.json"]
+    assert store.read()["model_uri"] == CP and store.read()["heldout_data"] == "s3://b/h1.jsonl"
+    # on the pinned set it is compared and promoted
+    store.record("run-3", better, {"model_uri": CH, "config": "a: 2\n", "heldout_data": "s3://b/h1.jsonl"})
+    assert store.read()["model_uri"] == CH

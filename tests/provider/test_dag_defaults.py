@@ -40,7 +40,9 @@ def test_defaults_replace_the_dags_param_defaults(monkeypatch, tmp_path):
     assert bag.import_errors == {}
     params = bag.dags["finetune_tutorial"].params
     assert params["model_id"] == "/models/tiny" and params["gpus"] == 0 and params["keep_serving"] is False
-    assert params["config"] == str(ROOT / "engine/configs/tiny-sft-lora.yaml")  # relative to the DAG bundle
+    # a file of the DAG bundle: the run's conf picks it by its name in the set
+    assert params["config"] == "tiny-sft-lora"
+    assert "tiny-sft-lora" in bag.dags["finetune_tutorial"].params.get_param("config").schema["enum"]
     assert params["dataset_file"] == "argilla.jsonl"  # not given: the DAG's own default
 
 
