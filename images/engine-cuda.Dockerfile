@@ -2,10 +2,17 @@
 #   docker build -f images/engine-cuda.Dockerfile -t REGISTRY/finetune-engine-cuda:0.1.0 .
 # Pods override the command (`finetune-engine train-job ...`, `torchrun -m finetune_engine.cli.main ...`);
 # `docker run IMAGE <subcommand>` runs the engine CLI under tini.
-FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
+# Supply chain: the base is pinned by digest, every package by version and sha256 hash (the locks
+# beside this file, written by scripts/lock_images.py; images/README.md).
+FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04@sha256:f2c12914cf4751e61073843724275aa35d4817e01dbdc87eac03905971628c6e
 
-# The PyTorch wheel index of the CUDA build of torch 2.13.0 (it also bundles the CUDA libraries).
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+# Where each lock is installed from: one index per install step, never two (no --extra-index-url),
+# so no name can be taken from the wrong one. PyPI's Linux x86_64 torch wheel is the CUDA 13.0 build
+# (it requires cuda-toolkit 13.0.3 and cuDNN 9.20: the build the cu130 PyTorch index serves as
+# +cu130), so torch and its CUDA libraries come from PyPI too. Override only with a mirror of the
+# same index: the hashes in the locks must still match.
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG PYPI_INDEX_URL=https://pypi.org/simple
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -18,22 +25,29 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Ubuntu's packages track security updates; the base tag pins the release.
+# Ubuntu's packages track security updates; the base digest pins the release.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 python3.12-venv ca-certificates tini \
     && rm -rf /var/lib/apt/lists/* \
-    && python3.12 -m venv /opt/venv \
-    && pip install --no-cache-dir setuptools==84.2.1
+    && python3.12 -m venv /opt/venv
 
-# Heavy, rarely changing layer first: torch from its index, then the lock.
+# Heavy, rarely changing layer first: torch and its GPU libraries (--no-deps: torch's other
+# requirements are in the second lock), then everything else. Hash-checking mode: pip refuses any
+# file whose sha256 is not in the lock, any unpinned requirement, and (only-binary) any source build.
+COPY images/requirements-torch-cuda.txt /opt/requirements-torch.txt
 COPY images/requirements-engine.txt /opt/requirements-engine.txt
-RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
-    && pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r /opt/requirements-engine.txt
+RUN grep -q -- "--hash=sha256:" /opt/requirements-torch.txt \
+    || { echo "images/requirements-torch-cuda.txt has no hashes: run scripts/lock_images.py" >&2; exit 1; } \
+    && pip install --no-cache-dir --require-hashes --only-binary :all: --no-deps \
+        --index-url "${TORCH_INDEX_URL}" -r /opt/requirements-torch.txt \
+    && pip install --no-cache-dir --require-hashes --only-binary :all: \
+        --index-url "${PYPI_INDEX_URL}" -r /opt/requirements-engine.txt
 
-# The engine itself, constrained to the lock so nothing drifts.
+# The engine itself, from the copied source and no index: every requirement of its train and storage
+# extras must already be installed from the locks, or this step fails (nothing is fetched here).
 COPY engine /opt/src/engine
-RUN pip install --no-cache-dir --no-build-isolation -c /opt/requirements-engine.txt "/opt/src/engine[train,storage]" \
+RUN pip install --no-cache-dir --no-index --no-build-isolation "/opt/src/engine[train,storage]" \
     && pip check \
     && finetune-engine --help > /dev/null \
     && finetuning --help > /dev/null

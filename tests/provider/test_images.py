@@ -1,11 +1,15 @@
-"""Engine images and example manifests: hadolint, pins, non-root, no secrets, a complete lock, RBAC."""
+"""Engine images and example manifests: hadolint, digest-pinned bases, hashed single-index locks that
+agree with the tested versions, non-root, no secrets, RBAC."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -13,6 +17,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from airflow_provider_finetune.pods.serving import VLLM_IMAGES
 from tests.provider.conftest import K8S_VERSIONS
@@ -21,6 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 DOCKERFILES = {"cuda": IMAGES / "engine-cuda.Dockerfile", "rocm": IMAGES / "engine-rocm.Dockerfile"}
 LOCK = IMAGES / "requirements-engine.txt"
+TORCH_LOCKS = {"cuda": IMAGES / "requirements-torch-cuda.txt", "rocm": IMAGES / "requirements-torch-rocm.txt"}
+BASES = {"cuda": "nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04", "rocm": "rocm/dev-ubuntu-24.04:7.2"}
+TORCH_INDEXES = {"cuda": "https://pypi.org/simple", "rocm": "https://download.pytorch.org/whl/rocm7.2"}
+PYPI = "https://pypi.org/simple"
 BRIEF = [
     "torch",
     "transformers",
@@ -37,6 +46,41 @@ BRIEF = [
     "tqdm",
     "psutil",
 ]
+HASH = re.compile(r"^--hash=sha256:[0-9a-f]{64}$")
+ROCM_NOT_LOCKED = pytest.mark.xfail(
+    strict=True,
+    reason="the ROCm torch lock comes from the PyTorch ROCm index (scripts/lock_images.py --rocm), which "
+    "was out of reach when these locks were made; this xfail turns into a failure once it is generated",
+)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("lock_images", ROOT / "scripts" / "lock_images.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LOCKER = _script()
+
+
+def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """canonical name -> (version, hashes) of a hashed lock; fails on anything but ``name==version
+    --hash=sha256:...`` entries (no options, URLs, paths, extras, markers or duplicates)."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    text = re.sub(r"\\\n", " ", path.read_text())
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split()
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][0-9A-Za-z.+!_-]*)", requirement)
+        assert match, f"{path.name}, entry {number}: {requirement!r} is not an exact `name==version` pin"
+        name = canonicalize_name(match.group(1))
+        assert name not in out, f"{path.name}: {name} twice"
+        assert options and all(HASH.match(o) for o in options), f"{path.name}: {name} lacks a sha256 hash"
+        out[name] = (match.group(2), [o.split(":", 1)[1] for o in options])
+    return out
 
 
 def _pins(path: Path) -> dict[str, tuple[str, str]]:
@@ -59,6 +103,21 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     ]
 
 
+def _pip_installs(path: Path) -> list[list[str]]:
+    """The argument lists of every ``pip install`` in the Dockerfile's RUN steps (``python -m pip`` too)."""
+    out = []
+    for op, arg in _instructions(path):
+        if op != "RUN":
+            continue
+        assert "uv pip" not in arg and "easy_install" not in arg, "an installer these checks do not read"
+        for command in re.split(r"&&|\|\||;|\|", arg):
+            words = shlex.split(command)
+            for i in range(len(words) - 1):
+                if words[i].endswith("pip") and words[i + 1] == "install":
+                    out.append(words[i + 2 :])
+    return out
+
+
 def test_hadolint_passes_without_a_config():
     assert not (ROOT / ".hadolint.yaml").exists() and not (IMAGES / ".hadolint.yaml").exists()
     assert sorted(IMAGES.glob("*.Dockerfile")) == sorted(DOCKERFILES.values()), (
@@ -73,32 +132,107 @@ def test_hadolint_passes_without_a_config():
 
 
 @pytest.mark.parametrize("platform", sorted(DOCKERFILES))
+def test_every_base_is_pinned_by_digest(platform):
+    froms = [arg.split()[0] for op, arg in _instructions(DOCKERFILES[platform]) if op == "FROM"]
+    assert froms, "no FROM"
+    for ref in froms:
+        image, _, digest = ref.partition("@")
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), (
+            f"{ref}: pin the base by digest (image:tag@sha256:...)"
+        )
+        assert re.fullmatch(r"[a-z0-9./-]+:\d+(\.\d+)*[-a-z0-9.]*", image) and "latest" not in image, ref
+    assert froms == [f"{BASES[platform]}@{froms[0].partition('@')[2]}"], "one stage, on the documented base"
+
+
+@pytest.mark.parametrize("platform", sorted(DOCKERFILES))
 def test_dockerfile_shape(platform):
     steps = _instructions(DOCKERFILES[platform])
-    froms = [arg for op, arg in steps if op == "FROM"]
-    assert len(froms) == 1 and re.match(r"^[a-z0-9./-]+:\d+(\.\d+)*[-a-z0-9.]*$", froms[0]), froms
-    assert "latest" not in froms[0]
-    assert (
-        froms[0]
-        == {"cuda": "nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04", "rocm": "rocm/dev-ubuntu-24.04:7.2"}[
-            platform
-        ]
-    )
     ops = [op for op, _ in steps]
     user = [arg for op, arg in steps if op == "USER"]
     assert user == ["1000:1000"] and ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN")
     entry = next(arg for op, arg in steps if op == "ENTRYPOINT")
     assert yaml.safe_load(entry) == ["/usr/bin/tini", "--", "finetune-engine"]
     runs = " ".join(arg for op, arg in steps if op == "RUN")
-    assert "torch==2.13.0" in runs and '--index-url "${TORCH_INDEX_URL}"' in runs
-    assert "-r /opt/requirements-engine.txt" in runs
-    assert '-c /opt/requirements-engine.txt "/opt/src/engine[train,storage]"' in runs and "pip check" in runs
-    assert f"setuptools=={md.version('setuptools')}" in runs, "pin the setuptools the suite runs with"
+    assert "pip check" in runs
     copies = [arg.split() for op, arg in steps if op == "COPY"]
     for src, _dst in copies:
         assert (ROOT / src).exists(), src
     # uid 1000 is taken by Ubuntu's own user in these bases: it must be replaced, not clashed with
     assert "userdel --remove ubuntu" in runs and "useradd --uid 1000" in runs
+
+
+@pytest.mark.parametrize("platform", sorted(DOCKERFILES))
+def test_every_pip_install_is_hashed_from_one_index(platform):
+    """Each pip install takes a hashed lock from exactly one index, wheels only; the one exception is
+    the engine's own source, installed from no index at all (so its requirements must already be there)."""
+    path = DOCKERFILES[platform]
+    steps = _instructions(path)
+    copied = {dst: src for op, arg in steps if op == "COPY" for src, dst in [arg.split()]}
+    args = {k: v for op, arg in steps if op == "ARG" for k, _, v in [arg.partition("=")]}
+    for op, arg in steps:
+        if op in ("ENV", "ARG"):
+            assert not re.search(r"PIP_(EXTRA_)?INDEX_URL|PIP_FIND_LINKS|PIP_TRUSTED_HOST|PIP_NO_INDEX", arg)
+    assert args["PYPI_INDEX_URL"] == PYPI and args["TORCH_INDEX_URL"] == TORCH_INDEXES[platform]
+    installs = _pip_installs(path)
+    assert len(installs) == path.read_text().count("pip install"), "a pip install these checks do not read"
+    sources = {}
+    for words in installs:
+        for bad in ("--extra-index-url", "-i", "--find-links", "-f", "--trusted-host", "-c", "--constraint"):
+            assert bad not in words and not any(w.startswith(bad + "=") for w in words), f"{bad}: {words}"
+        if "--no-index" in words:  # the copied source tree: nothing may come from anywhere
+            assert "--index-url" not in words and "-r" not in words, words
+            targets = [w for w in words if not w.startswith("-")]
+            assert targets and all(copied.get(t.split("[")[0]) == "engine" for t in targets), words
+            continue
+        assert "--require-hashes" in words, f"without --require-hashes: {words}"
+        assert words.count("--index-url") == 1, f"one index per install step: {words}"
+        assert words[words.index("--only-binary") + 1] == ":all:", f"wheels only, no source builds: {words}"
+        index = words[words.index("--index-url") + 1]
+        locks = [words[i + 1] for i, w in enumerate(words) if w == "-r"]
+        positional = [
+            w
+            for i, w in enumerate(words)
+            if not w.startswith("-") and words[i - 1] not in ("-r", "--index-url")
+        ]
+        assert locks and positional == [":all:"], f"install only from locks: {words}"
+        for lock in locks:
+            assert copied[lock].startswith("images/requirements-"), lock
+            sources[copied[lock]] = index
+    assert sources == {
+        f"images/{TORCH_LOCKS[platform].name}": "${TORCH_INDEX_URL}",
+        f"images/{LOCK.name}": "${PYPI_INDEX_URL}",
+    }
+    runs = " ".join(arg for op, arg in steps if op == "RUN")
+    # torch (--no-deps) first, so the second lock's torch users find it; then the engine, then pip check
+    assert runs.index(TORCH_LOCKS[platform].name.replace(f"-{platform}", "")) < runs.index(LOCK.name)
+    assert '"/opt/src/engine[train,storage]"' in runs and runs.index(LOCK.name) < runs.index(
+        "/opt/src/engine"
+    )
+
+
+@pytest.mark.parametrize("path", sorted(IMAGES.glob("requirements-*.txt")), ids=lambda p: p.name)
+def test_locks_hash_every_requirement(path):
+    entries = _lock(path)  # every logical line must start with a pin: no options (an index would mix sources)
+    assert all(hashes for _version, hashes in entries.values())
+    if path != TORCH_LOCKS["rocm"]:
+        assert len(entries) >= 10 if path == LOCK else len(entries) >= 2, "an empty lock"
+
+
+@pytest.mark.parametrize("platform", [pytest.param("rocm", marks=ROCM_NOT_LOCKED), "cuda"])
+def test_torch_lock_is_torch_and_its_gpu_libraries(platform):
+    lock = _lock(TORCH_LOCKS[platform])
+    assert "torch" in lock, f"{TORCH_LOCKS[platform].name} pins no torch"
+    torch = Version(lock["torch"][0])
+    assert torch.public == _pins(ROOT / "constraints.txt")["torch"][1], "the torch the suite runs with"
+    local = {"cuda": None, "rocm": TORCH_INDEXES["rocm"].rsplit("/", 1)[1]}[platform]
+    assert torch.local == local, f"torch {torch}: not the {platform} build"
+    others = set(lock) - {"torch"}
+    assert others and all(LOCKER.GPU_STACK.match(name) for name in others), sorted(others)
+    assert not set(lock) & set(_lock(LOCK)), "a package in both locks would come from two indexes"
+    # what uv recorded: each GPU library is needed by torch or by another of them, by nothing else
+    blocks = LOCKER.blocks(TORCH_LOCKS[platform].read_text())
+    for name in others:
+        assert LOCKER.parents(blocks[name]) <= set(lock), name
 
 
 @pytest.mark.parametrize("platform", sorted(DOCKERFILES))
@@ -115,25 +249,42 @@ def test_no_secrets_in_images(platform):
     assert "--mount=type=secret" not in text and "huggingface-cli login" not in text
 
 
-def test_lock_pins_the_tested_versions():
-    lock = _pins(LOCK)
+def test_locks_pin_the_tested_versions():
+    """Where constraints.txt (what the suite runs with) names a package, the images lock the same
+    version; the engine's declared requirements accept every locked version."""
     tested = _pins(ROOT / "constraints.txt")
-    for key, (name, version) in lock.items():
-        assert re.match(r"^\d+(\.\d+)*([a-z]+\d+)?(\.post\d+)?$", version), (
-            f"{name}: not an exact pin ({version!r})"
-        )
-        assert key in tested, f"{name} is pinned for the image but not in constraints.txt"
-        assert tested[key] == (name, version), (
-            f"{name}: image {version}, tests {tested[key][1]} (spell it as constraints.txt does)"
-        )
+    common = _lock(LOCK)
+    locked = {**common, **_lock(TORCH_LOCKS["cuda"])}
+    for key, (version, _hashes) in locked.items():
+        if key in tested:
+            assert Version(version).public == tested[key][1], (
+                f"{key}: image {version}, tests {tested[key][1]}"
+            )
+    # pip freeze leaves setuptools out of constraints.txt: the images build with the suite's own
+    assert common["setuptools"][0] == md.version("setuptools")
+    assert not set(common) - set(tested) - {"setuptools"}, "locked for the image but never tested"
     for name in BRIEF:
-        assert canonicalize_name(name) in lock, name
-    assert lock["torch"][1] == "2.13.0" and lock["transformers"][1] == "5.23.0" and lock["trl"][1] == "1.16.0"
+        assert canonicalize_name(name) in locked, name
+    assert (
+        locked["torch"][0] == "2.13.0"
+        and locked["transformers"][0] == "5.23.0"
+        and locked["trl"][0] == "1.16.0"
+    )
+    project = tomllib.loads((ROOT / "engine" / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [
+        r for extra in ("train", "storage") for r in project["optional-dependencies"][extra]
+    ]
+    for raw in declared:
+        req = Requirement(raw)
+        version = locked[canonicalize_name(req.name)][0]
+        assert req.specifier.contains(version, prereleases=True), (
+            f"engine wants {raw}, the lock has {version}"
+        )
 
 
 def test_lock_is_complete():
-    """Everything finetune-engine[train,storage] pulls in on Linux/Python 3.12 is pinned (and nothing
-    else)."""
+    """Everything finetune-engine[train,storage] pulls in on Linux/Python 3.12 is locked (and nothing
+    else): in the common lock, or torch in the torch lock (whose GPU libraries the CPU build here lacks)."""
     env = {
         "python_version": "3.12",
         "python_full_version": "3.12.3",
@@ -165,18 +316,20 @@ def test_lock_is_complete():
                 visit(req.name, set(req.extras))
 
     visit("finetune-engine", {"train", "storage"})
-    needed = set(seen) - {"finetune-engine", "setuptools"}  # setuptools: pinned in the Dockerfiles
-    locked = set(_pins(LOCK))
+    needed = set(seen) - {"finetune-engine", "torch"}
+    locked = set(_lock(LOCK))
     assert not needed - locked, f"missing from {LOCK.name}: {sorted(needed - locked)}"
     assert not locked - needed, f"not needed by the engine: {sorted(locked - needed)}"
+    assert "torch" in seen and "torch" in _lock(TORCH_LOCKS["cuda"])
 
 
-def test_docs_name_the_pinned_bases_and_vllm_tags():
+def test_docs_name_the_pinned_bases_and_indexes():
     readme = (IMAGES / "README.md").read_text()
     for path in DOCKERFILES.values():
         base = next(arg for op, arg in _instructions(path) if op == "FROM")
         index = re.search(r"TORCH_INDEX_URL=(\S+)", path.read_text()).group(1)
         assert base in readme and index in readme, path.name
+    assert "scripts/lock_images.py" in readme
     vllm = (IMAGES / "vllm.md").read_text()
     for image in VLLM_IMAGES.values():
         assert f"`{image}`" in vllm
