@@ -10,7 +10,10 @@ group and takes the whole group down (SIGTERM, then SIGKILL after the grace peri
   elsewhere a poll of the parent pid notices within a second.
 
 So a killed Airflow task never leaves an engine (or torchrun's workers) writing to the same
-checkpoint prefix as the retry. It exits with COMMAND's status, or dies by the same signal.
+checkpoint prefix as the retry. When COMMAND exits, whatever it left running in the group is
+killed too. The leader is non-dumpable: its environment holds the job's credentials, and no other
+process of the same user (a data script the engine runs) can read /proc/<leader>/environ. It exits
+with COMMAND's status, or dies by the same signal.
 Standard library only: it starts before, and outlives nothing of, the engine.
 """
 
@@ -23,8 +26,10 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -37,6 +42,51 @@ def set_parent_death_signal(sig: int) -> bool:
         return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def make_non_dumpable() -> bool:
+    """The leader's environment holds the job's credentials: make /proc/<pid>/environ (and mem)
+    unreadable to other processes of the same user, such as a data script the engine runs.
+    False where prctl is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def group_members() -> list[int]:
+    """The other live processes of this process group (Linux /proc; [] elsewhere)."""
+    me, pgid, out = os.getpid(), os.getpgid(0), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(stat.parent.name)
+        if pid != me and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(pid)
+    return out
+
+
+def kill_stragglers() -> int:
+    """SIGKILL what the command left running in the group after it exited; how many there were."""
+    if not Path("/proc").is_dir():  # no /proc: the whole group but this process
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            os.killpg(0, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        return 0
+    left = group_members()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(left)
 
 
 class Leader:
@@ -71,6 +121,7 @@ class Leader:
     def run(self) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.stop_group)
+        make_non_dumpable()
         set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != self.parent:  # the worker died before the death signal was armed
             return 128 + signal.SIGTERM
@@ -81,6 +132,10 @@ class Leader:
             print(f"cannot start {self.command[0]!r}: {err}", file=sys.stderr, flush=True)
             return 127
         rc = child.wait()
+        if not self.stopping:
+            left = kill_stragglers()
+            if left:
+                print(f"stopped {left} process(es) the command left running", file=sys.stderr, flush=True)
         if rc < 0:  # killed by a signal: die by the same one, so the runner sees what happened
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(-rc, signal.SIG_DFL)

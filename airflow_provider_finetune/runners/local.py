@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
+from airflow_provider_finetune.runners.vllm_local import process_start_time
 
 HOST_PATHS = ("/tmp", "/dev/shm")
 SecretResolver = Callable[[str, str], str]
@@ -133,6 +135,56 @@ def resolve_command(command: list[str]) -> list[str]:
     return command
 
 
+def ensure_private_dir(path: str | Path) -> Path:
+    """Create ``path`` (and missing parents) as this user's, mode 0700; refuse a directory, or a
+    parent, that another user owns or could change (group/world-writable without the sticky bit,
+    as /tmp has), since its pid file decides which processes get killed. Returns the path."""
+    path = Path(path).absolute()
+    missing = []
+    probe = path
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = probe.parent
+    _check_owned(path, probe)
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise LocalRunError(
+                f"cannot create the local work directory {directory}: {err.strerror}; set "
+                "[finetune] local_workdir (AIRFLOW__FINETUNE__LOCAL_WORKDIR) to a directory of your own"
+            ) from None
+    _check_owned(path, path)
+    if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _check_owned(path: Path, start: Path) -> None:
+    """LocalRunError unless ``start`` and its parents are safe: the work directory itself this
+    user's, its parents this user's or root's, none writable by others unless sticky."""
+    uid = os.geteuid()
+    for directory in [start, *start.parents]:
+        st = os.lstat(directory)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (uid, 0):
+            problem = "is a symbolic link of another user"
+        else:
+            st = os.stat(directory)
+            owners = (uid,) if directory == path else (uid, 0)
+            if st.st_uid not in owners:
+                problem = f"is owned by another user (uid {st.st_uid})"
+            elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                problem = "is writable by other users"
+            else:
+                continue
+        raise LocalRunError(
+            f"local work directory {path}: {directory} {problem}; set [finetune] local_workdir "
+            "(AIRFLOW__FINETUNE__LOCAL_WORKDIR) to a directory of your own"
+        )
+
+
 class LocalRunner:
     """Runs one pod's main container locally; ``kill()`` stops it and its children.
 
@@ -162,7 +214,7 @@ class LocalRunner:
         self._stop_reason: str | None = None
 
     def run(self, pod: Any, timeout: float | None = None) -> LocalRunResult:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.workdir)
         mounts = _mounts(pod, self.workdir)
         container = _container(pod)
         env, secret_names = build_env(pod, mounts, self.resolve_secret)
@@ -270,19 +322,22 @@ class LocalRunner:
         return self.workdir / self.PID_FILE
 
     def _write_pid_file(self, pid: int) -> None:
-        self.pid_file.write_text(json.dumps({"pgid": pid, "start": _start_time(pid)}))
+        self.pid_file.write_text(json.dumps({"pgid": pid, "start": process_start_time(pid)}))
 
     def _remove_pid_file(self) -> None:
         self.pid_file.unlink(missing_ok=True)
 
     def stop_stale_group(self) -> bool:
-        """Stop the process group recorded by an earlier try, if it still runs (same start time)."""
+        """Stop the process group recorded by an earlier try, if it still runs and is the one recorded
+        (same start time; a pid file without one is not trusted). The work directory is this
+        user's own (``ensure_private_dir``), so no other user could have written the pid file."""
+        ensure_private_dir(self.workdir)
         try:
             old = json.loads(self.pid_file.read_text())
             pgid, start = int(old["pgid"]), old.get("start")
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        alive = _group_alive(pgid) and (start is None or _start_time(pgid) in (start, None))
+        alive = _group_alive(pgid) and start is not None and process_start_time(pgid) == start
         if alive:
             self.log(
                 f"local runner: an earlier try's engine (process group {pgid}) still runs; stopping it first"
@@ -315,23 +370,14 @@ def _group_alive(pgid: int) -> bool:
     proc = Path("/proc")
     if not proc.is_dir():
         return True
-    for stat in proc.glob("[0-9]*/stat"):
+    for stat_file in proc.glob("[0-9]*/stat"):
         try:
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            state, _, group = stat_file.read_text().rsplit(")", 1)[1].split()[:3]
         except (OSError, ValueError):
             continue
         if int(group) == pgid and state != "Z":
             return True
     return False
-
-
-def _start_time(pid: int) -> str | None:
-    """The process start time (clock ticks since boot) on Linux; tells a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def cgroup_oom_kills() -> int | None:

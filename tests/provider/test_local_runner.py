@@ -186,7 +186,8 @@ def test_worker_death_takes_the_engine_down_and_the_retry_resumes(local_env):
 
 
 def test_a_group_left_behind_is_stopped_before_the_next_try(local_env):
-    from airflow_provider_finetune.runners.local import LocalRunner, _start_time
+    from airflow_provider_finetune.runners.local import LocalRunner
+    from airflow_provider_finetune.runners.vllm_local import process_start_time
 
     op = CommandJob(task_id="leftover", command=["sh", "-c", 'echo fresh > "$FINETUNE_WORKDIR/ran"'])
     workdir = op.local_workdir(context("leftover"))
@@ -195,7 +196,7 @@ def test_a_group_left_behind_is_stopped_before_the_next_try(local_env):
     stale = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
     try:
         (workdir / LocalRunner.PID_FILE).write_text(
-            json.dumps({"pgid": stale.pid, "start": _start_time(stale.pid)})
+            json.dumps({"pgid": stale.pid, "start": process_start_time(stale.pid)})
         )
         logs: list[str] = []
         op.log.info = lambda msg, *args: logs.append(msg % args if args else msg)
@@ -221,6 +222,81 @@ def test_a_reused_pid_is_not_killed(local_env):
         runner = LocalRunner(local_env / "reuse", resolve_secret=lambda *_: "x", log=lambda _: None)
         runner.workdir.mkdir(parents=True)
         runner.pid_file.write_text(json.dumps({"pgid": other.pid, "start": "1"}))
+        assert runner.stop_stale_group() is False
+        assert other.poll() is None and not runner.pid_file.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _leader(command: list[str], env: dict[str, str], no_caps: bool = False) -> subprocess.CompletedProcess:
+    # with capabilities (root) any process's environment is readable: drop them all, as pods do
+    prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if no_caps and os.geteuid() == 0 else []
+    leader = [sys.executable, "-m", "airflow_provider_finetune.runners.group_leader", "--parent"]
+    return subprocess.run(
+        [*prefix, *leader, str(os.getpid()), "--grace", "1", "--", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,  # as the local runner starts it: the group is the job's alone
+    )
+
+
+def test_the_leader_holding_the_credentials_is_unreadable_to_the_job(tmp_path):
+    """A process the engine starts (a data script) cannot read the leader's environment, where
+    the bucket keys are."""
+    peek = 'import os; print(open(f"/proc/{os.getppid()}/environ", "rb").read())'
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "canary-leader-secret"}
+    done = _leader([sys.executable, "-c", peek], env, no_caps=True)
+    assert done.returncode == 1 and "PermissionError" in done.stderr, done.stderr
+    assert "canary-leader-secret" not in done.stdout + done.stderr
+
+
+def test_the_leader_kills_what_the_command_left_in_its_group(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    done = _leader(["sh", "-c", f'sleep 300 & echo $! > "{pid_file}"; exit 3'], dict(os.environ))
+    assert done.returncode == 3, done.stderr
+    assert "stopped 1 process(es) the command left running" in done.stderr
+    child = int(pid_file.read_text())
+    wait_for(lambda: not alive(child), 5, "the left-behind sleep to be killed")
+
+
+def test_work_directories_are_private_and_shared_ones_refused(tmp_path):
+    from airflow_provider_finetune.runners.local import LocalRunError, ensure_private_dir
+
+    made = ensure_private_dir(tmp_path / "a" / "b")
+    assert made.is_dir()
+    assert (made.stat().st_mode & 0o777, made.parent.stat().st_mode & 0o777) == (0o700, 0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a pid file here
+    with pytest.raises(
+        LocalRunError, match=r"shared is writable by other users; set \[finetune\] local_workdir"
+    ):
+        ensure_private_dir(shared / "run")
+    assert not (shared / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_work_directory_of_another_user_is_refused(tmp_path):
+    from airflow_provider_finetune.runners.local import LocalRunError, ensure_private_dir
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    with pytest.raises(LocalRunError, match=r"foreign is owned by another user \(uid 65534\)"):
+        ensure_private_dir(foreign)
+
+
+def test_a_pid_file_without_a_start_time_is_not_trusted(local_env):
+    from airflow_provider_finetune.runners.local import LocalRunner
+
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        runner = LocalRunner(local_env / "untrusted", resolve_secret=lambda *_: "x", log=lambda _: None)
+        runner.workdir.mkdir(parents=True)
+        runner.pid_file.write_text(json.dumps({"pgid": other.pid}))
         assert runner.stop_stale_group() is False
         assert other.poll() is None and not runner.pid_file.exists()
     finally:
