@@ -34,16 +34,23 @@ def _qualified(cls: type) -> str:
 
 
 def _where(err: BaseException) -> str:
-    """file:line of the innermost frame of the engine (else the innermost frame) that raised."""
-    frames = traceback.extract_tb(err.__traceback__)
+    """file:line where ``err`` was raised; when that is in a library, also the engine's line that
+    called it."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename != __file__]
     if not frames:
         return ""
+
+    def short(frame: traceback.FrameSummary) -> str:
+        name = frame.filename.replace(os.sep, "/")
+        for root in ("finetune_engine/", "site-packages/"):
+            if root in name:
+                name = (root if root == "finetune_engine/" else "") + name.split(root, 1)[1]
+        return f"{name}:{frame.lineno}"
+
     ours = [f for f in frames if "finetune_engine" in f.filename.replace(os.sep, "/")]
-    frame = (ours or frames)[-1]
-    name = frame.filename
-    if "finetune_engine" in name:
-        name = "finetune_engine" + name.replace(os.sep, "/").split("finetune_engine", 1)[1]
-    return f"{name}:{frame.lineno}"
+    if not ours or ours[-1] is frames[-1]:
+        return short(frames[-1])
+    return f"{short(frames[-1])}, called from {short(ours[-1])}"
 
 
 def _os_message(err: OSError) -> str:
