@@ -42,7 +42,11 @@ def get_provider_info() -> dict:
                         "Engine image of the fine-tuning pods.",
                         f"ghcr.io/airflow-provider-finetune/engine-cuda:{__version__}",
                     ),
-                    "namespace": _opt("Kubernetes namespace of the pods.", "default"),
+                    "namespace": _opt(
+                        "Kubernetes namespace of the pods, jobs and vLLM servers: a dedicated one with the "
+                        "restricted Pod Security Standard enforced (deploy/README.md), never 'default'.",
+                        "finetune",
+                    ),
                     "kubernetes_conn_id": _opt("Kubernetes connection.", "kubernetes_default"),
                     "bucket_conn_id": _opt(
                         "Airflow aws connection of the bucket (login = access key, password = secret key, "
@@ -72,8 +76,39 @@ def get_provider_info() -> dict:
                     "service_account_name": _opt(
                         "Service account of the pods (empty: namespace default).", ""
                     ),
+                    "active_deadline_seconds": _opt(
+                        "Default deadline of every engine pod and job (activeDeadlineSeconds) and of the "
+                        "local runner's subprocess, in seconds; an operator's active_deadline_seconds wins. "
+                        "A retry resumes from the newest complete checkpoint. 0: no deadline.",
+                        "259200",
+                        "86400",
+                        "integer",
+                    ),
+                    "max_sweep_gpus": _opt(
+                        "Most GPUs one fine-tuning task may ask for, counting every mapped instance of a "
+                        "sweep: instances x num_nodes x gpus. A task above it fails before any pod. "
+                        "0: no cap.",
+                        "64",
+                        "16",
+                        "integer",
+                    ),
                     "local_workdir": _opt("Work directory of the local runner.", "", "/tmp/finetune"),
                     "mlflow_tracking_uri": _opt("MLflow tracking URI given to the engine (empty: off).", ""),
+                    "mlflow_secret_name": _opt(
+                        "Kubernetes Secret with MLflow credentials for the pods: its keys "
+                        "MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                        "(each optional) become "
+                        "secretKeyRefs of the same names (empty: none). Never put credentials in the URI.",
+                        "",
+                        "mlflow-credentials",
+                    ),
+                    "mlflow_conn_id": _opt(
+                        "Airflow connection standing in for [finetune] mlflow_secret_name on the local "
+                        "runner: login and password become MLFLOW_TRACKING_USERNAME / "
+                        "MLFLOW_TRACKING_PASSWORD; a password without a login becomes "
+                        "MLFLOW_TRACKING_TOKEN. Absent: no credentials.",
+                        "mlflow_default",
+                    ),
                     "mlflow_ui_url": _opt(
                         "Base URL of the MLflow UI for the extra link (default: the tracking URI).", ""
                     ),

@@ -31,9 +31,12 @@ class ServedEndpointLink(_XComLink):
 
 
 def mlflow_run_url(ui_base: str, run_id: str | None, experiment_id: str | None = None) -> str | None:
+    """The run's page in the MLflow UI; ``user:password@`` in ``ui_base`` never reaches the link."""
+    from airflow_provider_finetune.checks import strip_userinfo
+
     if not (ui_base and run_id) or not ui_base.startswith(("http://", "https://")):
         return None
-    base = ui_base.rstrip("/")
+    base = strip_userinfo(ui_base).rstrip("/")
     return (
         f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base}/#/runs/{run_id}"
     )

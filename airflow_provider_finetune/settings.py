@@ -73,3 +73,18 @@ def runner(explicit: str | None = None) -> str:
 
         raise FinetuneConfigError(f"runner {value!r}: use 'kubernetes' or 'local' ([finetune] runner)")
     return value
+
+
+def integer(key: str, minimum: int = 0) -> int:
+    """``[finetune] key`` as an integer >= ``minimum``; anything else is a :class:`FinetuneConfigError`
+    naming the option."""
+    raw = get(key).strip() or default(key)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        from airflow_provider_finetune.exceptions import FinetuneConfigError
+
+        raise FinetuneConfigError(f"[finetune] {key} {raw!r}: must be an integer >= {minimum}")
+    return value

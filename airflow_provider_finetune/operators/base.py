@@ -15,12 +15,80 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Context
 
-from airflow_provider_finetune import settings
+from airflow_provider_finetune import checks, settings
 from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError
 from airflow_provider_finetune.hooks import ConnectionSecretResolver, SecretNames
 from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE, EngineJobSpec, Scratch, SecretEnv
 
 WORKDIR = "/workdir"
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+# KubernetesPodOperator arguments that would replace the locked-down pod an engine operator builds
+# (restricted Pod Security Standard, the engine command, secrets only as secretKeyRef): refused, with
+# what to use instead. A pod these operators do not describe is a plain KubernetesPodOperator's job.
+REFUSED_POD_ARGS = {
+    "cmds": "the engine command is the operator's own",
+    "arguments": "the engine command is the operator's own",
+    "container_security_context": "the container runs under the restricted Pod Security Standard",
+    "security_context": "the pod runs under the restricted Pod Security Standard",
+    "xcom_sidecar_container_security_context": "the XCom sidecar runs under the restricted standard",
+    "volumes": "use scratch_size / scratch_storage_class for disk",
+    "volume_mounts": "use scratch_size / scratch_storage_class for disk",
+    "hostnetwork": "engine pods never share the node's network",
+    "env_vars": "use extra_env for plain settings; credentials come from Kubernetes Secrets",
+    "env_from": "use extra_env; credentials come from the [finetune] *_secret_name Secrets",
+    "secrets": "credentials come from the [finetune] *_secret_name Secrets as secretKeyRef",
+    "configmaps": "use extra_env",
+    "pod_template_file": "the pod is built by the operator",
+    "pod_template_dict": "the pod is built by the operator",
+    "full_pod_spec": "the pod is built by the operator",
+    "init_containers": "the pod is built by the operator",
+    "container_resources": "use gpus, cpu_per_gpu and memory_per_gpu",
+    "automount_service_account_token": "engine pods need no Kubernetes API access",
+}
+
+
+def refuse_pod_args(cls_name: str, kwargs: dict[str, Any]) -> None:
+    """FinetuneConfigError naming every KubernetesPodOperator argument that would replace the
+    locked-down pod (a default-like value such as ``hostnetwork=False`` passes)."""
+    bad = sorted(k for k in kwargs if k in REFUSED_POD_ARGS and kwargs[k] not in (None, False, "", [], {}))
+    if bad:
+        raise FinetuneConfigError(
+            f"{cls_name}: {', '.join(bad)} cannot be set on an engine operator ("
+            + "; ".join(f"{k}: {REFUSED_POD_ARGS[k]}" for k in bad)
+            + "). Use a plain KubernetesPodOperator for a pod the operator does not describe."
+        )
+
+
+class MlflowSecretResolver(ConnectionSecretResolver):
+    """The local runner's stand-in for ``[finetune] mlflow_secret_name``: the ``[finetune]
+    mlflow_conn_id`` connection (login/password, or a password alone as a token)."""
+
+    def __init__(self, names: SecretNames, bucket_conn_id: str, hf_conn_id: str, mlflow_conn_id: str):
+        super().__init__(names, bucket_conn_id, hf_conn_id)
+        self.mlflow_conn_id = mlflow_conn_id
+
+    def __call__(self, secret: str, key: str) -> str:
+        mlflow_secret = settings.get("mlflow_secret_name")
+        if not (mlflow_secret and secret == mlflow_secret and key in MLFLOW_SECRET_KEYS):
+            return super().__call__(secret, key)
+        from airflow.exceptions import AirflowNotFoundException
+        from airflow.sdk import BaseHook
+
+        try:
+            conn = BaseHook.get_connection(self.mlflow_conn_id)
+        except AirflowNotFoundException:
+            raise KeyError(
+                f"Airflow connection {self.mlflow_conn_id!r} ([finetune] mlflow_conn_id) is absent"
+            ) from None
+        values = (
+            {"MLFLOW_TRACKING_USERNAME": conn.login, "MLFLOW_TRACKING_PASSWORD": conn.password}
+            if conn.login
+            else {"MLFLOW_TRACKING_TOKEN": conn.password}
+        )
+        if not values.get(key):
+            raise KeyError(f"Airflow connection {self.mlflow_conn_id!r} has no value for {key}")
+        return values[key]
 
 
 class EngineJobOperator(KubernetesPodOperator):
@@ -42,8 +110,16 @@ class EngineJobOperator(KubernetesPodOperator):
         operator's own); credentials are refused here, they belong in Kubernetes Secrets.
 
     Every other keyword argument goes to KubernetesPodOperator (``node_selector``, ``tolerations``,
-    ``active_deadline_seconds``, ``deferrable``, ...).
+    ``active_deadline_seconds`` (default ``[finetune] active_deadline_seconds``, also the local
+    runner's deadline), ``deferrable``, ...), except those that would replace the locked-down pod
+    (:data:`REFUSED_POD_ARGS`: commands, security contexts, volumes, host network, env and Secret
+    sources, pod templates, resources): they are a :class:`FinetuneConfigError` at construction,
+    and the final pod is checked again before it is sent. ``log_pod_spec_on_failure`` is off by
+    default (a failed pod's spec would go into the task log).
     """
+
+    # engine pods that read models from the bucket never talk to the Hub
+    hub_offline = False
 
     template_fields: Sequence[str] = (
         *KubernetesPodOperator.template_fields,
@@ -70,6 +146,10 @@ class EngineJobOperator(KubernetesPodOperator):
         extra_env: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
+        refuse_pod_args(type(self).__name__, kwargs)
+        if kwargs.get("active_deadline_seconds") is None:
+            kwargs["active_deadline_seconds"] = settings.integer("active_deadline_seconds") or None
+        kwargs.setdefault("log_pod_spec_on_failure", False)
         kwargs.setdefault("name", None)
         kwargs.setdefault("image", engine_image or settings.get("engine_image"))
         kwargs.setdefault("namespace", settings.get("namespace") or None)
@@ -107,6 +187,12 @@ class EngineJobOperator(KubernetesPodOperator):
         self.bucket_conn_id = bucket_conn_id
         self.extra_env = extra_env or {}
         self._local_runner = None
+        self._engine_command: list[str] | None = None
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        refuse_pod_args(cls.__name__, kwargs)
+        return super().partial(**kwargs)
 
     # -- what subclasses define ---------------------------------------------------------------
 
@@ -117,7 +203,19 @@ class EngineJobOperator(KubernetesPodOperator):
         return {}
 
     def validate(self, context: Context) -> None:
-        """Checks that must pass before any pod is created (config, URIs)."""
+        """Checks that must pass before any pod is created, on the rendered arguments: the
+        namespace, service account, image, bucket, GPU count, deadline and MLflow URI here;
+        subclasses add their URIs and configs (and call this)."""
+        if self.namespace:
+            checks.check_namespace("namespace", self.namespace)
+        if self.service_account_name:
+            checks.check_service_account("service_account_name", self.service_account_name)
+        checks.check_image("engine_image", self.engine_image)
+        checks.check_bucket("bucket", self.resolved_bucket)
+        checks.check_positive_int("gpus", self.gpus)
+        if self.active_deadline_seconds is not None:
+            checks.check_positive_int("active_deadline_seconds", self.active_deadline_seconds, minimum=1)
+        checks.check_mlflow_uri("[finetune] mlflow_tracking_uri", settings.get("mlflow_tracking_uri"))
 
     def handle_result(self, context: Context, result: Any) -> Any:
         return result
@@ -153,13 +251,14 @@ class EngineJobOperator(KubernetesPodOperator):
             "FINETUNE_WORKDIR": WORKDIR,
             "FINETUNE_BUCKET": self.resolved_bucket,
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            **({"HF_HUB_OFFLINE": "1"} if self.hub_offline else {}),
             **(
                 {"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")}
                 if settings.get("bucket_endpoint_url")
                 else {}
             ),
             **(
-                {"MLFLOW_TRACKING_URI": settings.get("mlflow_tracking_uri")}
+                {"MLFLOW_TRACKING_URI": checks.strip_userinfo(settings.get("mlflow_tracking_uri"))}
                 if settings.get("mlflow_tracking_uri")
                 else {}
             ),
@@ -175,6 +274,7 @@ class EngineJobOperator(KubernetesPodOperator):
                 SecretEnv("AWS_ACCESS_KEY_ID", bucket_secret, "AWS_ACCESS_KEY_ID"),
                 SecretEnv("AWS_SECRET_ACCESS_KEY", bucket_secret, "AWS_SECRET_ACCESS_KEY"),
                 *self.extra_secret_env(),
+                *self.mlflow_secret_env(),
             ],
             image=self.engine_image,
             gpus=int(self.gpus or 0),
@@ -199,6 +299,15 @@ class EngineJobOperator(KubernetesPodOperator):
     def extra_secret_env(self) -> list[SecretEnv]:
         return []
 
+    def mlflow_secret_env(self) -> list[SecretEnv]:
+        """MLflow credentials as optional secretKeyRefs of ``[finetune] mlflow_secret_name`` (if set)."""
+        name = settings.get("mlflow_secret_name")
+        if not name:
+            return []
+        if not checks.DNS_SUBDOMAIN.match(name):
+            raise FinetuneConfigError(f"[finetune] mlflow_secret_name {name!r} is not a valid Secret name")
+        return [SecretEnv(key, name, key, optional=True) for key in MLFLOW_SECRET_KEYS]
+
     def secret_names(self) -> SecretNames:
         """The Kubernetes Secrets the pod references (the local runner maps each to a connection)."""
         return SecretNames(settings.get("bucket_secret_name"), settings.get("hf_token_secret_name"))
@@ -209,18 +318,48 @@ class EngineJobOperator(KubernetesPodOperator):
 
     def local_secret_resolver(self) -> ConnectionSecretResolver:
         """Resolves the pod's secretKeyRefs from Airflow connections (local runner)."""
-        return ConnectionSecretResolver(
+        return MlflowSecretResolver(
             self.secret_names(),
             self.bucket_conn_id or settings.get("bucket_conn_id"),
             self.local_hf_conn_id(),
+            settings.get("mlflow_conn_id"),
         )
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False):
         from airflow_provider_finetune.pods.pod import build_pod
 
         if context is not None:
-            self.full_pod_spec = build_pod(self.build_spec(context))
-        return super().build_pod_request_obj(context, dry_run=dry_run)
+            spec = self.build_spec(context)
+            self._engine_command = list(spec.command)
+            self.full_pod_spec = build_pod(spec)
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        self.check_pod(pod)
+        return pod
+
+    def check_pod(self, pod: Any) -> None:
+        """The pod as KubernetesPodOperator will send it (its arguments merged over ours): restricted
+        Pod Security Standard, no credential as a value, no Secret mounted, no API token, and the
+        engine command unchanged. A FinetuneConfigError before anything is created."""
+        from airflow_provider_finetune.pods.pod import to_dict
+        from airflow_provider_finetune.pods.security import restricted_violations, secret_violations
+
+        doc = to_dict(pod)
+        problems = restricted_violations(doc) + secret_violations(doc)
+        spec = doc.get("spec") or {}
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append("spec: automountServiceAccountToken must be false")
+        base = next(
+            (c for c in spec.get("containers") or [] if c.get("name") == self.base_container_name), {}
+        )
+        if self._engine_command is not None and (
+            base.get("command") != self._engine_command or base.get("args")
+        ):
+            problems.append(f"container {self.base_container_name!r}: the engine command was replaced")
+        if problems:
+            raise FinetuneConfigError(
+                f"task {self.task_id}: the pod breaks the engine pod rules and is not sent:\n  "
+                + "\n  ".join(problems)
+            )
 
     # -- running ----------------------------------------------------------------------------------
 

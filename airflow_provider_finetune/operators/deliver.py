@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import Context
 
-from airflow_provider_finetune import settings
+from airflow_provider_finetune import checks, settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.hooks import SecretNames
 from airflow_provider_finetune.operators.base import EngineJobOperator
@@ -75,8 +75,14 @@ class HFModelToBucketOperator(EngineJobOperator):
         return self.bucket_uri("models", name + suffix)
 
     def validate(self, context: Context) -> None:
-        if not self.resolved_destination().startswith("s3://"):
-            raise FinetuneConfigError(f"destination {self.destination!r} must be an s3:// URI")
+        super().validate(context)
+        if str(self.model_id).startswith("s3:"):
+            checks.check_bucket_uri("model_id", self.model_id)
+        elif not str(self.model_id or "").strip():
+            raise FinetuneConfigError(
+                "model_id is empty: give a Hub repo id (org/name), a directory or s3://"
+            )
+        checks.check_bucket_uri("destination", self.resolved_destination())
         name = self.secret_names().hf_token
         if not DNS_SUBDOMAIN.match(name or ""):
             raise FinetuneConfigError(
@@ -165,13 +171,13 @@ class DataScriptToBucketOperator(EngineJobOperator):
         return self.script
 
     def validate(self, context: Context) -> None:
+        super().validate(context)
         if bool(self.source_script()) == bool(self.urls):
             raise FinetuneConfigError("give exactly one of script / script_file / urls")
         if self.method not in ("sft", "dpo", "kto"):
             raise FinetuneConfigError(f"method {self.method!r}: use sft, dpo or kto")
-        dest = self.resolved_destination()
-        if not dest.startswith("s3://"):
-            raise FinetuneConfigError(f"destination {dest!r} must be an s3:// URI")
+        checks.check_bucket_uri("destination", self.resolved_destination())
+        checks.check_positive_int("timeout_seconds", self.timeout_seconds, minimum=1)
 
     def resolved_destination(self) -> str:
         return (self.destination or self.bucket_uri("datasets")).rstrip("/")

@@ -13,7 +13,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from airflow_provider_finetune import settings
+from airflow_provider_finetune import checks, settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.links import ServedEndpointLink
 from airflow_provider_finetune.pods.serving import (
@@ -93,6 +93,11 @@ def _route_kwargs(option: str, value: Any, allowed: tuple[str, ...], required: s
 
 class DeployVLLMOperator(BaseOperator):
     """Serve ``model_uri`` (a complete bucket prefix) with vLLM, optionally with LoRA adapters.
+
+    On the cluster it creates, or replaces on a rerun, a Deployment and a Service (and the optional
+    routes) named after ``served_model_name``; an existing object of that name that the provider did
+    not make is refused, never replaced. The Deployment is checked against the restricted Pod Security
+    Standard and the secret guard before it is sent.
 
     :param model_uri: s3:// prefix of the model (e.g. ``.../checkpoint-final``).
     :param served_model_name: the model name clients use.
@@ -195,6 +200,9 @@ class DeployVLLMOperator(BaseOperator):
 
     # -- shared -----------------------------------------------------------------------------------
 
+    def resolved_namespace(self) -> str:
+        return self.namespace or settings.get("namespace")
+
     def serve_spec(self) -> ServeSpec:
         return ServeSpec(
             name=f"vllm-{self.served_model_name}",
@@ -208,7 +216,7 @@ class DeployVLLMOperator(BaseOperator):
             max_lora_rank=self.max_lora_rank,
             engine_args=self.engine_args,
             max_model_len=self.max_model_len,
-            namespace=self.namespace or settings.get("namespace") or "default",
+            namespace=self.resolved_namespace(),
             bucket_secret=settings.get("bucket_secret_name"),
             env={"AWS_ENDPOINT_URL": settings.get("bucket_endpoint_url")}
             if settings.get("bucket_endpoint_url")
@@ -220,8 +228,12 @@ class DeployVLLMOperator(BaseOperator):
             "model_uri": self.model_uri,
             **{f"adapters.{k}": v for k, v in self.adapters.items()},
         }.items():
-            if not str(uri).startswith("s3://"):
-                raise FinetuneConfigError(f"{name} {uri!r} must be an s3:// URI")
+            checks.check_bucket_uri(name, uri)
+        if not str(self.served_model_name or "").strip():
+            raise FinetuneConfigError("served_model_name is empty: give the model name clients will use")
+        checks.check_namespace("namespace", self.resolved_namespace())
+        checks.check_image("[finetune] engine_image", settings.get("engine_image"))
+        checks.check_positive_int("gpus", self.gpus)
         missing = set(self.adapters) - set(self.adapter_ranks)
         if missing:
             raise FinetuneConfigError(
@@ -272,8 +284,14 @@ class DeployVLLMOperator(BaseOperator):
         return docs
 
     def execute_cluster(self, context: Context) -> dict[str, Any]:
+        from airflow_provider_finetune.pods.security import PodSecurityViolation, check_sent
+
         spec = self.serve_spec()
         deployment, service = build_vllm_deployment(spec), build_vllm_service(spec)
+        try:
+            check_sent(deployment)
+        except PodSecurityViolation as err:
+            raise FinetuneConfigError(f"task {self.task_id}: {err}") from None
         apps, core = self._clients()
         ns, name = spec.namespace, deployment["metadata"]["name"]
         KubernetesApplier(core.api_client, self.log).apply(
@@ -447,7 +465,9 @@ class DeployVLLMOperator(BaseOperator):
 
 
 class UndeployVLLMOperator(BaseOperator):
-    """Remove what DeployVLLMOperator created (Deployment + Service, or the local process).
+    """Remove what DeployVLLMOperator created (Deployment + Service, or the local process). Objects of
+    the same name that the provider did not make (no ``app.kubernetes.io/managed-by:
+    airflow-provider-finetune`` label) are refused before anything is deleted.
 
     :param served_model_name: the ``served_model_name`` the server was deployed with.
     :param runner: ``kubernetes`` or ``local``; default ``[finetune] runner``.
@@ -482,6 +502,7 @@ class UndeployVLLMOperator(BaseOperator):
         )
         if settings.runner(self.runner) == "local":
             return stop_local(deploy.local_dir())
+        checks.check_namespace("namespace", deploy.resolved_namespace())
         _, core = deploy._clients()
         spec = deploy.serve_spec()
         return KubernetesApplier(core.api_client, self.log).delete(

@@ -7,6 +7,7 @@ from typing import Any
 
 from airflow.sdk import Context
 
+from airflow_provider_finetune import checks
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.operators.base import EngineJobOperator
 from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
@@ -39,6 +40,7 @@ class EvaluateModelsOperator(EngineJobOperator):
         "datasets",
         "max_seq_length",
     )
+    hub_offline = True
 
     def __init__(
         self,
@@ -59,17 +61,17 @@ class EvaluateModelsOperator(EngineJobOperator):
         self.batch_size = batch_size
 
     def validate(self, context: Context) -> None:
+        super().validate(context)
         models, datasets = _as_list(self.models), _as_list(self.datasets)
         if not models:
             raise FinetuneConfigError("models: give at least one model prefix to evaluate")
         if not datasets:
             raise FinetuneConfigError("datasets: give at least one held-out JSONL URI")
         for name, uris in (("models", models), ("datasets", datasets)):
-            for uri in uris:
-                if not uri.startswith("s3://"):
-                    raise FinetuneConfigError(f"{name}: {uri!r} must be an s3:// URI")
-        if int(self.max_seq_length) < 8:
-            raise FinetuneConfigError(f"max_seq_length {self.max_seq_length}: must be at least 8")
+            for i, uri in enumerate(uris):
+                checks.check_bucket_uri(f"{name}[{i}]", uri)
+        checks.check_positive_int("max_seq_length", self.max_seq_length, minimum=8)
+        checks.check_positive_int("batch_size", self.batch_size, minimum=1)
 
     def engine_command(self, context: Context) -> list[str]:
         cmd = ["finetune-engine", "eval-job"]

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from airflow.sdk import Context
 
-from airflow_provider_finetune import settings
+from airflow_provider_finetune import checks, settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.links import MLflowRunLink, mlflow_run_url
 from airflow_provider_finetune.operators.base import EngineJobOperator
@@ -136,6 +136,7 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     )
     template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "config": "yaml"}
     operator_extra_links = (MLflowRunLink(),)
+    hub_offline = True
 
     def __init__(
         self,
@@ -310,17 +311,79 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     def validate(self, context: Context) -> None:
         from finetune_engine.config.training_args import METHODS
 
+        super().validate(context)
         if self.method not in METHODS:
             raise FinetuneConfigError(f"method {self.method!r}: use one of {', '.join(METHODS)}")
+        checks.check_positive_int("num_nodes", self.num_nodes, minimum=1)
         self.check_strategy()
         if self.num_nodes > 1 and self.distributed not in ("trainjob", "pytorchjob"):
             raise FinetuneConfigError(
                 f"distributed {self.distributed!r}: use trainjob (Kubeflow Trainer) or pytorchjob"
             )
+        self.check_gpu_budget(context)
+        if self.base_model:
+            checks.check_bucket_uri("base_model", self.base_model)
+        for i, uri in enumerate(self.datasets or []):
+            checks.check_bucket_uri(f"datasets[{i}]", uri)
         self.rendered_config()
-        uri = self.resolved_checkpoint_uri(context)
-        if not uri.startswith("s3://"):
-            raise FinetuneConfigError(f"checkpoint_uri {uri!r} must be an s3:// URI")
+        self.check_config_uris()
+        self.check_batch_split()
+        checks.check_bucket_uri("checkpoint_uri", self.resolved_checkpoint_uri(context))
+
+    def world_size(self) -> int:
+        """Training processes of the run: one per GPU (one per node on CPU), on every node."""
+        return max(int(self.gpus or 0), 1) * int(self.num_nodes or 1)
+
+    def check_gpu_budget(self, context: Context) -> None:
+        """``[finetune] max_sweep_gpus``: the GPUs of every mapped instance of this task together."""
+        cap = settings.integer("max_sweep_gpus")
+        instances = int(context.get("expanded_ti_count") or 1)
+        total = int(self.gpus or 0) * int(self.num_nodes or 1) * instances
+        if cap and total > cap:
+            raise FinetuneConfigError(
+                f"task {self.task_id} asks for {total} GPUs ({instances} mapped instance(s) x "
+                f"{self.num_nodes} node(s) x {self.gpus} GPU(s)), more than [finetune] max_sweep_gpus = "
+                f"{cap}: sweep fewer values, use fewer GPUs per run, or raise the option"
+            )
+
+    def check_batch_split(self) -> None:
+        """batchsize_conf.total_train_batch_size must split evenly over the training processes (the
+        engine derives per-device batch and accumulation from it, the same way, in the pod)."""
+        from finetune_engine.config.batchsize import derive_batch_plan
+
+        conf = self.pod_config().batchsize_conf
+        per_device = conf.max_per_device_train_batch_size
+        try:
+            derive_batch_plan(
+                conf.total_train_batch_size,
+                per_device if isinstance(per_device, int) else 1,
+                self.world_size(),
+            )
+        except ValueError as err:
+            raise FinetuneConfigError(
+                f"task {self.task_id}: {err} (gpus={self.gpus} x num_nodes={self.num_nodes}); change "
+                "batchsize_conf.total_train_batch_size or the GPU count"
+            ) from None
+
+    def check_config_uris(self) -> None:
+        """Every bucket URI of the config is well-formed; on the cluster the base model comes from the
+        bucket (training pods run with HF_HUB_OFFLINE=1: deliver Hub models first)."""
+        cfg = self.pod_config()
+        run = cfg.run_conf
+        uris = {"run_conf.model": run.model, "run_conf.tokenizer": run.tokenizer}
+        for section in ("training_data", "validation_data"):
+            data = getattr(cfg.data_conf, section, None)
+            for i, ref in enumerate(getattr(data, "datasets", None) or []):
+                uris[f"data_conf.{section}.datasets[{i}].path"] = getattr(ref, "path", None)
+        for key, uri in uris.items():
+            if isinstance(uri, str) and uri.startswith("s3:"):
+                checks.check_bucket_uri(f"config {key}", uri)
+        if self.resolved_runner == "kubernetes" and not str(run.model).startswith("s3://"):
+            raise FinetuneConfigError(
+                f"config run_conf.model {run.model!r}: training pods read the base model from the bucket "
+                "(they run with HF_HUB_OFFLINE=1); deliver it with HFModelToBucketOperator and give its "
+                "s3:// prefix (base_model= or run_conf.model)"
+            )
 
     def config_hash(self) -> str:
         """Hash of the config's non-default values (the checkpoint prefix's suffix): a new engine
@@ -396,10 +459,16 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
+        from airflow_provider_finetune.pods.security import PodSecurityViolation, check_sent
+
         doc = self.multinode_manifest(context)
+        try:
+            check_sent(doc)
+        except PodSecurityViolation as err:
+            raise FinetuneConfigError(f"task {self.task_id}: {err}") from None
         group, version = doc["apiVersion"].split("/")
         plural = "trainjobs" if doc["kind"] == "TrainJob" else "pytorchjobs"
-        ns = doc["metadata"].get("namespace") or self.namespace or "default"
+        ns = doc["metadata"].get("namespace") or self.namespace or settings.get("namespace")
         name = doc["metadata"]["name"]
         api = client.CustomObjectsApi(KubernetesHook(conn_id=self.kubernetes_conn_id).api_client)
         try:
@@ -443,6 +512,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
 
     def handle_result(self, context: Context, result: Any) -> Any:
         if isinstance(result, dict):
+            if result.get("mlflow_tracking_uri"):  # stored in XCom and shown: never with credentials
+                result["mlflow_tracking_uri"] = checks.strip_userinfo(result["mlflow_tracking_uri"])
             ui = settings.get("mlflow_ui_url") or result.get("mlflow_tracking_uri") or ""
             MLflowRunLink.persist(context, mlflow_run_url(ui, result.get("mlflow_run_id")))
             if self.lora_rank is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from airflow.sdk import Context
 
-from airflow_provider_finetune.exceptions import FinetuneConfigError
+from airflow_provider_finetune import checks
 from airflow_provider_finetune.operators.base import EngineJobOperator
 from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
 
@@ -22,6 +22,7 @@ class MergeAdapterOperator(EngineJobOperator):
     """
 
     template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "base", "adapter", "output_uri")
+    hub_offline = True
 
     def __init__(
         self, *, base: str, adapter: str, output_uri: str | None = None, dtype: str = "auto", **kwargs: Any
@@ -41,11 +42,10 @@ class MergeAdapterOperator(EngineJobOperator):
         ).rstrip("/")
 
     def validate(self, context: Context) -> None:
-        for name in ("base", "adapter"):
-            if not str(getattr(self, name)).startswith("s3://"):
-                raise FinetuneConfigError(f"{name} {getattr(self, name)!r} must be an s3:// URI")
-        if not self.resolved_output().startswith("s3://"):
-            raise FinetuneConfigError(f"output_uri {self.output_uri!r} must be an s3:// URI")
+        super().validate(context)
+        checks.check_bucket_uri("base", self.base)
+        checks.check_bucket_uri("adapter", self.adapter)
+        checks.check_bucket_uri("output_uri", self.resolved_output())
 
     def engine_command(self, context: Context) -> list[str]:
         return [

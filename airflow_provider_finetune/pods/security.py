@@ -206,3 +206,65 @@ def check_restricted(doc: Any) -> None:
         raise PodSecurityViolation(
             f"{what} violates the restricted Pod Security Standard:\n  " + "\n  ".join(problems)
         )
+
+
+def secret_violations(doc: Any) -> list[str]:
+    """Every way ``doc`` could carry or expose a credential: a plain env value that is (or is named
+    like) one, a command argument that looks like a token, ``envFrom`` (a whole Secret or ConfigMap
+    as env), a Secret volume, or a service account token mounted on purpose. Values are never echoed."""
+    from airflow_provider_finetune.pods.spec import refuse_secret_values
+
+    doc = _as_dict(doc)
+    out: list[str] = []
+    groups = [
+        (where, c, spec)
+        for where, spec, _ in pod_specs(doc)
+        for g in CONTAINER_GROUPS
+        for c in spec.get(g) or []
+    ]
+    if doc.get("kind") == "TrainJob":
+        trainer = (doc.get("spec") or {}).get("trainer") or {}
+        groups.append(("spec", {"name": "trainer", **trainer}, {}))
+    for where, c, _ in groups:
+        name = f"{where} container {c.get('name')!r}"
+        plain = {e.get("name"): e.get("value") for e in c.get("env") or [] if "valueFrom" not in e}
+        try:
+            refuse_secret_values(name, plain, [*(c.get("command") or []), *(c.get("args") or [])])
+        except ValueError as err:
+            out.append(str(err))
+        if c.get("envFrom"):
+            out.append(f"{name}: envFrom (a whole Secret or ConfigMap as env); use secretKeyRef per variable")
+    for where, spec, metadata in pod_specs(doc):
+        for v in spec.get("volumes") or []:
+            if "secret" in v or any(
+                "secret" in (s or {}) for s in (v.get("projected") or {}).get("sources") or []
+            ):
+                out.append(f"{where} volume {v.get('name')!r}: mounts a Secret")
+        if spec.get("automountServiceAccountToken") is True:
+            out.append(f"{where}: automountServiceAccountToken true (the pods need no API access)")
+        try:
+            refuse_secret_values(
+                where, {}, [], metadata.get("labels") or {}, metadata.get("annotations") or {}
+            )
+        except ValueError as err:
+            out.append(str(err))
+    meta = doc.get("metadata") or {}
+    try:
+        refuse_secret_values("metadata", {}, [], meta.get("labels") or {}, meta.get("annotations") or {})
+    except ValueError as err:
+        out.append(str(err))
+    return out
+
+
+def check_sent(doc: Any) -> None:
+    """What the provider sends to the API server, checked last: the restricted Pod Security Standard
+    and the secret guard (:func:`secret_violations`). Raises PodSecurityViolation naming the object
+    and every problem."""
+    problems = restricted_violations(doc) + secret_violations(doc)
+    if problems:
+        d = _as_dict(doc)
+        meta = d.get("metadata") or {}
+        what = f"{d.get('kind', 'PodSpec')} {meta.get('namespace') or '-'}/{meta.get('name') or '-'}"
+        raise PodSecurityViolation(
+            f"{what} is not sent: it breaks the provider's pod rules:\n  " + "\n  ".join(problems)
+        )

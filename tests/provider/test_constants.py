@@ -30,9 +30,9 @@ def test_engine_commands_and_env_use_the_one_xcom_result_file():
     from airflow_provider_finetune.operators import EvaluateModelsOperator, MergeAdapterOperator
 
     merge = MergeAdapterOperator(
-        task_id="m", base="s3://b/base", adapter="s3://b/run/checkpoint-final-adapter"
+        task_id="m", base="s3://bkt/base", adapter="s3://bkt/run/checkpoint-final-adapter"
     )
-    evaluate = EvaluateModelsOperator(task_id="e", models=["s3://b/m"], datasets=["s3://b/d.jsonl"])
+    evaluate = EvaluateModelsOperator(task_id="e", models=["s3://bkt/m"], datasets=["s3://bkt/d.jsonl"])
     for op in (merge, evaluate):
         cmd = op.engine_command({})
         assert cmd[cmd.index("--result-file") + 1] == XCOM_RESULT_FILE
@@ -65,10 +65,10 @@ def test_an_unknown_runner_is_refused_by_every_operator(monkeypatch):
     monkeypatch.setenv("AIRFLOW__FINETUNE__RUNNER", "locl")
     with pytest.raises(FinetuneConfigError, match=r"runner 'locl'.*\[finetune\] runner"):
         settings.runner()
-    merge = MergeAdapterOperator(task_id="m", base="s3://b/base", adapter="s3://b/a")
+    merge = MergeAdapterOperator(task_id="m", base="s3://bkt/base", adapter="s3://bkt/a")
     with pytest.raises(FinetuneConfigError, match="runner 'locl'"):
         merge.execute({})
-    deploy = DeployVLLMOperator(task_id="d", model_uri="s3://b/m", served_model_name="m")
+    deploy = DeployVLLMOperator(task_id="d", model_uri="s3://bkt/m", served_model_name="m")
     with pytest.raises(FinetuneConfigError, match="runner 'locl'"):
         deploy.execute({})
     undeploy = UndeployVLLMOperator(task_id="u", served_model_name="m")

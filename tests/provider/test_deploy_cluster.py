@@ -94,6 +94,9 @@ def test_smoke_test_posts_json_through_the_service_proxy(kube):
     assert kube.get("services", NS, name)["spec"]["ports"][0]["name"] == "http"
     assert kube.status_reads == 2  # polled until ready
     assert kube.calls(proxy=False) == [
+        # every name is looked up first: an object the provider did not make is never replaced
+        ("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/{name}"),
+        ("GET", f"/api/v1/namespaces/{NS}/services/{name}"),
         ("POST", f"/apis/apps/v1/namespaces/{NS}/deployments"),
         ("POST", f"/api/v1/namespaces/{NS}/services"),
         ("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/{name}/status"),
@@ -357,7 +360,11 @@ def test_undeploy_removes_what_deploy_created(kube):
     )
     assert undeploy.execute(ctx()) is True
     assert kube.objects == {}
-    assert kube.calls() == [
+    calls = kube.calls()
+    deletes = [path for method, path in calls if method == "DELETE"]
+    # each object was read (its owner label checked) before the first deletion
+    assert calls[: len(deletes)] == [("GET", path) for path in deletes]
+    assert calls[len(deletes) :] == [
         ("DELETE", f"/apis/apps/v1/namespaces/{NS}/deployments/{name}"),
         ("DELETE", f"/api/v1/namespaces/{NS}/services/{name}"),
         ("DELETE", f"/apis/networking.k8s.io/v1/namespaces/{NS}/ingresses/{name}"),

@@ -152,8 +152,8 @@ def _minimal(cls, **kw):
         HFModelToBucketOperator: {"model_id": "org/m"},
         DataScriptToBucketOperator: {"script": "print(1)"},
         FinetuneKubernetesOperator: {"config": CONFIG},
-        MergeAdapterOperator: {"base": "s3://b/m", "adapter": "s3://b/a"},
-        EvaluateModelsOperator: {"models": ["s3://b/m"], "datasets": ["s3://b/d.jsonl"]},
+        MergeAdapterOperator: {"base": "s3://bkt/m", "adapter": "s3://bkt/a"},
+        EvaluateModelsOperator: {"models": ["s3://bkt/m"], "datasets": ["s3://bkt/d.jsonl"]},
     }[cls]
     return cls(task_id="t", **args, **kw)
 

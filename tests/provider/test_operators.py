@@ -21,7 +21,7 @@ from airflow_provider_finetune.operators import (
     MergeAdapterOperator,
 )
 from airflow_provider_finetune.pods.pod import to_dict
-from airflow_provider_finetune.pods.security import restricted_violations
+from airflow_provider_finetune.pods.security import restricted_violations, secret_violations
 from tests.provider.conftest import crd_schema
 
 CONFIG = {
@@ -392,6 +392,7 @@ def test_multinode_job_created_validated_and_awaited(kind, crd):
     op = FinetuneKubernetesOperator(
         task_id="t",
         config=CONFIG,
+        overrides=["batchsize_conf.total_train_batch_size=32"],  # splits over 2 x 8 processes
         gpus=8,
         num_nodes=2,
         distributed=kind,
@@ -417,14 +418,20 @@ def test_multinode_job_created_validated_and_awaited(kind, crd):
     [(_, _, ns, plural, body)] = fake.created
     assert ns == "finetune" and plural == kind + "s"
     jsonschema.validate(body, crd_schema(crd))
-    assert restricted_violations(body) == [] if kind == "pytorchjob" else True
+    assert restricted_violations(body) == [] and secret_violations(body) == []
     text = json.dumps(body)
     assert "torchrun" in text and "train-job" in text
 
 
 def test_multinode_reattaches_when_the_job_exists():
     op = FinetuneKubernetesOperator(
-        task_id="t", config=CONFIG, gpus=8, num_nodes=2, poll_interval=0, runner="kubernetes"
+        task_id="t",
+        config=CONFIG,
+        overrides={"batchsize_conf.total_train_batch_size": 16},
+        gpus=8,
+        num_nodes=2,
+        poll_interval=0,
+        runner="kubernetes",
     )
     fake = FakeCustomObjects(exists=True)
     with (
