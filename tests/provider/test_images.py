@@ -335,6 +335,77 @@ def test_docs_name_the_pinned_bases_and_indexes():
         assert f"`{image}`" in vllm
 
 
+# -- scripts/lock_images.py, with a stand-in for uv ----------------------------------------------
+
+
+def _resolution(gpu_library_needed_by: str = "torch") -> str:
+    """What ``uv pip compile --generate-hashes`` prints, for four packages (stand-in hashes)."""
+
+    def entry(pin: str, digit: str, *parents: str) -> str:
+        via = (
+            f"    # via {parents[0]}\n"
+            if len(parents) == 1
+            else "    # via\n" + "".join(f"    #   {p}\n" for p in parents)
+        )
+        return f"{pin} \\\n    --hash=sha256:{digit * 64}\n{via}"
+
+    return (
+        entry("accelerate==1.15.0", "1", "-c constraints.txt", "finetune-engine")
+        + entry("nvidia-cublas==13.1.1.3", "2", gpu_library_needed_by)
+        + entry(f"setuptools=={md.version('setuptools')}", "3", "torch")
+        + entry("torch==2.13.0", "4", "-c constraints.txt", "accelerate", "finetune-engine")
+    )
+
+
+@pytest.fixture
+def locker(tmp_path, monkeypatch):
+    """The script, writing into tmp_path/images, with ``$UV`` printing $FAKE_RESOLUTION (exit $FAKE_RC)."""
+    (tmp_path / "images").mkdir()
+    uv = tmp_path / "uv"
+    uv.write_text('#!/bin/sh\ncat "$FAKE_RESOLUTION"\necho "$FAKE_STDERR" >&2\nexit "${FAKE_RC:-0}"\n')
+    uv.chmod(0o755)
+    monkeypatch.setenv("UV", str(uv))
+    monkeypatch.setenv("FAKE_RESOLUTION", str(tmp_path / "resolution.txt"))
+    monkeypatch.setattr(LOCKER, "ROOT", tmp_path)
+    monkeypatch.setattr(LOCKER, "COMMON_LOCK", tmp_path / "images" / LOCK.name)
+    monkeypatch.setattr(
+        LOCKER, "TORCH_LOCKS", {k: tmp_path / "images" / v.name for k, v in TORCH_LOCKS.items()}
+    )
+    return LOCKER
+
+
+def test_lock_script_splits_torch_and_its_gpu_libraries_from_the_rest(locker, tmp_path):
+    (tmp_path / "resolution.txt").write_text(_resolution())
+    assert locker.main([]) == 0
+    common = _lock(locker.COMMON_LOCK)
+    torch = _lock(locker.TORCH_LOCKS["cuda"])
+    assert set(common) == {"accelerate", "setuptools"} and set(torch) == {"torch", "nvidia-cublas"}
+    assert torch["torch"] == ("2.13.0", ["4" * 64])
+    assert "--index-url https://pypi.org/simple --no-deps" in locker.TORCH_LOCKS["cuda"].read_text()
+    assert not locker.TORCH_LOCKS["rocm"].exists(), "the ROCm lock is written only with --rocm"
+
+
+def test_lock_script_refuses_a_gpu_library_that_more_than_torch_needs(locker, tmp_path, capsys):
+    (tmp_path / "resolution.txt").write_text(_resolution(gpu_library_needed_by="accelerate"))
+    assert locker.main([]) == 1
+    err = capsys.readouterr().err
+    assert "nvidia-cublas is needed by ['accelerate']" in err and "nothing was written" in err
+    assert not list((tmp_path / "images").iterdir())
+
+
+def test_lock_script_writes_nothing_when_the_index_is_out_of_reach(locker, tmp_path, monkeypatch, capsys):
+    old = "accelerate==1.0.0 --hash=sha256:" + "9" * 64 + "\n"
+    locker.COMMON_LOCK.write_text(old)
+    (tmp_path / "resolution.txt").write_text("")
+    monkeypatch.setenv("FAKE_RC", "2")
+    monkeypatch.setenv("FAKE_STDERR", "error: Failed to fetch: https://pypi.org/simple/accelerate/")
+    assert locker.main([]) == 1
+    err = capsys.readouterr().err
+    assert "could not resolve from https://pypi.org/simple" in err and "Failed to fetch" in err
+    assert "nothing was written" in err and locker.COMMON_LOCK.read_text() == old
+    assert not locker.TORCH_LOCKS["cuda"].exists()
+
+
 # -- deploy/ examples ----------------------------------------------------------------------------
 
 RBAC = ROOT / "deploy" / "rbac.yaml"
