@@ -12,6 +12,7 @@ import yaml
 
 from finetune_engine.config import ConfigError, apply_overrides, load_config, parse_config
 from finetune_engine.config.batchsize import derive_batch_plan
+from finetune_engine.config.training_args import check_training_args
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "engine" / "configs").glob("*.yaml"))
@@ -121,6 +122,180 @@ def test_bad_keys_fail_with_their_path(overrides, expected):
     with pytest.raises(ConfigError) as err:
         parse_config(_with(*overrides))
     assert expected in str(err.value), str(err.value)
+
+
+LORA = ["peft_conf.peft_type=LORA"]
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["training_args.max_steps=0"], "training_args.max_steps: 0 is not a step count"),
+        (["training_args.max_steps=-5"], "training_args.max_steps: -5 is not a step count"),
+        (["training_args.num_train_epochs=0"], "training_args.num_train_epochs: must be greater than 0"),
+        (
+            ["training_args.num_train_epochs=-1", "training_args.max_steps=-1"],
+            "training_args.num_train_epochs: must be greater than 0",
+        ),
+        (["training_args.learning_rate=0"], "training_args.learning_rate: must be greater than 0, got 0"),
+        (["training_args.learning_rate=-1e-5"], "training_args.learning_rate: must be greater than 0"),
+        (["training_args.learning_rate=.nan"], "training_args.learning_rate: nan is not a usable value"),
+        (["training_args.learning_rate=.inf"], "training_args.learning_rate: inf is not a usable value"),
+        (["training_args.max_grad_norm=-.inf"], "training_args.max_grad_norm: -inf is not a usable value"),
+        (
+            ["training_args.lr_scheduler_kwargs={min_lr: .nan}"],
+            "training_args.lr_scheduler_kwargs: {'min_lr': nan} is not a usable value",
+        ),
+        (["training_args.save_steps=-1"], "training_args.save_steps: must not be negative"),
+        (["training_args.eval_steps=-10"], "training_args.eval_steps: must not be negative"),
+        (["training_args.logging_steps=-0.5"], "training_args.logging_steps: must not be negative"),
+        (["training_args.logging_steps=0"], "training_args.logging_steps: 0 with logging_strategy steps"),
+        (["training_args.warmup_steps=-1"], "training_args.warmup_steps: must not be negative"),
+        (["training_args.output_dir=/"], "training_args.output_dir: is the filesystem root"),
+        (["training_args.output_dir=//."], "training_args.output_dir: is the filesystem root"),
+        (["training_args.output_dir="], "training_args.output_dir: is empty"),
+        (["training_args.output_dir='  '"], "training_args.output_dir: is empty"),
+        (["training_args.max_steps=123456789012345678901234567890"], "is too large a number"),
+        (
+            ["data_conf.validation_data.type=AUTO_SPLIT", "data_conf.validation_data.ratio=.nan"],
+            "data_conf.validation_data.ratio: Input should be a finite number",
+        ),
+        (["overrides.lr_multiplier=.inf"], "overrides.lr_multiplier"),
+        (LORA + ["peft_conf.peft_kwargs.lora_dropout=1"], "lora_dropout must be a probability in [0, 1)"),
+        (LORA + ["peft_conf.peft_kwargs.lora_dropout=-0.1"], "lora_dropout must be a probability"),
+        (LORA + ["peft_conf.peft_kwargs.lora_dropout=.nan"], "lora_dropout must be a probability"),
+        (LORA + ["peft_conf.peft_kwargs.lora_alpha=-16"], "lora_alpha must be a positive number"),
+        (LORA + ["peft_conf.peft_kwargs.lora_alpha=0"], "lora_alpha must be a positive number"),
+        (LORA + ["peft_conf.peft_kwargs.r=-8"], "r must be a positive integer, got -8"),
+        (
+            LORA + ["peft_conf.peft_kwargs.lora_dropuot=0.1"],
+            "peft_conf.peft_kwargs: lora_dropuot: not an argument of peft's LoraConfig (did you mean "
+            "'lora_dropout'?)",
+        ),
+        (
+            ["peft_conf.peft_type=IA3", "peft_conf.peft_kwargs.lora_alpha=16"],
+            "lora_alpha: not an argument of peft's IA3Config",
+        ),
+        (["peft_conf.peft_type=BONE"], "peft_type BONE is not provided by peft"),
+    ],
+)
+def test_unusable_values_fail_with_key_and_fix(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(*overrides))
+    assert expected in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["training_args.max_steps=-1"],
+        ["training_args.max_steps=15", "training_args.num_train_epochs=-1"],  # Silogen configs do this
+        ["training_args.max_steps=15", "training_args.num_train_epochs=0"],
+        ["training_args.num_train_epochs=0.5"],
+        ["training_args.save_steps=0.2", "training_args.eval_steps=0.1", "training_args.logging_steps=0.01"],
+        ["training_args.logging_steps=0", "training_args.logging_strategy=no"],
+        ["training_args.eval_steps=0"],
+        ["training_args.max_grad_norm=0", "training_args.warmup_steps=0", "training_args.weight_decay=0"],
+        ["training_args.output_dir=/experiments/run-1"],
+        ["training_args.output_dir=relative/out"],
+        ["training_args.learning_rate=5e-06"],
+        LORA + ["peft_conf.peft_kwargs={r: 8, lora_alpha: 16, lora_dropout: 0, target_modules: all-linear}"],
+        LORA
+        + ["peft_conf.peft_kwargs={use_dora: true, use_rslora: true, bias: none, fan_in_fan_out: false}"],
+        LORA + ["peft_conf.peft_kwargs={lora_alpha: 16.5, lora_dropout: 0.999, modules_to_save: [lm_head]}"],
+        ["peft_conf.peft_type=LOHA", "peft_conf.peft_kwargs={r: 4, alpha: 8, rank_dropout: 0.1}"],
+        ["peft_conf.peft_type=PROMPT_TUNING", "peft_conf.peft_kwargs={num_virtual_tokens: 8}"],
+    ],
+)
+def test_edge_values_that_stay_valid(overrides):
+    cfg = parse_config(_with(*overrides))
+    assert cfg.training_args == check_training_args(cfg.training_args, method="sft")
+
+
+def test_peft_catalog_matches_the_schema_types():
+    """Every peft type of the schema has an entry, and LORA's lists the keys the shipped configs use."""
+    from finetune_engine.config.schema import PEFT_TYPES, peft_fields
+
+    catalog = peft_fields()
+    assert set(catalog["fields"]) == set(PEFT_TYPES)
+    lora = catalog["fields"]["LORA"]
+    assert lora["class"] == "LoraConfig"
+    for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias"):
+        assert key in lora["fields"]
+
+
+def test_duplicate_keys_name_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    text = yaml.safe_dump(BASE, sort_keys=False) + "run_conf:\n  model: other\n"
+    path.write_text(text)
+    lines = [i for i, line in enumerate(text.splitlines(), 1) if line.startswith("run_conf:")]
+    assert len(lines) == 2 and yaml.safe_load(text)["run_conf"] == {"model": "other"}  # PyYAML: last wins
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert (
+        f"{path}:{lines[1]}: not valid YAML: duplicate key 'run_conf' on lines {lines[0]} and {lines[1]}"
+        in str(err.value)
+    )
+
+
+def test_duplicate_nested_key_and_merge_keys(tmp_path):
+    """A duplicate deep inside a section is found too; a key that overrides a merged (<<) anchor is not a
+    duplicate."""
+    from finetune_engine.config.yamlio import safe_load
+
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'r' on lines 3 and 4"):
+        safe_load("peft_conf:\n  peft_kwargs:\n    r: 8\n    r: 16\n")
+    doc = safe_load("base: &b {r: 8, lora_alpha: 16}\nlora:\n  <<: *b\n  r: 4\n")
+    assert doc["lora"] == {"r": 4, "lora_alpha": 16}
+    assert safe_load("a: {1: x, '1': y}") == {"a": {1: "x", "1": "y"}}  # an int and a string differ
+
+
+def test_yaml_bounds(tmp_path):
+    """Aliases are bounded in number and expansion, recursion and deep nesting are refused, and so is
+    an input over the size cap; a config that shares a few anchors still loads."""
+    from finetune_engine.config import yamlio
+
+    with pytest.raises(yamlio.YamlLimitError, match="refers to the node that contains it"):
+        yamlio.safe_load("a: &a {b: *a}")
+    with pytest.raises(yamlio.YamlLimitError, match=f"more than {yamlio.MAX_ALIASES} aliases"):
+        yamlio.safe_load("a: &a 1\nb: [" + ", ".join(["*a"] * (yamlio.MAX_ALIASES + 1)) + "]\n")
+    with pytest.raises(yamlio.YamlLimitError, match="nested deeper than"):
+        yamlio.safe_load("[" * (yamlio.MAX_DEPTH + 1) + "]" * (yamlio.MAX_DEPTH + 1))
+    with pytest.raises(yamlio.YamlLimitError, match="more than the 1048576"):
+        yamlio.safe_load("#" * (yamlio.MAX_BYTES + 1))
+    shared = "defaults: &d {lr: 0.1, steps: 5}\nruns: [" + ", ".join(["*d"] * 50) + "]\n"
+    assert yamlio.safe_load(shared)["runs"][49] == {"lr": 0.1, "steps": 5}
+
+
+def test_expanding_mapping_from_another_loader_is_refused():
+    """A config mapping parsed elsewhere (the Airflow operator's YAML) with shared or recursive parts is
+    refused before validation walks it."""
+    leaf = ["x"] * 10
+    for _ in range(8):
+        leaf = [leaf] * 10
+    with pytest.raises(ConfigError, match="expands to more than"):
+        parse_config({**BASE, "training_args": {"lr_scheduler_kwargs": {"a": leaf}}})
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(ConfigError, match="contains itself"):
+        parse_config({**BASE, "training_args": loop})
+
+
+@pytest.mark.parametrize(
+    "item,expected",
+    [
+        ("run_conf.model=[", "run_conf.model: the value '[' is not valid YAML"),
+        ("run_conf.model={a: 1, a: 2}", "duplicate key 'a'"),
+        ("run_conf.model=!!python/object/apply:os.system [id]", "carries a YAML tag"),
+        ("run_conf.model=!!str 5", "carries a YAML tag"),
+        ("run_conf.model=!custom x", "carries a YAML tag"),
+    ],
+)
+def test_set_values_that_are_not_plain_yaml(item, expected):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(BASE, [item])
+    assert expected in str(err.value)
+    assert apply_overrides(BASE, ["run_conf.model='!!str 5'"])["run_conf"]["model"] == "!!str 5"
 
 
 def test_missing_sections_and_every_problem_reported_together():
