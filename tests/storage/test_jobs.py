@@ -322,7 +322,7 @@ def test_urls_to_private_addresses_refused(s3_env, url):
 # -- train-job --------------------------------------------------------------------------------------
 
 
-def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path):
+def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path, capsys):
     model_uri, data_uri = delivered
     config = train_config(tmp_path, model_uri, data_uri)
     ckpt = join(s3_env["uri"], "experiments", "e2e", "run-1")
@@ -348,6 +348,23 @@ def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path):
     again = json.loads(result_file.read_text())
     assert again["status"] == "skipped" and again["global_step"] == 6
     assert not (tmp_path / "w2" / "output").exists()
+    assert again["config_sha256"] == result["config_sha256"] and "config" not in again
+    # A changed experiment into the same finished prefix is refused, the difference named.
+    before = list_objects(ckpt)
+    changed = [*argv, "--workdir", str(tmp_path / "w3"), "--set", "training_args.learning_rate=0.5"]
+    assert train_job(changed) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run of a different experiment config" in err
+    assert "training_args.learning_rate:" in err and "-> 0.5" in err
+    assert list_objects(ckpt) == before and not (tmp_path / "w3" / "output").exists()
+    # A done marker without result.json (cut off between the two) is not a finished run.
+    s3_env["server"].client().delete_object(
+        Bucket=s3_env["bucket"], Key=ckpt.split("/", 3)[3] + "/result.json"
+    )
+    assert train_job([*argv, "--workdir", str(tmp_path / "w4")]) == 0
+    redone = json.loads(result_file.read_text())
+    assert redone["status"] == "completed" and redone["resumed_from"] == "checkpoint-6"
+    assert "result.json" in list_objects(ckpt)
     # The merged model from the bucket loads and generates.
     download_dir(join(ckpt, "checkpoint-final"), tmp_path / "final")
     from finetune_engine.cli.chat import chat

@@ -9,6 +9,7 @@ complete in the bucket is not retrained.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -228,6 +229,61 @@ def _sync_down_newest(prefix_uri: str, output_dir: Path) -> str | None:
     return name
 
 
+class ConfigChangedError(ValueError):
+    """A finished run's prefix was given a different experiment config."""
+
+
+# Keys that do not change what a run produces: where it writes locally, whether it resumes.
+_IDENTITY_EXCLUDED = (("training_args", "output_dir"), ("run_conf", "resume_from_checkpoint"))
+
+
+def config_identity(cfg: schema.ExperimentConfig) -> dict[str, Any]:
+    """The config as a run records it (bucket URIs as given) and its sha256."""
+    data = cfg.model_dump(mode="json")
+    for section, key in _IDENTITY_EXCLUDED:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return {"config": data, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: value}
+
+
+def config_difference(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -> list[str]:
+    """``key: old -> new`` for each config key whose value differs (dotted paths)."""
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    diffs = [
+        f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key, missing) != b.get(key, missing)
+    ]
+    return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+def check_same_config(finished: dict[str, Any], identity: dict[str, Any], checkpoint_uri: str) -> None:
+    """ConfigChangedError when the finished run under ``checkpoint_uri`` recorded another config.
+    A run recorded without one (an older engine) cannot be compared and is accepted."""
+    recorded = finished.get("config_sha256")
+    if recorded is None or recorded == identity["sha256"]:
+        return
+    diffs = config_difference(finished.get("config") or {}, identity["config"]) or [
+        f"config sha256 {recorded[:12]} -> {identity['sha256'][:12]}"
+    ]
+    raise ConfigChangedError(
+        f"{checkpoint_uri} holds a finished run of a different experiment config; "
+        f"changed: {'; '.join(diffs)}. Nothing was trained or written: give the run another name "
+        "(run_name / --checkpoint-uri), or delete that prefix to train it again"
+    )
+
+
 def run_train_job(
     cfg: schema.ExperimentConfig,
     checkpoint_uri: str,
@@ -237,13 +293,14 @@ def run_train_job(
     num_preprocess_workers: int = 1,
     tracking_args: tuple[str | None, str | None, str | None] = (None, None, None),
 ) -> dict[str, Any]:
-    from finetune_engine.storage import download_file, is_complete, join, upload_dir, upload_file
+    from finetune_engine.storage import is_complete, join, read_bytes, upload_dir, upload_file
 
     if method not in METHODS:  # before any download
         raise ConfigError("--method", [f"unknown method {method!r}; expected one of {', '.join(METHODS)}"])
     from finetune_engine.recipes.common import output_layout
 
     checkpoint_uri = checkpoint_uri.rstrip("/")
+    identity = config_identity(cfg)
     if "resume_from_checkpoint" not in cfg.run_conf.model_fields_set:
         # a pod job resumes: a relaunch continues from the newest checkpoint in the bucket
         cfg = cfg.model_copy(
@@ -252,12 +309,21 @@ def run_train_job(
     layout = output_layout(cfg)
     done_uri = join(checkpoint_uri, layout.done.name)
     if is_complete(done_uri):
-        log.info("%s is complete: this run already finished, nothing to train", done_uri)
-        stored = workdir / "stored-result.json"
-        download_file(join(checkpoint_uri, "result.json"), stored)
-        result = {**json.loads(stored.read_text()), "status": "skipped"}
-        write_result(result, result_file)
-        return result
+        stored = read_bytes(join(checkpoint_uri, "result.json"))
+        if stored is None:  # cut off between the final output and its result: not finished
+            log.warning(
+                "%s is complete but %s has no result.json: the run did not finish; training it again",
+                done_uri,
+                checkpoint_uri,
+            )
+        else:
+            finished = json.loads(stored)
+            check_same_config(finished, identity, checkpoint_uri)
+            log.info("%s is complete: this run already finished, nothing to train", done_uri)
+            result = {**finished, "status": "skipped"}
+            result.pop("config", None)
+            write_result(result, result_file)
+            return result
 
     workdir.mkdir(parents=True, exist_ok=True)
     output_dir = workdir / "output"
@@ -313,9 +379,14 @@ def run_train_job(
         for key in ("grown_base", "final_adapter", "final_checkpoint"):
             if key in uris and Path(result[key]) != layout.done:
                 upload_dir(Path(result[key]), uris[key])
-        result.update(checkpoint_uri=checkpoint_uri, checkpoint_upload_failures=len(uploader.failures))
+        result.update(
+            checkpoint_uri=checkpoint_uri,
+            checkpoint_upload_failures=len(uploader.failures),
+            config_sha256=identity["sha256"],
+        )
         local_result = workdir / "result.json"
-        local_result.write_text(json.dumps(result, indent=1, sort_keys=True))
+        stored = {**result, "config": identity["config"]}  # what a later run into this prefix compares
+        local_result.write_text(json.dumps(stored, indent=1, sort_keys=True))
         upload_file(local_result, join(checkpoint_uri, "result.json"))
         handler.flush()
         upload_file(workdir / "logs" / "train.log", join(checkpoint_uri, "logs", "train.log"))
