@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,23 @@ def test_deliver_model_from_directory_is_idempotent(s3_env, tiny_model_dir, tmp_
     with pytest.raises(DeliveryError, match="--overwrite"):
         deliver_model(str(tiny_model_dir), dest, revision="other")
     assert deliver_model(str(tiny_model_dir), dest, revision="other", overwrite=True)["status"] == "delivered"
+    # A retry with overwrite of the same source, revision and files keeps the complete copy.
+    stamp = read_manifest(dest)["created"]
+    assert deliver_model(str(tiny_model_dir), dest, revision="other", overwrite=True)["status"] == "skipped"
+    assert read_manifest(dest)["created"] == stamp
+
+
+def test_deliver_model_refuses_symlinks_out_of_the_source(s3_env, tiny_model_dir, tmp_path):
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, src)
+    secret = tmp_path / "elsewhere" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("not for the bucket")
+    (src / "notes.txt").symlink_to(secret)
+    dest = join(s3_env["uri"], "models", "linked")
+    with pytest.raises(DeliveryError, match=r"notes.txt is a symlink to .*id_rsa, outside the source"):
+        deliver_model(str(src), dest)
+    assert list_objects(dest) == {}
 
 
 def _fake_hub_cache(

@@ -37,7 +37,21 @@ def _materialize(
     src: Path, dst: Path, allow_pickle: bool, allow: list[str] | None = None, exclude: list[str] | None = None
 ) -> None:
     """Copy ``src`` into ``dst`` resolving the hub cache's symlinks (hard links when possible),
-    keeping only files that match ``allow`` (if given) and none of ``exclude``."""
+    keeping only files that match ``allow`` (if given) and none of ``exclude``. A symlink may point
+    only inside ``src`` (or, for a hub cache snapshot ``.../snapshots/<commit>``, into that repo's
+    cache: its ``blobs/``); one pointing anywhere else is refused before anything is copied."""
+    root = src.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # the hub cache: snapshots/<commit>/x -> ../../blobs/<hash>
+        allowed.append(root.parent.parent / "blobs")
+    for path in sorted(src.rglob("*")):
+        if path.is_symlink():
+            real = path.resolve()
+            if not any(real == base or base in real.parents for base in allowed):
+                raise DeliveryError(
+                    f"{path} is a symlink to {real}, outside the source directory {src}; "
+                    "copy the file into the directory instead"
+                )
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if path.is_dir() or rel.parts[0] in (".cache", ".git") or rel.name == MANIFEST_NAME:
@@ -89,6 +103,15 @@ def fetch_from_hub(
     return Path(path), Path(path).name
 
 
+def _same_copy(remote: dict, local: dict) -> bool:
+    """Whether a bucket manifest describes the same delivery: source, revision, commit and files."""
+
+    def files(m: dict) -> list[tuple]:
+        return sorted((f.get("path"), f.get("size"), f.get("sha256")) for f in m.get("files") or [])
+
+    return remote.get("extra") == local.get("extra") and files(remote) == files(local)
+
+
 def deliver_model(
     source: str,
     destination: str,
@@ -135,9 +158,15 @@ def deliver_model(
             origin["commit"] = commit
             _materialize(snapshot, staged, allow_pickle, allow, exclude)
         _check_weights(staged, allow_pickle)
+        manifest = write_manifest(staged, extra=origin)
         if overwrite and is_complete(destination):
+            remote = read_manifest(destination) or {}
+            if _same_copy(remote, manifest):
+                log.info(
+                    "%s already holds this copy of %s (same files, revision and commit)", destination, source
+                )
+                return {"status": "skipped", "destination": destination, **origin}
             delete_prefix(destination)
-        write_manifest(staged, extra=origin)
         upload_dir(staged, destination)
     log.info("delivered %s to %s", source, destination)
     return {"status": "delivered", "destination": destination, **origin}
