@@ -10,13 +10,14 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from finetune_engine.config import schema
+from finetune_engine.config import schema, yamlio
 from finetune_engine.config.training_args import (
     DERIVED_TRAINING_ARGS,
     ENGINE_TRAINING_ARGS,
     LEGACY_TRAINING_ARGS,
     LEGACY_VALUES,
     MANAGED_TRAINING_ARGS,
+    VALUE_RULES_DOC,
 )
 
 _SECTIONS = [
@@ -89,6 +90,12 @@ def render_reference() -> str:
         + ", ".join(f"`{k}`" for k in schema.ExperimentConfig.model_fields)
         + ".",
         "",
+        f"The file is YAML (1.2 floats: `5e-05` is a number), read safely: a key given twice in one "
+        f"mapping, a tag that builds objects (`!!python/...`), more than {yamlio.MAX_ALIASES} aliases or aliases expanding "
+        f"past {yamlio.MAX_NODES} values, nesting deeper than {yamlio.MAX_DEPTH} levels and files over "
+        f"{yamlio.MAX_BYTES} bytes are errors naming the line. `--set key.path=value` values are YAML "
+        "too, without tags.",
+        "",
     ]
     for title, model in _SECTIONS:
         out += [f"## `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
@@ -109,6 +116,12 @@ def render_reference() -> str:
         out.append(f"- `{key}`: derived from `batchsize_conf`.")
     for key, why in MANAGED_TRAINING_ARGS.items():
         out.append(f"- `{key}`: {why}.")
+    out += ["", "Values refused before any training starts:", ""]
+    for keys, rule in VALUE_RULES_DOC.items():
+        out.append(f"- {', '.join(f'`{k}`' for k in keys.split(', '))}: {rule}.")
+    out.append(
+        "- every number, here and in every section: finite (NaN and infinity are refused) and within 64 bits."
+    )
     out += ["", "Keys the engine adds:", ""]
     for key, spec in ENGINE_TRAINING_ARGS.items():
         out.append(f"- `{key}` ({', '.join(spec['methods'])}): {spec['help']}")

@@ -342,7 +342,9 @@ class AdapterPeft(_Strict):
     peft_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments of the peft config class, e.g. r, lora_alpha, "
-        "lora_dropout, target_modules (a list or 'all-linear'), use_dora, use_rslora.",
+        "lora_dropout, target_modules (a list or 'all-linear'), use_dora, use_rslora. A key that is "
+        "not a field of that class is an error; r and lora_alpha must be positive, lora_dropout in "
+        "[0, 1).",
     )
 
     @field_validator("peft_kwargs")

@@ -397,6 +397,20 @@ _RANGE_RULES: dict[str, Any] = {
 }
 
 
+# What _RANGE_RULES and _value_problem accept, for the config reference.
+VALUE_RULES_DOC = {
+    "max_steps": "-1 (train by epochs, the default) or a positive count; 0 would silently train the epochs",
+    "num_train_epochs": "greater than 0, unless max_steps is positive (then it is ignored)",
+    "learning_rate": "greater than 0",
+    "save_steps, logging_steps": "not negative (below 1: a ratio of the run); 0 only when their strategy "
+    "is not steps",
+    "eval_steps": "not negative",
+    "warmup_steps, weight_decay, max_grad_norm, dataloader_num_workers": "not negative",
+    "save_total_limit": "a positive count, or null",
+    "output_dir": "not empty and not the filesystem root",
+}
+
+
 def _output_dir_problem(value: Any) -> str | None:
     if not isinstance(value, str):
         return None  # the type check names it
