@@ -90,11 +90,11 @@ def render_reference() -> str:
         + ", ".join(f"`{k}`" for k in schema.ExperimentConfig.model_fields)
         + ".",
         "",
-        f"The file is YAML (1.2 floats: `5e-05` is a number), read safely: a key given twice in one "
-        f"mapping, a tag that builds objects (`!!python/...`), more than {yamlio.MAX_ALIASES} aliases or aliases expanding "
-        f"past {yamlio.MAX_NODES} values, nesting deeper than {yamlio.MAX_DEPTH} levels and files over "
-        f"{yamlio.MAX_BYTES} bytes are errors naming the line. `--set key.path=value` values are YAML "
-        "too, without tags.",
+        "The file is YAML (1.2 floats: `5e-05` is a number), read safely: a key given twice in one "
+        "mapping, a tag that builds objects (`!!python/...`), "
+        f"more than {yamlio.MAX_ALIASES} aliases or aliases expanding past {yamlio.MAX_NODES} values, "
+        f"nesting deeper than {yamlio.MAX_DEPTH} levels and files over {yamlio.MAX_BYTES} bytes are "
+        "errors naming the line. `--set key.path=value` values are YAML too, without tags.",
         "",
     ]
     for title, model in _SECTIONS:
