@@ -82,7 +82,7 @@ class HFModelToBucketOperator(EngineJobOperator):
             raise FinetuneConfigError(
                 "model_id is empty: give a Hub repo id (org/name), a directory or s3://"
             )
-        checks.check_bucket_uri("destination", self.resolved_destination())
+        checks.check_bucket_uri("destination", self.destination or self.resolved_destination())
         name = self.secret_names().hf_token
         if not DNS_SUBDOMAIN.match(name or ""):
             raise FinetuneConfigError(
@@ -176,7 +176,7 @@ class DataScriptToBucketOperator(EngineJobOperator):
             raise FinetuneConfigError("give exactly one of script / script_file / urls")
         if self.method not in ("sft", "dpo", "kto"):
             raise FinetuneConfigError(f"method {self.method!r}: use sft, dpo or kto")
-        checks.check_bucket_uri("destination", self.resolved_destination())
+        checks.check_bucket_uri("destination", self.destination or self.resolved_destination())
         checks.check_positive_int("timeout_seconds", self.timeout_seconds, minimum=1)
 
     def resolved_destination(self) -> str:

@@ -328,7 +328,9 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.rendered_config()
         self.check_config_uris()
         self.check_batch_split()
-        checks.check_bucket_uri("checkpoint_uri", self.resolved_checkpoint_uri(context))
+        checks.check_bucket_uri(
+            "checkpoint_uri", self.checkpoint_uri or self.resolved_checkpoint_uri(context)
+        )
 
     def world_size(self) -> int:
         """Training processes of the run: one per GPU (one per node on CPU), on every node."""

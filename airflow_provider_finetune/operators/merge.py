@@ -45,7 +45,7 @@ class MergeAdapterOperator(EngineJobOperator):
         super().validate(context)
         checks.check_bucket_uri("base", self.base)
         checks.check_bucket_uri("adapter", self.adapter)
-        checks.check_bucket_uri("output_uri", self.resolved_output())
+        checks.check_bucket_uri("output_uri", self.output_uri or self.resolved_output())
 
     def engine_command(self, context: Context) -> list[str]:
         return [

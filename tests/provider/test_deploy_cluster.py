@@ -7,6 +7,7 @@ Ingress/HTTPRoute, and the local undeploy of a real process."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import subprocess
@@ -434,3 +435,81 @@ def test_undeploy_local_stops_the_server_process(tmp_path, monkeypatch):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+
+
+# -- only the provider's own objects are replaced or deleted ----------------------------------------
+
+
+def _foreign(kube, plural: str, group: str, name: str) -> dict:
+    """An object of the name DeployVLLM would use, made by someone else (no managed-by label)."""
+    spec = deploy_op().serve_spec()
+    obj = build_vllm_deployment(spec) if plural == "deployments" else build_vllm_service(spec)
+    obj["metadata"] = {"name": name, "namespace": NS, "labels": {"app": "theirs"}}
+    kube.objects[(group, NS, plural, name)] = obj
+    return copy.deepcopy(obj)
+
+
+@pytest.mark.parametrize(
+    "plural,group", [("deployments", "apis/apps/v1"), ("services", "api/v1")], ids=["deployment", "service"]
+)
+def test_deploy_refuses_to_replace_an_object_it_did_not_make(kube, plural, group):
+    name = build_vllm_deployment(deploy_op().serve_spec())["metadata"]["name"]
+    theirs = _foreign(kube, plural, group, name)
+    before = copy.deepcopy(kube.objects)
+    with pytest.raises(FinetuneConfigError, match=r"exists and was not made by airflow-provider-finetune"):
+        deploy_op().execute(ctx())
+    assert {m for m, _ in kube.calls()} == {"GET"}  # looked, wrote nothing
+    assert kube.objects == before and kube.get(plural, NS, name) == theirs
+
+
+def test_undeploy_refuses_to_delete_an_object_it_did_not_make(kube):
+    result = deploy_op().execute(ctx())
+    name = result["deployment"].split("/")[1]
+    kube.objects[("api/v1", NS, "services", name)]["metadata"]["labels"] = {"app": "theirs"}
+    kube.requests.clear()
+    undeploy = UndeployVLLMOperator(
+        task_id="u",
+        served_model_name="tiny",
+        namespace=NS,
+        kubernetes_conn_id="fake_kube",
+        runner="kubernetes",
+    )
+    with pytest.raises(FinetuneConfigError, match=f"Service {NS}/{name} exists and was not made by"):
+        undeploy.execute(ctx())
+    assert "DELETE" not in {m for m, _ in kube.calls()} and len(kube.objects) == 2  # the Deployment stays too
+
+
+def test_serving_defaults_to_the_dedicated_namespace_and_checks_names_before_any_call(kube, monkeypatch):
+    monkeypatch.delenv("AIRFLOW__FINETUNE__NAMESPACE", raising=False)
+    assert deploy_op(namespace=None).serve_spec().namespace == "finetune"
+    for kw, match in (
+        ({"namespace": "Prod_NS"}, "namespace 'Prod_NS' is not a valid Kubernetes namespace"),
+        ({"model_uri": "s3://finetune/e/../x"}, "model_uri 's3://finetune/e/../x'"),
+        ({"adapters": {"r8": "s3://Bad/x"}}, r"adapters.r8 's3://Bad/x': bucket"),
+        ({"served_model_name": " "}, "served_model_name is empty"),
+    ):
+        with pytest.raises(FinetuneConfigError, match=match):
+            deploy_op(**kw).execute(ctx())
+    monkeypatch.setenv("AIRFLOW__FINETUNE__ENGINE_IMAGE", "ghcr.io/org/engine:")
+    with pytest.raises(FinetuneConfigError, match="engine_image .* is not a valid image reference"):
+        deploy_op().execute(ctx())
+    assert kube.requests == []
+
+
+def test_a_deployment_that_breaks_the_pod_rules_is_never_sent(kube):
+    from airflow_provider_finetune.operators import deploy as deploy_module
+
+    real = deploy_module.build_vllm_deployment
+
+    def tampered(spec):
+        doc = real(spec)
+        doc["spec"]["template"]["spec"]["hostNetwork"] = True
+        doc["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "HF_TOKEN", "value": "x"})
+        return doc
+
+    with mock.patch.object(deploy_module, "build_vllm_deployment", tampered):
+        with pytest.raises(
+            FinetuneConfigError, match=r"(?s)hostNetwork.*env HF_TOKEN looks like a credential"
+        ):
+            deploy_op().execute(ctx())
+    assert kube.requests == []

@@ -635,3 +635,205 @@ def test_every_operator_is_importable_from_the_package():
     assert {"DeployVLLMOperator", "UndeployVLLMOperator", "FinetuneKubernetesOperator"} <= set(defined)
     assert sorted(defined) == sorted(ops.__all__)
     assert all(getattr(ops, name) is cls for name, cls in defined.items())
+
+
+# -- validate(): every operator refuses bad arguments before any pod --------------------------------
+
+BAD_ARGUMENTS = [
+    (
+        lambda: HFModelToBucketOperator(task_id="t", model_id="org/m", destination="s3://"),
+        "bucket name is empty",
+    ),
+    (
+        lambda: HFModelToBucketOperator(task_id="t", model_id="org/m", destination="s3://finetune/../x"),
+        "destination 's3://finetune/../x': '.' and '..'",
+    ),
+    (lambda: HFModelToBucketOperator(task_id="t", model_id="s3://bk/m"), "model_id 's3://bk/m': bucket"),
+    (
+        lambda: HFModelToBucketOperator(task_id="t", model_id="org/m", bucket="Fine_Tune"),
+        "bucket 'Fine_Tune'",
+    ),
+    (
+        lambda: DataScriptToBucketOperator(task_id="t", script="x", destination="s3://finetune/a/./b"),
+        "'.' and '..'",
+    ),
+    (
+        lambda: MergeAdapterOperator(task_id="t", base="s3://finetune", adapter="s3://finetune/a"),
+        "names no key",
+    ),
+    (lambda: MergeAdapterOperator(task_id="t", base="s3://finetune/b", adapter="/a"), "adapter '/a' must be"),
+    (
+        lambda: EvaluateModelsOperator(
+            task_id="t", models=["s3://finetune/m"], datasets=["s3://192.168.0.1/d"]
+        ),
+        r"datasets\[0\] .*IP address",
+    ),
+    (
+        lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, checkpoint_uri="s3://x/y"),
+        "3-63 characters",
+    ),
+    (
+        lambda: FinetuneKubernetesOperator(
+            task_id="t", config=CONFIG, base_model="s3://finetune/models/../m"
+        ),
+        "base_model",
+    ),
+    (
+        lambda: FinetuneKubernetesOperator(
+            task_id="t", config={**CONFIG, "run_conf": {"model": "s3://finetune//tiny"}}
+        ),
+        r"config run_conf.model .*empty path segment",
+    ),
+    (
+        lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, namespace="ML_Team"),
+        "namespace 'ML_Team' is not a valid Kubernetes namespace",
+    ),
+    (
+        lambda: MergeAdapterOperator(
+            task_id="t", base="s3://finetune/b", adapter="s3://finetune/a", service_account_name="Trainer!"
+        ),
+        "service_account_name 'Trainer!'",
+    ),
+    (
+        lambda: EvaluateModelsOperator(
+            task_id="t", models="s3://finetune/m", datasets="s3://finetune/d", engine_image="ghcr.io/Org/x:"
+        ),
+        "engine_image .* is not a valid image reference",
+    ),
+    (lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=-1), "gpus -1"),
+    (lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, num_nodes=0), "num_nodes 0"),
+    (
+        lambda: FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=3),
+        r"total_train_batch_size=8 is not divisible by the number of processes \(3\).*gpus=3",
+    ),
+    (
+        lambda: FinetuneKubernetesOperator(task_id="t", config={**CONFIG, "run_conf": {"model": "org/tiny"}}),
+        "run_conf.model 'org/tiny': training pods read the base model from the bucket",
+    ),
+]
+
+
+@pytest.mark.parametrize("make,match", BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_before_any_pod(make, match, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__FINETUNE__RUNNER", "kubernetes")
+    op = make()
+    with mock.patch.object(type(op), "build_pod_request_obj") as build:
+        with pytest.raises(FinetuneConfigError, match=match):
+            op.execute(ctx())
+        build.assert_not_called()
+
+
+def test_the_batch_split_accepts_a_world_size_that_divides_it():
+    for gpus, nodes in ((1, 1), (2, 1), (4, 2)):
+        FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=gpus, num_nodes=nodes).validate(ctx())
+    with pytest.raises(FinetuneConfigError, match=r"number of processes \(16\)"):
+        FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=8, num_nodes=2).validate(ctx())
+    # an override that fixes the total is what counts (the pod's config)
+    FinetuneKubernetesOperator(
+        task_id="t",
+        config=CONFIG,
+        gpus=8,
+        num_nodes=2,
+        overrides=["batchsize_conf.total_train_batch_size=64"],
+    ).validate(ctx())
+
+
+def test_templated_arguments_are_checked_after_rendering():
+    op = HFModelToBucketOperator(task_id="t", model_id="org/m", destination="{{ params.dest }}")
+    context = {**ctx(), "params": {"dest": "s3://finetune/models/../../etc"}}
+    op.render_template_fields(context)
+    assert op.destination == "s3://finetune/models/../../etc"
+    with pytest.raises(FinetuneConfigError, match="'.' and '..'"):
+        op.validate(context)
+
+
+def test_a_sweep_may_not_ask_for_more_gpus_than_the_cap(monkeypatch):
+    def sweep_ctx(n):
+        return {**ctx(0), "expanded_ti_count": n}
+
+    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=8, lora_rank=8)
+    op.validate(sweep_ctx(8))  # 64 GPUs: the default cap
+    with pytest.raises(FinetuneConfigError, match=r"asks for 512 GPUs \(64 mapped instance\(s\) x 1 node"):
+        op.validate(sweep_ctx(64))
+    monkeypatch.setenv("AIRFLOW__FINETUNE__MAX_SWEEP_GPUS", "0")  # no cap
+    op.validate(sweep_ctx(64))
+    monkeypatch.setenv("AIRFLOW__FINETUNE__MAX_SWEEP_GPUS", "4")
+    with pytest.raises(FinetuneConfigError, match="max_sweep_gpus = 4"):
+        FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=4, num_nodes=2).validate(ctx())
+    FinetuneKubernetesOperator(task_id="t", config=CONFIG, gpus=0).validate(sweep_ctx(100))  # CPU only
+
+
+def test_a_hub_model_id_is_fine_on_the_local_runner(monkeypatch):
+    FinetuneKubernetesOperator(
+        task_id="t", config={**CONFIG, "run_conf": {"model": "/models/tiny"}}, runner="local"
+    ).validate(ctx())
+
+
+def test_results_and_links_never_show_mlflow_credentials(monkeypatch):
+    from airflow_provider_finetune.links import mlflow_run_url
+
+    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=8)
+    context = ctx()
+    result = op.handle_result(
+        context, {"mlflow_tracking_uri": "https://ann:pw123@mlflow.example.com", "mlflow_run_id": "abc"}
+    )
+    assert result["mlflow_tracking_uri"] == "https://mlflow.example.com"
+    context["ti"].xcom_push.assert_called_with(
+        key="_link_MLflowRunLink", value="https://mlflow.example.com/#/runs/abc"
+    )
+    assert mlflow_run_url("http://u:p@ui:5000/", "r1", "7") == "http://ui:5000/#/experiments/7/runs/r1"
+
+
+def test_local_runner_takes_mlflow_credentials_from_a_connection(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__FINETUNE__MLFLOW_SECRET_NAME", "mlflow-credentials")
+    op = MergeAdapterOperator(task_id="t", base="s3://finetune/b", adapter="s3://finetune/a")
+    resolve = op.local_secret_resolver()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "http", "login": "ann", "password": "pw"})
+    )
+    assert resolve("mlflow-credentials", "MLFLOW_TRACKING_USERNAME") == "ann"
+    assert resolve("mlflow-credentials", "MLFLOW_TRACKING_PASSWORD") == "pw"
+    with pytest.raises(KeyError):
+        resolve("mlflow-credentials", "MLFLOW_TRACKING_TOKEN")
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps({"conn_type": "http", "password": "tok"}))
+    assert resolve("mlflow-credentials", "MLFLOW_TRACKING_TOKEN") == "tok"
+    monkeypatch.delenv("AIRFLOW_CONN_MLFLOW_DEFAULT")
+    with pytest.raises(KeyError, match="mlflow_conn_id"):  # optional in the pod: the run goes on without
+        resolve("mlflow-credentials", "MLFLOW_TRACKING_TOKEN")
+    with pytest.raises(KeyError, match="no Airflow connection stands in"):
+        resolve("other-secret", "MLFLOW_TRACKING_TOKEN")
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_a_multinode_manifest_that_breaks_the_pod_rules_is_never_created(kind):
+    op = FinetuneKubernetesOperator(
+        task_id="t",
+        config=CONFIG,
+        gpus=4,
+        num_nodes=2,
+        distributed=kind,
+        poll_interval=0,
+        runner="kubernetes",
+    )
+    fake = FakeCustomObjects()
+    real = FinetuneKubernetesOperator.multinode_manifest
+
+    def tampered(self, context):
+        from airflow_provider_finetune.pods.security import pod_specs
+
+        doc = real(self, context)
+        for _, spec, _ in pod_specs(doc):
+            spec["hostPID"] = True
+        return doc
+
+    with (
+        mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake),
+        mock.patch(
+            "airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client",
+            new_callable=mock.PropertyMock,
+        ),
+        mock.patch.object(FinetuneKubernetesOperator, "multinode_manifest", tampered),
+    ):
+        with pytest.raises(FinetuneConfigError, match="hostPID"):
+            op.execute(ctx())
+    assert fake.created == [] and fake.polls == 0
