@@ -145,11 +145,27 @@ def test_rest_refuses_invalid_params_and_creates_no_run(airflow):
         ({"model_uri": "/etc/passwd"}, "model_uri"),
         ({"deploy": "yes"}, "deploy"),
     ]
-    for conf, key in bad:
+    for conf, key in bad + [({"max_steps": 0}, "max_steps")]:
         r = trigger(airflow, "finetune_ui", conf)
         assert r.status_code == 400, (conf, r.status_code, r.text)
         assert key in r.json()["detail"], (conf, r.text)
     assert airflow.api("GET", "dags/finetune_ui/dagRuns").json()["total_entries"] == before
+    # the retraining DAGs: files by name only, URIs in the bucket, no step-less run
+    retraining = {
+        "finetune_retraining": [
+            ({"initial_config": "/proc/self/environ"}, "initial_config"),
+            ({"initial_config": "run_conf: {tokenizer: x/y}"}, "initial_config"),
+            ({"train_data": "s3://another-bucket/train.jsonl"}, "train_data"),
+            ({"max_steps": 0}, "max_steps"),
+        ],
+        "finetune_retraining_data": [({"data_script": "/opt/airflow/airflow.cfg"}, "data_script")],
+    }
+    for dag_id, cases in retraining.items():
+        runs = airflow.api("GET", f"dags/{dag_id}/dagRuns").json()["total_entries"]
+        for conf, key in cases:
+            r = trigger(airflow, dag_id, conf)
+            assert r.status_code == 400 and key in r.json()["detail"], (dag_id, conf, r.text)
+        assert airflow.api("GET", f"dags/{dag_id}/dagRuns").json()["total_entries"] == runs
 
 
 def test_rest_trigger_with_conf_sweeps_and_picks_the_best(airflow, bucket):
@@ -352,6 +368,12 @@ def test_retraining_on_asset_events_records_champion_challenger_decisions(airflo
             assert scores["models"][0]["tokens"] == scores["models"][1]["tokens"]  # the same held-out tokens
         expected_deploy = "success" if decision["promoted"] and VLLM_PY.exists() else "skipped"
         assert states["deploy"] == [expected_deploy], states
+        assert states["preflight"] == ["success"], states
+        if expected_deploy == "success":  # served under this DAG's name for the line
+            assert (
+                airflow.xcom("finetune_retraining", run_id, "deploy")["model"]
+                == "finetune-retraining-default"
+            )
         # recorded: in the bucket, on the MLflow run, as the champion asset's event extra
         objects = list_objects("s3://finetune/champions/default/decisions")
         assert any(run_id.replace(":", "-").replace("+", "-") in k for k in objects), objects
@@ -391,4 +413,6 @@ def test_retraining_on_asset_events_records_champion_challenger_decisions(airflo
     )
     latest = decisions[-1]["model_uri"]
     assert champion["model_uri"] == latest and "data_conf" in champion["config"]
+    # the line's held-out set is pinned in its record (the DAG's setting, not a param)
+    assert champion["heldout_data"] == "s3://finetune/datasets/retrain/heldout.jsonl"
     assert len(list_children("s3://finetune/experiments")) >= 1

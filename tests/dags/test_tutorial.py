@@ -122,6 +122,15 @@ def test_make_demo_prints_the_sweep_and_a_chat_and_leaves_a_server_to_chat_with(
 def test_every_rank_finished_the_lowest_loss_won_and_was_merged(demo, bucket, tmp_path):
     log = (demo.dir / "tutorial-run.log").read_text()
     assert "state=success" in log and "state=failed" not in log
+    # the preflight checked the config for every rank before anything was uploaded; the demo's
+    # dag_defaults name the tiny model's directory, data script and config
+    passed = re.search(
+        r"preflight passed: model (\S+), data script (\S+), config (\S+) validates for ranks "
+        r"(\[[\d, ]+\])",
+        log,
+    )
+    assert passed and passed.group(1) == str(demo.dir / "tiny-model"), log[-3000:]
+    assert passed.groups()[1:] == ("tiny", "tiny-sft-lora", "[4, 8, 16]")
     [prefix] = [
         f"s3://finetune/experiments/tutorial/{r}" for r in list_children("s3://finetune/experiments/tutorial")
     ]
