@@ -127,7 +127,7 @@ class DeployVLLMOperator(BaseOperator):
         ``{"host": ..., "ingress_class": ..., "tls_secret": ...}`` (host required).
     :param http_route: cluster, off by default: also create a Gateway API HTTPRoute,
         ``{"gateway": ..., "hostnames": [...], "gateway_namespace": ..., "section_name": ...}``.
-        Both need RBAC for ``ingresses`` / ``httproutes`` (create, patch/update, delete) beyond
+        Both need RBAC for ``ingresses`` / ``httproutes`` (get, create, patch/update, delete) beyond
         deploy/rbac.yaml.
     """
 
