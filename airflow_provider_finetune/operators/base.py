@@ -216,6 +216,13 @@ class EngineJobOperator(KubernetesPodOperator):
         if self.active_deadline_seconds is not None:
             checks.check_positive_int("active_deadline_seconds", self.active_deadline_seconds, minimum=1)
         checks.check_mlflow_uri("[finetune] mlflow_tracking_uri", settings.get("mlflow_tracking_uri"))
+        for option in ("bucket_secret_name", "mlflow_secret_name"):
+            name = settings.get(option)
+            if (name or option == "bucket_secret_name") and not checks.DNS_SUBDOMAIN.match(name):
+                raise FinetuneConfigError(
+                    f"[finetune] {option} {name!r} is not a valid Kubernetes Secret name (lowercase letters, "
+                    "digits, '-' and '.')"
+                )
 
     def handle_result(self, context: Context, result: Any) -> Any:
         return result

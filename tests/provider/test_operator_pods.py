@@ -364,3 +364,11 @@ def test_mlflow_credentials_are_optional_secret_refs_and_the_uri_never_holds_the
     with pytest.raises(FinetuneConfigError, match="mlflow_secret_name") as err:
         op.validate(context(op))
     assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("option", ["bucket_secret_name", "mlflow_secret_name"])
+def test_secret_names_from_the_options_are_checked_before_any_pod(option, monkeypatch):
+    monkeypatch.setenv(f"AIRFLOW__FINETUNE__{option.upper()}", "Bucket_Keys")
+    op = OPERATORS["merge"]()
+    with pytest.raises(FinetuneConfigError, match=rf"\[finetune\] {option} 'Bucket_Keys' is not a valid"):
+        op.validate(context(op))
