@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
-from airflow_provider_finetune.runners.vllm_local import process_start_time
+from finetune_engine.processes import process_start_time
 
 HOST_PATHS = ("/tmp", "/dev/shm")
 SecretResolver = Callable[[str, str], str]

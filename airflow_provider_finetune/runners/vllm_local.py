@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_finetune.pods.serving import engine_flags
+from finetune_engine.processes import process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -118,37 +119,6 @@ def start_vllm(
 
 PID_FILE = "server.pid"  # the pid alone, so that ``kill -- -$(cat server.pid)`` stops the server by hand
 START_FILE = "server.start"  # its start time, beside it
-
-
-def process_start_time(pid: int) -> str | None:
-    """When process ``pid`` started, as text that differs for a later process given the same pid;
-    None when there is no such process (or the platform cannot say).
-
-    Linux: field 22 of /proc/<pid>/stat (clock ticks after boot). Elsewhere: ``ps -o lstart=``.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        if Path("/proc/self/stat").exists():
-            return None  # Linux, and no such process
-        return _ps_start_time(pid)
-    except OSError:
-        return None
-    # the command name (field 2) is in parentheses and may hold spaces or ")": split after its last ")"
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[19] if len(fields) > 19 else None  # field 3 (state) is fields[0]
-
-
-def _ps_start_time(pid: int) -> str | None:
-    try:
-        out = subprocess.run(
-            ["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return " ".join(out.stdout.split()) or None
 
 
 def record_server(workdir: Path, pid: int) -> None:

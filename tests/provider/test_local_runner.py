@@ -187,7 +187,7 @@ def test_worker_death_takes_the_engine_down_and_the_retry_resumes(local_env):
 
 def test_a_group_left_behind_is_stopped_before_the_next_try(local_env):
     from airflow_provider_finetune.runners.local import LocalRunner
-    from airflow_provider_finetune.runners.vllm_local import process_start_time
+    from finetune_engine.processes import process_start_time
 
     op = CommandJob(task_id="leftover", command=["sh", "-c", 'echo fresh > "$FINETUNE_WORKDIR/ran"'])
     workdir = op.local_workdir(context("leftover"))

