@@ -465,9 +465,9 @@ class EngineJobOperator(KubernetesPodOperator):
         return text.decode(errors="replace") if isinstance(text, bytes) else str(text or "")
 
     def local_workdir(self, context: Context) -> Path:
-        import tempfile
+        from airflow_provider_finetune.runners.local import work_root
 
-        root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
+        root = work_root(settings.get("local_workdir"))
         ti = context["ti"]
         safe = re.sub(
             r"[^A-Za-z0-9._-]+",

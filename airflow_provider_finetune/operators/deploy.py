@@ -373,10 +373,10 @@ class DeployVLLMOperator(BaseOperator):
     # -- local ------------------------------------------------------------------------------------
 
     def local_dir(self) -> Path:
-        import tempfile
+        from airflow_provider_finetune.runners.local import ensure_private_dir, work_root
 
-        root = Path(settings.get("local_workdir") or Path(tempfile.gettempdir()) / "finetune")
-        return root / "serving" / dns_name(self.served_model_name)
+        root = work_root(settings.get("local_workdir"))
+        return ensure_private_dir(root / "serving") / dns_name(self.served_model_name)
 
     def local_engine_args(self) -> dict[str, Any]:
         """``[finetune] local_vllm_engine_args`` under the operator's own ``engine_args``."""

@@ -162,6 +162,17 @@ def ensure_private_dir(path: str | Path) -> Path:
     return path
 
 
+def work_root(configured: str | Path | None = None) -> Path:
+    """Where local runs keep their work directories: ``[finetune] local_workdir`` when set (used as
+    it is; each run's own directory under it is made private), else ``$TMPDIR/finetune-<uid>``, one
+    per user, created private (mode 0700) and refused when another user owns it."""
+    if configured:
+        return Path(configured).expanduser()
+    import tempfile
+
+    return ensure_private_dir(Path(tempfile.gettempdir()) / f"finetune-{os.geteuid()}")
+
+
 def _check_owned(path: Path, start: Path) -> None:
     """LocalRunError unless ``start`` and its parents are safe: the work directory itself this
     user's, its parents this user's or root's, none writable by others unless sticky."""

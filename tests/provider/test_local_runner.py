@@ -302,3 +302,32 @@ def test_a_pid_file_without_a_start_time_is_not_trusted(local_env):
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_default_work_root_is_per_user_and_private(tmp_path, monkeypatch):
+    """Without [finetune] local_workdir, runs and served models live under $TMPDIR/finetune-<uid>,
+    mode 0700: one user's pid files and models are not in another user's reach."""
+    from airflow_provider_finetune.operators.deploy import DeployVLLMOperator
+    from airflow_provider_finetune.runners.local import LocalRunError
+
+    monkeypatch.delenv("AIRFLOW__FINETUNE__LOCAL_WORKDIR")
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # $TMPDIR, as gettempdir() read it
+    (tmp_path / "tmp").mkdir()
+    root = tmp_path / "tmp" / f"finetune-{os.geteuid()}"
+    workdir = CommandJob(task_id="per-user", command=["true"]).local_workdir(context("per-user"))
+    assert workdir.parent == root and root.stat().st_mode & 0o777 == 0o700
+    served = DeployVLLMOperator(
+        task_id="deploy",
+        model_uri="s3://finetune/e/r/checkpoint-final",
+        served_model_name="tiny",
+        runner="local",
+    ).local_dir()
+    assert served.parent == root / "serving" and served.name.startswith("tiny")
+    assert (root / "serving").stat().st_mode & 0o777 == 0o700
+    assert not (tmp_path / "tmp" / "finetune").exists()  # the old shared root is not used
+    # a root someone made writable for all is refused, with the setting that avoids it
+    root.chmod(0o777)
+    with pytest.raises(LocalRunError, match="writable by other users"):
+        CommandJob(task_id="per-user", command=["true"]).local_workdir(context("per-user"))
