@@ -16,6 +16,7 @@ import yaml
 
 from finetune_engine.cli import errors as cli_errors
 from finetune_engine.cli import finetuning as finetuning_cli
+from finetune_engine.cli import scripts as seed_scripts
 from finetune_engine.cli.main import main as engine_main
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
@@ -29,6 +30,11 @@ def _config(data: str) -> dict:
         "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}},
         "run_conf": {"model": "m"},
     }
+
+
+# A key given twice (PyYAML would keep the last one silently) and a kilobyte of nested anchors that
+# expands to 10^8 values: shared with the operator's tests, which refuse exactly the same.
+DUPLICATE_KEYS = "run_conf:\n  model: m\ntraining_args:\n  max_steps: 5\ntraining_args: {}\n"
 
 
 def _bomb(levels: int = 9, width: int = 9) -> str:
@@ -58,7 +64,7 @@ def inputs(tmp_path, monkeypatch):
     (d / "tab.yaml").write_text("data_conf:\n\ttraining_data: x\n")
     (d / "pyobj.yaml").write_text('run_conf: !!python/object/apply:os.system ["echo hi"]\n')
     (d / "twodocs.yaml").write_text("a: 1\n---\nb: 2\n")
-    (d / "dup.yaml").write_text("run_conf:\n  model: m\ntraining_args:\n  max_steps: 5\ntraining_args: {}\n")
+    (d / "dup.yaml").write_text(DUPLICATE_KEYS)
     (d / "bomb.yaml").write_text(_bomb())
     (d / "recursive.yaml").write_text("a: &a [1, *a]\n")
     (d / "deep.yaml").write_text("a: " + "[" * 500 + "]" * 500 + "\n")
@@ -72,6 +78,8 @@ def inputs(tmp_path, monkeypatch):
     (d / "utf16.jsonl").write_bytes("\ufeff".encode("utf-16-le") + '{"text": "x"}\n'.encode("utf-16-le"))
     (d / "notjson.jsonl").write_text("{not json\n")
     (d / "empty.jsonl").write_text("")
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(b"not read: the config is refused first")
     return d
 
 
@@ -221,6 +229,38 @@ CORPUS: list[tuple[list[str], int, str]] = [
     (["eval-job", "--model", "s3://", "--data", "@/tie.jsonl"], 2, "is not usable here"),
     (["vllm-adapter", "@/missing"], 1, "no adapter_model.safetensors"),
     (["generate", "@/missing.yaml", "@/out.yaml"], 2, "No such file or directory"),
+    # --- the seed's console scripts (behind the same boundary)
+    (
+        ["merge_adapter", "@/base", "@/adapter", "@/out", "--device_map", "{nope"],
+        2,
+        "merge_adapter: error: Expecting property name enclosed in double quotes",
+    ),
+    (["merge_adapter", "@/base", "@/adapter"], 2, "the following arguments are required: outpath"),
+    (["create_vllm_compatible_adapter", "@/missing"], 1, "no adapter_model.safetensors"),
+    (
+        ["create_vllm_compatible_adapter", "@/adapter", "--training-config", "@/dup.yaml"],
+        1,
+        "duplicate key 'training_args' on lines 3 and 5",
+    ),
+    (["create_vllm_compatible_adapter", "@/adapter", "--max-lora-rank", "x"], 2, "invalid int value: 'x'"),
+    (
+        ["generate", "@/dup.yaml", "@/out.yaml"],
+        2,
+        "dup.yaml:5: not valid YAML: duplicate key 'training_args'",
+    ),
+    (["generate", "@/bomb.yaml", "@/out.yaml"], 2, "the aliases (*name) expand to more than 200000 values"),
+    (["generate", "@/binary.yaml", "@/out.yaml"], 2, "can't decode byte 0x89"),
+    (["replace_tokens", "@/dir", "@/out", "--from", "a"], 2, "the following arguments are required: --to"),
+    (
+        ["replace_tokens", "@/dir", "@/out", "--from", "a", "--to", "b", "--from", "c", "--to"],
+        2,
+        "expected one argument",
+    ),
+    (
+        ["replace_tokens", "@/dir", "@/out", "--from", "a", "--to", "b", "--from", "c"],
+        2,
+        "Different number of --from and --to specified!",
+    ),
     # --- other commands
     (["chat", "@/dir", "hello"], 2, "no config.json; give the directory of a saved model"),
     (["tiny", "data", "@/dir"], 2, "Is a directory; give the path of a file"),
@@ -230,8 +270,11 @@ CORPUS: list[tuple[list[str], int, str]] = [
 
 
 def _run(argv: list[str]) -> int:
+    """The console script ``argv[0]`` as engine/pyproject.toml installs it."""
     if argv[0] == "finetuning":
         return finetuning_cli.main(argv[1:])
+    if argv[0] in seed_scripts.SCRIPTS:
+        return getattr(seed_scripts, argv[0])(argv[1:])
     return engine_main(argv)
 
 
@@ -262,6 +305,8 @@ def test_corpus_covers_every_class():
         assert name in commands
     for name in ("merge-job", "train-job", "eval-job", "generate", "chat", "tiny", "local-s3"):
         assert name in commands
+    for name in seed_scripts.SCRIPTS:  # the seed's console scripts
+        assert name in commands
 
 
 def test_alias_bomb_is_refused_fast(inputs):
@@ -285,9 +330,9 @@ def test_debug_shows_the_traceback(inputs, monkeypatch):
         engine_main(["tiny", "data", str(inputs / "dir")])
 
 
-def test_unexpected_error_is_one_line_with_its_place(capsys, monkeypatch):
-    """An error that is not bad input still ends in one line: its type, message and where it was
-    raised, exit code 1."""
+def test_an_unexpected_error_prints_its_traceback_then_one_line(capsys, monkeypatch):
+    """A crash or a bug (not bad input) shows its traceback, for the pod log, then one line with its
+    type, message and where it was raised; exit code 1."""
     monkeypatch.setenv(cli_errors.DEBUG_ENV, "0")
 
     def broken(argv):
@@ -295,5 +340,72 @@ def test_unexpected_error_is_one_line_with_its_place(capsys, monkeypatch):
 
     assert cli_errors.run_guarded("finetune-engine x", broken, []) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("finetune-engine x: error: unexpected RuntimeError: something broke (at ")
-    assert "test_bad_inputs.py:" in err and "FINETUNE_DEBUG=1" in err and "\n" not in err
+    assert err.startswith("Traceback (most recent call last):")
+    assert 'raise RuntimeError("something broke")' in err
+    *_, before, last = err.splitlines()
+    assert before == "RuntimeError: something broke"
+    assert last.startswith("finetune-engine x: error: unexpected RuntimeError: something broke (at ")
+    assert "test_bad_inputs.py:" in last
+
+
+def test_a_known_failure_is_one_line_with_its_type(capsys, monkeypatch):
+    """A failure the engine words itself (a batch that never fits, storage) stays one line, and keeps
+    its type: the provider recognises BatchTooLargeError in the pod log."""
+    from finetune_engine.autobatch import BatchTooLargeError
+
+    monkeypatch.setenv(cli_errors.DEBUG_ENV, "0")
+
+    def too_large(argv):
+        raise BatchTooLargeError("auto batch size: one row does not fit in memory")
+
+    assert cli_errors.run_guarded("finetuning", too_large, []) == 1
+    err = capsys.readouterr().err
+    assert err == "finetuning: error: BatchTooLargeError: auto batch size: one row does not fit in memory\n"
+
+
+def _scripts() -> dict[str, str]:
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[2] / "engine" / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]["scripts"]
+
+
+# console script -> (arguments, the function its run ends in, replaced here by one that crashes)
+_CRASH_POINTS = {
+    "finetuning": ([], "finetune_engine.cli.finetuning:_main"),
+    "aimfttk": ([], "finetune_engine.cli.finetuning:_main"),
+    "finetune-engine": (["validate-config", "x.yaml"], "finetune_engine.cli.validate_config:main"),
+    "merge_adapter": ([], "finetune_engine.merge:main"),
+    "create_vllm_compatible_adapter": ([], "finetune_engine.adapters:main"),
+    "generate": ([], "finetune_engine.generate:main"),
+    "replace_tokens": ([], "finetune_engine.replace_tokens:main"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(_CRASH_POINTS))
+def test_every_console_script_runs_behind_the_boundary(script, capsys, monkeypatch):
+    """Each installed command, as engine/pyproject.toml names it: bad input is one line (the table
+    above), a crash is its traceback and one line, exit code 1."""
+    import importlib
+
+    monkeypatch.setenv(cli_errors.DEBUG_ENV, "0")
+    module_name, _, attr = _scripts()[script].partition(":")
+    entry = getattr(importlib.import_module(module_name), attr)
+    argv, crash_point = _CRASH_POINTS[script]
+    target, _, name = crash_point.partition(":")
+
+    def crash(argv):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(importlib.import_module(target), name, crash)
+    assert entry(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in err and "KeyError: 'boom'" in err
+    assert err.rstrip().splitlines()[-1].startswith(f"{script if script != 'aimfttk' else 'finetuning'}")
+    assert "error: unexpected KeyError: 'boom' (at " in err.rstrip().splitlines()[-1]
+
+
+def test_every_console_script_is_covered():
+    """A new console script gets a crash point above, so it is checked to run behind the boundary."""
+    assert set(_scripts()) == set(_CRASH_POINTS)

@@ -1,9 +1,12 @@
-"""One boundary for every engine command: an error becomes one message and an exit code.
+"""One boundary for every engine command: an error becomes a message and an exit code.
 
-Bad input (a config, a data file, a URI, a path that is missing or not a file) ends in
-``PROG: error: ...`` and exit code 2; a failure the engine knows (storage, memory probing) in
-exit code 1 with its message; anything else in exit code 1 with its type, message and the place it
-was raised. The Python traceback is shown only with ``--debug`` or ``FINETUNE_DEBUG=1``.
+Bad input (a config, a data file, a URI, a path that is missing or not a file) ends in one line,
+``PROG: error: ...``, and exit code 2, never a traceback; a failure the engine knows (storage, a batch
+that does not fit in memory) in one line with its type and message, exit code 1. Anything else is a
+crash or a bug: its Python traceback is printed (the pod log keeps it, and the provider classifies
+out-of-memory errors from it), then one line with its type, message and the place it was raised,
+exit code 1. ``--debug`` or ``FINETUNE_DEBUG=1`` lets every error through unchanged, bad input
+included.
 """
 
 from __future__ import annotations
@@ -71,9 +74,16 @@ def _os_message(err: OSError) -> str:
     return f"{name}{target}: {what}{hint}"
 
 
+def unexpected(err: BaseException) -> bool:
+    """Whether ``err`` is neither bad input nor a failure the engine reports in its own words: a
+    crash or a bug, whose traceback is shown."""
+    if isinstance(err, (OSError, UnicodeError, ValueError)):
+        return False
+    return not ({_qualified(c) for c in type(err).__mro__} & _KNOWN_FAILURES)
+
+
 def describe(err: Exception) -> tuple[int, str]:
     """(exit code, message) of an error that ended a command."""
-    names = {_qualified(c) for c in type(err).__mro__}
     text = " ".join(str(err).split()) if "\n" not in str(err) else str(err).strip()
     if isinstance(err, OSError):
         return INPUT_ERROR, _os_message(err)
@@ -81,19 +91,19 @@ def describe(err: Exception) -> tuple[int, str]:
         return INPUT_ERROR, f"not UTF-8 text ({err}); save the file as UTF-8"
     if isinstance(err, ValueError):
         return INPUT_ERROR, text or type(err).__name__
-    if names & _KNOWN_FAILURES:
-        return FAILURE, text or type(err).__name__
+    if not unexpected(err):
+        # the type stays in the line: the provider recognises BatchTooLargeError in the pod log
+        return FAILURE, f"{type(err).__name__}: {text or '(no message)'}"
     where = _where(err)
-    return FAILURE, (
-        f"unexpected {type(err).__name__}: {text or '(no message)'}"
-        + (f" (at {where})" if where else "")
-        + f"; set {DEBUG_ENV}=1 to see the traceback"
+    return FAILURE, f"unexpected {type(err).__name__}: {text or '(no message)'}" + (
+        f" (at {where})" if where else ""
     )
 
 
 def run_guarded(prog: str, func: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
     """``func(argv)`` with every error turned into ``PROG: error: MESSAGE`` on stderr and an exit code
-    (2 for bad input), unless debugging is on. argparse's own exits pass through."""
+    (2 for bad input); an unexpected error's traceback is printed before that line. With debugging on,
+    every error is raised unchanged. argparse's own exits pass through."""
     try:
         return int(func(argv) or 0)
     except KeyboardInterrupt:
@@ -103,5 +113,7 @@ def run_guarded(prog: str, func: Callable[[list[str] | None], int | None], argv:
         if debug_enabled():
             raise
         code, message = describe(err)
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if unexpected(err):
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return code

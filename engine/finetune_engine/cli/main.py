@@ -79,8 +79,9 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     lines += [
         "",
-        "Run `finetune-engine COMMAND --help` for a command's options. An error ends in one message "
-        f"(exit code 2 for bad input); --debug (or {DEBUG_ENV}=1) shows its Python traceback.",
+        "Run `finetune-engine COMMAND --help` for a command's options. Bad input ends in one message "
+        "(exit code 2); an unexpected error also prints its Python traceback (exit code 1); --debug "
+        f"(or {DEBUG_ENV}=1) raises every error unchanged.",
     ]
     return "\n".join(lines)
 
