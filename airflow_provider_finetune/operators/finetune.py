@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -197,22 +196,37 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         label = ", ".join(parts)
         return label if len(label) <= width else label[: width - 3] + "..."
 
-    def _experiment_dict(self) -> dict:
+    def _experiment_source(self) -> tuple[dict, str | None, str]:
+        """(the config mapping, its YAML text when given as text or a file, the name messages use).
+
+        YAML is read exactly as ``finetune-engine validate-config`` reads it (the engine's safe loader:
+        duplicate keys, alias bombs, recursion, depth and size are refused, naming the line)."""
+        from finetune_engine.config import ConfigError, read_config_file, read_config_yaml
+
         cfg = self.config
         if isinstance(cfg, dict):
-            return dict(cfg)
-        if isinstance(cfg, str) and "\n" not in cfg and cfg.endswith((".yaml", ".yml")):
-            path = Path(cfg)
-            if not path.exists():
-                raise FinetuneConfigError(f"config file {cfg} not found")
-            cfg = path.read_text(encoding="utf-8")
+            return dict(cfg), None, f"task {self.task_id} config"
+        source = f"task {self.task_id} config"
         try:
-            data = yaml.safe_load(cfg)
-        except yaml.YAMLError as err:
-            raise FinetuneConfigError(f"config is not valid YAML: {err}") from None
+            if isinstance(cfg, str) and "\n" not in cfg and cfg.endswith((".yaml", ".yml")):
+                source = cfg
+                cfg = read_config_file(cfg)
+            if not isinstance(cfg, str):
+                raise ConfigError(
+                    source, [f"give a dict, YAML text or a .yaml file path, not {type(cfg).__name__}"]
+                )
+            data = read_config_yaml(cfg, source)
+        except ConfigError as err:
+            raise FinetuneConfigError(str(err)) from None
         if not isinstance(data, dict):
-            raise FinetuneConfigError("config must be a mapping of sections (data_conf, training_args, ...)")
-        return data
+            raise FinetuneConfigError(
+                f"{source}: the config must be a mapping of sections (data_conf, training_args, ...), got "
+                f"{'an empty document' if data is None else type(data).__name__}"
+            )
+        return data, cfg, source
+
+    def _experiment_dict(self) -> dict:
+        return self._experiment_source()[0]
 
     def all_overrides(self) -> list[str]:
         out = []
@@ -244,12 +258,10 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         if self._pod_config is None:
             from finetune_engine.config import ConfigError, parse_config
 
+            data, text, source = self._experiment_source()
             try:
                 cfg = parse_config(
-                    self._experiment_dict(),
-                    source=f"task {self.task_id} config",
-                    overrides=self.all_overrides(),
-                    method=self.method,
+                    data, source=source, overrides=self.all_overrides(), method=self.method, text=text
                 )
             except ConfigError as err:
                 raise FinetuneConfigError(str(err)) from None
@@ -497,7 +509,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         return self.read_remote_result(self.resolved_checkpoint_uri(context))
 
     def read_remote_result(self, checkpoint_uri: str) -> dict:
-        import json
+        """The run's stored result.json, without the ``config`` it records (the engine compares it on a
+        relaunch; XComs stay small and config-free, as the pods' own results are)."""
         import tempfile
 
         from airflow_provider_finetune.hooks import BucketHook
@@ -506,8 +519,11 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         client = BucketHook(self.bucket_conn_id or settings.get("bucket_conn_id")).storage_client
         with tempfile.TemporaryDirectory() as tmp:
             download_file(f"{checkpoint_uri}/result.json", f"{tmp}/result.json", client=client)
-            with open(f"{tmp}/result.json") as f:
-                return json.load(f)
+            with open(f"{tmp}/result.json", encoding="utf-8") as f:
+                result = json.load(f)
+        if isinstance(result, dict):
+            result.pop("config", None)
+        return result
 
     def engine_env(self, context: Context) -> dict[str, str]:
         return {"FINETUNE_CONFIG": self.rendered_config()}

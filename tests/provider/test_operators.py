@@ -4,11 +4,13 @@ fake API clients, the secrets canary."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 from unittest import mock
 
 import jsonschema
 import pytest
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError, OutOfMemory
@@ -22,6 +24,7 @@ from airflow_provider_finetune.operators import (
 )
 from airflow_provider_finetune.pods.pod import to_dict
 from airflow_provider_finetune.pods.security import restricted_violations, secret_violations
+from tests.engine.test_bad_inputs import DUPLICATE_KEYS, _bomb
 from tests.provider.conftest import crd_schema
 
 CONFIG = {
@@ -59,8 +62,82 @@ def test_config_errors_name_the_key_before_any_pod():
         build.assert_not_called()
     with pytest.raises(FinetuneConfigError, match="method 'ppo'"):
         FinetuneKubernetesOperator(task_id="t", config=CONFIG, method="ppo").validate(ctx())
-    with pytest.raises(FinetuneConfigError, match="config file /nope.yaml not found"):
+    with pytest.raises(
+        FinetuneConfigError, match=r"/nope.yaml: 1 problem\(s\)\n  - file not found; check the path"
+    ):
         FinetuneKubernetesOperator(task_id="t", config="/nope.yaml").validate(ctx())
+
+
+# The same inputs the engine's bad-input table refuses (tests/engine/test_bad_inputs.py).
+UNSAFE_YAML = [
+    ("duplicate-keys", DUPLICATE_KEYS, "duplicate key 'training_args' on lines 3 and 5"),
+    ("alias-bomb", _bomb(), "the aliases (*name) expand to more than 200000 values"),
+    ("recursive", "a: &a [1, *a]\n", "refers to the node that contains it"),
+    ("deep", "a: " + "[" * 500 + "]" * 500 + "\n", "nested deeper than 64 levels"),
+    (
+        "python-tag",
+        'run_conf: !!python/object/apply:os.system ["echo hi"]\n',
+        "could not determine a constructor",
+    ),
+    ("oversized", "# padding\n" * 120_000, "bytes"),
+]
+
+
+@pytest.mark.parametrize("name,text,fragment", UNSAFE_YAML, ids=[c[0] for c in UNSAFE_YAML])
+def test_validate_refuses_the_yaml_validate_config_refuses(name, text, fragment, tmp_path, capsys):
+    """validate() reads a config file or inline YAML with the engine's safe loader: what
+    ``finetune-engine validate-config`` refuses, it refuses too, fast and naming the line."""
+    from finetune_engine.cli.main import main as engine_main
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    assert engine_main(["validate-config", str(path)]) == 2
+    assert fragment in capsys.readouterr().err
+    for config in (str(path), text):
+        op = FinetuneKubernetesOperator(task_id="t", config=config)
+        start = time.monotonic()
+        with mock.patch.object(FinetuneKubernetesOperator, "build_pod_request_obj") as build:
+            with pytest.raises(FinetuneConfigError) as err:
+                op.execute(ctx())
+            build.assert_not_called()
+        assert time.monotonic() - start < 1, name
+        assert fragment in str(err.value) and "Traceback" not in str(err.value)
+        if name == "duplicate-keys":  # the file's own name (or the task's) and the line
+            where = path if config == str(path) else "task t config"
+            assert f"{where}:5: not valid YAML" in str(err.value)
+
+
+def test_a_yaml_config_keeps_its_line_numbers_in_schema_errors(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "training_args": {"learnin_rate": 0.1}}, sort_keys=False))
+    with pytest.raises(FinetuneConfigError, match=rf"training_args.learnin_rate \({path}:\d+\)"):
+        FinetuneKubernetesOperator(task_id="t", config=str(path)).validate(ctx())
+
+
+def test_the_stored_result_reaches_xcom_without_its_config(monkeypatch):
+    """result.json records the run's config (the engine compares it on a relaunch); the operator's
+    result, and so its XCom, leaves it out and keeps the rest."""
+    stored = {"status": "completed", "final_eval_loss": 0.5, "config_sha256": "ab" * 32}
+    stored["config"] = {**CONFIG, "training_args": {"learning_rate": 0.001}}
+
+    def fake_download(uri, dest, client=None, **kwargs):
+        assert uri == "s3://finetune/experiments/e/r/result.json"
+        with open(dest, "w") as f:
+            json.dump(stored, f)
+
+    monkeypatch.setattr("finetune_engine.storage.download_file", fake_download)
+    monkeypatch.setattr(
+        "airflow_provider_finetune.hooks.BucketHook.storage_client", mock.PropertyMock(return_value=object())
+    )
+    op = FinetuneKubernetesOperator(task_id="t", config=CONFIG, lora_rank=4)
+    result = op.handle_result(ctx(), op.read_remote_result("s3://finetune/experiments/e/r"))
+    assert "config" not in result and "learning_rate" not in json.dumps(result)
+    assert result == {
+        "status": "completed",
+        "final_eval_loss": 0.5,
+        "config_sha256": "ab" * 32,
+        "lora_rank": 4,
+    }
 
 
 def test_rank_overrides_checkpoint_keys_and_map_index_template():
@@ -361,6 +438,48 @@ def test_failures_are_classified(returncode, tail, reason, kind, text):
     # OOM and bad input fail without retries (the Task SDK's AirflowFailException); the rest is retried
     assert isinstance(err, AirflowFailException) == (kind in ("host-oom", "accelerator-oom", "config"))
     assert isinstance(err, OutOfMemory) == kind.endswith("oom")
+
+
+# torch's accelerator OOM, as its traceback names it (no torch import here)
+TorchOOM = type("OutOfMemoryError", (RuntimeError,), {"__module__": "torch"})
+
+
+@pytest.mark.parametrize(
+    "error,code,kind",
+    [
+        (TorchOOM("CUDA out of memory. Tried to allocate 2.00 GiB"), 1, "accelerator-oom"),
+        (MemoryError(), 1, "host-oom"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes"),
+            1,
+            "host-oom",
+        ),
+        (None, 1, "accelerator-oom"),  # BatchTooLargeError: one row never fits
+        (ValueError("training_args.max_steps: must be > 0"), 2, "config"),
+        (FileNotFoundError(2, "No such file or directory", "/data/x.jsonl"), 2, "config"),
+        (RuntimeError("NCCL watchdog timeout"), 1, "failed"),
+    ],
+)
+def test_what_the_engine_prints_on_an_error_is_classified(error, code, kind, capsys, monkeypatch):
+    """The engine's error boundary and the provider's classification agree: a crash's traceback (an
+    out-of-memory among them) and a known failure's line say enough to classify from the log tail;
+    bad input exits 2 and fails without retries."""
+    from airflow_provider_finetune.runners.local import LocalRunError
+    from finetune_engine.autobatch import BatchTooLargeError
+    from finetune_engine.cli import errors as cli_errors
+
+    monkeypatch.setenv(cli_errors.DEBUG_ENV, "0")
+    error = error or BatchTooLargeError("auto batch size: one row does not fit in memory")
+
+    def job(argv):
+        raise error
+
+    assert cli_errors.run_guarded("finetune-engine train-job", job, []) == code
+    tail = capsys.readouterr().err
+    # a crash shows its traceback; bad input and a failure the engine words itself are one line
+    assert ("Traceback" in tail) == (code == 1 and not isinstance(error, BatchTooLargeError))
+    err = EngineJobFailed.from_local(LocalRunError("pod x failed", code, tail, None))
+    assert err.kind == kind, tail
 
 
 class FakeCustomObjects:

@@ -303,10 +303,9 @@ def parse_config(
     return cfg
 
 
-def load_config(
-    path: str | Path, overrides: Iterable[str] = (), method: str = "sft"
-) -> schema.ExperimentConfig:
-    """Read and validate an experiment YAML file."""
+def read_config_file(path: str | Path) -> str:
+    """The text of an experiment YAML file; a ConfigError naming the file when it is missing, a
+    directory, unreadable, larger than MAX_BYTES or not UTF-8."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -322,17 +321,30 @@ def load_config(
             str(path), [f"larger than {MAX_BYTES} bytes; an experiment config is a small YAML file"]
         )
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise ConfigError(
             str(path),
             [f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the config as UTF-8 YAML"],
         ) from None
+
+
+def read_config_yaml(text: str, source: str) -> Any:
+    """The document of an experiment config's YAML text, read by the engine's safe loader (duplicate
+    keys, alias bombs, recursion, depth and size refused); a ConfigError naming ``source:line``."""
     try:
-        data = safe_load(text)
+        return safe_load(text)
     except yaml.YAMLError as err:
         line, reason = describe_error(err)
-        where = f"{path}:{line}" if line else str(path)
-        raise ConfigError(str(path), [f"{where}: not valid YAML: {reason}"]) from None
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(source, [f"{where}: not valid YAML: {reason}"]) from None
+
+
+def load_config(
+    path: str | Path, overrides: Iterable[str] = (), method: str = "sft"
+) -> schema.ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    text = read_config_file(path)
+    data = read_config_yaml(text, str(path))
     return parse_config(data, source=str(path), overrides=overrides, method=method, text=text)
