@@ -315,3 +315,65 @@ def test_progress_shows_throughput(s3_env, tmp_path, monkeypatch, capsys, caplog
             -800:
         ]
         assert all(re.search(r"at \d+\.\d MiB/s", line) for line in lines)
+
+
+class _ReplacingClient:
+    """An S3 client that records every GetObject and, right after the first ranged one answers,
+    replaces the object with another version of the same size (a writer racing the download)."""
+
+    def __init__(self, client, bucket: str, key: str, replacement: bytes):
+        self._client, self._bucket, self._key, self._replacement = client, bucket, key, replacement
+        self.gets: list[dict] = []
+        self.replaced = False
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def get_object(self, **kwargs):
+        self.gets.append(kwargs)
+        response = self._client.get_object(**kwargs)
+        if "Range" in kwargs and not self.replaced:
+            self.replaced = True
+            self._client.put_object(Bucket=self._bucket, Key=self._key, Body=self._replacement)
+        return response
+
+
+def test_ranged_download_is_pinned_to_one_version(s3_env, tmp_path, monkeypatch, caplog):
+    """Ranges after the first carry If-Match with the object's ETag; an object replaced between
+    two ranges is detected (412 where the server checks the condition, the response's ETag where
+    it does not: rclone serve s3) and fetched again whole: never two versions stitched together."""
+    from finetune_engine.storage import s3
+
+    monkeypatch.setattr(s3, "CHUNK", 64 * 1024)  # 4 ranges for a 256 KiB object
+    old, new = os.urandom(256 * 1024), os.urandom(256 * 1024)
+    uri = join(s3_env["uri"], "big.bin")
+    make_client().put_object(Bucket=s3_env["bucket"], Key="big.bin", Body=old)
+    client = _ReplacingClient(make_client(), s3_env["bucket"], "big.bin", new)
+
+    for size in (None, len(old)):  # with a HEAD first, and with the size known from a manifest
+        client.replaced, client.gets = False, []
+        make_client().put_object(Bucket=s3_env["bucket"], Key="big.bin", Body=old)
+        out = tmp_path / f"big-{size}.bin"
+        with caplog.at_level("WARNING"):
+            assert s3.download_file(uri, out, size=size, client=client) is None
+        assert client.replaced and out.read_bytes() == new  # the new version whole, not a mix
+        ranged = [g for g in client.gets if "Range" in g]
+        assert len(ranged) > 4  # the first pass was abandoned and the object fetched again
+        first_etag = ranged[0].get("IfMatch")
+        assert all(g.get("IfMatch") for g in ranged[1:]), ranged  # every later range is pinned
+        assert first_etag is None or size is None  # without a HEAD the first range pins the version
+        assert "changed while it was downloaded" in caplog.text
+        assert not [p for p in tmp_path.iterdir() if ".part-" in p.name]
+
+
+def test_a_download_that_keeps_changing_gives_up_with_a_clear_error(s3_env, tmp_path, monkeypatch):
+    from finetune_engine.storage import s3
+
+    monkeypatch.setattr(s3, "CHUNK", 64 * 1024)
+    make_client().put_object(Bucket=s3_env["bucket"], Key="hot.bin", Body=os.urandom(200 * 1024))
+
+    # every answer names a new version, as if a writer replaced the object all the time
+    monkeypatch.setattr(s3, "_etag", lambda response: f'"{os.urandom(4).hex()}"')
+    with pytest.raises(s3.ObjectChangedError, match="changed during 3 downloads in a row"):
+        s3.download_file(join(s3_env["uri"], "hot.bin"), tmp_path / "hot.bin")
+    assert not list(tmp_path.iterdir())  # nothing partial left

@@ -509,6 +509,14 @@ def read_bytes(uri: str, *, client=None) -> bytes | None:
 READ_BLOCK = 1 << 20
 
 
+class ObjectChangedError(TransientStorageError):
+    """The object was replaced between two ranged GETs of one download (its ETag changed)."""
+
+
+def _etag(response: dict) -> str | None:
+    return response.get("ETag") or None
+
+
 def _get_range(
     bucket: str,
     key: str,
@@ -519,13 +527,40 @@ def _get_range(
     callback: Any,
     digest: Any = None,
     client=None,
-) -> int:
+    etag: str | None = None,
+    expect_size: int | None = None,
+) -> tuple[int, str | None]:
     """Stream ``bytes=start-end`` (or the whole object when ``end`` is None) into ``fd`` at its offsets,
-    in 1 MiB reads (no per-8-KiB Python overhead), optionally hashing on the way. Returns bytes written."""
-    kwargs = {"Range": f"bytes={start}-{end}"} if end is not None else {}
-    resp = _call(uri, "download", _use(client).get_object, Bucket=bucket, Key=key, **kwargs)
-    body, offset = resp["Body"], start
+    in 1 MiB reads (no per-8-KiB Python overhead), optionally hashing on the way.
+
+    ``etag`` pins the version: the GET carries ``If-Match`` (the server answers 412 for another
+    version) and the response's ETag is compared too, for servers that ignore the condition (rclone
+    serve s3 does); either way ObjectChangedError, before a byte of this range is written. So is a
+    ranged response whose Content-Range names another total than ``expect_size``.
+    Returns (bytes written, the response's ETag)."""
+    from botocore.exceptions import ClientError
+
+    kwargs: dict[str, Any] = {"Range": f"bytes={start}-{end}"} if end is not None else {}
+    if etag:
+        kwargs["IfMatch"] = etag
     try:
+        resp = _use(client).get_object(Bucket=bucket, Key=key, **kwargs)
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if etag and (code in ("PreconditionFailed", "412") or status == 412):
+            raise ObjectChangedError(f"download {uri}: the object was replaced during the download") from None
+        raise wrap_error(err, uri, "download") from None
+    except Exception as err:
+        raise wrap_error(err, uri, "download") from None
+    body, offset = resp["Body"], start
+    got_etag = _etag(resp)
+    try:
+        if etag and got_etag and got_etag != etag:
+            raise ObjectChangedError(f"download {uri}: the object was replaced during the download")
+        total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+        if expect_size is not None and total.isdigit() and int(total) != expect_size:
+            raise ObjectChangedError(f"download {uri}: the object's size changed to {total} bytes")
         while True:
             chunk = _call(uri, "download", body.read, READ_BLOCK)
             if not chunk:
@@ -540,7 +575,10 @@ def _get_range(
                 callback(len(chunk))
     finally:
         body.close()
-    return offset - start
+    return offset - start, got_etag
+
+
+CHANGED_ATTEMPTS = 3
 
 
 def download_file(
@@ -557,7 +595,29 @@ def download_file(
     Objects up to ``CHUNK`` come in one streamed GET hashed while it is written, so the sha256 is
     returned without reading the file again; bigger ones come in ``CHUNK`` ranged GETs in parallel,
     written in place (returns None: hash the file if needed). ``size`` skips a HEAD when known.
+
+    The ranged GETs of one download are pinned to one version of the object: its ETag (from the HEAD,
+    or the first range's response) goes as ``If-Match`` on every other range and is compared with
+    each response. An object replaced mid-download is fetched again whole (up to ``CHANGED_ATTEMPTS``
+    times), never stitched together from two versions.
     """
+    for attempt in range(1, CHANGED_ATTEMPTS + 1):
+        try:
+            return _download_file_once(uri, path, callback, max_concurrency, size, client)
+        except ObjectChangedError:
+            if attempt == CHANGED_ATTEMPTS:
+                raise ObjectChangedError(
+                    f"download {uri}: the object changed during {CHANGED_ATTEMPTS} downloads in a row; "
+                    "retry when nothing writes it"
+                ) from None
+            log.warning("%s changed while it was downloaded; downloading it again, whole", uri)
+            size = None  # the new version's size comes from a fresh HEAD
+    raise AssertionError("unreachable")
+
+
+def _download_file_once(
+    uri: str, path: str | Path, callback: Any, max_concurrency: int, size: int | None, client
+) -> str | None:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -566,27 +626,35 @@ def download_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
     client = _use(client)
+    etag = None
     if size is None:
-        size = _call(uri, "download", client.head_object, Bucket=bucket, Key=key)["ContentLength"]
+        head = _call(uri, "download", client.head_object, Bucket=bucket, Key=key)
+        size, etag = head["ContentLength"], _etag(head)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             if size <= CHUNK:
                 digest = hashlib.sha256()
-                got = _get_range(bucket, key, uri, fd, 0, None, callback, digest, client)
+                got, _ = _get_range(bucket, key, uri, fd, 0, None, callback, digest, client)
                 sha = digest.hexdigest()
             else:
                 sha = None
                 os.ftruncate(fd, size)
                 ranges = [(a, min(a + CHUNK, size) - 1) for a in range(0, size, CHUNK)]
+                # the first range pins the version (its ETag) when no HEAD did
+                first, etag = _get_range(bucket, key, uri, fd, *ranges[0], callback, None, client, etag, size)
+                if not etag:
+                    log.warning("%s: no ETag from the server: ranges not pinned to one version", uri)
                 with ThreadPoolExecutor(
                     max_workers=max(1, min(max_concurrency, len(ranges))), thread_name_prefix="s3-part"
                 ) as pool:
                     parts = [
-                        pool.submit(_get_range, bucket, key, uri, fd, a, b, callback, None, client)
-                        for a, b in ranges
+                        pool.submit(
+                            _get_range, bucket, key, uri, fd, a, b, callback, None, client, etag, size
+                        )
+                        for a, b in ranges[1:]
                     ]
-                    got = sum(f.result() for f in parts)
+                    got = first + sum(f.result()[0] for f in parts)
         finally:
             os.close(fd)
         if got != size:
