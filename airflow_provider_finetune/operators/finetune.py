@@ -85,6 +85,8 @@ def strategy_training_args(strategy: str | None) -> dict[str, Any]:
 
 
 SWEEP_LABEL = "{{ task.sweep_label() }}"
+# A model's config.json is a few kilobytes; validate() reads no more than this of it.
+MODEL_CONFIG_MAX_BYTES = 1 << 20
 
 
 class FinetuneKubernetesOperator(EngineJobOperator):
@@ -343,6 +345,98 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         checks.check_bucket_uri(
             "checkpoint_uri", self.checkpoint_uri or self.resolved_checkpoint_uri(context)
         )
+        self.check_target_modules()
+
+    def check_target_modules(self) -> None:
+        """An explicit ``peft_conf.peft_kwargs.target_modules`` list names modules the base model has
+        (the pod would fail on it after downloading the model). The architecture comes from the model's
+        config.json (a local directory, or one small read from the bucket) or else from a preset; when
+        neither says, or it is not in the engine's table, nothing is refused. ``all-linear`` and regex
+        strings are left to peft."""
+        from finetune_engine.config import architectures, presets, schema
+
+        cfg = self.pod_config()
+        peft = cfg.peft_conf
+        if not isinstance(peft, schema.AdapterPeft) or peft.peft_type not in presets.TARGETED_PEFT_TYPES:
+            return
+        targets = peft.peft_kwargs.get("target_modules")
+        if not isinstance(targets, list) or not targets:
+            return
+        model_type, source = self.base_model_type()
+        unmatched = architectures.unmatched_target_modules(targets, model_type)
+        if model_type is None or not unmatched:
+            if model_type not in architectures.MODULE_NAMES:
+                self.log.info("target_modules not checked: the base model's architecture is not known here")
+            return
+        raise FinetuneConfigError(
+            f"task {self.task_id} config peft_conf.peft_kwargs.target_modules {targets}: "
+            f"{architectures.describe_unmatched(unmatched, model_type)} (model_type {model_type!r} from "
+            f"{source})"
+        )
+
+    def base_model_type(self) -> tuple[str | None, str]:
+        """(``model_type`` of run_conf.model, where it was read) without loading weights: its
+        config.json (local, or from the bucket), else the preset run_conf.preset names or the model id
+        matches; (None, "") when unknown."""
+        from finetune_engine.config import architectures, presets
+
+        run = self.pod_config().run_conf
+        model = str(run.model)
+        if model.startswith("s3://"):
+            data = self.read_model_config(model)
+            model_type = (data or {}).get("model_type")
+            if isinstance(model_type, str):
+                return model_type, f"{model.rstrip('/')}/config.json"
+        else:
+            local = presets.local_model_type(model)
+            if local:
+                return local, f"{model}/config.json"
+        preset = presets.BY_NAME.get(run.preset) if run.preset not in ("auto", "none") else None
+        if preset is not None:
+            return architectures.preset_model_type(preset), f"run_conf.preset {preset.name}"
+        found = presets.match_preset(model)
+        if found is not None:
+            return architectures.preset_model_type(found[0]), f"the preset {found[0].name} ({found[1]})"
+        return None, ""
+
+    def read_model_config(self, model_uri: str) -> dict | None:
+        """The config.json of a model prefix in the bucket: one GET of at most
+        ``MODEL_CONFIG_MAX_BYTES``, two tries with short timeouts; None when it cannot be read (no
+        connection, no such object, too large, not JSON). Only a check depends on it."""
+        from botocore.config import Config
+
+        from airflow_provider_finetune.hooks import BucketHook
+        from finetune_engine.storage import parse_uri
+
+        conn_id = self.bucket_conn_id or settings.get("bucket_conn_id")
+        uri = f"{model_uri.rstrip('/')}/config.json"
+        try:
+            bucket, key = parse_uri(uri)
+            hook = BucketHook(conn_id)
+            engine_client = hook.storage_client  # the engine's signer and addressing, checked credentials
+            client = hook.get_session(region_name=hook.region_name).client(
+                "s3",
+                endpoint_url=engine_client.meta.endpoint_url,
+                region_name=engine_client.meta.region_name,
+                verify=hook.verify,
+                config=engine_client.meta.config.merge(
+                    Config(
+                        retries={"total_max_attempts": 2, "mode": "standard"},
+                        connect_timeout=5,
+                        read_timeout=10,
+                    )
+                ),
+            )
+            response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MODEL_CONFIG_MAX_BYTES}")
+            body = response["Body"].read(MODEL_CONFIG_MAX_BYTES + 1)
+            if len(body) > MODEL_CONFIG_MAX_BYTES:
+                self.log.info("%s is larger than %d bytes: not read", uri, MODEL_CONFIG_MAX_BYTES)
+                return None
+            data = json.loads(body)
+        except Exception as err:  # noqa: BLE001 - best effort: the pod reads the model anyway
+            self.log.info("target_modules not checked: could not read %s (%s)", uri, str(err)[:200])
+            return None
+        return data if isinstance(data, dict) else None
 
     def world_size(self) -> int:
         """Training processes of the run: one per GPU (one per node on CPU), on every node."""

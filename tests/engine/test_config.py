@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from finetune_engine.config import ConfigError, apply_overrides, load_config, parse_config
+from finetune_engine.config.architectures import MODULE_NAMES
 from finetune_engine.config.batchsize import derive_batch_plan
 from finetune_engine.config.training_args import check_training_args
 
@@ -385,8 +386,8 @@ def test_reference_doc_and_trainer_catalog_are_current():
 
 def test_config_package_imports_no_torch():
     code = (
-        "import sys, finetune_engine.config as c; c.load_config; assert "
-        "'torch' not in sys.modules and 'transformers' not in sys.modules"
+        "import sys, finetune_engine.config as c, finetune_engine.config.architectures; c.load_config; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -408,3 +409,67 @@ def test_helm_style_exponent_floats_are_numbers(tmp_path):
         "h": "5e",
     }
     assert yaml.safe_load("a: 5e-05") == {"a": "5e-05"}  # the plain loader this replaces
+
+
+def test_inline_yaml_is_read_with_the_engines_loader_naming_its_source():
+    """read_config_yaml: what the operator uses for a config given as YAML text."""
+    from finetune_engine.config import read_config_yaml
+
+    assert read_config_yaml("training_args:\n  learning_rate: 5e-05\n", "task t config") == {
+        "training_args": {"learning_rate": 5e-05}
+    }
+    with pytest.raises(
+        ConfigError, match=r"task t config:3: not valid YAML: duplicate key 'a' on lines 1 and 3"
+    ):
+        read_config_yaml("a: 1\nb: 2\na: 3\n", "task t config")
+
+
+@pytest.mark.parametrize("model_type", sorted(MODULE_NAMES))
+def test_the_architecture_table_is_what_transformers_builds(model_type):
+    """Each entry is exactly the adaptable module names (linear, Conv1D, embedding) of the installed
+    transformers' causal-LM class for that model_type, built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = dict(
+        vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, pad_token_id=None
+    )
+    config = AutoConfig.for_model(model_type, **small)
+    for key, value in (("num_key_value_heads", 2), ("intermediate_size", 128), ("head_dim", 16)):
+        if hasattr(config, key) and model_type != "falcon":
+            setattr(config, key, value)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adaptable = (torch.nn.Linear, torch.nn.Embedding)
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, adaptable) or type(module).__name__ == "Conv1D"
+    }
+    assert names == set(MODULE_NAMES[model_type])
+
+
+def test_every_preset_names_an_architecture_of_the_table_with_its_target_modules():
+    from finetune_engine.config.architectures import preset_model_type, unmatched_target_modules
+    from finetune_engine.config.presets import CATALOG
+
+    for preset in CATALOG:
+        model_type = preset_model_type(preset)
+        assert model_type is not None, preset.name
+        assert unmatched_target_modules(preset.target_modules, model_type) == [], preset.name
+
+
+def test_target_module_names_match_like_peft_by_their_last_segment():
+    from finetune_engine.config.architectures import describe_unmatched, unmatched_target_modules
+
+    assert (
+        unmatched_target_modules(["q_proj", "self_attn.k_proj", "model.layers.0.mlp.down_proj"], "llama")
+        == []
+    )
+    assert unmatched_target_modules(["c_attn", "q_proj", "mlp"], "llama") == ["c_attn", "mlp"]
+    assert unmatched_target_modules(["q_proj"], "gpt2") == ["q_proj"]
+    assert unmatched_target_modules(["anything"], "an-architecture-not-in-the-table") == []
+    assert unmatched_target_modules(["anything"], None) == []
+    message = describe_unmatched(["c_atn"], "gpt2")
+    assert message.startswith("'c_atn' matches no module of a gpt2 model (did you mean 'c_atn' -> 'c_attn'?)")
+    assert "its modules are c_attn, c_fc, c_proj, lm_head, wpe, wte" in message

@@ -956,3 +956,100 @@ def test_a_multinode_manifest_that_breaks_the_pod_rules_is_never_created(kind):
         with pytest.raises(FinetuneConfigError, match="hostPID"):
             op.execute(ctx())
     assert fake.created == [] and fake.polls == 0
+
+
+# -- target_modules against the base model's architecture, before any pod ------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_bucket(tmp_path_factory):
+    """The embedded S3 server (rclone serve s3): its environment (endpoint, keys, bucket)."""
+    from finetune_engine.storage.local_server import ensure_running, stop
+
+    root = tmp_path_factory.mktemp("s3")
+    values = ensure_running(root)
+    yield values
+    stop(root)
+
+
+@pytest.fixture()
+def delivered_tiny(local_bucket, tiny_model_dir, monkeypatch):
+    """The tiny Llama delivered to the bucket (deliver-model), an Airflow connection to that bucket,
+    and a model prefix whose config.json names an architecture the table does not know: (tiny URI,
+    unknown URI, connection id)."""
+    from finetune_engine.jobs.deliver_model import deliver_model
+    from finetune_engine.storage import put_bytes
+
+    bucket = f"s3://{local_bucket['FINETUNE_BUCKET']}"
+    with monkeypatch.context() as m:  # deliver-model reads the pod's variables
+        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            m.setenv(key, local_bucket[key])
+        deliver_model(str(tiny_model_dir), f"{bucket}/models/tiny")
+        put_bytes(f"{bucket}/models/novel/config.json", b'{"model_type": "novel-arch"}')
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TEAM_BUCKET",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": local_bucket["AWS_ACCESS_KEY_ID"],
+                "password": local_bucket["AWS_SECRET_ACCESS_KEY"],
+                "extra": {"endpoint_url": local_bucket["AWS_ENDPOINT_URL"]},
+            }
+        ),
+    )
+    # the worker's own variables reach nothing: only the connection can read the bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    return f"{bucket}/models/tiny", f"{bucket}/models/novel", "team_bucket"
+
+
+def _targeted(model: str, targets, **kwargs) -> FinetuneKubernetesOperator:
+    return FinetuneKubernetesOperator(
+        task_id="t",
+        config=CONFIG,
+        base_model=model,
+        overrides={"peft_conf.peft_kwargs.target_modules": targets},
+        **kwargs,
+    )
+
+
+def test_target_modules_that_match_nothing_in_the_delivered_model_are_refused(delivered_tiny):
+    """The tiny Llama's config.json is read from the bucket through the connection: a misspelt module
+    name is refused before any pod, naming it, the module names a Llama has and where the
+    architecture was read; the right names, all-linear and an unknown architecture pass."""
+    tiny, novel, conn = delivered_tiny
+    with mock.patch.object(FinetuneKubernetesOperator, "build_pod_request_obj") as build:
+        with pytest.raises(FinetuneConfigError) as err:
+            _targeted(tiny, ["q_prj", "v_proj", "mlp"], bucket_conn_id=conn).execute(ctx())
+        build.assert_not_called()
+    message = str(err.value)
+    assert "'q_prj', 'mlp' match no module of a llama model" in message
+    assert "did you mean 'q_prj' -> 'q_proj'?" in message
+    assert "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in message
+    assert f"model_type 'llama' from {tiny}/config.json" in message
+    for targets in (["q_proj", "v_proj"], ["model.layers.0.self_attn.o_proj", "down_proj"], "all-linear"):
+        _targeted(tiny, targets, bucket_conn_id=conn).validate(ctx())
+    _targeted(novel, ["anything"], bucket_conn_id=conn).validate(ctx())  # not in the table: not refused
+
+
+def test_target_modules_are_checked_from_a_preset_without_the_bucket(monkeypatch):
+    """No connection to read config.json: a preset that names the architecture (by the model id, or
+    run_conf.preset) decides; a model nothing names is not refused, and nothing waits on the network."""
+    monkeypatch.delenv("AIRFLOW_CONN_NOWHERE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(
+        FinetuneConfigError, match=r"'c_attn' matches no module of a llama model.*preset llama-3.2-1b"
+    ):
+        _targeted(
+            "s3://finetune/models/meta-llama/Llama-3.2-1B", ["c_attn"], bucket_conn_id="nowhere"
+        ).validate(ctx())
+    with pytest.raises(
+        FinetuneConfigError, match=r"'q_proj' matches no module of a phi3 model.*run_conf.preset"
+    ):
+        FinetuneKubernetesOperator(
+            task_id="t",
+            config=CONFIG,
+            bucket_conn_id="nowhere",
+            overrides={"peft_conf.peft_kwargs.target_modules": ["q_proj"], "run_conf.preset": "phi-3-mini"},
+        ).validate(ctx())
+    _targeted("s3://finetune/models/org/tiny", ["whatever"], bucket_conn_id="nowhere").validate(ctx())
+    assert time.monotonic() - start < 2
