@@ -33,13 +33,44 @@ def memory_summary() -> str:
     return ", ".join(parts)
 
 
+def _process_group():
+    """torch.distributed when several processes train (else None)."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def several_nodes() -> bool:
+    """More processes in the job than on this node (torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def node_leader() -> bool:
+    """The process of a node other than global rank 0's that uploads what its node wrote."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) != 0
+
+
 class ManifestCallback(TrainerCallback):
     """Marks a checkpoint as this engine's before the Trainer saves it; after the save, writes its
     manifest last (dropping the mark), then runs ``after_save`` hooks (e.g. the bucket upload) with
-    the complete directory."""
+    the complete directory.
 
-    def __init__(self, after_save: list[Callable[[Path, int], None]] | None = None):
+    Every rank writes into a checkpoint (its ``rng_state_<rank>.pth``, its DeepSpeed ZeRO shards) and
+    the Trainer does not wait for the others before ``on_save``: all ranks meet at a barrier first, so
+    the manifest is written only over finished files. With several nodes each node holds only its own
+    ranks' files: the leader of every other node uploads them (``node_upload(ckpt, step)`` returns
+    their manifest entries), the entries are gathered on rank 0 (which also waits for every node's
+    upload) and the hooks get them as ``node_files``, to list in the bucket's manifest written last.
+    """
+
+    def __init__(
+        self,
+        after_save: list[Callable[..., None]] | None = None,
+        node_upload: Callable[[Path, int], list[dict]] | None = None,
+    ):
         self.after_save = after_save or []
+        self.node_upload = node_upload
 
     def _before_save(self, args, state, control) -> None:
         # DefaultFlowCallback (first in the list) has decided should_save; the Trainer saves next.
@@ -53,16 +84,39 @@ class ManifestCallback(TrainerCallback):
         self._before_save(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not ckpt.is_dir():
+        group = _process_group()
+        if group is not None:
+            group.barrier()  # every rank's files of this checkpoint are written
+        node_files = self._gather_node_files(group, ckpt, state) if group and several_nodes() else None
+        if not state.is_world_process_zero or not ckpt.is_dir():
             return
         clear_writing(ckpt)
         write_manifest(ckpt, extra={"global_step": state.global_step})
         log.info("checkpoint %s complete (manifest written)", ckpt.name)
+        failed = [part for part in node_files or [] if isinstance(part, str)]
+        if failed:  # a node could not upload: the bucket's copy stays without manifest (incomplete)
+            log.warning("%s not uploaded: %s; the next save uploads again", ckpt.name, "; ".join(failed))
+            return
         for hook in self.after_save:
-            hook(ckpt, state.global_step)
+            if node_files is None:
+                hook(ckpt, state.global_step)
+            else:
+                hook(ckpt, state.global_step, node_files=[e for part in node_files for e in part])
+
+    def _gather_node_files(self, group, ckpt: Path, state) -> list:
+        """On rank 0: per node, the manifest entries of the files its leader uploaded (or why it
+        could not); every rank takes part (a collective), only node leaders upload."""
+        mine: list[dict] | str | None = None
+        if node_leader() and self.node_upload is not None and ckpt.is_dir():
+            try:
+                mine = self.node_upload(ckpt, state.global_step)
+            except Exception as err:  # reported to rank 0; the collective must still happen
+                mine = f"node of rank {os.environ.get('RANK')}: {type(err).__name__}: {err}"
+                log.warning("uploading this node's files of %s failed: %s", ckpt.name, err)
+        gathered: list = [None] * group.get_world_size()
+        group.all_gather_object(gathered, mine)
+        return [part for part in gathered if part is not None]
 
 
 class ProgressCallback(TrainerCallback):

@@ -112,3 +112,55 @@ def test_false_starts_fresh_beside_existing_checkpoints_and_true_needs_one(tmp_p
         resolve_resume(str(_checkpoint(tmp_path, 5, complete=False)), tmp_path)
     with pytest.raises(ResumeError, match="no such directory"):
         resolve_resume(str(tmp_path / "checkpoint-99"), tmp_path)
+
+
+class _FakeGroup:
+    """torch.distributed as rank 0 of 2 nodes sees it: records the collectives, hands back node 1's
+    upload."""
+
+    def __init__(self, node1):
+        self.calls: list[str] = []
+        self.node1 = node1
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def barrier(self) -> None:
+        self.calls.append("barrier")
+
+    def all_gather_object(self, out, mine) -> None:
+        self.calls.append("all_gather_object")
+        out[:] = [mine, self.node1]
+
+
+def test_manifest_callback_waits_for_every_rank_and_passes_the_nodes_files(tmp_path, monkeypatch):
+    """on_save: all ranks meet at a barrier before rank 0 writes the manifest (their rng states are
+    written by then); with several nodes the other nodes' uploaded files reach the upload hook."""
+    from types import SimpleNamespace
+
+    from finetune_engine import callbacks
+    from finetune_engine.manifest import read_manifest
+
+    node1 = [{"path": "rng_state_1.pth", "size": 3, "sha256": "a" * 64}]
+    group = _FakeGroup(node1)
+    monkeypatch.setattr(callbacks, "_process_group", lambda: group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "rng_state_0.pth").write_bytes(b"abc")
+    seen = []
+    cb = callbacks.ManifestCallback(
+        [lambda c, step, **kw: seen.append((group.calls[:], c, step, kw))],
+        node_upload=lambda c, step: pytest.fail("rank 0 does not upload as a node"),
+    )
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2)
+    cb.on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    assert seen == [(["barrier", "all_gather_object"], ckpt, 2, {"node_files": node1})]
+    assert [f["path"] for f in read_manifest(ckpt)["files"]] == ["rng_state_0.pth"]  # local: own files
+    # a node that could not upload: no hook, the bucket's copy stays incomplete
+    group.node1, seen[:] = "node of rank 1: StorageError: down", []
+    cb.on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    assert seen == []

@@ -25,6 +25,7 @@ from finetune_engine.storage import (
     list_objects,
     read_manifest,
 )
+from finetune_engine.storage.lease import LEASE_NAME, PrefixLease
 from tests.storage.conftest import train_config
 
 pytestmark = pytest.mark.s3
@@ -353,6 +354,7 @@ def test_train_job_end_to_end_then_skips(s3_env, delivered, tmp_path, capsys):
         assert is_complete(join(ckpt, name)), name
     assert result["final_checkpoint_uri"] == join(ckpt, "checkpoint-final")
     assert "logs/train.log" in list_objects(ckpt) and "result.json" in list_objects(ckpt)
+    assert LEASE_NAME not in list_objects(ckpt)  # held while the job wrote, released at its end
     assert sorted(list_complete_children(ckpt)) == [
         "checkpoint-2",
         "checkpoint-4",
@@ -442,6 +444,49 @@ def test_train_job_bad_config_key_fails_before_download(s3_env, delivered, tmp_p
     assert rc == 2 and "training_args.learnin_rate" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
     assert list_objects(join(s3_env["uri"], "experiments")) == {}
+
+
+def test_a_second_run_into_a_prefix_being_written_is_refused(s3_env, delivered, tmp_path, capsys):
+    """Two runs with one run name: while one holds the prefix's lease, the other stops before it
+    downloads or writes anything and names the prefix, the holder and when its lease expires."""
+    model_uri, data_uri = delivered
+    config = train_config(tmp_path, model_uri, data_uri)
+    ckpt = join(s3_env["uri"], "experiments", "shared", "run")
+    other = PrefixLease(ckpt, ttl=120, owner="finetune-run-a-pod/7/1a2b", settle=0).acquire()
+    try:
+        argv = ["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]
+        assert train_job(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {ckpt} is being written by another run")
+        assert "'finetune-run-a-pod/7/1a2b'" in err and " UTC" in err and "Traceback" not in err
+        assert not (tmp_path / "w").exists()
+        assert list(list_objects(ckpt)) == [LEASE_NAME]  # the other run's lease, untouched
+    finally:
+        other.release()
+
+
+def test_training_arguments_refused_in_the_pod_leave_no_manifest(s3_env, delivered, tmp_path, capsys):
+    """A config the schema accepts but TrainingArguments refuses (load_best_model_at_end with
+    different save and eval strategies) stops before the model loads: no grown base, checkpoint or
+    final output with a manifest, locally or in the bucket, and no lease left behind."""
+    model_uri, data_uri = delivered
+    config = train_config(
+        tmp_path,
+        model_uri,
+        data_uri,
+        load_best_model_at_end=True,
+        eval_strategy="steps",
+        save_strategy="epoch",
+    )
+    ckpt = join(s3_env["uri"], "experiments", "refused", "run")
+    argv = ["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]
+    assert train_job(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: training_args: --load_best_model_at_end requires the save and eval")
+    assert "Traceback" not in err
+    assert not list((tmp_path / "w" / "output").rglob(MANIFEST_NAME))
+    assert not (tmp_path / "w" / "output" / "checkpoint-new-basemodel").exists()
+    assert list_objects(ckpt) == {}
 
 
 def test_train_job_fetches_text_corpus_prefixes_and_prompt_files(s3_env, delivered, tmp_path):

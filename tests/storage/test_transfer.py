@@ -377,3 +377,61 @@ def test_a_download_that_keeps_changing_gives_up_with_a_clear_error(s3_env, tmp_
     with pytest.raises(s3.ObjectChangedError, match="changed during 3 downloads in a row"):
         s3.download_file(join(s3_env["uri"], "hot.bin"), tmp_path / "hot.bin")
     assert not list(tmp_path.iterdir())  # nothing partial left
+
+
+def _node_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """checkpoint-2 as two nodes of a 2-node run leave it: node 0 holds rank 0's files, node 1 its
+    own rank's rng state and ZeRO shard."""
+    node0 = tmp_path / "node0" / "checkpoint-2"
+    node1 = tmp_path / "node1" / "checkpoint-2"
+    (node0 / "global_step2").mkdir(parents=True)
+    (node1 / "global_step2").mkdir(parents=True)
+    (node0 / "trainer_state.json").write_text('{"global_step": 2}')
+    (node0 / "rng_state_0.pth").write_bytes(os.urandom(100))
+    (node0 / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(500))
+    (node1 / "rng_state_1.pth").write_bytes(os.urandom(100))
+    (node1 / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(os.urandom(500))
+    return node0, node1
+
+
+def test_every_node_uploads_its_own_files_and_rank_0_writes_the_manifest_last(s3_env, tmp_path):
+    from finetune_engine.jobs.train import CheckpointUploader, NodeUploader
+
+    node0, node1 = _node_dirs(tmp_path)
+    prefix = join(s3_env["uri"], "experiments", "nodes", "run")
+    entries = NodeUploader(prefix)(node1, 2)  # node 1's leader, at the save
+    assert sorted(e["path"] for e in entries) == [
+        "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_state_1.pth",
+    ]
+    assert not is_complete(join(prefix, "checkpoint-2"))  # no manifest until rank 0 writes it
+    uploader = CheckpointUploader(prefix, tmp_path / "staging", None)
+    uploader(node0, 2, node_files=entries)
+    uploader.close()
+    assert uploader.failures == [] and uploader.uploaded == ["checkpoint-2"]
+    listed = sorted(f["path"] for f in read_manifest(join(prefix, "checkpoint-2"))["files"])
+    assert listed == sorted(
+        [
+            "trainer_state.json",
+            "rng_state_0.pth",
+            "rng_state_1.pth",
+            "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
+    )
+    # a resume on any node gets every rank's state back
+    download_dir(join(prefix, "checkpoint-2"), tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "rng_state_1.pth").read_bytes() == (node1 / "rng_state_1.pth").read_bytes()
+
+
+def test_a_node_file_missing_in_the_bucket_leaves_the_checkpoint_incomplete(s3_env, tmp_path):
+    from finetune_engine.jobs.train import CheckpointUploader
+
+    node0, node1 = _node_dirs(tmp_path)
+    prefix = join(s3_env["uri"], "experiments", "nodes", "lost")
+    never_uploaded = [{"path": "rng_state_1.pth", "size": 100, "sha256": "0" * 64}]
+    uploader = CheckpointUploader(prefix, tmp_path / "staging", None)
+    uploader(node0, 2, node_files=never_uploaded)
+    uploader.close()
+    assert uploader.failures and "missing or truncated on the server" in uploader.failures[0]
+    assert read_manifest(join(prefix, "checkpoint-2")) is None

@@ -26,6 +26,7 @@ from finetune_engine.checkpoints import CHECKPOINT_RE
 from finetune_engine.config import ConfigError, schema
 from finetune_engine.config.training_args import METHODS
 from finetune_engine.jobs.common import add_config_args, capture_logs, local_name, read_config, write_result
+from finetune_engine.storage.lease import LeaseHeldError, LeaseLostError, PrefixLease
 
 log = logging.getLogger(__name__)
 # Test hooks, inert unless set (the kill trials and the background-upload test use them):
@@ -48,8 +49,9 @@ class CheckpointUploader:
     manifest before data, so a reader never sees a half-deleted complete checkpoint).
     """
 
-    def __init__(self, prefix_uri: str, staging: Path, keep: int | None):
+    def __init__(self, prefix_uri: str, staging: Path, keep: int | None, lease: PrefixLease | None = None):
         self.prefix_uri = prefix_uri.rstrip("/")
+        self.lease = lease  # checked before each upload: a prefix taken over is not written
         self.staging = staging
         self.keep = keep
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
@@ -62,21 +64,31 @@ class CheckpointUploader:
         self._kill_at = tuple(int(x) for x in kill.split(":", 1)) if kill else None
         self._delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
 
-    def __call__(self, ckpt_dir: Path, step: int) -> None:
+    def __call__(self, ckpt_dir: Path, step: int, node_files: list[dict] | None = None) -> None:
+        """``node_files``: what the other nodes uploaded of this checkpoint (several nodes), listed
+        in the manifest beside this node's files."""
         self.wait(raise_errors=False)
         stage = self.staging / ckpt_dir.name
         shutil.rmtree(stage, ignore_errors=True)
         shutil.copytree(ckpt_dir, stage, copy_function=os.link)
-        self._pending = self._pool.submit(self._upload, stage)
+        self._pending = self._pool.submit(self._upload, stage, node_files)
 
-    def _upload(self, stage: Path) -> None:
+    def _upload(self, stage: Path, node_files: list[dict] | None = None) -> None:
         from finetune_engine.storage import delete_prefix, join, list_complete_children, upload_dir
 
         uri = join(self.prefix_uri, stage.name)
+        if self.lease is not None:
+            self.lease.check()
         self.started += 1
         log.info("uploading %s in the background", stage.name)
         try:
-            upload_dir(stage, uri, progress=False, after_file=self._test_hook(self.started, stage.name))
+            upload_dir(
+                stage,
+                uri,
+                progress=False,
+                after_file=self._test_hook(self.started, stage.name),
+                other_files=node_files,
+            )
             self.uploaded.append(stage.name)
             log.info("uploaded %s", uri)
             if self.keep:
@@ -133,6 +145,26 @@ class CheckpointUploader:
     def close(self) -> None:
         self.wait(raise_errors=False)
         self._pool.shutdown(wait=True)
+
+
+class NodeUploader:
+    """On the leader of a node other than rank 0's (several nodes): uploads the files its node wrote
+    into a checkpoint (its ranks' rng states, ZeRO shards), without a manifest, and returns their
+    manifest entries; rank 0 lists them in the manifest it writes last. Synchronous: rank 0 waits for
+    every node at the same save anyway."""
+
+    node_upload = True  # how recipes.common.callbacks tells it from the after_save hooks
+
+    def __init__(self, prefix_uri: str):
+        self.prefix_uri = prefix_uri.rstrip("/")
+
+    def __call__(self, ckpt_dir: Path, step: int) -> list[dict]:
+        from finetune_engine.storage import join, upload_dir
+
+        uri = join(self.prefix_uri, ckpt_dir.name)
+        manifest = upload_dir(ckpt_dir, uri, progress=False, write_manifest=False)
+        log.info("uploaded this node's %d file(s) of %s", len(manifest["files"]), ckpt_dir.name)
+        return manifest["files"]
 
 
 def _fetch_inputs(cfg: schema.ExperimentConfig, workdir: Path) -> schema.ExperimentConfig:
@@ -293,11 +325,10 @@ def run_train_job(
     num_preprocess_workers: int = 1,
     tracking_args: tuple[str | None, str | None, str | None] = (None, None, None),
 ) -> dict[str, Any]:
-    from finetune_engine.storage import is_complete, join, read_bytes, upload_dir, upload_file
-
     if method not in METHODS:  # before any download
         raise ConfigError("--method", [f"unknown method {method!r}; expected one of {', '.join(METHODS)}"])
     from finetune_engine.recipes.common import output_layout
+    from finetune_engine.storage import join
 
     checkpoint_uri = checkpoint_uri.rstrip("/")
     identity = config_identity(cfg)
@@ -308,22 +339,75 @@ def run_train_job(
         )
     layout = output_layout(cfg)
     done_uri = join(checkpoint_uri, layout.done.name)
-    if is_complete(done_uri):
-        stored = read_bytes(join(checkpoint_uri, "result.json"))
-        if stored is None:  # cut off between the final output and its result: not finished
-            log.warning(
-                "%s is complete but %s has no result.json: the run did not finish; training it again",
-                done_uri,
-                checkpoint_uri,
-            )
-        else:
-            finished = json.loads(stored)
-            check_same_config(finished, identity, checkpoint_uri)
-            log.info("%s is complete: this run already finished, nothing to train", done_uri)
-            result = {**finished, "status": "skipped"}
-            result.pop("config", None)
-            write_result(result, result_file)
-            return result
+    finished = _finished_run(done_uri, checkpoint_uri, identity, result_file)
+    if finished is not None:
+        return finished
+    # One writer per prefix: rank 0 holds its lease while the job writes (other ranks and nodes
+    # write only while rank 0 runs), re-checking under it that no other run finished meanwhile.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    lease = PrefixLease(checkpoint_uri).acquire() if main_process else None
+    try:
+        if lease is not None:
+            finished = _finished_run(done_uri, checkpoint_uri, identity, result_file)
+            if finished is not None:
+                return finished
+        return _train_and_upload(
+            cfg,
+            checkpoint_uri,
+            workdir,
+            method,
+            result_file,
+            num_preprocess_workers,
+            tracking_args,
+            identity,
+            done_uri,
+            lease,
+        )
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _finished_run(
+    done_uri: str, checkpoint_uri: str, identity: dict[str, Any], result_file: str | None
+) -> dict[str, Any] | None:
+    """The stored result (status skipped) when the run under ``checkpoint_uri`` finished, else None;
+    ConfigChangedError when it finished with another config."""
+    from finetune_engine.storage import is_complete, join, read_bytes
+
+    if not is_complete(done_uri):
+        return None
+    stored = read_bytes(join(checkpoint_uri, "result.json"))
+    if stored is None:  # cut off between the final output and its result: not finished
+        log.warning(
+            "%s is complete but %s has no result.json: the run did not finish; training it again",
+            done_uri,
+            checkpoint_uri,
+        )
+        return None
+    finished = json.loads(stored)
+    check_same_config(finished, identity, checkpoint_uri)
+    log.info("%s is complete: this run already finished, nothing to train", done_uri)
+    result = {**finished, "status": "skipped"}
+    result.pop("config", None)
+    write_result(result, result_file)
+    return result
+
+
+def _train_and_upload(
+    cfg: schema.ExperimentConfig,
+    checkpoint_uri: str,
+    workdir: Path,
+    method: str,
+    result_file: str | None,
+    num_preprocess_workers: int,
+    tracking_args: tuple[str | None, str | None, str | None],
+    identity: dict[str, Any],
+    done_uri: str,
+    lease: PrefixLease | None,
+) -> dict[str, Any]:
+    from finetune_engine.recipes.common import output_layout
+    from finetune_engine.storage import join, upload_dir, upload_file
 
     workdir.mkdir(parents=True, exist_ok=True)
     output_dir = workdir / "output"
@@ -344,9 +428,16 @@ def run_train_job(
 
         tracking = resolve_tracking(cfg.tracking, *tracking_args)
         uploader = CheckpointUploader(
-            checkpoint_uri, workdir / "upload-staging", cfg.training_args.get("save_total_limit")
+            checkpoint_uri, workdir / "upload-staging", cfg.training_args.get("save_total_limit"), lease
         )
-        after_save = [uploader] if main_process else []
+        after_save: list = [uploader] if main_process else []
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if (
+            world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            and int(os.environ.get("LOCAL_RANK", "0")) == 0
+            and not main_process
+        ):  # several nodes: this node's leader uploads what its ranks write into each checkpoint
+            after_save = [NodeUploader(checkpoint_uri)]
         try:
             if method == "sft":
                 from finetune_engine.recipes.sft import run_sft
@@ -365,7 +456,9 @@ def run_train_job(
 
         # Final outputs (the Silogen layout under the run's prefix): grown base, adapter or model,
         # then result and logs, then the run's last output (layout.done), whose manifest, uploaded
-        # last, marks the whole run as finished.
+        # last, marks the whole run as finished. Only while the prefix is still this run's.
+        if lease is not None:
+            lease.check()
         layout = output_layout(cfg)
         uris = {}
         for key, local in (
@@ -439,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             args.num_preprocess_workers,
             (args.mlflow_server_uri, args.experiment_name, args.hf_mlflow_log_artifacts),
         )
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, LeaseHeldError, LeaseLostError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log.info(

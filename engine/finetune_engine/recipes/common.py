@@ -243,6 +243,15 @@ def training_args_dict(
     return args
 
 
+def build_training_args(config_cls, args: dict[str, Any], what: str = "training_args"):
+    """``config_cls(**args)`` (TrainingArguments, DPOConfig...); a value it refuses becomes a
+    ValueError naming the section, so the job reports it as a config error and writes nothing."""
+    try:
+        return config_cls(**args)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from err
+
+
 def start_tracking(cfg: schema.ExperimentConfig, tracking: TrackingSettings, method: str, out_dir: Path):
     from finetune_engine.callbacks import MLflowCallback
 
@@ -253,13 +262,16 @@ def start_tracking(cfg: schema.ExperimentConfig, tracking: TrackingSettings, met
     return cb
 
 
-def callbacks(
-    after_save: list[Callable[[Path, int], None]] | None, mlflow_cb, extra: list | None = None
-) -> list:
+def callbacks(after_save: list[Callable[..., None]] | None, mlflow_cb, extra: list | None = None) -> list:
     from finetune_engine.callbacks import ManifestCallback, ProgressCallback
 
+    # the train job's node upload rides along in after_save (see jobs/train.NodeUploader)
+    node_upload = next((h for h in after_save or [] if getattr(h, "node_upload", False)), None)
     return (
-        [ManifestCallback(after_save), ProgressCallback()]
+        [
+            ManifestCallback([h for h in after_save or [] if h is not node_upload], node_upload),
+            ProgressCallback(),
+        ]
         + ([mlflow_cb] if mlflow_cb else [])
         + list(extra or [])
     )

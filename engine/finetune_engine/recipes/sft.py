@@ -140,6 +140,13 @@ def run_sft(
         total, 1 if auto_batch else cfg.batchsize_conf.max_per_device_train_batch_size, world
     )
 
+    # TrainingArguments are built before the model loads: a value they refuse stops the run before
+    # anything is written (the grown base is saved while the model loads). Auto batch builds them
+    # again below, with the probed batch.
+    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(len(eval_examples)))
+    args_dict["remove_unused_columns"] = False
+    training_args = common.build_training_args(TrainingArguments, args_dict)
+
     base_dir = common.output_layout(cfg).grown_base  # sft_args.save_name_if_new_basemodel
     needs_base = bool(tok.added_tokens) and not isinstance(cfg.peft_conf, schema.NoPeft)
 
@@ -196,9 +203,10 @@ def run_sft(
         f" (auto: {fitted} fit per device)" if auto_batch else "",
     )
 
-    args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(len(eval_examples)))
-    args_dict["remove_unused_columns"] = False
-    training_args = TrainingArguments(**args_dict)
+    if auto_batch:
+        args_dict = common.training_args_dict(cfg, plan, out_dir, seed, has_eval=bool(len(eval_examples)))
+        args_dict["remove_unused_columns"] = False
+        training_args = common.build_training_args(TrainingArguments, args_dict)
 
     resume = resolve_resume(
         cfg.run_conf.resume_from_checkpoint,

@@ -149,7 +149,15 @@ def local_manifest(local_dir: Path) -> dict:
 
 
 def upload_dir(
-    local_dir: str | Path, uri: str, *, workers: int = 8, progress: bool = True, after_file=None, client=None
+    local_dir: str | Path,
+    uri: str,
+    *,
+    workers: int = 8,
+    progress: bool = True,
+    after_file=None,
+    client=None,
+    other_files: list[dict] | None = None,
+    write_manifest: bool = True,
 ) -> dict:
     """Upload a directory to prefix ``uri`` in parallel; the manifest object is written last.
 
@@ -157,6 +165,11 @@ def upload_dir(
     ``after_file(rel_path)`` runs (in the worker thread) after each file is stored. Returns the manifest.
     ``client``: an explicit S3 client (:func:`~finetune_engine.storage.s3.session_client`), else the
     environment's.
+
+    Several nodes writing one checkpoint: each other node uploads its own files with
+    ``write_manifest=False`` (its manifest entries are returned); the node that writes the manifest
+    passes those entries as ``other_files``. They are listed in the manifest beside its own files and,
+    like them, must be on the server with their sizes before the manifest is written.
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -164,12 +177,19 @@ def upload_dir(
     parse_uri(uri)
     check_symlinks(local_dir)
     manifest = local_manifest(local_dir)
+    own = manifest["files"]
+    if other_files:
+        mine = {e["path"] for e in own}
+        manifest = {
+            **manifest,
+            "files": sorted(own + [e for e in other_files if e["path"] not in mine], key=lambda e: e["path"]),
+        }
     for entry in manifest["files"]:
         check_relative_key(entry["path"])
     bucket, manifest_key = parse_uri(join(uri, MANIFEST_NAME))
     client = s3._use(client)
     retrying(s3._call, uri, "delete the manifest of", client.delete_object, Bucket=bucket, Key=manifest_key)
-    bar = Progress(sum(f["size"] for f in manifest["files"]), f"upload {uri}", progress)
+    bar = Progress(sum(f["size"] for f in own), f"upload {uri}", progress)
 
     def put(entry: dict) -> None:
         path = local_dir / entry["path"]
@@ -180,7 +200,9 @@ def upload_dir(
             after_file(entry["path"])
 
     try:
-        _run_parallel(put, [(e,) for e in manifest["files"]], workers)
+        _run_parallel(put, [(e,) for e in own], workers)
+        if not write_manifest:
+            return manifest
         missing = s3.missing_objects(manifest, retrying(s3.list_objects, uri, client=client))
         if missing:  # the server lost or truncated something: no manifest, the prefix stays incomplete
             raise s3.StorageError(
@@ -198,7 +220,7 @@ def upload_dir(
         bar.close()
     log.info(
         "uploaded %d files (%.1f MiB) to %s at %.1f MiB/s",
-        len(manifest["files"]),
+        len(own),
         bar.total / 2**20,
         uri,
         bar.rate / 2**20,
