@@ -452,7 +452,7 @@ def test_a_second_run_into_a_prefix_being_written_is_refused(s3_env, delivered, 
     model_uri, data_uri = delivered
     config = train_config(tmp_path, model_uri, data_uri)
     ckpt = join(s3_env["uri"], "experiments", "shared", "run")
-    other = PrefixLease(ckpt, ttl=120, owner="finetune-run-a-pod/7/1a2b", settle=0).acquire()
+    other = PrefixLease(ckpt, ttl=2, owner="finetune-run-a-pod/7/1a2b", settle=0).acquire()
     try:
         argv = ["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]
         assert train_job(argv) == 2

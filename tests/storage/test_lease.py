@@ -21,10 +21,10 @@ CONDITIONAL = {"seaweedfs": True, "rclone": False}  # measured: does the server 
 
 def test_a_second_writer_is_refused_until_the_first_releases(s3_env):
     prefix = join(s3_env["uri"], "experiments", "e", "run")
-    first = PrefixLease(prefix, ttl=60, owner="pod-a/1/x", settle=0).acquire()
+    first = PrefixLease(prefix, ttl=2, owner="pod-a/1/x", settle=0).acquire()
     try:
         stored = json.loads(read_bytes(join(prefix, LEASE_NAME)))
-        assert stored["owner"] == "pod-a/1/x" and stored["expires"] > time.time() + 50
+        assert stored["owner"] == "pod-a/1/x" and stored["expires"] > time.time() + 1
         with pytest.raises(LeaseHeldError) as err:
             PrefixLease(prefix, ttl=60, owner="pod-b/2/y", settle=0).acquire()
         message = str(err.value)
@@ -56,6 +56,22 @@ def test_a_lease_is_renewed_while_it_is_held_and_taken_over_once_expired(s3_env,
         with pytest.raises(LeaseLostError, match="now held by 'pod-b'"):
             holder.lost = None
             holder.renew()
+
+
+def test_an_unexpired_lease_no_one_renews_is_taken_over(s3_env, caplog):
+    """A killed writer's retry need not wait for the expiry: the lease is watched for 2.5 of the
+    holder's renewal intervals and, not renewed, taken over."""
+    prefix = join(s3_env["uri"], "experiments", "e", "killed")
+    holder = PrefixLease(prefix, ttl=2, owner="pod-a", settle=0).acquire()
+    holder._stop.set()
+    holder._thread.join()  # killed: stops renewing; its lease has more than a second left
+    with caplog.at_level("WARNING"):
+        retry = PrefixLease(prefix, ttl=30, owner="pod-a-retry", settle=0).acquire()
+    try:
+        assert "taking over the lease of 'pod-a': not renewed for 1 s" in caplog.text
+        assert json.loads(read_bytes(join(prefix, LEASE_NAME)))["owner"] == "pod-a-retry"
+    finally:
+        retry.release()
 
 
 def test_two_writers_that_both_saw_no_lease(s3_env, monkeypatch):

@@ -4,10 +4,11 @@ Two train jobs given the same run name would write one prefix at once: checkpoin
 interleaved, each deleting the other's in its rotation, a final output of one with the result of the
 other. The job that writes a prefix first takes its lease: the small object ``<prefix>/_finetune_lease.json``
 holding an owner id (host, pid, random part), when it was taken and when it expires. The holder renews
-it in a background thread (every ``ttl / 5`` seconds) and deletes it at the end. A second job finds a
-live lease of another owner and stops before it writes anything, naming the prefix, the owner and
-when the lease expires; a lease its holder did not renew in time (the job was killed) has expired and
-is taken over.
+it in a background thread (every ``min(ttl / 5, 30)`` seconds) and deletes it at the end. A second job
+that finds another owner's unexpired lease watches it for 2.5 renewal intervals: renewed meanwhile, its
+writer is alive and this job stops before it writes anything, naming the prefix, the owner and when
+the lease expires; not renewed, its writer is gone (a killed pod, whose retry this may be) and the
+lease is taken over, as is any expired lease.
 
 How safe that is depends on the server:
 
@@ -139,8 +140,8 @@ class PrefixLease:
             f"{self.prefix_uri} is being written by another run: its lease {LEASE_NAME} is held by "
             f"{other.get('owner')!r} until {_when(other['expires'])} (renewed while that run writes). "
             "Two runs with one run name would mix their checkpoints and outputs; give this run "
-            "another name (run_name / --checkpoint-uri), or wait for the other run to finish. A run "
-            "that was killed leaves its lease to expire at that time; it is taken over after it."
+            "another name (run_name / --checkpoint-uri), or wait for the other run to finish (the "
+            "lease of a run that was killed is taken over once it is no longer renewed)."
         )
 
     # -- acquire, renew, release -----------------------------------------------------------------
@@ -152,13 +153,14 @@ class PrefixLease:
         current, etag = self.read()
         if current is not None and current.get("owner") != self.owner:
             if current["expires"] > time.time():
-                raise self._held_error(current)
-            log.warning(
-                "%s: taking over the expired lease of %r (expired %s)",
-                self.prefix_uri,
-                current.get("owner"),
-                _when(current["expires"]),
-            )
+                current, etag = self._watch(current, etag)
+            else:
+                log.warning(
+                    "%s: taking over the expired lease of %r (expired %s)",
+                    self.prefix_uri,
+                    current.get("owner"),
+                    _when(current["expires"]),
+                )
         condition = {"IfMatch": etag} if current is not None and etag else {"IfNoneMatch": "*"}
         try:
             self._put(**condition)
@@ -178,6 +180,44 @@ class PrefixLease:
         self._thread = threading.Thread(target=self._renew_loop, name="prefix-lease", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def interval(self) -> float:
+        """Seconds between renewals."""
+        return max(min(self.ttl / 5, 30.0), 0.05)
+
+    def _watch(self, current: dict[str, Any], etag: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        """Another owner's unexpired lease: LeaseHeldError if it is renewed (or replaced) within 2.5
+        renewal intervals, else (its writer stopped renewing it) the lease as read, to take over."""
+        try:  # the holder renews at the interval of its own lifetime, recorded in the lease
+            interval = max(min(float(current.get("ttl", self.ttl)) / 5, 30.0), 0.05)
+        except (TypeError, ValueError):
+            interval = self.interval
+        deadline = time.monotonic() + 2.5 * interval
+        log.info(
+            "%s: lease held by %r until %s; checking whether its writer still renews it",
+            self.prefix_uri,
+            current.get("owner"),
+            _when(current["expires"]),
+        )
+        while time.monotonic() < deadline:
+            time.sleep(min(interval / 2, max(deadline - time.monotonic(), 0)))
+            now, now_etag = self.read()
+            if now is None:  # released meanwhile: create it afresh
+                return None, None
+            if (
+                now_etag != etag
+                or now.get("owner") != current.get("owner")
+                or now["expires"] != current["expires"]
+            ):
+                raise self._held_error(now)
+        log.warning(
+            "%s: taking over the lease of %r: not renewed for %.0f s (its writer stopped)",
+            self.prefix_uri,
+            current.get("owner"),
+            2.5 * interval,
+        )
+        return current, etag
 
     def renew(self) -> None:
         """Extend the lease; LeaseLostError when it is no longer ours."""
@@ -201,8 +241,7 @@ class PrefixLease:
             raise s3.wrap_error(err, self.uri, "renew the lease") from None
 
     def _renew_loop(self) -> None:
-        interval = max(self.ttl / 5, 0.05)
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.interval):
             try:
                 self.renew()
             except LeaseLostError as err:
