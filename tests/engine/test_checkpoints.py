@@ -164,3 +164,59 @@ def test_manifest_callback_waits_for_every_rank_and_passes_the_nodes_files(tmp_p
     group.node1, seen[:] = "node of rank 1: StorageError: down", []
     cb.on_save(SimpleNamespace(output_dir=str(tmp_path)), state, None)
     assert seen == []
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_manifest_lists_every_ranks_rng_state(tiny_model_dir, chat_data, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each save's manifest is written after both ranks wrote their
+    files, so it lists rng_state_0.pth and rng_state_1.pth with their final sizes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from finetune_engine.manifest import read_manifest, verify_directory
+
+    cfg = {
+        "data_conf": {
+            "training_data": {"type": "CONCATENATION", "datasets": [{"path": str(chat_data)}]},
+            "validation_data": {"type": "NONE"},
+            "chat_template_name": "keep-original",
+        },
+        "training_args": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "save_steps": 1,
+            "logging_steps": 1,
+        },
+        "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 2},
+        "run_conf": {"model": str(tiny_model_dir)},
+        "sft_args": {"max_seq_length": 64},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "finetune_engine.cli.main",
+            "finetuning",
+            "sft",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for step in (1, 2):
+        ckpt = tmp_path / "out" / f"checkpoint-{step}"
+        listed = {f["path"] for f in read_manifest(ckpt)["files"]}
+        assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= listed, listed
+        assert verify_directory(ckpt, check_hashes=True) == (True, "complete")
