@@ -363,6 +363,22 @@ def test_a_known_failure_is_one_line_with_its_type(capsys, monkeypatch):
     assert err == "finetuning: error: BatchTooLargeError: auto batch size: one row does not fit in memory\n"
 
 
+@pytest.mark.parametrize(
+    "error", [ConnectionRefusedError(111, "Connection refused"), TimeoutError("timed out"), ConnectionError()]
+)
+def test_a_network_failure_is_retryable_not_bad_input(capsys, monkeypatch, error):
+    """A network that is down is no fault of the input: exit 1 (the provider retries), one line, never
+    exit 2 (which the provider does not retry)."""
+    monkeypatch.setenv(cli_errors.DEBUG_ENV, "0")
+
+    def offline(argv):
+        raise error
+
+    assert cli_errors.run_guarded("pull", offline, []) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pull: error: {type(error).__name__}: ") and "Traceback" not in err
+
+
 def _scripts() -> dict[str, str]:
     import tomllib
     from pathlib import Path

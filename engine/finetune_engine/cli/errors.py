@@ -74,6 +74,11 @@ def _os_message(err: OSError) -> str:
     return f"{name}{target}: {what}{hint}"
 
 
+# OSErrors that say nothing about the input: a network that is down or slow. A failure (exit 1, which
+# the provider retries), never bad input (exit 2, which it does not).
+_TRANSIENT = (ConnectionError, TimeoutError)
+
+
 def unexpected(err: BaseException) -> bool:
     """Whether ``err`` is neither bad input nor a failure the engine reports in its own words: a
     crash or a bug, whose traceback is shown."""
@@ -85,6 +90,8 @@ def unexpected(err: BaseException) -> bool:
 def describe(err: Exception) -> tuple[int, str]:
     """(exit code, message) of an error that ended a command."""
     text = " ".join(str(err).split()) if "\n" not in str(err) else str(err).strip()
+    if isinstance(err, _TRANSIENT):
+        return FAILURE, f"{type(err).__name__}: {_os_message(err)}"
     if isinstance(err, OSError):
         return INPUT_ERROR, _os_message(err)
     if isinstance(err, UnicodeError):
