@@ -6,17 +6,12 @@ Templated arguments are checked after rendering, in the operators' ``validate()`
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 
-# https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html (general purpose buckets)
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 # Kubernetes object names: https://kubernetes.io/docs/concepts/overview/working-with-objects/names/
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -33,24 +28,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def bucket_name_problem(bucket: str) -> str | None:
-    """Why ``bucket`` is not a valid S3 bucket name, or None."""
-    if not bucket:
-        return "the bucket name is empty"
-    if not _BUCKET.match(bucket):
-        return (
-            "a bucket name has 3-63 characters: lowercase letters, digits, '.' and '-', "
-            "starting and ending with a letter or digit"
-        )
-    if ".." in bucket:
-        return "a bucket name has no two adjacent periods"
-    try:
-        ipaddress.IPv4Address(bucket)
-        return "a bucket name is not formatted as an IP address"
-    except ValueError:
-        pass
-    if bucket.startswith(_BUCKET_PREFIXES) or bucket.endswith(_BUCKET_SUFFIXES):
-        return f"a bucket name does not start with {_BUCKET_PREFIXES} nor end with {_BUCKET_SUFFIXES}"
-    return None
+    """Why ``bucket`` is not a valid S3 bucket name, or None (the engine's rules: one home)."""
+    from finetune_engine.storage.uri import bucket_name_problem as problem
+
+    return problem(bucket)
 
 
 def check_bucket(field: str, bucket: str) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-# S3 bucket naming rules: 3-63 chars, lowercase letters, digits, dots and hyphens, no IP address form.
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html (general purpose buckets)
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -19,13 +21,29 @@ class UnsafeKeyError(ValueError):
     """An object key (or a symlink) that would read or write outside the directory it belongs to."""
 
 
+def bucket_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid S3 bucket name (the one home of the naming rules), or None."""
+    if not name:
+        return "the bucket name is empty"
+    if not _BUCKET.match(name):
+        return (
+            "a bucket name has 3-63 characters: lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
+        )
+    if ".." in name or ".-" in name or "-." in name:
+        return "a bucket name has no two adjacent periods and no period next to a hyphen"
+    if _IP.match(name):
+        return "a bucket name is not formatted as an IP address"
+    if name.startswith(_BUCKET_PREFIXES) or name.endswith(_BUCKET_SUFFIXES):
+        return f"a bucket name does not start with {_BUCKET_PREFIXES} nor end with {_BUCKET_SUFFIXES}"
+    return None
+
+
 def validate_bucket(name: str, uri: str | None = None) -> str:
     where = f"{uri}: " if uri else ""
-    if not _BUCKET.match(name) or ".." in name or ".-" in name or "-." in name or _IP.match(name):
-        raise StorageURIError(
-            f"{where}{name!r} is not a valid bucket name (3-63 characters of a-z, 0-9, '.', '-', "
-            "starting and ending with a letter or digit)"
-        )
+    problem = bucket_name_problem(name)
+    if problem:
+        raise StorageURIError(f"{where}{name!r} is not a valid bucket name ({problem})")
     return name
 
 
