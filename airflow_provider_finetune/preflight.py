@@ -104,6 +104,13 @@ def contained(root: Path, relative: str, where: str) -> Path:
     return path
 
 
+# The experiment configs the shipped sweeping DAGs offer by name (paths in the DAG bundle).
+SHIPPED_SFT_CONFIGS = {
+    "tutorial-01-finetune-lora": "engine/configs/tutorial-01-finetune-lora.yaml",
+    "tiny-sft-lora": "engine/configs/tiny-sft-lora.yaml",
+}
+
+
 def bundle_choices(
     root: Path,
     dag_id: str,

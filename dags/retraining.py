@@ -39,7 +39,12 @@ from airflow_provider_finetune.operators import (
     EvaluateModelsOperator,
     FinetuneKubernetesOperator,
 )
-from airflow_provider_finetune.preflight import CodeTrust, bundle_choices, literal_pattern
+from airflow_provider_finetune.preflight import (
+    SHIPPED_SFT_CONFIGS,
+    CodeTrust,
+    bundle_choices,
+    literal_pattern,
+)
 
 ROOT = Path(__file__).resolve().parent.parent  # the DAG bundle: every file a param picks lies under it
 DAG_ID = "finetune_retraining"
@@ -84,10 +89,7 @@ CONFIGS = bundle_choices(
     D,
     option="config",
     set_key="configs",
-    builtin={
-        "tutorial-01-finetune-lora": "engine/configs/tutorial-01-finetune-lora.yaml",
-        "tiny-sft-lora": "engine/configs/tiny-sft-lora.yaml",
-    },
+    builtin=SHIPPED_SFT_CONFIGS,
     default="tutorial-01-finetune-lora",
 )
 TRUST = CodeTrust.from_defaults(DAG_ID, D)

@@ -25,7 +25,12 @@ from airflow_provider_finetune.operators import (
     MergeAdapterOperator,
     UndeployVLLMOperator,
 )
-from airflow_provider_finetune.preflight import CodeTrust, bundle_choices, model_id_pattern
+from airflow_provider_finetune.preflight import (
+    SHIPPED_SFT_CONFIGS,
+    CodeTrust,
+    bundle_choices,
+    model_id_pattern,
+)
 
 ROOT = Path(__file__).resolve().parent.parent  # the DAG bundle: every file a param picks lies under it
 DAG_ID = "finetune_tutorial"
@@ -58,10 +63,7 @@ CONFIGS = bundle_choices(
     D,
     option="config",
     set_key="configs",
-    builtin={
-        "tutorial-01-finetune-lora": "engine/configs/tutorial-01-finetune-lora.yaml",
-        "tiny-sft-lora": "engine/configs/tiny-sft-lora.yaml",
-    },
+    builtin=SHIPPED_SFT_CONFIGS,
     default="tutorial-01-finetune-lora",
 )
 DATA_SCRIPTS = bundle_choices(
