@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from finetune_engine.config import schema
 from finetune_engine.config.errors import ConfigError
 from finetune_engine.config.yamlio import safe_load
+from finetune_engine.embeddings import fit_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,7 @@ def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
-    if (
-        len(tok) > model.get_input_embeddings().weight.shape[0]
-    ):  # the run added tokens; never shrink a padded vocabulary
-        model.resize_token_embeddings(len(tok))
+    fit_embeddings(model, tok)  # the run added tokens: grow, never shrink
     if cfg.adapter:
         from peft import PeftModel
 
@@ -473,10 +471,7 @@ def generate_silogen(cfg: SilogenGenerationConfig, quant_given: bool = True) -> 
     if mc.adapter:
         from peft import PeftModel
 
-        if len(tok) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(
-                len(tok), mean_resizing=False
-            )  # the adapter brings the trained rows
+        fit_embeddings(model, tok, mean_init=False)  # the adapter brings the trained rows
         model = PeftModel.from_pretrained(model, mc.adapter, is_trainable=False)
     model.eval()
 

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from finetune_engine.embeddings import fit_embeddings
+
 log = logging.getLogger(__name__)
 META_NAME = "finetune_meta.json"
 
@@ -50,13 +52,9 @@ def merge_adapter(
             getattr(method, "value", method),
         )
         model = dequantized(model)
-    if model.get_input_embeddings().weight.shape[0] != len(tok):
-        log.info(
-            "growing base vocabulary %d -> %d to match the adapter's tokenizer",
-            model.get_input_embeddings().weight.shape[0],
-            len(tok),
-        )
-        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    fitted = fit_embeddings(model, tok, mean_init=False)  # grow only: a padded base keeps its rows
+    if fitted:
+        log.info("%s to match the adapter's tokenizer", fitted)
     model = PeftModel.from_pretrained(model, adapter)
     merged = model.merge_and_unload()
     save_model(merged, tok, out)

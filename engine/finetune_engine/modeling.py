@@ -10,6 +10,7 @@ from typing import Any
 
 from finetune_engine.config import schema
 from finetune_engine.data.templates import NAMED_TEMPLATES
+from finetune_engine.embeddings import fit_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +210,9 @@ def load_model(
             ) from err
         raise
     model.config.use_cache = args.use_cache
-    if len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0] or tok.added_tokens:
-        model.resize_token_embeddings(len(tok.tokenizer), mean_resizing=True)
-        log.info("embeddings resized to %d (mean-initialised new rows)", len(tok.tokenizer))
+    fitted = fit_embeddings(model, tok.tokenizer, tok.added_tokens)
+    if fitted:
+        log.info("%s", fitted)
     model.config.pad_token_id = tok.tokenizer.pad_token_id
     if before_peft is not None:
         before_peft(model)

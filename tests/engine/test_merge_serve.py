@@ -65,7 +65,7 @@ def _peft_logits(base: str, adapter: str) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(adapter)
-    if model.get_input_embeddings().weight.shape[0] != len(tok):
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
         model.resize_token_embeddings(len(tok))
     return _logits(PeftModel.from_pretrained(model, adapter).eval(), adapter)
 
@@ -105,6 +105,91 @@ def test_merge_with_added_tokens_uses_the_grown_base(tiny_model, chat_data, tmp_
     )
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert (tmp_path / "cli-merged" / "_finetune_manifest.json").exists()
+
+
+SPARE = 40  # rows past the tokenizer, as real checkpoints pad theirs (Qwen2.5: 151936 for 151665)
+
+
+def _padded_base(tiny_model, out: Path, tied: bool = False) -> Path:
+    """The tiny model with its embedding matrix padded by SPARE rows past its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model.resize_token_embeddings(len(tok) + SPARE, mean_resizing=False)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _rows(path) -> tuple[int, int]:
+    """(vocab_size in config.json, rows of the saved input embedding matrix)."""
+    weights = load_file(str(Path(path) / "model.safetensors"))
+    return (
+        json.loads((Path(path) / "config.json").read_text())["vocab_size"],
+        weights["model.embed_tokens.weight"].shape[0],
+    )
+
+
+def test_a_padded_base_keeps_its_rows_through_training_and_merge(tiny_model, chat_data, tmp_path):
+    """No token added: training and merge leave the padded matrix as it is (never shrunk to the
+    tokenizer), and the merged model still answers like base + adapter."""
+    base = _padded_base(tiny_model, tmp_path / "padded")
+    rows = _rows(base)[0]
+    result = _train(tmp_path / "run", base, chat_data)
+    assert _rows(result["final_checkpoint"]) == (rows, rows)
+    out = merge_adapter(str(base), result["final_adapter"], tmp_path / "merged")
+    assert _rows(out) == (rows, rows)
+    assert torch.allclose(_merged_logits(out), _peft_logits(str(base), result["final_adapter"]), atol=1e-4)
+
+
+def test_added_tokens_take_the_spare_rows_of_a_padded_base(tiny_model, chat_data, tmp_path):
+    """chat-ml adds its markers: on a padded base they take spare rows (mean-initialised), the matrix
+    keeps its size in the grown base, the adapter and the merge, and the merge loads and agrees."""
+    from transformers import AutoTokenizer
+
+    base = _padded_base(tiny_model, tmp_path / "padded")
+    rows = _rows(base)[0]
+    before = len(AutoTokenizer.from_pretrained(base))
+    result = _train(tmp_path / "run", base, chat_data, template="chat-ml")
+    tok = AutoTokenizer.from_pretrained(result["final_adapter"])
+    assert before < len(tok) <= rows, "the template added tokens that fit the spare rows"
+    grown = Path(result["final_adapter"]).parent / result["grown_base"]
+    assert _rows(grown) == (rows, rows)
+    embedding = load_file(str(grown / "model.safetensors"))["model.embed_tokens.weight"]
+    new = list(range(before, len(tok)))
+    assert torch.allclose(embedding[new], embedding[:before].mean(0).expand(len(new), -1), atol=1e-6)
+    saved = load_file(str(Path(result["final_adapter"]) / "adapter_model.safetensors"))
+    assert {t.shape[0] for k, t in saved.items() if "embed_tokens" in k or "lm_head" in k} == {rows}
+    out = merge_adapter(str(base), result["final_adapter"], tmp_path / "merged")
+    assert _rows(out) == (rows, rows)
+    assert torch.allclose(_merged_logits(out), _merged_logits(result["final_checkpoint"]), atol=1e-4)
+
+
+def test_fit_embeddings_grows_only_and_keeps_a_tie(tiny_model, tmp_path):
+    """The one embedding rule: a tokenizer longer than the matrix grows it; a shorter one never
+    shrinks it; an added token's spare row of a tied matrix is written once and stays tied."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_engine.embeddings import embedding_rows, fit_embeddings
+
+    base = _padded_base(tiny_model, tmp_path / "tied", tied=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(base)
+    rows = embedding_rows(model)
+    assert fit_embeddings(model, tok) == "" and embedding_rows(model) == rows  # shorter: untouched
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert "spare rows" in fit_embeddings(model, tok, ["<|new|>"]) and embedding_rows(model) == rows
+    new = tok.convert_tokens_to_ids("<|new|>")
+    weight = model.get_input_embeddings().weight
+    assert torch.allclose(weight[new], weight[:new].mean(0), atol=1e-6)
+    assert model.get_output_embeddings().weight.data_ptr() == weight.data_ptr(), "the tie was kept"
+    tok.add_tokens([f"<extra_{i}>" for i in range(SPARE)])
+    assert "grown" in fit_embeddings(model, tok, mean_init=False) and embedding_rows(model) == len(tok)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def test_qlora_merges_into_a_dequantized_base(tiny_model, chat_data, tmp_path):
