@@ -152,6 +152,9 @@ def main() -> int:
             "TOKENIZERS_PARALLELISM": "false",
             "CUDA_VISIBLE_DEVICES": "",
             "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+            # every relaunch is a retry of the same job (as Airflow's tries are): it takes over the
+            # killed run's prefix lease at once
+            "FINETUNE_WRITER": "bench_resume",
         }
         bucket = f"s3://{s3_env['FINETUNE_BUCKET']}"
         model_uri, data_uri = join(bucket, "models", "tiny"), join(bucket, "datasets", "chat.jsonl")

@@ -252,11 +252,21 @@ class EngineJobOperator(KubernetesPodOperator):
 
     # -- the pod --------------------------------------------------------------------------------
 
+    @staticmethod
+    def writer_id(context: Context) -> str:
+        """The job's identity across its tries (dag/run/task/map index): the engine's prefix lease
+        lets a retry take over its killed try's lease at once, and refuses any other writer."""
+        ti = context["ti"]
+        index = getattr(ti, "map_index", -1)
+        mapped = f"/{index}" if index is not None and index >= 0 else ""
+        return f"{ti.dag_id}/{context['run_id']}/{ti.task_id}{mapped}"
+
     def build_spec(self, context: Context) -> EngineJobSpec:
         env = {
             "FINETUNE_RESULT_FILE": XCOM_RESULT_FILE,
             "FINETUNE_WORKDIR": WORKDIR,
             "FINETUNE_BUCKET": self.resolved_bucket,
+            "FINETUNE_WRITER": self.writer_id(context),
             "HF_HUB_DISABLE_TELEMETRY": "1",
             **({"HF_HUB_OFFLINE": "1"} if self.hub_offline else {}),
             **(

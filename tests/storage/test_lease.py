@@ -118,3 +118,24 @@ def test_a_write_during_the_settle_time_is_seen(s3_env, monkeypatch):
         lease.acquire()
     assert lease._thread is None  # nothing renewed
     assert json.loads(read_bytes(join(prefix, LEASE_NAME)))["owner"] == "pod-c"
+
+
+def test_a_retry_of_the_same_job_takes_over_at_once_and_another_job_still_waits(s3_env, monkeypatch):
+    """FINETUNE_WRITER (set by the operators to dag/run/task/map index): the next try of a killed job
+    takes over its lease without waiting for it to lapse (300 s here); a different job is refused."""
+    prefix = join(s3_env["uri"], "experiments", "e", "retry")
+    monkeypatch.setenv("FINETUNE_WRITER", "dag/run-1/sweep/0")
+    killed = PrefixLease(prefix, ttl=300, owner="pod-try1/1/x", settle=0).acquire()
+    killed._stop.set()  # its pod dies: no renewal, no release
+    killed._thread.join()
+    assert json.loads(read_bytes(join(prefix, LEASE_NAME)))["writer"] == "dag/run-1/sweep/0"
+    started = time.monotonic()
+    retry = PrefixLease(prefix, ttl=2, owner="pod-try2/1/y", settle=0).acquire()  # renews every 0.4 s
+    try:
+        assert time.monotonic() - started < 10, "the retry waited for the killed try's lease"
+        assert json.loads(read_bytes(join(prefix, LEASE_NAME)))["owner"] == "pod-try2/1/y"
+        monkeypatch.setenv("FINETUNE_WRITER", "dag/run-2/sweep/0")  # another DAG run, same run_name
+        with pytest.raises(LeaseHeldError, match="pod-try2/1/y"):
+            PrefixLease(prefix, ttl=300, owner="pod-other/1/z", settle=0).acquire()
+    finally:
+        retry.release()

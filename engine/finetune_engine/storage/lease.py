@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 LEASE_NAME = "_finetune_lease.json"
 LEASE_SECONDS_ENV = "FINETUNE_LEASE_SECONDS"
+# Who the writing job is across its retries (the Airflow operators set dag/run/task/map index): a
+# retry of the same task takes over its killed try's lease at once instead of waiting for it to lapse.
+WRITER_ENV = "FINETUNE_WRITER"
 SETTLE_SECONDS_ENV = "FINETUNE_LEASE_SETTLE_SECONDS"
 _CONDITION_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
@@ -92,6 +95,7 @@ class PrefixLease:
         self.ttl = float(ttl if ttl is not None else os.environ.get(LEASE_SECONDS_ENV, "300"))
         self.settle = float(settle if settle is not None else os.environ.get(SETTLE_SECONDS_ENV, "1"))
         self.owner = owner or new_owner_id()
+        self.writer = os.environ.get(WRITER_ENV) or None
         self._client = client
         self._etag: str | None = None
         self._stop = threading.Event()
@@ -125,7 +129,13 @@ class PrefixLease:
     def _body(self) -> bytes:
         now = time.time()
         return json.dumps(
-            {"owner": self.owner, "acquired": _when(now), "expires": now + self.ttl, "ttl": self.ttl},
+            {
+                "owner": self.owner,
+                "writer": self.writer,
+                "acquired": _when(now),
+                "expires": now + self.ttl,
+                "ttl": self.ttl,
+            },
             sort_keys=True,
         ).encode()
 
@@ -152,7 +162,14 @@ class PrefixLease:
 
         current, etag = self.read()
         if current is not None and current.get("owner") != self.owner:
-            if current["expires"] > time.time():
+            if self.writer and current.get("writer") == self.writer:
+                log.warning(
+                    "%s: taking over the lease of %r: an earlier try of this job (%s)",
+                    self.prefix_uri,
+                    current.get("owner"),
+                    self.writer,
+                )
+            elif current["expires"] > time.time():
                 current, etag = self._watch(current, etag)
             else:
                 log.warning(
