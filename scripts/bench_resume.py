@@ -183,7 +183,9 @@ def main() -> int:
                 [*argv, "--workdir", str(root / f"w{trial}-cold")], env, root / f"trial{trial}-cold.log"
             )
             _, t_cold = cold.until(rf"step 1/{n} \(")
-            kill_after = rng.randint(1, n - 2)
+            # killed before the last checkpoint, so that the restart has a step to time (a kill after it
+            # finishes from that checkpoint without a step: the kill tests cover that case)
+            kill_after = rng.randint(1, max(n - args.save_steps - 1, 1))
             t_kill = cold.until(rf"step {kill_after}/{n} \(")[1] if kill_after > 1 else t_cold
             per_step = (t_kill - t_cold) / (kill_after - 1) if kill_after > 1 else 0.5
             time.sleep(rng.uniform(0, 1) * per_step)  # a random part of the next step
