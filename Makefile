@@ -1,5 +1,5 @@
 # The two commands: `make demo` (set up + fine-tune end to end) and `make test` (set up + whole suite).
-.PHONY: setup vllm demo test lint bench docs clean
+.PHONY: setup vllm demo test test-floors lint bench bench-gpu docs clean
 
 setup:
 	./scripts/setup.sh
@@ -13,11 +13,19 @@ demo:
 test:
 	./scripts/test.sh
 
+# The lowest Airflow and provider versions pyproject.toml allows, in a fresh venv (not part of `make test`)
+test-floors:
+	./scripts/test-floors.sh
+
 lint:
 	./scripts/lint.sh
 
 bench: setup
-	for f in scripts/bench_*.py; do echo "== $$f"; .venv/bin/python $$f || exit 1; done
+	for f in scripts/bench_*.py; do [ $$f = scripts/bench_gpu.py ] && continue; echo "== $$f"; .venv/bin/python $$f || exit 1; done
+
+# On a machine with a GPU (its Python needs torch, transformers, peft, accelerate; trl/bitsandbytes optional)
+bench-gpu:
+	python scripts/bench_gpu.py --json bench_gpu.json
 
 docs: setup
 	.venv/bin/python -m finetune_engine.config.generate

@@ -6,8 +6,10 @@ trained with (the next challenger starts from it), its held-out loss and where i
 held-out set the line is scored on (``heldout_data``): pinned by the line's first champion, so a
 challenger scored on any other set is refused rather than compared with a loss it cannot be compared to.
 Every decision, promoted or not, is kept beside it under ``decisions/<run id>.json``, so the history
-of a line can be read back from the bucket alone. Reads and writes go through the bucket connection's
-:class:`~airflow_provider_finetune.hooks.BucketHook` and the engine's storage calls.
+of a line can be read back from the bucket alone. The record also keeps the sha256 of the training data
+the champion was trained on (``train_data_sha256``): a scheduled run on unchanged data has nothing
+new to learn and is skipped (:meth:`ChampionStore.unchanged_data`). Reads and writes go through the
+bucket connection's :class:`~airflow_provider_finetune.hooks.BucketHook` and the engine's storage calls.
 """
 
 from __future__ import annotations
@@ -116,6 +118,35 @@ class ChampionStore:
                     f"{self.uri} has no {name!r}; fix or delete it to start the line over"
                 )
         return record
+
+    def data_sha256(self, uri: str, chunk: int = 8 << 20) -> str:
+        """The sha256 of one object's content (streamed; the object is never held in memory whole)."""
+        import hashlib
+
+        from finetune_engine.storage import parse_uri
+
+        bucket, key = parse_uri(uri)
+        try:
+            body = self._client().get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as err:  # noqa: BLE001 - named with the URI below
+            raise FinetuneConfigError(f"cannot read {uri} to hash it: {str(err)[:300]}") from None
+        digest = hashlib.sha256()
+        for block in iter(lambda: body.read(chunk), b""):
+            digest.update(block)
+        return digest.hexdigest()
+
+    def unchanged_data(self, champion: dict[str, Any] | None, train_data: str, sha256: str) -> str | None:
+        """Why a challenger would learn nothing new (the champion was trained on exactly this content),
+        or None when it would: no champion, a record without a data hash, or other content."""
+        if not champion or not champion.get("train_data_sha256"):
+            return None
+        if champion["train_data_sha256"] != sha256:
+            return None
+        return (
+            f"the training data {train_data} (sha256 {sha256[:12]}...) is the content the champion of line "
+            f"{self.line!r} was trained on ({champion.get('model_uri')}, promoted "
+            f"{champion.get('promoted_at')}): nothing new to learn, the run is skipped"
+        )
 
     def check_heldout(self, champion: dict[str, Any] | None, heldout_data: str | None) -> None:
         """A challenger of this line is scored on the held-out set the champion record pins, or not at

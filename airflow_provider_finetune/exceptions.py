@@ -12,7 +12,7 @@ import re
 import signal
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow_provider_finetune.compat import AirflowFailException
 
 HOST_OOM_FIX = (
     "the job needed more host memory than it has: raise memory_per_gpu (the pod's memory limit), lower "

@@ -137,7 +137,10 @@ def get_provider_info() -> dict:
         "triggers": [
             {
                 "integration-name": "Fine-tune",
-                "python-modules": ["airflow_provider_finetune.triggers.deployment"],
+                "python-modules": [
+                    "airflow_provider_finetune.triggers.deployment",
+                    "airflow_provider_finetune.triggers.job",
+                ],
             },
         ],
         # No "connection-types": the bucket is the amazon provider's `aws` connection (login/password =

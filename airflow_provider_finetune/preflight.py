@@ -366,3 +366,35 @@ def form_overrides(params: dict[str, Any]) -> list[str]:
         f"training_args.num_train_epochs={int(params['epochs'])}",
     ]
     return out + max_steps_overrides(params.get("max_steps", -1))
+
+
+def check_serving(
+    deploy: Any,
+    gpus: Any,
+    tensor_parallel_size: Any = 0,
+    runner: str | None = None,
+    attention_heads: int | None = None,
+) -> int:
+    """Before any pod: serving needs a GPU on the cluster (the local runner's vLLM runs on the CPU),
+    and a tensor-parallel size that fits ``gpus`` (and divides the heads, when known). Returns the
+    tensor-parallel size the server will use (0/unset: the largest power of two <= gpus)."""
+    from airflow_provider_finetune import settings
+    from airflow_provider_finetune.pods.serving import (
+        check_tensor_parallel_size,
+        default_tensor_parallel_size,
+    )
+
+    gpus, tp = int(gpus or 0), int(tensor_parallel_size or 0)
+    if not deploy:
+        return 0
+    if gpus == 0 and settings.runner(runner) != "local":
+        raise FinetuneConfigError(
+            "deploy is on with gpus 0: vLLM on the cluster needs a GPU; set gpus >= 1, turn deploy off, "
+            "or use the local runner ([finetune] runner = local: vLLM on the CPU)"
+        )
+    tp = tp or default_tensor_parallel_size(gpus)
+    try:
+        check_tensor_parallel_size(tp, gpus, attention_heads)
+    except ValueError as err:
+        raise FinetuneConfigError(f"tensor_parallel_size: {err}") from None
+    return tp

@@ -17,7 +17,7 @@ def default(key: str) -> str:
 
 def get(key: str) -> str:
     """``[finetune] key`` from airflow.cfg / AIRFLOW__FINETUNE__KEY, else the provider default."""
-    from airflow.sdk import conf
+    from airflow_provider_finetune.compat import conf
 
     return conf.get(SECTION, key, fallback=default(key)) or ""
 

@@ -7,8 +7,10 @@ Two DAGs share the ``finetune_retrain_data`` asset:
 * ``finetune_retraining_data`` runs the data script and uploads ``train.jsonl`` and
   ``heldout.jsonl`` (validated) to ``s3://<bucket>/datasets/retrain/``; its task emits the asset.
   Any other producer can do the same: ``POST /api/v2/assets/events`` with the asset's id.
-* ``finetune_retraining`` runs on that asset event or every Monday 04:00 UTC, whichever comes
-  first: preflight (champion record, config, data) -> challenger fine-tune -> evaluate both on the
+* ``finetune_retraining`` runs on that asset event and every Monday 04:00 UTC: preflight
+  (champion record, config, data) -> new data? (a scheduled run whose training data has the content
+  the champion was trained on, by sha256, is skipped: green, with the reason in its log; a manual run
+  always trains) -> challenger fine-tune -> evaluate both on the
   held-out file -> decide -> deploy when promoted. The decision is written to the bucket
   (``champions/<line>/decisions/<run>.json``, and ``champion.json`` when promoted), tagged on the
   challenger's MLflow run, and carried as the extra of the ``finetune_champion`` asset event.
@@ -29,9 +31,10 @@ import json
 import re
 from pathlib import Path
 
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
+from airflow.sdk import DAG, Asset, Param, task
 
 from airflow_provider_finetune import settings
+from airflow_provider_finetune.compat import AssetOrTimeSchedule, CronTriggerTimetable
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
@@ -183,6 +186,14 @@ with DAG(
             description="Cap the challenger's training steps (-1: the config's epochs; 0 is refused).",
         ),
         "gpus": Param(int(D.get("gpus", 1)), type="integer", minimum=0, maximum=8),
+        "tensor_parallel_size": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=8,
+            description="Tensor-parallel size of the vLLM server (0: the largest power of two <= gpus; "
+            "3, 5, 6 or 7 would split the attention heads unevenly).",
+        ),
         "deploy": Param(
             bool(D.get("deploy", True)),
             type="boolean",
@@ -239,7 +250,29 @@ with DAG(
         with tempfile.TemporaryDirectory() as tmp:
             check_dataset(params["train_data"], "sft", conn_id, Path(tmp), param="train_data")
             check_dataset(HELDOUT, "sft", conn_id, Path(tmp) / "heldout", param="heldout_data")
-        return record
+        # the champion record keeps its own train_data_sha256; this run's data is hashed beside it
+        return {**record, "new_train_data_sha256": store.data_sha256(params["train_data"])}
+
+    @task.short_circuit
+    def new_data(current: dict, params: dict, dag_run=None) -> bool:
+        """The asset event and the Monday schedule both start runs: a run whose training data is the
+        content the champion was trained on is skipped (green, its tasks marked skipped, the reason in
+        this task's log). A manual run always trains."""
+        from airflow_provider_finetune import settings
+        from airflow_provider_finetune.champion import ChampionStore
+
+        store = ChampionStore(settings.get("bucket"), params["line"], settings.get("bucket_conn_id"))
+        champion = current if current.get("model_uri") else None
+        reason = store.unchanged_data(champion, params["train_data"], current["new_train_data_sha256"])
+        if reason is None:
+            print(f"training data {params['train_data']} differs from the champion's: training a challenger")
+            return True
+        run_type = getattr(dag_run, "run_type", None)
+        if getattr(run_type, "value", run_type) == "manual":
+            print(f"{reason.removesuffix(', the run is skipped')}; a manual run trains anyway")
+            return True
+        print(f"SKIPPED: {reason}")
+        return False
 
     current = preflight()
     challenger = FinetuneKubernetesOperator(
@@ -280,6 +313,8 @@ with DAG(
             "mlflow_run_id": trained.get("mlflow_run_id"),
             "checkpoint_uri": trained.get("checkpoint_uri"),
             "heldout_data": HELDOUT,
+            "train_data": params["train_data"],
+            "train_data_sha256": current.get("new_train_data_sha256"),
             "min_improvement": float(MIN_IMPROVEMENT),
             "previous_champion": current.get("model_uri") or None,
         }
@@ -319,7 +354,8 @@ with DAG(
         model_uri="{{ ti.xcom_pull(task_ids='decide')['model_uri'] }}",
         served_model_name=SERVED_PREFIX + "{{ params.line }}",
         gpus="{{ params.gpus }}",
+        tensor_parallel_size="{{ params.tensor_parallel_size }}",
         keep_running=bool(D.get("keep_serving", True)),
     )
-    current >> challenger >> evaluate
+    current >> new_data(current) >> challenger >> evaluate
     promoted(decision) >> deploy

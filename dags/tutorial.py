@@ -23,7 +23,6 @@ from airflow_provider_finetune.operators import (
     FinetuneKubernetesOperator,
     HFModelToBucketOperator,
     MergeAdapterOperator,
-    UndeployVLLMOperator,
 )
 from airflow_provider_finetune.preflight import (
     SHIPPED_SFT_CONFIGS,
@@ -131,6 +130,14 @@ with DAG(
         "gpus": Param(
             D.get("gpus", 1), type="integer", minimum=0, maximum=8, description="GPUs per sweep pod."
         ),
+        "tensor_parallel_size": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=8,
+            description="Tensor-parallel size of the vLLM server (0: the largest power of two <= gpus; "
+            "3, 5, 6 or 7 would split the attention heads unevenly).",
+        ),
         "full_param_gpus": Param(
             0,
             type="integer",
@@ -139,6 +146,17 @@ with DAG(
             description="Also run a full-parameter fine-tune on this many GPUs (0: skip).",
         ),
         "deploy": Param(True, type="boolean", description="Serve the best model with vLLM and chat with it."),
+        "inference_only": Param(
+            False,
+            type="boolean",
+            description="Train nothing: serve the already trained model at serve_model_uri and chat with it.",
+        ),
+        "serve_model_uri": Param(
+            "",
+            type="string",
+            description="inference_only: the s3:// prefix of a complete trained (merged) model in the "
+            "bucket, e.g. a sweep's .../checkpoint-final-merged.",
+        ),
         "run_name": Param(
             "",
             type="string",
@@ -167,11 +185,26 @@ with DAG(
             check_conf_keys,
             check_configs,
             check_model_id,
+            check_serving,
             max_steps_overrides,
         )
 
         check_conf_keys(dag_run.conf if dag_run else None, dag.params if dag else params)
+        if params["inference_only"]:
+            from airflow_provider_finetune.preflight import check_model
+
+            check_serving(True, params["gpus"], params["tensor_parallel_size"])
+            check_model(params["serve_model_uri"], settings.get("bucket_conn_id"), "serve_model_uri")
+            print(f"preflight passed: inference only, serving {params['serve_model_uri']}")
+            return []
         check_model_id(params["model_id"], LOCAL_MODEL_DIR)
+        local_config = Path(params["model_id"]) / "config.json"  # the heads, when the model is at hand
+        heads = (
+            json.loads(local_config.read_text()).get("num_attention_heads")
+            if local_config.is_file()
+            else None
+        )
+        check_serving(params["deploy"], params["gpus"], params["tensor_parallel_size"], attention_heads=heads)
         DATA_SCRIPTS.path(params["data_script"])
         config = CONFIGS.path(params["config"])
         overrides = max_steps_overrides(params["max_steps"])
@@ -187,6 +220,14 @@ with DAG(
         return swept
 
     swept = preflight()
+
+    @task.short_circuit(ignore_downstream_trigger_rules=True)
+    def want_training(params: dict) -> bool:
+        """inference_only skips every training task (and the serving of a trained result)."""
+        return not params["inference_only"]
+
+    training = want_training()
+    swept >> training
     model = HFModelToBucketOperator(
         task_id="deliver_model",
         model_id="{{ params.model_id }}",
@@ -199,7 +240,7 @@ with DAG(
         destination=DATA_PREFIX,
         outlets=[TUTORIAL_DATA],
     )
-    swept >> [model, data]
+    training >> [model, data]
     config = "{{ " + json.dumps(CONFIGS.files) + "[params.config] }}"
     # -1 keeps the config's own schedule
     overrides = ["{{ 'training_args.max_steps=' ~ params.max_steps if params.max_steps > 0 else '' }}"]
@@ -261,6 +302,7 @@ with DAG(
         model_uri="{{ ti.xcom_pull(task_ids='pick_best')['checkpoint_uri'] }}/checkpoint-final-merged",
         served_model_name="tutorial",
         gpus="{{ params.gpus }}",
+        tensor_parallel_size="{{ params.tensor_parallel_size }}",
         keep_running=True,  # until chat has asked; stop_serving removes it at the end unless keep_serving
         smoke_question="{{ params.question }}",
     )
@@ -278,12 +320,32 @@ with DAG(
         return reply
 
     @task
-    def stop_serving(params: dict, **context) -> bool:
+    def stop_serving(params: dict) -> bool:
+        from airflow_provider_finetune.operators.deploy import undeploy
+
         if params["keep_serving"]:
             print("keep_serving: the vLLM server keeps running")
             return False
-        return UndeployVLLMOperator(task_id="stop_serving_now", served_model_name="tutorial").execute(context)
+        return undeploy("tutorial")  # the function UndeployVLLMOperator runs, not an operator in a task
 
     [model, data] >> sweep
     best >> merged >> want_deploy() >> deploy
     chat(deploy.output) >> stop_serving().as_teardown(setups=deploy)
+
+    # inference_only: serve a model trained before, without training
+    @task.short_circuit
+    def want_inference_only(params: dict) -> bool:
+        return bool(params["inference_only"])
+
+    serve_trained = DeployVLLMOperator(
+        task_id="serve_trained",
+        model_uri="{{ params.serve_model_uri }}",
+        served_model_name="tutorial",
+        gpus="{{ params.gpus }}",
+        tensor_parallel_size="{{ params.tensor_parallel_size }}",
+        keep_running=True,
+        smoke_question="{{ params.question }}",
+    )
+    swept >> want_inference_only() >> serve_trained
+    chat_trained = chat.override(task_id="chat_trained")(serve_trained.output)
+    chat_trained >> stop_serving.override(task_id="stop_serving_trained")().as_teardown(setups=serve_trained)

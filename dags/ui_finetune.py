@@ -128,6 +128,16 @@ with DAG(
             description="0 runs on the CPU (tiny models only).",
             section=RESOURCES,
         ),
+        "tensor_parallel_size": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=8,
+            title="Serving tensor-parallel size",
+            description="Tensor-parallel size of the vLLM server (0: the largest power of two <= gpus; "
+            "3, 5, 6 or 7 would split the attention heads unevenly).",
+            section=RESOURCES,
+        ),
         "deploy": Param(
             False,
             type="boolean",
@@ -144,11 +154,17 @@ with DAG(
         import tempfile
 
         from airflow_provider_finetune import settings
-        from airflow_provider_finetune.preflight import check_conf_keys, check_inputs, form_overrides
+        from airflow_provider_finetune.preflight import (
+            check_conf_keys,
+            check_inputs,
+            check_serving,
+            form_overrides,
+        )
 
         check_conf_keys(
             dag_run.conf if dag_run else None, dag.params if dag else params
         )  # the declared params
+        check_serving(params["deploy"], params["gpus"], params["tensor_parallel_size"])
         overrides = form_overrides(params)
         with tempfile.TemporaryDirectory() as tmp:
             ranks = check_inputs(
@@ -199,6 +215,7 @@ with DAG(
         model_uri="{{ ti.xcom_pull(task_ids='pick_best')['final_checkpoint_uri'] }}",
         served_model_name="finetune-ui",
         gpus="{{ params.gpus }}",
+        tensor_parallel_size="{{ params.tensor_parallel_size }}",
         keep_running=bool(D.get("keep_serving", True)),
     )
     best >> want_deploy() >> deploy

@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # Engine image for NVIDIA GPUs (gpu_vendor: nvidia). Build from the repository root:
 #   docker build -f images/engine-cuda.Dockerfile -t REGISTRY/finetune-engine-cuda:0.1.0 .
 # Pods override the command (`finetune-engine train-job ...`, `torchrun -m finetune_engine.cli.main ...`);
@@ -17,7 +18,6 @@ ARG PYPI_INDEX_URL=https://pypi.org/simple
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -32,22 +32,26 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 
-# Heavy, rarely changing layer first: torch and its GPU libraries (--no-deps: torch's other
-# requirements are in the second lock), then everything else. Hash-checking mode: pip refuses any
-# file whose sha256 is not in the lock, any unpinned requirement, and (only-binary) any source build.
+# Heavy, rarely changing layer first, on its own: torch and its GPU libraries (--no-deps: torch's other
+# requirements are in the second lock); then everything else in a second layer, so a change of the
+# engine lock does not rebuild the torch layer. Hash-checking mode: pip refuses any file whose sha256
+# is not in the lock, any unpinned requirement, and (only-binary) any source build. BuildKit's cache
+# mount keeps downloaded wheels between builds, outside the image.
 COPY images/requirements-torch-cuda.txt /opt/requirements-torch.txt
-COPY images/requirements-engine.txt /opt/requirements-engine.txt
-RUN grep -q -- "--hash=sha256:" /opt/requirements-torch.txt \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    grep -q -- "--hash=sha256:" /opt/requirements-torch.txt \
     || { echo "images/requirements-torch-cuda.txt has no hashes: run scripts/lock_images.py" >&2; exit 1; } \
-    && pip install --no-cache-dir --require-hashes --only-binary :all: --no-deps \
-        --index-url "${TORCH_INDEX_URL}" -r /opt/requirements-torch.txt \
-    && pip install --no-cache-dir --require-hashes --only-binary :all: \
+    && pip install --require-hashes --only-binary :all: --no-deps \
+        --index-url "${TORCH_INDEX_URL}" -r /opt/requirements-torch.txt
+COPY images/requirements-engine.txt /opt/requirements-engine.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --require-hashes --only-binary :all: \
         --index-url "${PYPI_INDEX_URL}" -r /opt/requirements-engine.txt
 
 # The engine itself, from the copied source and no index: every requirement of its train and storage
 # extras must already be installed from the locks, or this step fails (nothing is fetched here).
 COPY engine /opt/src/engine
-RUN pip install --no-cache-dir --no-index --no-build-isolation "/opt/src/engine[train,storage]" \
+RUN pip install --no-cache-dir --no-index --no-build-isolation "/opt/src/engine[train,storage,quantize]" \
     && pip check \
     && finetune-engine --help > /dev/null \
     && finetuning --help > /dev/null

@@ -60,7 +60,9 @@ with DAG("bench_engine_sweep", schedule=None, catchup=False, max_active_tasks=N)
 
 def parse_times(files: list[Path], repeat: int = 3) -> dict[str, float]:
     code = (
-        "import sys, time\nt = time.perf_counter()\nfrom airflow.dag_processing.dagbag import DagBag\n"
+        "import sys, time\nt = time.perf_counter()\n"
+        "try:\n    from airflow.dag_processing.dagbag import DagBag\n"
+        "except ImportError:  # Airflow 3.1\n    from airflow.models.dagbag import DagBag\n"
         "t0 = time.perf_counter()\nbag = DagBag(sys.argv[1])\nprint(time.perf_counter() - t0, len(bag.dags), "
         "len(bag.import_errors))"
     )

@@ -6,8 +6,9 @@
 
 What it writes (see images/README.md):
 
-- ``images/requirements-engine.txt``: ``finetune-engine[train,storage]`` and everything it pulls in on
-  Linux x86_64 / CPython 3.12, except torch and torch's GPU libraries; from PyPI, with hashes.
+- ``images/requirements-engine.txt``: ``airflow-provider-finetune-engine[train,storage,quantize]`` and
+  everything it pulls in on Linux x86_64 / CPython 3.12, except torch and torch's GPU libraries; from
+  PyPI, with hashes.
 - ``images/requirements-torch-cuda.txt``: torch and its CUDA libraries (``nvidia-*``, ``cuda-*``,
   ``triton``), from PyPI, whose Linux torch wheel is the CUDA build; with hashes.
 - ``images/requirements-torch-rocm.txt`` (``--rocm``): torch and ``pytorch-triton-rocm`` from the
@@ -137,10 +138,10 @@ def pypi_locks() -> dict[Path, str]:
         raise LockError("run this with the project's .venv/bin/python (it pins setuptools)") from None
     full = blocks(
         compile_lock(
-            f"./engine[train,storage]\nsetuptools=={setuptools}\n",
+            f"./engine[train,storage,quantize]\nsetuptools=={setuptools}\n",
             dockerfile_arg(DOCKERFILES["cuda"], "PYPI_INDEX_URL"),
             "--no-emit-package",
-            "finetune-engine",
+            "airflow-provider-finetune-engine",
         )
     )
     for name in ("torch", "setuptools"):
@@ -156,7 +157,8 @@ def pypi_locks() -> dict[Path, str]:
     pypi = dockerfile_arg(DOCKERFILES["cuda"], "PYPI_INDEX_URL")
     return {
         COMMON_LOCK: render(
-            "finetune-engine[train,storage] on Linux x86_64 / CPython 3.12, less torch and its GPU libraries",
+            "airflow-provider-finetune-engine[train,storage,quantize] on Linux x86_64 / CPython 3.12, "
+            "less torch and its GPU libraries",
             pypi,
             common,
             source=f" and setuptools {setuptools}",

@@ -19,6 +19,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 torch_pin=$(grep -E '^torch==' constraints.txt)
 quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }  # pip's noise about absent local indexes
 quiet "${PIP[@]}" install "$torch_pin"
-quiet "${PIP[@]}" install -c constraints.txt -e "./engine[train,storage]" -e ".[dev]"
+# the engine's distribution was once named finetune-engine: one import package, one distribution
+"${PIP[@]}" uninstall -y finetune-engine >/dev/null 2>&1 || true
+quiet "${PIP[@]}" install -c constraints.txt -e "./engine[train,storage,quantize]" -e ".[dev]"
 echo "$want" > $VENV/.setup-stamp
 echo "setup: $VENV ready in $(( $(date +%s) - t0 ))s"

@@ -9,6 +9,7 @@ vllm_pid=$!
 ./scripts/setup.sh
 wait $vllm_pid
 wait $browser_pid
+./scripts/setup-registry.sh    # the OCI registry for the oci:// tests (apt, after setup-browser's apt)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LINT_VENV=.venv ./scripts/lint.sh   # the static checks (make lint), with the tools .venv already has
 # two workers, whole modules each (module fixtures such as an Airflow server are built once), longest

@@ -150,5 +150,10 @@ def seaweed_server(root: Path) -> S3Server:
         f"-filer.port={filer}",
         f"-s3.port.iceberg={iceberg}",
         f"-s3.port.lance={lance}",
+        # Each bucket is a collection with volumes of its own. By default the volume count is
+        # free disk / volume size (~20 on a small disk), so a session of per-test buckets ran out
+        # of volumes and PutObject failed with InternalError. Small volumes, many of them.
+        "-master.volumeSizeLimitMB=32",
+        "-volume.max=5000",
     ]
     return S3Server("seaweedfs", root, s3, key, secret, cmd, env={"TMPDIR": str(root)})

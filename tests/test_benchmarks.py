@@ -46,6 +46,18 @@ CASES = {
             r"2 process\(es\): ours .* ratio [\d.]+x",
         ],
     ),
+    # the GPU benchmark's rows on a tiny model and the CPU (the figures come from a GPU run)
+    "bench_gpu.py": (
+        ["--smoke", "--json", "{tmp}/bench_gpu.json"],
+        [
+            r"engine full\s+\d+ tok/s",
+            r"engine lora\s+\d+ tok/s",
+            r"bare loop full\s+\d+ tok/s",
+            r"TRL packing\s+(\d+ tok/s|skipped)",
+            r"ratio engine full / bare loop full: [\d.]+x",
+            r"ratio engine full / TRL packing: ([\d.]+x|n/a)",
+        ],
+    ),
     # the sweep measurement (two `airflow dags test` runs) is left to `make bench`: the local runner's
     # mapped sweeps through `airflow dags test` are covered by tests/provider/test_local_dag.py
     "bench_orchestration.py": (
@@ -55,6 +67,11 @@ CASES = {
             r"render \+ validate config.*\(\d[\d.]*x\)",
             r"mapped sweep: skipped \(--sweep 0\)",
         ],
+    ),
+    # the quantized checkpoints' size and loss against the unquantized model (vLLM speed: `make bench`)
+    "bench_quantize.py": (
+        ["--no-vllm", "--train-steps", "2", "--iters", "0", "--samples", "4"],
+        [r"\| W8A8 \| [\d.]+ MB \| 0\.\d+ \|", r"\| W4A16 \| [\d.]+ MB \| 0\.\d+ \|"],
     ),
     "bench_resume.py": (
         ["--trials", "1", "--steps", "6", "--save-steps", "2", "--seed", "3"],
@@ -67,8 +84,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_benchmark_script_runs_and_prints_its_ratios(script):
+def test_benchmark_script_runs_and_prints_its_ratios(script, tmp_path):
     args, patterns = CASES[script]
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *args],

@@ -18,7 +18,13 @@ from airflow.sdk import Context
 from airflow_provider_finetune import checks, settings
 from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError
 from airflow_provider_finetune.hooks import ConnectionSecretResolver, SecretNames
-from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE, EngineJobSpec, Scratch, SecretEnv
+from airflow_provider_finetune.pods.spec import (
+    DEFAULT_TERMINATION_GRACE_SECONDS,
+    XCOM_RESULT_FILE,
+    EngineJobSpec,
+    Scratch,
+    SecretEnv,
+)
 
 WORKDIR = "/workdir"
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -106,6 +112,8 @@ class EngineJobOperator(KubernetesPodOperator):
     :param bucket: bucket name; default ``[finetune] bucket``.
     :param bucket_conn_id: Airflow ``aws`` connection that stands in for the bucket Secret on the local
         runner; default ``[finetune] bucket_conn_id``.
+    :param termination_grace_period: seconds between SIGTERM and SIGKILL when the pod is stopped
+        (kill, preemption, eviction): the trainer saves and uploads a checkpoint in them; default 300.
     :param extra_env: more plain environment variables of the engine container (they win over the
         operator's own); credentials are refused here, they belong in Kubernetes Secrets.
 
@@ -150,6 +158,8 @@ class EngineJobOperator(KubernetesPodOperator):
         if kwargs.get("active_deadline_seconds") is None:
             kwargs["active_deadline_seconds"] = settings.integer("active_deadline_seconds") or None
         kwargs.setdefault("log_pod_spec_on_failure", False)
+        # SIGTERM gives the trainer this long to save and upload a checkpoint before SIGKILL
+        kwargs.setdefault("termination_grace_period", DEFAULT_TERMINATION_GRACE_SECONDS)
         kwargs.setdefault("name", None)
         kwargs.setdefault("image", engine_image or settings.get("engine_image"))
         kwargs.setdefault("namespace", settings.get("namespace") or None)
@@ -215,6 +225,15 @@ class EngineJobOperator(KubernetesPodOperator):
         checks.check_positive_int("gpus", self.gpus)
         if self.active_deadline_seconds is not None:
             checks.check_positive_int("active_deadline_seconds", self.active_deadline_seconds, minimum=1)
+        if self.termination_grace_period is not None:
+            checks.check_positive_int("termination_grace_period", self.termination_grace_period)
+        for secret in self.image_pull_secrets or []:
+            name = getattr(secret, "name", secret)
+            if not checks.DNS_SUBDOMAIN.match(str(name or "")):
+                raise FinetuneConfigError(
+                    f"image_pull_secrets: {name!r} is not a valid Secret name (lowercase letters, digits, "
+                    "'-' and '.')"
+                )
         checks.check_mlflow_uri("[finetune] mlflow_tracking_uri", settings.get("mlflow_tracking_uri"))
         for option in ("bucket_secret_name", "mlflow_secret_name"):
             name = settings.get(option)
@@ -311,7 +330,18 @@ class EngineJobOperator(KubernetesPodOperator):
             active_deadline_seconds=self.active_deadline_seconds,
             service_account_name=self.service_account_name,
             namespace=self.namespace,
+            image_pull_secrets=[getattr(s, "name", s) for s in self.image_pull_secrets or []],
+            affinity=self.affinity_dict(),
+            termination_grace_period_seconds=self.termination_grace_period,
         )
+
+    def affinity_dict(self) -> dict[str, Any] | None:
+        """The operator's ``affinity`` as a manifest dict (camelCase), or None."""
+        if not self.affinity:
+            return None
+        from airflow_provider_finetune.pods.pod import to_dict
+
+        return to_dict(self.affinity)
 
     def extra_secret_env(self) -> list[SecretEnv]:
         return []
@@ -410,7 +440,11 @@ class EngineJobOperator(KubernetesPodOperator):
             local_env.update(
                 {k: bucket[k] for k in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN") if bucket.get(k)}
             )
-        self._local_runner = LocalRunner(workdir, resolver, log=self.log.info, extra_env=local_env)
+        # a kill gives the engine the pod's grace period too: it saves and uploads a checkpoint on SIGTERM
+        grace = float(self.termination_grace_period) if self.termination_grace_period is not None else 10.0
+        self._local_runner = LocalRunner(
+            workdir, resolver, log=self.log.info, extra_env=local_env, grace=grace
+        )
         try:
             result = self._local_runner.run(pod, timeout=self.active_deadline_seconds)
         except LocalRunError as err:
@@ -430,7 +464,7 @@ class EngineJobOperator(KubernetesPodOperator):
         try:
             super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
         except Exception as err:
-            from airflow.sdk.exceptions import AirflowSkipException
+            from airflow_provider_finetune.compat import AirflowSkipException
 
             if failure is None or isinstance(err, AirflowSkipException):
                 raise

@@ -11,14 +11,17 @@ from airflow.sdk import Context
 from airflow_provider_finetune import checks, settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.hooks import SecretNames
+from airflow_provider_finetune.oci import OciMixin
 from airflow_provider_finetune.operators.base import EngineJobOperator
 from airflow_provider_finetune.pods.spec import DNS_SUBDOMAIN, SecretEnv
 
 
-class HFModelToBucketOperator(EngineJobOperator):
+class HFModelToBucketOperator(OciMixin, EngineJobOperator):
     """``finetune-engine deliver-model``: Hub model (or a directory / bucket prefix) -> bucket.
 
-    :param model_id: Hub repo id (org/name), a directory on the worker (local runner), or s3:// prefix.
+    :param model_id: Hub repo id (org/name), a directory on the worker (local runner), s3:// prefix, or
+        an OCI artifact ``oci://REGISTRY/REPOSITORY:TAG`` (credentials: ``oci_secret`` /
+        ``oci_docker_config``, see :class:`~airflow_provider_finetune.oci.OciMixin`).
     :param revision: branch, tag or commit.
     :param exclude_patterns: globs of files to skip, e.g. ``["original/*"]``.
     :param allow_patterns: globs of the only files to deliver (default: all but the excluded).
@@ -72,7 +75,15 @@ class HFModelToBucketOperator(EngineJobOperator):
             return self.destination.rstrip("/")
         name = "/".join(self.model_id.rstrip("/").split("/")[-2:])
         suffix = f"@{self.revision}" if self.revision and self.revision != "main" else ""
+        if str(self.model_id).startswith("oci://"):  # models/<org>/<name>@<tag or digest>
+            from finetune_engine.storage.oci import parse_oci
+
+            ref = parse_oci(self.model_id)
+            name, suffix = "/".join(ref.repository.split("/")[-2:]), "@" + ref.reference.replace(":", "-")
         return self.bucket_uri("models", name + suffix)
+
+    def oci_references(self) -> dict[str, Any]:
+        return {"model_id": self.model_id} if str(self.model_id).startswith("oci:") else {}
 
     def validate(self, context: Context) -> None:
         super().validate(context)
@@ -117,12 +128,13 @@ class HFModelToBucketOperator(EngineJobOperator):
         return [SecretEnv("HF_TOKEN", self.secret_names().hf_token, "HF_TOKEN", optional=True)]
 
 
-class DataScriptToBucketOperator(EngineJobOperator):
+class DataScriptToBucketOperator(OciMixin, EngineJobOperator):
     """``finetune-engine deliver-data``: run a data script (or fetch URLs), validate, upload.
 
     :param script: Python source of the data script (writes JSONL into ``$FINETUNE_DATA_DIR``).
     :param script_file: path of the script on the worker (read at run time) instead of ``script``.
-    :param urls: http(s) URLs of JSONL files instead of a script.
+    :param urls: http(s) URLs of JSONL files instead of a script, or files of OCI artifacts
+        ``oci://REGISTRY/REPOSITORY:TAG#FILE`` (credentials: ``oci_secret`` / ``oci_docker_config``).
     :param destination: bucket prefix; default ``s3://<bucket>/datasets``.
     :param method: validate the files for ``sft``, ``dpo`` or ``kto``.
     :param timeout_seconds: seconds the script or the downloads may take.
@@ -161,6 +173,9 @@ class DataScriptToBucketOperator(EngineJobOperator):
         self.method = method
         self.timeout_seconds = timeout_seconds
         self.allow_private_urls = allow_private_urls
+
+    def oci_references(self) -> dict[str, Any]:
+        return {f"urls[{i}]": u for i, u in enumerate(self.urls) if str(u).startswith("oci:")}
 
     def source_script(self) -> str | None:
         if self.script_file:

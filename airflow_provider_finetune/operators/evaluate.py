@@ -32,6 +32,11 @@ class EvaluateModelsOperator(EngineJobOperator):
     :param datasets: held-out JSONL URIs.
     :param max_seq_length: longer examples are truncated.
     :param batch_size: examples per forward pass.
+    :param gpus: GPUs of the pod; default (None): the accelerator of the training task upstream — one
+        GPU of its vendor, on its node selector and tolerations, when it trained on GPUs (the CPU when
+        it did not, or when there is no such task). ``gpus=0`` evaluates on the CPU.
+    :param accelerator_from: the task id of the training task to take the accelerator from; default:
+        the FinetuneKubernetesOperator directly upstream.
     """
 
     template_fields: Sequence[str] = (
@@ -49,18 +54,68 @@ class EvaluateModelsOperator(EngineJobOperator):
         datasets: list[str] | str,
         max_seq_length: int = 1024,
         batch_size: int = 8,
+        gpus: int | str | None = None,
+        accelerator_from: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("gpus", 0)
         kwargs.setdefault("cpu_per_gpu", "4")
         kwargs.setdefault("memory_per_gpu", "32Gi")
-        super().__init__(**kwargs)
+        super().__init__(gpus=0 if gpus is None else gpus, **kwargs)
+        self.inherit_accelerator = gpus is None
+        self.accelerator_from = accelerator_from
         self.models = models
         self.datasets = datasets
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
 
+    def training_task(self) -> Any:
+        """The training task whose accelerator this evaluation takes, or None."""
+        from airflow_provider_finetune.operators.finetune import FinetuneKubernetesOperator
+
+        if not self.has_dag():  # a task outside a DAG has no training task upstream
+            if self.accelerator_from:
+                raise FinetuneConfigError(
+                    f"accelerator_from {self.accelerator_from!r}: the task is in no DAG"
+                )
+            return None
+        if self.accelerator_from:
+            dag = self.dag
+            if dag is None or not dag.has_task(self.accelerator_from):
+                raise FinetuneConfigError(
+                    f"accelerator_from {self.accelerator_from!r}: no such task in the DAG (give the task id "
+                    "of the training task, or gpus=)"
+                )
+            return dag.get_task(self.accelerator_from)
+        found = [t for t in self.upstream_list if isinstance(t, FinetuneKubernetesOperator)]
+        return found[0] if len(found) == 1 else None
+
+    def take_accelerator(self, context: Context) -> None:
+        """gpus=None: one GPU of the training task's vendor (its node selector and tolerations too, when
+        this task sets none) when it trained on GPUs; the CPU otherwise."""
+        train = self.training_task()
+        if train is None:
+            return
+        try:
+            gpus = int(train.render_template(train.gpus, context) or 0)
+        except (TypeError, ValueError):
+            gpus = 0
+        if gpus < 1:
+            return
+        self.gpus = 1  # one model at a time: one GPU is what scoring uses
+        self.gpu_vendor = self.gpu_vendor or train.gpu_vendor
+        self.node_selector = self.node_selector or dict(train.node_selector or {})
+        self.tolerations = self.tolerations or list(train.tolerations or [])
+        self.log.info(
+            "evaluating on 1 %s GPU, the accelerator of %s (%d GPU(s)); gpus=0 evaluates on the CPU",
+            self.gpu_vendor or "default-vendor",
+            train.task_id,
+            gpus,
+        )
+
     def validate(self, context: Context) -> None:
+        if self.inherit_accelerator:
+            self.take_accelerator(context)
+            self.inherit_accelerator = False
         super().validate(context)
         models, datasets = _as_list(self.models), _as_list(self.datasets)
         if not models:

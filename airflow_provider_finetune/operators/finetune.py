@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,8 +16,9 @@ import yaml
 from airflow.sdk import Context
 
 from airflow_provider_finetune import checks, settings
-from airflow_provider_finetune.exceptions import FinetuneConfigError
+from airflow_provider_finetune.exceptions import EngineJobFailed, FinetuneConfigError
 from airflow_provider_finetune.links import MLflowRunLink, mlflow_run_url
+from airflow_provider_finetune.oci import OciMixin
 from airflow_provider_finetune.operators.base import EngineJobOperator
 
 
@@ -85,11 +87,28 @@ def strategy_training_args(strategy: str | None) -> dict[str, Any]:
 
 
 SWEEP_LABEL = "{{ task.sweep_label() }}"
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+# a multi-node job's name: pods and Services derive theirs from it (``<job>-node-0-0-<hash>``,
+# ``<job>-worker-12``), which must stay DNS labels of at most 63 characters
+JOB_NAME_MAX = 40
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why ``key`` is not a Kubernetes label/annotation key (``[prefix/]name``), or None."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not checks.DNS_SUBDOMAIN.match(prefix)):
+        return "the prefix before '/' must be a DNS subdomain (e.g. kueue.x-k8s.io)"
+    if not _LABEL_NAME.match(name):
+        return "the name must be at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends"
+    return None
+
+
 # A model's config.json is a few kilobytes; validate() reads no more than this of it.
 MODEL_CONFIG_MAX_BYTES = 1 << 20
 
 
-class FinetuneKubernetesOperator(EngineJobOperator):
+class FinetuneKubernetesOperator(OciMixin, EngineJobOperator):
     """Fine-tune in a pod: ``finetune-engine train-job`` with the rendered config.
 
     :param config: the experiment config as a dict, YAML text, or a path to a YAML file.
@@ -113,7 +132,24 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     :param distributed: multi-node kind: ``trainjob`` (Kubeflow Trainer) or ``pytorchjob``.
     :param elastic_policy: ``pytorchjob`` only: make it elastic with this ``elasticPolicy`` (over the
         defaults rdzvBackend c10d, minReplicas = maxReplicas = num_nodes, maxRestarts 3).
-    :param poll_interval: multi-node: seconds between status checks of the job.
+    :param poll_interval: multi-node: seconds between status checks of the job and its pods.
+    :param training_runtime: ``trainjob`` only: the (Cluster)TrainingRuntime the TrainJob runs on
+        (``torch-distributed`` by default; e.g. a cluster's own runtime); templated.
+    :param training_runtime_kind: ``ClusterTrainingRuntime`` (default) or ``TrainingRuntime`` (one in
+        the job's namespace).
+    :param ttl_seconds_after_finished: ``pytorchjob`` only: the Training Operator removes a finished job
+        this long after it ends (a failed one the operator keeps for its logs); default one day.
+
+    Multi-node jobs are named per run (task, run id, map index and config hash: a retry of the same
+    run finds its job again, the next run makes its own) and labelled with their dag, task, run and
+    map index; a name taken by another run's job is an error, never a reattachment. The wait defers
+    to :class:`~airflow_provider_finetune.triggers.job.TrainingJobTrigger` (``deferrable=True``, or
+    ``[operators] default_deferrable``) or runs the same loop on the worker, until
+    ``active_deadline_seconds`` plus ``schedule_timeout_seconds``; a failure names its reason (the
+    job's condition, or a pod's ImagePullBackOff, OOMKilled, Unschedulable) and the failed pod's log
+    tail. The job is deleted on success (``on_finish_action``), on kill and on timeout.
+    ``image_pull_secrets``, ``affinity``, ``labels`` and ``annotations`` (e.g. Kueue's
+    ``kueue.x-k8s.io/queue-name`` label) reach the job and its pods.
     :param distributed_strategy: ``ddp``, ``fsdp`` (FSDP2, transformer-layer wrapping, full state
         dict saved), ``deepspeed-zero1`` or ``deepspeed-zero3``; sets ``training_args.fsdp`` /
         ``fsdp_config`` or ``training_args.deepspeed`` (overrides may refine them). Default: what the
@@ -134,7 +170,10 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         "method",
         "run_name",
         "distributed_strategy",
+        "training_runtime",
+        "output_oci",  # OciMixin: push the final adapter/model to a registry
     )
+    oci_output = True
     template_fields_renderers = {**EngineJobOperator.template_fields_renderers, "config": "yaml"}
     operator_extra_links = (MLflowRunLink(),)
     hub_offline = True
@@ -158,6 +197,9 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         elastic_policy: dict | None = None,
         poll_interval: float = 30,
         distributed_strategy: str | None = None,
+        training_runtime: str = "torch-distributed",
+        training_runtime_kind: str = "ClusterTrainingRuntime",
+        ttl_seconds_after_finished: int | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("map_index_template") is None and (lora_rank is not None or overrides):
@@ -178,6 +220,10 @@ class FinetuneKubernetesOperator(EngineJobOperator):
         self.elastic_policy = elastic_policy
         self.poll_interval = poll_interval
         self.distributed_strategy = distributed_strategy
+        self.training_runtime = training_runtime
+        self.training_runtime_kind = training_runtime_kind
+        self.ttl_seconds_after_finished = ttl_seconds_after_finished
+        self._job: dict[str, str] | None = None  # the multi-node job this task created or reattached to
         self._pod_config: Any = None  # the parsed config, once validated (pod_config())
 
     @classmethod
@@ -334,6 +380,8 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             raise FinetuneConfigError(
                 f"distributed {self.distributed!r}: use trainjob (Kubeflow Trainer) or pytorchjob"
             )
+        if self.num_nodes > 1:
+            self.check_multinode_args()
         self.check_gpu_budget(context)
         if self.base_model:
             checks.check_bucket_uri("base_model", self.base_model)
@@ -346,6 +394,31 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             "checkpoint_uri", self.checkpoint_uri or self.resolved_checkpoint_uri(context)
         )
         self.check_target_modules()
+
+    def check_multinode_args(self) -> None:
+        """The job-level arguments of a multi-node run: runtime, TTL, labels and annotations."""
+        from airflow_provider_finetune.pods.distributed import RUNTIME_KINDS
+
+        if self.training_runtime_kind not in RUNTIME_KINDS:
+            raise FinetuneConfigError(
+                f"training_runtime_kind {self.training_runtime_kind!r}: use one of {', '.join(RUNTIME_KINDS)}"
+            )
+        if not checks.DNS_SUBDOMAIN.match(str(self.training_runtime or "")):
+            raise FinetuneConfigError(
+                f"training_runtime {self.training_runtime!r} is not a runtime name (lowercase letters, "
+                "digits, '-' and '.'); e.g. torch-distributed (kubectl get clustertrainingruntimes)"
+            )
+        if self.ttl_seconds_after_finished is not None:
+            checks.check_positive_int("ttl_seconds_after_finished", self.ttl_seconds_after_finished)
+        for field, mapping in (("labels", self.labels), ("annotations", self.annotations)):
+            for key, value in (mapping or {}).items():
+                problem = label_key_problem(str(key))
+                if problem is None and field == "labels" and not LABEL_VALUE.match(str(value)):
+                    problem = (
+                        "values are at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends"
+                    )
+                if problem:
+                    raise FinetuneConfigError(f"{field} {key!r}: {problem}")
 
     def check_target_modules(self) -> None:
         """An explicit ``peft_conf.peft_kwargs.target_modules`` list names modules the base model has
@@ -537,37 +610,78 @@ class FinetuneKubernetesOperator(EngineJobOperator):
     def execute(self, context: Context) -> Any:
         if self.num_nodes > 1 and self.resolved_runner == "kubernetes":
             self.validate(context)
-            return self.handle_result(context, self.execute_multinode(context))
+            return self.execute_multinode(context)
         return super().execute(context)
+
+    def job_name(self, context: Context) -> str:
+        """The multi-node job's name: the task id and a hash of dag, task, run id, map index and config
+        (a retry of the run finds its job again; the next run, or another config, makes its own),
+        DNS-1035 and at most :data:`JOB_NAME_MAX` characters."""
+        ti = context["ti"]
+        index = getattr(ti, "map_index", -1)
+        key = f"{ti.dag_id}\0{ti.task_id}\0{context['run_id']}\0{index}\0{self.config_hash()}"
+        suffix = hashlib.sha256(key.encode()).hexdigest()[:10]
+        readable = re.sub(r"[^a-z0-9-]+", "-", ti.task_id.lower()).strip("-")
+        if not readable or not readable[0].isalpha():
+            readable = f"ft-{readable}".rstrip("-")
+        return f"{readable[: JOB_NAME_MAX - len(suffix) - 1].rstrip('-')}-{suffix}"
 
     def multinode_manifest(self, context: Context) -> dict:
         from airflow_provider_finetune.pods.distributed import build_pytorchjob, build_trainjob
         from airflow_provider_finetune.pods.spec import labels_for
+        from airflow_provider_finetune.triggers.job import JOB_LABEL
 
         base = self.build_spec(context)
         ti = context["ti"]
+        name = self.job_name(context)
         spec = base.__class__(
             **{
                 **base.__dict__,
-                "labels": labels_for(ti.dag_id, ti.task_id, context["run_id"], getattr(ti, "map_index", -1)),
-                "name": f"{ti.dag_id}-{ti.task_id}-{self.config_hash()}",
+                "labels": {
+                    **{str(k): str(v) for k, v in (self.labels or {}).items()},
+                    **labels_for(ti.dag_id, ti.task_id, context["run_id"], getattr(ti, "map_index", -1)),
+                    JOB_LABEL: name,
+                },
+                "annotations": {str(k): str(v) for k, v in (self.annotations or {}).items()},
+                "name": name,
             }
         )
         procs = max(int(self.gpus or 1), 1)
         if self.distributed == "pytorchjob":
-            return build_pytorchjob(spec, self.num_nodes, procs, self.elastic_policy)
-        return build_trainjob(spec, self.num_nodes, procs)
+            from airflow_provider_finetune.pods.distributed import DEFAULT_TTL_SECONDS_AFTER_FINISHED
 
-    def execute_multinode(self, context: Context) -> dict:
-        """Create (or reattach to) a TrainJob/PyTorchJob and wait for it; the result JSON comes from the
-        bucket."""
-        import time
+            ttl = self.ttl_seconds_after_finished
+            return build_pytorchjob(
+                spec,
+                self.num_nodes,
+                procs,
+                self.elastic_policy,
+                ttl_seconds_after_finished=DEFAULT_TTL_SECONDS_AFTER_FINISHED if ttl is None else ttl,
+            )
+        return build_trainjob(
+            spec,
+            self.num_nodes,
+            procs,
+            runtime=self.training_runtime,
+            runtime_kind=self.training_runtime_kind,
+        )
 
+    def custom_objects_api(self):
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
         from kubernetes import client
+
+        return client.CustomObjectsApi(KubernetesHook(conn_id=self.kubernetes_conn_id).api_client)
+
+    def execute_multinode(self, context: Context) -> Any:
+        """Create (or, on a retry of the same run, reattach to) a TrainJob/PyTorchJob, then wait for it
+        in the triggerer (deferrable) or on the worker; the result JSON comes from the bucket."""
+        import asyncio
+        import time
+
         from kubernetes.client.exceptions import ApiException
 
         from airflow_provider_finetune.pods.security import PodSecurityViolation, check_sent
+        from airflow_provider_finetune.triggers.job import TrainingJobTrigger, first_event
 
         doc = self.multinode_manifest(context)
         try:
@@ -576,31 +690,155 @@ class FinetuneKubernetesOperator(EngineJobOperator):
             raise FinetuneConfigError(f"task {self.task_id}: {err}") from None
         group, version = doc["apiVersion"].split("/")
         plural = "trainjobs" if doc["kind"] == "TrainJob" else "pytorchjobs"
-        ns = doc["metadata"].get("namespace") or self.namespace or settings.get("namespace")
+        ns = doc["metadata"].get("namespace") or self.namespace or settings.get("namespace") or "default"
         name = doc["metadata"]["name"]
-        api = client.CustomObjectsApi(KubernetesHook(conn_id=self.kubernetes_conn_id).api_client)
+        job = {"group": group, "version": version, "namespace": ns, "plural": plural, "name": name}
+        api = self.custom_objects_api()
         try:
             api.create_namespaced_custom_object(group, version, ns, plural, doc)
             self.log.info("created %s %s/%s (%d nodes)", doc["kind"], ns, name, self.num_nodes)
         except ApiException as err:
             if err.status != 409:
                 raise RuntimeError(f"Failed to create {doc['kind']} {ns}/{name}: {err.reason}") from err
-            self.log.info("%s %s/%s exists: reattaching", doc["kind"], ns, name)
-        while True:
-            obj = api.get_namespaced_custom_object(group, version, ns, plural, name)
-            conditions = {
-                c.get("type"): c
-                for c in (obj.get("status") or {}).get("conditions") or []
-                if c.get("status") == "True"
-            }
-            if "Failed" in conditions:
-                raise RuntimeError(
-                    f"{doc['kind']} {ns}/{name} failed: {conditions['Failed'].get('message', '')}"
+            self.reattach(api, doc, job)
+        self._job = job
+        deadline = None
+        if self.active_deadline_seconds:
+            deadline = (
+                time.time() + int(self.active_deadline_seconds) + int(self.schedule_timeout_seconds or 0)
+            )
+        trigger = TrainingJobTrigger(
+            name=name,
+            namespace=ns,
+            group=group,
+            version=version,
+            plural=plural,
+            kubernetes_conn_id=self.kubernetes_conn_id,
+            poll_interval=self.poll_interval,
+            deadline=deadline,
+            schedule_timeout=self.schedule_timeout_seconds,
+            cluster_context=self.cluster_context,
+            in_cluster=self.in_cluster,
+            config_file=self.config_file,
+        )
+        if self.deferrable:
+            self.defer(trigger=trigger, method_name="execute_multinode_complete")
+        return self.execute_multinode_complete(context, asyncio.run(first_event(trigger)))
+
+    def reattach(self, api: Any, doc: dict, job: dict[str, str]) -> None:
+        """The job's name exists: reattach when it is this task instance's own job (its dag, task, run
+        and map index labels match ours); a failed one of ours is deleted and created again (a retry
+        runs again, resuming from the bucket's checkpoints); anything else is refused."""
+        from airflow_provider_finetune.pods.spec import LABEL_PREFIX
+        from airflow_provider_finetune.triggers.job import job_state
+
+        kind, where = doc["kind"], f"{doc['kind']} {job['namespace']}/{job['name']}"
+        args = (job["group"], job["version"], job["namespace"], job["plural"], job["name"])
+        existing = api.get_namespaced_custom_object(*args)
+        theirs = (existing.get("metadata") or {}).get("labels") or {}
+        mine = {k: v for k, v in doc["metadata"]["labels"].items() if k.startswith(f"{LABEL_PREFIX}/")}
+        differ = sorted(k for k, v in mine.items() if theirs.get(k) != v)
+        if differ:
+            owner = theirs.get(f"{LABEL_PREFIX}/run-id") or "no run of this provider"
+            raise FinetuneConfigError(
+                f"task {self.task_id}: {where} exists but is not this task instance's job (it belongs to "
+                f"{owner}; labels {', '.join(differ)} differ): delete it (kubectl delete {job['plural']} -n "
+                f"{job['namespace']} {job['name']}) if it is stale, or run under another run id"
+            )
+        state, message, _ = job_state({"kind": kind, **existing}, [])
+        if state != "failed":
+            self.log.info("%s exists and is this run's (%s): reattaching", where, message)
+            return
+        self.log.warning("%s of this run failed before (%s): deleting it and starting again", where, message)
+        self.delete_job(api, job, wait=True)
+        api.create_namespaced_custom_object(*args[:4], doc)
+        self.log.info("created %s again", where)
+
+    def delete_job(self, api: Any, job: dict[str, str], wait: bool = False) -> None:
+        """Delete the job and its pods (background propagation); a job already gone is fine. ``wait``:
+        until the name is free again (at most a few minutes)."""
+        import time
+
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        args = (job["group"], job["version"], job["namespace"], job["plural"], job["name"])
+        try:
+            api.delete_namespaced_custom_object(
+                *args, body=client.V1DeleteOptions(propagation_policy="Background")
+            )
+            self.log.info("deleted %s %s/%s", job["plural"][:-1], job["namespace"], job["name"])
+        except ApiException as err:
+            if err.status != 404:
+                raise
+        for _ in range(300 if wait else 0):
+            try:
+                api.get_namespaced_custom_object(*args)
+            except ApiException as err:
+                if err.status == 404:
+                    return
+                raise
+            time.sleep(1)
+
+    def job_log_tail(self, job: dict[str, str], pod: str | None, lines: int = 100) -> str:
+        """The last lines of a job pod's engine log: the named pod, else the job's first pod (rank 0)."""
+        from airflow_provider_finetune.triggers.job import JOB_LABEL
+
+        try:
+            core = self.client
+            if pod is None:
+                response = core.list_namespaced_pod(
+                    job["namespace"], label_selector=f"{JOB_LABEL}={job['name']}", _preload_content=False
                 )
-            if conditions.keys() & {"Complete", "Succeeded"}:
-                break
-            time.sleep(self.poll_interval)
-        return self.read_remote_result(self.resolved_checkpoint_uri(context))
+                names = sorted(p["metadata"]["name"] for p in json.loads(response.data).get("items") or [])
+                if not names:
+                    return ""
+                pod = names[0]
+            text = core.read_namespaced_pod_log(name=pod, namespace=job["namespace"], tail_lines=lines)
+        except Exception as err:  # noqa: BLE001 - the log is best effort; the job's state decides
+            self.log.warning("could not read the log of the job's pods: %s", str(err)[:300])
+            return ""
+        text = text.decode(errors="replace") if isinstance(text, bytes) else str(text or "")
+        return f"--- log of pod {pod} (last {lines} lines) ---\n{text}" if text else ""
+
+    def execute_multinode_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """The job ended (or the wait did): its log tail into the task log; on success the stored
+        result, and the job deleted (``on_finish_action``); otherwise an error naming the reason."""
+        job = {k: event[k] for k in ("group", "version", "namespace", "plural", "name")}
+        self._job = job
+        where = f"{job['plural'][:-1]} {job['namespace']}/{job['name']}"
+        tail = self.job_log_tail(job, event.get("pod"))
+        if tail:
+            self.log.info("%s", tail)
+        api = self.custom_objects_api()
+        if event.get("status") != "succeeded":
+            stuck = event.get("status") == "timeout" or event.get("pod") is not None
+            if stuck or getattr(self.on_finish_action, "value", self.on_finish_action) == "delete_pod":
+                # a stuck gang holds its GPUs until deleted; a failed job is kept for its TTL (logs)
+                self.delete_job(api, job)
+            self._job = None
+            last = "\n".join(tail.splitlines()[-10:])
+            raise EngineJobFailed(
+                f"{where}: {event.get('status')}: {event.get('message')}" + (f"\n{last}" if last else "")
+            )
+        result = self.read_remote_result(self.resolved_checkpoint_uri(context))
+        if getattr(self.on_finish_action, "value", self.on_finish_action) in (
+            "delete_pod",
+            "delete_succeeded_pod",
+        ):
+            self.delete_job(api, job)
+        self._job = None
+        return self.handle_result(context, result)
+
+    def on_kill(self) -> None:
+        if self._job is not None:
+            job, self._job = self._job, None
+            try:
+                self.delete_job(self.custom_objects_api(), job)
+            except Exception as err:  # noqa: BLE001 - kill goes on; the job's deadline/TTL remain
+                self.log.warning("could not delete %s/%s: %s", job["namespace"], job["name"], err)
+            return
+        super().on_kill()
 
     def read_remote_result(self, checkpoint_uri: str) -> dict:
         """The run's stored result.json, without the ``config`` it records (the engine compares it on a

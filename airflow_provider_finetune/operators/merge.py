@@ -8,20 +8,31 @@ from typing import Any
 from airflow.sdk import Context
 
 from airflow_provider_finetune import checks
+from airflow_provider_finetune.oci import OciMixin
 from airflow_provider_finetune.operators.base import EngineJobOperator
 from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
 
 
-class MergeAdapterOperator(EngineJobOperator):
+class MergeAdapterOperator(OciMixin, EngineJobOperator):
     """``finetune-engine merge-job``.
 
     :param base: base model prefix (the grown-vocabulary base of the run is used automatically).
     :param adapter: adapter prefix, e.g. ``.../checkpoint-final-adapter``.
     :param output_uri: merged model prefix; default ``<adapter parent>/checkpoint-final-merged``.
     :param dtype: dtype of the dequantized base for the merge.
+    :param output_oci: also push the merged model to ``oci://REGISTRY/REPOSITORY:TAG`` (after the bucket
+        upload, by the same pod); ``oci_secret`` / ``oci_docker_config`` / ``oci_plain_http`` as in
+        :class:`~airflow_provider_finetune.oci.OciMixin`.
     """
 
-    template_fields: Sequence[str] = (*EngineJobOperator.template_fields, "base", "adapter", "output_uri")
+    template_fields: Sequence[str] = (
+        *EngineJobOperator.template_fields,
+        "base",
+        "adapter",
+        "output_uri",
+        "output_oci",
+    )
+    oci_output = True
     hub_offline = True
 
     def __init__(

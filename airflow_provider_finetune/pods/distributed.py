@@ -21,6 +21,7 @@ reads every option from a ``PET_<OPTION>`` variable, and both operators inject t
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from airflow_provider_finetune.pods.pod import (
@@ -33,7 +34,10 @@ from airflow_provider_finetune.pods.pod import (
 from airflow_provider_finetune.pods.spec import MANAGED_BY, EngineJobSpec, dns_name
 
 TRAINER_CONTAINER = "node"  # the torch-distributed runtime's replicated job and container
-PYTORCHJOB_CONTAINER = "pytorch"  # the Training Operator finds the main container by this name
+PYTORCHJOB_CONTAINER = "pytorch"
+DNS_1035 = re.compile(
+    r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+)  # the Training Operator finds the main container by this name
 
 
 def torchrun_command(engine_args: list[str]) -> list[str]:
@@ -58,7 +62,10 @@ def _check(spec: EngineJobSpec, num_nodes: int, procs_per_node: int) -> None:
 
 
 def _metadata(spec: EngineJobSpec) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": dns_name(spec.name), "labels": {**MANAGED_BY, **spec.labels}}
+    # a name that already is a DNS-1035 label is kept (the operator's job names are; pods and
+    # Services derive theirs from it), anything else is made one
+    name = spec.name if DNS_1035.match(spec.name) else dns_name(spec.name)
+    meta: dict[str, Any] = {"name": name, "labels": {**MANAGED_BY, **spec.labels}}
     if spec.namespace:
         meta["namespace"] = spec.namespace
     if spec.annotations:
@@ -66,11 +73,24 @@ def _metadata(spec: EngineJobSpec) -> dict[str, Any]:
     return meta
 
 
+RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
+# a finished PyTorchJob (and its pods, with their logs) stays this long unless the operator deletes it
+DEFAULT_TTL_SECONDS_AFTER_FINISHED = 86400
+
+
 def build_trainjob(
-    spec: EngineJobSpec, num_nodes: int, procs_per_node: int, runtime: str = "torch-distributed"
+    spec: EngineJobSpec,
+    num_nodes: int,
+    procs_per_node: int,
+    runtime: str = "torch-distributed",
+    runtime_kind: str = "ClusterTrainingRuntime",
 ) -> dict[str, Any]:
-    """A TrainJob on a ClusterTrainingRuntime, its pods patched to the single pod's settings."""
+    """A TrainJob on a (Cluster)TrainingRuntime, its pods patched to the single pod's settings: security,
+    volumes, scheduling (tolerations, node selector, affinity), image pull secrets, grace period,
+    labels and annotations (a Kueue ``kueue.x-k8s.io/queue-name`` label goes on the TrainJob too)."""
     _check(spec, num_nodes, procs_per_node)
+    if runtime_kind not in RUNTIME_KINDS:
+        raise ValueError(f"{spec.name}: runtime kind {runtime_kind!r}: use one of {RUNTIME_KINDS}")
     container = to_dict(build_container(spec, TRAINER_CONTAINER))
     pod = to_dict(build_pod_spec(spec, TRAINER_CONTAINER))
     patch_container = {
@@ -85,13 +105,19 @@ def build_trainjob(
             "volumes": pod["volumes"],
             "tolerations": pod.get("tolerations"),
             "nodeSelector": pod.get("nodeSelector"),
+            "affinity": pod.get("affinity"),
+            "imagePullSecrets": pod.get("imagePullSecrets"),
+            "terminationGracePeriodSeconds": pod.get("terminationGracePeriodSeconds"),
             "serviceAccountName": pod.get("serviceAccountName"),
             "containers": [patch_container],
         }.items()
-        if v
+        if v is not None and v != [] and v != {}
     }
+    pod_meta: dict[str, Any] = {"labels": {**MANAGED_BY, **spec.labels}}
+    if spec.annotations:
+        pod_meta["annotations"] = dict(spec.annotations)
     job_spec: dict[str, Any] = {
-        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": runtime},
+        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": runtime_kind, "name": runtime},
         "trainer": {
             "image": spec.image,
             "command": list(spec.command),
@@ -112,7 +138,7 @@ def build_trainjob(
                                     "template": {
                                         "spec": {
                                             "template": {
-                                                "metadata": {"labels": {**MANAGED_BY, **spec.labels}},
+                                                "metadata": pod_meta,
                                                 "spec": pod_patch,
                                             }
                                         }
@@ -136,20 +162,31 @@ def build_trainjob(
 
 
 def build_pytorchjob(
-    spec: EngineJobSpec, num_nodes: int, procs_per_node: int, elastic: dict[str, Any] | None = None
+    spec: EngineJobSpec,
+    num_nodes: int,
+    procs_per_node: int,
+    elastic: dict[str, Any] | None = None,
+    ttl_seconds_after_finished: int | None = DEFAULT_TTL_SECONDS_AFTER_FINISHED,
 ) -> dict[str, Any]:
     """A PyTorchJob whose pods are built like ``build_pod`` (container ``pytorch``).
 
-    Static (``elastic=None``): one Master and ``num_nodes - 1`` Workers. Elastic: ``num_nodes``
-    Workers and an elasticPolicy (defaults c10d, minReplicas = maxReplicas = num_nodes,
-    maxRestarts 3; ``elastic`` overrides them).
+    Static (``elastic=None``): one Master and ``num_nodes - 1`` Workers, restartPolicy ExitCode (a
+    static torchrun rank restarted alone cannot rejoin its gang: a permanent error, exit 1-127, fails
+    the job; a retryable one, 128-255 such as a preemption's SIGTERM/SIGKILL, restarts it). Elastic:
+    ``num_nodes`` Workers, restartPolicy OnFailure (c10d rendezvous takes a restarted worker back) and
+    an elasticPolicy (defaults c10d, minReplicas = maxReplicas = num_nodes, maxRestarts 3;
+    ``elastic`` overrides them). ``runPolicy.ttlSecondsAfterFinished`` removes a finished job the
+    operator did not delete (a failed one is kept that long for its logs).
     """
     _check(spec, num_nodes, procs_per_node)
     pod = to_dict(build_pod_spec(spec, PYTORCHJOB_CONTAINER))
     pod.pop("restartPolicy", None)  # set per replica type below
     pod.pop("activeDeadlineSeconds", None)  # on runPolicy instead: a pod deadline would fail the gang
-    template = {"metadata": {"labels": {**MANAGED_BY, **spec.labels}}, "spec": pod}
-    # OnFailure: a restarted rank resumes from the newest complete checkpoint in the bucket.
+    meta: dict[str, Any] = {"labels": {**MANAGED_BY, **spec.labels}}
+    if spec.annotations:
+        meta["annotations"] = dict(spec.annotations)
+    template = {"metadata": meta, "spec": pod}
+    # A restarted rank resumes from the newest complete checkpoint in the bucket.
     if elastic is not None:
         # Elastic jobs are Worker-only (as in the Intel chart): c10d rendezvous on worker-0.
         replicas: dict[str, Any] = {
@@ -160,16 +197,18 @@ def build_pytorchjob(
             }
         }
     else:
-        replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+        replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
         if num_nodes > 1:
             replicas["Worker"] = {
                 "replicas": num_nodes - 1,
-                "restartPolicy": "OnFailure",
+                "restartPolicy": "ExitCode",
                 "template": copy.deepcopy(template),
             }
     run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": 3}
     if spec.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = int(ttl_seconds_after_finished)
     job_spec: dict[str, Any] = {
         "pytorchReplicaSpecs": replicas,
         "nprocPerNode": str(procs_per_node),
@@ -196,4 +235,12 @@ def build_pytorchjob(
     }
 
 
-__all__ = ["build_pytorchjob", "build_trainjob", "torchrun_command", "tolerations_for", "volumes_for"]
+__all__ = [
+    "DEFAULT_TTL_SECONDS_AFTER_FINISHED",
+    "RUNTIME_KINDS",
+    "build_pytorchjob",
+    "build_trainjob",
+    "torchrun_command",
+    "tolerations_for",
+    "volumes_for",
+]

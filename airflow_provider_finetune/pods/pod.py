@@ -79,16 +79,40 @@ def restricted_container_security() -> k8s.V1SecurityContext:
     )
 
 
+TMP_SIZE = "4Gi"  # the /tmp emptyDir
+
+
+def format_bytes(n: float) -> str:
+    """A byte count as the largest binary unit that keeps it whole (``107374182400`` -> ``100Gi``)."""
+    n = int(n)
+    for unit in ("Ti", "Gi", "Mi", "Ki"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+def ephemeral_storage(spec: EngineJobSpec) -> str:
+    """The node disk the pod's disk-backed emptyDirs may fill: /tmp, and scratch when it is an emptyDir
+    (an ephemeral PVC is the storage class's disk, not the node's)."""
+    total = parse_quantity(TMP_SIZE)
+    if spec.scratch.kind == "emptyDir":
+        total += parse_quantity(spec.scratch.size)
+    return format_bytes(total)
+
+
 def resources_for(spec: EngineJobSpec) -> k8s.V1ResourceRequirements:
-    """CPU/memory scaled by the GPU count; GPUs and memory have limit = request.
+    """CPU/memory scaled by the GPU count; GPUs, memory and ephemeral storage have limit = request.
 
     No CPU limit on purpose: CFS throttling slows data loading and NCCL without protecting anyone.
+    Ephemeral storage: the scheduler places the pod only on a node with disk for its scratch
+    (:func:`ephemeral_storage`), instead of evicting it mid-run when the node's disk fills.
     """
     factor = max(spec.gpus, 1)
     cpu = scale_quantity(spec.cpu_per_gpu, factor)
     memory = scale_quantity(spec.memory_per_gpu, factor)
-    requests = {"cpu": cpu, "memory": memory}
-    limits = {"memory": memory}
+    disk = ephemeral_storage(spec)
+    requests = {"cpu": cpu, "memory": memory, "ephemeral-storage": disk}
+    limits = {"memory": memory, "ephemeral-storage": disk}
     if spec.gpus:
         requests[GPU_RESOURCES[spec.gpu_vendor]] = str(spec.gpus)
         limits[GPU_RESOURCES[spec.gpu_vendor]] = str(spec.gpus)
@@ -130,7 +154,7 @@ def volumes_for(spec: EngineJobSpec) -> tuple[list[k8s.V1Volume], list[k8s.V1Vol
         raise ValueError(f"EngineJobSpec {spec.name!r}: shm_size {shm} exceeds the pod memory {memory}")
     volumes = [
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm)),
-        k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="4Gi")),
+        k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=TMP_SIZE)),
     ]
     if spec.scratch.kind == "ephemeral":
         claim = k8s.V1PersistentVolumeClaimTemplate(
@@ -190,11 +214,23 @@ def build_container(spec: EngineJobSpec, name: str = BASE_CONTAINER) -> k8s.V1Co
     )
 
 
+def affinity_for(spec: EngineJobSpec) -> k8s.V1Affinity | None:
+    """The spec's affinity (a manifest dict) as the client's model, so it merges like the rest."""
+    if not spec.affinity:
+        return None
+    from kubernetes.client import ApiClient
+
+    return ApiClient()._ApiClient__deserialize(spec.affinity, "V1Affinity")
+
+
 def build_pod_spec(
     spec: EngineJobSpec, container_name: str = BASE_CONTAINER, restart_policy: str = "Never"
 ) -> k8s.V1PodSpec:
     volumes, _ = volumes_for(spec)
     return k8s.V1PodSpec(
+        affinity=affinity_for(spec),
+        image_pull_secrets=[k8s.V1LocalObjectReference(name=s) for s in spec.image_pull_secrets] or None,
+        termination_grace_period_seconds=spec.termination_grace_period_seconds,
         containers=[build_container(spec, container_name)],
         volumes=volumes,
         restart_policy=restart_policy,

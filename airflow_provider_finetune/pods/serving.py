@@ -28,6 +28,7 @@ from airflow_provider_finetune.pods.spec import (
     EngineJobSpec,
     SecretEnv,
     dns_name,
+    label_value,
     refuse_secret_values,
 )
 
@@ -45,14 +46,47 @@ RESERVED_ARGS = {
     "served_model_name": "served_model_name",
     "host": "-",
     "port": "-",
-    "tensor_parallel_size": "gpus",
+    "tensor_parallel_size": "tensor_parallel_size",
     "enable_lora": "adapters",
     "lora_modules": "adapters",
     "max_lora_rank": "max_lora_rank",
     "max_loras": "adapters",
     "max_model_len": "max_model_len",
     "api_key": "api_key_secret",
+    "model_tag": "model_uri",
 }
+ROLLOUTS = ("recreate", "rolling", "blue-green")
+REVISION_LABEL = "finetune.airflow.apache.org/revision"
+
+
+def default_tensor_parallel_size(gpus: int) -> int:
+    """The largest power of two <= ``gpus`` (at least 1): 3, 5, 6 or 7 GPUs give a tensor-parallel
+    size most models refuse (attention heads are rarely divisible by 3, 5 or 7)."""
+    gpus = max(int(gpus), 1)
+    return 1 << (gpus.bit_length() - 1)
+
+
+def check_tensor_parallel_size(tp: int, gpus: int, attention_heads: int | None = None) -> None:
+    """ValueError naming the fix when ``tp`` cannot serve: more ranks than GPUs, or (when the model's
+    head count is known) heads not divisible by ``tp``."""
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size {tp}: must be >= 1")
+    if gpus and tp > gpus:
+        raise ValueError(
+            f"tensor_parallel_size {tp} > gpus {gpus}: each tensor-parallel rank needs its own GPU"
+        )
+    if attention_heads and attention_heads % tp:
+        fits = [d for d in range(1, max(gpus, 1) + 1) if attention_heads % d == 0]
+        raise ValueError(
+            f"tensor_parallel_size {tp} does not divide the model's {attention_heads} attention heads; "
+            f"use one of {fits}"
+        )
+
+
+def normalise_arg_key(key: Any) -> str:
+    """An engine argument's key as vLLM reads it: ``--tensor-parallel-size`` and
+    ``tensor-parallel-size`` are ``tensor_parallel_size``."""
+    return str(key).strip().lstrip("-").replace("-", "_")
 
 
 def check_lora_ranks(adapter_ranks: dict[str, int], max_lora_rank: int | None = None) -> int:
@@ -117,6 +151,15 @@ class ServeSpec:
     startup_budget_seconds: int = 3600
     pull_timeout_seconds: int = 3600
     read_only_root_filesystem: bool = True
+    memory: str | None = None  # the server's memory request and limit; default memory_per_gpu x GPUs
+    tensor_parallel_size: int | None = None  # default: gpus (at least 1)
+    gpu_memory_utilization: float | None = None
+    rollout: str = "recreate"  # see ROLLOUTS and build_vllm_deployment
+    revision: str | None = None  # blue-green: the Deployment's suffix and the Service selector's revision
+    runtime_lora: bool = False  # allow POST /v1/load_lora_adapter on the running server
+    ready_timeout_seconds: int | None = None  # progressDeadlineSeconds; default pull + startup + 600 s
+    oci_secret: str | None = None  # oci:// sources: dockerconfigjson Secret, as FINETUNE_OCI_AUTH
+    oci_plain_http: bool = False  # oci:// sources: a registry without TLS
 
     def __post_init__(self) -> None:
         where = f"ServeSpec {self.name!r}"
@@ -128,8 +171,8 @@ class ServeSpec:
             "model_uri": self.model_uri,
             **{f"adapters.{k}": v for k, v in self.adapters.items()},
         }.items():
-            if not str(uri).startswith("s3://"):
-                raise ValueError(f"{where}: {uri_name} {uri!r} must be an s3:// URI")
+            if not str(uri).startswith(("s3://", "oci://")):
+                raise ValueError(f"{where}: {uri_name} {uri!r} must be an s3:// or oci:// URI")
         bad = [n for n in self.adapters if not _ADAPTER_NAME.match(n) or n == self.served_model_name]
         if bad:
             raise ValueError(
@@ -143,7 +186,34 @@ class ServeSpec:
             )
         if self.replicas < 0:
             raise ValueError(f"{where}: replicas must be >= 0")
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"{where}: rollout {self.rollout!r}: use one of {list(ROLLOUTS)}")
+        if self.rollout == "blue-green" and not self.revision:
+            raise ValueError(f"{where}: rollout 'blue-green' needs a revision (the new Deployment's suffix)")
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
+            raise ValueError(f"{where}: tensor_parallel_size must be >= 1")
+        if self.gpus and self.tensor_parallel_size and self.tensor_parallel_size > self.gpus:
+            raise ValueError(
+                f"{where}: tensor_parallel_size {self.tensor_parallel_size} > gpus {self.gpus}: "
+                "each tensor-parallel rank needs its own GPU"
+            )
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"{where}: gpu_memory_utilization must be in (0, 1]")
         refuse_secret_values(where, self.env, [str(v) for v in self.engine_args.values()], self.labels)
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_parallel_size or default_tensor_parallel_size(self.gpus)
+
+    @property
+    def deployment_name(self) -> str:
+        return (
+            dns_name(f"{self.name}-{self.revision}") if self.rollout == "blue-green" else dns_name(self.name)
+        )
+
+    @property
+    def progress_deadline_seconds(self) -> int:
+        return self.ready_timeout_seconds or self.pull_timeout_seconds + self.startup_budget_seconds + 600
 
     @property
     def image(self) -> str:
@@ -173,21 +243,28 @@ def engine_flags(where: str, engine_args: dict[str, Any]) -> list[str]:
     A key the builder sets itself (:data:`RESERVED_ARGS`) is a ``ValueError`` naming ``where`` and the
     field to use instead; the cluster's and the local runner's servers read extra arguments the same way.
     """
-    reserved = sorted(set(engine_args) & set(RESERVED_ARGS))
+    normal: dict[str, Any] = {}
+    for key in engine_args:
+        name = normalise_arg_key(key)
+        if not name:
+            raise ValueError(f"{where}: engine_args has an empty key {key!r}")
+        if name in normal:
+            raise ValueError(f"{where}: engine_args {normal[name]!r} and {key!r} are the same vLLM argument")
+        normal[name] = key
+    reserved = sorted(k for k in normal if k in RESERVED_ARGS)
     if reserved:
         fields = sorted({RESERVED_ARGS[k] for k in reserved} - {"-"})
         raise ValueError(
-            f"{where}: engine_args {reserved} are set by the builder"
+            f"{where}: engine_args {[normal[k] for k in reserved]} are set by the builder"
             + (f"; use {', '.join(fields)}" if fields else "")
         )
-    return [part for key, value in sorted(engine_args.items()) for part in _flag(key, value)]
+    return [part for name, key in sorted(normal.items()) for part in _flag(name, engine_args[key])]
 
 
 def vllm_args(spec: ServeSpec) -> list[str]:
-    """The arguments of ``python3 -m vllm.entrypoints.openai.api_server``."""
+    """The arguments of ``vllm serve`` (the model directory first, positional)."""
     extra = engine_flags(f"ServeSpec {spec.name!r}", spec.engine_args)
     args = [
-        "--model",
         spec.model_dir,
         "--served-model-name",
         spec.served_model_name,
@@ -196,10 +273,18 @@ def vllm_args(spec: ServeSpec) -> list[str]:
         "--port",
         str(VLLM_PORT),
         "--tensor-parallel-size",
-        str(max(spec.gpus, 1)),
+        str(spec.tp),
     ]
     if spec.max_model_len:
         args += ["--max-model-len", str(spec.max_model_len)]
+    if spec.gpu_memory_utilization:
+        if "gpu_memory_utilization" in {normalise_arg_key(k) for k in spec.engine_args}:
+            raise ValueError(
+                f"ServeSpec {spec.name!r}: gpu_memory_utilization is given twice (field and engine_args)"
+            )
+        args += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    if spec.runtime_lora and not spec.adapters:
+        args += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank or 16)]
     if spec.adapters:
         missing = sorted(set(spec.adapters) - set(spec.adapter_ranks))
         if missing:
@@ -221,12 +306,20 @@ def vllm_args(spec: ServeSpec) -> list[str]:
 
 
 def _pull_init_container(spec: ServeSpec, name: str, uri: str, target: str) -> dict:
+    secret_env = [
+        SecretEnv("AWS_ACCESS_KEY_ID", spec.bucket_secret, "AWS_ACCESS_KEY_ID"),
+        SecretEnv("AWS_SECRET_ACCESS_KEY", spec.bucket_secret, "AWS_SECRET_ACCESS_KEY"),
+    ]
+    env = dict(spec.env)
+    if uri.startswith("oci://"):  # an OCI artifact: registry credentials by reference, no bucket keys
+        secret_env = [SecretEnv("FINETUNE_OCI_AUTH", s, ".dockerconfigjson") for s in [spec.oci_secret] if s]
+        env.update({"FINETUNE_OCI_PLAIN_HTTP": "1"} if spec.oci_plain_http else {})
     job = EngineJobSpec(
         name=f"{spec.name}-{name}",
         image=spec.engine_image,
         cpu_per_gpu="2",
         memory_per_gpu="8Gi",
-        env=dict(spec.env),
+        env=env,
         command=[
             "finetune-engine",
             "pull",
@@ -236,10 +329,7 @@ def _pull_init_container(spec: ServeSpec, name: str, uri: str, target: str) -> d
             uri,
             target,
         ],
-        secret_env=[
-            SecretEnv("AWS_ACCESS_KEY_ID", spec.bucket_secret, "AWS_ACCESS_KEY_ID"),
-            SecretEnv("AWS_SECRET_ACCESS_KEY", spec.bucket_secret, "AWS_SECRET_ACCESS_KEY"),
-        ],
+        secret_env=secret_env,
     )
     c = to_dict(build_container(job, name))
     c["volumeMounts"] = [{"name": "models", "mountPath": MODELS}, {"name": "tmp", "mountPath": "/tmp"}]
@@ -262,6 +352,13 @@ def _init_containers(spec: ServeSpec) -> list[dict]:
 
 def _selector(spec: ServeSpec) -> dict[str, str]:
     return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": dns_name(spec.name)}
+
+
+def _pod_selector(spec: ServeSpec) -> dict[str, str]:
+    """The Deployment's selector: blue-green revisions add their revision label."""
+    if spec.rollout == "blue-green":
+        return {**_selector(spec), REVISION_LABEL: label_value(spec.revision or "")}
+    return _selector(spec)
 
 
 def _metadata(spec: ServeSpec, labels: dict[str, str]) -> dict[str, Any]:
@@ -293,6 +390,8 @@ def _server_env(spec: ServeSpec) -> list[dict]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if spec.runtime_lora:
+        plain["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env = [{"name": k, "value": v} for k, v in plain.items()]
     if spec.api_key_secret:
         s = spec.api_key_secret
@@ -308,7 +407,7 @@ def _server_env(spec: ServeSpec) -> list[dict]:
 def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
     """The vLLM Deployment: pull init containers, the OpenAI server, probes on /health."""
     factor = max(spec.gpus, 1)
-    memory = scale_quantity(spec.memory_per_gpu, factor)
+    memory = spec.memory or scale_quantity(spec.memory_per_gpu, factor)
     requests = {"cpu": scale_quantity(spec.cpu_per_gpu, factor), "memory": memory}
     limits = {"memory": memory}
     if spec.gpus:
@@ -323,7 +422,7 @@ def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
         "name": "vllm",
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        "command": ["vllm", "serve"],
         "args": vllm_args(spec),
         "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
         "env": _server_env(spec),
@@ -335,9 +434,13 @@ def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "securityContext": security,
-        "startupProbe": probe(periodSeconds=10, failureThreshold=-(-spec.startup_budget_seconds // 10)),
-        "readinessProbe": probe(periodSeconds=5, failureThreshold=3),
-        "livenessProbe": probe(periodSeconds=15, failureThreshold=4, timeoutSeconds=5),
+        # /health answers from the API process; a server busy with long generations answers it
+        # late, so every probe gets a timeout above the 1 s default
+        "startupProbe": probe(
+            periodSeconds=10, timeoutSeconds=5, failureThreshold=-(-spec.startup_budget_seconds // 10)
+        ),
+        "readinessProbe": probe(periodSeconds=10, timeoutSeconds=10, failureThreshold=3),
+        "livenessProbe": probe(periodSeconds=20, timeoutSeconds=15, failureThreshold=6),
     }
     if spec.model_storage_class:
         models = {
@@ -383,18 +486,31 @@ def build_vllm_deployment(spec: ServeSpec) -> dict[str, Any]:
     ):
         if value:
             pod_spec[key] = value
-    labels = {**MANAGED_BY, **_selector(spec), **spec.labels}
+    labels = {**MANAGED_BY, **_pod_selector(spec), **spec.labels}
+    meta = _metadata(spec, dict(labels))
+    meta["name"] = spec.deployment_name
+    if spec.rollout == "rolling" or not spec.gpus:
+        # the new pod is ready before an old one stops: one spare set of GPUs per step
+        strategy: dict[str, Any] = {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        }
+    elif spec.rollout == "blue-green":
+        strategy = {"type": "Recreate"}  # each revision is its own Deployment; the Service switches
+    else:
+        # default: GPUs are scarce, replace the pod instead of running old and new side by side
+        strategy = {"type": "Recreate"}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(spec, dict(labels)),
+        "metadata": meta,
         "spec": {
             "replicas": spec.replicas,
-            "selector": {"matchLabels": _selector(spec)},
-            # GPUs are scarce: replace the pod instead of running old and new side by side.
-            "strategy": {"type": "Recreate"} if spec.gpus else {"type": "RollingUpdate"},
-            # Pulling and loading a model is slow progress, not a stuck rollout.
-            "progressDeadlineSeconds": spec.pull_timeout_seconds + spec.startup_budget_seconds + 600,
+            "selector": {"matchLabels": _pod_selector(spec)},
+            "strategy": strategy,
+            # Pulling and loading a model is slow progress, not a stuck rollout; the operator waits
+            # exactly as long (ready_timeout).
+            "progressDeadlineSeconds": spec.progress_deadline_seconds,
             "revisionHistoryLimit": 2,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
@@ -409,7 +525,7 @@ def build_vllm_service(spec: ServeSpec) -> dict[str, Any]:
         "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec), **spec.labels}),
         "spec": {
             "type": "ClusterIP",
-            "selector": _selector(spec),
+            "selector": _pod_selector(spec),
             "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -474,4 +590,24 @@ def build_httproute(
         "kind": "HTTPRoute",
         "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec)}),
         "spec": route,
+    }
+
+
+def build_vllm_networkpolicy(
+    spec: ServeSpec, allow_from: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Ingress to the server's pods: only the vLLM port, only from ``allow_from`` (NetworkPolicy peers;
+    default every pod of the namespace). Add the ingress controller's or gateway's namespace when a
+    route is served, and the control plane's addresses (``ipBlock``) for the smoke test through the
+    API server's service proxy."""
+    peers = list(allow_from) if allow_from else [{"podSelector": {}}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(spec, {**MANAGED_BY, **_selector(spec)}),
+        "spec": {
+            "podSelector": {"matchLabels": _selector(spec)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": VLLM_PORT}]}],
+        },
     }

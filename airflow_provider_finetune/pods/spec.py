@@ -14,6 +14,7 @@ from typing import Any
 LABEL_PREFIX = "airflow-provider-finetune"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "airflow-provider-finetune"}
 GPU_RESOURCES = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+DEFAULT_TERMINATION_GRACE_SECONDS = 300
 XCOM_RESULT_FILE = "/airflow/xcom/return.json"  # KubernetesPodOperator's XCom sidecar convention
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
@@ -93,6 +94,10 @@ class EngineJobSpec:
     namespace: str | None = None
     xcom: bool = False
     supplemental_groups: list[int] = field(default_factory=list)  # e.g. the hosts' video/render GIDs for ROCm
+    image_pull_secrets: list[str] = field(default_factory=list)  # Secret names of a private registry
+    affinity: dict[str, Any] | None = None  # a V1Affinity as its manifest dict (camelCase)
+    # SIGTERM to SIGKILL: time for the trainer to save and upload a checkpoint
+    termination_grace_period_seconds: int | None = DEFAULT_TERMINATION_GRACE_SECONDS
 
     def __post_init__(self) -> None:
         where = f"EngineJobSpec {self.name!r}"
@@ -118,6 +123,14 @@ class EngineJobSpec:
             raise ValueError(
                 f"{where}: active_deadline_seconds must be > 0, got {self.active_deadline_seconds}"
             )
+        if self.termination_grace_period_seconds is not None and self.termination_grace_period_seconds < 0:
+            raise ValueError(
+                f"{where}: termination_grace_period_seconds must be >= 0, got "
+                f"{self.termination_grace_period_seconds}"
+            )
+        bad = [s for s in self.image_pull_secrets if not DNS_SUBDOMAIN.match(str(s))]
+        if bad:
+            raise ValueError(f"{where}: image_pull_secrets {bad} are not valid Secret names")
         bad = [k for k in self.env if not _ENV_NAME.match(str(k))]
         if bad:
             raise ValueError(f"{where}: env names {bad} are not valid environment variable names")

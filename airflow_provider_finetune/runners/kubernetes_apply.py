@@ -1,6 +1,7 @@
 """Create-or-replace and delete the objects that serve a model on the cluster.
 
-DeployVLLMOperator applies its Deployment, Service and optional Ingress / HTTPRoute with
+DeployVLLMOperator applies its Deployment, Service and optional Ingress / HTTPRoute / NetworkPolicy
+(or a KServe InferenceService) with
 ``KubernetesApplier.apply``; UndeployVLLMOperator removes them with ``KubernetesApplier.delete``.
 One table (``KubernetesApplier.verbs``) says which client call reads, creates, updates and deletes
 each kind, so the two operators cannot disagree about an object.
@@ -21,6 +22,7 @@ from airflow_provider_finetune.exceptions import FinetuneConfigError
 
 MANAGED_BY_KEY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "airflow-provider-finetune"
+CUSTOM_PLURALS = {"HTTPRoute": "httproutes", "InferenceService": "inferenceservices"}
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,19 @@ class KubernetesApplier:
                 self.networking.delete_namespaced_ingress,
                 self.networking.read_namespaced_ingress,
             )
-        if (
-            kind == "HTTPRoute"
-        ):  # a custom resource: an update without resourceVersion is refused, so merge-patch it
+        if kind == "NetworkPolicy":
+            return Verbs(
+                self.networking.create_namespaced_network_policy,
+                self.networking.replace_namespaced_network_policy,
+                self.networking.delete_namespaced_network_policy,
+                self.networking.read_namespaced_network_policy,
+            )
+        if kind in CUSTOM_PLURALS:
+            # a custom resource: an update without resourceVersion is refused, so merge-patch it
             group, version = api_version.split("/")
             return Verbs(
                 *(
-                    functools.partial(call, group, version, plural="httproutes")
+                    functools.partial(call, group, version, plural=CUSTOM_PLURALS[kind])
                     for call in (
                         self.custom.create_namespaced_custom_object,
                         self.custom.patch_namespaced_custom_object,
@@ -106,7 +114,8 @@ class KubernetesApplier:
                 )
             )
         raise ValueError(
-            f"cannot apply kind {kind!r} ({api_version}): only Deployment, Service, Ingress and HTTPRoute"
+            f"cannot apply kind {kind!r} ({api_version}): only Deployment, Service, Ingress, "
+            "NetworkPolicy, HTTPRoute and InferenceService"
         )
 
     def existing(self, verbs: Verbs, kind: str, name: str, namespace: str, optional: bool = False) -> Any:

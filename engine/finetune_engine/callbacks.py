@@ -335,3 +335,61 @@ class SampleGenerationCallback(TrainerCallback):
         )
         if self.mlflow_cb is not None:
             self.mlflow_cb.log_samples(state.global_step, text, samples)
+
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM: what a process ended by SIGTERM reports
+
+
+class SigtermCallback(TrainerCallback):
+    """SIGTERM (the pod deleted, preempted or evicted; the local runner's kill): the step in progress
+    finishes, a checkpoint is saved (and uploaded by the save hooks) and training stops; the job then
+    exits with 143 (:func:`finetune_engine.recipes.common.train`) without writing final outputs, so a
+    retry resumes from that checkpoint. Every rank stops at the same step (the flag is reduced over
+    the process group). A second SIGTERM ends the process at once. The pod's
+    terminationGracePeriodSeconds must cover one step and one checkpoint upload."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.stopped = False
+        self._previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.received:  # asked twice: no more waiting
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.received = True
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping (a retry resumes from it)")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = self.received
+        dist = _process_group()
+        if dist is not None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+            value = torch.tensor([1 if flag else 0], device=device)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            flag = bool(value.item())
+        if flag:
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

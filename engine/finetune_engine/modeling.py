@@ -173,6 +173,12 @@ def model_load_kwargs(cfg: schema.ExperimentConfig) -> dict[str, Any]:
         "use_safetensors": args.use_safetensors,
     }
     attn = attention_implementation(args.attn_implementation)
+    if attn is None:
+        from finetune_engine.fastpath import default_attention
+
+        attn = default_attention()  # GPU: flash varlen, else flex_attention; CPU: the library's (sdpa)
+        if attn:
+            log.info("attention: %s (run_conf.model_args.attn_implementation picks another)", attn)
     if attn:
         kwargs["attn_implementation"] = attn
     if args.device_map is not None:
@@ -274,6 +280,8 @@ def peft_config(cfg: schema.ExperimentConfig, model, trains_embeddings: bool = F
         extra = [n for n in _embedding_module_names(model) if n not in (kwargs.get("modules_to_save") or [])]
         kwargs["modules_to_save"] = list(kwargs.get("modules_to_save") or []) + extra
         log.info("new tokens: training %s fully alongside the adapter", extra)
+        if getattr(model.config, "tie_word_embeddings", False) and peft_conf.peft_type == "LORA":
+            kwargs.setdefault("ensure_weight_tying", True)  # tied embeddings stay tied, merged too
     return get_peft_config({"peft_type": peft_conf.peft_type, "task_type": peft_conf.task_type, **kwargs})
 
 

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from airflow.sdk.exceptions import ParamValidationError
+
+try:
+    from airflow.sdk.exceptions import ParamValidationError
+except ImportError:  # Airflow 3.1
+    from airflow.exceptions import ParamValidationError
 
 from airflow_provider_finetune.exceptions import FinetuneConfigError
 from airflow_provider_finetune.preflight import (
@@ -20,6 +24,7 @@ from airflow_provider_finetune.preflight import (
     check_model_id,
     max_steps_overrides,
 )
+from tests.airflow_compat import dagbag_class
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
@@ -28,7 +33,7 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _dags(monkeypatch, defaults: dict | None = None):
-    from airflow.dag_processing.dagbag import DagBag
+    DagBag = dagbag_class()
 
     monkeypatch.setenv("AIRFLOW__FINETUNE__DAG_DEFAULTS", json.dumps(defaults or {}))
     bag = DagBag(str(DAGS))
@@ -296,3 +301,76 @@ def test_the_ui_forms_config_files_stay_in_the_bundle(monkeypatch):
     errors = _dags(monkeypatch, {"finetune_ui": {"sft_config": "/etc/passwd"}}).import_errors
     [error] = errors.values()
     assert "dag_defaults.finetune_ui.sft_config" in error and "outside the DAG bundle" in error
+
+
+@pytest.mark.parametrize("dag_id", ["finetune_tutorial", "finetune_retraining", "finetune_ui"])
+def test_serving_tensor_parallel_size_is_its_own_param(dags, dag_id):
+    dag = dags[dag_id]
+    deploy = dag.get_task("deploy")
+    assert (
+        deploy.tensor_parallel_size == "{{ params.tensor_parallel_size }}"
+        and deploy.gpus == "{{ params.gpus }}"
+    )
+    assert dag.params["tensor_parallel_size"] == 0  # auto: the largest power of two <= gpus
+    assert _refused(dag, "tensor_parallel_size", -1)
+
+
+@pytest.mark.parametrize(
+    "gpus,tp,heads,expect",
+    [(1, 0, None, 1), (6, 0, None, 4), (7, 0, 28, 4), (3, 0, None, 2), (8, 8, 32, 8), (6, 3, 12, 3)],
+)
+def test_check_serving_picks_a_tensor_parallel_size_that_fits(gpus, tp, heads, expect):
+    from airflow_provider_finetune.preflight import check_serving
+
+    assert check_serving(True, gpus, tp, runner="kubernetes", attention_heads=heads) == expect
+
+
+def test_check_serving_refuses_what_cannot_serve():
+    from airflow_provider_finetune.preflight import check_serving
+
+    with pytest.raises(FinetuneConfigError, match="deploy is on with gpus 0"):
+        check_serving(True, 0, 0, runner="kubernetes")
+    assert check_serving(True, 0, 0, runner="local") == 1  # CPU vLLM on the worker
+    assert check_serving(False, 0, 0, runner="kubernetes") == 0  # nothing served
+    with pytest.raises(
+        FinetuneConfigError, match=r"does not divide the model's 14 attention heads; use one of \[1, 2\]"
+    ):
+        check_serving(True, 4, 4, runner="kubernetes", attention_heads=14)
+    with pytest.raises(FinetuneConfigError, match="tensor_parallel_size 4 > gpus 2"):
+        check_serving(True, 2, 4, runner="kubernetes")
+
+
+def test_the_tutorial_serves_a_trained_model_without_training(dags):
+    dag = dags["finetune_tutorial"]
+    gate = dag.get_task("want_training")
+    assert gate.ignore_downstream_trigger_rules is True  # pick_best (all_done) is skipped too
+    training = gate.get_flat_relative_ids(upstream=False)
+    assert {"deliver_model", "sweep", "pick_best", "deploy"} <= training
+    assert "serve_trained" not in training and "chat_trained" not in training
+    serve = dag.get_task("serve_trained")
+    assert (
+        serve.model_uri == "{{ params.serve_model_uri }}" and "want_inference_only" in serve.upstream_task_ids
+    )
+    assert gate.python_callable(params={"inference_only": True}) is False
+    assert dag.get_task("want_inference_only").python_callable(params={"inference_only": True}) is True
+    preflight = dag.get_task("preflight").python_callable
+    params = _tutorial_params(dag, inference_only=True, serve_model_uri="not-a-bucket", gpus=1)
+    with pytest.raises(FinetuneConfigError, match="serve_model_uri"):
+        preflight(params=params, dag_run=None, dag=dag)
+    with pytest.raises(FinetuneConfigError, match="deploy is on with gpus 0"):
+        preflight(params={**params, "gpus": 0}, dag_run=None, dag=dag)
+
+
+def test_a_run_on_the_champions_own_training_data_is_skipped_unless_manual(dags):
+    """`new_data` compares this run's data hash with the one the champion record holds (not with
+    itself): the same content skips a scheduled or asset run, other content or no champion trains."""
+    from types import SimpleNamespace
+
+    new_data = dags["finetune_retraining"].get_task("new_data").python_callable
+    champion = {"model_uri": "s3://finetune/champ", "train_data_sha256": "a" * 64, "promoted_at": "t"}
+    params = {"line": "prod", "train_data": "s3://finetune/datasets/retrain/train.jsonl"}
+    scheduled, manual = SimpleNamespace(run_type="scheduled"), SimpleNamespace(run_type="manual")
+    assert new_data({**champion, "new_train_data_sha256": "a" * 64}, params, dag_run=scheduled) is False
+    assert new_data({**champion, "new_train_data_sha256": "b" * 64}, params, dag_run=scheduled) is True
+    assert new_data({**champion, "new_train_data_sha256": "a" * 64}, params, dag_run=manual) is True
+    assert new_data({"model_uri": "", "new_train_data_sha256": "a" * 64}, params, dag_run=scheduled) is True

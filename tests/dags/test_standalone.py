@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from finetune_engine.storage import is_complete, list_children, list_objects
+from tests.airflow_compat import DAGBAG_IMPORT
 from tests.airflow_env import EAGER_VLLM, VLLM_PY, AirflowStandalone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,8 +105,9 @@ def test_dag_files_parse_fast_without_torch(tmp_path):
     baseline = tmp_path / "plain_kpo.py"
     baseline.write_text(KPO_DAG)
     code = (
-        "import sys, time\nfrom airflow.dag_processing.dagbag import DagBag\n"
-        "t = time.process_time(); base = DagBag(sys.argv[1]); t_base = time.process_time() - t\n"
+        "import sys, time\n"
+        + DAGBAG_IMPORT
+        + "t = time.process_time(); base = DagBag(sys.argv[1]); t_base = time.process_time() - t\n"
         "t = time.process_time(); bag = DagBag(sys.argv[2]); dt = time.process_time() - t\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'trl', 'mlflow', 'pandas') "
         "if m in sys.modules)\n"

@@ -176,3 +176,15 @@ def test_make_demo_again_trains_no_rank_runs_the_full_parameter_job_and_stops_se
     )
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{endpoint}/health", timeout=5)
+
+
+def test_the_quantized_champion_is_served_and_still_answers(demo, bucket):
+    """dags/quantize_champion.py on the model the demo merged: W4A16 (compressed-tensors), served by
+    vLLM on the CPU, and the chat still answers correctly."""
+    from tests.dags.quantize_champion_run import run_quantize_champion
+
+    run = run_quantize_champion(demo.dir, QUESTION)
+    assert is_complete(run["quantized_uri"])
+    assert run["record"]["scheme"] == "W4A16" and run["record"]["format"] == "compressed-tensors"
+    assert run["record"]["size_bytes"]["after"] < 0.5 * run["record"]["size_bytes"]["before"]
+    assert run["reply"] and "Paris" in run["reply"], run["log"][-3000:]

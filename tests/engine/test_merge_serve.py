@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from finetune_engine.cli.finetuning import main as finetuning
 from finetune_engine.merge import merge_adapter
 from tests.airflow_env import EAGER_VLLM, VLLM_PY
 from tests.engine.conftest import make_config
+from tests.registry import oci_registry  # noqa: F401 - the fixture, asked for by name
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [{"role": "user", "content": "What is the capital of Peru?"}]
@@ -308,10 +310,13 @@ def test_generate_over_prompts_and_eval_file(tiny_model_dir, chat_data, tmp_path
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_data, tmp_path, monkeypatch):
+def test_real_vllm_serves_merged_model_and_base_plus_adapter(
+    tiny_model, chat_data, tmp_path, monkeypatch, request
+):
     """Through the operators' local runner, as a DAG runs them: DeployVLLMOperator pulls the merged
     model, or the base and the LoRA adapter, from the embedded S3 server (rclone) by the Airflow
-    connection, starts vLLM (CPU), smoke-tests chat; the `openai` client chats with what it serves;
+    connection, the adapter from an OCI artifact pushed to the test registry (where one can run),
+    starts vLLM (CPU), smoke-tests chat; the `openai` client chats with what it serves;
     UndeployVLLMOperator stops it."""
     if not VLLM_PY.exists():
         pytest.skip(f"vLLM CPU venv missing at {VLLM_PY}: run `make vllm` (scripts/test.sh installs it)")
@@ -321,6 +326,8 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
 
     from airflow_provider_finetune.hooks import bucket_connection_json
     from airflow_provider_finetune.operators import DeployVLLMOperator, UndeployVLLMOperator
+    from airflow_provider_finetune.operators.deploy import load_lora_adapter
+    from airflow_provider_finetune.runners.vllm_local import chat_once
     from finetune_engine.storage import local_server, upload_dir
 
     # a pure LoRA adapter (no new tokens) and the merged model of the same run, delivered to a bucket
@@ -337,18 +344,32 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
                 ("tuned", result["final_adapter"]),
             ):
                 upload_dir(local, f"{root}/{name}", progress=False)
+        tuned, oci_kwargs = {"tuned": f"{root}/tuned"}, {}
+        if shutil.which("docker-registry"):  # the served LoRA: an artifact pushed to a registry
+            from finetune_engine.storage.oci import push
+
+            registry = request.getfixturevalue("oci_registry")
+            docker = registry.docker_config(tmp_path / "docker")
+            tuned = {"tuned": registry.ref("serve/tuned", "v1")}
+            push(result["final_adapter"], tuned["tuned"], plain_http=True, docker_config=docker)
+            oci_kwargs = {"oci_docker_config": str(docker), "oci_plain_http": True}
         monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", bucket_connection_json(s3))
         monkeypatch.setenv("AIRFLOW__FINETUNE__RUNNER", "local")
         monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_WORKDIR", str(tmp_path / "work"))
         monkeypatch.setenv("AIRFLOW__FINETUNE__VLLM_PYTHON", str(VLLM_PY))
         monkeypatch.setenv("AIRFLOW__FINETUNE__LOCAL_VLLM_ENGINE_ARGS", json.dumps(EAGER_VLLM))
+        key = "sk-local-test-3f9a"  # base+adapter: an authenticated server with runtime LoRA loading
+        monkeypatch.setenv("FINETUNE_TEST_VLLM_KEY", key)
         served = {}
         for name, kwargs in {
             "merged": {"model_uri": f"{root}/merged"},
             "base+adapter": {
                 "model_uri": f"{root}/base",
-                "adapters": {"tuned": f"{root}/tuned"},
+                "adapters": tuned,
                 "adapter_ranks": {"tuned": 8},
+                **oci_kwargs,
+                "api_key_env": "FINETUNE_TEST_VLLM_KEY",
+                "runtime_lora": True,
             },
         }.items():
             deploy = DeployVLLMOperator(
@@ -365,14 +386,31 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
                 assert isinstance(out["smoke_reply"], str) and out["adapters"] == sorted(
                     kwargs.get("adapters", {})
                 )
-                client = OpenAI(base_url=out["endpoint"], api_key="unused")
+                authenticated = "api_key_env" in kwargs
+                client = OpenAI(base_url=out["endpoint"], api_key=key if authenticated else "unused")
                 models = ["tiny", "tuned"] if name == "base+adapter" else ["tiny"]
+                if authenticated:
+                    # the key reached vLLM through its environment, never its command line
+                    cmdline = Path(f"/proc/{out['pid']}/cmdline").read_bytes()
+                    assert key.encode() not in cmdline and b"api-key" not in cmdline
+                    assert f"VLLM_API_KEY={key}".encode() in Path(f"/proc/{out['pid']}/environ").read_bytes()
+                    with pytest.raises(PermissionError, match="401 Unauthorized"):  # no key: refused
+                        chat_once(out["endpoint"].removesuffix("/v1"), "tiny", "hi")
+                    # promote an adapter into the running server: no restart
+                    load_lora_adapter(
+                        out["endpoint"].removesuffix("/v1"), "promoted", result["final_adapter"], api_key=key
+                    )
+                    models.append("promoted")
                 replies = [
                     client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
                     for m in models
                 ]
                 served[name] = dict(
-                    zip(["base", "tuned"], [r.choices[0].message.content for r in replies], strict=False)
+                    zip(
+                        ["base", "tuned", "promoted"],
+                        [r.choices[0].message.content for r in replies],
+                        strict=False,
+                    )
                 )
             finally:
                 assert UndeployVLLMOperator(task_id="stop", served_model_name="tiny").execute({}) is True
@@ -384,3 +422,4 @@ def test_real_vllm_serves_merged_model_and_base_plus_adapter(tiny_model, chat_da
     # the adapter changes the answers of the base, and base+adapter answers like the merged model
     assert served["base+adapter"]["tuned"] != served["base+adapter"]["base"]
     assert served["base+adapter"]["tuned"] == served["merged"]["base"]
+    assert served["base+adapter"]["promoted"] == served["base+adapter"]["tuned"]  # loaded at run time

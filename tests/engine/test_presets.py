@@ -40,6 +40,13 @@ def _config(model: str, peft_kwargs: dict | None = None, **data_conf) -> dict:
         ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b"),
         ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini"),
         ("s3://finetune/models/TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tinyllama-1.1b"),
+        ("Qwen/Qwen3-0.6B", "qwen3-small"),
+        ("Qwen/Qwen3-8B", "qwen3-8b"),
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "qwen3-30b-a3b"),
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral-8x7b"),
+        ("google/gemma-2-9b-it", "gemma-2-9b"),
+        ("google/gemma-3-1b-it", "gemma-3-1b"),
+        ("microsoft/Phi-4-mini-instruct", "phi-4-mini"),
     ],
 )
 def test_matched_by_hub_id(model, name):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from finetune_engine import fastpath
 from finetune_engine.config import parse_config
 from finetune_engine.data.collate import PackedCollator, PaddingCollator
 from finetune_engine.data.pack import pack_lengths
@@ -113,7 +114,7 @@ def test_pack_lengths_fits_and_is_dense():
         pack_lengths([600], 512)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_packed_rows_do_not_cross_contaminate(tiny_model_dir, attn):
     from transformers import AutoModelForCausalLM
 
@@ -123,6 +124,9 @@ def test_packed_rows_do_not_cross_contaminate(tiny_model_dir, attn):
     features = [{"segments": [{"input_ids": s, "labels": s} for s in segs]}]
     batch = PackedCollator(pad_token_id=0, attn_implementation=attn)(features)
     batch.pop("num_real_tokens")
+    # flex_attention: the collator gives document ids, the trainer's step builds the BlockMask
+    # (on the CPU flex_attention runs forward only, compiled: a few seconds)
+    batch = fastpath.prepare_attention(batch)
     with torch.no_grad():
         packed = model(
             input_ids=batch["input_ids"],

@@ -203,13 +203,26 @@ def _states(run) -> dict[str, dict]:
 
 
 def main() -> int:
-    from airflow.dag_processing.dagbag import DagBag
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+
+        serialize = None
+    except ImportError:  # Airflow 3.1: dag.test() needs the DAG serialized in the database first
+        from airflow.models.dagbag import DagBag, sync_bag_to_db
+
+        def serialize(bag):
+            from airflow.dag_processing.bundles.manager import DagBundlesManager
+
+            DagBundlesManager().sync_bundles_to_db()
+            sync_bag_to_db(bag, "dags-folder", None)
 
     fake = FakeCore(sys.argv[3])
     result_json = json.dumps({"status": "completed", "final_eval_loss": 1.5, "mlflow_run_id": None})
     with patched(fake, result_json):
         bag = DagBag(dag_folder=sys.argv[1])
         dag = bag.dags[sys.argv[2]]
+        if serialize is not None:
+            serialize(bag)
         run = dag.test()
         print(
             "FAKE_K8S_CALLS="

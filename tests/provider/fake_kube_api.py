@@ -10,6 +10,8 @@ bodies. It keeps objects in memory and behaves like the API server where it matt
   ``PATCH`` requires a patch content type and does a merge;
 - ``/status`` of a Deployment reports it ready after ``ready_after`` reads (or never);
 - ``POST .../services/NAME/proxy/PATH`` answers like vLLM's OpenAI server, recording the request;
+- ``GET`` of a collection lists it (``labelSelector`` with ``k=v`` terms); ``GET .../pods/NAME/log``
+  returns what a test put in ``logs``;
 - every request must carry ``Authorization: Bearer <token>``.
 """
 
@@ -32,6 +34,7 @@ OBJECT = re.compile(
     r"^/(?P<group>api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)/(?P<name>[^/]+)"
     r"(?P<sub>/status)?$"
 )
+LOG = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$")
 PROXY = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/services/(?P<name>[^/]+)/proxy/(?P<path>.*)$")
 BUILTIN_GROUPS = ("api/v1", "apis/apps/v1", "apis/networking.k8s.io/v1")
 PATCH_TYPES = (
@@ -61,6 +64,7 @@ class FakeKubeAPI:
     requests: list[dict] = field(default_factory=list)
     proxied: list[dict] = field(default_factory=list)
     status_reads: int = 0
+    logs: dict[tuple[str, str], str] = field(default_factory=dict)  # (namespace, pod) -> its log
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -159,6 +163,10 @@ class FakeKubeAPI:
         if m := PROXY.match(path):
             return self._proxy(m, req)
         with self._lock:
+            if method == "GET" and (m := LOG.match(path)):
+                return self._log(m, req)
+            if method == "GET" and (m := COLLECTION.match(path)):
+                return self._list(m["group"], m["ns"], m["plural"], req["query"])
             if m := COLLECTION.match(path):
                 if method != "POST":
                     return 405, _status(405, "MethodNotAllowed", method)
@@ -261,6 +269,30 @@ class FakeKubeAPI:
             ],
         }
 
+    def _list(self, group: str, ns: str, plural: str, query: str) -> tuple[int, Any]:
+        """A collection's objects matching ``labelSelector`` (``k=v`` terms joined by commas)."""
+        from urllib.parse import parse_qs
+
+        selector = (parse_qs(query).get("labelSelector") or [""])[0]
+        wanted = dict(term.split("=", 1) for term in selector.split(",") if "=" in term)
+        items = [
+            obj
+            for (g, n, p, _), obj in sorted(self.objects.items())
+            if (g, n, p) == (group, ns, plural)
+            and all((obj.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in wanted.items())
+        ]
+        return 200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": copy.deepcopy(items)}
+
+    def _log(self, m: re.Match, req: dict) -> tuple[int, Any]:
+        """A pod's log (``tailLines`` honoured), from ``logs``."""
+        from urllib.parse import parse_qs
+
+        if ("api/v1", m["ns"], "pods", m["name"]) not in self.objects:
+            return 404, _status(404, "NotFound", f'pods "{m["name"]}" not found')
+        lines = self.logs.get((m["ns"], m["name"]), "").splitlines()
+        tail = (parse_qs(req["query"]).get("tailLines") or [None])[0]
+        return 200, "\n".join(lines[-int(tail) :] if tail else lines)
+
 
 def _status(code: int, reason: str, message: str) -> dict:
     return {
@@ -271,3 +303,52 @@ def _status(code: int, reason: str, message: str) -> dict:
         "reason": reason,
         "message": message,
     }
+
+
+class FakeOpenAI:
+    """A vLLM-like OpenAI server on loopback for the direct (non-proxy) calls: answers
+    ``/v1/chat/completions`` and ``/v1/load_lora_adapter`` only with ``Authorization: Bearer
+    <api_key>`` (401 otherwise, as vLLM's ``VLLM_API_KEY`` does), recording every request."""
+
+    def __init__(self, api_key: str | None, reply: str = "Hello from the fake vLLM.") -> None:
+        self.api_key, self.reply, self.requests = api_key, reply, []
+        self.adapters: dict[str, str] = {}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(raw or b"{}")
+                fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                    code, answer = 401, {"error": "Unauthorized"}
+                elif self.path == "/v1/chat/completions":
+                    code, answer = (
+                        200,
+                        {"choices": [{"message": {"role": "assistant", "content": fake.reply}}]},
+                    )
+                elif self.path == "/v1/load_lora_adapter":
+                    fake.adapters[body["lora_name"]] = body["lora_path"]
+                    code, answer = 200, f"Success: LoRA adapter '{body['lora_name']}' added successfully."
+                else:
+                    code, answer = 404, {"detail": "Not Found"}
+                data = json.dumps(answer).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -183,3 +183,23 @@ def test_a_challenger_on_another_held_out_set_is_refused_before_anything_is_writ
     # on the pinned set it is compared and promoted
     store.record("run-3", better, {"model_uri": CH, "config": "a: 2\n", "heldout_data": "s3://b/h1.jsonl"})
     assert store.read()["model_uri"] == CH
+
+
+def test_unchanged_training_data_is_recognised_by_its_content_hash(bucket_conn):
+    """A scheduled run on the content the champion was trained on is skipped; new content is not."""
+    import hashlib
+
+    store = ChampionStore(bucket_conn["FINETUNE_BUCKET"], "line-d", "champion_test")
+    uri = f"s3://{bucket_conn['FINETUNE_BUCKET']}/datasets/retrain/train.jsonl"
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}\n' * 1000
+    put_bytes(uri, body, client=store._client())
+    sha = store.data_sha256(uri, chunk=4096)  # several chunks
+    assert sha == hashlib.sha256(body).hexdigest()
+    champion = {"model_uri": CH, "train_data_sha256": sha, "promoted_at": "2026-12-01T04:00:00+00:00"}
+    assert "nothing new to learn" in store.unchanged_data(champion, uri, sha)
+    put_bytes(uri, body + b'{"messages": []}\n', client=store._client())
+    assert store.unchanged_data(champion, uri, store.data_sha256(uri)) is None
+    assert store.unchanged_data({"model_uri": CH}, uri, sha) is None  # a record from before data hashes
+    assert store.unchanged_data(None, uri, sha) is None
+    with pytest.raises(FinetuneConfigError, match="cannot read .*missing.jsonl"):
+        store.data_sha256(f"s3://{bucket_conn['FINETUNE_BUCKET']}/datasets/missing.jsonl")

@@ -11,15 +11,14 @@ import pytest
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.exceptions import FinetuneConfigError
+from tests.airflow_compat import dagbag_class
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 
 
 def _bag(path: Path):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(str(path))
+    return dagbag_class()(str(path))
 
 
 def test_defaults_replace_the_dags_param_defaults(monkeypatch, tmp_path):

@@ -101,6 +101,8 @@ def test_smoke_test_posts_json_through_the_service_proxy(kube):
         ("POST", f"/apis/apps/v1/namespaces/{NS}/deployments"),
         ("POST", f"/api/v1/namespaces/{NS}/services"),
         ("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/{name}/status"),
+        # while not ready, the server's pods are read for a reason to fail early (none here)
+        ("GET", f"/api/v1/namespaces/{NS}/pods"),
         ("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/{name}/status"),
     ]
     context["ti"].xcom_push.assert_called_with(key="_link_ServedEndpointLink", value=result["endpoint"])
@@ -189,9 +191,10 @@ def test_no_routes_by_default(kube):
 def test_ingress_and_httproute_created_idempotently(kube):
     ingress = {"host": "chat.example.com", "ingress_class": "nginx", "tls_secret": "chat-tls"}
     route = {"gateway": "public", "gateway_namespace": "gateways", "hostnames": ["chat.example.com"]}
-    result = deploy_op(ingress=ingress, http_route=route).execute(ctx())
+    open_route = {"allow_unauthenticated_ingress": True}
+    result = deploy_op(ingress=ingress, http_route=route, **open_route).execute(ctx())
     name = result["deployment"].split("/")[1]
-    assert result["ingress_endpoint"] == "https://chat.example.com/v1"
+    assert result["ingress_endpoint"] == result["external_endpoint"] == "https://chat.example.com/v1"
     ing = kube.get("ingresses", NS, name)
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(ing, version, strict=True)
@@ -212,7 +215,7 @@ def test_ingress_and_httproute_created_idempotently(kube):
     # again: the Ingress is replaced, the HTTPRoute (a custom resource: PUT needs resourceVersion)
     # merge-patched
     kube.requests.clear()
-    deploy_op(ingress={**ingress, "host": "chat2.example.com"}, http_route=route).execute(ctx())
+    deploy_op(ingress={**ingress, "host": "chat2.example.com"}, http_route=route, **open_route).execute(ctx())
     calls = {(r["method"], r["path"].rsplit("/", 2)[-2], r["content_type"]) for r in kube.requests}
     assert ("PUT", "ingresses", "application/json") in calls
     assert ("PATCH", "httproutes", "application/merge-patch+json") in calls
@@ -239,12 +242,13 @@ def test_route_options_are_checked_before_any_call(kube, kw, match):
 
 
 def test_undeploy_knows_every_kind_deploy_can_create():
-    op = deploy_op(ingress={"host": "chat.example.com"}, http_route={"gateway": "public"})
-    spec = op.serve_spec()
-    created = [build_vllm_deployment(spec), build_vllm_service(spec), *op.route_manifests(spec)]
-    assert [(d["kind"], d["apiVersion"]) for d in created] == [
+    routes = {"ingress": {"host": "chat.example.com"}, "http_route": {"gateway": "public"}}
+    op = deploy_op(**routes, network_policy=True, api_key_secret="vllm-key/key")
+    created = op.manifests() + deploy_op(platform="kserve").manifests()
+    assert {(d["kind"], d["apiVersion"]) for d in created} == {
         (t.kind, t.api_version) for t in SERVED_OBJECTS
-    ]
+    }
+    assert [t.kind for t in SERVED_OBJECTS][:2] == ["Deployment", "Service"]
 
 
 def test_applier_refuses_an_unknown_kind_before_any_call(kube):
@@ -279,7 +283,7 @@ def _run_trigger(trigger: DeploymentReadyTrigger) -> dict:
 
 
 def test_defers_then_trigger_fires_then_smoke_test(kube):
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow_provider_finetune.compat import TaskDeferred
 
     op = deploy_op(deferrable=True, ready_timeout=600, poll_interval=0.05)
     context = ctx()
@@ -348,7 +352,8 @@ def test_sync_wait_times_out(kube):
 
 
 def test_undeploy_removes_what_deploy_created(kube):
-    result = deploy_op(ingress={"host": "chat.example.com"}, http_route={"gateway": "public"}).execute(ctx())
+    routes = {"ingress": {"host": "chat.example.com"}, "http_route": {"gateway": "public"}}
+    result = deploy_op(**routes, allow_unauthenticated_ingress=True).execute(ctx())
     name = result["deployment"].split("/")[1]
     assert len(kube.objects) == 4
     kube.requests.clear()
@@ -364,13 +369,16 @@ def test_undeploy_removes_what_deploy_created(kube):
     calls = kube.calls()
     deletes = [path for method, path in calls if method == "DELETE"]
     # each object was read (its owner label checked) before the first deletion
-    assert calls[: len(deletes)] == [("GET", path) for path in deletes]
-    assert calls[len(deletes) :] == [
+    first_delete = calls.index(("DELETE", deletes[0]))
+    assert {("GET", path) for path in deletes} <= set(calls[:first_delete])
+    assert [c for c in calls[first_delete:] if c[0] == "DELETE"] == [
         ("DELETE", f"/apis/apps/v1/namespaces/{NS}/deployments/{name}"),
         ("DELETE", f"/api/v1/namespaces/{NS}/services/{name}"),
         ("DELETE", f"/apis/networking.k8s.io/v1/namespaces/{NS}/ingresses/{name}"),
         ("DELETE", f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/httproutes/{name}"),
     ]
+    # then every other revision of this server (blue-green) is looked for by its labels
+    assert calls[-1] == ("GET", f"/apis/apps/v1/namespaces/{NS}/deployments")
     assert undeploy.execute(ctx()) is False  # nothing left: 404s are fine
 
 
@@ -513,3 +521,367 @@ def test_a_deployment_that_breaks_the_pod_rules_is_never_sent(kube):
         ):
             deploy_op().execute(ctx())
     assert kube.requests == []
+
+
+# -- failures surface with their reason, within a poll ---------------------------------------------
+
+
+def _pod(op: DeployVLLMOperator, status: dict) -> dict:
+    labels = op.manifests()[0]["spec"]["selector"]["matchLabels"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "server-0", "labels": labels},
+        "status": status,
+    }
+
+
+def _waiting(reason: str, message: str = "", init: bool = False, last: dict | None = None) -> dict:
+    cs = {
+        "name": "pull-model" if init else "vllm",
+        "image": "vllm/vllm-openai:v0.32.0",
+        "imageID": "",
+        "ready": False,
+        "restartCount": 3,
+        "state": {"waiting": {"reason": reason, "message": message}},
+    }
+    if last:
+        cs["lastState"] = {"terminated": last}
+    return {"initContainerStatuses" if init else "containerStatuses": [cs]}
+
+
+FAILURES = {
+    "image-pull": (
+        _waiting("ImagePullBackOff", 'Back-off pulling image "vllm/vllm-openai:v0.32.0"'),
+        None,
+        "container vllm ImagePullBackOff: the image cannot be pulled",
+    ),
+    "init-exit-log-line": (
+        _waiting("CrashLoopBackOff", init=True, last={"exitCode": 1, "reason": "Error"}),
+        "pulling s3://finetune/e/r/checkpoint-final\nbotocore.exceptions.ClientError: InvalidAccessKeyId",
+        "init container pull-model failed (exit code 1: botocore.exceptions.ClientError: InvalidAccessKeyId)",
+    ),
+    "init-termination-message": (
+        {
+            "initContainerStatuses": [
+                {
+                    "name": "pull-model",
+                    "image": "registry.example/finetune-engine:1",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": 2,
+                            "message": "no complete marker under s3://finetune/e/r/checkpoint-final",
+                        }
+                    },
+                }
+            ]
+        },
+        None,
+        "init container pull-model failed (exit code 2: no complete marker",
+    ),
+    "crash-loop": (
+        _waiting(
+            "CrashLoopBackOff", "back-off 5m0s", last={"exitCode": 1, "message": "torch.OutOfMemoryError"}
+        ),
+        None,
+        "container vllm CrashLoopBackOff: it keeps crashing (last run: exit code 1: torch.OutOfMemoryError)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_a_broken_start_fails_at_the_first_poll_with_its_reason(kube, case):
+    status, log, words = FAILURES[case]
+    op = deploy_op(poll_interval=0)
+    kube.ready_after = None
+    kube.objects[("api/v1", NS, "pods", "server-0")] = _pod(op, status)
+    if log:
+        kube.logs[(NS, "server-0")] = log
+    with pytest.raises(RuntimeError) as err:
+        op.execute(ctx())
+    assert words in str(err.value) and "server-0" in str(err.value)
+    assert kube.status_reads == 1  # one poll, not ready_timeout
+
+
+def test_no_gpu_capacity_fails_unless_the_autoscaler_scales_up(kube):
+    op = deploy_op(poll_interval=0, ready_timeout=0.3)
+    kube.ready_after = None
+    kube.objects[("api/v1", NS, "pods", "server-0")] = _pod(op, {"phase": "Pending"})
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": "e1"},
+        "reason": "FailedScheduling",
+        "involvedObject": {"kind": "Pod", "name": "server-0"},
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+    }
+    kube.objects[("api/v1", NS, "events", "e1")] = event
+    with pytest.raises(
+        RuntimeError, match=r"pod server-0 cannot be scheduled: 0/3 nodes .*Insufficient nvidia.com/gpu"
+    ):
+        op.execute(ctx())
+    kube.objects[("api/v1", NS, "events", "e2")] = {
+        **event,
+        "metadata": {"name": "e2"},
+        "reason": "TriggeredScaleUp",
+        "message": "pod triggered scale-up",
+    }
+    with pytest.raises(TimeoutError, match="not ready within 0s"):  # a node is coming: wait for it
+        deploy_op(poll_interval=0, ready_timeout=0).execute(ctx())
+
+
+def test_trigger_fails_with_the_pods_reason(kube):
+    status, _, words = FAILURES["crash-loop"]
+    op = deploy_op()
+    dep = op.manifests()[0]
+    kube.ready_after = None
+    kube.objects[("apis/apps/v1", NS, "deployments", dep["metadata"]["name"])] = {
+        **dep,
+        "metadata": {**dep["metadata"], "generation": 1},
+    }
+    kube.objects[("api/v1", NS, "pods", "server-0")] = _pod(op, status)
+    trigger = DeploymentReadyTrigger(
+        name=dep["metadata"]["name"],
+        namespace=NS,
+        kubernetes_conn_id="fake_kube",
+        poll_interval=0,
+        deadline=time.time() + 600,
+        pod_labels=dep["spec"]["selector"]["matchLabels"],
+    )
+    event = _run_trigger(DeploymentReadyTrigger(**trigger.serialize()[1]))
+    assert event["status"] == "failed" and words in event["message"]
+    assert kube.status_reads == 1
+
+
+def test_transient_api_errors_are_retried_not_fatal(kube):
+    real, failures = FakeKubeAPI.dispatch, iter([503, 500])
+
+    def flaky(self, req):
+        if req["path"].endswith("/status"):
+            code = next(failures, None)
+            if code:
+                return code, {"kind": "Status", "code": code, "reason": "ServiceUnavailable"}
+        return real(self, req)
+
+    with mock.patch.object(FakeKubeAPI, "dispatch", flaky):
+        result = deploy_op(poll_interval=0).execute(ctx())
+    assert result["smoke_reply"] == kube.chat_reply
+
+
+# -- API key, manifests(), blue-green, runtime LoRA, KServe ------------------------------------------
+
+
+def test_api_key_reaches_vllm_from_the_secret_and_the_smoke_test_sends_it(kube):
+    import base64
+
+    from tests.provider.fake_kube_api import FakeOpenAI
+
+    kube.objects[("api/v1", NS, "secrets", "vllm-key")] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "vllm-key"},
+        "data": {"api-key": base64.b64encode(b"sk-test-key").decode()},
+    }
+    server = FakeOpenAI(api_key="sk-test-key")
+    try:
+        op = deploy_op(
+            api_key_secret={"name": "vllm-key", "key": "api-key"},
+            smoke_url=server.url,
+            ingress={"host": "chat.example.com"},
+            network_policy=True,
+        )
+        result = op.execute(ctx())
+    finally:
+        server.stop()
+    name = result["deployment"].split("/")[1]
+    vllm = kube.get("deployments", NS, name)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in vllm["env"]}
+    assert env["VLLM_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "vllm-key", "key": "api-key"}}
+    assert "sk-test-key" not in json.dumps(kube.objects[("apis/apps/v1", NS, "deployments", name)])
+    assert not any("api" in a and "key" in a for a in vllm["args"])
+    [req] = server.requests
+    assert (
+        req["headers"]["Authorization"] == "Bearer sk-test-key" and result["smoke_reply"] == kube.chat_reply
+    )
+    assert kube.proxied == []  # the API server's proxy would drop the Authorization header
+    assert kube.get("networkpolicies", NS, name)["spec"]["ingress"][0]["ports"] == [
+        {"protocol": "TCP", "port": 8000}
+    ]
+    assert result["external_endpoint"] == "http://chat.example.com/v1"
+
+
+def test_an_open_route_is_refused_and_settings_are_checked_before_any_call(kube):
+    with pytest.raises(FinetuneConfigError, match="without api_key_secret would publish the model"):
+        deploy_op(http_route={"gateway": "public"}).execute(ctx())
+    bad = [
+        ({"engine_args": {"--api-key": "x"}}, r"engine_args \['--api-key'\] are set by the builder"),
+        ({"gpus": 2, "tensor_parallel_size": 4}, "tensor_parallel_size 4 > gpus 2"),
+        ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization 1.5: a fraction in \(0, 1\]"),
+        ({"memory": "lots"}, "memory 'lots' is not a Kubernetes quantity"),
+        ({"model_volume_size": "-1Gi"}, "model_volume_size '-1Gi' is not a Kubernetes quantity"),
+        ({"max_model_len": "abc"}, "max_model_len 'abc' is not an integer"),
+        ({"rollout": "canary"}, "rollout 'canary': use one of"),
+        ({"api_key_secret": "just-a-name"}, "give the Secret's name and key"),
+        ({"min_replicas": 0}, "min_replicas .* needs platform='kserve'"),
+        ({"tolerations": {"key": "gpu"}}, "tolerations: a list of mappings"),
+        ({"vllm_image": "bad image"}, "vllm_image 'bad image' is not a valid image reference"),
+    ]
+    for kw, match in bad:
+        with pytest.raises(FinetuneConfigError, match=match):
+            deploy_op(**kw).execute(ctx())
+    assert kube.requests == []
+
+
+def test_settings_reach_the_manifests_and_templated_fields():
+    op = deploy_op(
+        gpus=4,
+        tensor_parallel_size=2,
+        memory="96Gi",
+        model_volume_size="300Gi",
+        replicas=2,
+        node_selector={"gpu": "h100"},
+        tolerations=[{"key": "dedicated", "operator": "Exists"}],
+        supplemental_groups=[44, 110],
+        vllm_image="registry.example/vllm:1",
+        max_model_len=8192,
+        gpu_memory_utilization=0.85,
+        engine_args={"max-num-seqs": 64},
+    )
+    assert {"engine_args", "max_model_len", "namespace", "tensor_parallel_size"} <= set(op.template_fields)
+    dep = op.manifests()[0]
+    pod = dep["spec"]["template"]["spec"]
+    vllm = pod["containers"][0]
+    args = vllm["args"]
+    assert (
+        args[args.index("--tensor-parallel-size") + 1] == "2"
+        and vllm["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    )
+    assert (
+        args[args.index("--max-model-len") + 1] == "8192" and args[args.index("--max-num-seqs") + 1] == "64"
+    )
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.85"
+    assert vllm["resources"]["limits"]["memory"] == "96Gi" and vllm["image"] == "registry.example/vllm:1"
+    assert next(v for v in pod["volumes"] if v["name"] == "models")["emptyDir"]["sizeLimit"] == "300Gi"
+    assert dep["spec"]["replicas"] == 2 and pod["nodeSelector"] == {"gpu": "h100"}
+    assert {"key": "dedicated", "operator": "Exists"} in pod["tolerations"]
+    assert pod["securityContext"]["supplementalGroups"] == [44, 110]
+    assert dep["spec"]["progressDeadlineSeconds"] == op.effective_ready_timeout()  # one deadline
+
+
+def test_blue_green_switches_the_service_after_the_new_revision_is_ready(kube):
+    first = deploy_op(rollout="blue-green").execute(ctx())
+    old = first["deployment"].split("/")[1]
+    svc_name = next(n for (_, _, p, n) in kube.objects if p == "services")
+    second_op = deploy_op(rollout="blue-green", model_uri="s3://finetune/e/r2/checkpoint-final")
+    new = second_op.manifests()[0]["metadata"]["name"]
+    assert new != old
+    selector_seen = []
+    real = FakeKubeAPI.dispatch
+
+    def watch(self, req):  # the Service selector while the new revision is polled
+        if req["path"].endswith(f"/deployments/{new}/status"):
+            selector_seen.append(dict(self.get("services", NS, svc_name)["spec"]["selector"]))
+        return real(self, req)
+
+    kube.status_reads = 0
+    with mock.patch.object(FakeKubeAPI, "dispatch", watch):
+        second = second_op.execute(ctx())
+    revision = "finetune.airflow.apache.org/revision"
+    old_rev = first and kube_rev(old)
+    assert selector_seen and all(s[revision] == old_rev for s in selector_seen)  # old line serves meanwhile
+    assert kube.get("services", NS, svc_name)["spec"]["selector"][revision] != old_rev
+    assert kube.get("deployments", NS, old) is None and kube.get("deployments", NS, new) is not None
+    assert second["deployment"] == f"{NS}/{new}"
+
+
+def kube_rev(deployment_name: str) -> str:
+    return deployment_name.split("-")[-2]
+
+
+def test_load_lora_adapter_into_a_running_server():
+    from airflow_provider_finetune.operators.deploy import load_lora_adapter
+    from tests.provider.fake_kube_api import FakeOpenAI
+
+    server = FakeOpenAI(api_key="k")
+    try:
+        with pytest.raises(PermissionError, match="401"):
+            from airflow_provider_finetune.runners.vllm_local import chat_once
+
+            chat_once(server.url, "tiny", "hi")
+        assert "added successfully" in load_lora_adapter(
+            server.url, "r16", "/models/adapters/r16", api_key="k"
+        )
+        with pytest.raises(RuntimeError, match="loading LoRA adapter 'r8'.*401"):
+            load_lora_adapter(server.url, "r8", "/x", api_key="wrong")
+    finally:
+        server.stop()
+    assert server.adapters == {"r16": "/models/adapters/r16"}
+    assert server.requests[1]["body"] == {"lora_name": "r16", "lora_path": "/models/adapters/r16"}
+
+
+def test_kserve_lifecycle_created_ready_scaled_to_zero(kube):
+    from airflow_provider_finetune.compat import TaskDeferred
+    from tests.provider.fake_kube_api import FakeOpenAI
+
+    op = deploy_op(
+        platform="kserve",
+        min_replicas=0,
+        kserve_service_account="kserve-s3",
+        deferrable=True,
+        poll_interval=0,
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(ctx())
+    kwargs = deferred.value.trigger.serialize()[1]
+    assert kwargs["kind"] == "InferenceService"
+    name = kwargs["name"]
+    isvc = kube.get("inferenceservices", NS, name)
+    assert isvc["spec"]["predictor"]["minReplicas"] == 0
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    # the model failed to load: the reason, at once
+    isvc["status"] = {
+        "observedGeneration": 1,
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "modelStatus": {
+            "transitionStatus": "BlockedByFailedLoad",
+            "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no config.json"},
+        },
+    }
+    failed = _run_trigger(DeploymentReadyTrigger(**{**kwargs, "deadline": time.time() + 60}))
+    assert failed["status"] == "failed" and "ModelLoadFailed: no config.json" in failed["message"]
+    # Ready, then scaled to zero (no pods): still Ready; the first request wakes it
+    isvc["status"] = {
+        "observedGeneration": 1,
+        "url": "https://tiny.finetune.example.com",
+        "address": {"url": "http://tiny-predictor.finetune.svc.cluster.local"},
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "components": {"predictor": {"replicas": 0}},
+    }
+    ready = _run_trigger(DeploymentReadyTrigger(**kwargs))
+    assert ready["status"] == "ready"
+    server = FakeOpenAI(api_key=None)
+    try:
+        op.smoke_url = server.url
+        context = ctx()
+        result = op.execute_complete(context, ready)
+    finally:
+        server.stop()
+    assert result["endpoint"] == "http://tiny-predictor.finetune.svc.cluster.local/v1"
+    assert result["external_endpoint"] == "https://tiny.finetune.example.com/v1"
+    context["ti"].xcom_push.assert_called_with(
+        key="_link_ServedEndpointLink", value=result["external_endpoint"]
+    )
+    assert (
+        UndeployVLLMOperator(
+            task_id="u",
+            served_model_name="tiny",
+            namespace=NS,
+            kubernetes_conn_id="fake_kube",
+            runner="kubernetes",
+        ).execute(ctx())
+        is True
+    )
+    assert kube.get("inferenceservices", NS, name) is None

@@ -38,7 +38,7 @@ BRIEF = [
     "accelerate",
     "datasets",
     "bitsandbytes",
-    "mlflow",
+    "mlflow-skinny",
     "boto3",
     "huggingface-hub",
     "pydantic",
@@ -205,7 +205,7 @@ def test_every_pip_install_is_hashed_from_one_index(platform):
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     # torch (--no-deps) first, so the second lock's torch users find it; then the engine, then pip check
     assert runs.index(TORCH_LOCKS[platform].name.replace(f"-{platform}", "")) < runs.index(LOCK.name)
-    assert '"/opt/src/engine[train,storage]"' in runs and runs.index(LOCK.name) < runs.index(
+    assert '"/opt/src/engine[train,storage,quantize]"' in runs and runs.index(LOCK.name) < runs.index(
         "/opt/src/engine"
     )
 
@@ -272,7 +272,7 @@ def test_locks_pin_the_tested_versions():
     )
     project = tomllib.loads((ROOT / "engine" / "pyproject.toml").read_text())["project"]
     declared = project["dependencies"] + [
-        r for extra in ("train", "storage") for r in project["optional-dependencies"][extra]
+        r for extra in ("train", "storage", "quantize") for r in project["optional-dependencies"][extra]
     ]
     for raw in declared:
         req = Requirement(raw)
@@ -283,8 +283,9 @@ def test_locks_pin_the_tested_versions():
 
 
 def test_lock_is_complete():
-    """Everything finetune-engine[train,storage] pulls in on Linux/Python 3.12 is locked (and nothing
-    else): in the common lock, or torch in the torch lock (whose GPU libraries the CPU build here lacks)."""
+    """Everything airflow-provider-finetune-engine[train,storage,quantize] pulls in on Linux/Python 3.12 is
+    locked (and nothing else): in the common lock, or torch in the torch lock (whose GPU libraries the
+    CPU build here lacks)."""
     env = {
         "python_version": "3.12",
         "python_full_version": "3.12.3",
@@ -315,8 +316,8 @@ def test_lock_is_complete():
             ):
                 visit(req.name, set(req.extras))
 
-    visit("finetune-engine", {"train", "storage"})
-    needed = set(seen) - {"finetune-engine", "torch"}
+    visit("airflow-provider-finetune-engine", {"train", "storage", "quantize"})
+    needed = set(seen) - {"airflow-provider-finetune-engine", "torch"}
     locked = set(_lock(LOCK))
     assert not needed - locked, f"missing from {LOCK.name}: {sorted(needed - locked)}"
     assert not locked - needed, f"not needed by the engine: {sorted(locked - needed)}"
@@ -350,10 +351,10 @@ def _resolution(gpu_library_needed_by: str = "torch") -> str:
         return f"{pin} \\\n    --hash=sha256:{digit * 64}\n{via}"
 
     return (
-        entry("accelerate==1.15.0", "1", "-c constraints.txt", "finetune-engine")
+        entry("accelerate==1.15.0", "1", "-c constraints.txt", "airflow-provider-finetune-engine")
         + entry("nvidia-cublas==13.1.1.3", "2", gpu_library_needed_by)
         + entry(f"setuptools=={md.version('setuptools')}", "3", "torch")
-        + entry("torch==2.13.0", "4", "-c constraints.txt", "accelerate", "finetune-engine")
+        + entry("torch==2.13.0", "4", "-c constraints.txt", "accelerate", "airflow-provider-finetune-engine")
     )
 
 

@@ -40,3 +40,22 @@ def test_egress_policy_selects_engine_pods_and_allows_only_dns_bucket_and_hub():
             if "ipBlock" in peer:
                 net = ipaddress.ip_network(peer["ipBlock"]["cidr"])
                 assert net.prefixlen >= 8 and metadata not in net, net
+
+
+DEPLOY = POLICY.parent
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS[-1:])
+def test_serving_examples_validate_and_select_the_vllm_pods(version):
+    from airflow_provider_finetune.pods.serving import ServeSpec, build_vllm_deployment
+
+    for name in ("networkpolicy-vllm.yaml", "kserve-s3-serviceaccount.yaml", "rbac-serving.yaml"):
+        for doc in yaml.safe_load_all((DEPLOY / name).read_text()):
+            kubernetes_validate.validate(doc, version, strict=True)
+    policy = yaml.safe_load((DEPLOY / "networkpolicy-vllm.yaml").read_text())
+    spec = ServeSpec(name="vllm-x", model_uri="s3://b/m", served_model_name="x", engine_image="i")
+    pod_labels = build_vllm_deployment(spec)["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()  # selects every server
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}] and rule["from"]  # one port, named peers only

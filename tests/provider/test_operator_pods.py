@@ -21,6 +21,7 @@ from airflow_provider_finetune.operators import (
     FinetuneKubernetesOperator,
     HFModelToBucketOperator,
     MergeAdapterOperator,
+    QuantizeModelOperator,
 )
 from airflow_provider_finetune.pods.pod import to_dict
 from airflow_provider_finetune.pods.security import restricted_violations
@@ -63,6 +64,14 @@ OPERATORS = {
         models=["s3://finetune/m/champion", "s3://finetune/m/challenger"],
         datasets="s3://finetune/datasets/heldout.jsonl",
     ),
+    "quantize": lambda: QuantizeModelOperator(
+        task_id="quantize",
+        model="s3://finetune/champions-models/line/checkpoint-final-merged",
+        calibration_data="s3://finetune/datasets/retrain/train.jsonl",
+        scheme="w4a16",
+        samples=64,
+        iters=100,
+    ),
 }
 ENGINE_OPERATORS = [
     HFModelToBucketOperator,
@@ -70,6 +79,7 @@ ENGINE_OPERATORS = [
     FinetuneKubernetesOperator,
     MergeAdapterOperator,
     EvaluateModelsOperator,
+    QuantizeModelOperator,
 ]
 
 
@@ -104,10 +114,18 @@ def built_pod(name: str) -> dict:
 
 
 def normalized(pod: dict) -> dict:
-    """Stable across runs and Airflow patch releases: the random pod-name suffix and the version label."""
+    """Stable across runs and the Airflow and cncf-kubernetes releases the provider supports: the random
+    pod-name suffix, the version label, and the XCom sidecar's image (the cncf provider's default,
+    which its releases move; checked to be exactly that default)."""
+    from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
+
     doc = copy.deepcopy(pod)
     doc["metadata"]["name"] = re.sub(r"-[a-z0-9]{8}$", "-RANDOM", doc["metadata"]["name"])
     doc["metadata"]["labels"]["airflow_version"] = "AIRFLOW_VERSION"
+    for container in doc["spec"]["containers"]:
+        if container["name"] == PodDefaults.SIDECAR_CONTAINER_NAME:
+            assert container["image"] == PodDefaults.SIDECAR_CONTAINER.image
+            container["image"] = "CNCF_KUBERNETES_XCOM_SIDECAR_IMAGE"
     return doc
 
 
@@ -157,6 +175,7 @@ def _minimal(cls, **kw):
         FinetuneKubernetesOperator: {"config": CONFIG},
         MergeAdapterOperator: {"base": "s3://bkt/m", "adapter": "s3://bkt/a"},
         EvaluateModelsOperator: {"models": ["s3://bkt/m"], "datasets": ["s3://bkt/d.jsonl"]},
+        QuantizeModelOperator: {"model": "s3://bkt/m"},
     }[cls]
     return cls(task_id="t", **args, **kw)
 
@@ -334,7 +353,7 @@ def test_the_default_deadline_reaches_the_pod_and_the_local_runner():
 @pytest.mark.parametrize("name", sorted(OPERATORS))
 def test_only_the_delivery_pods_may_reach_the_hub(name):
     env = {e["name"]: e.get("value") for e in built_pod(name)["spec"]["containers"][0]["env"]}
-    offline = name in ("finetune", "finetune-fsdp-4gpu", "merge", "evaluate")
+    offline = name in ("finetune", "finetune-fsdp-4gpu", "merge", "evaluate", "quantize")
     assert (env.get("HF_HUB_OFFLINE") == "1") is offline
 
 
@@ -372,3 +391,30 @@ def test_secret_names_from_the_options_are_checked_before_any_pod(option, monkey
     op = OPERATORS["merge"]()
     with pytest.raises(FinetuneConfigError, match=rf"\[finetune\] {option} 'Bucket_Keys' is not a valid"):
         op.validate(context(op))
+
+
+@pytest.mark.parametrize("train_gpus,eval_gpus,want", [("2", None, "1"), ("0", None, None), ("2", 0, None)])
+def test_evaluation_takes_the_trainings_accelerator_unless_told(train_gpus, eval_gpus, want):
+    """gpus=None: one GPU of the training task's vendor, on its nodes; the CPU when training used none,
+    or when the evaluation says gpus=0."""
+    from airflow.sdk import DAG
+
+    with DAG("retrain_eval", schedule=None, params={"gpus": train_gpus}):
+        train = FinetuneKubernetesOperator(
+            task_id="challenger",
+            config=CONFIG,
+            gpus="{{ params.gpus }}",
+            gpu_vendor="amd",
+            node_selector={"gpu": "mi300"},
+        )
+        kw = {} if eval_gpus is None else {"gpus": eval_gpus}
+        evaluate = EvaluateModelsOperator(
+            task_id="evaluate", models=["s3://bkt/m"], datasets=["s3://bkt/d.jsonl"], **kw
+        )
+        train >> evaluate
+    ctx = {**context(evaluate), "params": {"gpus": train_gpus}}
+    evaluate.validate(ctx)
+    spec = to_dict(evaluate.build_pod_request_obj(ctx, dry_run=True))["spec"]
+    limits = spec["containers"][0]["resources"]["limits"]
+    assert limits.get("amd.com/gpu") == want and "nvidia.com/gpu" not in limits
+    assert (spec.get("nodeSelector") == {"gpu": "mi300"}) == (want is not None)

@@ -8,7 +8,6 @@ import time
 from types import SimpleNamespace
 from unittest import mock
 
-import jsonschema
 import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
@@ -21,11 +20,11 @@ from airflow_provider_finetune.operators import (
     FinetuneKubernetesOperator,
     HFModelToBucketOperator,
     MergeAdapterOperator,
+    QuantizeModelOperator,
 )
 from airflow_provider_finetune.pods.pod import to_dict
-from airflow_provider_finetune.pods.security import restricted_violations, secret_violations
+from airflow_provider_finetune.pods.security import restricted_violations
 from tests.engine.test_bad_inputs import DUPLICATE_KEYS, _bomb
-from tests.provider.conftest import crd_schema
 
 CONFIG = {
     "data_conf": {
@@ -261,6 +260,11 @@ CANARY_OPERATORS = {
         models=["s3://finetune/m/a", "s3://finetune/m/b"],
         datasets="s3://finetune/datasets/heldout.jsonl",
     ),
+    "quantize": lambda: QuantizeModelOperator(
+        task_id="t",
+        model="s3://finetune/e/r/checkpoint-final",
+        calibration_data="s3://finetune/datasets/train.jsonl",
+    ),
 }
 
 
@@ -429,8 +433,7 @@ def test_data_operator_needs_exactly_one_source():
     ],
 )
 def test_failures_are_classified(returncode, tail, reason, kind, text):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_finetune.compat import AirflowFailException
     from airflow_provider_finetune.runners.local import LocalRunError
 
     err = EngineJobFailed.from_local(LocalRunError("pod x failed", returncode, tail, reason))
@@ -503,68 +506,8 @@ class FakeCustomObjects:
         return {"status": {"conditions": conditions}}
 
 
-@pytest.mark.parametrize(
-    "kind,crd",
-    [("trainjob", "trainer.kubeflow.org_trainjobs.yaml"), ("pytorchjob", "kubeflow.org_pytorchjobs.yaml")],
-)
-def test_multinode_job_created_validated_and_awaited(kind, crd):
-    op = FinetuneKubernetesOperator(
-        task_id="t",
-        config=CONFIG,
-        overrides=["batchsize_conf.total_train_batch_size=32"],  # splits over 2 x 8 processes
-        gpus=8,
-        num_nodes=2,
-        distributed=kind,
-        poll_interval=0,
-        namespace="finetune",
-        runner="kubernetes",
-    )
-    fake = FakeCustomObjects()
-    with (
-        mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake),
-        mock.patch(
-            "airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client",
-            new_callable=mock.PropertyMock,
-        ),
-        mock.patch.object(
-            FinetuneKubernetesOperator,
-            "read_remote_result",
-            return_value={"status": "completed", "final_eval_loss": 1.0},
-        ),
-    ):
-        result = op.execute(ctx())
-    assert result["status"] == "completed" and fake.polls == 2
-    [(_, _, ns, plural, body)] = fake.created
-    assert ns == "finetune" and plural == kind + "s"
-    jsonschema.validate(body, crd_schema(crd))
-    assert restricted_violations(body) == [] and secret_violations(body) == []
-    text = json.dumps(body)
-    assert "torchrun" in text and "train-job" in text
-
-
-def test_multinode_reattaches_when_the_job_exists():
-    op = FinetuneKubernetesOperator(
-        task_id="t",
-        config=CONFIG,
-        overrides={"batchsize_conf.total_train_batch_size": 16},
-        gpus=8,
-        num_nodes=2,
-        poll_interval=0,
-        runner="kubernetes",
-    )
-    fake = FakeCustomObjects(exists=True)
-    with (
-        mock.patch("kubernetes.client.CustomObjectsApi", return_value=fake),
-        mock.patch(
-            "airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook.api_client",
-            new_callable=mock.PropertyMock,
-        ),
-        mock.patch.object(
-            FinetuneKubernetesOperator, "read_remote_result", return_value={"status": "completed"}
-        ),
-    ):
-        assert op.execute(ctx())["status"] == "completed"
-    assert fake.created == [] and fake.polls == 2
+# The multi-node path over the wire (create per run, 409 of another run, reattach, the deferrable wait,
+# failure reasons, deletion on success and kill): test_distributed.py
 
 
 # DeployVLLM's cluster path (over the wire against a fake API server): test_deploy_cluster.py
@@ -637,8 +580,8 @@ def test_deferrable_mode_defers_after_one_pod_and_returns_the_result_on_reentry(
     KubernetesPodTrigger; re-entry with the trigger's success event reads the XCom result, adds
     ours (rank, MLflow link) and deletes the pod."""
     from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
-    from airflow.sdk.exceptions import TaskDeferred
 
+    from airflow_provider_finetune.compat import TaskDeferred
     from tests.provider.fake_k8s_run import FakeCore, patched
 
     monkeypatch.setenv(
@@ -695,8 +638,7 @@ def test_deferrable_mode_defers_after_one_pod_and_returns_the_result_on_reentry(
 
 def test_deferrable_reentry_after_an_oom_fails_without_retry(monkeypatch):
     """The trigger's failure event: the pod's OOMKilled reason is read before cleanup deletes it."""
-    from airflow.sdk.exceptions import TaskDeferred
-
+    from airflow_provider_finetune.compat import TaskDeferred
     from tests.provider.fake_k8s_run import FakeCore, Outcome, patched
 
     monkeypatch.setenv(
@@ -750,7 +692,6 @@ def test_every_operator_is_importable_from_the_package():
             for name, cls in inspect.getmembers(module, inspect.isclass)
             if name.endswith("Operator") and cls.__module__ == module.__name__
         }
-    defined.pop("EngineJobOperator")  # the base of the engine job operators, not a task of its own
     assert {"DeployVLLMOperator", "UndeployVLLMOperator", "FinetuneKubernetesOperator"} <= set(defined)
     assert sorted(defined) == sorted(ops.__all__)
     assert all(getattr(ops, name) is cls for name, cls in defined.items())

@@ -145,10 +145,56 @@ def test_gpu_resources_shm_scratch_and_tolerations():
     assert nv["activeDeadlineSeconds"] == 86400
     cpu = _pod("deliver-cpu")["spec"]
     assert cpu["containers"][0]["resources"] == {
-        "requests": {"cpu": "2", "memory": "8Gi"},
-        "limits": {"memory": "8Gi"},
+        "requests": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "104Gi"},
+        "limits": {"memory": "8Gi", "ephemeral-storage": "104Gi"},
     }
     assert "gpu" not in json.dumps(cpu) and not cpu.get("tolerations")
+
+
+@pytest.mark.parametrize("name", ["deliver-cpu", "train-1gpu-nvidia", "train-8gpu-amd-ephemeral"])
+def test_ephemeral_storage_covers_the_disk_backed_volumes(name):
+    """The scheduler reserves the node disk the pod's emptyDirs may fill (scratch 100Gi by default plus
+    /tmp): requests = limits = the sum of their sizeLimits; an ephemeral PVC scratch is not node disk."""
+    spec = _pod(name)["spec"]
+    disk = sum(
+        parse_quantity(v["emptyDir"]["sizeLimit"])
+        for v in spec["volumes"]
+        if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+    )
+    res = spec["containers"][0]["resources"]
+    assert parse_quantity(res["requests"]["ephemeral-storage"]) == disk
+    assert res["limits"]["ephemeral-storage"] == res["requests"]["ephemeral-storage"]
+    assert spec["terminationGracePeriodSeconds"] == 300  # time to save a checkpoint on SIGTERM
+    if name == "train-8gpu-amd-ephemeral":
+        assert res["requests"]["ephemeral-storage"] == "4Gi"  # only /tmp: scratch is a PVC
+
+
+def test_grace_period_pull_secrets_and_affinity_reach_the_pod():
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    }
+    spec = EngineJobSpec(
+        name="t",
+        command=["c"],
+        image="i",
+        image_pull_secrets=["regcred"],
+        affinity=affinity,
+        termination_grace_period_seconds=900,
+    )
+    pod = pod_to_dict(build_pod(spec))["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["affinity"] == affinity
+    assert pod["terminationGracePeriodSeconds"] == 900
+    kubernetes_validate.validate(pod_to_dict(build_pod(spec)), "1.33", strict=True)
+    with pytest.raises(ValueError, match="image_pull_secrets"):
+        EngineJobSpec(name="t", command=["c"], image="i", image_pull_secrets=["Bad_Name"])
+    with pytest.raises(ValueError, match="termination_grace_period_seconds"):
+        EngineJobSpec(name="t", command=["c"], image="i", termination_grace_period_seconds=-1)
 
 
 def test_given_gpu_toleration_is_not_duplicated_and_camel_case_keys_work():

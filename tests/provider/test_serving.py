@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import kubernetes_validate
@@ -90,13 +91,11 @@ def test_deployment_renders_vllm_server():
     dep = build_vllm_deployment(SPEC)
     pod = dep["spec"]["template"]["spec"]
     server = pod["containers"][0]
-    assert server["image"] == VLLM_IMAGES["nvidia"] and server["command"] == [
-        "python3",
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-    ]
+    assert server["image"] == VLLM_IMAGES["nvidia"] and server["command"] == ["vllm", "serve"]
     args = server["args"]
-    assert args[args.index("--model") + 1] == "/models/tiny-llama-argilla"
+    assert (
+        args[0] == "/models/tiny-llama-argilla" and "--model" not in args
+    )  # positional, as vllm serve wants
     assert args[args.index("--served-model-name") + 1] == "tiny-llama-argilla"
     assert args[args.index("--tensor-parallel-size") + 1] == "2" and args[args.index("--port") + 1] == "8000"
     assert args[args.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in args
@@ -167,14 +166,18 @@ def test_amd_ephemeral_model_volume_api_key_and_groups():
     }
     assert pod["securityContext"]["supplementalGroups"] == [44, 110]
     args = server["args"]
-    assert args[args.index("--model") + 1] == "/models/org-merged"
+    assert args[0] == "/models/org-merged"
     assert json.loads(args[args.index("--override-generation-config") + 1]) == {"temperature": 0.2}
     assert "--enable-lora" not in args
 
 
 def test_cpu_server_has_no_gpu():
     dep = build_vllm_deployment(CPU)
-    assert "gpu" not in json.dumps(dep) and dep["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert "gpu" not in json.dumps(dep)
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert "--tensor-parallel-size" in vllm_args(CPU)
 
 
@@ -233,7 +236,7 @@ def test_lora_rank_checks():
 
 def test_spec_errors_name_the_problem():
     base = {"name": "x", "model_uri": "s3://b/m", "served_model_name": "m", "engine_image": "i"}
-    with pytest.raises(ValueError, match="model_uri '/local/m' must be an s3:// URI"):
+    with pytest.raises(ValueError, match="model_uri '/local/m' must be an s3:// or oci:// URI"):
         ServeSpec(**{**base, "model_uri": "/local/m"})
     with pytest.raises(ValueError, match="adapter names \\['bad name'\\]"):
         ServeSpec(**{**base, "adapters": {"bad name": "s3://b/a"}})
@@ -265,3 +268,210 @@ def test_rendered_serving_objects_hold_references_only():
             for e in c.get("env") or []:
                 if "SECRET" in e["name"] or e["name"].endswith(("TOKEN", "API_KEY")):
                     assert set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"], e
+
+
+# -- engine arguments, rollouts, runtime LoRA, NetworkPolicy, KServe ------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,field",
+    [
+        ("api-key", "api_key_secret"),
+        ("--api-key", "api_key_secret"),
+        ("tensor-parallel-size", "tensor_parallel_size"),
+        ("--max_model_len", "max_model_len"),
+        ("model", "model_uri"),
+    ],
+)
+def test_reserved_arguments_are_refused_in_any_spelling(key, field):
+    from airflow_provider_finetune.pods.serving import engine_flags
+
+    with pytest.raises(ValueError, match=f"set by the builder; use {field}"):
+        engine_flags("here", {key: "x"})
+
+
+def test_engine_arguments_are_normalised_and_a_repeat_is_refused():
+    from airflow_provider_finetune.pods.serving import engine_flags
+
+    assert engine_flags("here", {"--max-num-seqs": 8, "enforce_eager": True}) == [
+        "--enforce-eager",
+        "--max-num-seqs",
+        "8",
+    ]
+    with pytest.raises(ValueError, match="'max-num-seqs' and 'max_num_seqs' are the same vLLM argument"):
+        engine_flags("here", {"max-num-seqs": 8, "max_num_seqs": 16})
+
+
+def _spec(**kw) -> ServeSpec:
+    return ServeSpec(**{**SPEC.__dict__, "engine_args": {}, **kw})
+
+
+def test_tensor_parallel_size_is_separate_from_gpus():
+    args = vllm_args(_spec(gpus=6, tensor_parallel_size=4))
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    with pytest.raises(ValueError, match="tensor_parallel_size 8 > gpus 6"):
+        _spec(gpus=6, tensor_parallel_size=8)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS[-1:])
+def test_rollouts(version):
+    rolling = build_vllm_deployment(_spec(rollout="rolling"))
+    assert rolling["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    blue = _spec(rollout="blue-green", revision="abc123")
+    dep, svc = build_vllm_deployment(blue), build_vllm_service(blue)
+    assert dep["metadata"]["name"].startswith("tutorial-best-abc123-")
+    assert svc["metadata"]["name"] == build_vllm_service(SPEC)["metadata"]["name"]  # the stable name
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert dep["spec"]["selector"]["matchLabels"]["finetune.airflow.apache.org/revision"] == "abc123"
+    for doc in (rolling, dep, svc):
+        kubernetes_validate.validate(doc, version, strict=True)
+    with pytest.raises(ValueError, match="rollout 'blue-green' needs a revision"):
+        _spec(rollout="blue-green")
+    with pytest.raises(ValueError, match="rollout 'canary'"):
+        _spec(rollout="canary")
+
+
+def test_runtime_lora_and_progress_deadline():
+    spec = _spec(
+        adapters={}, adapter_ranks={}, runtime_lora=True, max_lora_rank=32, ready_timeout_seconds=5400
+    )
+    dep = build_vllm_deployment(spec)
+    server = dep["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert (
+        server["args"][server["args"].index("--max-lora-rank") + 1] == "32"
+        and "--enable-lora" in server["args"]
+    )
+    assert dep["spec"]["progressDeadlineSeconds"] == 5400
+    # probes leave a loaded server time to answer
+    assert all(server[p]["timeoutSeconds"] >= 5 for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_networkpolicy_admits_only_the_vllm_port(version):
+    from airflow_provider_finetune.pods.serving import build_vllm_networkpolicy
+
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    policy = build_vllm_networkpolicy(SPEC, peers)
+    kubernetes_validate.validate(policy, version, strict=True)
+    assert policy["spec"]["podSelector"]["matchLabels"] == build_vllm_service(SPEC)["spec"]["selector"]
+    assert policy["spec"]["ingress"] == [{"from": peers, "ports": [{"protocol": "TCP", "port": 8000}]}]
+    assert build_vllm_networkpolicy(SPEC)["spec"]["ingress"][0]["from"] == [{"podSelector": {}}]
+
+
+def _strict(schema):
+    """The schema with unknown fields refused (one pass; the KServe CRDs are 40k lines)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _crd_validator(crd: str):
+    import jsonschema
+
+    from tests.provider.conftest import CRDS, crd_schema
+
+    if not (CRDS / crd).exists():
+        crd_schema(crd)  # skips (or fails in CI) with the reason
+    doc = yaml.load((CRDS / crd).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    version = next(v for v in doc["spec"]["versions"] if v.get("storage"))
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def _validate_crd(doc: dict, crd: str) -> None:
+    _crd_validator(crd).validate(doc)
+
+
+def test_inference_service_scales_to_zero_and_validates_against_the_kserve_crd():
+    from airflow_provider_finetune.pods.kserve import build_inference_service
+
+    spec = _spec(api_key_secret=SecretEnv("VLLM_API_KEY", "vllm-api-key", "key"), max_model_len=4096)
+    isvc = build_inference_service(spec, min_replicas=0, max_replicas=2, service_account="kserve-s3")
+    _validate_crd(isvc, "kserve/serving.kserve.io_inferenceservices.yaml")
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    pred = isvc["spec"]["predictor"]
+    assert (pred["minReplicas"], pred["maxReplicas"], pred["serviceAccountName"]) == (0, 2, "kserve-s3")
+    model = pred["model"]
+    assert model["modelFormat"] == {"name": "vLLM"} and model["runtime"] == "kserve-vllmserver"
+    # adapters: the model and each adapter pulled by the storage initializer, served by name
+    assert pred["storageUris"][0] == {"uri": SPEC.model_uri, "mountPath": "/mnt/models"}
+    assert {"uri": SPEC.adapters["r16"], "mountPath": "/mnt/adapters/r16"} in pred["storageUris"]
+    assert "r16=/mnt/adapters/r16" in model["args"] and "--max-lora-rank=32" in model["args"]
+    assert "--max-model-len=4096" in model["args"] and "--tensor-parallel-size=2" in model["args"]
+    env = {e["name"]: e for e in model["env"]}
+    assert env["VLLM_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "vllm-api-key", "key": "key"}}
+    assert not any("api-key" in a or "api_key" in a for a in model["args"])
+    plain = build_inference_service(_spec(adapters={}, adapter_ranks={}), min_replicas=1)
+    _validate_crd(plain, "kserve/serving.kserve.io_inferenceservices.yaml")
+    assert plain["spec"]["predictor"]["model"]["storageUri"] == SPEC.model_uri
+    assert plain["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+
+
+def test_the_runtime_the_inference_service_names_serves_its_format():
+    """kserve-vllmserver, as KServe ships it, is a valid ClusterServingRuntime for the vLLM format."""
+    from tests.provider.conftest import CRDS
+
+    runtime = yaml.safe_load((CRDS / "kserve" / "runtime-kserve-vllmserver.yaml").read_text())
+    _validate_crd(runtime, "kserve/serving.kserve.io_clusterservingruntimes.yaml")
+    assert runtime["metadata"]["name"] == "kserve-vllmserver"
+    assert {"name": "vLLM", "version": "1", "autoSelect": True, "priority": 1} in runtime["spec"][
+        "supportedModelFormats"
+    ]
+
+
+@pytest.mark.parametrize(
+    "status,state,words",
+    [
+        (
+            {"conditions": [{"type": "Ready", "status": "True"}], "url": "http://m.example.com"},
+            "ready",
+            "m.example",
+        ),
+        (
+            {"conditions": [{"type": "Ready", "status": "False", "reason": "RevisionMissing"}]},
+            "waiting",
+            "Ready=False",
+        ),
+        (
+            {
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "modelStatus": {
+                    "transitionStatus": "BlockedByFailedLoad",
+                    "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no config.json"},
+                },
+            },
+            "failed",
+            "ModelLoadFailed: no config.json",
+        ),
+        (
+            {
+                "conditions": [
+                    {"type": "PredictorReady", "status": "False", "reason": "RevisionFailed", "message": "x"}
+                ]
+            },
+            "failed",
+            "PredictorReady: RevisionFailed",
+        ),
+    ],
+)
+def test_inference_service_readiness(status, state, words):
+    from airflow_provider_finetune.pods.kserve import inference_service_readiness
+
+    got, message = inference_service_readiness(
+        {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, **status}}
+    )
+    assert got == state and words in message

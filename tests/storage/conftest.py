@@ -16,6 +16,7 @@ import yaml
 
 from finetune_engine.jobs.deliver_model import deliver_model
 from finetune_engine.storage import join, upload_file
+from tests.registry import docker_config, oci_registry  # noqa: F401 - fixtures for test_oci.py
 from tests.s3servers import rclone_server, seaweed_server
 
 SERVERS = {"rclone": rclone_server, "seaweedfs": seaweed_server}

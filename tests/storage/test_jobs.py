@@ -17,6 +17,7 @@ from finetune_engine.jobs.deliver_data import deliver_data
 from finetune_engine.jobs.deliver_model import DeliveryError, deliver_model
 from finetune_engine.jobs.train import main as train_job
 from finetune_engine.manifest import MANIFEST_NAME
+from finetune_engine.manifest import read_manifest as local_manifest
 from finetune_engine.storage import (
     download_dir,
     is_complete,
@@ -225,6 +226,36 @@ with open(os.path.join(os.environ["FINETUNE_DATA_DIR"], "chat.json"), "w") as f:
     result = deliver_data(dest, script=script)
     assert result["examples"] == {"chat.json": 3}
     assert list(list_objects(dest)) == ["chat.json"]
+
+
+def test_deliver_data_pulls_one_file_of_an_oci_artifact(
+    s3_env, oci_registry, docker_config, tmp_path, monkeypatch
+):
+    """``oci://REG/REPO:TAG#FILE``: that file, verified, validated and uploaded under its name; the
+    registry's address is checked like a URL's; several files and no '#FILE' upload nothing."""
+    from finetune_engine.jobs.deliver_data import DeliveryError as DataDeliveryError
+    from finetune_engine.storage import oci
+
+    monkeypatch.setenv(oci.PLAIN_HTTP_ENV, "1")
+    art = tmp_path / "data"
+    (art / "train").mkdir(parents=True)
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (art / "train" / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(4)))
+    (art / "eval.jsonl").write_text(json.dumps(row) + "\n")
+    ref = oci_registry.ref("datasets/chat", s3_env["kind"])
+    oci.push(art, ref)
+    dest = join(s3_env["uri"], "datasets-oci")
+    with pytest.raises(DataDeliveryError, match=r"oci://127\.0\.0\.1.*loopback"):  # a loopback registry
+        deliver_data(dest, urls=[f"{ref}#train/chat.jsonl"])
+    with pytest.raises(DataDeliveryError, match="several files; name one with '#FILE'"):
+        deliver_data(dest, urls=[ref], allow_private_urls=True)
+    assert list(list_objects(dest)) == []
+    result = deliver_data(dest, urls=[f"{ref}#train/chat.jsonl"], allow_private_urls=True)
+    assert result["files"] == [join(dest, "chat.jsonl")] and result["examples"] == {"chat.jsonl": 4}
+    from finetune_engine.storage import download_file
+
+    download_file(join(dest, "chat.jsonl"), tmp_path / "back" / "chat.jsonl")
+    assert (tmp_path / "back" / "chat.jsonl").read_bytes() == (art / "train" / "chat.jsonl").read_bytes()
 
 
 def test_data_script_sees_no_credentials(s3_env, monkeypatch):
@@ -591,27 +622,61 @@ def _complete_steps(ckpt: str) -> list[int]:
     )
 
 
-def test_merge_job_matches_the_training_merge(s3_env, delivered, tmp_path):
+def _same_as_bucket(pulled: Path, bucket_uri: str, local: Path) -> None:
+    """An artifact pulled back holds the bucket copy's files byte for byte, with its manifest."""
+    download_dir(bucket_uri, local)
+    files = sorted(p.relative_to(pulled).as_posix() for p in pulled.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert MANIFEST_NAME in files and len(files) > 2
+    for name in files:
+        if name != MANIFEST_NAME:
+            assert (pulled / name).read_bytes() == (local / name).read_bytes(), name
+    assert local_manifest(pulled)["files"] == read_manifest(bucket_uri)["files"]
+
+
+def test_merge_job_matches_the_training_merge(
+    s3_env, delivered, tmp_path, oci_registry, docker_config, monkeypatch
+):
+    """... and train-job / merge-job --output-oci push what they uploaded: pulled back from the registry,
+    the adapter and the merged model equal their bucket copies byte for byte."""
     import torch
     from safetensors.torch import load_file
 
+    from finetune_engine.jobs.merge import main as merge_job
     from finetune_engine.jobs.merge import run_merge_job
+    from finetune_engine.storage import oci
 
+    monkeypatch.setenv(oci.PLAIN_HTTP_ENV, "1")
+    adapter_ref = oci_registry.ref("jobs/adapter", s3_env["kind"])
+    merged_ref = oci_registry.ref("jobs/merged", s3_env["kind"])
     model_uri, data_uri = delivered
     config = train_config(tmp_path, model_uri, data_uri, max_steps=2)
     ckpt = join(s3_env["uri"], "experiments", "merge", "run")
-    assert (
-        train_job(["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]) == 0
-    )
+    argv = ["--config", str(config), "--checkpoint-uri", ckpt, "--workdir", str(tmp_path / "w")]
+    result_file = tmp_path / "train.json"
+    assert train_job([*argv, "--output-oci", adapter_ref, "--result-file", str(result_file)]) == 0
+    assert json.loads(result_file.read_text())["oci_reference"] == adapter_ref
+    oci.pull(adapter_ref, tmp_path / "pulled-adapter")
+    _same_as_bucket(tmp_path / "pulled-adapter", join(ckpt, "checkpoint-final-adapter"), tmp_path / "ba")
     out = join(s3_env["uri"], "merged", "m")
+    merge_argv = ["--base", model_uri, "--adapter", join(ckpt, "checkpoint-final-adapter"), "--output", out]
+    merge_result = tmp_path / "merge.json"
     assert (
-        run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw")["status"]
-        == "merged"
+        merge_job(
+            [*merge_argv, "--output-oci", merged_ref, "--workdir", str(tmp_path / "mw")]
+            + ["--result-file", str(merge_result)]
+        )
+        == 0
     )
-    assert (
-        run_merge_job(model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw2")["status"]
-        == "skipped"
+    merged = json.loads(merge_result.read_text())
+    assert merged["status"] == "merged" and merged["oci_reference"] == merged_ref
+    oci.pull(merged_ref, tmp_path / "pulled-merged")
+    _same_as_bucket(tmp_path / "pulled-merged", out, tmp_path / "bm")
+    again = run_merge_job(
+        model_uri, join(ckpt, "checkpoint-final-adapter"), out, tmp_path / "mw2", output_oci=merged_ref
     )
+    # a finished merge pushes its bucket copy: the same artifact, the tag unchanged
+    assert again["status"] == "skipped" and again["oci_digest"] == merged["oci_digest"]
     download_dir(out, tmp_path / "a")
     download_dir(join(ckpt, "checkpoint-final"), tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")

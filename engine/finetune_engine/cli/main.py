@@ -12,7 +12,7 @@ import sys
 
 from finetune_engine.cli.errors import DEBUG_ENV, run_guarded
 
-# command -> (module with main(argv), one-line help)
+# command -> (module with main(argv), or "module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate-config": (
         "finetune_engine.cli.validate_config",
@@ -46,11 +46,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "finetune_engine.jobs.merge",
         "Pod job: merge an adapter from the bucket into its base, upload it.",
     ),
+    "quantize": (
+        "finetune_engine.quantize",
+        "Quantize a saved model (W8A8 / W4A16 compressed-tensors) for vLLM.",
+    ),
+    "quantize-job": (
+        "finetune_engine.jobs.quantize",
+        "Pod job: quantize a bucket model, upload the compressed-tensors checkpoint.",
+    ),
     "eval-job": (
         "finetune_engine.jobs.evaluate",
         "Pod job: score models on the same held-out data (assistant-token loss).",
     ),
     "pull": ("finetune_engine.jobs.pull", "Download a complete bucket prefix (waits for its marker)."),
+    "oci-push": (
+        "finetune_engine.storage.oci:push_main",
+        "Push a model/adapter/dataset directory to a registry as an OCI artifact (oci://).",
+    ),
+    "oci-pull": (
+        "finetune_engine.storage.oci:pull_main",
+        "Pull an OCI artifact into a new directory, verified byte for byte.",
+    ),
     "finetuning": (
         "finetune_engine.cli.finetuning",
         "Run SFT/DPO from a config (same as the `finetuning` command).",
@@ -100,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def run(args: list[str] | None) -> int | None:
-        module = importlib.import_module(COMMANDS[name][0])
-        return module.main(args)
+        module_name, _, function = COMMANDS[name][0].partition(":")
+        return getattr(importlib.import_module(module_name), function or "main")(args)
 
     return run_guarded(f"finetune-engine {name}", run, rest)
 

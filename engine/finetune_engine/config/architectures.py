@@ -52,6 +52,10 @@ MODULE_NAMES: dict[str, tuple[str, ...]] = {
         ),
         _LLAMA_LIKE,
     ),
+    # mixture of experts: the experts are fused 3-D parameters and the router is no linear module
+    **dict.fromkeys(
+        ("qwen3_moe", "mixtral"), ("q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens", "lm_head")
+    ),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens", "lm_head"),
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "embed_tokens", "lm_head"),
     "gpt2": _GPT2_LIKE,
@@ -82,6 +86,11 @@ FAMILY_MODEL_TYPES = {
     "Qwen2.5": "qwen2",
     "Mistral": "mistral",
     "Phi-3": "phi3",
+    "Qwen3": "qwen3",
+    "Qwen3-MoE": "qwen3_moe",
+    "Mixtral": "mixtral",
+    "Gemma 2": "gemma2",
+    "Gemma 3": "gemma3_text",
 }
 
 

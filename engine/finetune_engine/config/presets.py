@@ -29,6 +29,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3/Phi-4-mini fuse q/k/v and gate/up into one linear each.
+PHI3_FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Mixture-of-experts models (Qwen3-MoE, Mixtral): transformers fuses each layer's experts into 3-D
+# parameters (not linear modules) and its router is not a linear either, so LoRA adapts attention.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Adapter types whose peft config takes target_modules with the same meaning as LoRA's.
 TARGETED_PEFT_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA")
 
@@ -93,7 +98,7 @@ CATALOG: tuple[Preset, ...] = (
         "Phi-3",
         (r"phi-3(\.5)?-mini",),
         (),
-        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        PHI3_FUSED,
         "keep-original",
         1,
         24,
@@ -103,11 +108,55 @@ CATALOG: tuple[Preset, ...] = (
         "Phi-3",
         (r"phi-3-medium",),
         (),
-        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        PHI3_FUSED,
         "keep-original",
         1,
         80,
     ),
+    Preset("qwen3-small", "Qwen3", (r"qwen3-(0\.6|1\.7|4)b",), (), ATTENTION_MLP, "keep-original", 1, 24),
+    Preset("qwen3-8b", "Qwen3", (r"qwen3-8b",), (), ATTENTION_MLP, "keep-original", 1, 48),
+    Preset("qwen3-14b", "Qwen3", (r"qwen3-14b",), (), ATTENTION_MLP, "keep-original", 1, 80),
+    Preset(
+        "qwen3-30b-a3b",
+        "Qwen3-MoE",
+        (r"qwen3-30b-a3b",),
+        (),
+        ATTENTION,
+        "keep-original",
+        2,
+        80,
+        "mixture of experts: LoRA on attention (the experts are fused parameters, the router is no linear)",
+    ),
+    Preset("qwen3-32b", "Qwen3", (r"qwen3-32b",), (), ATTENTION_MLP, "keep-original", 2, 80),
+    Preset(
+        "mixtral-8x7b",
+        "Mixtral",
+        (r"mixtral-8x7b",),
+        (),
+        ATTENTION,
+        "keep-original",
+        4,
+        80,
+        "mixture of experts: LoRA on attention; QLoRA fits two 80 GiB GPUs",
+    ),
+    Preset("gemma-2-2b", "Gemma 2", (r"gemma-2-2b",), (), ATTENTION_MLP, "keep-original", 1, 24),
+    Preset("gemma-2-9b", "Gemma 2", (r"gemma-2-9b",), (), ATTENTION_MLP, "keep-original", 1, 48),
+    Preset(
+        "gemma-2-27b",
+        "Gemma 2",
+        (r"gemma-2-27b",),
+        (),
+        ATTENTION_MLP,
+        "keep-original",
+        2,
+        80,
+        "its template refuses system messages",
+    ),
+    Preset("gemma-3-1b", "Gemma 3", (r"gemma-3-1b",), (), ATTENTION_MLP, "keep-original", 1, 16),
+    Preset("gemma-3-4b", "Gemma 3", (r"gemma-3-4b",), (), ATTENTION_MLP, "keep-original", 1, 24),
+    Preset("gemma-3-12b", "Gemma 3", (r"gemma-3-12b",), (), ATTENTION_MLP, "keep-original", 1, 80),
+    Preset("gemma-3-27b", "Gemma 3", (r"gemma-3-27b",), (), ATTENTION_MLP, "keep-original", 2, 80),
+    Preset("phi-4-mini", "Phi-3", (r"phi-4-mini",), (), PHI3_FUSED, "keep-original", 1, 24),
     Preset(
         "tinyllama-1.1b",
         "TinyLlama",
@@ -132,6 +181,61 @@ CATALOG: tuple[Preset, ...] = (
         "matched by model_type; size not known",
     ),
     Preset(
+        "qwen3",
+        "Qwen3",
+        (),
+        ("qwen3",),
+        ATTENTION_MLP,
+        "keep-original",
+        1,
+        24,
+        "matched by model_type; size not known",
+    ),
+    Preset(
+        "qwen3_moe",
+        "Qwen3-MoE",
+        (),
+        ("qwen3_moe",),
+        ATTENTION,
+        "keep-original",
+        2,
+        80,
+        "matched by model_type; size not known; LoRA on attention",
+    ),
+    Preset(
+        "mixtral",
+        "Mixtral",
+        (),
+        ("mixtral",),
+        ATTENTION,
+        "keep-original",
+        4,
+        80,
+        "matched by model_type; size not known; LoRA on attention",
+    ),
+    Preset(
+        "gemma2",
+        "Gemma 2",
+        (),
+        ("gemma2",),
+        ATTENTION_MLP,
+        "keep-original",
+        1,
+        24,
+        "matched by model_type; size not known; its template refuses system messages",
+    ),
+    Preset(
+        "gemma3_text",
+        "Gemma 3",
+        (),
+        ("gemma3_text",),
+        ATTENTION_MLP,
+        "keep-original",
+        1,
+        16,
+        "matched by model_type; size not known",
+    ),
+    Preset(
         "mistral",
         "Mistral",
         (),
@@ -147,7 +251,7 @@ CATALOG: tuple[Preset, ...] = (
         "Phi-3",
         (),
         ("phi3",),
-        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        PHI3_FUSED,
         "keep-original",
         1,
         24,
@@ -262,13 +366,15 @@ def _table() -> str:
     rows = [("name", "family", "matches", "target modules", "chat template", "GPUs x GiB (LoRA bf16)")]
     for p in CATALOG:
         matches = ", ".join(p.patterns) or "model_type " + ", ".join(p.model_types)
-        targets = "attention+MLP" if p.target_modules == ATTENTION_MLP else ",".join(p.target_modules)
+        targets = {ATTENTION_MLP: "attention+MLP", ATTENTION: "attention"}.get(
+            p.target_modules, ",".join(p.target_modules)
+        )
         rows.append((p.name, p.family, matches, targets, p.chat_template, f"{p.gpus} x {p.gpu_memory_gib}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append(f"attention+MLP = {', '.join(ATTENTION_MLP)}")
+    lines.append(f"attention+MLP = {', '.join(ATTENTION_MLP)}; attention = {', '.join(ATTENTION)}")
     lines += [f"{p.name}: {p.note}" for p in CATALOG if p.note]
     return "\n".join(lines)
 

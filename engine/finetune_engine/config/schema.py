@@ -751,7 +751,9 @@ class ExperimentConfig(_Strict):
         default_factory=dict,
         description="transformers TrainingArguments (sft) or TRL's DPOConfig, KTOConfig, "
         "ORPOConfig, CPOConfig (dpo, kto, orpo, cpo), passed through. output_dir defaults to "
-        "$CHECKPOINTS_PATH, else ./checkpoints. "
+        "$CHECKPOINTS_PATH, else ./checkpoints. With CUDA: torch_compile defaults to true (the "
+        "engine compiles each decoder layer; false turns it off), batches are collated by 2 "
+        "prefetching workers (dataloader_num_workers) and optim is adamw_torch_fused. "
         f"{', '.join(DERIVED_TRAINING_ARGS)} are derived from batchsize_conf and may not be set.",
     )
     batchsize_conf: BatchsizeConf = Field(description="Batch size targets.")

@@ -3,7 +3,13 @@
 Packed rows reset ``position_ids`` at each example. With FlashAttention (varlen) the positions are
 enough; on sdpa/eager they are not (measured: cross-contamination), so the packed collator also
 builds a 4D block-diagonal causal mask. sdpa takes it as booleans (True = may attend); eager needs
-an additive float mask.
+an additive float mask. For flex_attention it gives each token's ``document_ids`` instead, which the
+trainer turns into a document-causal BlockMask on the GPU (see ``finetune_engine.fastpath``).
+
+The first label of every packed example is -100: it is no target (nothing precedes it), but after
+the shift it would be the target of the previous example's last token. So a packed row's loss has
+exactly the terms of its examples' unpacked losses. ``num_real_tokens`` is a Python int, so counting
+tokens never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -39,7 +45,12 @@ class PaddingCollator:
             ids[row, sl] = torch.tensor(f["input_ids"])
             labels[row, sl] = torch.tensor(f["labels"])
             mask[row, sl] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_real_tokens": mask.sum()}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "num_real_tokens": int(mask.sum()),
+        }
 
 
 @dataclass
@@ -68,6 +79,7 @@ class PackedCollator:
                 n = len(seg["input_ids"])
                 ids[row, at : at + n] = torch.tensor(seg["input_ids"])
                 labels[row, at : at + n] = torch.tensor(seg["labels"])
+                labels[row, at] = IGNORE_INDEX  # no target; after the shift it would be the last one's
                 positions[row, at : at + n] = torch.arange(n)
                 seq_id[row, at : at + n] = k
                 at += n
@@ -78,9 +90,12 @@ class PackedCollator:
             "input_ids": ids,
             "labels": labels,
             "position_ids": positions,
-            "num_real_tokens": torch.tensor(sum(lengths)),
+            "num_real_tokens": sum(lengths),
         }
         if self.varlen:
+            return out
+        if self.attn_implementation == "flex_attention":
+            out["document_ids"] = seq_id
             return out
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         allowed = (seq_id[:, :, None] == seq_id[:, None, :]) & causal  # (batch, q, k)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,18 @@ def write_result(result: dict[str, Any], path: str | None) -> None:
         return
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     Path(target).write_text(json.dumps(result, indent=1, sort_keys=True))
+
+
+def finish(run: Callable[[], dict[str, Any]], result_file: str | None, refused=(ValueError,)) -> int:
+    """A job's exit code: 2 with one ``error:`` line when ``run`` refuses its input (``refused``),
+    else 0 after the result JSON is written."""
+    try:
+        result = run()
+    except refused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_result(result, result_file)
+    return 0
 
 
 def capture_logs(path: Path) -> logging.Handler:

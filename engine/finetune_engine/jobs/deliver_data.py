@@ -3,8 +3,9 @@
 Either a user's data script (the seed's contract: it writes JSONL files into the directory named by
 ``$FINETUNE_DATA_DIR``) runs in a subprocess that gets no credentials and a time limit, or files are
 fetched from http(s) URLs (loopback, private, link-local, metadata and other non-public
-addresses refused unless allowed). Every file is validated before anything is uploaded; one bad
-file uploads nothing.
+addresses refused unless allowed) or pulled from OCI artifacts (``oci://REGISTRY/REPO:TAG#FILE``,
+verified; the registry's address is checked like a URL's). Every file is validated before anything
+is uploaded; one bad file uploads nothing.
 """
 
 from __future__ import annotations
@@ -220,6 +221,9 @@ def fetch_urls(
     private or metadata address.
     """
     for url in urls:
+        if url.startswith("oci://"):
+            fetch_oci(url, out_dir, allow_private, allow_networks)
+            continue
         name = Path(urllib.parse.urlsplit(url).path).name
         if not name:
             raise DeliveryError(f"{url}: the URL names no file")
@@ -251,6 +255,32 @@ def fetch_urls(
                 break
             finally:
                 conn.close()
+
+
+def fetch_oci(
+    reference: str, out_dir: Path, allow_private: bool = False, allow_networks: list[str] | None = None
+) -> Path:
+    """One file of an OCI artifact (``#FILE``, or the artifact's only file) into ``out_dir``, under
+    its own name. The artifact is pulled and verified beside ``out_dir`` first; the registry's
+    address passes the same checks as a URL's."""
+    import shutil
+
+    from finetune_engine.storage.oci import parse_oci, pull_file_or_dir
+
+    ref = parse_oci(reference, allow_path=True)
+    probe = f"https://{ref.registry}/v2/"
+    try:
+        resolve_url(probe, allow_private, allow_networks)
+    except DeliveryError as err:
+        raise DeliveryError(str(err).replace(probe, reference)) from None
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix="oci-") as tmp:
+        path = pull_file_or_dir(reference, Path(tmp) / "artifact")
+        if path.is_dir():
+            raise DeliveryError(f"{reference}: the artifact has several files; name one with '#FILE'")
+        target = out_dir / path.name
+        shutil.move(path, target)
+    log.info("pulled %s: %d bytes", target.name, target.stat().st_size)
+    return target
 
 
 def deliver_data(
@@ -301,7 +331,7 @@ def deliver_data(
 def main(argv: list[str] | None = None) -> int:
     from finetune_engine.cli.finetuning import setup_logging
     from finetune_engine.data.validate import DataValidationError
-    from finetune_engine.jobs.common import write_result
+    from finetune_engine.jobs.common import finish
 
     parser = argparse.ArgumentParser(prog="finetune-engine deliver-data", description=__doc__.splitlines()[0])
     parser.add_argument("destination", help="s3://bucket/datasets/ (files keep their names)")
@@ -309,7 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument(
         "--script", default=None, help=f"Python data script file (default: source text in ${SCRIPT_ENV})."
     )
-    src.add_argument("--url", action="append", default=[], help="http(s) URL of a JSONL file (repeatable).")
+    src.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        help="http(s) URL of a JSONL file, or oci://REGISTRY/REPO:TAG#FILE (repeatable).",
+    )
     parser.add_argument(
         "--method", default="sft", choices=["sft", "dpo", "kto"], help="Validate for this method."
     )
@@ -335,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.script
         else (None if args.url else os.environ.get(SCRIPT_ENV))
     )
-    try:
-        result = deliver_data(
+    return finish(
+        lambda: deliver_data(
             args.destination,
             script,
             args.url,
@@ -344,12 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             args.timeout,
             args.allow_private_urls,
             allow_networks=args.allow_network,
-        )
-    except (DeliveryError, DataValidationError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_result(result, args.result_file)
-    return 0
+        ),
+        args.result_file,
+        refused=(DeliveryError, DataValidationError, ValueError),
+    )
 
 
 if __name__ == "__main__":

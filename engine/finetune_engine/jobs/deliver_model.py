@@ -147,11 +147,17 @@ def deliver_model(
         if source.startswith("s3://"):
             download_dir(source, tmp_path / "from-bucket")
             _materialize(tmp_path / "from-bucket", staged, allow_pickle, allow, exclude)
+        elif source.startswith("oci://"):
+            from finetune_engine.storage.oci import pull as oci_pull
+
+            origin["digest"] = oci_pull(source, tmp_path / "from-registry")["digest"]
+            _materialize(tmp_path / "from-registry", staged, allow_pickle, allow, exclude)
         elif Path(source).is_dir():
             _materialize(Path(source), staged, allow_pickle, allow, exclude)
         elif "://" in source or source.startswith(("/", ".")):
             raise DeliveryError(
-                f"source {source!r}: not a directory, an s3:// prefix or a Hub repo id (org/name)"
+                f"source {source!r}: not a directory, an s3:// prefix, an oci:// artifact or a Hub repo id "
+                "(org/name)"
             )
         else:
             snapshot, commit = fetch_from_hub(source, revision, allow, exclude, allow_pickle)
@@ -174,12 +180,15 @@ def deliver_model(
 
 def main(argv: list[str] | None = None) -> int:
     from finetune_engine.cli.finetuning import setup_logging
-    from finetune_engine.jobs.common import write_result
+    from finetune_engine.jobs.common import finish
 
     parser = argparse.ArgumentParser(
         prog="finetune-engine deliver-model", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("source", help="Hub repo id (org/name), a local directory, or s3://bucket/prefix")
+    parser.add_argument(
+        "source",
+        help="Hub repo id (org/name), a local directory, s3://bucket/prefix or oci://REGISTRY/REPO:TAG",
+    )
     parser.add_argument(
         "destination",
         nargs="?",
@@ -206,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: give a destination or set FINETUNE_BUCKET", file=sys.stderr)
             return 2
         destination = default_destination(bucket, args.source, args.revision)
-    try:
-        result = deliver_model(
+    return finish(
+        lambda: deliver_model(
             args.source,
             destination,
             args.revision,
@@ -215,12 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             args.exclude_pattern,
             args.allow_pickle,
             args.overwrite,
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_result(result, args.result_file)
-    return 0
+        ),
+        args.result_file,
+    )
 
 
 if __name__ == "__main__":

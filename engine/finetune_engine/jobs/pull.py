@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune_engine.storage import download_dir, is_complete
 
     parser = argparse.ArgumentParser(prog="finetune-engine pull", description=__doc__.splitlines()[0])
-    parser.add_argument("uri")
+    parser.add_argument("uri", help="s3://bucket/prefix, or oci://REGISTRY/REPO:TAG (an OCI artifact)")
     parser.add_argument("directory")
     parser.add_argument(
         "--wait-complete", action="store_true", help="Wait until the prefix's manifest exists."
@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=10)
     args = parser.parse_args(argv)
     setup_logging("INFO")
+    if args.uri.startswith("oci://"):  # an artifact is complete once its tag exists (manifest last)
+        from finetune_engine.storage.oci import pull as oci_pull
+
+        oci_pull(args.uri, Path(args.directory))
+        return 0
     deadline = time.monotonic() + args.timeout
     while not is_complete(args.uri):
         if not args.wait_complete or time.monotonic() > deadline:

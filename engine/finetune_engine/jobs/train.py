@@ -37,7 +37,19 @@ TEST_DELAY_ENV = "FINETUNE_TEST_UPLOAD_DELAY"
 
 
 def is_uri(path: str) -> bool:
-    return path.startswith("s3://")
+    return path.startswith(("s3://", "oci://"))
+
+
+def _download(uri: str, local: Path) -> None:
+    """A bucket prefix or an OCI artifact (verified, renamed into place) -> ``local``."""
+    if uri.startswith("oci://"):
+        from finetune_engine.storage.oci import pull
+
+        pull(uri, local)
+    else:
+        from finetune_engine.storage import download_dir
+
+        download_dir(uri, local)
 
 
 class CheckpointUploader:
@@ -181,23 +193,21 @@ def _fetch_inputs(cfg: schema.ExperimentConfig, workdir: Path) -> schema.Experim
 
 
 def _fetch_inputs_locked(cfg: schema.ExperimentConfig, workdir: Path) -> schema.ExperimentConfig:
-    from finetune_engine.storage import download_dir
-
     data = cfg.model_dump(mode="json")
     run = data["run_conf"]
     if is_uri(run["model"]):
         local = workdir / "model"
         log.info("downloading model %s", run["model"])
-        download_dir(run["model"], local)
+        _download(run["model"], local)
         run["model"] = str(local)
     if run.get("tokenizer") and is_uri(run["tokenizer"]):
         local = workdir / "tokenizer"
-        download_dir(run["tokenizer"], local)
+        _download(run["tokenizer"], local)
         run["tokenizer"] = str(local)
     peft = data["peft_conf"]
     if peft.get("peft_type") == "PRETRAINED_PEFT" and is_uri(peft["name_or_path"]):
         local = workdir / "adapter-in"
-        download_dir(peft["name_or_path"], local)
+        _download(peft["name_or_path"], local)
         peft["name_or_path"] = str(local)
     seen = 0
     for section in ("training_data", "validation_data"):
@@ -223,6 +233,13 @@ def _fetch_data(uri: str, local: Path, key: str = "the path in data_conf", one_f
     ``key`` names the config key in errors; ``one_file`` refuses a prefix."""
     from finetune_engine.storage import download_dir, download_file, exists, list_objects
 
+    if uri.startswith("oci://"):  # an artifact: '#FILE' names one of its files, else its only one
+        from finetune_engine.storage.oci import pull_file_or_dir
+
+        path = pull_file_or_dir(uri, local)
+        if one_file and path.is_dir():
+            raise ValueError(f"{key} {uri}: the artifact has several files; name one with '#FILE'")
+        return str(path)
     if local.exists():
         return str(local)
     uri = uri.rstrip("/")  # a file or a prefix, written with or without a trailing slash
@@ -491,6 +508,25 @@ def _train_and_upload(
         handler.close()
 
 
+def push_output_to_oci(result: dict[str, Any], workdir: Path, reference: str) -> dict[str, Any]:
+    """Push the run's final adapter (or model) to a registry: the local copy when this process wrote
+    it, else (a finished run) the bucket's. Pushing the same content again changes nothing."""
+    from finetune_engine.jobs.merge import push_to_oci
+
+    for key in ("final_adapter", "final_checkpoint"):
+        local = result.get(key)
+        if local and Path(local).is_dir():
+            return push_to_oci(Path(local), reference)
+    uri = result.get("final_adapter_uri") or result.get("final_checkpoint_uri")
+    if not uri:
+        raise ValueError(f"--output-oci {reference}: the run has no final adapter or model to push")
+    from finetune_engine.storage import download_dir
+
+    local = workdir / "oci-push" / uri.rstrip("/").rsplit("/", 1)[-1]
+    download_dir(uri, local)
+    return push_to_oci(local, reference)
+
+
 def main(argv: list[str] | None = None) -> int:
     from finetune_engine.cli.finetuning import setup_logging
 
@@ -515,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         "--result-file", default=None, help="Result JSON path (default $FINETUNE_RESULT_FILE)."
     )
     parser.add_argument("--num-preprocess-workers", type=int, default=1)
+    parser.add_argument(
+        "--output-oci",
+        default=None,
+        metavar="oci://REGISTRY/REPO:TAG",
+        help="Also push the final adapter (or model) there, after the bucket upload.",
+    )
     parser.add_argument("--mlflow-server-uri", default=None)
     parser.add_argument("--experiment-name", default=None)
     parser.add_argument("--hf-mlflow-log-artifacts", default=None)
@@ -522,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.logging_level)
     try:
+        if args.output_oci:  # a malformed reference fails before any download or training
+            from finetune_engine.storage.oci import parse_oci
+
+            parse_oci(args.output_oci)
         cfg = read_config(args, args.method)
         result = run_train_job(
             cfg,
@@ -532,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
             args.num_preprocess_workers,
             (args.mlflow_server_uri, args.experiment_name, args.hf_mlflow_log_artifacts),
         )
+        if args.output_oci and int(os.environ.get("RANK", "0")) == 0:
+            result.update(push_output_to_oci(result, Path(args.workdir), args.output_oci))
+            write_result(result, args.result_file)
     except (ConfigError, ValueError, LeaseHeldError, LeaseLostError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_engine import fastpath
 from finetune_engine.config import schema
 from finetune_engine.manifest import verify_directory, write_manifest
 from finetune_engine.tracking import TrackingSettings
@@ -236,11 +237,21 @@ def training_args_dict(
     args.setdefault("use_cpu", not torch.cuda.is_available())
     args.setdefault("disable_tqdm", not sys.stderr.isatty())  # pod logs get plain progress lines
     args.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used each step
+    # CUDA: fused AdamW, pinned batches prefetched by workers; torch_compile is the engine's (per layer)
+    fastpath.apply_training_defaults(args, torch.cuda.is_available())
     if cfg.run_conf.determinism == "full":
         args.setdefault("full_determinism", True)  # the Trainer re-applies it when training starts
     if has_eval:
         args.setdefault("eval_strategy", "no")
     return args
+
+
+def compile_requested(cfg: schema.ExperimentConfig) -> bool:
+    """training_args.torch_compile, on by default with CUDA: the engine compiles each decoder layer."""
+    import torch
+
+    value = cfg.training_args.get("torch_compile")
+    return torch.cuda.is_available() if value is None else bool(value)
 
 
 def build_training_args(config_cls, args: dict[str, Any], what: str = "training_args"):
@@ -263,12 +274,13 @@ def start_tracking(cfg: schema.ExperimentConfig, tracking: TrackingSettings, met
 
 
 def callbacks(after_save: list[Callable[..., None]] | None, mlflow_cb, extra: list | None = None) -> list:
-    from finetune_engine.callbacks import ManifestCallback, ProgressCallback
+    from finetune_engine.callbacks import ManifestCallback, ProgressCallback, SigtermCallback
 
     # the train job's node upload rides along in after_save (see jobs/train.NodeUploader)
     node_upload = next((h for h in after_save or [] if getattr(h, "node_upload", False)), None)
     return (
         [
+            SigtermCallback(),  # before ManifestCallback: it asks for the save ManifestCallback marks
             ManifestCallback([h for h in after_save or [] if h is not node_upload], node_upload),
             ProgressCallback(),
         ]
@@ -360,7 +372,17 @@ def train(trainer, resume: Path | None) -> float | None:
             trainer._load_from_checkpoint(str(resume))
             trainer.state = saved
             return last_logged(saved, "train_loss") or last_logged(saved, "loss")
-    return trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+    loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+    from finetune_engine.callbacks import SIGTERM_EXIT, SigtermCallback
+
+    if any(isinstance(cb, SigtermCallback) and cb.stopped for cb in trainer.callback_handler.callbacks):
+        log.warning(
+            "stopped by SIGTERM at step %d after saving its checkpoint: no final outputs; exit %d",
+            trainer.state.global_step,
+            SIGTERM_EXIT,
+        )
+        raise SystemExit(SIGTERM_EXIT)  # the job's cleanup (uploads) runs on the way out
+    return loss
 
 
 def log_parallelism(trainer) -> None:

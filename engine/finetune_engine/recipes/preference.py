@@ -250,8 +250,13 @@ def run_preference(
     )
     if method in _REFERENCE_METHODS:
         kwargs["ref_model"] = ref_model
+    from finetune_engine.fastpath import fast_trainer_class, maybe_compile
+
     t_prep = time.monotonic()
-    trainer = cls(**kwargs)
+    # TRL's preference losses need each token's log-prob from the full logits, so the engine's
+    # lean loss does not apply; compilation, fused AdamW and prefetched batches do.
+    trainer = fast_trainer_class(cls, lean=False)(**kwargs)
+    trainer.compiled = maybe_compile(trainer.model, common.compile_requested(cfg))
     log.info(
         "prepared %d train / %d eval examples in %.1fs; prompts cut to max_prompt_length: %s",
         len(trainer.train_dataset),

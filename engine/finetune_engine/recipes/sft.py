@@ -61,7 +61,9 @@ def run_sft(
     num_preprocess_workers: int = 1,
     result_file: str | None = None,
     after_save: list[Callable[[Path, int], None]] | None = None,
+    extra_callbacks: list | None = None,
 ) -> dict[str, Any]:
+    """``extra_callbacks``: more TrainerCallbacks (e.g. a benchmark's step timer)."""
     out_dir, _, _ = output_paths(cfg)
 
     # 0. A finished run is not retrained.
@@ -73,13 +75,14 @@ def run_sft(
     common.validate_inputs(cfg, "sft")
 
     import torch
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from finetune_engine.checkpoints import resolve_resume
     from finetune_engine.data.collate import PackedCollator, PaddingCollator
     from finetune_engine.data.load import load_data
     from finetune_engine.data.pack import pack_lengths
     from finetune_engine.data.tokenize import EncodeSettings
+    from finetune_engine.fastpath import fast_trainer_class, maybe_compile
     from finetune_engine.merge import save_model
     from finetune_engine.modeling import load_model, load_tokenizer, prepare_tokenizer_for_inference
 
@@ -180,7 +183,10 @@ def run_sft(
     padding = PaddingCollator(
         pad_id, cfg.data_conf.padding_side, pad_to_multiple_of=8 if torch.cuda.is_available() else None
     )
-    packed = PackedCollator(pad_id, attn)
+    # On a GPU packed rows are always max_seq_length wide: one shape, compiled once.
+    packed = PackedCollator(
+        pad_id, attn, pad_to_multiple_of=sft.max_seq_length if torch.cuda.is_available() else None
+    )
 
     def collate(features):
         return packed(features) if "segments" in features[0] else padding(features)
@@ -215,7 +221,8 @@ def run_sft(
     )
     mlflow_cb = common.start_tracking(cfg, tracking, "sft", out_dir)
 
-    trainer = _make_trainer_class()(
+    compiled = maybe_compile(model, common.compile_requested(cfg))
+    trainer = fast_trainer_class(Trainer)(
         model=model,
         args=training_args,
         train_dataset=train_rows if text_stats is not None else common.ListDataset(train_rows),
@@ -225,9 +232,12 @@ def run_sft(
         data_collator=collate,
         processing_class=tok.tokenizer,
         callbacks=common.callbacks(
-            after_save, mlflow_cb, common.sample_callback(cfg, tok.tokenizer, mlflow_cb)
+            after_save,
+            mlflow_cb,
+            common.sample_callback(cfg, tok.tokenizer, mlflow_cb) + list(extra_callbacks or []),
         ),
     )
+    trainer.compiled = compiled
     common.quiet_printer(trainer)
 
     def details(trainer, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -267,20 +277,3 @@ def run_sft(
         meta=meta,
         details=details,
     )
-
-
-def _make_trainer_class():
-    from transformers import Trainer
-
-    class TokenCountingTrainer(Trainer):
-        """Counts real (non-pad) training tokens into ``state.num_input_tokens_seen``."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            real = inputs.pop("num_real_tokens", None)
-            if model.training and real is not None:
-                self.state.num_input_tokens_seen += int(real)
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-
-    return TokenCountingTrainer

@@ -1,4 +1,9 @@
-"""Every engine operator once, on the local runner: deliver, a 2-rank mapped sweep, merge."""
+"""Every engine operator once, on the local runner: deliver, a 2-rank mapped sweep, merge.
+
+With ``SMOKE_OCI_REPO`` (``oci://REGISTRY/REPOSITORY``) each sweep task also pushes its adapter there,
+tagged ``r<map index>``, with the Docker config ``SMOKE_DOCKER_CONFIG`` (a registry without TLS); with
+``SMOKE_SERVE`` as well, vLLM (CPU, local runner) then serves the base model with the first rank's
+adapter pulled from its OCI reference, answers the smoke question and stops."""
 
 from __future__ import annotations
 
@@ -8,12 +13,15 @@ from airflow.sdk import DAG, task
 
 from airflow_provider_finetune.operators import (
     DataScriptToBucketOperator,
+    DeployVLLMOperator,
     FinetuneKubernetesOperator,
     HFModelToBucketOperator,
     MergeAdapterOperator,
 )
 
 MODEL_DIR = os.environ.get("SMOKE_MODEL_DIR", "/nonexistent")
+OCI_REPO = os.environ.get("SMOKE_OCI_REPO")
+SERVE = bool(OCI_REPO and os.environ.get("SMOKE_SERVE"))
 SCRIPT = """
 import os
 from finetune_engine.tiny import write_chat_dataset
@@ -45,7 +53,12 @@ with DAG("provider_smoke", schedule=None, catchup=False, tags=["test"]):
         base_model="s3://finetune/models/smoke/tiny",
         datasets=["s3://finetune/datasets/smoke/chat.jsonl"],
         experiment="smoke",
+        # the tokenizer's own template adds no tokens: an adapter vLLM can load (no modules_to_save)
+        overrides={"data_conf.chat_template_name": "keep-original"},
         gpus=0,
+        output_oci=f"{OCI_REPO}:r{{{{ ti.map_index }}}}" if OCI_REPO else None,
+        oci_docker_config=os.environ.get("SMOKE_DOCKER_CONFIG"),
+        oci_plain_http=bool(OCI_REPO),
     ).expand(lora_rank=[2, 4])
 
     @task
@@ -73,3 +86,17 @@ with DAG("provider_smoke", schedule=None, catchup=False, tags=["test"]):
     )
     [model, data] >> sweep
     [model, data] >> two_procs
+    if SERVE:
+        serve = DeployVLLMOperator(
+            task_id="serve_from_oci",
+            model_uri="s3://finetune/models/smoke/tiny",
+            served_model_name="smoke",
+            adapters={"tuned": f"{OCI_REPO}:r0"},
+            adapter_ranks={"tuned": 2},
+            oci_docker_config=os.environ.get("SMOKE_DOCKER_CONFIG"),
+            oci_plain_http=True,
+            smoke_question="What is the capital of France?",
+            ready_timeout=300,
+            keep_running=False,
+        )
+        sweep >> serve
