@@ -1,16 +1,30 @@
 # syntax=docker/dockerfile:1
 # Engine image for NVIDIA GPUs (gpu_vendor: nvidia). Build from the repository root:
 #   docker build -f images/engine-cuda.Dockerfile -t REGISTRY/finetune-engine-cuda:0.1.0 .
+#   docker build -f images/engine-cuda.Dockerfile --build-arg CUDA_MAJOR=12 -t REGISTRY/finetune-engine-cuda12:0.1.0 .
+# CUDA_MAJOR=13 (default): torch 2.13.0, the CUDA 13.0 build; needs an R580+ driver.
+# CUDA_MAJOR=12: torch 2.10.0, the CUDA 12.8 build (the newest torch whose PyPI wheel is a CUDA 12
+# build); runs on R570+ drivers, and on R525+ through CUDA minor-version compatibility.
 # Pods override the command (`finetune-engine train-job ...`, `torchrun -m finetune_engine.cli.main ...`);
 # `docker run IMAGE <subcommand>` runs the engine CLI under tini.
-# Supply chain: the base is pinned by digest, every package by version and sha256 hash (the locks
+# Supply chain: the bases are pinned by digest, every package by version and sha256 hash (the locks
 # beside this file, written by scripts/lock_images.py; images/README.md).
-FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04@sha256:f2c12914cf4751e61073843724275aa35d4817e01dbdc87eac03905971628c6e
+# The bases are the slim `base` flavour (the CUDA runtime, its forward-compatibility package and the
+# container toolkit's environment): torch's wheels bring their own cuDNN, cuBLAS, NCCL... so a
+# cudnn-runtime base would carry those libraries twice. BuildKit builds only the stage CUDA_MAJOR
+# names (hadolint cannot see through the variable that it is one of the stages above).
+ARG CUDA_MAJOR=13
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04@sha256:2ab6381d970b211fb93853796dc6707eb8a72575a375c422b17cf4d8b2641701 AS base-cuda13
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:133c78a0575303be34164d0b90137a042172bdf60696af01a3c424ab402d86e2 AS base-cuda12
+
+# hadolint ignore=DL3006
+FROM base-cuda${CUDA_MAJOR} AS engine
+ARG CUDA_MAJOR
 
 # Where each lock is installed from: one index per install step, never two (no --extra-index-url),
-# so no name can be taken from the wrong one. PyPI's Linux x86_64 torch wheel is the CUDA 13.0 build
-# (it requires cuda-toolkit 13.0.3 and cuDNN 9.20: the build the cu130 PyTorch index serves as
-# +cu130), so torch and its CUDA libraries come from PyPI too. Override only with a mirror of the
+# so no name can be taken from the wrong one. PyPI's Linux x86_64 torch wheels are CUDA builds (2.13.0:
+# CUDA 13.0, the build the cu130 PyTorch index serves as +cu130; 2.10.0: CUDA 12.8), so torch and its
+# CUDA libraries come from PyPI too. Override only with a mirror of the
 # same index: the hashes in the locks must still match.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 ARG PYPI_INDEX_URL=https://pypi.org/simple
@@ -37,10 +51,12 @@ RUN apt-get update \
 # engine lock does not rebuild the torch layer. Hash-checking mode: pip refuses any file whose sha256
 # is not in the lock, any unpinned requirement, and (only-binary) any source build. BuildKit's cache
 # mount keeps downloaded wheels between builds, outside the image.
-COPY images/requirements-torch-cuda.txt /opt/requirements-torch.txt
+# The torch lock also holds liger-kernel (the fast path's fused cross-entropy): it is built on the
+# Triton that this torch pins, so it is locked with it.
+COPY images/requirements-torch-cuda${CUDA_MAJOR}.txt /opt/requirements-torch.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     grep -q -- "--hash=sha256:" /opt/requirements-torch.txt \
-    || { echo "images/requirements-torch-cuda.txt has no hashes: run scripts/lock_images.py" >&2; exit 1; } \
+    || { echo "images/requirements-torch-cuda${CUDA_MAJOR}.txt has no hashes: run scripts/lock_images.py" >&2; exit 1; } \
     && pip install --require-hashes --only-binary :all: --no-deps \
         --index-url "${TORCH_INDEX_URL}" -r /opt/requirements-torch.txt
 COPY images/requirements-engine.txt /opt/requirements-engine.txt
@@ -48,10 +64,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --require-hashes --only-binary :all: \
         --index-url "${PYPI_INDEX_URL}" -r /opt/requirements-engine.txt
 
-# The engine itself, from the copied source and no index: every requirement of its train and storage
-# extras must already be installed from the locks, or this step fails (nothing is fetched here).
+# The engine itself, from the copied source and no index: every requirement of its train, storage,
+# quantize and gpu extras must already be installed from the locks, or this step fails (nothing is
+# fetched here).
 COPY engine /opt/src/engine
-RUN pip install --no-cache-dir --no-index --no-build-isolation "/opt/src/engine[train,storage,quantize]" \
+RUN pip install --no-cache-dir --no-index --no-build-isolation "/opt/src/engine[train,storage,quantize,gpu]" \
     && pip check \
     && finetune-engine --help > /dev/null \
     && finetuning --help > /dev/null

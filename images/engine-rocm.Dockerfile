@@ -5,7 +5,10 @@
 # `docker run IMAGE <subcommand>` runs the engine CLI under tini.
 # Supply chain: the base is pinned by digest, every package by version and sha256 hash (the locks
 # beside this file, written by scripts/lock_images.py; images/README.md).
-FROM rocm/dev-ubuntu-24.04:7.2@sha256:749f9ee120c739682cc2e1553e62632c2676f98bc49e4d8133f380e0af682bcc
+# The base is plain Ubuntu: the ROCm build of torch bundles its ROCm libraries (HIP, rocBLAS, MIOpen,
+# RCCL...), and the GPUs need only the host's amdgpu driver (/dev/kfd, /dev/dri from the device
+# plugin); a rocm/dev base would carry the ROCm stack twice, compilers included.
+FROM ubuntu:24.04@sha256:c4a8d5503dfb2a3eb8ab5f807da5bc69a85730fb49b5cfca2330194ebcc41c7b
 
 # Where each lock is installed from: one index per install step, never two (no --extra-index-url),
 # so no name can be taken from the wrong one. torch and pytorch-triton-rocm come from the PyTorch ROCm

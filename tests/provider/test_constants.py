@@ -15,7 +15,9 @@ from airflow_provider_finetune.pods.spec import XCOM_RESULT_FILE
 ROOT = Path(__file__).resolve().parents[2]
 # the engine image tags the build commands and docs write out (REGISTRY/finetune-engine-cuda:X,
 # ghcr.io/airflow-provider-finetune/engine-rocm:X)
-_IMAGE_TAG = re.compile(r"(?:finetune-engine|airflow-provider-finetune/engine)-(?:cuda|rocm):([^\s`'\"]+)")
+_IMAGE_TAG = re.compile(
+    r"(?:finetune-engine|airflow-provider-finetune/engine)-(?:cuda(?:12)?|rocm):([^\s`'\"]+)"
+)
 
 
 def test_xcom_result_file_is_in_the_kubernetes_pod_operators_xcom_volume():

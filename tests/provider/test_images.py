@@ -26,8 +26,20 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 DOCKERFILES = {"cuda": IMAGES / "engine-cuda.Dockerfile", "rocm": IMAGES / "engine-rocm.Dockerfile"}
 LOCK = IMAGES / "requirements-engine.txt"
-TORCH_LOCKS = {"cuda": IMAGES / "requirements-torch-cuda.txt", "rocm": IMAGES / "requirements-torch-rocm.txt"}
-BASES = {"cuda": "nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04", "rocm": "rocm/dev-ubuntu-24.04:7.2"}
+TORCH_LOCKS = {
+    "cuda13": IMAGES / "requirements-torch-cuda13.txt",
+    "cuda12": IMAGES / "requirements-torch-cuda12.txt",
+    "rocm": IMAGES / "requirements-torch-rocm.txt",
+}
+# the torch locks each Dockerfile can install (the CUDA one picks with --build-arg CUDA_MAJOR)
+VARIANTS = {"cuda": ["cuda13", "cuda12"], "rocm": ["rocm"]}
+# slim bases: torch's wheels bring their own CUDA / ROCm libraries
+BASES = {
+    "cuda13": "nvidia/cuda:13.0.2-base-ubuntu24.04",
+    "cuda12": "nvidia/cuda:12.8.1-base-ubuntu24.04",
+    "rocm": "ubuntu:24.04",
+}
+EXTRAS = {"cuda": "train,storage,quantize,gpu", "rocm": "train,storage,quantize"}
 TORCH_INDEXES = {"cuda": "https://pypi.org/simple", "rocm": "https://download.pytorch.org/whl/rocm7.2"}
 PYPI = "https://pypi.org/simple"
 BRIEF = [
@@ -131,17 +143,75 @@ def test_hadolint_passes_without_a_config():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _stages(path: Path) -> tuple[dict[str, str], list[str]]:
+    """(stage alias -> its digest-pinned image, the FROM references that name no pinned image)."""
+    aliases, others = {}, []
+    for op, arg in _instructions(path):
+        if op != "FROM":
+            continue
+        words = arg.split()
+        ref = words[0]
+        if "@" in ref:
+            if len(words) == 3 and words[1].upper() == "AS":
+                aliases[words[2]] = ref
+            else:
+                aliases[""] = ref
+        else:
+            others.append(ref)
+    return aliases, others
+
+
+def _final_base(path: Path, variant: str) -> str:
+    """The pinned image the last stage of ``path`` builds on, with CUDA_MAJOR set for ``variant``."""
+    aliases, others = _stages(path)
+    if not others:
+        return aliases[""]
+    major = variant.removeprefix("cuda")
+    final = others[-1].replace("${CUDA_MAJOR}", major)
+    assert final in aliases, f"{others[-1]} with CUDA_MAJOR={major}: no such stage"
+    return aliases[final]
+
+
 @pytest.mark.parametrize("platform", sorted(DOCKERFILES))
 def test_every_base_is_pinned_by_digest(platform):
-    froms = [arg.split()[0] for op, arg in _instructions(DOCKERFILES[platform]) if op == "FROM"]
-    assert froms, "no FROM"
-    for ref in froms:
+    aliases, others = _stages(DOCKERFILES[platform])
+    assert aliases, "no FROM"
+    for ref in aliases.values():
         image, _, digest = ref.partition("@")
         assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), (
             f"{ref}: pin the base by digest (image:tag@sha256:...)"
         )
         assert re.fullmatch(r"[a-z0-9./-]+:\d+(\.\d+)*[-a-z0-9.]*", image) and "latest" not in image, ref
-    assert froms == [f"{BASES[platform]}@{froms[0].partition('@')[2]}"], "one stage, on the documented base"
+    # every other FROM is a stage above (never an unpinned image), and each variant lands on its base
+    assert len(others) <= 1
+    for variant in VARIANTS[platform]:
+        assert _final_base(DOCKERFILES[platform], variant).partition("@")[0] == BASES[variant], variant
+    assert {ref.partition("@")[0] for ref in aliases.values()} == {BASES[v] for v in VARIANTS[platform]}
+
+
+def test_cuda_major_picks_a_base_and_a_lock_that_exist():
+    text = DOCKERFILES["cuda"].read_text()
+    assert re.search(r"^ARG CUDA_MAJOR=13$", text, re.M), "CUDA 13 by default"
+    copies = [arg.split()[0] for op, arg in _instructions(DOCKERFILES["cuda"]) if op == "COPY"]
+    torch_copy = next(c for c in copies if "requirements-torch" in c)
+    assert "${CUDA_MAJOR}" in torch_copy
+    for variant in VARIANTS["cuda"]:
+        lock = ROOT / torch_copy.replace("${CUDA_MAJOR}", variant.removeprefix("cuda"))
+        assert lock == TORCH_LOCKS[variant] and lock.exists(), lock
+        _final_base(DOCKERFILES["cuda"], variant)
+
+
+def test_image_workflow_builds_every_variant():
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "images.yml").read_text())
+    built = {
+        (entry["dockerfile"], entry.get("build_args", ""))
+        for entry in flow["jobs"]["engine"]["strategy"]["matrix"]["include"]
+    }
+    assert built == {
+        ("images/engine-cuda.Dockerfile", ""),
+        ("images/engine-cuda.Dockerfile", "CUDA_MAJOR=12"),
+        ("images/engine-rocm.Dockerfile", ""),
+    }
 
 
 @pytest.mark.parametrize("platform", sorted(DOCKERFILES))
@@ -156,7 +226,8 @@ def test_dockerfile_shape(platform):
     assert "pip check" in runs
     copies = [arg.split() for op, arg in steps if op == "COPY"]
     for src, _dst in copies:
-        assert (ROOT / src).exists(), src
+        for variant in VARIANTS[platform]:
+            assert (ROOT / src.replace("${CUDA_MAJOR}", variant.removeprefix("cuda"))).exists(), src
     # uid 1000 is taken by Ubuntu's own user in these bases: it must be replaced, not clashed with
     assert "userdel --remove ubuntu" in runs and "useradd --uid 1000" in runs
 
@@ -168,6 +239,9 @@ def test_every_pip_install_is_hashed_from_one_index(platform):
     path = DOCKERFILES[platform]
     steps = _instructions(path)
     copied = {dst: src for op, arg in steps if op == "COPY" for src, dst in [arg.split()]}
+    torch_lock = "images/requirements-torch-{}.txt".format(
+        "cuda${CUDA_MAJOR}" if platform == "cuda" else "rocm"
+    )
     args = {k: v for op, arg in steps if op == "ARG" for k, _, v in [arg.partition("=")]}
     for op, arg in steps:
         if op in ("ENV", "ARG"):
@@ -198,16 +272,12 @@ def test_every_pip_install_is_hashed_from_one_index(platform):
         for lock in locks:
             assert copied[lock].startswith("images/requirements-"), lock
             sources[copied[lock]] = index
-    assert sources == {
-        f"images/{TORCH_LOCKS[platform].name}": "${TORCH_INDEX_URL}",
-        f"images/{LOCK.name}": "${PYPI_INDEX_URL}",
-    }
+    assert sources == {torch_lock: "${TORCH_INDEX_URL}", f"images/{LOCK.name}": "${PYPI_INDEX_URL}"}
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     # torch (--no-deps) first, so the second lock's torch users find it; then the engine, then pip check
-    assert runs.index(TORCH_LOCKS[platform].name.replace(f"-{platform}", "")) < runs.index(LOCK.name)
-    assert '"/opt/src/engine[train,storage,quantize]"' in runs and runs.index(LOCK.name) < runs.index(
-        "/opt/src/engine"
-    )
+    assert runs.index("requirements-torch.txt") < runs.index(LOCK.name)
+    engine = f'"/opt/src/engine[{EXTRAS[platform]}]"'
+    assert engine in runs and runs.index(LOCK.name) < runs.index("/opt/src/engine")
 
 
 @pytest.mark.parametrize("path", sorted(IMAGES.glob("requirements-*.txt")), ids=lambda p: p.name)
@@ -218,21 +288,33 @@ def test_locks_hash_every_requirement(path):
         assert len(entries) >= 10 if path == LOCK else len(entries) >= 2, "an empty lock"
 
 
-@pytest.mark.parametrize("platform", [pytest.param("rocm", marks=ROCM_NOT_LOCKED), "cuda"])
-def test_torch_lock_is_torch_and_its_gpu_libraries(platform):
-    lock = _lock(TORCH_LOCKS[platform])
-    assert "torch" in lock, f"{TORCH_LOCKS[platform].name} pins no torch"
+@pytest.mark.parametrize("variant", [pytest.param("rocm", marks=ROCM_NOT_LOCKED), "cuda13", "cuda12"])
+def test_torch_lock_is_torch_and_its_gpu_libraries(variant):
+    lock = _lock(TORCH_LOCKS[variant])
+    assert "torch" in lock, f"{TORCH_LOCKS[variant].name} pins no torch"
     torch = Version(lock["torch"][0])
-    assert torch.public == _pins(ROOT / "constraints.txt")["torch"][1], "the torch the suite runs with"
-    local = {"cuda": None, "rocm": TORCH_INDEXES["rocm"].rsplit("/", 1)[1]}[platform]
-    assert torch.local == local, f"torch {torch}: not the {platform} build"
+    tested = _pins(ROOT / "constraints.txt")["torch"][1]
+    assert torch.public == (LOCKER.CUDA_TORCH.get(variant) or tested), "the torch the suite runs with"
+    local = {"rocm": TORCH_INDEXES["rocm"].rsplit("/", 1)[1]}.get(variant)
+    assert torch.local == local, f"torch {torch}: not the {variant} build"
     others = set(lock) - {"torch"}
-    assert others and all(LOCKER.GPU_STACK.match(name) for name in others), sorted(others)
+    assert others and all(LOCKER.GPU_STACK.match(name) or name in LOCKER.FAST_PATH for name in others), (
+        sorted(others)
+    )
     assert not set(lock) & set(_lock(LOCK)), "a package in both locks would come from two indexes"
     # what uv recorded: each GPU library is needed by torch or by another of them, by nothing else
-    blocks = LOCKER.blocks(TORCH_LOCKS[platform].read_text())
-    for name in others:
+    blocks = LOCKER.blocks(TORCH_LOCKS[variant].read_text())
+    for name in others - LOCKER.FAST_PATH:
         assert LOCKER.parents(blocks[name]) <= set(lock), name
+    if variant.startswith("cuda"):
+        # the CUDA libraries of that major: PyPI names CUDA 12's `-cu12`, CUDA 13's plain or `-cu13`
+        cu12 = {name for name in others if name.endswith("-cu12")}
+        assert bool(cu12) == (variant == "cuda12") and "nvidia-cudnn-cu12" not in others - cu12
+        # the GPU fast path's kernels, at the engine's pin
+        project = tomllib.loads((ROOT / "engine" / "pyproject.toml").read_text())["project"]
+        for raw in project["optional-dependencies"]["gpu"]:
+            req = Requirement(raw)
+            assert req.specifier.contains(lock[canonicalize_name(req.name)][0]), raw
 
 
 @pytest.mark.parametrize("platform", sorted(DOCKERFILES))
@@ -254,7 +336,7 @@ def test_locks_pin_the_tested_versions():
     version; the engine's declared requirements accept every locked version."""
     tested = _pins(ROOT / "constraints.txt")
     common = _lock(LOCK)
-    locked = {**common, **_lock(TORCH_LOCKS["cuda"])}
+    locked = {**common, **_lock(TORCH_LOCKS["cuda13"])}
     for key, (version, _hashes) in locked.items():
         if key in tested:
             assert Version(version).public == tested[key][1], (
@@ -272,7 +354,9 @@ def test_locks_pin_the_tested_versions():
     )
     project = tomllib.loads((ROOT / "engine" / "pyproject.toml").read_text())["project"]
     declared = project["dependencies"] + [
-        r for extra in ("train", "storage", "quantize") for r in project["optional-dependencies"][extra]
+        r
+        for extra in ("train", "storage", "quantize", "gpu")
+        for r in project["optional-dependencies"][extra]
     ]
     for raw in declared:
         req = Requirement(raw)
@@ -321,15 +405,18 @@ def test_lock_is_complete():
     locked = set(_lock(LOCK))
     assert not needed - locked, f"missing from {LOCK.name}: {sorted(needed - locked)}"
     assert not locked - needed, f"not needed by the engine: {sorted(locked - needed)}"
-    assert "torch" in seen and "torch" in _lock(TORCH_LOCKS["cuda"])
+    assert "torch" in seen and all("torch" in _lock(TORCH_LOCKS[v]) for v in VARIANTS["cuda"])
 
 
 def test_docs_name_the_pinned_bases_and_indexes():
     readme = (IMAGES / "README.md").read_text()
     for path in DOCKERFILES.values():
-        base = next(arg for op, arg in _instructions(path) if op == "FROM")
+        for base in _stages(path)[0].values():
+            assert base in readme, base
         index = re.search(r"TORCH_INDEX_URL=(\S+)", path.read_text()).group(1)
-        assert base in readme and index in readme, path.name
+        assert index in readme, path.name
+    for lock in TORCH_LOCKS.values():
+        assert f"`{lock.name}`" in readme, lock.name
     assert "scripts/lock_images.py" in readme
     vllm = (IMAGES / "vllm.md").read_text()
     for image in VLLM_IMAGES.values():
@@ -339,8 +426,8 @@ def test_docs_name_the_pinned_bases_and_indexes():
 # -- scripts/lock_images.py, with a stand-in for uv ----------------------------------------------
 
 
-def _resolution(gpu_library_needed_by: str = "torch") -> str:
-    """What ``uv pip compile --generate-hashes`` prints, for four packages (stand-in hashes)."""
+def _resolution(gpu_library_needed_by: str = "torch", accelerate: str = "1.15.0") -> str:
+    """What ``uv pip compile --generate-hashes`` prints, for five packages (stand-in hashes)."""
 
     def entry(pin: str, digit: str, *parents: str) -> str:
         via = (
@@ -351,7 +438,8 @@ def _resolution(gpu_library_needed_by: str = "torch") -> str:
         return f"{pin} \\\n    --hash=sha256:{digit * 64}\n{via}"
 
     return (
-        entry("accelerate==1.15.0", "1", "-c constraints.txt", "airflow-provider-finetune-engine")
+        entry(f"accelerate=={accelerate}", "1", "-c constraints.txt", "airflow-provider-finetune-engine")
+        + entry("liger-kernel==0.8.5", "5", "airflow-provider-finetune-engine")
         + entry("nvidia-cublas==13.1.1.3", "2", gpu_library_needed_by)
         + entry(f"setuptools=={md.version('setuptools')}", "3", "torch")
         + entry("torch==2.13.0", "4", "-c constraints.txt", "accelerate", "airflow-provider-finetune-engine")
@@ -360,13 +448,24 @@ def _resolution(gpu_library_needed_by: str = "torch") -> str:
 
 @pytest.fixture
 def locker(tmp_path, monkeypatch):
-    """The script, writing into tmp_path/images, with ``$UV`` printing $FAKE_RESOLUTION (exit $FAKE_RC)."""
+    """The script, writing into tmp_path/images, with ``$UV`` printing $FAKE_RESOLUTION (exit $FAKE_RC), or
+    $FAKE_PINNED when its requirements pin a torch; it keeps each call's requirements and constraints
+    in tmp_path/calls/."""
     (tmp_path / "images").mkdir()
+    (tmp_path / "calls").mkdir()
     uv = tmp_path / "uv"
-    uv.write_text('#!/bin/sh\ncat "$FAKE_RESOLUTION"\necho "$FAKE_STDERR" >&2\nexit "${FAKE_RC:-0}"\n')
+    uv.write_text(
+        "#!/bin/bash\n"
+        'n=$(ls "$CALLS" | wc -l); cat > "$CALLS/$n.in"\n'
+        'while [ $# -gt 0 ]; do [ "$1" = -c ] && cp "$2" "$CALLS/$n.constraints"; shift; done\n'
+        'if grep -q "^torch==" "$CALLS/$n.in"; then cat "${FAKE_PINNED:-$FAKE_RESOLUTION}"; '
+        'else cat "$FAKE_RESOLUTION"; fi\n'
+        'echo "$FAKE_STDERR" >&2\nexit "${FAKE_RC:-0}"\n'
+    )
     uv.chmod(0o755)
     monkeypatch.setenv("UV", str(uv))
     monkeypatch.setenv("FAKE_RESOLUTION", str(tmp_path / "resolution.txt"))
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls"))
     monkeypatch.setattr(LOCKER, "ROOT", tmp_path)
     monkeypatch.setattr(LOCKER, "COMMON_LOCK", tmp_path / "images" / LOCK.name)
     monkeypatch.setattr(
@@ -379,11 +478,31 @@ def test_lock_script_splits_torch_and_its_gpu_libraries_from_the_rest(locker, tm
     (tmp_path / "resolution.txt").write_text(_resolution())
     assert locker.main([]) == 0
     common = _lock(locker.COMMON_LOCK)
-    torch = _lock(locker.TORCH_LOCKS["cuda"])
-    assert set(common) == {"accelerate", "setuptools"} and set(torch) == {"torch", "nvidia-cublas"}
-    assert torch["torch"] == ("2.13.0", ["4" * 64])
-    assert "--index-url https://pypi.org/simple --no-deps" in locker.TORCH_LOCKS["cuda"].read_text()
+    assert set(common) == {"accelerate", "setuptools"}
+    for variant in VARIANTS["cuda"]:
+        torch = _lock(locker.TORCH_LOCKS[variant])
+        assert set(torch) == {"torch", "nvidia-cublas", "liger-kernel"}, variant
+        assert torch["torch"] == ("2.13.0", ["4" * 64])
+        assert "--index-url https://pypi.org/simple --no-deps" in locker.TORCH_LOCKS[variant].read_text()
     assert not locker.TORCH_LOCKS["rocm"].exists(), "the ROCm lock is written only with --rocm"
+    # one resolution per CUDA major: the constraints' torch, then the CUDA 12 torch over constraints
+    # without their torch pin (the engine with its gpu extra both times)
+    calls = tmp_path / "calls"
+    first, second = (calls / "0.in").read_text(), (calls / "1.in").read_text()
+    assert "./engine[train,storage,quantize,gpu]" in first and "torch==" not in first
+    assert f"torch=={locker.CUDA_TORCH['cuda12']}" in second
+    assert re.search(r"^torch==", (calls / "1.constraints").read_text(), re.M) is None
+    assert "accelerate==" in (calls / "1.constraints").read_text()
+
+
+def test_lock_script_refuses_a_cuda12_torch_that_moves_the_engine_lock(locker, tmp_path, monkeypatch, capsys):
+    (tmp_path / "resolution.txt").write_text(_resolution())
+    (tmp_path / "pinned.txt").write_text(_resolution(accelerate="1.14.0"))
+    monkeypatch.setenv("FAKE_PINNED", str(tmp_path / "pinned.txt"))
+    assert locker.main([]) == 1
+    err = capsys.readouterr().err
+    assert "accelerate 1.14.0 vs 1.15.0" in err and "nothing was written" in err
+    assert not list((tmp_path / "images").iterdir())
 
 
 def test_lock_script_refuses_a_gpu_library_that_more_than_torch_needs(locker, tmp_path, capsys):
@@ -404,7 +523,7 @@ def test_lock_script_writes_nothing_when_the_index_is_out_of_reach(locker, tmp_p
     err = capsys.readouterr().err
     assert "could not resolve from https://pypi.org/simple" in err and "Failed to fetch" in err
     assert "nothing was written" in err and locker.COMMON_LOCK.read_text() == old
-    assert not locker.TORCH_LOCKS["cuda"].exists()
+    assert not any(locker.TORCH_LOCKS[v].exists() for v in VARIANTS["cuda"])
 
 
 # -- deploy/ examples ----------------------------------------------------------------------------
@@ -444,3 +563,63 @@ def test_rbac_grants_what_the_operators_use_and_no_more():
     assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
     assert binding["subjects"][0]["name"] == docs["ServiceAccount"]["metadata"]["name"]
     assert "rbac.yaml" in (ROOT / "deploy" / "README.md").read_text()
+
+
+# -- scripts/image_wheel_sizes.py, with a stand-in index ------------------------------------------
+
+
+def test_wheel_sizes_count_the_locked_linux_cp312_file_of_each_entry():
+    spec = importlib.util.spec_from_file_location("sizes", ROOT / "scripts" / "image_wheel_sizes.py")
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    lock = (
+        "torch==2.13.0 \\\n    --hash=sha256:" + "a" * 64 + " \\\n    --hash=sha256:" + "b" * 64 + "\n"
+        "six==1.17.0 --hash=sha256:" + "c" * 64 + "\n"
+        "gone==1.0 --hash=sha256:" + "d" * 64 + "\n"
+    )
+    index = {
+        "torch": [
+            {
+                "filename": "torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+                "size": 900,
+                "hashes": {"sha256": "a" * 64},
+            },
+            {
+                "filename": "torch-2.13.0-cp312-cp312-manylinux_2_28_aarch64.whl",
+                "size": 800,
+                "hashes": {"sha256": "b" * 64},
+            },
+            {
+                "filename": "torch-2.13.0-cp313-cp313-manylinux_2_28_x86_64.whl",
+                "size": 5000,
+                "hashes": {"sha256": "e" * 64},
+            },
+        ],
+        "six": [
+            {"filename": "six-1.17.0-py2.py3-none-any.whl", "size": 10, "hashes": {"sha256": "c" * 64}},
+            {"filename": "six-1.17.0.tar.gz", "size": 99, "hashes": {"sha256": "c" * 64}},
+        ],
+        "gone": [
+            {"filename": "gone-1.0-cp312-cp312-win_amd64.whl", "size": 7, "hashes": {"sha256": "d" * 64}}
+        ],
+    }
+    assert sizes.lock_size(lock, index.__getitem__) == (910, ["gone==1.0"])
+    # every lock in images/ parses: each entry has a version and at least one hash
+    for path in IMAGES.glob("requirements-*.txt"):
+        assert all(v and h for _n, v, h in sizes.entries(path.read_text())), path.name
+
+
+def test_lock_script_re_pins_registry_bases_and_leaves_stage_references(tmp_path, monkeypatch):
+    crane = tmp_path / "crane"
+    crane.write_text('#!/bin/sh\necho "$2" >> "$CRANE_LOG"\necho sha256:' + "f" * 64 + "\n")
+    crane.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("CRANE_LOG", str(tmp_path / "asked"))
+    texts = LOCKER.base_digests()
+    cuda = texts[DOCKERFILES["cuda"]]
+    assert "FROM base-cuda${CUDA_MAJOR} AS engine" in cuda
+    for variant, base in BASES.items():
+        platform = "rocm" if variant == "rocm" else "cuda"
+        assert f"FROM {base}@sha256:{'f' * 64}" in texts[DOCKERFILES[platform]], variant
+    asked = (tmp_path / "asked").read_text().split()
+    assert sorted(asked) == sorted(BASES.values()), "crane asked for registry images only"
