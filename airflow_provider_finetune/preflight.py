@@ -368,6 +368,22 @@ def form_overrides(params: dict[str, Any]) -> list[str]:
     return out + max_steps_overrides(params.get("max_steps", -1))
 
 
+def tensor_parallel_param(**form: Any):
+    """The shipped DAGs' serving ``tensor_parallel_size`` param, checked with ``gpus`` by
+    :func:`check_serving`; ``form``: extra Param keywords (title, section)."""
+    from airflow.sdk import Param
+
+    return Param(
+        0,
+        type="integer",
+        minimum=0,
+        maximum=8,
+        description="Tensor-parallel size of the vLLM server (0: the largest power of two <= gpus; "
+        "3, 5, 6 or 7 would split the attention heads unevenly).",
+        **form,
+    )
+
+
 def check_serving(
     deploy: Any,
     gpus: Any,

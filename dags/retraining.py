@@ -47,6 +47,7 @@ from airflow_provider_finetune.preflight import (
     CodeTrust,
     bundle_choices,
     literal_pattern,
+    tensor_parallel_param,
 )
 
 ROOT = Path(__file__).resolve().parent.parent  # the DAG bundle: every file a param picks lies under it
@@ -186,14 +187,7 @@ with DAG(
             description="Cap the challenger's training steps (-1: the config's epochs; 0 is refused).",
         ),
         "gpus": Param(int(D.get("gpus", 1)), type="integer", minimum=0, maximum=8),
-        "tensor_parallel_size": Param(
-            0,
-            type="integer",
-            minimum=0,
-            maximum=8,
-            description="Tensor-parallel size of the vLLM server (0: the largest power of two <= gpus; "
-            "3, 5, 6 or 7 would split the attention heads unevenly).",
-        ),
+        "tensor_parallel_size": tensor_parallel_param(),
         "deploy": Param(
             bool(D.get("deploy", True)),
             type="boolean",

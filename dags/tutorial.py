@@ -29,6 +29,7 @@ from airflow_provider_finetune.preflight import (
     CodeTrust,
     bundle_choices,
     model_id_pattern,
+    tensor_parallel_param,
 )
 
 ROOT = Path(__file__).resolve().parent.parent  # the DAG bundle: every file a param picks lies under it
@@ -130,14 +131,7 @@ with DAG(
         "gpus": Param(
             D.get("gpus", 1), type="integer", minimum=0, maximum=8, description="GPUs per sweep pod."
         ),
-        "tensor_parallel_size": Param(
-            0,
-            type="integer",
-            minimum=0,
-            maximum=8,
-            description="Tensor-parallel size of the vLLM server (0: the largest power of two <= gpus; "
-            "3, 5, 6 or 7 would split the attention heads unevenly).",
-        ),
+        "tensor_parallel_size": tensor_parallel_param(),
         "full_param_gpus": Param(
             0,
             type="integer",

@@ -17,7 +17,7 @@ from airflow.sdk import DAG, Param, task
 
 from airflow_provider_finetune import settings
 from airflow_provider_finetune.operators import DeployVLLMOperator, FinetuneKubernetesOperator
-from airflow_provider_finetune.preflight import CodeTrust, contained
+from airflow_provider_finetune.preflight import CodeTrust, contained, tensor_parallel_param
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = settings.get("bucket")  # [finetune] bucket
@@ -128,15 +128,8 @@ with DAG(
             description="0 runs on the CPU (tiny models only).",
             section=RESOURCES,
         ),
-        "tensor_parallel_size": Param(
-            0,
-            type="integer",
-            minimum=0,
-            maximum=8,
-            title="Serving tensor-parallel size",
-            description="Tensor-parallel size of the vLLM server (0: the largest power of two <= gpus; "
-            "3, 5, 6 or 7 would split the attention heads unevenly).",
-            section=RESOURCES,
+        "tensor_parallel_size": tensor_parallel_param(
+            title="Serving tensor-parallel size", section=RESOURCES
         ),
         "deploy": Param(
             False,

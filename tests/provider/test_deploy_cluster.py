@@ -274,6 +274,17 @@ def test_deferrable_defaults_to_the_operators_setting(monkeypatch):
     assert deploy_op(deferrable=None).deferrable is False
 
 
+def _cluster_undeploy(task_id: str = "u") -> UndeployVLLMOperator:
+    """UndeployVLLMOperator for the served model "tiny" on the fake cluster."""
+    return UndeployVLLMOperator(
+        task_id=task_id,
+        served_model_name="tiny",
+        namespace=NS,
+        kubernetes_conn_id="fake_kube",
+        runner="kubernetes",
+    )
+
+
 def _run_trigger(trigger: DeploymentReadyTrigger) -> dict:
     async def first():
         async for event in trigger.run():
@@ -357,13 +368,7 @@ def test_undeploy_removes_what_deploy_created(kube):
     name = result["deployment"].split("/")[1]
     assert len(kube.objects) == 4
     kube.requests.clear()
-    undeploy = UndeployVLLMOperator(
-        task_id="undeploy",
-        served_model_name="tiny",
-        namespace=NS,
-        kubernetes_conn_id="fake_kube",
-        runner="kubernetes",
-    )
+    undeploy = _cluster_undeploy("undeploy")
     assert undeploy.execute(ctx()) is True
     assert kube.objects == {}
     calls = kube.calls()
@@ -392,16 +397,7 @@ def test_undeploy_without_route_rights_still_removes_the_server(kube):
         return real(self, req)
 
     with mock.patch.object(FakeKubeAPI, "dispatch", forbid_routes):
-        assert (
-            UndeployVLLMOperator(
-                task_id="u",
-                served_model_name="tiny",
-                namespace=NS,
-                kubernetes_conn_id="fake_kube",
-                runner="kubernetes",
-            ).execute(ctx())
-            is True
-        )
+        assert _cluster_undeploy().execute(ctx()) is True
     assert kube.objects == {}
 
 
@@ -475,13 +471,7 @@ def test_undeploy_refuses_to_delete_an_object_it_did_not_make(kube):
     name = result["deployment"].split("/")[1]
     kube.objects[("api/v1", NS, "services", name)]["metadata"]["labels"] = {"app": "theirs"}
     kube.requests.clear()
-    undeploy = UndeployVLLMOperator(
-        task_id="u",
-        served_model_name="tiny",
-        namespace=NS,
-        kubernetes_conn_id="fake_kube",
-        runner="kubernetes",
-    )
+    undeploy = _cluster_undeploy()
     with pytest.raises(FinetuneConfigError, match=f"Service {NS}/{name} exists and was not made by"):
         undeploy.execute(ctx())
     assert "DELETE" not in {m for m, _ in kube.calls()} and len(kube.objects) == 2  # the Deployment stays too
@@ -874,14 +864,5 @@ def test_kserve_lifecycle_created_ready_scaled_to_zero(kube):
     context["ti"].xcom_push.assert_called_with(
         key="_link_ServedEndpointLink", value=result["external_endpoint"]
     )
-    assert (
-        UndeployVLLMOperator(
-            task_id="u",
-            served_model_name="tiny",
-            namespace=NS,
-            kubernetes_conn_id="fake_kube",
-            runner="kubernetes",
-        ).execute(ctx())
-        is True
-    )
+    assert _cluster_undeploy().execute(ctx()) is True
     assert kube.get("inferenceservices", NS, name) is None
