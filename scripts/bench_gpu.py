@@ -10,6 +10,8 @@ scripts/bench_training.py, packed into rows of --seq tokens, --rows rows per ste
 
 Rows (each in this process, on the same data, the same steps):
   engine full / lora / qlora   ``finetuning sft`` (run_sft) with packing, the engine's defaults
+  engine full fa4              the same full fine-tune with attn_implementation flash_attention_4
+                               (the CUDA images' FlashAttention 4; Hopper and newer, else skipped)
   TRL defaults                 trl.SFTTrainer with its defaults (no packing), same batch and length
   TRL packing                  trl.SFTTrainer with packing=True
   bare loop full / lora        a hand-written loop: packed rows, flex_attention document mask
@@ -115,6 +117,8 @@ def engine_config(model: Path, data: Path, out: Path, a: argparse.Namespace, kin
         "sft_args": {"max_seq_length": a.seq, "packing": True},
         "run_conf": {"model": str(model), "model_args": {"dtype": "bfloat16" if cuda else "float32"}},
     }
+    if kind == "full-fa4":
+        cfg["run_conf"]["model_args"]["attn_implementation"] = "flash_attention_4"
     if kind in ("lora", "qlora"):
         cfg["peft_conf"] = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "peft_kwargs": dict(LORA)}
     if kind == "qlora":
@@ -190,6 +194,12 @@ def run_engine(model: Path, data: Path, work: Path, a, kind: str) -> dict:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             return {"skipped": "bitsandbytes is not installed"}
+    if kind == "full-fa4":
+        from finetune_engine.modeling import FLASH_NEEDS, flash_available
+
+        if not flash_available("flash_attention_4"):
+            package, gpu = FLASH_NEEDS["flash_attention_4"]
+            return {"skipped": f"needs the {package} package and {gpu}"}
     meter = Meter(a.warmup)
     cfg = parse_config(engine_config(model, data, work / f"engine-{kind}", a, kind), source="bench_gpu")
     run_sft(cfg, TrackingSettings(None, None, False, None), extra_callbacks=[meter_callback(meter)])
@@ -419,6 +429,7 @@ def main() -> int:
         "engine full": lambda: run_engine(model, data, work, a, "full"),
         "engine lora": lambda: run_engine(model, data, work, a, "lora"),
         "engine qlora": lambda: run_engine(model, data, work, a, "qlora"),
+        "engine full fa4": lambda: run_engine(model, data, work, a, "full-fa4"),
         "bare loop full": lambda: run_bare(model, data, a, lora=False),
         "bare loop lora": lambda: run_bare(model, data, a, lora=True),
         "TRL packing": lambda: run_trl(model, data, work, a, packing=True),
@@ -447,6 +458,7 @@ def main() -> int:
 
     ratios = {
         "engine full / bare loop full": ratio("engine full", "bare loop full"),
+        "engine full fa4 / engine full": ratio("engine full fa4", "engine full"),
         "engine lora / bare loop lora": ratio("engine lora", "bare loop lora"),
         "engine full / TRL packing": ratio("engine full", "TRL packing"),
         "engine full / TRL defaults": ratio("engine full", "TRL defaults"),

@@ -52,6 +52,7 @@ CASES = {
         [
             r"engine full\s+\d+ tok/s",
             r"engine lora\s+\d+ tok/s",
+            r"engine full fa4\s+skipped: needs the flash-attn-4 package and a Hopper or newer GPU",
             r"bare loop full\s+\d+ tok/s",
             r"TRL packing\s+(\d+ tok/s|skipped)",
             r"ratio engine full / bare loop full: [\d.]+x",

@@ -4,6 +4,9 @@
   FlashAttention varlen (flash_attention_3/2: reset ``position_ids``, no mask) when flash-attn is
   installed on a GPU, else flex_attention with a document-causal ``BlockMask`` built once per batch
   on the GPU, else (CPU, where flex_attention has no backward) sdpa with a 4D boolean mask.
+  flash_attention_4 (the CUDA images carry it; Hopper and newer) is varlen too, taken when a config
+  names it: on Hopper it measures level with flex_attention in public benchmarks, so the default
+  stays with the kernel that compiles with the layers (``scripts/bench_gpu.py`` has a row for each).
 - Loss: the causal-LM cross-entropy without the full-vocabulary fp32 logits of the whole batch:
   liger-kernel's fused linear cross-entropy on CUDA where installed, else a chunked cross-entropy
   (each chunk's logits recomputed in backward). Same labels (-100 ignored), same normalisation

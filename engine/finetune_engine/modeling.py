@@ -132,28 +132,48 @@ def quantization_config(cfg: schema.ExperimentConfig):
     return BitsAndBytesConfig(**kwargs)
 
 
-def _flash_available(kind: str) -> bool:
-    """Whether transformers can load ``kind`` (flash_attention_2/3) here: the package installed
-    and a GPU present (transformers' own check, without fetching a Hub kernel)."""
+# What each FlashAttention kernel needs: (its package, the oldest GPU it trains on)
+FLASH_NEEDS = {
+    "flash_attention_2": ("flash-attn", "an NVIDIA GPU"),
+    "flash_attention_3": ("flash-attn-3", "an NVIDIA GPU"),
+    # FlashAttention 4 (CuTe DSL, a PyPI wheel): Hopper and newer; the CUDA engine images carry it
+    "flash_attention_4": ("flash-attn-4", "a Hopper or newer GPU (compute capability 9.0+)"),
+}
+
+
+def flash_available(kind: str) -> bool:
+    """Whether transformers can load ``kind`` (flash_attention_2/3/4) here: the package installed
+    and a GPU present (transformers' own check, without fetching a Hub kernel); for
+    flash_attention_4, a GPU it trains on (compute capability 9.0+)."""
     from transformers.utils import import_utils
 
     check = {
         "flash_attention_2": import_utils.is_flash_attn_2_available,
         "flash_attention_3": import_utils.is_flash_attn_3_available,
+        "flash_attention_4": getattr(import_utils, "is_flash_attn_4_available", lambda: False),
     }[kind]
-    return bool(check())
+    if not check():
+        return False
+    if kind == "flash_attention_4":
+        import torch
+
+        return torch.cuda.get_device_capability()[0] >= 9
+    return True
 
 
 def attention_implementation(requested: str | None) -> str | None:
     """The attention kernel to load with: ``requested``, or sdpa (with one warning) when it is a
-    flash-attention kernel whose package is not installed, which would otherwise fail the load
-    with an ImportError. sdpa computes the same exact attention."""
-    if requested in ("flash_attention_2", "flash_attention_3") and not _flash_available(requested):
+    flash-attention kernel that cannot run here (its package missing, or no GPU it supports), which
+    would otherwise fail the load. sdpa computes the same exact attention."""
+    if requested in FLASH_NEEDS and not flash_available(requested):
+        package, gpu = FLASH_NEEDS[requested]
         log.warning(
-            "run_conf.model_args.attn_implementation: %s needs the flash-attn package (and a GPU), "
-            "which is not installed here; falling back to sdpa (the same attention, without the "
-            "flash kernel's speed and memory savings)",
+            "run_conf.model_args.attn_implementation: %s needs the %s package and %s, which this "
+            "machine lacks; falling back to sdpa (the same attention, without the flash kernel's "
+            "speed and memory savings)",
             requested,
+            package,
+            gpu,
         )
         return "sdpa"
     return requested

@@ -345,6 +345,45 @@ def test_model_args_refusals_name_the_key(override, needle):
     assert "run_conf.model_args" in text and needle in text, text
 
 
+@pytest.mark.parametrize(
+    "kind, package",
+    [
+        ("flash_attention_2", "flash-attn"),
+        ("flash_attention_3", "flash-attn-3"),
+        ("flash_attention_4", "flash-attn-4"),
+    ],
+)
+def test_each_flash_kernel_names_its_package_when_it_cannot_run(caplog, kind, package):
+    from finetune_engine.modeling import attention_implementation
+
+    assert (
+        _cfg(f"run_conf.model_args.attn_implementation={kind}").run_conf.model_args.attn_implementation
+        == kind
+    )
+    with caplog.at_level(logging.WARNING, logger="finetune_engine.modeling"):
+        assert attention_implementation(kind) == "sdpa"  # no package here, and no GPU
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert kind in message and f"the {package} package" in message and "falling back to sdpa" in message
+
+
+@pytest.mark.parametrize(
+    "capability, chosen", [((8, 0), "sdpa"), ((9, 0), "flash_attention_4"), ((10, 0), "flash_attention_4")]
+)
+def test_flash_attention_4_needs_hopper_or_newer(monkeypatch, caplog, capability, chosen):
+    """flash-attn-4 trains on compute capability 9.0+: on an Ampere GPU the config's choice falls
+    back to sdpa with the reason (the package and the GPU are stood in: neither exists here)."""
+    import torch
+    from transformers.utils import import_utils
+
+    from finetune_engine.modeling import attention_implementation
+
+    monkeypatch.setattr(import_utils, "is_flash_attn_4_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    with caplog.at_level(logging.WARNING, logger="finetune_engine.modeling"):
+        assert attention_implementation("flash_attention_4") == chosen
+    assert ("Hopper or newer" in caplog.text) == (chosen == "sdpa")
+
+
 def test_flash_attention_without_flash_attn_falls_back_to_sdpa(caplog, tiny_model_dir):
     from finetune_engine.modeling import load_model, load_tokenizer, model_load_kwargs
 

@@ -298,18 +298,22 @@ def test_torch_lock_is_torch_and_its_gpu_libraries(variant):
     local = {"rocm": TORCH_INDEXES["rocm"].rsplit("/", 1)[1]}.get(variant)
     assert torch.local == local, f"torch {torch}: not the {variant} build"
     others = set(lock) - {"torch"}
-    assert others and all(LOCKER.GPU_STACK.match(name) or name in LOCKER.FAST_PATH for name in others), (
-        sorted(others)
-    )
-    assert not set(lock) & set(_lock(LOCK)), "a package in both locks would come from two indexes"
-    # what uv recorded: each GPU library is needed by torch or by another of them, by nothing else
+    assert others and not set(lock) & set(_lock(LOCK)), "a package in both locks would come from two indexes"
+    # what uv recorded: each entry but the engine's gpu extra is needed by torch or another entry of this
+    # lock, by nothing else (torch's GPU libraries; what only the fast-path kernels need)
     blocks = LOCKER.blocks(TORCH_LOCKS[variant].read_text())
-    for name in others - LOCKER.FAST_PATH:
+    roots = LOCKER.fast_path() if variant.startswith("cuda") else set()
+    for name in others - roots:
         assert LOCKER.parents(blocks[name]) <= set(lock), name
+        assert LOCKER.GPU_STACK.match(name) or LOCKER.parents(blocks[name]) <= roots | set(lock) - {
+            "torch"
+        }, name
     if variant.startswith("cuda"):
         # the CUDA libraries of that major: PyPI names CUDA 12's `-cu12`, CUDA 13's plain or `-cu13`
-        cu12 = {name for name in others if name.endswith("-cu12")}
+        cu12 = {name for name in others if name.endswith("-cu12") and not name.startswith("nvidia-cutlass")}
         assert bool(cu12) == (variant == "cuda12") and "nvidia-cudnn-cu12" not in others - cu12
+        # FlashAttention 4's CUTLASS DSL for the lock's CUDA (cu12 always, cu13 only with CUDA 13)
+        assert ("nvidia-cutlass-dsl-libs-cu13" in lock) == (variant == "cuda13")
         # the GPU fast path's kernels, at the engine's pin
         project = tomllib.loads((ROOT / "engine" / "pyproject.toml").read_text())["project"]
         for raw in project["optional-dependencies"]["gpu"]:
@@ -427,7 +431,7 @@ def test_docs_name_the_pinned_bases_and_indexes():
 
 
 def _resolution(gpu_library_needed_by: str = "torch", accelerate: str = "1.15.0") -> str:
-    """What ``uv pip compile --generate-hashes`` prints, for five packages (stand-in hashes)."""
+    """What ``uv pip compile --generate-hashes`` prints, for eight packages (stand-in hashes)."""
 
     def entry(pin: str, digit: str, *parents: str) -> str:
         via = (
@@ -440,6 +444,9 @@ def _resolution(gpu_library_needed_by: str = "torch", accelerate: str = "1.15.0"
     return (
         entry(f"accelerate=={accelerate}", "1", "-c constraints.txt", "airflow-provider-finetune-engine")
         + entry("liger-kernel==0.8.5", "5", "airflow-provider-finetune-engine")
+        + entry("flash-attn-4==4.0.0b40", "6", "airflow-provider-finetune-engine")
+        + entry("einops==0.8.2", "7", "flash-attn-4")
+        + entry("filelock==4.3.2", "8", "torch", "flash-attn-4")
         + entry("nvidia-cublas==13.1.1.3", "2", gpu_library_needed_by)
         + entry(f"setuptools=={md.version('setuptools')}", "3", "torch")
         + entry("torch==2.13.0", "4", "-c constraints.txt", "accelerate", "airflow-provider-finetune-engine")
@@ -478,10 +485,11 @@ def test_lock_script_splits_torch_and_its_gpu_libraries_from_the_rest(locker, tm
     (tmp_path / "resolution.txt").write_text(_resolution())
     assert locker.main([]) == 0
     common = _lock(locker.COMMON_LOCK)
-    assert set(common) == {"accelerate", "setuptools"}
+    # einops goes with flash-attn-4, which alone needs it; filelock, which torch needs too, stays
+    assert set(common) == {"accelerate", "setuptools", "filelock"}
     for variant in VARIANTS["cuda"]:
         torch = _lock(locker.TORCH_LOCKS[variant])
-        assert set(torch) == {"torch", "nvidia-cublas", "liger-kernel"}, variant
+        assert set(torch) == {"torch", "nvidia-cublas", "liger-kernel", "flash-attn-4", "einops"}, variant
         assert torch["torch"] == ("2.13.0", ["4" * 64])
         assert "--index-url https://pypi.org/simple --no-deps" in locker.TORCH_LOCKS[variant].read_text()
     assert not locker.TORCH_LOCKS["rocm"].exists(), "the ROCm lock is written only with --rocm"
@@ -490,6 +498,7 @@ def test_lock_script_splits_torch_and_its_gpu_libraries_from_the_rest(locker, tm
     calls = tmp_path / "calls"
     first, second = (calls / "0.in").read_text(), (calls / "1.in").read_text()
     assert "./engine[train,storage,quantize,gpu]" in first and "torch==" not in first
+    assert "flash-attn-4[cu13]" in first and "flash-attn-4[cu13]" not in second
     assert f"torch=={locker.CUDA_TORCH['cuda12']}" in second
     assert re.search(r"^torch==", (calls / "1.constraints").read_text(), re.M) is None
     assert "accelerate==" in (calls / "1.constraints").read_text()

@@ -503,10 +503,11 @@ class ModelArgs(_Strict):
     )
     attn_implementation: str | None = Field(
         default=None,
-        description="Attention kernel: eager, sdpa, flash_attention_2, flash_attention_3 or a Hub "
-        "kernel (namespace/repo[@revision][:kernel]); default is the library's choice. "
-        "flash_attention_2/3 without the flash-attn package installed falls back to sdpa with a "
-        "warning.",
+        description="Attention kernel: eager, sdpa, flex_attention, flash_attention_2, flash_attention_3, "
+        "flash_attention_4 (Hopper and newer; in the CUDA engine images) or a Hub kernel "
+        "(namespace/repo[@revision][:kernel]). Default on a GPU: flash_attention_3 or 2 when "
+        "installed, else flex_attention; on the CPU, sdpa. A flash kernel that cannot run here (its "
+        "package missing, or the GPU too old) falls back to sdpa with a warning.",
     )
     use_cache: bool = Field(default=False, description="KV cache (off in training).")
     device_map: str | int | dict[str, Any] | None = Field(
@@ -529,7 +530,14 @@ class ModelArgs(_Strict):
     @field_validator("attn_implementation")
     @classmethod
     def _known_attention(cls, v: str | None) -> str | None:
-        known = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+        known = (
+            "eager",
+            "sdpa",
+            "flash_attention_2",
+            "flash_attention_3",
+            "flash_attention_4",
+            "flex_attention",
+        )
         if v is None or v in known or "/" in v:
             return v
         raise ValueError(
