@@ -4,7 +4,8 @@
 #   docker build -f images/engine-cuda.Dockerfile --build-arg CUDA_MAJOR=12 -t REGISTRY/finetune-engine-cuda12:0.1.0 .
 # CUDA_MAJOR=13 (default): torch 2.13.0, the CUDA 13.0 build; needs an R580+ driver.
 # CUDA_MAJOR=12: torch 2.10.0, the CUDA 12.8 build (the newest torch whose PyPI wheel is a CUDA 12
-# build); runs on R570+ drivers, and on R525+ through CUDA minor-version compatibility.
+# build); runs on R570+ drivers, and on the R535-R565 datacenter branches through CUDA minor-version
+# compatibility (the base's NVIDIA_REQUIRE_CUDA accepts those for datacenter GPUs, not GeForce).
 # Pods override the command (`finetune-engine train-job ...`, `torchrun -m finetune_engine.cli.main ...`);
 # `docker run IMAGE <subcommand>` runs the engine CLI under tini.
 # Supply chain: the bases are pinned by digest, every package by version and sha256 hash (the locks
@@ -39,11 +40,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Ubuntu's packages track security updates; the base digest pins the release.
+# Ubuntu's packages track security updates; the base digest pins the release. A C/C++ compiler and
+# the Python headers stay in the image: Triton (liger-kernel, compiled layers) builds its kernel
+# launcher with them at first use, and torch.compile's inductor needs them too.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv ca-certificates tini \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev \
+        gcc g++ libc6-dev ca-certificates tini \
     && rm -rf /var/lib/apt/lists/* \
+    && cc --version > /dev/null && test -f /usr/include/python3.12/Python.h \
     && python3.12 -m venv /opt/venv
 
 # Heavy, rarely changing layer first, on its own: torch and its GPU libraries (--no-deps: torch's other

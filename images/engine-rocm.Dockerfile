@@ -27,11 +27,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Ubuntu's packages track security updates; the base digest pins the release.
+# Ubuntu's packages track security updates; the base digest pins the release. A C/C++ compiler and
+# the Python headers stay in the image: Triton (liger-kernel, compiled layers) builds its kernel
+# launcher with them at first use, and torch.compile's inductor needs them too.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv ca-certificates tini \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev \
+        gcc g++ libc6-dev ca-certificates tini \
     && rm -rf /var/lib/apt/lists/* \
+    && cc --version > /dev/null && test -f /usr/include/python3.12/Python.h \
     && python3.12 -m venv /opt/venv
 
 # Heavy, rarely changing layer first, on its own: torch and its GPU libraries (--no-deps: torch's other

@@ -137,7 +137,10 @@ FLASH_NEEDS = {
     "flash_attention_2": ("flash-attn", "an NVIDIA GPU"),
     "flash_attention_3": ("flash-attn-3", "an NVIDIA GPU"),
     # FlashAttention 4 (CuTe DSL, a PyPI wheel): Hopper and newer; the CUDA engine images carry it
-    "flash_attention_4": ("flash-attn-4", "a Hopper or newer GPU (compute capability 9.0+)"),
+    "flash_attention_4": (
+        "flash-attn-4",
+        "a Hopper or newer GPU (compute capability 9.0+) with a CUDA 12.9+ driver",
+    ),
 }
 
 
@@ -157,8 +160,22 @@ def flash_available(kind: str) -> bool:
     if kind == "flash_attention_4":
         import torch
 
-        return torch.cuda.get_device_capability()[0] >= 9
+        # its CUTLASS DSL kernels need a CUDA 12.9+ driver (R575+): the CUDA 12 image runs on older ones
+        return torch.cuda.get_device_capability()[0] >= 9 and cuda_driver_version() >= FA4_MIN_DRIVER
     return True
+
+
+FA4_MIN_DRIVER = 12090  # CUDA 12.9, as cudaDriverGetVersion reports it
+
+
+def cuda_driver_version() -> int:
+    """The CUDA version the installed driver supports (12090 for 12.9), 0 when unknown."""
+    import torch
+
+    try:
+        return int(torch._C._cuda_getDriverVersion())
+    except (AttributeError, RuntimeError):
+        return 0
 
 
 def attention_implementation(requested: str | None) -> str | None:

@@ -367,21 +367,33 @@ def test_each_flash_kernel_names_its_package_when_it_cannot_run(caplog, kind, pa
 
 
 @pytest.mark.parametrize(
-    "capability, chosen", [((8, 0), "sdpa"), ((9, 0), "flash_attention_4"), ((10, 0), "flash_attention_4")]
+    "capability, driver, chosen",
+    [
+        ((8, 0), 13000, "sdpa"),
+        ((9, 0), 12080, "sdpa"),
+        ((9, 0), 12090, "flash_attention_4"),
+        ((10, 0), 13000, "flash_attention_4"),
+    ],
 )
-def test_flash_attention_4_needs_hopper_or_newer(monkeypatch, caplog, capability, chosen):
-    """flash-attn-4 trains on compute capability 9.0+: on an Ampere GPU the config's choice falls
-    back to sdpa with the reason (the package and the GPU are stood in: neither exists here)."""
+def test_flash_attention_4_needs_hopper_or_newer_and_a_cuda_12_9_driver(
+    monkeypatch, caplog, capability, driver, chosen
+):
+    """flash-attn-4 trains on compute capability 9.0+ and its kernels need a CUDA 12.9+ driver: on an
+    Ampere GPU or an older driver the config's choice falls back to sdpa with the reason (the
+    package, the GPU and the driver are stood in: none exists here)."""
     import torch
     from transformers.utils import import_utils
 
-    from finetune_engine.modeling import attention_implementation
+    from finetune_engine import modeling
 
     monkeypatch.setattr(import_utils, "is_flash_attn_4_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(modeling, "cuda_driver_version", lambda: driver)
     with caplog.at_level(logging.WARNING, logger="finetune_engine.modeling"):
-        assert attention_implementation("flash_attention_4") == chosen
-    assert ("Hopper or newer" in caplog.text) == (chosen == "sdpa")
+        assert modeling.attention_implementation("flash_attention_4") == chosen
+    assert ("Hopper or newer GPU (compute capability 9.0+) with a CUDA 12.9+ driver" in caplog.text) == (
+        chosen == "sdpa"
+    )
 
 
 def test_flash_attention_without_flash_attn_falls_back_to_sdpa(caplog, tiny_model_dir):

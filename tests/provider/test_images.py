@@ -230,6 +230,11 @@ def test_dockerfile_shape(platform):
             assert (ROOT / src.replace("${CUDA_MAJOR}", variant.removeprefix("cuda"))).exists(), src
     # uid 1000 is taken by Ubuntu's own user in these bases: it must be replaced, not clashed with
     assert "userdel --remove ubuntu" in runs and "useradd --uid 1000" in runs
+    # Triton builds its kernel launcher at first use (liger-kernel, compiled layers): a C compiler and
+    # the Python headers stay in the image, checked while it is built
+    apt = next(arg for op, arg in steps if op == "RUN" and "apt-get install" in arg)
+    assert {"gcc", "g++", "libc6-dev", "python3.12-dev"} <= set(apt.split())
+    assert "cc --version" in apt and "/usr/include/python3.12/Python.h" in apt
 
 
 @pytest.mark.parametrize("platform", sorted(DOCKERFILES))
