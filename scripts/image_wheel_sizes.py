@@ -10,24 +10,16 @@ generated yet (no entries) prints 0.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lock_images import blocks, hashes, version  # noqa: E402 - the lock parser of the script that writes them
 
 INDEX = "https://pypi.org/simple"
 PYTHON_TAGS = ("cp312", "abi3", "py312-none", "py3-none", "py2.py3-none")
-
-
-def entries(text: str) -> Iterator[tuple[str, str, set[str]]]:
-    """(name, version, sha256 hashes) of each entry of a hashed lock."""
-    for line in re.sub(r"\\\n", " ", text).splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            pin, *options = line.split()
-            name, _, version = pin.partition("==")
-            yield name, version, {o.split(":", 1)[1] for o in options if o.startswith("--hash=sha256:")}
 
 
 def fits(filename: str) -> bool:
@@ -49,16 +41,17 @@ def index_files(name: str) -> list[dict]:
 def lock_size(text: str, files_of: Callable[[str], list[dict]] = index_files) -> tuple[int, list[str]]:
     """(bytes of the locked wheels, the entries no fitting locked file was found for)."""
     total, missing = 0, []
-    for name, version, hashes in entries(text):
+    for name, block in blocks(text).items():
+        allowed = hashes(block)
         sizes = [
             f["size"]
             for f in files_of(name)
-            if f.get("hashes", {}).get("sha256") in hashes and fits(f["filename"])
+            if f.get("hashes", {}).get("sha256") in allowed and fits(f["filename"])
         ]
         if sizes:
             total += max(sizes)
         else:
-            missing.append(f"{name}=={version}")
+            missing.append(f"{name}=={version(block)}")
     return total, missing
 
 

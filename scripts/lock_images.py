@@ -64,10 +64,10 @@ def fast_path() -> set[str]:
     """The engine's `gpu` extra (GPU kernels built on the Triton or CUDA a torch pins): locked with torch."""
     import tomllib
 
+    from packaging.requirements import Requirement
+
     project = tomllib.loads(ENGINE_PYPROJECT.read_text())["project"]
-    return {
-        canonical(re.split(r"[=<>!~\[; ]", r, maxsplit=1)[0]) for r in project["optional-dependencies"]["gpu"]
-    }
+    return {canonical(Requirement(r).name) for r in project["optional-dependencies"]["gpu"]}
 
 
 HEADER = """\
@@ -100,6 +100,11 @@ def blocks(text: str) -> dict[str, str]:
 
 def version(block: str) -> str:
     return block.split("==", 1)[1].split()[0]
+
+
+def hashes(block: str) -> set[str]:
+    """The sha256 hashes a lock entry allows."""
+    return set(re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
 
 
 def parents(block: str) -> set[str]:

@@ -618,9 +618,12 @@ def test_wheel_sizes_count_the_locked_linux_cp312_file_of_each_entry():
         ],
     }
     assert sizes.lock_size(lock, index.__getitem__) == (910, ["gone==1.0"])
-    # every lock in images/ parses: each entry has a version and at least one hash
+    # the committed locks read the same way: every entry _lock() finds, with its version and hashes
     for path in IMAGES.glob("requirements-*.txt"):
-        assert all(v and h for _n, v, h in sizes.entries(path.read_text())), path.name
+        found = {
+            n: (sizes.version(b), sorted(sizes.hashes(b))) for n, b in sizes.blocks(path.read_text()).items()
+        }
+        assert found == {n: (v, sorted(h)) for n, (v, h) in _lock(path).items()}, path.name
 
 
 def test_lock_script_re_pins_registry_bases_and_leaves_stage_references(tmp_path, monkeypatch):
