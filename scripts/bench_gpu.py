@@ -198,7 +198,7 @@ def run_engine(model: Path, data: Path, work: Path, a, kind: str) -> dict:
         from finetune_engine.modeling import FLASH_NEEDS, flash_available
 
         if not flash_available("flash_attention_4"):
-            package, gpu = FLASH_NEEDS["flash_attention_4"]
+            package, gpu, _check = FLASH_NEEDS["flash_attention_4"]
             return {"skipped": f"needs the {package} package and {gpu}"}
     meter = Meter(a.warmup)
     cfg = parse_config(engine_config(model, data, work / f"engine-{kind}", a, kind), source="bench_gpu")

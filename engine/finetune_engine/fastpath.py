@@ -53,12 +53,11 @@ def default_attention() -> str | None:
 
     if not torch.cuda.is_available():
         return None
-    from transformers.utils import import_utils
+    from finetune_engine.modeling import flash_available
 
-    if import_utils.is_flash_attn_3_available():
-        return "flash_attention_3"
-    if import_utils.is_flash_attn_2_available():
-        return "flash_attention_2"
+    for kind in ("flash_attention_3", "flash_attention_2"):
+        if flash_available(kind):
+            return kind
     return FLEX if flex_available() else None
 
 

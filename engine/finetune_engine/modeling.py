@@ -132,14 +132,15 @@ def quantization_config(cfg: schema.ExperimentConfig):
     return BitsAndBytesConfig(**kwargs)
 
 
-# What each FlashAttention kernel needs: (its package, the oldest GPU it trains on)
+# What each FlashAttention kernel needs: (its package, the GPU it trains on, transformers' check)
 FLASH_NEEDS = {
-    "flash_attention_2": ("flash-attn", "an NVIDIA GPU"),
-    "flash_attention_3": ("flash-attn-3", "an NVIDIA GPU"),
+    "flash_attention_2": ("flash-attn", "an NVIDIA GPU", "is_flash_attn_2_available"),
+    "flash_attention_3": ("flash-attn-3", "an NVIDIA GPU", "is_flash_attn_3_available"),
     # FlashAttention 4 (CuTe DSL, a PyPI wheel): Hopper and newer; the CUDA engine images carry it
     "flash_attention_4": (
         "flash-attn-4",
         "a Hopper or newer GPU (compute capability 9.0+) with a CUDA 12.9+ driver",
+        "is_flash_attn_4_available",
     ),
 }
 
@@ -150,12 +151,8 @@ def flash_available(kind: str) -> bool:
     flash_attention_4, a GPU it trains on (compute capability 9.0+)."""
     from transformers.utils import import_utils
 
-    check = {
-        "flash_attention_2": import_utils.is_flash_attn_2_available,
-        "flash_attention_3": import_utils.is_flash_attn_3_available,
-        "flash_attention_4": getattr(import_utils, "is_flash_attn_4_available", lambda: False),
-    }[kind]
-    if not check():
+    check = getattr(import_utils, FLASH_NEEDS[kind][2], None)  # older transformers lack FA4's
+    if check is None or not check():
         return False
     if kind == "flash_attention_4":
         import torch
@@ -183,7 +180,7 @@ def attention_implementation(requested: str | None) -> str | None:
     flash-attention kernel that cannot run here (its package missing, or no GPU it supports), which
     would otherwise fail the load. sdpa computes the same exact attention."""
     if requested in FLASH_NEEDS and not flash_available(requested):
-        package, gpu = FLASH_NEEDS[requested]
+        package, gpu, _check = FLASH_NEEDS[requested]
         log.warning(
             "run_conf.model_args.attn_implementation: %s needs the %s package and %s, which this "
             "machine lacks; falling back to sdpa (the same attention, without the flash kernel's "
