@@ -291,14 +291,21 @@ with DAG(
     def want_deploy(params: dict) -> bool:
         return bool(params["deploy"])
 
-    deploy = DeployVLLMOperator(
-        task_id="deploy",
-        model_uri="{{ ti.xcom_pull(task_ids='pick_best')['checkpoint_uri'] }}/checkpoint-final-merged",
-        served_model_name="tutorial",
-        gpus="{{ params.gpus }}",
-        tensor_parallel_size="{{ params.tensor_parallel_size }}",
-        keep_running=True,  # until chat has asked; stop_serving removes it at the end unless keep_serving
-        smoke_question="{{ params.question }}",
+    def serve(task_id: str, model_uri: str) -> DeployVLLMOperator:
+        """The tutorial's vLLM server, kept running until chat has asked (stop_serving removes it at
+        the end unless keep_serving)."""
+        return DeployVLLMOperator(
+            task_id=task_id,
+            model_uri=model_uri,
+            served_model_name="tutorial",
+            gpus="{{ params.gpus }}",
+            tensor_parallel_size="{{ params.tensor_parallel_size }}",
+            keep_running=True,
+            smoke_question="{{ params.question }}",
+        )
+
+    deploy = serve(
+        "deploy", "{{ ti.xcom_pull(task_ids='pick_best')['checkpoint_uri'] }}/checkpoint-final-merged"
     )
 
     @task
@@ -331,15 +338,7 @@ with DAG(
     def want_inference_only(params: dict) -> bool:
         return bool(params["inference_only"])
 
-    serve_trained = DeployVLLMOperator(
-        task_id="serve_trained",
-        model_uri="{{ params.serve_model_uri }}",
-        served_model_name="tutorial",
-        gpus="{{ params.gpus }}",
-        tensor_parallel_size="{{ params.tensor_parallel_size }}",
-        keep_running=True,
-        smoke_question="{{ params.question }}",
-    )
+    serve_trained = serve("serve_trained", "{{ params.serve_model_uri }}")
     swept >> want_inference_only() >> serve_trained
     chat_trained = chat.override(task_id="chat_trained")(serve_trained.output)
     chat_trained >> stop_serving.override(task_id="stop_serving_trained")().as_teardown(setups=serve_trained)
